@@ -1,0 +1,280 @@
+"""sensor_msgs/PointCloud2 <-> numpy, vectorized: one structured dtype over ``msg.data``, no per-point Python.
+
+Decoding builds a numpy structured dtype from ``msg.fields`` (offsets, ``itemsize=point_step``, the message's
+byte order) and views the buffer as a ``(height, width)`` array with strides ``(row_step, point_step)``. Any valid
+layout decodes: all eight PointField datatypes, padding between fields and at the end of a point, ``count > 1``
+fields, big-endian data, organized clouds with row padding. ``read_fields`` returns views into ``msg.data``
+whenever the layout allows it (little-endian on this host, no row padding), so decoding costs no copy;
+``read_xyz`` returns a fresh contiguous ``(N, 3)`` float32 array (what kd-trees and torch want).
+
+Works on rclpy messages and rosbags dataclasses alike (only attributes are read). Anything inconsistent raises
+:class:`~sal_ros.core.errors.MalformedMessageError` naming the problem, so nodes can drop the message and go on.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from sal_ros.core.errors import MalformedMessageError
+from sal_ros.core.msgtypes import MessageTypes, make_header
+
+# PointField datatype constant -> numpy type (byte order applied per message).
+DATATYPES: dict[int, np.dtype] = {
+    1: np.dtype(np.int8),
+    2: np.dtype(np.uint8),
+    3: np.dtype(np.int16),
+    4: np.dtype(np.uint16),
+    5: np.dtype(np.int32),
+    6: np.dtype(np.uint32),
+    7: np.dtype(np.float32),
+    8: np.dtype(np.float64),
+}
+_DATATYPE_OF = {dt: code for code, dt in DATATYPES.items()}
+
+XYZ = ("x", "y", "z")
+# The per-point return strength is "intensity" in every common driver; converted KITTI data may say "reflectance".
+INTENSITY_FIELDS = ("intensity", "reflectance")
+
+
+# ----------------------------------------------------------------------------------------------------- decoding
+
+
+def point_dtype(msg: Any) -> np.dtype:
+    """The validated structured dtype of one point (field offsets, ``itemsize = point_step``, message byte order)."""
+    order = ">" if msg.is_bigendian else "<"
+    names, formats, offsets, extents = [], [], [], []
+    for f in msg.fields:
+        name, offset, count = str(f.name), int(f.offset), int(f.count)
+        base = DATATYPES.get(int(f.datatype))
+        if base is None:
+            raise MalformedMessageError(f"PointCloud2 field {name!r} has unknown datatype {int(f.datatype)}")
+        if not name:
+            raise MalformedMessageError("PointCloud2 has a field with an empty name")
+        if name in names:
+            raise MalformedMessageError(f"PointCloud2 field {name!r} appears twice")
+        if count < 1:
+            raise MalformedMessageError(f"PointCloud2 field {name!r} has count {count}")
+        dt = base.newbyteorder(order)
+        names.append(name)
+        formats.append(dt if count == 1 else (dt, (count,)))
+        offsets.append(offset)
+        extents.append((offset, offset + base.itemsize * count, name))
+    _check_extents(extents, int(msg.point_step))
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": int(msg.point_step)})
+
+
+def _check_extents(extents: list[tuple[int, int, str]], point_step: int) -> None:
+    extents = sorted(extents)
+    for start, end, name in extents:
+        if end > point_step:
+            raise MalformedMessageError(
+                f"PointCloud2 field {name!r} (bytes {start}..{end}) extends beyond point_step {point_step}"
+            )
+    for (_, end, a), (start, _, b) in zip(extents, extents[1:]):
+        if start < end:
+            raise MalformedMessageError(f"PointCloud2 fields {a!r} and {b!r} overlap")
+
+
+def _points(msg: Any) -> np.ndarray:
+    """The cloud as a (height, width) structured array viewing ``msg.data`` (validated)."""
+    height, width = int(msg.height), int(msg.width)
+    point_step, row_step = int(msg.point_step), int(msg.row_step)
+    n = height * width
+    if n == 0:
+        return np.zeros((height, width), _empty_dtype(msg))
+    dtype = point_dtype(msg)
+    if point_step == 0:
+        raise MalformedMessageError(f"PointCloud2 has {n} points but point_step 0")
+    if width * point_step > row_step:
+        raise MalformedMessageError(
+            f"PointCloud2 row_step {row_step} is smaller than width*point_step = {width}*{point_step}"
+        )
+    buf = _buffer(msg.data)
+    if buf.nbytes < height * row_step:
+        raise MalformedMessageError(
+            f"PointCloud2 data has {buf.nbytes} bytes, height*row_step needs {height}*{row_step} = {height * row_step}"
+        )
+    return np.ndarray((height, width), dtype, buffer=buf, strides=(row_step, point_step))
+
+
+def _empty_dtype(msg: Any) -> np.dtype:
+    """Dtype for a 0-point cloud: field types only (the layout of no points cannot be wrong)."""
+    order = ">" if msg.is_bigendian else "<"
+    formats = []
+    for f in msg.fields:
+        base = DATATYPES.get(int(f.datatype))
+        if base is None:
+            raise MalformedMessageError(f"PointCloud2 field {f.name!r} has unknown datatype {int(f.datatype)}")
+        dt = base.newbyteorder(order)
+        formats.append((str(f.name), dt) if int(f.count) <= 1 else (str(f.name), dt, (int(f.count),)))
+    return np.dtype(formats)
+
+
+def _buffer(data: Any) -> np.ndarray:
+    """``msg.data`` (array.array, bytes, numpy uint8, memoryview) as a flat uint8 array without copying."""
+    if isinstance(data, np.ndarray):
+        return data.reshape(-1).view(np.uint8) if data.flags.c_contiguous else np.ascontiguousarray(data).view(np.uint8)
+    try:
+        return np.frombuffer(data, np.uint8)
+    except (TypeError, ValueError):  # a plain list of ints, e.g. from a hand-built message
+        return np.asarray(data, np.uint8)
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """Big-endian views -> native byte order (a bit-exact byte swap; NaN payloads survive)."""
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
+
+
+def field_names(msg: Any) -> list[str]:
+    return [str(f.name) for f in msg.fields]
+
+
+def read_fields(msg: Any, names: list[str] | tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Named fields of a cloud: each ``(height*width,)`` (or ``(N, count)``) in row-major point order.
+
+    Arrays are views into ``msg.data`` when the layout allows (no row padding, native byte order); copy them
+    before modifying if the message must stay untouched.
+    """
+    points = _points(msg)
+    available = points.dtype.names or ()
+    wanted = available if names is None else tuple(names)
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise MalformedMessageError(f"PointCloud2 has no field(s) {missing}; it has {list(available)}")
+    n = points.shape[0] * points.shape[1]
+    out = {}
+    for name in wanted:
+        column = points[name]
+        out[name] = _native(column.reshape((n,) + column.shape[2:]))
+    return out
+
+
+def read_xyz(msg: Any) -> np.ndarray:
+    """``(N, 3)`` float32 contiguous x, y, z (NaN/inf points kept; see :func:`finite_mask`)."""
+    fields = read_fields(msg, XYZ)
+    for name in XYZ:
+        if fields[name].ndim != 1:
+            raise MalformedMessageError(f"PointCloud2 field {name!r} has count {fields[name].shape[1]}, expected 1")
+    xyz = np.empty((fields["x"].shape[0], 3), np.float32)
+    for i, name in enumerate(XYZ):
+        xyz[:, i] = fields[name]
+    return xyz
+
+
+def intensity_field(msg: Any) -> str | None:
+    names = field_names(msg)
+    return next((name for name in INTENSITY_FIELDS if name in names), None)
+
+
+def read_xyz_intensity(msg: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(N, 3)`` float32 xyz and ``(N,)`` float32 intensity (None when the cloud has no intensity field)."""
+    xyz = read_xyz(msg)
+    name = intensity_field(msg)
+    if name is None:
+        return xyz, None
+    intensity = read_fields(msg, (name,))[name]
+    if intensity.ndim != 1:
+        raise MalformedMessageError(f"PointCloud2 field {name!r} has count {intensity.shape[1]}, expected 1")
+    return xyz, np.array(intensity, np.float32)
+
+
+def finite_mask(xyz: np.ndarray) -> np.ndarray:
+    """``(N,)`` bool: points whose x, y and z are all finite (clouds with ``is_dense=False`` carry NaN/inf)."""
+    return np.isfinite(xyz).all(axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------- encoding
+
+
+def encode_cloud(
+    fields: Mapping[str, np.ndarray], frame_id: str, stamp_ns: int, types: MessageTypes
+) -> Any:
+    """A dense (height 1), little-endian PointCloud2 holding ``fields`` in the given order.
+
+    Each value is ``(N,)`` or ``(N, count)`` of a PointField type (int8..uint32, float32, float64; bool is
+    stored as uint8) and keeps its dtype. Two conveniences: ``"xyz"`` ``(N, 3)`` becomes float32 ``x, y, z``;
+    ``"rgb"`` given as ``(N, 3)`` uint8 is packed into the float32 ROS convention (see :func:`pack_rgb`).
+    Fields are aligned to their size and ``point_step`` to the largest one, as PCL does. ``is_dense`` is
+    set from whether x, y, z are all finite.
+    """
+    columns = _columns(fields)
+    n = _common_length(columns)
+    dtype, layout = _packed_layout(columns)
+    data, raw = types.byte_buffer(n * dtype.itemsize)
+    points = raw.view(dtype)
+    for name, values in columns.items():
+        points[name] = values
+    is_dense = all(np.isfinite(columns[c]).all() for c in XYZ if c in columns and columns[c].dtype.kind == "f")
+    return types.PointCloud2(
+        header=make_header(frame_id, stamp_ns, types),
+        height=1,
+        width=n,
+        fields=[types.PointField(name=name, offset=off, datatype=code, count=count) for name, off, code, count in layout],
+        is_bigendian=False,
+        point_step=dtype.itemsize,
+        row_step=dtype.itemsize * n,
+        data=data,
+        is_dense=bool(is_dense),
+    )
+
+
+def _columns(fields: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    columns: dict[str, np.ndarray] = {}
+    for name, values in fields.items():
+        values = np.asarray(values)
+        if name == "xyz":
+            xyz = values.astype(np.float32, copy=False).reshape(-1, 3)
+            columns.update(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2])
+            continue
+        if name == "rgb" and values.ndim == 2 and values.shape[1] == 3 and values.dtype == np.uint8:
+            values = pack_rgb(values)
+        if values.dtype == np.bool_:
+            values = values.view(np.uint8)
+        if values.dtype.newbyteorder("=") not in _DATATYPE_OF:
+            raise ValueError(f"field {name!r}: dtype {values.dtype} has no PointField datatype; cast it first")
+        if values.ndim not in (1, 2):
+            raise ValueError(f"field {name!r}: expected (N,) or (N, count), got shape {values.shape}")
+        columns[name] = values
+    return columns
+
+
+def _common_length(columns: dict[str, np.ndarray]) -> int:
+    lengths = {name: values.shape[0] for name, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"fields have different numbers of points: {lengths}")
+    return next(iter(lengths.values()), 0)
+
+
+def _packed_layout(columns: dict[str, np.ndarray]) -> tuple[np.dtype, list[tuple[str, int, int, int]]]:
+    """Little-endian structured dtype with naturally aligned fields, and the (name, offset, datatype, count) list."""
+    names, formats, offsets, layout = [], [], [], []
+    offset, align = 0, 1
+    for name, values in columns.items():
+        base = values.dtype.newbyteorder("=")
+        count = 1 if values.ndim == 1 else values.shape[1]
+        offset = -(-offset // base.itemsize) * base.itemsize
+        dt = base.newbyteorder("<")
+        names.append(name)
+        formats.append(dt if values.ndim == 1 else (dt, (count,)))
+        offsets.append(offset)
+        layout.append((name, offset, _DATATYPE_OF[base], count))
+        offset += base.itemsize * count
+        align = max(align, base.itemsize)
+    itemsize = -(-offset // align) * align
+    return np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": itemsize}), layout
+
+
+# ---------------------------------------------------------------------------------------------------------- rgb
+
+
+def pack_rgb(rgb: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` uint8 RGB -> ``(N,)`` float32 whose bits are ``0x00RRGGBB`` (the PCL/RViz ``rgb`` field)."""
+    rgb = np.asarray(rgb, np.uint8).reshape(-1, 3).astype(np.uint32)
+    return ((rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]).view(np.float32)
+
+
+def unpack_rgb(packed: np.ndarray) -> np.ndarray:
+    """``(N,)`` packed ``rgb``/``rgba`` (float32 or uint32 bits) -> ``(N, 3)`` uint8 RGB."""
+    bits = np.ascontiguousarray(packed).view(np.uint32).reshape(-1)
+    return np.stack([(bits >> 16) & 0xFF, (bits >> 8) & 0xFF, bits & 0xFF], axis=1).astype(np.uint8)
