@@ -131,7 +131,7 @@ class _RosbagsFactory:
             raise TypeError(f"{self._typename} has no field(s) {sorted(unknown)}")
         for name, desc in self._fields:
             if name not in kwargs:
-                kwargs[name] = _default_value(self._typestore, desc)
+                kwargs[name] = _IDL_DEFAULTS.get((self._typename, name)) or _default_value(self._typestore, desc)
         return self._cls(**kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -143,6 +143,9 @@ class _RosbagsFactory:
     def __repr__(self) -> str:
         return f"<rosbags factory {self._typename}>"
 
+
+# Non-zero defaults from the .msg/.idl files that rosbags' field definitions do not carry.
+_IDL_DEFAULTS = {("geometry_msgs/msg/Quaternion", "w"): 1.0}
 
 _NUMPY_BASE = {
     "bool": np.bool_, "byte": np.uint8, "char": np.uint8, "int8": np.int8, "uint8": np.uint8,

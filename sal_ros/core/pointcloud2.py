@@ -157,8 +157,9 @@ def read_xyz(msg: Any) -> np.ndarray:
         if fields[name].ndim != 1:
             raise MalformedMessageError(f"PointCloud2 field {name!r} has count {fields[name].shape[1]}, expected 1")
     xyz = np.empty((fields["x"].shape[0], 3), np.float32)
-    for i, name in enumerate(XYZ):
-        xyz[:, i] = fields[name]
+    with np.errstate(over="ignore"):  # float64 coordinates beyond float32 range become inf, like NaN points
+        for i, name in enumerate(XYZ):
+            xyz[:, i] = fields[name]
     return xyz
 
 
