@@ -141,8 +141,6 @@ class DistillDataset:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rng(self, index: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, self.epoch, index])
 
     def _franken(self, index: int, rng: np.random.Generator) -> Sample:
         cfg = self.cfg
@@ -163,7 +161,11 @@ class DistillDataset:
         return sample
 
     def __getitem__(self, index: int) -> Sample:
-        rng = self.rng(index)
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int = 0) -> Sample:
+        """The training sample for (seed, epoch, index): the same every time it is asked for."""
+        rng = np.random.default_rng([self.seed, epoch, index])
         sample = self._augmented(index, rng)
         if self.cfg.mix_prob > 0 and rng.random() < self.cfg.mix_prob:
             sample = concat([sample, self._augmented(int(rng.integers(len(self.scans))), rng)])

@@ -1,0 +1,374 @@
+"""Distillation training loop: AdamW, warm-up + cosine decay, gradient clipping, AMP, checkpoints, exact
+resume, JSONL metrics + PNG curves, DDP (torchrun; gloo on CPU, nccl on CUDA).
+
+Exact resume: the batch of step ``s`` is a pure function of (seed, s) (see ``batch_indices``), every random draw
+of the loss comes from a generator seeded by (seed, step), and the training state saves optimizer, scheduler,
+RNG states and the step. Stopping at step k and resuming gives the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sal_ros.train.dataset import DataConfig, DistillDataset, Sample
+from sal_ros.train.losses import LossWeights, Target, sal_loss
+
+STATE_FILE = "train_state.pt"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    steps: int = 100
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    batch_size: int = 2  # per process
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    seed: int = 0
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    data: DataConfig = field(default_factory=DataConfig)
+    sources: list = field(default_factory=list)  # [{"frames": ..., "pseudolabels": ...}], read by the CLI
+    loss: LossWeights = field(default_factory=LossWeights)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint_every: int = 50
+    log_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        data = dict(d.pop("data", {}) or {})
+        d["sources"] = d.get("sources") or data.pop("sources", [])
+        d["data"] = DataConfig.from_dict(data)
+        d["loss"] = LossWeights.from_dict(d.get("loss"))
+        optim = dict(d.get("optim") or {})
+        unknown = set(optim) - set(OptimConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown optim settings {sorted(unknown)}")
+        if "betas" in optim:
+            optim["betas"] = tuple(optim["betas"])
+        d["optim"] = OptimConfig(**optim)
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group torchrun describes in the environment; single process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_reduce_sum(value: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        value = value.clone()
+        tdist.all_reduce(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- schedule / data
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up from ~0 to 1, then cosine decay to ``min_ratio`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_indices(step: int, batch_size: int, dist: Dist, n: int, seed: int) -> list[tuple[int, int]]:
+    """(epoch, index) pairs for this rank at ``step``: a seeded permutation per epoch, split across ranks."""
+    global_bs = batch_size * dist.world
+    out = []
+    for j in range(dist.rank * batch_size, (dist.rank + 1) * batch_size):
+        pos = step * global_bs + j
+        epoch = pos // n
+        perm = np.random.default_rng([seed, epoch, 1]).permutation(n)
+        out.append((epoch, int(perm[pos % n])))
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- model seam
+def build_model(model_cfg: dict, token_dim: int | None = None):
+    """SALModel from ``{"preset": name, **overrides}``; the token dimension follows the pseudo-labels."""
+    from sal_ros.model.sal import ModelConfig, SALModel
+
+    cfg = dict(model_cfg or {})
+    preset = cfg.pop("preset", None)
+    config = ModelConfig.preset(preset, **cfg) if preset else ModelConfig(**cfg)
+    if token_dim is not None and config.token_dim != token_dim:
+        raise ValueError(f"model token_dim {config.token_dim} but pseudo-label tokens have {token_dim} dims; "
+                         f"set model.token_dim or use the text encoder the pseudo-labels were made with")
+    return SALModel(config)
+
+
+def forward_layers(model, samples: list[Sample], device: torch.device) -> list[dict]:
+    """Per decoder layer: {"masks": [(Q, N_b)], "objectness": [(Q, 2)], "tokens": [(Q, D)]}."""
+    points = [torch.from_numpy(s.points).to(device) for s in samples]
+    intensity = [torch.from_numpy(s.intensity).to(device) for s in samples]
+    return model(points, intensity)
+
+
+def targets_of(samples: list[Sample], device: torch.device) -> list[Target]:
+    return [Target(torch.from_numpy(s.masks()).to(device), torch.from_numpy(s.tokens).to(device)) for s in samples]
+
+
+def save_model(path: Path, model, extra: dict) -> None:
+    from sal_ros.model.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model, extra=extra)
+
+
+def load_model_weights(path: Path, model) -> dict:
+    from sal_ros.model.checkpoint import load_checkpoint
+
+    return load_checkpoint(path, model=model)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns model, optimizer, schedule and files of one run in ``cfg.out_dir``."""
+
+    def __init__(self, cfg: TrainConfig, dataset: DistillDataset, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.progress = progress
+        self.device = resolve_device(cfg.device)
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.dist.local_rank)
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.out = Path(cfg.out_dir)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        token_dim = next((s.tokens.shape[1] for s in dataset.scans if len(s.tokens)), None)
+        self.model = build_model(cfg.model, token_dim).to(self.device)
+        self.module = self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.model, device_ids=ids)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.min_lr_ratio))
+        self.amp = o.amp and self.device.type == "cuda"
+        self.step = 0
+
+    # -- files
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_FILE
+
+    def model_path(self, step: int) -> Path:
+        return self.out / f"model_step{step:07d}.pt"
+
+    def save(self) -> Path | None:
+        """Model checkpoint + training state (rank 0). The state is written last: it names a complete model."""
+        if not self.dist.main:
+            return None
+        path = self.model_path(self.step)
+        save_model(path, self.module, {"step": self.step, "train_config": self.cfg.to_dict()})
+        atomic_torch_save({"step": self.step, "model": path.name, "optimizer": self.optimizer.state_dict(),
+                           "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                           "config": self.cfg.to_dict()}, self.state_path)
+        last = self.out / "model_last.pt"
+        tmp = self.out / ".model_last.pt.tmp"
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)  # hard link: "last" is the same bytes, swapped in atomically
+        os.replace(tmp, last)
+        return path
+
+    def resume(self) -> int:
+        """Load the latest training state in out_dir; returns the step to continue from (0 if none)."""
+        if not self.state_path.exists():
+            return 0
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        load_model_weights(self.out / state["model"], self.module)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        if self.dist.main:
+            _truncate_metrics(self.out / METRICS_FILE, self.step)
+        return self.step
+
+    # -- one step
+    def train_step(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        samples = [self.dataset.sample(index, epoch)
+                   for epoch, index in batch_indices(self.step, cfg.optim.batch_size, dist, len(self.dataset), cfg.seed)]
+        targets = targets_of(samples, self.device)
+        local = torch.tensor([float(sum(t.masks.shape[0] for t in targets))], device=self.device)
+        num_masks = float(all_reduce_sum(local, dist)) / dist.world
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            layers = forward_layers(self.model, samples, self.device)
+        loss, terms = sal_loss(layers, targets, cfg.loss, num_masks=num_masks, generator=gen)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip)
+                     if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        stats = torch.tensor([float(loss.detach()), *terms.values(), float(local)], device=self.device)
+        stats = all_reduce_sum(stats, dist) / dist.world
+        keys = ["loss", *(f"loss_{k}" for k in terms)]
+        record = {"step": self.step, **{k: float(v) for k, v in zip(keys, stats[:-1])},
+                  "lr": lr, "grad_norm": float(grad_norm), "instances": float(stats[-1]) * dist.world,
+                  "points": int(sum(len(s.points) for s in samples))}
+        return record
+
+    def fit(self, steps: int | None = None) -> list[dict]:
+        """Train until ``steps`` (default: the configured total); checkpoints every N steps and at the end."""
+        from tqdm import tqdm
+
+        end = self.cfg.optim.steps if steps is None else min(steps, self.cfg.optim.steps)
+        log = self.out / METRICS_FILE
+        records = []
+        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (self.progress and self.dist.main))
+        t0 = time.perf_counter()
+        while self.step < end:
+            rec = self.train_step()
+            rec["time_s"] = time.perf_counter() - t0
+            records.append(rec)
+            if self.dist.main and (self.step % self.cfg.log_every == 0 or self.step == end):
+                with open(log, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+            bar.update(1)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                self.save()
+                if self.dist.main:
+                    plot_curves(log, self.out / "curves.png")
+        bar.close()
+        return records
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines from steps after the resumed one (they will be redone)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Loss terms and learning rate against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sal_ros.eval.report import atomic_savefig
+
+    recs = read_metrics(metrics_path)
+    if not recs:
+        return
+    steps = [r["step"] for r in recs]
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in [k for k in recs[-1] if k.startswith("loss")]:
+        ax.plot(steps, [r[key] for r in recs], label=key, lw=2 if key == "loss" else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("loss (final decoder layer terms, total over layers)")
+    ax.legend(fontsize=8)
+    ax_lr.plot(steps, [r["lr"] for r in recs])
+    ax_lr.set_xlabel("step")
+    ax_lr.set_title("learning rate")
+    try:
+        atomic_savefig(fig, png_path)
+    finally:
+        plt.close(fig)
