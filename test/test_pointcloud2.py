@@ -332,3 +332,21 @@ def test_malformed_is_a_value_error_family_member(types):
     msg = malformed(types, dict(row_step=8))
     with pytest.raises(SensorDataError):
         read_fields(msg)
+
+
+def test_bench_codec_runs_and_checks_itself_against_the_reference(capsys):
+    """Small run of `sal-ros bench codec`: it asserts numpy and struct reference agree before timing."""
+    import argparse
+    import json
+
+    from sal_ros.bench import codec
+
+    parser = argparse.ArgumentParser()
+    codec.add_arguments(parser)
+    assert codec.main(parser.parse_args(["--points", "3000", "--repeats", "3", "--reference-repeats", "1"])) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["points"] == 3000
+    for part in ("decode", "encode"):
+        assert result[part]["median_ms"] > 0 and result[part]["reference_median_ms"] > 0
+        assert result[part]["speedup"] == pytest.approx(
+            result[part]["reference_median_ms"] / result[part]["median_ms"], rel=0.05)

@@ -169,15 +169,16 @@ def encode_image(array: np.ndarray, encoding: str, frame_id: str, stamp_ns: int,
     height, width = array.shape[:2]
     data, raw = types.byte_buffer(array.nbytes)
     raw.view(np.dtype(enc.dtype).newbyteorder("<"))[:] = array.reshape(-1)
-    return types.Image(
+    msg = types.Image(
         header=make_header(frame_id, stamp_ns, types),
         height=height,
         width=width,
         encoding=encoding,
         is_bigendian=False,
         step=width * enc.channels * array.dtype.itemsize,
-        data=data,
     )
+    msg.data = data  # after construction: rclpy's constructor would copy the buffer, its setter keeps it
+    return msg
 
 
 def encode_compressed_image(

@@ -207,7 +207,7 @@ def encode_cloud(
     for name, values in columns.items():
         points[name] = values
     is_dense = all(np.isfinite(columns[c]).all() for c in XYZ if c in columns and columns[c].dtype.kind == "f")
-    return types.PointCloud2(
+    msg = types.PointCloud2(
         header=make_header(frame_id, stamp_ns, types),
         height=1,
         width=n,
@@ -215,9 +215,10 @@ def encode_cloud(
         is_bigendian=False,
         point_step=dtype.itemsize,
         row_step=dtype.itemsize * n,
-        data=data,
         is_dense=bool(is_dense),
     )
+    msg.data = data  # after construction: rclpy's constructor would copy the buffer, its setter keeps it
+    return msg
 
 
 def _columns(fields: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
