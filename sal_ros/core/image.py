@@ -114,7 +114,7 @@ def decode_compressed_image(msg: Any) -> np.ndarray:
         with PILImage.open(io.BytesIO(raw)) as pil:
             pil.load()
             return _from_pil(pil)
-    except (OSError, ValueError, SyntaxError) as err:  # Pillow's errors for truncated/unknown data
+    except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as err:  # truncated/unknown/huge
         raise MalformedMessageError(f"CompressedImage (format {fmt!r}, {len(raw)} bytes) could not be decoded: {err}")
 
 
@@ -125,7 +125,7 @@ def _from_pil(pil: Any) -> np.ndarray:
         return np.asarray(pil).astype(np.uint16)
     if pil.mode == "F":
         return np.asarray(pil, dtype=np.float32).copy()
-    if pil.mode in ("L", "1"):
+    if pil.mode in ("L", "LA", "1"):
         return np.asarray(pil.convert("L"), dtype=np.uint8).copy()
     return np.asarray(pil.convert("RGB"), dtype=np.uint8).copy()
 
