@@ -211,7 +211,7 @@ def encode_cloud(
         header=make_header(frame_id, stamp_ns, types),
         height=1,
         width=n,
-        fields=[types.PointField(name=name, offset=off, datatype=code, count=count) for name, off, code, count in layout],
+        fields=[types.PointField(name=nm, offset=off, datatype=code, count=count) for nm, off, code, count in layout],
         is_bigendian=False,
         point_step=dtype.itemsize,
         row_step=dtype.itemsize * n,
