@@ -1,0 +1,63 @@
+"""Launch the SAL segmenter (and optionally the frame recorder) with the shipped parameters and DDS profile.
+
+    ros2 launch sal_ros segment.launch.py [params_file:=my.yaml] [record:=true record_dir:=frames]
+                                          [use_sim_time:=true] [log_level:=info]
+
+DDS: ROS_AUTOMATIC_DISCOVERY_RANGE (default LOCALHOST unless already set) and FASTDDS_DEFAULT_PROFILES_FILE (the
+installed config/fastdds.xml: shared memory for large clouds, UDP on loopback only) are set for the nodes. To reach
+other machines, pass discovery_range:=SUBNET fastdds_profile:=<a profile that allows your interface>.
+"""
+import os
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+from ament_index_python.packages import get_package_share_directory
+
+
+def generate_launch_description():
+    share = get_package_share_directory("sal_ros")
+    params_file = LaunchConfiguration("params_file")
+    use_sim_time = ParameterValue(LaunchConfiguration("use_sim_time"), value_type=bool)
+    log_args = ["--log-level", LaunchConfiguration("log_level")]
+    return LaunchDescription([
+        DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "segment.yaml"),
+                              description="ROS 2 params YAML (sections /**, sal_segmenter, sal_recorder)"),
+        DeclareLaunchArgument("record", default_value="false", description="also run the frame recorder"),
+        DeclareLaunchArgument("record_dir", default_value="sal_frames", description="recorder FrameStore directory"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
+        DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
+        DeclareLaunchArgument("discovery_range",
+                              default_value=os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST"),
+                              description="ROS_AUTOMATIC_DISCOVERY_RANGE for the nodes"),
+        DeclareLaunchArgument("fastdds_profile",
+                              default_value=os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE",
+                                                           os.path.join(share, "config", "fastdds.xml")),
+                              description="Fast DDS XML profile for the nodes"),
+        SetEnvironmentVariable("ROS_AUTOMATIC_DISCOVERY_RANGE", LaunchConfiguration("discovery_range")),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),
+        Node(
+            package="sal_ros",
+            executable="segmenter",
+            name="sal_segmenter",
+            parameters=[params_file, {"use_sim_time": use_sim_time}],
+            ros_arguments=log_args,
+            output="screen",
+            emulate_tty=True,
+        ),
+        Node(
+            package="sal_ros",
+            executable="recorder",
+            name="sal_recorder",
+            condition=IfCondition(LaunchConfiguration("record")),
+            parameters=[params_file, {"use_sim_time": use_sim_time,
+                                      "output_dir": LaunchConfiguration("record_dir")}],
+            ros_arguments=log_args,
+            output="screen",
+            emulate_tty=True,
+        ),
+    ])

@@ -1,0 +1,229 @@
+"""Output messages of the segmenter: labeled cloud, instance markers, overlay images, JSON records, colours.
+
+Reproducing a bag of outputs: ``~/labeled_points`` holds per point ``label`` (0 = no class, k = class k-1),
+``instance`` and ``score``; the class names that ``label`` refers to come from the ``~/info`` record with the
+same ``stamp_ns`` (it carries the vocabulary ``version`` and its ``classes``), so a bag of these two topics is
+self-contained even if the vocabulary changed mid-recording. ``~/vocabulary`` (transient-local) announces each
+version once, with prompts, descriptions and thing/stuff.
+"""
+from __future__ import annotations
+
+import colorsys
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from sal_ros.core.msgtypes import MessageTypes, make_header
+from sal_ros.core.pointcloud2 import encode_cloud
+from sal_ros.core.types import InstanceSummary, Segmentation
+
+UNLABELED_COLOR = (110, 110, 110)
+
+# PointCloud2 layout of ~/labeled_points (name, dtype), in order.
+LABELED_FIELDS = (
+    ("x", np.float32), ("y", np.float32), ("z", np.float32), ("intensity", np.float32),
+    ("label", np.uint16), ("instance", np.uint32), ("score", np.float32), ("rgb", np.float32),
+)
+
+
+# --------------------------------------------------------------------------------------------------- colours
+
+
+def class_colors(num_classes: int) -> np.ndarray:
+    """``(num_classes + 1, 3)`` uint8 RGB indexed by label: grey for label 0, then well-separated hues.
+
+    Hues step by the golden ratio, so a class keeps its colour when classes are appended to the vocabulary.
+    """
+    colors = np.empty((num_classes + 1, 3), np.uint8)
+    colors[0] = UNLABELED_COLOR
+    for k in range(num_classes):
+        hue = (0.12 + k * 0.618033988749895) % 1.0
+        value = 0.95 if k % 2 == 0 else 0.8
+        colors[k + 1] = np.round(np.array(colorsys.hsv_to_rgb(hue, 0.8, value)) * 255)
+    return colors
+
+
+def label_colors(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Per-point ``(N, 3)`` uint8 colours; labels beyond the palette (stale vocabulary) are drawn as label 0."""
+    label = np.asarray(label)
+    safe = np.where(label < len(palette), label, 0)
+    return palette[safe]
+
+
+# ---------------------------------------------------------------------------------------------- point cloud
+
+
+def labeled_cloud(
+    xyz: np.ndarray,
+    intensity: np.ndarray | None,
+    seg: Segmentation,
+    frame_id: str,
+    stamp_ns: int,
+    types: MessageTypes,
+    palette: np.ndarray | None = None,
+) -> Any:
+    """PointCloud2 with x y z intensity label instance score rgb: the input's points in the input's order.
+
+    ``intensity`` None (a cloud without one) is written as zeros, so the layout never changes.
+    """
+    n = xyz.shape[0]
+    if seg.label.shape[0] != n:
+        raise ValueError(f"segmentation has {seg.label.shape[0]} points, cloud has {n}")
+    if palette is None:
+        palette = class_colors(len(seg.class_names))
+    fields = {
+        "xyz": xyz,
+        "intensity": np.zeros(n, np.float32) if intensity is None else np.asarray(intensity, np.float32),
+        "label": np.asarray(seg.label, np.uint16),
+        "instance": np.asarray(seg.instance, np.uint32),
+        "score": np.asarray(seg.score, np.float32),
+        "rgb": label_colors(seg.label, palette),
+    }
+    return encode_cloud(fields, frame_id, stamp_ns, types)
+
+
+# -------------------------------------------------------------------------------------------------- markers
+
+
+def box_corners(center: np.ndarray, size: np.ndarray, yaw: float) -> np.ndarray:
+    """``(8, 3)`` corners of an oriented box: bottom face 0-3, top face 4-7, counter-clockwise."""
+    l, w, h = (float(v) for v in size)
+    xs = np.array([1, -1, -1, 1]) * l / 2
+    ys = np.array([1, 1, -1, -1]) * w / 2
+    c, s = np.cos(yaw), np.sin(yaw)
+    x = c * xs - s * ys
+    y = s * xs + c * ys
+    bottom = np.stack([x, y, np.full(4, -h / 2)], axis=1)
+    top = bottom + np.array([0.0, 0.0, h])
+    return np.concatenate([bottom, top]) + np.asarray(center, np.float64)
+
+
+# Edge list of box_corners: bottom ring, top ring, verticals.
+BOX_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4], [0, 4], [1, 5], [2, 6], [3, 7]])
+
+
+def instance_markers(
+    instances: Sequence[InstanceSummary],
+    frame_id: str,
+    stamp_ns: int,
+    palette: np.ndarray,
+    types: MessageTypes,
+    min_points: int = 1,
+) -> Any:
+    """MarkerArray: DELETEALL, then per instance an oriented box (LINE_LIST) and a facing text "class score"."""
+    from geometry_msgs.msg import Point
+    from std_msgs.msg import ColorRGBA
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    header = make_header(frame_id, stamp_ns, types)
+    markers = [Marker(header=header, action=Marker.DELETEALL)]
+    for inst in instances:
+        if inst.num_points < min_points:
+            continue
+        r, g, b = (float(v) / 255.0 for v in palette[inst.label if inst.label < len(palette) else 0])
+        color = ColorRGBA(r=r, g=g, b=b, a=1.0)
+        corners = box_corners(inst.box.center, inst.box.size, inst.box.yaw)
+        box = Marker(header=header, ns="boxes", id=int(inst.instance_id), type=Marker.LINE_LIST, action=Marker.ADD)
+        box.pose.orientation.w = 1.0
+        box.scale.x = 0.05
+        box.color = color
+        box.points = [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])) for p in corners[BOX_EDGES.reshape(-1)]]
+        text = Marker(header=header, ns="labels", id=int(inst.instance_id), type=Marker.TEXT_VIEW_FACING,
+                      action=Marker.ADD, text=f"{inst.class_name} {inst.score:.2f}")
+        top = corners[4:].mean(axis=0)
+        text.pose.position.x, text.pose.position.y = float(top[0]), float(top[1])
+        text.pose.position.z = float(top[2]) + 0.4
+        text.pose.orientation.w = 1.0
+        text.scale.z = 0.6
+        text.color = ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0)
+        markers += [box, text]
+    return MarkerArray(markers=markers)
+
+
+# -------------------------------------------------------------------------------------------------- overlays
+
+
+def draw_points(
+    image_rgb: np.ndarray, uv: np.ndarray, depth: np.ndarray, colors: np.ndarray, radius: int = 2
+) -> np.ndarray:
+    """Paint projected points (pixel ``uv`` (M, 2), camera ``depth`` (M,)) as discs on a copy of ``image_rgb``.
+
+    Far points are painted first, so near ones stay on top where discs overlap.
+    """
+    out = np.array(image_rgb, np.uint8, copy=True)
+    h, w = out.shape[:2]
+    if uv.shape[0] == 0:
+        return out
+    order = np.argsort(-np.asarray(depth), kind="stable")
+    px = np.rint(uv[order, 0]).astype(np.int64)
+    py = np.rint(uv[order, 1]).astype(np.int64)
+    cols = colors[order]
+    r = int(radius)
+    offsets = [(dx, dy) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dx * dx + dy * dy <= r * r + r]
+    # One pass per disc offset keeps it vectorized; within a pass later (nearer) points win.
+    for dx, dy in offsets:
+        x, y = px + dx, py + dy
+        ok = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+        out[y[ok], x[ok]] = cols[ok]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- JSON records
+
+
+def vocabulary_record(version: int, vocabulary: Any) -> str:
+    """JSON for ``~/vocabulary``: version, classes, and prompts/descriptions/thing flags when the vocabulary has them."""
+    record: dict[str, Any] = {"version": int(version), "classes": list(_class_names(vocabulary))}
+    for attr in ("descriptions", "things", "is_thing", "source"):
+        value = getattr(vocabulary, attr, None)
+        if value is not None:
+            record[attr] = _jsonable(value)
+    return json.dumps(record)
+
+
+def frame_record(
+    stamp_ns: int,
+    frame_id: str,
+    seg: Segmentation,
+    num_points: int,
+    missing_cameras: Sequence[str] = (),
+    extra: dict | None = None,
+) -> str:
+    """JSON for ``~/info``: what a consumer needs to interpret the labeled cloud with the same stamp."""
+    record = {
+        "stamp_ns": int(stamp_ns),
+        "frame_id": frame_id,
+        "vocabulary_version": int(seg.vocabulary_version),
+        "classes": list(seg.class_names),
+        "num_points": int(num_points),
+        "missing_cameras": list(missing_cameras),
+        "instances": [
+            {"id": int(i.instance_id), "label": int(i.label), "class": i.class_name, "score": round(float(i.score), 4),
+             "num_points": int(i.num_points), "center": _jsonable(i.box.center), "size": _jsonable(i.box.size),
+             "yaw": round(float(i.box.yaw), 4)}
+            for i in seg.instances
+        ],
+        "timings_ms": {k: round(float(v), 3) for k, v in seg.timings_ms.items()},
+    }
+    if extra:
+        record.update(extra)
+    return json.dumps(record)
+
+
+def _class_names(vocabulary: Any) -> Sequence[str]:
+    for attr in ("class_names", "names", "classes"):
+        value = getattr(vocabulary, attr, None)
+        if value is not None:
+            return [getattr(c, "name", c) for c in value]
+    return list(vocabulary)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return [round(float(v), 4) for v in value.reshape(-1)] if value.dtype.kind == "f" else value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,307 @@
+"""Every ROS parameter of the sal_ros nodes, in one table: types, defaults, ranges, descriptions.
+
+The nodes declare from these tables (:func:`declare`), ``sal-ros run`` checks a params file against them
+(:func:`load_params_file`, :func:`unknown_names`), and the parameter docs are generated from them
+(:func:`markdown_table`). ROS parameters cannot be nested lists, so cameras are a name list plus one group of
+``camera.<name>.*`` parameters per name (:func:`camera_specs`).
+
+Parameters marked ``dynamic`` may change at run time (``ros2 param set``); the others are read-only.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+SEGMENTER_NODE = "sal_segmenter"
+RECORDER_NODE = "sal_recorder"
+
+RELIABILITY = ("best_effort", "reliable")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str  # bool | int | double | string | string_array
+    default: Any
+    description: str
+    range: tuple[float, float] | None = None  # inclusive, for int and double
+    choices: tuple[str, ...] = ()  # allowed values of a string parameter
+    dynamic: bool = False  # may change at run time; read-only otherwise
+
+
+def _qos_specs(stream: str, what: str, depth: int) -> list[ParamSpec]:
+    return [
+        ParamSpec(f"qos.{stream}.reliability", "string", "best_effort",
+                  f"QoS reliability of the {what} subscriptions. best_effort matches every publisher; "
+                  "reliable does not match best-effort publishers (sensor drivers), silently.", choices=RELIABILITY),
+        ParamSpec(f"qos.{stream}.depth", "int", depth, f"QoS history depth (keep last) of the {what} subscriptions.",
+                  range=(1, 1000)),
+    ]
+
+
+# Sensor inputs, shared by the segmenter and the recorder (put them under "/**" in a params file).
+INPUT_PARAMS: list[ParamSpec] = [
+    ParamSpec("cloud_topic", "string", "/points", "sensor_msgs/PointCloud2 lidar input; it anchors every frame."),
+    ParamSpec("cameras", "string_array", [],
+              "Camera names; each has camera.<name>.image_topic, .info_topic, .compressed, .time_offset."),
+    ParamSpec("sync.match_threshold", "double", 0.03,
+              "Largest |camera stamp + time_offset - cloud stamp| (s) for an image to match a cloud.", range=(0.0, 1.0)),
+    ParamSpec("sync.timeout", "double", 0.05,
+              "How long (s) a cloud waits for its camera images before it goes on as a partial frame.",
+              range=(0.0, 5.0)),
+    ParamSpec("sync.allow_partial", "bool", True,
+              "Process frames where some cameras had no match (lidar-only outputs still come out)."),
+    *_qos_specs("cloud", "lidar cloud", 2),
+    *_qos_specs("images", "camera image", 2),
+    *_qos_specs("camera_info", "camera_info", 2),
+    ParamSpec("calibration.source", "string", "tf",
+              "Where lidar->camera extrinsics come from: tf (tf2 lookup at the cloud stamp) or static "
+              "(calibration.file).", choices=("tf", "static")),
+    ParamSpec("calibration.file", "string", "",
+              "Static extrinsics YAML (calibration.source static): per camera a 4x4 lidar->camera optical transform."),
+    ParamSpec("input_timeout", "double", 2.0,
+              "Warn (throttled) when an input has been silent this long (s).", range=(0.1, 3600.0)),
+    ParamSpec("stats_period", "double", 5.0,
+              "Period (s) of ~/stats and of the statistics log line.", range=(0.1, 3600.0)),
+]
+
+SEGMENTER_PARAMS: list[ParamSpec] = [
+    ParamSpec("model.checkpoint", "string", "",
+              "SAL checkpoint (.pt). Empty: a tiny random-weight model for trying the plumbing (meaningless labels)."),
+    ParamSpec("model.device", "string", "cuda", "Torch device (cuda, cuda:N or cpu); falls back to cpu without CUDA."),
+    ParamSpec("text_encoder.model", "string", "ViT-B-16", "open_clip text encoder (must match the checkpoint's token size)."),
+    ParamSpec("text_encoder.pretrained", "string", "",
+              "open_clip pretrained tag or local weights file. Empty: random weights (classes are meaningless)."),
+    ParamSpec("prompts", "string_array", ["car", "truck", "bicycle", "person", "road", "sidewalk", "building",
+                                          "vegetation", "pole", "traffic sign"],
+              "Vocabulary: one class per prompt (label k = prompts[k-1]). Change at run time with ros2 param set; "
+              "ignored at start when vocabulary_file is set.", dynamic=True),
+    ParamSpec("vocabulary_file", "string", "",
+              "Vocabulary YAML (classes with descriptions and thing/stuff); overrides prompts at start.", dynamic=True),
+    ParamSpec("score_threshold", "double", 0.3,
+              "Points whose segment score is below this get label 0 and instance 0.", range=(0.0, 1.0), dynamic=True),
+    ParamSpec("max_points", "int", 300000,
+              "Largest cloud the model sees (finite points); bigger clouds follow max_points_policy. 0: no limit.",
+              range=(0, 10_000_000), dynamic=True),
+    ParamSpec("max_points_policy", "string", "subsample",
+              "subsample: run the model on a random subset and label the rest by nearest neighbour; "
+              "reject: drop the frame with a warning.", choices=("subsample", "reject"), dynamic=True),
+    ParamSpec("publish.labeled_points", "bool", True, "Publish ~/labeled_points (PointCloud2).", dynamic=True),
+    ParamSpec("publish.markers", "bool", True, "Publish ~/markers (boxes and class labels per instance).", dynamic=True),
+    ParamSpec("publish.overlays", "bool", True, "Publish ~/overlay/<camera> label overlay images.", dynamic=True),
+    ParamSpec("publish.info", "bool", True,
+              "Publish ~/info (JSON per frame: stamp, vocabulary version and classes, instances).", dynamic=True),
+    ParamSpec("markers.min_points", "int", 5, "Instances with fewer points get no marker.", range=(1, 100000),
+              dynamic=True),
+    ParamSpec("overlay.point_radius", "int", 2, "Radius (pixels) of a projected point in overlays.", range=(0, 10),
+              dynamic=True),
+    ParamSpec("qos.outputs.reliability", "string", "reliable",
+              "QoS reliability of the outputs; reliable reaches both reliable (RViz default) and best-effort "
+              "subscribers.", choices=RELIABILITY),
+    ParamSpec("qos.outputs.depth", "int", 1, "QoS history depth of the outputs.", range=(1, 1000)),
+]
+
+RECORDER_PARAMS: list[ParamSpec] = [
+    ParamSpec("output_dir", "string", "sal_frames", "FrameStore directory (created; an existing one is resumed)."),
+    ParamSpec("every_nth", "int", 1, "Record one synced frame in every N.", range=(1, 100000)),
+    ParamSpec("max_frames", "int", 0, "Stop recording after this many frames in the store. 0: no limit.",
+              range=(0, 100_000_000)),
+    ParamSpec("max_gb", "double", 0.0, "Stop recording when the store reaches this size (GB). 0: no limit.",
+              range=(0.0, 100000.0)),
+]
+
+CAMERA_PARAM_NAMES = ("image_topic", "info_topic", "compressed", "time_offset")
+
+
+def camera_specs(name: str) -> list[ParamSpec]:
+    """The ``camera.<name>.*`` parameters of one configured camera."""
+    if not name or not all(c.isalnum() or c == "_" for c in name):
+        raise ValueError(f"camera name {name!r}: use letters, digits and '_' (it becomes part of parameter names)")
+    p = f"camera.{name}."
+    return [
+        ParamSpec(p + "image_topic", "string", f"/{name}/image_raw", f"Image topic of camera {name}."),
+        ParamSpec(p + "info_topic", "string", f"/{name}/camera_info", f"sensor_msgs/CameraInfo topic of camera {name}."),
+        ParamSpec(p + "compressed", "bool", False,
+                  f"Camera {name} publishes sensor_msgs/CompressedImage (jpeg/png) instead of Image."),
+        ParamSpec(p + "time_offset", "double", 0.0,
+                  f"Expected cloud stamp minus image stamp (s) of camera {name}: the image stamp plus this offset is "
+                  "compared with the cloud stamp.", range=(-1.0, 1.0)),
+    ]
+
+
+def node_specs(node_name: str) -> list[ParamSpec]:
+    if node_name == SEGMENTER_NODE:
+        return INPUT_PARAMS + SEGMENTER_PARAMS
+    if node_name == RECORDER_NODE:
+        return INPUT_PARAMS + RECORDER_PARAMS
+    raise ValueError(f"unknown node {node_name!r}")
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def check_value(spec: ParamSpec, value: Any) -> str | None:
+    """Why ``value`` is not acceptable for ``spec`` (range, choices), or None. Types are checked by rclpy."""
+    if spec.choices and value not in spec.choices:
+        return f"{spec.name} must be one of {list(spec.choices)}, got {value!r}"
+    if spec.range is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo, hi = spec.range
+        if not (lo <= value <= hi) or (isinstance(value, float) and math.isnan(value)):
+            return f"{spec.name} must be in [{lo}, {hi}], got {value!r}"
+    return None
+
+
+def coerce(spec: ParamSpec, value: Any) -> Any:
+    """YAML-friendly coercion: ints for double parameters (``timeout: 1``), tuples to lists."""
+    if spec.type == "double" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if spec.type == "string_array" and isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- rclpy side
+
+
+def _rclpy_type(spec: ParamSpec):
+    from rclpy.parameter import Parameter
+
+    return {
+        "bool": Parameter.Type.BOOL,
+        "int": Parameter.Type.INTEGER,
+        "double": Parameter.Type.DOUBLE,
+        "string": Parameter.Type.STRING,
+        "string_array": Parameter.Type.STRING_ARRAY,
+    }[spec.type]
+
+
+def descriptor(spec: ParamSpec):
+    """The rcl_interfaces ParameterDescriptor of a spec (type, description, range, read-only)."""
+    from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+    d = ParameterDescriptor(
+        name=spec.name,
+        type=_rclpy_type(spec).value,
+        description=spec.description,
+        read_only=not spec.dynamic,
+    )
+    if spec.choices:
+        d.additional_constraints = "one of: " + ", ".join(spec.choices)
+    if spec.range is not None and spec.type == "double":
+        d.floating_point_range = [FloatingPointRange(from_value=float(spec.range[0]), to_value=float(spec.range[1]))]
+    if spec.range is not None and spec.type == "int":
+        d.integer_range = [IntegerRange(from_value=int(spec.range[0]), to_value=int(spec.range[1]), step=0)]
+    return d
+
+
+def to_parameter(spec: ParamSpec, value: Any):
+    """An rclpy Parameter with the spec's type (an empty list would otherwise become a byte array)."""
+    from rclpy.parameter import Parameter
+
+    return Parameter(spec.name, _rclpy_type(spec), coerce(spec, value))
+
+
+def declare(node: Any, specs: Iterable[ParamSpec]) -> dict[str, Any]:
+    """Declare ``specs`` on ``node`` (overrides from --params-file / -p / parameter_overrides apply) and
+    return the values. A wrong type or out-of-range override raises ValueError naming the parameter."""
+    from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+    from rclpy.parameter import Parameter
+
+    values = {}
+    for spec in specs:
+        try:
+            # Declared by type (no default) so the descriptor keeps the type even for an empty list default.
+            param = node.declare_parameter(spec.name, _rclpy_type(spec), descriptor(spec))
+        except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
+            raise ValueError(f"parameter {spec.name}: {exc} (expected {spec.type})") from exc
+        if param.type_ == Parameter.Type.NOT_SET:
+            result = node.set_parameters([to_parameter(spec, spec.default)])[0]
+            if not result.successful:
+                raise ValueError(f"parameter {spec.name}: default {spec.default!r} rejected: {result.reason}")
+            param = node.get_parameter(spec.name)
+        problem = check_value(spec, param.value)
+        if problem:
+            raise ValueError(problem)
+        values[spec.name] = list(param.value) if spec.type == "string_array" else param.value
+    return values
+
+
+# --------------------------------------------------------------------------------------------- params files
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_params_file(path: str | Path, node_name: str) -> dict[str, Any]:
+    """Flat ``{name: value}`` for ``node_name`` from a ROS 2 params YAML: the ``/**`` section, then the node's
+    own (``node_name`` or ``/node_name``) on top, as ``--params-file`` applies them."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read params file {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"params file {path}: expected a mapping of node names, got {type(doc).__name__}")
+    values: dict[str, Any] = {}
+    for section in ("/**", node_name, "/" + node_name):
+        body = doc.get(section)
+        if body is None:
+            continue
+        if not isinstance(body, dict) or not isinstance(body.get("ros__parameters", {}), dict):
+            raise ValueError(f"params file {path}: section {section!r} needs a 'ros__parameters' mapping")
+        values.update(_flatten(body.get("ros__parameters") or {}))
+    return values
+
+
+def all_specs(node_name: str, values: dict[str, Any]) -> list[ParamSpec]:
+    """The node's specs plus the per-camera specs of the cameras named in ``values``."""
+    specs = node_specs(node_name)
+    cameras = values.get("cameras", [])
+    for name in cameras or []:
+        specs = specs + camera_specs(str(name))
+    return specs
+
+
+def unknown_names(node_name: str, values: dict[str, Any]) -> list[str]:
+    """Parameter names in ``values`` the node does not declare (typos), ``use_sim_time`` excepted."""
+    known = {spec.name for spec in all_specs(node_name, values)} | {"use_sim_time"}
+    return sorted(name for name in values if name not in known)
+
+
+def overrides(node_name: str, values: dict[str, Any]) -> list:
+    """rclpy Parameters for ``Node(parameter_overrides=...)``: typed from the table, use_sim_time passed on."""
+    from rclpy.parameter import Parameter
+
+    specs = {spec.name: spec for spec in all_specs(node_name, values)}
+    out = []
+    for name, value in values.items():
+        if name in specs:
+            out.append(to_parameter(specs[name], value))
+        elif name == "use_sim_time":
+            out.append(Parameter(name, Parameter.Type.BOOL, bool(value)))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- docs
+
+
+def markdown_table(specs: Sequence[ParamSpec]) -> str:
+    """A Markdown table of parameters (name, type, default, range or choices, dynamic, description)."""
+    rows = ["| parameter | type | default | range / choices | dynamic | description |", "|---|---|---|---|---|---|"]
+    for s in specs:
+        limits = " ".join(s.choices) if s.choices else (f"{s.range[0]} .. {s.range[1]}" if s.range else "")
+        rows.append(f"| `{s.name}` | {s.type} | `{s.default!r}` | {limits} | {'yes' if s.dynamic else 'no'} | "
+                    f"{s.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,93 @@
+"""Latest-only hand-off between ROS callbacks and one worker thread.
+
+Frames that arrive while the worker is busy replace the waiting one (and are counted): the worker always
+takes the newest frame, so latency stays one frame deep instead of growing with a backlog.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+
+class LatestSlot:
+    """A depth-1 mailbox: ``put`` replaces what is waiting, ``take`` blocks for the next item."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._full = False
+        self._closed = False
+        self.replaced = 0  # items overwritten before the worker took them
+        self.accepted = 0
+
+    def put(self, item: Any) -> bool:
+        """Store ``item``; True when it replaced one that was still waiting."""
+        with self._cond:
+            replaced = self._full
+            self._item, self._full = item, True
+            self.accepted += 1
+            self.replaced += int(replaced)
+            self._cond.notify()
+            return replaced
+
+    def take(self, timeout: float | None = None) -> tuple[bool, Any]:
+        """``(True, item)`` as soon as one waits; ``(False, None)`` on timeout or after ``close``."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._full or self._closed, timeout):
+                return False, None
+            if not self._full:
+                return False, None
+            item, self._item, self._full = self._item, None, False
+            return True, item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class Worker:
+    """One daemon thread running ``handle(item)`` on items taken from a :class:`LatestSlot`.
+
+    An exception from ``handle`` is passed to ``on_error`` (the node logs and counts it) and the loop goes on:
+    one bad frame never stops the worker.
+    """
+
+    def __init__(self, name: str, handle: Callable[[Any], None], on_error: Callable[[BaseException], None]) -> None:
+        self.slot = LatestSlot()
+        self._handle = handle
+        self._on_error = on_error
+        self.busy = threading.Event()  # set while handle() runs
+        self.processed = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "Worker":
+        self._thread.start()
+        return self
+
+    def submit(self, item: Any) -> bool:
+        """Hand ``item`` over; True when it replaced a waiting one (a dropped frame)."""
+        return self.slot.put(item)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.slot.close()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self.slot.closed:
+            ok, item = self.slot.take(timeout=0.5)
+            if not ok:
+                continue
+            self.busy.set()
+            try:
+                self._handle(item)
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame
+                self._on_error(exc)
+            finally:
+                self.processed += 1
+                self.busy.clear()

@@ -1,0 +1,80 @@
+"""Launch files: loadable, with the documented arguments, pointing at config files that exist and that hold
+only parameters the nodes declare (a typo in a params file would otherwise be ignored silently)."""
+import ast
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from sal_ros.nodes import params
+
+REPO = Path(__file__).resolve().parents[1]
+
+EXPECTED_ARGS = {
+    "segment.launch.py": {"params_file": "segment.yaml", "record": "false", "record_dir": "sal_frames",
+                          "use_sim_time": "false", "log_level": "info", "discovery_range": None,
+                          "fastdds_profile": None},
+    "record.launch.py": {"params_file": "record.yaml", "record_dir": "sal_frames", "use_sim_time": "false",
+                         "log_level": "info", "discovery_range": None, "fastdds_profile": None},
+}
+
+
+def _declared_args(tree: ast.AST) -> dict[str, ast.AST]:
+    """DeclareLaunchArgument(name, default_value=...) calls in a launch file: name -> default expression."""
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DeclareLaunchArgument":
+            name = node.args[0].value
+            found[name] = next(kw.value for kw in node.keywords if kw.arg == "default_value")
+    return found
+
+
+@pytest.mark.parametrize("launch_file", sorted(EXPECTED_ARGS))
+def test_launch_file_arguments_and_defaults(launch_file):
+    tree = ast.parse((REPO / "launch" / launch_file).read_text())
+    declared = _declared_args(tree)
+    assert set(declared) == set(EXPECTED_ARGS[launch_file])
+    for name, expected in EXPECTED_ARGS[launch_file].items():
+        default = declared[name]
+        if expected is None:
+            continue
+        if isinstance(default, ast.Constant):
+            assert default.value == expected, name
+        else:  # os.path.join(share, "config", "<file>")
+            assert expected in [c.value for c in ast.walk(default) if isinstance(c, ast.Constant)], name
+            assert (REPO / "config" / expected).is_file()
+    # The DDS environment is set for the nodes, and the nodes are the installed executables with their names.
+    env_vars = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", None) == "SetEnvironmentVariable"}
+    assert env_vars == {"ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE"}
+    nodes = [{kw.arg: kw.value.value for kw in n.keywords if isinstance(kw.value, ast.Constant)}
+             for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Node"]
+    setup = (REPO / "setup.py").read_text()
+    for node in nodes:
+        assert node["package"] == "sal_ros"
+        assert f'"{node["executable"]} = sal_ros.nodes.' in setup
+        assert node["name"] in (params.SEGMENTER_NODE, params.RECORDER_NODE)
+
+
+@pytest.mark.parametrize("launch_file", sorted(EXPECTED_ARGS))
+def test_generate_launch_description(launch_file):
+    pytest.importorskip("launch_ros", reason="launch_ros not installed (ROS install only)")
+    launch_actions = pytest.importorskip("launch.actions")
+    spec = importlib.util.spec_from_file_location("launch_under_test", REPO / "launch" / launch_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    description = module.generate_launch_description()
+    names = {a.name for a in description.entities if isinstance(a, launch_actions.DeclareLaunchArgument)}
+    assert names == set(EXPECTED_ARGS[launch_file])
+
+
+@pytest.mark.parametrize("config,nodes", [("segment.yaml", (params.SEGMENTER_NODE, params.RECORDER_NODE)),
+                                          ("record.yaml", (params.RECORDER_NODE,))])
+def test_config_files_hold_only_declared_valid_parameters(config, nodes):
+    for node in nodes:
+        values = params.load_params_file(REPO / "config" / config, node)
+        assert values, f"{config} has nothing for {node}"
+        assert params.unknown_names(node, values) == []
+        specs = {s.name: s for s in params.all_specs(node, values)}
+        for name, value in values.items():
+            assert params.check_value(specs[name], params.coerce(specs[name], value)) is None
