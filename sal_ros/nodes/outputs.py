@@ -169,12 +169,32 @@ def draw_points(
     return out
 
 
+def project_view(view: Any, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Points (lidar frame) into one camera view: pixel ``uv`` (M, 2), ``depth`` (M,), and the indices of the
+    M points that land in the image in front of the camera."""
+    from sal_ros.core.camera import project_points
+
+    finite = np.flatnonzero(np.isfinite(points).all(axis=1))
+    uv, depth, inside = project_points(view.camera, view.T_cam_lidar, points[finite])
+    return uv[inside], depth[inside], finite[inside]
+
+
+def overlay_message(view: Any, points: np.ndarray, label: np.ndarray, palette: np.ndarray, radius: int,
+                    types: MessageTypes) -> Any:
+    """rgb8 Image: the camera image with the labeled points drawn in their class colours (stamp/frame of the image)."""
+    from sal_ros.core.image import encode_image, to_rgb
+
+    uv, depth, idx = project_view(view, points)
+    image = draw_points(to_rgb(view.image), uv, depth, label_colors(label[idx], palette), radius)
+    return encode_image(image, "rgb8", view.frame_id, view.stamp_ns, types)
+
+
 # ----------------------------------------------------------------------------------------------- JSON records
 
 
 def vocabulary_record(version: int, vocabulary: Any) -> str:
     """JSON for ``~/vocabulary``: version, classes, and prompts/descriptions/thing flags when the vocabulary has them."""
-    record: dict[str, Any] = {"version": int(version), "classes": list(_class_names(vocabulary))}
+    record: dict[str, Any] = {"version": int(version), "classes": list(class_names_of(vocabulary))}
     for attr in ("descriptions", "things", "is_thing", "source"):
         value = getattr(vocabulary, attr, None)
         if value is not None:
@@ -211,7 +231,8 @@ def frame_record(
     return json.dumps(record)
 
 
-def _class_names(vocabulary: Any) -> Sequence[str]:
+def class_names_of(vocabulary: Any) -> Sequence[str]:
+    """Class names of a Vocabulary (``class_names``/``names``/``classes``, items may carry ``.name``)."""
     for attr in ("class_names", "names", "classes"):
         value = getattr(vocabulary, attr, None)
         if value is not None:

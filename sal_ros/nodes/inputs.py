@@ -1,0 +1,284 @@
+"""Sensor inputs shared by the segmenter and the recorder: subscriptions, lidar-anchored sync, camera infos,
+extrinsics, and turning a synced set of messages into a :class:`~sal_ros.core.types.Frame`.
+
+Subscription callbacks only store messages (into the synchronizer, under a lock) and hand completed sets to
+the node's ``on_synced`` (a latest-only slot); all decoding happens later, on the node's worker thread.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from sal_ros.core.errors import CalibrationError, SensorDataError
+from sal_ros.core.msgtypes import stamp_to_ns
+from sal_ros.core.types import CameraView, Frame
+from sal_ros.nodes import params as P
+from sal_ros.nodes.qos import input_profile
+from sal_ros.nodes.stats import NodeStats, Throttle
+
+NS = 1_000_000_000
+
+
+@dataclass
+class CameraConfig:
+    name: str
+    image_topic: str
+    info_topic: str
+    compressed: bool
+    time_offset_ns: int
+
+
+@dataclass
+class DecodedFrame:
+    """A Frame plus the messages it came from (the recorder keeps camera infos) and what went missing."""
+
+    frame: Frame
+    cloud_msg: Any
+    infos: dict[str, Any] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)  # camera -> why it was left out
+
+
+def declare_inputs(node: Any) -> tuple[dict[str, Any], list[CameraConfig]]:
+    """Declare the shared input parameters and the ``camera.<name>.*`` group of each configured camera."""
+    values = P.declare(node, P.INPUT_PARAMS)
+    cameras = []
+    if len(set(values["cameras"])) != len(values["cameras"]):
+        raise ValueError(f"cameras: duplicate names in {values['cameras']}")
+    for name in values["cameras"]:
+        cam = P.declare(node, P.camera_specs(name))
+        values.update(cam)
+        prefix = f"camera.{name}."
+        cameras.append(CameraConfig(
+            name=name,
+            image_topic=cam[prefix + "image_topic"],
+            info_topic=cam[prefix + "info_topic"],
+            compressed=cam[prefix + "compressed"],
+            time_offset_ns=int(round(cam[prefix + "time_offset"] * NS)),
+        ))
+    return values, cameras
+
+
+def make_extrinsics(node: Any, values: dict[str, Any]) -> Any:
+    """The extrinsics source named by ``calibration.source``: a tf2 buffer or a static YAML file."""
+    if values["calibration.source"] == "static":
+        from sal_ros.core.calibration import read_static_extrinsics
+        from sal_ros.core.tf import StaticExtrinsics
+
+        path = values["calibration.file"]
+        if not path:
+            raise CalibrationError("calibration.source is 'static' but calibration.file is empty")
+        return StaticExtrinsics(read_static_extrinsics(path))
+    from sal_ros.core.tf import Tf2Extrinsics
+
+    return Tf2Extrinsics(node)
+
+
+class SensorInputs:
+    """Subscribes to the cloud, images and camera infos; emits synced sets to ``on_synced`` (callback threads)."""
+
+    def __init__(
+        self,
+        node: Any,
+        values: dict[str, Any],
+        cameras: list[CameraConfig],
+        on_synced: Callable[[Any], None],
+        stats: NodeStats,
+        throttle: Throttle,
+    ) -> None:
+        from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+        from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+
+        from sal_ros.core.sync import LidarAnchoredSynchronizer
+
+        self.node = node
+        self.cameras = {c.name: c for c in cameras}
+        self._on_synced = on_synced
+        self._stats = stats
+        self._throttle = throttle
+        self._log = node.get_logger()
+        self._lock = threading.Lock()
+        self._sync = LidarAnchoredSynchronizer(
+            cameras=[c.name for c in cameras],
+            offsets_ns={c.name: c.time_offset_ns for c in cameras},
+            match_threshold_ns=int(round(values["sync.match_threshold"] * NS)),
+            timeout_ns=int(round(values["sync.timeout"] * NS)),
+        )
+        self._allow_partial = values["sync.allow_partial"]
+        self._infos: dict[str, Any] = {}
+        self._models: dict[str, tuple[Any, Any]] = {}  # camera -> (info msg, CameraModel)
+        self._last_seen: dict[str, float] = {}
+        self._input_timeout = values["input_timeout"]
+        self._started = time.monotonic()
+        self._extrinsics = None
+        self._extrinsics_error = ""
+        try:
+            self._extrinsics = make_extrinsics(node, values) if cameras else None
+        except (ImportError, SensorDataError, OSError) as exc:
+            # No calibration: lidar-only outputs go on; overlays and recorded camera views are left out.
+            self._extrinsics_error = str(exc)
+            self._log.error(f"calibration unavailable, camera views will be left out: {exc}")
+
+        group = ReentrantCallbackGroup()  # callbacks only store; they may run concurrently
+        self.subscriptions = [node.create_subscription(
+            PointCloud2, values["cloud_topic"], self._on_cloud, input_profile(values, "cloud"), callback_group=group)]
+        for cam in cameras:
+            image_type = CompressedImage if cam.compressed else Image
+            self.subscriptions.append(node.create_subscription(
+                image_type, cam.image_topic, self._image_callback(cam.name), input_profile(values, "images"),
+                callback_group=group))
+            self.subscriptions.append(node.create_subscription(
+                CameraInfo, cam.info_topic, self._info_callback(cam.name), input_profile(values, "camera_info"),
+                callback_group=group))
+        self.timer_group = timers = MutuallyExclusiveCallbackGroup()
+        # Timeouts fire even when no new message arrives (the last cloud of a burst still goes out).
+        poll_period = max(0.005, min(0.05, values["sync.timeout"] / 4 or 0.005))
+        self._poll_timer = node.create_timer(poll_period, self._drain, callback_group=timers)
+        self._watch_timer = node.create_timer(1.0, self._watch_inputs, callback_group=timers)
+        self.topics = {"cloud": values["cloud_topic"], **{c.name: c.image_topic for c in cameras}}
+
+    # ---------------------------------------------------------------------------------- callbacks (store only)
+
+    def _on_cloud(self, msg: Any) -> None:
+        self._last_seen["cloud"] = time.monotonic()
+        stamp = stamp_to_ns(msg.header.stamp)
+        if stamp == 0:
+            self._stats.count("error.zero_stamp")
+            self._warn("zero_stamp", "cloud with a zero stamp (driver not setting header.stamp?); "
+                       "camera matching and TF lookups need real stamps")
+        with self._lock:
+            self._sync.add_cloud(stamp, msg, time.monotonic_ns())
+        self._drain()
+
+    def _image_callback(self, name: str) -> Callable[[Any], None]:
+        def on_image(msg: Any) -> None:
+            self._last_seen[name] = time.monotonic()
+            with self._lock:
+                self._sync.add_camera(name, stamp_to_ns(msg.header.stamp), msg)
+            self._drain()
+
+        return on_image
+
+    def _info_callback(self, name: str) -> Callable[[Any], None]:
+        def on_info(msg: Any) -> None:
+            self._infos[name] = msg  # a reference swap is atomic; the worker reads the latest
+
+        return on_info
+
+    def _drain(self) -> None:
+        with self._lock:
+            ready = self._sync.poll(time.monotonic_ns())
+        for synced in ready:
+            if synced.missing:
+                self._stats.count("partial")
+                self._warn("missing:" + ",".join(synced.missing),
+                           f"no image matched the cloud for camera(s) {list(synced.missing)} within the sync "
+                           "threshold/timeout (check time_offset, stamps and camera rates)")
+                if not self._allow_partial:
+                    self._stats.count("dropped_partial")
+                    continue
+            else:
+                self._stats.count("matched")
+            self._on_synced(synced)
+
+    def _watch_inputs(self) -> None:
+        now = time.monotonic()
+        for key, topic in self.topics.items():
+            last = self._last_seen.get(key, self._started)
+            if now - last > self._input_timeout:
+                verb = "has been silent" if key in self._last_seen else "has published nothing"
+                self._warn(f"silent:{key}", f"input {topic} {verb} for {now - last:.1f} s "
+                           "(topic name, QoS reliability, DDS discovery?)")
+
+    def _warn(self, key: str, text: str) -> None:
+        if self._throttle.ready(key):
+            self._log.warning(text)
+
+    # -------------------------------------------------------------------------------- decoding (worker thread)
+
+    def sync_stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats = getattr(self._sync, "stats", None)
+            stats = stats() if callable(stats) else stats
+        if stats is None:
+            return {}
+        return dict(stats) if isinstance(stats, dict) else dict(vars(stats))
+
+    def camera_model(self, name: str) -> Any | None:
+        """The CameraModel of the latest CameraInfo of camera ``name`` (cached while the info is unchanged)."""
+        from sal_ros.core.camera import CameraModel
+
+        info = self._infos.get(name)
+        if info is None:
+            return None
+        cached = self._models.get(name)
+        if cached is not None and cached[0] is info:
+            return cached[1]
+        model = CameraModel.from_camera_info(info)
+        self._models[name] = (info, model)
+        return model
+
+    def extrinsics(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
+        if self._extrinsics is None:
+            return None
+        return self._extrinsics.lookup(camera_frame, lidar_frame, stamp_ns)
+
+    def decode_cloud(self, msg: Any) -> Frame:
+        """Cloud message -> Frame without cameras (MalformedMessageError on a bad cloud)."""
+        from sal_ros.core.pointcloud2 import read_xyz_intensity
+
+        xyz, intensity = read_xyz_intensity(msg)
+        return Frame(stamp_ns=stamp_to_ns(msg.header.stamp), frame_id=str(msg.header.frame_id), points=xyz,
+                     intensity=intensity, key=str(stamp_to_ns(msg.header.stamp)))
+
+    def decode_camera(self, name: str, image_msg: Any, frame: Frame) -> tuple[CameraView | None, str]:
+        """One synced image -> CameraView (decoded image, camera model, lidar->camera transform at the cloud
+        stamp), or None and the reason it was left out (counted and warned, throttled)."""
+        from sal_ros.core.image import read_image
+
+        reason = ""
+        try:
+            model = self.camera_model(name)
+            if model is None:
+                reason = "no_camera_info"
+            else:
+                camera_frame = str(image_msg.header.frame_id)
+                T = self.extrinsics(camera_frame, frame.frame_id, frame.stamp_ns)
+                if T is None:
+                    reason = "missing_transform"
+                else:
+                    image = read_image(image_msg)
+                    return CameraView(name=name, image=image, camera=model, T_cam_lidar=np.asarray(T, np.float64),
+                                      stamp_ns=stamp_to_ns(image_msg.header.stamp), frame_id=camera_frame), ""
+        except SensorDataError as exc:
+            reason = "malformed_image" if "image" in type(exc).__name__.lower() or "Image" in str(exc) else "camera"
+            self._warn(f"{reason}:{name}", f"camera {name}: {exc}")
+        self._stats.count(f"error.{reason}")
+        if reason == "no_camera_info":
+            self._warn(f"noinfo:{name}", f"camera {name}: no CameraInfo received yet on {self.cameras[name].info_topic}")
+        elif reason == "missing_transform":
+            why = self._extrinsics_error or "no transform"
+            self._warn(f"tf:{name}", f"camera {name}: {why} from lidar frame '{frame.frame_id}' to camera frame "
+                       f"'{image_msg.header.frame_id}' at the cloud stamp; camera left out")
+        return None, reason
+
+    def decode(self, synced: Any, with_cameras: bool = True) -> DecodedFrame:
+        """A synced set -> DecodedFrame. Raises MalformedMessageError only for a bad cloud; a bad camera is
+        left out of the frame (``problems``) and the frame goes on."""
+        frame = self.decode_cloud(synced.cloud)
+        out = DecodedFrame(frame=frame, cloud_msg=synced.cloud)
+        missing = list(synced.missing)
+        if with_cameras:
+            for name, (_, image_msg) in synced.images.items():
+                view, reason = self.decode_camera(name, image_msg, frame)
+                if view is None:
+                    out.problems[name] = reason
+                    missing.append(name)
+                    continue
+                frame.cameras[name] = view
+                out.infos[name] = self._infos.get(name)
+        frame.missing_cameras = tuple(missing)
+        return out

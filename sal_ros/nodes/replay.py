@@ -1,0 +1,162 @@
+"""``sal-ros replay BAG``: publish a rosbag2 (sqlite3 or mcap) through rclpy with /clock, like ``ros2 bag play``.
+
+Messages go out as the bag's raw CDR bytes (no deserialization), at their recorded pace scaled by ``--rate``;
+/clock carries the bag time so nodes with ``use_sim_time`` follow it. Publishers are reliable (they reach
+reliable and best-effort subscribers); topics recorded transient-local (``/tf_static``) stay transient-local.
+Topics whose message type is not installed for rclpy are skipped with a warning.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+CLOCK_PERIOD_S = 0.02  # /clock at 50 Hz while waiting between messages
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bag", type=Path, help="rosbag2 directory (or .mcap/.db3 file)")
+    parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
+    parser.add_argument("--loop", action="store_true", help="start over at the end")
+    parser.add_argument("--topics", nargs="+", default=None, help="only these topics (default: all)")
+    parser.add_argument("--no-clock", action="store_true", help="do not publish /clock")
+    parser.add_argument("--start-paused-s", type=float, default=0.5,
+                        help="wait this long after creating publishers so subscribers can match (s)")
+
+
+def message_class(msgtype: str) -> Any | None:
+    """The rclpy class of a ROS type name (``sensor_msgs/msg/PointCloud2``), or None when not installed."""
+    parts = msgtype.split("/")
+    if len(parts) == 2:  # "pkg/Type" (ROS 1 style names in some bags)
+        parts = [parts[0], "msg", parts[1]]
+    pkg, kind, name = parts
+    try:
+        return getattr(importlib.import_module(f"{pkg}.{kind}"), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _transient_local(connection: Any) -> bool:
+    if connection.topic == "/tf_static":
+        return True
+    profiles = str(getattr(getattr(connection, "ext", None), "offered_qos_profiles", "") or "")
+    return "transient_local" in profiles or "durability: 1" in profiles
+
+
+class BagPlayer:
+    """Publishes one bag's messages from ``node``; ``play()`` returns the number of messages published."""
+
+    def __init__(self, node: Any, bag: Path, rate: float = 1.0, topics: Iterable[str] | None = None,
+                 clock: bool = True) -> None:
+        from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+        from rosbags.highlevel import AnyReader
+
+        if rate <= 0:
+            raise ValueError(f"--rate must be > 0, got {rate}")
+        self.node, self.bag, self.rate = node, Path(bag), rate
+        self._stop = threading.Event()
+        self._reader_cls = AnyReader
+        with AnyReader([self.bag]) as reader:
+            if not reader.is2:
+                raise ValueError(f"{bag}: a ROS 1 bag; replay publishes rosbag2 CDR as is (convert it first)")
+            wanted = set(topics) if topics else None
+            self.connections = [c for c in reader.connections if wanted is None or c.topic in wanted]
+            missing = sorted((wanted or set()) - {c.topic for c in reader.connections})
+        if missing:
+            node.get_logger().warning(f"topics not in {bag}: {missing}")
+        self.publishers: dict[str, Any] = {}
+        for conn in self.connections:
+            cls = message_class(conn.msgtype)
+            if cls is None:
+                node.get_logger().warning(f"skipping {conn.topic}: type {conn.msgtype} is not installed for rclpy")
+                continue
+            if conn.topic in self.publishers:
+                continue
+            qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL if _transient_local(conn)
+                             else DurabilityPolicy.VOLATILE)
+            self.publishers[conn.topic] = node.create_publisher(cls, conn.topic, qos)
+        self._clock_pub = None
+        if clock:
+            from rosgraph_msgs.msg import Clock
+
+            self._clock_pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=1))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _publish_clock(self, bag_ns: int) -> None:
+        if self._clock_pub is None:
+            return
+        from builtin_interfaces.msg import Time
+        from rosgraph_msgs.msg import Clock
+
+        sec, nanosec = divmod(int(bag_ns), 1_000_000_000)
+        self._clock_pub.publish(Clock(clock=Time(sec=sec, nanosec=nanosec)))
+
+    def _wait_until(self, wall_target: float, bag_start_ns: int, wall_start: float) -> None:
+        """Sleep until ``wall_target`` (monotonic s), ticking /clock with the bag time it stands for."""
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= wall_target:
+                return
+            self._publish_clock(bag_start_ns + int((now - wall_start) * self.rate * 1e9))
+            time.sleep(min(CLOCK_PERIOD_S, wall_target - now))
+
+    def play(self) -> int:
+        """Publish the bag once at its recorded pace / rate; stops early on ``stop()``."""
+        count = 0
+        conns = [c for c in self.connections if c.topic in self.publishers]
+        if not conns:
+            return 0
+        with self._reader_cls([self.bag]) as reader:
+            wall_start, bag_start = time.monotonic(), None
+            for conn, bag_ns, raw in reader.messages(connections=[c for c in reader.connections
+                                                                   if c.topic in self.publishers]):
+                if self._stop.is_set():
+                    break
+                if bag_start is None:
+                    bag_start = bag_ns
+                self._wait_until(wall_start + (bag_ns - bag_start) / 1e9 / self.rate, bag_start, wall_start)
+                self._publish_clock(bag_ns)
+                self.publishers[conn.topic].publish(bytes(raw))
+                count += 1
+        return count
+
+
+def main(args: argparse.Namespace) -> int:
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    if not args.bag.exists():
+        print(f"sal-ros replay: {args.bag} does not exist")
+        return 2
+    rclpy.init()
+    node = rclpy.create_node("sal_replay")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        player = BagPlayer(node, args.bag, args.rate, args.topics, clock=not args.no_clock)
+        node.get_logger().info(f"replaying {args.bag}: {sorted(player.publishers)} at rate {args.rate}"
+                               f"{' (loop)' if args.loop else ''}")
+        time.sleep(args.start_paused_s)
+        while True:
+            n = player.play()
+            node.get_logger().info(f"published {n} messages")
+            if not args.loop or n == 0:
+                break
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # noqa: BLE001 - a bad bag ends the command with the reason
+        node.get_logger().error(f"replay failed: {exc}")
+        return 1
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

@@ -1,0 +1,136 @@
+"""``sal-ros run``: the segmenter (and optionally the recorder) in one process, without ROS launch tooling.
+
+    sal-ros run --params config/segment.yaml [--record DIR] [--set model.device=cpu ...] [--use-sim-time]
+    sal-ros run --list-params
+
+The params file is the same ROS 2 YAML the launch files take (sections ``/**``, ``sal_segmenter``,
+``sal_recorder``); unknown parameter names are an error here (a typo would otherwise be ignored).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sal_ros.nodes import params as P
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", type=Path, help="ROS 2 params YAML (e.g. config/segment.yaml)")
+    parser.add_argument("--record", type=Path, metavar="DIR",
+                        help="also run the recorder into this FrameStore directory")
+    parser.add_argument("--no-segmenter", action="store_true", help="run only the recorder (needs --record)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="override one parameter (YAML value), for every node that has it; repeatable")
+    parser.add_argument("--use-sim-time", action="store_true", help="follow /clock (e.g. with sal-ros replay)")
+    parser.add_argument("--threads", type=int, default=None, help="executor threads (default: CPU count)")
+    parser.add_argument("--list-params", action="store_true", help="print every parameter as a Markdown table")
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    """``["name=value", ...]`` -> ``{name: YAML-parsed value}``."""
+    out = {}
+    for item in sets:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
+        out[name.strip()] = yaml.safe_load(text)
+    return out
+
+
+def parameter_values(node_name: str, params_file: Path | None, sets: dict[str, Any], extra: dict[str, Any]) -> dict:
+    """Flat parameter values of one node: params file (unknown names are an error), then the ``--set`` values
+    the node has, then ``extra``."""
+    values = P.load_params_file(params_file, node_name) if params_file else {}
+    unknown = P.unknown_names(node_name, values)
+    if unknown:
+        raise ValueError(f"{params_file}: {node_name} has no parameter(s) {unknown}; see `sal-ros run --list-params`")
+    values.update(sets)
+    values.update(extra)
+    ignored = set(P.unknown_names(node_name, values))
+    return {k: v for k, v in values.items() if k not in ignored}
+
+
+def node_overrides(args: argparse.Namespace) -> dict[str, list]:
+    """Per node name, the rclpy parameter overrides for the nodes to start."""
+    wanted = ([] if args.no_segmenter else [P.SEGMENTER_NODE]) + ([P.RECORDER_NODE] if args.record else [])
+    if not wanted:
+        raise ValueError("nothing to run: --no-segmenter needs --record DIR")
+    sets = parse_sets(args.set)
+    out, used = {}, set()
+    for node_name in wanted:
+        extra: dict[str, Any] = {"use_sim_time": True} if args.use_sim_time else {}
+        if node_name == P.RECORDER_NODE:
+            extra["output_dir"] = str(args.record)
+        values = parameter_values(node_name, args.params, sets, extra)
+        used |= set(values)
+        out[node_name] = P.overrides(node_name, values)
+    unused = sorted(set(sets) - used)
+    if unused:
+        raise ValueError(f"--set: no node here has parameter(s) {unused}; see `sal-ros run --list-params`")
+    return out
+
+
+def make_nodes(overrides: dict[str, list]) -> list:
+    """Construct the nodes (rclpy must be initialized); a node that fails to start takes the others down."""
+    nodes = []
+    try:
+        for node_name, params in overrides.items():
+            if node_name == P.SEGMENTER_NODE:
+                from sal_ros.nodes.segmenter import SegmenterNode
+
+                nodes.append(SegmenterNode(parameter_overrides=params))
+            else:
+                from sal_ros.nodes.recorder import RecorderNode
+
+                nodes.append(RecorderNode(parameter_overrides=params))
+    except BaseException:
+        for node in nodes:
+            node.destroy_node()
+        raise
+    return nodes
+
+
+def spin_nodes(nodes: list, num_threads: int | None = None) -> None:
+    """Spin ``nodes`` on one MultiThreadedExecutor until Ctrl-C or shutdown, then destroy them."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+
+    executor = MultiThreadedExecutor(num_threads=num_threads)
+    for node in nodes:
+        executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        for node in nodes:
+            node.destroy_node()
+        rclpy.try_shutdown()
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list_params:
+        for node_name in (P.SEGMENTER_NODE, P.RECORDER_NODE):
+            print(f"## {node_name}\n\n{P.markdown_table(P.node_specs(node_name))}\n")
+        print(f"## per camera (camera.<name>.*)\n\n{P.markdown_table(P.camera_specs('name'))}")
+        return 0
+    try:
+        overrides = node_overrides(args)
+    except ValueError as exc:
+        print(f"sal-ros run: {exc}")
+        return 2
+    import rclpy
+
+    rclpy.init()
+    try:
+        nodes = make_nodes(overrides)
+    except Exception as exc:  # noqa: BLE001 - configuration errors end the run with the reason
+        rclpy.logging.get_logger("sal_ros").fatal(f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 1
+    spin_nodes(nodes, args.threads)
+    return 0

@@ -1,0 +1,380 @@
+"""``sal_segmenter``: zero-shot lidar panoptic segmentation from text prompts, as a ROS 2 node.
+
+Inputs: ``cloud_topic`` (PointCloud2) and optional cameras (image + camera_info) synced to each cloud.
+Outputs, in the cloud's frame and stamp:
+
+- ``~/labeled_points`` PointCloud2 (x y z intensity label instance score rgb; the input's points in its order),
+- ``~/info`` std_msgs/String JSON per frame: stamp, vocabulary version and classes, instances (see outputs.py),
+- ``~/markers`` MarkerArray (DELETEALL, then a box and a text label per instance),
+- ``~/overlay/<camera>`` Image: labeled points projected into each synced camera,
+- ``~/vocabulary`` std_msgs/String JSON, transient-local: the active vocabulary, once per version,
+- ``~/stats`` std_msgs/String JSON every ``stats_period``: counters and per-stage timings.
+
+Threads: subscription callbacks only store messages; synced frames go into a latest-only slot; one worker thread
+decodes, runs the model and publishes. A frame that arrives while the worker is busy replaces the waiting one
+(counted as ``dropped``). Nothing is decoded or run while no output has a subscriber. Prompt changes
+(``ros2 param set /sal_segmenter prompts "[...]"``) are validated in the on-set callback, embedded on a
+background thread and swapped in between two frames; frames keep flowing with the old vocabulary meanwhile.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from rclpy.node import Node
+
+from sal_ros.core.errors import SensorDataError
+from sal_ros.core.msgtypes import rclpy_types
+from sal_ros.core.pointcloud2 import finite_mask
+from sal_ros.core.types import Frame, Segmentation
+from sal_ros.nodes import outputs
+from sal_ros.nodes import params as P
+from sal_ros.nodes.inputs import SensorInputs, declare_inputs
+from sal_ros.nodes.qos import latched, profile
+from sal_ros.nodes.stats import NodeStats, Throttle
+from sal_ros.nodes.worker import Worker
+
+OUTPUTS = ("labeled_points", "markers", "overlays", "info")
+
+
+@dataclass(frozen=True)
+class ActiveVocabulary:
+    version: int
+    vocabulary: Any
+    class_names: tuple[str, ...]
+    palette: np.ndarray
+
+
+class SegmenterNode(Node):
+    def __init__(self, **node_kwargs: Any) -> None:
+        super().__init__(P.SEGMENTER_NODE, **node_kwargs)
+        self.stats = NodeStats()
+        self.throttle = Throttle()
+        self.values, cameras = declare_inputs(self)
+        self.values.update(P.declare(self, P.SEGMENTER_PARAMS))
+        self._specs = {s.name: s for s in P.node_specs(P.SEGMENTER_NODE)}
+        self._types = rclpy_types()
+        self._model_lock = threading.Lock()  # one model call at a time; vocabulary swaps happen between frames
+        self._vocab_lock = threading.Lock()
+        self._vocab_request = 0
+        self._embedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sal_vocabulary")
+
+        self.device = self._choose_device(self.values["model.device"])
+        self._text_encoder, self._segmenter = self._load_model()
+        self._make_publishers(cameras)
+        self.active = self._embed(self._initial_vocabulary(), version=1)
+        self._publish_vocabulary(self.active)
+
+        self.worker = Worker("sal_segmenter_worker", self._process, self._on_worker_error).start()
+        self.inputs = SensorInputs(self, self.values, cameras, self._on_synced, self.stats, self.throttle)
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        self._stats_timer = self.create_timer(self.values["stats_period"], self._publish_stats,
+                                              callback_group=self.inputs.timer_group)
+        self.get_logger().info(
+            f"listening on {self.values['cloud_topic']} with cameras {[c.name for c in cameras]}; "
+            f"model on {self.device}; vocabulary v{self.active.version}: {list(self.active.class_names)}")
+
+    # ------------------------------------------------------------------------------------------------- model
+
+    def _choose_device(self, device: str) -> str:
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            self.get_logger().warning(f"model.device is {device} but CUDA is not available: running on cpu (slow)")
+            return "cpu"
+        return device
+
+    def _load_model(self) -> tuple[Any, Any]:
+        from sal_ros.model.segmenter import Segmenter
+        from sal_ros.model.vocabulary import TextEncoder
+
+        v = self.values
+        if not v["text_encoder.pretrained"]:
+            self.get_logger().warning(
+                f"text_encoder.pretrained is empty: {v['text_encoder.model']} has RANDOM weights, so class names "
+                "are meaningless; set an open_clip tag or a local weights file")
+        encoder = TextEncoder(v["text_encoder.model"], v["text_encoder.pretrained"] or None, self.device)
+        if not v["model.checkpoint"]:
+            self.get_logger().warning(
+                "model.checkpoint is empty: running a TINY RANDOM-WEIGHT model to try the plumbing; "
+                "segments and labels are meaningless. Set model.checkpoint to a trained SAL checkpoint.")
+        segmenter = Segmenter.from_checkpoint(v["model.checkpoint"] or None, self.device, encoder)
+        return encoder, segmenter
+
+    # -------------------------------------------------------------------------------------------- vocabulary
+
+    def _initial_vocabulary(self) -> Any:
+        from sal_ros.model.vocabulary import Vocabulary
+
+        if self.values["vocabulary_file"]:
+            return Vocabulary.from_yaml(self.values["vocabulary_file"])
+        return Vocabulary.from_prompts(self.values["prompts"])
+
+    def _embed(self, vocabulary: Any, version: int) -> ActiveVocabulary:
+        """Embed ``vocabulary`` and swap it into the model between two frames."""
+        embeddings = self._text_encoder.encode(vocabulary)
+        names = tuple(outputs.class_names_of(vocabulary))
+        active = ActiveVocabulary(version, vocabulary, names, outputs.class_colors(len(names)))
+        with self._model_lock:
+            self._segmenter.set_embeddings(embeddings)
+            self.active = active
+        return active
+
+    def _request_vocabulary(self, source: str, value: Any) -> None:
+        with self._vocab_lock:
+            self._vocab_request += 1
+            request = self._vocab_request
+        self._embedder.submit(self._reembed, request, source, value)
+
+    def _reembed(self, request: int, source: str, value: Any) -> None:
+        from sal_ros.model.vocabulary import Vocabulary
+
+        try:
+            vocabulary = Vocabulary.from_yaml(value) if source == "vocabulary_file" else Vocabulary.from_prompts(value)
+            with self._vocab_lock:
+                if request != self._vocab_request:
+                    return  # a newer change is queued behind this one
+            t0 = time.perf_counter()
+            active = self._embed(vocabulary, version=self.active.version + 1)
+        except Exception as exc:  # noqa: BLE001 - a failed change keeps the old vocabulary running
+            self.stats.count("error.vocabulary")
+            self.get_logger().error(f"vocabulary change from {source} failed, keeping v{self.active.version}: {exc}")
+            return
+        self.stats.time("embed", (time.perf_counter() - t0) * 1e3)
+        self._publish_vocabulary(active)
+        self.get_logger().info(f"vocabulary v{active.version} active: {list(active.class_names)}")
+
+    def _publish_vocabulary(self, active: ActiveVocabulary) -> None:
+        from std_msgs.msg import String
+
+        self._pub_vocabulary.publish(String(data=outputs.vocabulary_record(active.version, active.vocabulary)))
+
+    # -------------------------------------------------------------------------------------------- parameters
+
+    def _validate_parameters(self, parameters: list) -> Any:
+        """On-set callback: reject bad values with a reason before they are stored."""
+        from rcl_interfaces.msg import SetParametersResult
+
+        from sal_ros.model.vocabulary import Vocabulary, VocabularyError, validate_prompts
+
+        for param in parameters:
+            spec = self._specs.get(param.name)
+            if spec is None:
+                continue
+            problem = P.check_value(spec, param.value)
+            try:
+                if param.name == "prompts":
+                    validate_prompts(list(param.value))
+                elif param.name == "vocabulary_file" and param.value:
+                    Vocabulary.from_yaml(param.value)
+            except (VocabularyError, OSError, ValueError) as exc:
+                problem = f"{param.name}: {exc}"
+            if problem:
+                self.get_logger().warning(f"rejected parameter change: {problem}")
+                return SetParametersResult(successful=False, reason=problem)
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, parameters: list) -> None:
+        """Post-set callback: store accepted values; vocabulary changes are embedded in the background."""
+        for param in parameters:
+            if param.name not in self._specs:
+                continue
+            value = list(param.value) if isinstance(param.value, (list, tuple)) else param.value
+            self.values[param.name] = value
+            if param.name == "prompts" or (param.name == "vocabulary_file" and value):
+                self._request_vocabulary(param.name, value)
+
+    # ------------------------------------------------------------------------------------------------ output
+
+    def _make_publishers(self, cameras: list) -> None:
+        from sensor_msgs.msg import Image, PointCloud2
+        from std_msgs.msg import String
+        from visualization_msgs.msg import MarkerArray
+
+        qos = profile(self.values["qos.outputs.reliability"], self.values["qos.outputs.depth"])
+        self._pub_cloud = self.create_publisher(PointCloud2, "~/labeled_points", qos)
+        self._pub_markers = self.create_publisher(MarkerArray, "~/markers", qos)
+        self._pub_info = self.create_publisher(String, "~/info", qos)
+        self._pub_overlays = {c.name: self.create_publisher(Image, f"~/overlay/{c.name}", qos) for c in cameras}
+        self._pub_vocabulary = self.create_publisher(String, "~/vocabulary", latched())
+        self._pub_stats = self.create_publisher(String, "~/stats", profile("reliable", 5))
+
+    def wanted_outputs(self) -> dict[str, Any]:
+        """Which outputs are enabled and subscribed; overlays as the set of camera names."""
+        v = self.values
+        return {
+            "labeled_points": v["publish.labeled_points"] and self._pub_cloud.get_subscription_count() > 0,
+            "markers": v["publish.markers"] and self._pub_markers.get_subscription_count() > 0,
+            "info": v["publish.info"] and self._pub_info.get_subscription_count() > 0,
+            "overlays": {name for name, pub in self._pub_overlays.items()
+                         if v["publish.overlays"] and pub.get_subscription_count() > 0},
+        }
+
+    # ------------------------------------------------------------------------------------------------ frames
+
+    def _on_synced(self, synced: Any) -> None:
+        if self.worker.submit(synced):
+            self.stats.count("dropped")
+
+    def _on_worker_error(self, exc: BaseException) -> None:
+        self.stats.count("error.unexpected")
+        self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}")
+
+    def _process(self, synced: Any) -> None:
+        t0 = time.perf_counter()
+        wanted = self.wanted_outputs()
+        if not any(wanted.values()):
+            self.stats.count("idle")  # nobody listens: no decode, no model work
+            return
+        try:
+            decoded = self.inputs.decode(synced, with_cameras=bool(wanted["overlays"]))
+        except SensorDataError as exc:
+            self.stats.count("error.malformed_cloud")
+            self._warn("malformed_cloud", f"dropped a malformed cloud: {exc}")
+            return
+        frame = decoded.frame
+        t1 = time.perf_counter()
+        seg = self.segment_frame(frame)
+        if seg is None:
+            return
+        t2 = time.perf_counter()
+        self._publish(frame, seg, wanted)
+        t3 = time.perf_counter()
+        self.stats.count("processed")
+        for stage, ms in (("decode", t1 - t0), ("segment", t2 - t1), ("publish", t3 - t2), ("total", t3 - t0)):
+            self.stats.time(stage, ms * 1e3)
+        for stage, ms in seg.timings_ms.items():
+            self.stats.time("model." + stage, ms)
+        now_ns = self.get_clock().now().nanoseconds
+        if frame.stamp_ns and now_ns > frame.stamp_ns:
+            self.stats.time("latency", (now_ns - frame.stamp_ns) / 1e6)  # cloud stamp -> outputs published
+
+    def segment_frame(self, frame: Frame) -> Segmentation | None:
+        """Run the model on the finite points (at most ``max_points``) and spread the result over every input
+        point: non-finite points get label 0. None when the frame is rejected or the model failed."""
+        n = frame.num_points
+        valid = np.flatnonzero(finite_mask(frame.points))
+        if valid.size < n:
+            self.stats.count("nonfinite_points", n - valid.size)
+        active = self.active
+        if valid.size == 0:
+            self.stats.count("error.empty_cloud")
+            self._warn("empty", f"cloud at {frame.stamp_ns} has no finite points; publishing it unlabeled")
+            return Segmentation.empty(n, active.class_names, active.version)
+        run = self._subsample(valid, frame.stamp_ns)
+        if run is None:
+            return None
+        intensity = None
+        if frame.intensity is not None:
+            intensity = np.nan_to_num(frame.intensity[run], nan=0.0, posinf=0.0, neginf=0.0)
+        try:
+            with self._model_lock:
+                active = self.active
+                part = self._segmenter.segment(frame.points[run], intensity)
+        except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
+            self.stats.count("error.model")
+            self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
+                                    f"{type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+            return None
+        seg = Segmentation.empty(n, active.class_names, active.version)
+        seg.timings_ms = dict(part.timings_ms)
+        seg.label[run], seg.instance[run], seg.score[run] = part.label, part.instance, part.score
+        if run.size < valid.size:
+            self._fill_nearest(frame.points, valid, run, seg)
+        threshold = self.values["score_threshold"]
+        low = seg.score < threshold
+        seg.label[low] = 0
+        seg.instance[low] = 0
+        seg.instances = [i for i in part.instances if i.score >= threshold]
+        return seg
+
+    def _subsample(self, valid: np.ndarray, stamp_ns: int) -> np.ndarray | None:
+        limit = self.values["max_points"]
+        if not limit or valid.size <= limit:
+            return valid
+        if self.values["max_points_policy"] == "reject":
+            self.stats.count("error.too_many_points")
+            self._warn("too_many", f"cloud with {valid.size} points exceeds max_points={limit}: frame rejected")
+            return None
+        self.stats.count("subsampled")
+        self._warn("subsample", f"cloud with {valid.size} points exceeds max_points={limit}: the model sees a "
+                   "random subset, the rest take their nearest neighbour's label")
+        rng = np.random.default_rng(stamp_ns & 0xFFFFFFFF)  # same cloud -> same subset
+        return np.sort(rng.choice(valid, size=limit, replace=False))
+
+    @staticmethod
+    def _fill_nearest(points: np.ndarray, valid: np.ndarray, run: np.ndarray, seg: Segmentation) -> None:
+        from scipy.spatial import cKDTree
+
+        rest = np.setdiff1d(valid, run, assume_unique=True)
+        _, nearest = cKDTree(points[run]).query(points[rest], k=1, workers=-1)
+        src = run[nearest]
+        seg.label[rest], seg.instance[rest], seg.score[rest] = seg.label[src], seg.instance[src], seg.score[src]
+
+    def _publish(self, frame: Frame, seg: Segmentation, wanted: dict[str, Any]) -> None:
+        from std_msgs.msg import String
+
+        palette = outputs.class_colors(len(seg.class_names))
+        if wanted["labeled_points"]:
+            self._pub_cloud.publish(outputs.labeled_cloud(
+                frame.points, frame.intensity, seg, frame.frame_id, frame.stamp_ns, self._types, palette))
+        if wanted["info"]:
+            record = outputs.frame_record(frame.stamp_ns, frame.frame_id, seg, frame.num_points, frame.missing_cameras)
+            self._pub_info.publish(String(data=record))
+        if wanted["markers"]:
+            self._pub_markers.publish(outputs.instance_markers(
+                seg.instances, frame.frame_id, frame.stamp_ns, palette, self._types, self.values["markers.min_points"]))
+        for name in wanted["overlays"]:
+            view = frame.cameras.get(name)
+            if view is not None:
+                self._pub_overlays[name].publish(outputs.overlay_message(
+                    view, frame.points, seg.label, palette, self.values["overlay.point_radius"], self._types))
+
+    # ------------------------------------------------------------------------------------------------- stats
+
+    def _publish_stats(self) -> None:
+        from std_msgs.msg import String
+
+        extra = {"vocabulary_version": self.active.version, "sync": self.inputs.sync_stats(),
+                 "slot": {"accepted": self.worker.slot.accepted, "replaced": self.worker.slot.replaced}}
+        self._pub_stats.publish(String(data=self.stats.to_json(**extra)))
+        if self.stats.get("processed") or self.stats.get("matched"):
+            self.get_logger().info(self.stats.summary_line())
+
+    def _warn(self, key: str, text: str) -> None:
+        if self.throttle.ready(key):
+            self.get_logger().warning(text)
+
+    def destroy_node(self) -> None:
+        self.worker.stop()
+        self._embedder.shutdown(wait=False, cancel_futures=True)
+        super().destroy_node()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run sal_ros segmenter`` (parameters from --ros-args)."""
+    import rclpy
+
+    from sal_ros.env import apply_ros_env_defaults
+    from sal_ros.nodes.run import spin_nodes
+
+    apply_ros_env_defaults()
+    rclpy.init(args=sys.argv if argv is None else argv)
+    try:
+        node = SegmenterNode()
+    except Exception as exc:  # noqa: BLE001 - configuration errors end the process with the reason
+        rclpy.logging.get_logger(P.SEGMENTER_NODE).fatal(f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 1
+    spin_nodes([node])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

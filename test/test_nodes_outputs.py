@@ -1,0 +1,103 @@
+"""Output message builders: labeled cloud layout and order, markers, overlay drawing, JSON records."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import require_data, require_rclpy
+from sal_ros.core.pointcloud2 import read_fields, unpack_rgb
+from sal_ros.core.types import InstanceSummary, OrientedBox, Segmentation
+from sal_ros.nodes import outputs
+
+require_rclpy()
+from sal_ros.core.msgtypes import rclpy_types  # noqa: E402
+
+
+def _scan():
+    path = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
+    scan = np.fromfile(path, np.float32).reshape(-1, 4)
+    return scan[:, :3], scan[:, 3]
+
+
+def _segmentation(n, rng):
+    label = rng.integers(0, 4, n).astype(np.uint16)
+    instance = np.where(label == 1, rng.integers(1, 9, n), 0).astype(np.uint32)
+    return Segmentation(label=label, instance=instance, score=rng.random(n, dtype=np.float32),
+                        class_names=("car", "road", "tree"), vocabulary_version=3)
+
+
+def test_class_colors_distinct_and_stable_when_classes_are_appended():
+    five, ten = outputs.class_colors(5), outputs.class_colors(10)
+    assert five.shape == (6, 3) and five.dtype == np.uint8
+    assert tuple(five[0]) == outputs.UNLABELED_COLOR
+    assert np.array_equal(ten[:6], five)
+    assert len({tuple(c) for c in ten}) == 11
+    # A label beyond the palette (stale vocabulary) is drawn as unlabeled instead of failing.
+    assert np.array_equal(outputs.label_colors(np.array([2, 99]), five), five[[2, 0]])
+
+
+def test_labeled_cloud_same_points_same_order_with_all_fields():
+    xyz, intensity = _scan()
+    seg = _segmentation(len(xyz), np.random.default_rng(0))
+    msg = outputs.labeled_cloud(xyz, intensity, seg, "velodyne", 1_234_567_890_123, rclpy_types())
+    assert [f.name for f in msg.fields] == [name for name, _ in outputs.LABELED_FIELDS]
+    assert msg.header.frame_id == "velodyne"
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (1234, 567_890_123)
+    fields = read_fields(msg)
+    assert np.array_equal(np.stack([fields["x"], fields["y"], fields["z"]], 1), xyz)
+    assert np.array_equal(fields["intensity"], intensity)
+    for name, dtype in outputs.LABELED_FIELDS:
+        assert fields[name].dtype == dtype, name
+    assert np.array_equal(fields["label"], seg.label)
+    assert np.array_equal(fields["instance"], seg.instance)
+    assert np.array_equal(fields["score"], seg.score)
+    palette = outputs.class_colors(3)
+    assert np.array_equal(unpack_rgb(fields["rgb"]), palette[seg.label])
+
+
+def test_labeled_cloud_without_intensity_and_length_mismatch():
+    xyz = np.zeros((4, 3), np.float32)
+    msg = outputs.labeled_cloud(xyz, None, Segmentation.empty(4), "lidar", 0, rclpy_types())
+    assert np.array_equal(read_fields(msg, ["intensity"])["intensity"], np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="3 points, cloud has 4"):
+        outputs.labeled_cloud(xyz, None, Segmentation.empty(3), "lidar", 0, rclpy_types())
+
+
+def test_markers_deleteall_then_box_and_text_per_instance():
+    from visualization_msgs.msg import Marker
+
+    box = OrientedBox(center=np.array([10.0, 2.0, -0.5]), size=np.array([4.0, 2.0, 1.5]), yaw=np.pi / 2)
+    instances = [InstanceSummary(7, 1, "car", 0.9, 300, box),
+                 InstanceSummary(8, 2, "person", 0.6, 2, box)]  # too small for a marker
+    msg = outputs.instance_markers(instances, "velodyne", 5, outputs.class_colors(2), rclpy_types(), min_points=5)
+    kinds = [(m.action, m.type, m.ns, m.id) for m in msg.markers]
+    assert kinds == [(Marker.DELETEALL, 0, "", 0), (Marker.ADD, Marker.LINE_LIST, "boxes", 7),
+                     (Marker.ADD, Marker.TEXT_VIEW_FACING, "labels", 7)]
+    lines = np.array([[p.x, p.y, p.z] for p in msg.markers[1].points])
+    assert lines.shape == (24, 3)
+    # yaw 90 deg: the 4 m length runs along y.
+    assert np.allclose(lines.min(0), [9.0, 0.0, -1.25]) and np.allclose(lines.max(0), [11.0, 4.0, 0.25])
+    assert msg.markers[2].text == "car 0.90"
+    assert all(m.header.frame_id == "velodyne" for m in msg.markers)
+
+
+def test_draw_points_near_over_far_and_clipped_to_image():
+    image = np.zeros((10, 10, 3), np.uint8)
+    uv = np.array([[5.0, 5.0], [5.2, 4.9], [-3.0, 2.0], [9.4, 9.4]])
+    depth = np.array([20.0, 5.0, 3.0, 8.0])
+    colors = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9]], np.uint8)
+    out = outputs.draw_points(image, uv, depth, colors, radius=1)
+    assert tuple(out[5, 5]) == (0, 255, 0)  # the nearer point wins
+    assert tuple(out[9, 9]) == (9, 9, 9)
+    assert not (out == [0, 0, 255]).all(axis=2).any()  # off-image point drew nothing
+    assert image.sum() == 0  # input untouched
+
+
+def test_json_records_carry_vocabulary_version_and_classes():
+    seg = _segmentation(5, np.random.default_rng(1))
+    seg.instances = [InstanceSummary(1, 1, "car", 0.8, 5, OrientedBox(np.zeros(3), np.ones(3), 0.0))]
+    record = json.loads(outputs.frame_record(42, "velodyne", seg, 5, ("front",)))
+    assert record["stamp_ns"] == 42 and record["vocabulary_version"] == 3
+    assert record["classes"] == ["car", "road", "tree"] and record["missing_cameras"] == ["front"]
+    assert record["instances"][0]["class"] == "car"
+    assert json.loads(outputs.vocabulary_record(4, ["a", "b"])) == {"version": 4, "classes": ["a", "b"]}

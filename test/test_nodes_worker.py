@@ -1,0 +1,76 @@
+"""Latest-only slot and worker thread: newest wins, replacements are counted, errors never stop the worker."""
+import threading
+
+from sal_ros.nodes.stats import NodeStats, Throttle
+from sal_ros.nodes.worker import LatestSlot, Worker
+
+
+def test_slot_keeps_only_the_newest_and_counts_replacements():
+    slot = LatestSlot()
+    assert slot.put(1) is False
+    assert slot.put(2) is True
+    assert slot.put(3) is True
+    assert slot.take(timeout=0) == (True, 3)
+    assert slot.take(timeout=0) == (False, None)
+    assert (slot.accepted, slot.replaced) == (3, 2)
+
+
+def test_slot_close_wakes_a_waiting_taker():
+    slot = LatestSlot()
+    result = []
+    taker = threading.Thread(target=lambda: result.append(slot.take(timeout=10)))
+    taker.start()
+    slot.close()
+    taker.join(5)
+    assert result == [(False, None)]
+
+
+def test_worker_processes_newest_while_busy_and_survives_errors():
+    started, gate = threading.Event(), threading.Event()
+    done = {5: threading.Event(), 7: threading.Event()}
+    seen, errors = [], []
+    failed = threading.Event()
+
+    def handle(item):
+        if item == 0:
+            started.set()
+            gate.wait(10)  # busy on the first frame while more arrive
+        if item == "boom":
+            raise RuntimeError("bad frame")
+        seen.append(item)
+        if item in done:
+            done[item].set()
+
+    def on_error(exc):
+        errors.append(exc)
+        failed.set()
+
+    worker = Worker("test_worker", handle, on_error).start()
+    worker.submit(0)
+    assert started.wait(5)
+    dropped = sum(worker.submit(i) for i in range(1, 6))
+    gate.set()
+    assert done[5].wait(5)
+    worker.submit("boom")
+    assert failed.wait(5)
+    worker.submit(7)  # the worker is still alive after the error
+    assert done[7].wait(5)
+    worker.stop()
+    assert seen == [0, 5, 7]
+    assert dropped == 4  # 2..5 each replaced a waiting frame
+    assert worker.slot.replaced == 4
+    assert [type(e) for e in errors] == [RuntimeError]
+
+
+def test_stats_snapshot_and_throttle():
+    stats = NodeStats(window=3)
+    stats.count("processed")
+    stats.count("error.model", 2)
+    for ms in (1.0, 2.0, 30.0, 4.0):
+        stats.time("total", ms)
+    snap = stats.snapshot(extra=1)
+    assert snap["counts"] == {"error.model": 2, "processed": 1}
+    assert snap["timings"]["total"] == {"median_ms": 4.0, "max_ms": 30.0, "n": 3}
+    assert "model=2" in stats.summary_line()
+    throttle = Throttle(period_s=60)
+    assert throttle.ready("a") and not throttle.ready("a") and throttle.ready("b")
