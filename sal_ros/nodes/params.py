@@ -211,20 +211,23 @@ def declare(node: Any, specs: Iterable[ParamSpec]) -> dict[str, Any]:
 
     values = {}
     for spec in specs:
+        empty_list = spec.type == "string_array" and not spec.default
         try:
-            # Declared by type (no default) so the descriptor keeps the type even for an empty list default.
-            param = node.declare_parameter(spec.name, _rclpy_type(spec), descriptor(spec))
+            # An empty list default would be inferred as a byte array: declare those by type (no default).
+            default = _rclpy_type(spec) if empty_list else coerce(spec, spec.default)
+            param = node.declare_parameter(spec.name, default, descriptor(spec))
         except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
             raise ValueError(f"parameter {spec.name}: {exc} (expected {spec.type})") from exc
         if param.type_ == Parameter.Type.NOT_SET:
-            result = node.set_parameters([to_parameter(spec, spec.default)])[0]
-            if not result.successful:
-                raise ValueError(f"parameter {spec.name}: default {spec.default!r} rejected: {result.reason}")
-            param = node.get_parameter(spec.name)
-        problem = check_value(spec, param.value)
+            if spec.dynamic:
+                node.set_parameters([to_parameter(spec, spec.default)])
+            value = list(spec.default)  # a read-only list left unset means "none"
+        else:
+            value = list(param.value) if spec.type == "string_array" else param.value
+        problem = check_value(spec, value)
         if problem:
             raise ValueError(problem)
-        values[spec.name] = list(param.value) if spec.type == "string_array" else param.value
+        values[spec.name] = value
     return values
 
 
