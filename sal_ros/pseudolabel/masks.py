@@ -38,7 +38,7 @@ class Masks:
 
     @property
     def areas(self) -> np.ndarray:
-        return self.masks.reshape(len(self), -1).sum(1)
+        return self.masks.sum(axis=(1, 2), dtype=np.int64)
 
     @classmethod
     def empty(cls, height: int, width: int) -> "Masks":

@@ -1,0 +1,373 @@
+"""The pseudo-label engine: frames (lidar + cameras + calibration) -> per-point pseudo-instances with CLIP tokens.
+
+Per frame (``PseudoLabeler.label_frame``):
+
+1. per camera: 2D masks (SAM 2 / SAM / SLIC), flattened (whole objects over parts);
+2. per camera: one CLIP token per mask (MaskCLIP relative mask attention by default);
+3. per camera: lift masks onto the points that project into the image (occlusion test optional);
+4. fuse cameras (instances that agree where two cameras overlap become one; area-weighted tokens);
+5. DBSCAN replace over the points in the camera frustums (SAL's refinement);
+6. drop instances with fewer than ``min_points`` points and renumber 1..K.
+
+Runs (``run``) go over a frame source (a FrameStore folder, a SemanticKITTI sequence, a nuScenes sample folder),
+write one file per frame atomically, skip frames already written (resume), and fan out over worker processes
+(``backend="local"``) or a Ray cluster (``backend="ray"``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sal_ros.core.errors import SensorDataError
+from sal_ros.data.pseudolabels import (TMP_PREFIX, PseudoLabels, load_pseudolabels, pseudolabel_path,
+                                       save_pseudolabels)
+from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
+from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
+from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks, label_image, mask_source_identity
+from sal_ros.pseudolabel.refine import RefineConfig, compact, dbscan_refine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    masks: str = "sam2"  # slic | sam | sam2
+    mask_options: dict = field(default_factory=dict)  # passed to the mask source (checkpoint, config, ...)
+    flatten_overlap: float = 0.8  # SAL flatten: drop a mask inside a kept one above this overlap
+    tokens: bool = True
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str | None = None
+    token_method: str = "mask_attention"
+    token_options: dict = field(default_factory=dict)
+    lift: LiftConfig = field(default_factory=LiftConfig)
+    fusion_iou: float = 0.3
+    refine: RefineConfig | None = field(default_factory=RefineConfig)
+    min_points: int = 5
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lift"] = asdict(self.lift)
+        d["refine"] = asdict(self.refine) if self.refine is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EngineConfig":
+        d = dict(d)
+        lift = d.pop("lift", None) or {}
+        refine = d.pop("refine", "default")
+        cfg = cls(**d)
+        cfg.lift = LiftConfig(**{**lift, "radius_cells": tuple(lift.get("radius_cells", LiftConfig.radius_cells))})
+        cfg.refine = None if refine is None else RefineConfig() if refine == "default" else RefineConfig(**refine)
+        return cfg
+
+    def config_hash(self) -> str:
+        """What decides the labels (not where they run): changes here make old files stale."""
+        d = self.to_dict()
+        d.pop("device")
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def label_from_masks(frame, masks: dict[str, Masks], tokens: dict[str, np.ndarray] | None = None,
+                     lift: LiftConfig = LiftConfig(), fusion_iou: float = 0.3, refine: RefineConfig | None = None,
+                     min_points: int = 1, token_dim: int = 0, meta: dict | None = None,
+                     timings: dict | None = None) -> PseudoLabels:
+    """Steps 3-6 for given (already flattened) masks per camera; tokens per camera are (M, D) or absent."""
+    t0 = time.perf_counter()
+    n = frame.num_points
+    names = [name for name in frame.cameras if name in masks]
+    lifts = []
+    for name in names:
+        view, m = frame.cameras[name], masks[name]
+        px = point_pixels(frame.points, view, lift)
+        mask_id, seen = lift_labels(px, label_image(m), n)
+        tok = tokens[name] if tokens is not None else np.zeros((len(m), token_dim), np.float32)
+        lifts.append(CameraLift(name, mask_id, seen, in_image(px, n), tok, m.scores, m.areas))
+    t1 = time.perf_counter()
+    fused = fuse_cameras(lifts, n, fusion_iou)
+    t2 = time.perf_counter()
+    instance = fused.instance
+    if refine is not None:
+        instance = dbscan_refine(frame.points, instance, fused.in_frustum, refine)
+    instance, kept = compact(instance, min_points)
+    t3 = time.perf_counter()
+    rows = kept - 1
+    if timings is not None:
+        timings.update(lift_ms=1e3 * (t1 - t0), fuse_ms=1e3 * (t2 - t1), refine_ms=1e3 * (t3 - t2))
+    meta = {**(meta or {}), "camera_names": names, "key": frame.key, "stamp_ns": int(frame.stamp_ns),
+            "missing_cameras": list(frame.missing_cameras)}
+    return PseudoLabels(instance, fused.tokens[rows].astype(np.float16), fused.scores[rows], fused.cameras[rows],
+                        fused.in_frustum, meta)
+
+
+class PseudoLabeler:
+    """Holds the 2D models (built once per process) and labels frames."""
+
+    def __init__(self, config: EngineConfig, mask_source=None, token_encoder=None) -> None:
+        self.config = config
+        self.mask_source = mask_source or build_mask_source(config.masks, **self._mask_kwargs())
+        self.token_encoder = token_encoder
+        if self.token_encoder is None and config.tokens:
+            from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
+
+            self.token_encoder = ClipTokenEncoder(config.clip_model, config.clip_pretrained, device=config.device,
+                                                  method=config.token_method, **config.token_options)
+        self.meta = {"mask_source": mask_source_identity(self.mask_source),
+                     "clip": getattr(self.token_encoder, "identity", None),
+                     "config": config.to_dict(), "config_hash": config.config_hash()}
+
+    def _mask_kwargs(self) -> dict:
+        kw = dict(self.config.mask_options)
+        if self.config.masks in ("sam", "sam2"):
+            kw.setdefault("device", self.config.device)
+        return kw
+
+    @property
+    def token_dim(self) -> int:
+        return self.token_encoder.dim if self.token_encoder is not None else 0
+
+    def masks_and_tokens(self, frame, timings: dict | None = None) -> tuple[dict, dict]:
+        masks, tokens = {}, {}
+        t_mask = t_tok = 0.0
+        for name, view in frame.cameras.items():
+            t0 = time.perf_counter()
+            m = flatten_masks(self.mask_source.generate(view.image), self.config.flatten_overlap)
+            t1 = time.perf_counter()
+            masks[name] = m
+            if self.token_encoder is not None:
+                tokens[name] = self.token_encoder.encode(view.image, m)
+            t_mask, t_tok = t_mask + t1 - t0, t_tok + time.perf_counter() - t1
+        if timings is not None:
+            timings.update(masks_ms=1e3 * t_mask, tokens_ms=1e3 * t_tok)
+        return masks, tokens
+
+    def label_frame(self, frame) -> PseudoLabels:
+        if not frame.cameras:
+            raise SensorDataError(f"frame {frame.key or frame.stamp_ns}: no camera images to label from")
+        timings: dict = {}
+        masks, tokens = self.masks_and_tokens(frame, timings)
+        c = self.config
+        pl = label_from_masks(frame, masks, tokens if self.token_encoder is not None else None, c.lift,
+                              c.fusion_iou, c.refine, c.min_points, self.token_dim, self.meta, timings)
+        pl.meta["timings_ms"] = {k: round(v, 2) for k, v in timings.items()}
+        return pl
+
+
+# --- frame sources -----------------------------------------------------------------------------------------------
+
+class FrameSource:
+    """Keys and frames of one dataset folder, loaded lazily and cached per process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"dataset {self.path} does not exist")
+        self.kind = detect_kind(self.path)
+        self._frames: dict | None = None
+        self._store = None
+
+    @property
+    def default_out(self) -> Path | None:
+        """Where pseudo-labels go without --out: inside a FrameStore; raw dataset folders stay untouched."""
+        return self.path / "pseudolabels" if self.kind == "framestore" else None
+
+    def _load_all(self) -> dict:
+        if self._frames is None:
+            from sal_ros.data import datasets
+
+            if self.kind == "semantickitti":
+                frames = datasets.load_semantickitti(self.path)
+            elif self.kind == "semantickitti_root":
+                frames = [f for seq in sorted((self.path / "sequences").iterdir()) if (seq / "velodyne").is_dir()
+                          for f in datasets.load_semantickitti(seq)]
+            else:
+                frames = datasets.load_nuscenes(self.path)
+            self._frames = {f.key: f for f in frames}
+        return self._frames
+
+    def keys(self) -> list[str]:
+        if self.kind == "framestore":
+            return list(self._framestore().keys())
+        return list(self._load_all())
+
+    def load(self, key: str):
+        if self.kind == "framestore":
+            return self._framestore().load(key)
+        return self._load_all()[key]
+
+    def _framestore(self):
+        if self._store is None:
+            from sal_ros.data.framestore import FrameStore
+
+            self._store = FrameStore(self.path)
+        return self._store
+
+
+def detect_kind(path: Path) -> str:
+    if (path / "velodyne").is_dir() and (path / "calib.txt").is_file():
+        return "semantickitti"
+    if (path / "sequences").is_dir():
+        return "semantickitti_root"
+    if (path / "calib.json").is_file() and any(path.glob("*LIDAR_TOP*")):
+        return "nuscenes"
+    return "framestore"
+
+
+# --- runs --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSummary:
+    total: int
+    skipped: int  # already done before this run
+    done: int  # written by this run
+    failed: dict[str, str]  # key -> error
+    out_dir: str
+    seconds: float
+
+
+def clean_partial(out_dir: Path) -> int:
+    """Remove temporary files an interrupted run left behind (never a finished file)."""
+    n = 0
+    for tmp in out_dir.glob(f"{TMP_PREFIX}*"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def pending_keys(keys: list[str], out_dir: Path, config_hash: str, overwrite: bool) -> list[str]:
+    """Keys without a finished file; a finished file from another configuration is an error (or redone)."""
+    todo = []
+    for key in keys:
+        path = pseudolabel_path(out_dir, key)
+        if not path.exists() or overwrite:
+            todo.append(key)
+            continue
+        try:
+            old = load_pseudolabels(path).meta.get("config_hash")
+        except SensorDataError as exc:
+            log.warning("redoing %s: %s", key, exc)
+            todo.append(key)
+            continue
+        if old != config_hash:
+            raise SensorDataError(f"{path} was made with another configuration ({old} != {config_hash}); "
+                                  "use another --out or --overwrite")
+    return todo
+
+
+# Worker-process state: the labeler is built once per process, not per frame.
+_WORKER: dict = {}
+
+
+def _init_worker(source_path: str, config: dict, out_dir: str, threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    _WORKER.update(source=FrameSource(source_path), labeler=PseudoLabeler(EngineConfig.from_dict(config)),
+                   out=Path(out_dir))
+
+
+def _label_key(key: str) -> tuple[str, str | None]:
+    try:
+        frame = _WORKER["source"].load(key)
+        save_pseudolabels(pseudolabel_path(_WORKER["out"], key), _WORKER["labeler"].label_frame(frame))
+        return key, None
+    except (SensorDataError, ValueError, KeyError, OSError) as exc:
+        return key, f"{type(exc).__name__}: {exc}"
+
+
+class _RayWorker:
+    def __init__(self, source_path, config, out_dir, threads):
+        _init_worker(source_path, config, out_dir, threads)
+
+    def label(self, key):
+        return _label_key(key)
+
+
+def run(source_path: str | Path, config: EngineConfig, out_dir: str | Path | None = None, workers: int = 1,
+        backend: str = "local", overwrite: bool = False, max_frames: int | None = None,
+        progress: bool = True) -> RunSummary:
+    """Label every frame of a dataset folder that has no finished file yet."""
+    t0 = time.perf_counter()
+    source = FrameSource(source_path)
+    out = Path(out_dir) if out_dir is not None else source.default_out
+    if out is None:
+        raise ValueError(f"{source_path} is a raw {source.kind} folder: pass --out DIR (its folder is left untouched)")
+    out.mkdir(parents=True, exist_ok=True)
+    removed = clean_partial(out)
+    if removed:
+        log.info("removed %d partial files of an interrupted run in %s", removed, out)
+    keys = source.keys()[:max_frames] if max_frames else source.keys()
+    todo = pending_keys(keys, out, config.config_hash(), overwrite)
+    summary = RunSummary(len(keys), len(keys) - len(todo), 0, {}, str(out), 0.0)
+    if todo:
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        args = (str(source.path), config.to_dict(), str(out), threads)
+        results = _run_ray(todo, args, workers) if backend == "ray" else _run_local(todo, args, workers)
+        try:
+            for key, error in _progress(results, len(todo), progress, f"pseudolabel {source.path.name}"):
+                if error is None:
+                    summary.done += 1
+                else:
+                    summary.failed[key] = error
+                    log.error("frame %s failed: %s", key, error)
+        finally:
+            clean_partial(out)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _progress(results, total: int, enabled: bool, desc: str):
+    if not enabled:
+        return results
+    from tqdm import tqdm
+
+    return tqdm(results, total=total, desc=desc, unit="frame")
+
+
+def _run_local(todo: list[str], args: tuple, workers: int):
+    if workers <= 1:
+        _init_worker(*args[:3], 0)
+        for key in todo:
+            yield _label_key(key)
+        return
+    import multiprocessing as mp
+
+    # spawn: torch and fork do not mix; each worker builds its own models once.
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=args) as pool:
+        yield from pool.imap_unordered(_label_key, todo)
+
+
+def _run_ray(todo: list[str], args: tuple, workers: int):
+    try:
+        import ray
+    except ImportError as exc:
+        raise RuntimeError("--backend ray needs the ray package (pip install 'ray==2.*')") from exc
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        actor = ray.remote(_RayWorker)
+        pool = [actor.remote(*args) for _ in range(max(workers, 1))]
+        pending = {}
+        queue = list(todo)
+        for a in pool:  # keep every actor busy with one frame
+            if queue:
+                pending[a.label.remote(queue.pop(0))] = a
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            a = pending.pop(done[0])
+            if queue:
+                pending[a.label.remote(queue.pop(0))] = a
+            yield ray.get(done[0])
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,95 @@
+"""CLIP tokens per mask with a tiny random open_clip ViT (offline)."""
+import json
+
+import numpy as np
+import pytest
+
+open_clip = pytest.importorskip("open_clip")
+torch = pytest.importorskip("torch")
+
+from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder  # noqa: E402
+from sal_ros.pseudolabel.masks import Masks  # noqa: E402
+
+TINY = "sal-tiny-vit-test"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "patch_size": 16,
+                                           "head_width": 32},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+    path = tmp_path_factory.mktemp("clip") / f"{TINY}.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return open_clip.create_model(TINY, pretrained=None)
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+
+def _masks(h, w):
+    full = np.ones((h, w), bool)
+    left = np.zeros((h, w), bool)
+    left[:, : w // 2] = True
+    corner = np.zeros((h, w), bool)
+    corner[:16, :16] = True  # exactly one patch at a 64-pixel input
+    tiny = np.zeros((h, w), bool)
+    tiny[40, 40] = True  # smaller than a patch
+    return Masks(np.stack([full, left, corner, tiny, np.zeros((h, w), bool)]), np.ones(5))
+
+
+def test_mask_attention_full_mask_equals_clip_image_embedding(model, image):
+    """A mask token over the whole image sees exactly what [CLS] sees, so it must equal CLIP's image embedding."""
+    enc = ClipTokenEncoder(TINY, model=model, method="mask_attention")
+    tokens = enc.encode(image, _masks(64, 64))
+    assert tokens.shape == (5, 32) and tokens.dtype == np.float32
+    with torch.inference_mode():
+        ref = model.encode_image(enc._pixels(image, (64, 64)))[0].numpy()
+    ref /= np.linalg.norm(ref)
+    np.testing.assert_allclose(tokens[0], ref, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(tokens[:4], axis=1), 1, atol=1e-5)
+    assert np.all(tokens[4] == 0)  # empty mask -> zero token
+    assert np.abs(tokens[1] - tokens[0]).max() > 1e-3  # other masks see other patches
+    # Mask tokens never attend to each other: a token does not change when other masks come and go.
+    alone = enc.encode(image, Masks(_masks(64, 64).masks[1:2], [1.0]))
+    np.testing.assert_allclose(alone[0], tokens[1], atol=1e-5)
+
+
+def test_mask_attention_last_layers_only(model, image):
+    enc = ClipTokenEncoder(TINY, model=model, method="mask_attention", mask_layers=1)
+    tokens = enc.encode(image, _masks(64, 64))
+    with torch.inference_mode():
+        ref = model.encode_image(enc._pixels(image, (64, 64)))[0].numpy()
+    np.testing.assert_allclose(tokens[0], ref / np.linalg.norm(ref), atol=1e-5)
+
+
+def test_dense_single_patch_mask_equals_patch_feature(model, image):
+    enc = ClipTokenEncoder(TINY, model=model, method="dense")
+    tokens = enc.encode(image, _masks(64, 64))
+    with torch.inference_mode():
+        x = enc._embeds(image, (4, 4))
+        for blk in list(model.visual.transformer.resblocks)[:-1]:
+            x = blk(x)
+        feats = enc._value_path(model.visual.transformer.resblocks[-1], x)[0, 1:].numpy()
+    np.testing.assert_allclose(tokens[2], feats[0] / np.linalg.norm(feats[0]), atol=1e-5)
+
+
+def test_wide_image_keeps_aspect_and_crops_work(model):
+    rng = np.random.default_rng(1)
+    wide = rng.integers(0, 255, (60, 200), dtype=np.uint8)  # greyscale, KITTI-like aspect
+    enc = ClipTokenEncoder(TINY, model=model, method="mask_attention")
+    assert enc.grid_for(60, 200) == (4, 13)
+    masks = _masks(60, 200)
+    tokens = enc.encode(wide, masks)
+    assert tokens.shape == (5, 32) and np.all(np.isfinite(tokens))
+    crops = ClipTokenEncoder(TINY, model=model, method="crop").encode(wide, masks)
+    assert crops.shape == (5, 32)
+    np.testing.assert_allclose(np.linalg.norm(crops[:4], axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="differ in size"):
+        enc.encode(wide, _masks(64, 64))
+    with pytest.raises(ValueError, match="unknown token method"):
+        ClipTokenEncoder(TINY, model=model, method="bogus")
