@@ -1,0 +1,309 @@
+"""Readers of the raw datasets (SemanticKITTI, KITTI object, nuScenes samples, KITTI frustum) into ``Frame``s.
+
+``iter_*`` functions read one frame at a time (a full SemanticKITTI sequence does not fit in memory with
+images); ``load_*`` are the list forms. ``iter_frames(path)`` recognizes the dataset with ``find_dataset``.
+
+Layouts (as in ../shared/data):
+- semantickitti: ``sequences/<seq>/{velodyne/*.bin, labels/*.label, image_k/*.png, calib.txt, times.txt}``;
+- kitti_object: ``[training/]{velodyne, calib, image_2, label_2}/<id>.*`` (no time stamps: frame ``i`` is stamped
+  ``i * 100 ms``, the sensor rate, so replays keep the order);
+- nuscenes: a folder with ``calib.json`` naming the LIDAR_TOP file and the six camera images;
+- kitti_frustum: a folder with ``calib.json`` holding ``lidar2img``, ``<id>.bin`` and ``<id>.png``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from sal_ros.core.calibration import (
+    CameraCalibration,
+    load_calibration_json,
+    nuscenes_stamp_from_name,
+    nuscenes_stamp_ns,
+    read_kitti_frustum_calib,
+    read_kitti_object_calib,
+    read_nuscenes_calib,
+    read_semantickitti_calib,
+)
+from sal_ros.core.errors import SensorDataError
+from sal_ros.core.types import CameraView, Frame
+
+KITTI_PERIOD_NS = 100_000_000  # 10 Hz
+SEMANTICKITTI_THINGS = ("car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist",
+                        "motorcyclist")
+DATASET_KINDS = ("semantickitti", "kitti_object", "nuscenes", "kitti_frustum")
+
+
+# --------------------------------------------------------------------------------------------- file readers
+
+
+def read_points(path: str | os.PathLike, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """float32 point file with ``columns`` values per point -> (xyz (N, 3) float32, intensity (N,) float32)."""
+    raw = np.fromfile(path, dtype=np.float32)
+    if raw.size % columns:
+        raise SensorDataError(f"{path}: {raw.size} float32 values is not a multiple of {columns} per point")
+    raw = raw.reshape(-1, columns)
+    return np.ascontiguousarray(raw[:, :3]), np.ascontiguousarray(raw[:, 3])
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Image file -> (H, W) uint8 mono or (H, W, 3) uint8 RGB (16-bit mono stays uint16)."""
+    with Image.open(path) as im:
+        if im.mode in ("L", "I;16", "I;16B", "I;16L"):
+            return np.asarray(im)
+        if im.mode == "LA" or (im.mode == "P" and not _palette_has_colour(im)):
+            return np.asarray(im.convert("L"))
+        return np.asarray(im.convert("RGB"))
+
+
+def _palette_has_colour(im: Image.Image) -> bool:
+    pal = np.asarray(im.convert("RGB"))
+    return not (np.array_equal(pal[..., 0], pal[..., 1]) and np.array_equal(pal[..., 1], pal[..., 2]))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding."""
+    with Image.open(path) as im:
+        return im.size
+
+
+def _view(calib: CameraCalibration, image_path: Path, stamp_ns: int) -> CameraView:
+    return CameraView(name=calib.name, image=read_image(image_path), camera=calib.camera,
+                      T_cam_lidar=calib.T_cam_lidar, stamp_ns=stamp_ns, frame_id=calib.frame_id)
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise SensorDataError(f"{what} not found: {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- SemanticKITTI
+
+
+def iter_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | None = None,
+                       images: bool = True) -> Iterator[Frame]:
+    """Frames of one sequence folder (``.../sequences/00``), or of every sequence under a dataset root.
+
+    Points, intensity, ground truth from ``labels/`` when present, stamps from ``times.txt``, and one
+    CameraView per ``image_k`` folder (``images=False`` skips them, e.g. for lidar-only evaluation).
+    """
+    seq_dir = Path(seq_dir)
+    if not (seq_dir / "velodyne").is_dir() and (seq_dir / "sequences").is_dir():
+        for sub in sorted(p for p in (seq_dir / "sequences").iterdir() if (p / "velodyne").is_dir()):
+            yield from iter_semantickitti(sub, scans, images)
+        return
+    velodyne = _require(seq_dir / "velodyne", "SemanticKITTI velodyne folder")
+    names = sorted(p.stem for p in velodyne.glob("*.bin"))
+    if scans is not None:
+        wanted = {f"{int(s):06d}" for s in scans}
+        missing = wanted - set(names)
+        if missing:
+            raise SensorDataError(f"{velodyne}: no scan(s) {sorted(missing)}")
+        names = [n for n in names if n in wanted]
+    stamps = _semantickitti_times(seq_dir / "times.txt")
+    cam_dirs = sorted(p for p in seq_dir.glob("image_[0-3]") if p.is_dir()) if images else []
+    calibs = _semantickitti_calibs(seq_dir, cam_dirs)
+    for name in names:
+        index = int(name)
+        if stamps is not None and index >= len(stamps):
+            raise SensorDataError(f"{seq_dir / 'times.txt'}: no time for scan {name} ({len(stamps)} lines)")
+        stamp = int(stamps[index]) if stamps is not None else index * KITTI_PERIOD_NS
+        xyz, intensity = read_points(velodyne / f"{name}.bin", 4)
+        frame = Frame(stamp_ns=stamp, frame_id="velodyne", points=xyz, intensity=intensity,
+                      key=f"{seq_dir.name}_{name}", gt_labels=_semantickitti_labels(seq_dir, name, len(xyz)))
+        missing = []
+        for cam_dir in cam_dirs:
+            image_path = cam_dir / f"{name}.png"
+            if image_path.exists():
+                frame.cameras[cam_dir.name] = _view(calibs[cam_dir.name], image_path, stamp)
+            else:
+                missing.append(cam_dir.name)
+        frame.missing_cameras = tuple(missing)
+        yield frame
+
+
+def load_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | None = None,
+                       images: bool = True) -> list[Frame]:
+    return list(iter_semantickitti(seq_dir, scans, images))
+
+
+def _semantickitti_times(path: Path) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    try:
+        seconds = np.loadtxt(path, dtype=np.float64, ndmin=1)
+    except ValueError as exc:
+        raise SensorDataError(f"{path}: not one time in seconds per line ({exc})") from exc
+    return np.round(seconds * 1e9).astype(np.int64)
+
+
+def _semantickitti_calibs(seq_dir: Path, cam_dirs: list[Path]) -> dict[str, CameraCalibration]:
+    """Calibration of each camera folder; the image size is fixed per sequence, read from one file header."""
+    calibs = {}
+    for cam_dir in cam_dirs:
+        sample = next(iter(sorted(cam_dir.glob("*.png"))), None)
+        if sample is not None:
+            calibs.update(read_semantickitti_calib(seq_dir / "calib.txt", image_size(sample), (cam_dir.name,)))
+    return calibs
+
+
+def _semantickitti_labels(seq_dir: Path, name: str, n: int) -> np.ndarray | None:
+    path = seq_dir / "labels" / f"{name}.label"
+    if not path.exists():
+        return None
+    labels = np.fromfile(path, dtype=np.uint32)
+    if labels.size != n:
+        raise SensorDataError(f"{path}: {labels.size} labels for {n} points")
+    return labels
+
+
+@dataclass(frozen=True)
+class SemanticKittiConfig:
+    """semantic-kitti.yaml: raw label names and colours, the 19-class learning map and its inverse."""
+
+    labels: dict[int, str]  # raw id -> name
+    learning_map: dict[int, int]  # raw id -> class 0..19 (0 = ignored)
+    learning_map_inv: dict[int, int]  # class -> raw id
+    colors: dict[int, tuple[int, int, int]]  # raw id -> RGB (the file stores BGR)
+    learning_ignore: dict[int, bool]
+    class_names: tuple[str, ...]  # class k (1..19) is class_names[k - 1]
+    things: tuple[str, ...]  # class names that have instances
+
+    def learning_lut(self) -> np.ndarray:
+        """Lookup table raw semantic id -> class, for ``lut[labels & 0xFFFF]``."""
+        lut = np.zeros(max(self.learning_map) + 1, dtype=np.uint16)
+        for raw, cls in self.learning_map.items():
+            lut[raw] = cls
+        return lut
+
+
+def read_semantickitti_config(yaml_path: str | os.PathLike) -> SemanticKittiConfig:
+    try:
+        with open(yaml_path) as f:
+            data = yaml.safe_load(f)
+        labels = {int(k): str(v) for k, v in data["labels"].items()}
+        learning_map = {int(k): int(v) for k, v in data["learning_map"].items()}
+        inv = {int(k): int(v) for k, v in data["learning_map_inv"].items()}
+        colors = {int(k): (int(v[2]), int(v[1]), int(v[0])) for k, v in data["color_map"].items()}
+        ignore = {int(k): bool(v) for k, v in data.get("learning_ignore", {}).items()}
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError) as exc:
+        raise SensorDataError(f"cannot read SemanticKITTI config {yaml_path}: {exc!r}") from exc
+    class_names = tuple(labels[inv[k]] for k in sorted(inv) if k > 0)
+    return SemanticKittiConfig(labels=labels, learning_map=learning_map, learning_map_inv=inv, colors=colors,
+                               learning_ignore=ignore, class_names=class_names,
+                               things=tuple(n for n in class_names if n in SEMANTICKITTI_THINGS))
+
+
+# -------------------------------------------------------------------------------------------- KITTI object
+
+
+def iter_kitti_object(root: str | os.PathLike, camera: str = "image_2") -> Iterator[Frame]:
+    """KITTI object frames (``root`` or ``root/training``): full scans with the colour camera."""
+    root = Path(root)
+    if not (root / "velodyne").is_dir() and (root / "training" / "velodyne").is_dir():
+        root = root / "training"
+    velodyne = _require(root / "velodyne", "KITTI object velodyne folder")
+    for i, path in enumerate(sorted(velodyne.glob("*.bin"))):
+        name, stamp = path.stem, i * KITTI_PERIOD_NS
+        xyz, intensity = read_points(path, 4)
+        frame = Frame(stamp_ns=stamp, frame_id="velodyne", points=xyz, intensity=intensity, key=name)
+        image_path = root / camera / f"{name}.png"
+        if image_path.exists():
+            calib = read_kitti_object_calib(_require(root / "calib" / f"{name}.txt", "KITTI object calibration"),
+                                            image_size(image_path), camera)
+            frame.cameras[camera] = _view(calib, image_path, stamp)
+        else:
+            frame.missing_cameras = (camera,)
+        yield frame
+
+
+def load_kitti_object(root: str | os.PathLike) -> list[Frame]:
+    return list(iter_kitti_object(root))
+
+
+# ----------------------------------------------------------------------------------------------- nuScenes
+
+
+def iter_nuscenes(root: str | os.PathLike) -> Iterator[Frame]:
+    """The nuScenes sample in ``root`` (``calib.json`` + files): LIDAR_TOP sweep and its six cameras, each
+    CameraView stamped with its own capture time; the lidar stamp comes from the LIDAR_TOP file name."""
+    root = Path(root)
+    calib_path = _require(root / "calib.json", "nuScenes calib.json")
+    data = load_calibration_json(calib_path)
+    lidar_path = _require(root / Path(str(data.get("lidar_path", ""))).name, "nuScenes LIDAR_TOP file")
+    stamp = nuscenes_stamp_from_name(lidar_path.name) or nuscenes_stamp_ns(data["timestamp"])
+    xyz, intensity = read_points(lidar_path, 5)
+    frame = Frame(stamp_ns=stamp, frame_id="LIDAR_TOP", points=xyz, intensity=intensity,
+                  key=str(data.get("sample_token") or stamp))
+    calibs = read_nuscenes_calib(calib_path)
+    missing = []
+    for name, calib in calibs.items():
+        image_path = root / Path(str(data["cams"][name].get("img_path", ""))).name
+        if image_path.is_file():
+            frame.cameras[name] = _view(calib, image_path, int(calib.stamp_ns))
+        else:
+            missing.append(name)
+    frame.missing_cameras = tuple(missing)
+    yield frame
+
+
+def load_nuscenes(root: str | os.PathLike) -> list[Frame]:
+    return list(iter_nuscenes(root))
+
+
+# ------------------------------------------------------------------------------------------ KITTI frustum
+
+
+def iter_kitti_frustum(root: str | os.PathLike) -> Iterator[Frame]:
+    """The frustum-cropped KITTI sample(s) in ``root``: ``<id>.bin`` + ``<id>.png`` + ``calib.json``."""
+    root = Path(root)
+    calib_path = _require(root / "calib.json", "KITTI frustum calib.json")
+    for i, path in enumerate(sorted(root.glob("*.bin"))):
+        image_path = _require(path.with_suffix(".png"), "KITTI frustum image")
+        calib = read_kitti_frustum_calib(calib_path, image_size(image_path))
+        xyz, intensity = read_points(path, 4)
+        frame = Frame(stamp_ns=i * KITTI_PERIOD_NS, frame_id="velodyne", points=xyz, intensity=intensity,
+                      key=path.stem)
+        frame.cameras[calib.name] = _view(calib, image_path, frame.stamp_ns)
+        yield frame
+
+
+def load_kitti_frustum(root: str | os.PathLike) -> list[Frame]:
+    return list(iter_kitti_frustum(root))
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def find_dataset(path: str | os.PathLike) -> str:
+    """Which dataset layout ``path`` holds: one of DATASET_KINDS (SensorDataError when none)."""
+    path = Path(path)
+    if (path / "velodyne").is_dir() and (path / "calib.txt").is_file():
+        return "semantickitti"
+    if (path / "sequences").is_dir() and any((p / "velodyne").is_dir() for p in (path / "sequences").iterdir()):
+        return "semantickitti"
+    for base in (path, path / "training"):
+        if (base / "velodyne").is_dir() and (base / "calib").is_dir():
+            return "kitti_object"
+    calib = path / "calib.json"
+    if calib.is_file():
+        data = load_calibration_json(calib)
+        if "cams" in data and "lidar_path" in data:
+            return "nuscenes"
+        if "lidar2img" in data and "P2" in data:
+            return "kitti_frustum"
+    raise SensorDataError(f"{path}: not a dataset folder sal_ros reads ({', '.join(DATASET_KINDS)})")
+
+
+def iter_frames(path: str | os.PathLike, **kwargs: Any) -> Iterator[Frame]:
+    """Frames of any supported dataset folder, read lazily one at a time."""
+    readers = {"semantickitti": iter_semantickitti, "kitti_object": iter_kitti_object,
+               "nuscenes": iter_nuscenes, "kitti_frustum": iter_kitti_frustum}
+    return readers[find_dataset(path)](path, **kwargs)
