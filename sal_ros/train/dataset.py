@@ -15,6 +15,7 @@ number of workers or DDP ranks.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -179,3 +180,89 @@ class DistillDataset:
 def collate(samples: list[Sample]) -> list[Sample]:
     """Batches stay lists of samples: point counts differ and the sparse model takes a list of clouds."""
     return list(samples)
+
+
+# ---------------------------------------------------------------------------------------------- sources
+def camera_frustum(frame, min_depth: float = 1.0) -> np.ndarray:
+    """(N,) bool: the point projects into at least one of the frame's camera images."""
+    from sal_ros.core.camera import project_points
+
+    inside = np.zeros(frame.num_points, bool)
+    for view in frame.cameras.values():
+        inside |= project_points(frame.points, view.T_cam_lidar, view.camera, min_depth).valid
+    return inside
+
+
+def ground_truth_scan(frame, label_set, class_tokens: np.ndarray, in_frustum: np.ndarray | None = None) -> LabeledScan:
+    """Oracle pseudo-labels from ground truth, restricted to the camera frustum (as real pseudo-labels are).
+
+    Each thing instance and each stuff class present becomes one pseudo-instance; its token is
+    ``class_tokens[class_id - 1]`` (e.g. the CLIP text embedding of the class name), so a student trained on
+    these learns the zero-shot path end to end. Ignore-class points stay unlabeled.
+    """
+    if frame.gt_labels is None:
+        raise SensorDataError(f"frame {frame.key} has no ground-truth labels")
+    sem, seg = label_set.split(frame.gt_labels)
+    inside = camera_frustum(frame) if in_frustum is None else np.asarray(in_frustum, bool)
+    # things: one instance per ground-truth segment; stuff: one per class (lane-marking joins road)
+    key = np.where(label_set.thing_mask[sem], sem * (1 << 32) + seg, sem * (1 << 32))
+    labelled = inside & (sem > 0)
+    uniq, inverse = np.unique(key[labelled], return_inverse=True)
+    instance = np.zeros(frame.num_points, np.int64)
+    instance[labelled] = inverse.reshape(-1) + 1
+    tokens = np.asarray(class_tokens, np.float32)[uniq // (1 << 32) - 1]
+    intensity = frame.intensity if frame.intensity is not None else np.zeros(frame.num_points, np.float32)
+    return LabeledScan(frame.key, frame.points, np.asarray(intensity, np.float32), instance, tokens, inside)
+
+
+def _frames(path: Path, bag_config: str | None = None):
+    """Frames of a dataset folder (sal_ros.data.datasets) or of a rosbag2 (through the node's synchronizer)."""
+    from sal_ros.data.datasets import find_dataset, iter_frames
+
+    try:
+        find_dataset(path)
+    except SensorDataError:
+        from sal_ros.data.bag import iter_bag_frames
+
+        return iter_bag_frames(path, config=bag_config) if bag_config else iter_bag_frames(path)
+    return iter_frames(path)
+
+
+def load_scans(sources: list[dict], base: str | Path = ".") -> list[LabeledScan]:
+    """Training scans from config ``sources`` entries (paths relative to ``base``, the config's folder):
+
+    - ``{frames: <SemanticKITTI sequence dir | rosbag2>, pseudolabels: <dir of <key>.npz>}``: engine output;
+    - ``{frames: ..., oracle: semantickitti}``: ground-truth oracle (``ground_truth_scan``) with tokens from the
+      text encoder of ``text_encoder`` (a sal_ros.model.vocabulary.TextEncoder config dict).
+    """
+    from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
+
+    scans: list[LabeledScan] = []
+    for src in sources:
+        frames_path = Path(base) / src["frames"]
+        frames = list(_frames(frames_path, src.get("bag_config")))
+        if src.get("oracle"):
+            from sal_ros.eval.labels import get_label_set
+
+            label_set = get_label_set(src["oracle"])
+            tokens = class_text_tokens(label_set.class_names, src.get("text_encoder") or {})
+            scans += [ground_truth_scan(f, label_set, tokens) for f in frames]
+            continue
+        pl_dir = Path(base) / src["pseudolabels"]
+        for frame in frames:
+            path = pseudolabel_path(pl_dir, frame.key)
+            if not path.exists():
+                continue  # frames without pseudo-labels (e.g. no camera match) are not trained on
+            scans.append(scan_from_pseudolabels(frame, load_pseudolabels(path, frame.num_points)))
+    if not scans:
+        raise SensorDataError(f"no training scans found in {[s.get('frames') for s in sources]}")
+    return scans
+
+
+def class_text_tokens(class_names, encoder_cfg: dict) -> np.ndarray:
+    """(C, D) L2-normalized text embeddings of the class names (the oracle's pseudo-label tokens)."""
+    from sal_ros.model.vocabulary import TextEncoder
+
+    encoder = TextEncoder(**encoder_cfg)
+    emb = np.asarray(encoder.encode([n.replace("-", " ").replace("_", " ") for n in class_names]), np.float32)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)
