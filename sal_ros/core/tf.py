@@ -1,0 +1,133 @@
+"""Where lidar->camera extrinsics come from: a tf2 buffer on a robot, or fixed calibrations (YAML, datasets).
+
+Both implement ``ExtrinsicsSource.lookup(camera_frame, lidar_frame, stamp_ns)``: ``T_cam_lidar`` (4x4 float64)
+at the cloud stamp, or None when it is not (yet) available. A lookup never blocks: callers run it on the
+sync path and drop or defer the camera when it returns None.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
+from sal_ros.core.transforms import transform_msg_to_matrix
+
+_EARLIEST = 1  # ns; only a static chain has a transform this early (a dynamic one would extrapolate)
+
+
+@runtime_checkable
+class ExtrinsicsSource(Protocol):
+    def lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
+        """T_cam_lidar at ``stamp_ns``, or None when not available; never blocks."""
+        ...
+
+
+class StaticExtrinsics:
+    """Fixed calibrations, matched by camera frame id (or camera name) and lidar frame id; time-independent."""
+
+    def __init__(self, calibs: Mapping[str, CameraCalibration] | Iterable[CameraCalibration]) -> None:
+        items = list(calibs.values()) if isinstance(calibs, Mapping) else list(calibs)
+        self._by_frame: dict[tuple[str, str], np.ndarray] = {}
+        for c in items:
+            T = np.array(c.T_cam_lidar, dtype=np.float64)
+            T.setflags(write=False)  # shared with every caller; nobody may edit the calibration in place
+            self._by_frame[(c.frame_id, c.lidar_frame_id)] = T
+            self._by_frame.setdefault((c.name, c.lidar_frame_id), T)
+        self.calibrations = {c.name: c for c in items}
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "StaticExtrinsics":
+        return cls(read_static_extrinsics(path))
+
+    def lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int = 0) -> np.ndarray | None:
+        return self._by_frame.get((camera_frame, lidar_frame))
+
+
+class Tf2Unavailable(ImportError):
+    """tf2_ros cannot be imported (no ROS 2 install sourced)."""
+
+
+def _import_tf2() -> Any:
+    try:
+        import tf2_ros
+    except ImportError as exc:
+        raise Tf2Unavailable(
+            "extrinsics from TF need tf2_ros, which is not importable here "
+            f"({exc}); source a ROS 2 install that has it (apt: ros-<distro>-tf2-ros), or set "
+            "calibration.source to 'static' with a static-extrinsics YAML (see sal_ros.core.calibration)"
+        ) from exc
+    return tf2_ros
+
+
+class Tf2Extrinsics:
+    """Extrinsics from /tf and /tf_static through a tf2 buffer filled by a listener on ``node``.
+
+    Lookups use zero timeout at the cloud stamp. A frame pair whose chain is all static is cached once found.
+    With ``allow_latest`` a stamp the buffer cannot serve yet (extrapolation) falls back to the latest
+    transform, which is only right for rigs whose camera-lidar chain does not move.
+    """
+
+    def __init__(self, node: Any, cache_time_s: float = 10.0, allow_latest: bool = False) -> None:
+        tf2_ros = _import_tf2()
+        from rclpy.duration import Duration
+
+        self._tf2 = tf2_ros
+        self._clock_type = node.get_clock().clock_type
+        self.buffer = tf2_ros.Buffer(cache_time=Duration(seconds=float(cache_time_s)), node=node)
+        self.listener = tf2_ros.TransformListener(self.buffer, node, spin_thread=False)
+        self.allow_latest = allow_latest
+        self._static: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.last_error: dict[tuple[str, str], str] = {}  # why the last lookup of a pair failed, for warnings
+
+    def lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
+        pair = (camera_frame, lidar_frame)
+        with self._lock:
+            cached = self._static.get(pair)
+        if cached is not None:
+            return cached
+        T = self._lookup_at(pair, stamp_ns)
+        if T is None and self.allow_latest:
+            T = self._lookup_at(pair, 0)  # tf2: time 0 = latest common time
+        if T is not None and self._lookup_at(pair, _EARLIEST, record=False) is not None:
+            T.setflags(write=False)
+            with self._lock:
+                self._static[pair] = T
+        return T
+
+    def _lookup_at(self, pair: tuple[str, str], stamp_ns: int, record: bool = True) -> np.ndarray | None:
+        from rclpy.time import Time
+
+        when = Time(nanoseconds=int(stamp_ns), clock_type=self._clock_type)
+        try:
+            msg = self.buffer.lookup_transform(pair[0], pair[1], when)
+        except self._tf2.TransformException as exc:
+            if record:
+                self.last_error[pair] = str(exc)
+            return None
+        return transform_msg_to_matrix(msg)
+
+
+def make_extrinsics_source(
+    kind: str,
+    *,
+    node: Any = None,
+    calibs: Mapping[str, CameraCalibration] | Iterable[CameraCalibration] | None = None,
+    path: str | None = None,
+    cache_time_s: float = 10.0,
+    allow_latest: bool = False,
+) -> ExtrinsicsSource:
+    """``"tf"``: a Tf2Extrinsics on ``node``; ``"static"``: StaticExtrinsics from ``calibs`` or the YAML ``path``."""
+    if kind == "tf":
+        if node is None:
+            raise ValueError("extrinsics source 'tf' needs a node")
+        return Tf2Extrinsics(node, cache_time_s=cache_time_s, allow_latest=allow_latest)
+    if kind == "static":
+        if calibs is not None:
+            return StaticExtrinsics(calibs)
+        if path:
+            return StaticExtrinsics.from_yaml(path)
+        raise ValueError("extrinsics source 'static' needs calibs or a YAML path")
+    raise ValueError(f"unknown extrinsics source {kind!r} (expected 'tf' or 'static')")
