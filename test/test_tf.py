@@ -110,4 +110,5 @@ def test_tf2_dynamic_chain_at_the_cloud_stamp(tf_node):
     latest = make_extrinsics_source("tf", node=tf_node, allow_latest=True)
     latest.buffer.set_transform(_stamped("cam_optical", "lidar", make_transform(np.eye(3), [1, 0, 0]), t0), "t")
     np.testing.assert_allclose(latest.lookup("cam_optical", "lidar", t0 + 10**9)[:3, 3], [1, 0, 0])
-    assert ("cam_optical", "lidar") not in source._static
+    assert ("cam_optical", "lidar") not in source._static and ("cam_optical", "lidar") not in latest._static
+    assert ("cam_optical", "lidar") in source.last_error and not latest.last_error

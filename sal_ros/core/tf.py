@@ -91,6 +91,8 @@ class Tf2Extrinsics:
         T = self._lookup_at(pair, stamp_ns)
         if T is None and self.allow_latest:
             T = self._lookup_at(pair, 0)  # tf2: time 0 = latest common time
+        if T is not None:
+            self.last_error.pop(pair, None)
         if T is not None and self._lookup_at(pair, _EARLIEST, record=False) is not None:
             T.setflags(write=False)
             with self._lock:
