@@ -34,7 +34,7 @@ def test_intersections_match_bruteforce():
     rng = np.random.default_rng(0)
     masks = rng.random((5, 30, 50)) < 0.3
     expect = np.array([[np.sum(a & b) for b in masks] for a in masks])
-    np.testing.assert_array_equal(pairwise_intersections(masks, chunk=333), expect)
+    np.testing.assert_array_equal(pairwise_intersections(Masks(masks, np.ones(5))), expect)
 
 
 def test_label_image_smaller_mask_wins():
@@ -109,3 +109,13 @@ def test_sam_random_weights_small(image):
     _check(masks, image)
     with pytest.raises(ValueError, match="1024"):
         SamMasks("vit_b", "weights.pth", image_size=128)
+
+
+def test_ids_at_agrees_with_label_image():
+    rng = np.random.default_rng(3)
+    masks = Masks(rng.random((6, 20, 30)) < 0.2, np.ones(6))
+    rows, cols = rng.integers(0, 20, 200), rng.integers(0, 30, 200)
+    np.testing.assert_array_equal(masks.ids_at(rows, cols), label_image(masks)[rows, cols])
+    assert masks.bboxes()[0].tolist() == [
+        np.flatnonzero(masks.masks[0].any(1))[0], np.flatnonzero(masks.masks[0].any(1))[-1] + 1,
+        np.flatnonzero(masks.masks[0].any(0))[0], np.flatnonzero(masks.masks[0].any(0))[-1] + 1]

@@ -48,15 +48,18 @@ def test_dbscan_replace_fixes_bleeding_and_fills_holes():
     inst = np.zeros(len(pts), np.int64)
     inst[car[:600]] = 1  # the mask missed a quarter of the car ...
     inst[van[:40]] = 1  # ... and bled onto the van
-    inst[np.arange(0, 100)] = 1  # and onto the ground
+    inst[np.arange(0, 100)] = 1  # and onto the ground (ground points are never clustered: they keep it)
     inst[van[100:]] = 2
     cfg = RefineConfig(eps=(0.3, 0.6), min_samples=3, iou_threshold=0.5)
     out = dbscan_refine(pts, inst, np.ones(len(pts), bool), cfg)
     assert np.all(out[car] == 1) and np.all(out[van] == 2)
-    assert np.all(out[:ng] == 0)
+    assert np.all(out[100:ng] == 0) and np.all(out[:100] == 1)
     filt = dbscan_refine(pts, inst, np.ones(len(pts), bool), RefineConfig(eps=(0.3, 0.6), mode="filter"))
     assert np.all(filt[car[:600]] == 1) and np.all(filt[car[600:]] == 0)  # filter removes, never adds
-    assert np.all(filt[van[:40]] == 0) and np.all(filt[:100] == 0)
+    assert np.all(filt[van[:40]] == 0)
+    # Without ground removal the ground is one big cluster: the bleed onto it is removed too.
+    no_ground = RefineConfig(eps=(0.3, 0.6), remove_ground=False)
+    assert np.all(dbscan_refine(pts, inst, np.ones(len(pts), bool), no_ground)[:100] != 1)
     # Clusters only come from candidate points: outside them nothing is added.
     cand = np.ones(len(pts), bool)
     cand[car[600:]] = False

@@ -31,9 +31,13 @@ METHODS = ("mask_attention", "dense", "crop")
 class ClipTokenEncoder:
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = None, device: str = "cpu",
                  method: str = "mask_attention", short_side: int | None = None, max_long_side: int = 1024,
-                 mask_layers: int | None = None, crop_margin: float = 0.1, model=None) -> None:
+                 mask_layers: int | None = None, crop_margin: float = 0.1, model=None,
+                 model_config: str | None = None) -> None:
         import open_clip
         import torch
+
+        if model_config:  # a custom architecture (json file or folder of them) next to the shipped ones
+            open_clip.add_model_config(model_config)
 
         if method not in METHODS:
             raise ValueError(f"unknown token method {method!r}; known: {', '.join(METHODS)}")
@@ -94,7 +98,7 @@ class ClipTokenEncoder:
 
     def _pixels(self, rgb: np.ndarray, size: tuple[int, int]):
         torch = self.torch
-        x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.from_numpy(np.ascontiguousarray(rgb).copy()).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std
 
@@ -119,14 +123,14 @@ class ClipTokenEncoder:
     def coverage(self, masks: Masks, grid: tuple[int, int]) -> np.ndarray:
         """(M, P) fraction of each patch's pixels inside each mask (P = rows * cols, row-major)."""
         m, h, w = masks.masks.shape
-        rows = (np.arange(h) * grid[0] // h).astype(np.int64)
-        cols = (np.arange(w) * grid[1] // w).astype(np.int64)
+        rows = np.arange(h) * grid[0] // h
+        cols = np.arange(w) * grid[1] // w
         patch_of = (rows[:, None] * grid[1] + cols[None, :]).reshape(-1)
         p = grid[0] * grid[1]
         per_patch = np.bincount(patch_of, minlength=p).astype(np.float32)
         flat = masks.masks.reshape(m, -1)
         cov = np.stack([np.bincount(patch_of[f], minlength=p) for f in flat]).astype(np.float32)
-        return cov / per_patch.clip(min=1)
+        return cov / np.maximum(per_patch, 1)
 
     def _encode_dense(self, rgb: np.ndarray, masks: Masks):
         torch = self.torch

@@ -30,7 +30,7 @@ from sal_ros.data.pseudolabels import (TMP_PREFIX, PseudoLabels, load_pseudolabe
                                        save_pseudolabels)
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
-from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks, label_image, mask_source_identity
+from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks, mask_source_identity
 from sal_ros.pseudolabel.refine import RefineConfig, compact, dbscan_refine
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def label_from_masks(frame, masks: dict[str, Masks], tokens: dict[str, np.ndarra
     for name in names:
         view, m = frame.cameras[name], masks[name]
         px = point_pixels(frame.points, view, lift)
-        mask_id, seen = lift_labels(px, label_image(m), n)
+        mask_id, seen = lift_labels(px, m, n)
         tok = tokens[name] if tokens is not None else np.zeros((len(m), token_dim), np.float32)
         lifts.append(CameraLift(name, mask_id, seen, in_image(px, n), tok, m.scores, m.areas))
     t1 = time.perf_counter()
@@ -163,13 +163,22 @@ class PseudoLabeler:
 # --- frame sources -----------------------------------------------------------------------------------------------
 
 class FrameSource:
-    """Keys and frames of one dataset folder, loaded lazily and cached per process."""
+    """Keys and frames of a dataset folder (any layout sal_ros.data.datasets reads) or a FrameStore.
+
+    SemanticKITTI scans are read one at a time by key (workers never load a whole sequence); the small sample
+    layouts (nuScenes, KITTI object, frustum) are read once per process and cached.
+    """
 
     def __init__(self, path: str | Path) -> None:
+        from sal_ros.data.datasets import find_dataset
+
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"dataset {self.path} does not exist")
-        self.kind = detect_kind(self.path)
+        try:
+            self.kind = find_dataset(self.path)
+        except SensorDataError:
+            self.kind = "framestore"
         self._frames: dict | None = None
         self._store = None
 
@@ -178,29 +187,40 @@ class FrameSource:
         """Where pseudo-labels go without --out: inside a FrameStore; raw dataset folders stay untouched."""
         return self.path / "pseudolabels" if self.kind == "framestore" else None
 
-    def _load_all(self) -> dict:
-        if self._frames is None:
-            from sal_ros.data import datasets
-
-            if self.kind == "semantickitti":
-                frames = datasets.load_semantickitti(self.path)
-            elif self.kind == "semantickitti_root":
-                frames = [f for seq in sorted((self.path / "sequences").iterdir()) if (seq / "velodyne").is_dir()
-                          for f in datasets.load_semantickitti(seq)]
-            else:
-                frames = datasets.load_nuscenes(self.path)
-            self._frames = {f.key: f for f in frames}
-        return self._frames
+    def _sequences(self) -> list[Path]:
+        if (self.path / "velodyne").is_dir():
+            return [self.path]
+        return sorted(p for p in (self.path / "sequences").iterdir() if (p / "velodyne").is_dir())
 
     def keys(self) -> list[str]:
         if self.kind == "framestore":
             return list(self._framestore().keys())
-        return list(self._load_all())
+        if self.kind == "semantickitti":
+            return [f"{seq.name}_{p.stem}" for seq in self._sequences() for p in sorted(seq.glob("velodyne/*.bin"))]
+        return list(self._cached())
 
     def load(self, key: str):
         if self.kind == "framestore":
             return self._framestore().load(key)
-        return self._load_all()[key]
+        if self.kind == "semantickitti":
+            from sal_ros.data.datasets import iter_semantickitti
+
+            seq, _, scan = key.rpartition("_")
+            seq_dir = {s.name: s for s in self._sequences()}.get(seq)
+            if seq_dir is None:
+                raise KeyError(f"{self.path}: no sequence for frame key {key!r}")
+            return next(iter(iter_semantickitti(seq_dir, scans=[scan])))
+        try:
+            return self._cached()[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no frame {key!r}") from None
+
+    def _cached(self) -> dict:
+        if self._frames is None:
+            from sal_ros.data.datasets import iter_frames
+
+            self._frames = {f.key: f for f in iter_frames(self.path)}
+        return self._frames
 
     def _framestore(self):
         if self._store is None:
@@ -208,16 +228,6 @@ class FrameSource:
 
             self._store = FrameStore(self.path)
         return self._store
-
-
-def detect_kind(path: Path) -> str:
-    if (path / "velodyne").is_dir() and (path / "calib.txt").is_file():
-        return "semantickitti"
-    if (path / "sequences").is_dir():
-        return "semantickitti_root"
-    if (path / "calib.json").is_file() and any(path.glob("*LIDAR_TOP*")):
-        return "nuscenes"
-    return "framestore"
 
 
 # --- runs --------------------------------------------------------------------------------------------------------

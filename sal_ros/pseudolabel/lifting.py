@@ -80,13 +80,15 @@ def point_pixels(points: np.ndarray, view, config: LiftConfig = LiftConfig()) ->
     return PointPixels(index, u, v, depth, visible(u, v, depth, view.image.shape[:2], config))
 
 
-def lift_labels(pixels: PointPixels, labels: np.ndarray, num_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per point of the frame: (mask id (N,) int32, -1 = none; visible (N,) bool) from an (H, W) label image."""
+def lift_labels(pixels: PointPixels, masks, num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per point of the frame: (mask id (N,) int32, -1 = none; visible (N,) bool) from ``Masks``
+    (sal_ros.pseudolabel.masks; overlapping masks: the smaller wins) or an (H, W) int label image."""
     mask_id = np.full(num_points, -1, np.int32)
     seen = np.zeros(num_points, bool)
     keep = pixels.visible
     idx = pixels.index[keep]
-    mask_id[idx] = labels[pixels.v[keep], pixels.u[keep]]
+    rows, cols = pixels.v[keep], pixels.u[keep]
+    mask_id[idx] = masks.ids_at(rows, cols) if hasattr(masks, "ids_at") else masks[rows, cols]
     seen[idx] = True
     return mask_id, seen
 

@@ -32,13 +32,32 @@ class Masks:
         self.scores = np.asarray(self.scores, np.float32).reshape(-1)
         if self.masks.ndim != 3 or self.masks.shape[0] != self.scores.size:
             raise ValueError(f"masks {self.masks.shape} and scores {self.scores.shape} disagree")
+        self.areas = self.masks.sum(axis=(1, 2), dtype=np.int64)  # (M,) pixels, used everywhere: once
 
     def __len__(self) -> int:
         return int(self.masks.shape[0])
 
-    @property
-    def areas(self) -> np.ndarray:
-        return self.masks.sum(axis=(1, 2), dtype=np.int64)
+    def bboxes(self) -> np.ndarray:
+        """(M, 4) int64 row0, row1, col0, col1 (exclusive ends); empty masks get (0, 0, 0, 0)."""
+        rows, cols = self.masks.any(axis=2), self.masks.any(axis=1)
+        out = np.zeros((len(self), 4), np.int64)
+        has = self.areas > 0
+        h, w = self.masks.shape[1:]
+        out[has, 0] = rows[has].argmax(1)
+        out[has, 1] = h - rows[has][:, ::-1].argmax(1)
+        out[has, 2] = cols[has].argmax(1)
+        out[has, 3] = w - cols[has][:, ::-1].argmax(1)
+        return out
+
+    def ids_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(P,) int32 mask index at the given pixels, -1 = none; where masks overlap the smaller one wins
+        (the same rule as ``label_image``), reading only those pixels."""
+        if len(self) == 0 or len(rows) == 0:
+            return np.full(len(rows), -1, np.int32)
+        hits = self.masks[:, rows, cols]  # (M, P)
+        area = np.where(hits, self.areas[:, None], np.iinfo(np.int64).max)
+        best = area.argmin(0)
+        return np.where(hits.any(0), best, -1).astype(np.int32)
 
     @classmethod
     def empty(cls, height: int, width: int) -> "Masks":
@@ -70,15 +89,21 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def pairwise_intersections(masks: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """(M, M) pixel counts of pairwise mask intersections, by chunked float matmul (BLAS, bounded memory)."""
-    m = masks.shape[0]
-    flat = masks.reshape(m, -1)
-    inter = np.zeros((m, m), np.float64)
-    for s in range(0, flat.shape[1], chunk):
-        block = flat[:, s:s + chunk].astype(np.float32)
-        inter += block @ block.T
-    return np.rint(inter).astype(np.int64)
+def pairwise_intersections(masks: Masks) -> np.ndarray:
+    """(M, M) pixel counts of pairwise mask intersections, counted only where bounding boxes overlap (most
+    pairs of a full-resolution mask set never touch)."""
+    m = len(masks)
+    box = masks.bboxes()
+    inter = np.zeros((m, m), np.int64)
+    np.fill_diagonal(inter, masks.areas)
+    r0 = np.maximum(box[:, None, 0], box[None, :, 0])
+    r1 = np.minimum(box[:, None, 1], box[None, :, 1])
+    c0 = np.maximum(box[:, None, 2], box[None, :, 2])
+    c1 = np.minimum(box[:, None, 3], box[None, :, 3])
+    for i, j in zip(*np.nonzero(np.triu((r1 > r0) & (c1 > c0), 1))):
+        win = (slice(r0[i, j], r1[i, j]), slice(c0[i, j], c1[i, j]))
+        inter[i, j] = inter[j, i] = np.count_nonzero(masks.masks[i][win] & masks.masks[j][win])
+    return inter
 
 
 def flatten_masks(masks: Masks, min_overlap: float = 0.8, order: str = "area") -> Masks:
@@ -87,7 +112,7 @@ def flatten_masks(masks: Masks, min_overlap: float = 0.8, order: str = "area") -
     if len(masks) <= 1:
         return masks
     areas = masks.areas
-    inter = pairwise_intersections(masks.masks)
+    inter = pairwise_intersections(masks)
     smaller = np.minimum(areas[:, None], areas[None, :]).clip(min=1)
     overlap = inter / smaller
     if order == "area":

@@ -98,7 +98,8 @@ def _contingency(instance: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray
 def dbscan_refine(points: np.ndarray, instance: np.ndarray, candidates: np.ndarray,
                   config: RefineConfig = RefineConfig()) -> np.ndarray:
     """New (N,) instance ids: each instance with a cluster of IoU >= threshold is replaced by (or filtered to)
-    that cluster. Clusters are built from ``candidates`` points (e.g. in a camera frustum) minus the ground.
+    that cluster. Clusters are built from ``candidates`` points (e.g. in a camera frustum) minus the ground;
+    points outside them (the ground under a car, its wheels' contact) keep their lifted label.
     Instance ids keep their meaning; some may lose all points (compact afterwards)."""
     instance = np.asarray(instance, np.int64)
     cand = np.asarray(candidates, bool).copy()
@@ -132,11 +133,11 @@ def dbscan_refine(points: np.ndarray, instance: np.ndarray, candidates: np.ndarr
         for i in chosen:
             keep = np.zeros(len(points), bool)
             keep[members[int(i)]] = True
-            out[(instance == i) & ~keep] = 0
+            out[(instance == i) & ~keep & cand] = 0
         return out
     claimed = np.zeros(len(points), bool)
     for i in chosen:  # best match first: it keeps contested points
-        out[(out == i) & ~claimed] = 0
+        out[(out == i) & ~claimed & cand] = 0  # points never clustered (ground, outside) keep their label
         pts = members[int(i)]
         pts = pts[~claimed[pts]]
         out[pts] = i

@@ -1,0 +1,104 @@
+"""``sal-ros pseudolabel DATASET``: lift 2D masks and CLIP tokens onto every lidar frame of a dataset.
+
+    sal-ros pseudolabel ../shared/data/semantickitti/sequences/00 --masks sam2 \\
+        --sam2-checkpoint sam2.1_hiera_tiny.pt --clip-model ViT-B-16 --clip-pretrained openai --out pl/00
+
+DATASET is a FrameStore folder (output defaults to DATASET/pseudolabels) or a dataset folder sal_ros reads
+(SemanticKITTI sequence or root, nuScenes sample folder, KITTI object; --out required: raw data stays untouched).
+One ``<key>.npz`` per frame is written atomically; a second run skips finished frames (resume); files made with
+another configuration are refused unless --overwrite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from sal_ros.core.errors import SensorDataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", type=Path)
+    parser.add_argument("--out", type=Path, help="output folder (default DATASET/pseudolabels for a FrameStore)")
+    m = parser.add_argument_group("2D masks")
+    m.add_argument("--masks", choices=["slic", "sam", "sam2"], default="sam2")
+    m.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml", help="hydra config in sam2")
+    m.add_argument("--sam2-checkpoint", help="SAM 2 weights (.pt)")
+    m.add_argument("--sam-model-type", default="vit_h", choices=["vit_b", "vit_l", "vit_h"])
+    m.add_argument("--sam-checkpoint", help="SAM weights (.pth)")
+    m.add_argument("--image-size", type=int, help="SAM / SAM 2 input size (random weights only; speed)")
+    m.add_argument("--points-per-side", type=int, default=32, help="automatic mask generator point grid")
+    m.add_argument("--pred-iou-thresh", type=float, default=0.8)
+    m.add_argument("--stability-score-thresh", type=float, default=0.95)
+    m.add_argument("--slic-segments", type=int, default=150)
+    m.add_argument("--flatten-overlap", type=float, default=0.8, help="drop a mask this much inside a kept one")
+    t = parser.add_argument_group("CLIP tokens")
+    t.add_argument("--clip-model", default="ViT-B-16", help="open_clip model name (must match the text encoder)")
+    t.add_argument("--clip-pretrained", help="open_clip pretrained tag or weights file")
+    t.add_argument("--clip-model-config", type=Path, help="extra open_clip model config (json file or folder)")
+    t.add_argument("--token-method", choices=["mask_attention", "dense", "crop"], default="mask_attention")
+    t.add_argument("--no-tokens", action="store_true", help="instances only (tokens of dimension 0)")
+    t.add_argument("--random-weights", action="store_true",
+                   help="allow SAM/SAM 2/CLIP without weights (smoke tests only: the labels mean nothing)")
+    g = parser.add_argument_group("lifting and refinement")
+    g.add_argument("--lifting", choices=["occlusion", "naive"], default="occlusion")
+    g.add_argument("--min-depth", type=float, default=1.0)
+    g.add_argument("--fusion-iou", type=float, default=0.3, help="merge instances across cameras above this IoU")
+    g.add_argument("--no-refine", action="store_true", help="skip DBSCAN replace")
+    g.add_argument("--refine-eps", type=float, nargs="+", default=[0.3, 0.5, 0.8])
+    g.add_argument("--refine-iou", type=float, default=0.5)
+    g.add_argument("--min-points", type=int, default=5, help="drop pseudo-instances with fewer points")
+    r = parser.add_argument_group("run")
+    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--backend", choices=["local", "ray"], default="local")
+    r.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    r.add_argument("--overwrite", action="store_true", help="redo finished frames")
+    r.add_argument("--max-frames", type=int)
+    r.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace):
+    from sal_ros.pseudolabel.engine import EngineConfig
+    from sal_ros.pseudolabel.lifting import LiftConfig
+    from sal_ros.pseudolabel.refine import RefineConfig
+
+    if args.masks == "slic":
+        mask_options = {"n_segments": args.slic_segments}
+    else:
+        ckpt = args.sam2_checkpoint if args.masks == "sam2" else args.sam_checkpoint
+        if not ckpt and not args.random_weights:
+            raise ValueError(f"--masks {args.masks} needs --{args.masks}-checkpoint (or --random-weights for a "
+                             "smoke test)")
+        mask_options = {"checkpoint": ckpt, "image_size": args.image_size, "points_per_side": args.points_per_side,
+                        "pred_iou_thresh": args.pred_iou_thresh,
+                        "stability_score_thresh": args.stability_score_thresh}
+        mask_options.update({"config": args.sam2_config} if args.masks == "sam2" else
+                            {"model_type": args.sam_model_type})
+        mask_options = {k: v for k, v in mask_options.items() if v is not None}
+    if not args.no_tokens and not args.clip_pretrained and not args.random_weights:
+        raise ValueError("--clip-pretrained is needed for meaningful tokens (or --no-tokens / --random-weights)")
+    token_options = {"model_config": str(args.clip_model_config)} if args.clip_model_config else {}
+    return EngineConfig(
+        masks=args.masks, mask_options=mask_options, flatten_overlap=args.flatten_overlap, tokens=not args.no_tokens,
+        clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, token_method=args.token_method,
+        token_options=token_options,
+        lift=LiftConfig(min_depth=args.min_depth, occlusion=args.lifting == "occlusion"), fusion_iou=args.fusion_iou,
+        refine=None if args.no_refine else RefineConfig(eps=tuple(args.refine_eps), iou_threshold=args.refine_iou),
+        min_points=args.min_points, device=args.device)
+
+
+def main(args: argparse.Namespace) -> int:
+    from sal_ros.pseudolabel.engine import run
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        summary = run(args.dataset, config, args.out, workers=args.workers, backend=args.backend,
+                      overwrite=args.overwrite, max_frames=args.max_frames, progress=not args.no_progress)
+    except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"sal-ros pseudolabel: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(vars(summary)))
+    return 0 if not summary.failed else 1

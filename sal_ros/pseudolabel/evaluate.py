@@ -1,0 +1,268 @@
+"""``sal-ros eval pseudolabels``: pseudo-label quality against SemanticKITTI ground truth.
+
+Only points that project into a camera are scored (pseudo-labels exist nowhere else), ignore-class points are
+removed, and segments follow semantic-kitti-api (the whole raw label is a ground-truth segment, IoU > 0.5
+matches, unmatched segments count with >= ``min_points`` points). Reported, in percent:
+
+- ``PQ/SQ/RQ all``: class-agnostic over every ground-truth segment (things and stuff), SAL's pseudo-label metric;
+- ``PQ/SQ/RQ things``: ground-truth thing instances only; a pseudo-instance competes as a thing when most of its
+  points are thing points (an oracle thing/stuff split: the labels carry no classes);
+- ``coverage``: fraction of scored points with a pseudo-label, and of thing points.
+
+Two uses:
+
+- ``--pseudolabels DIR``: score the files a ``sal-ros pseudolabel`` run wrote (one row);
+- otherwise an ablation on the fly: mask sources (``slic``, ``oracle`` = ground-truth segments rendered into the
+  image with a z-buffer and splats, an upper bound for the masks; ``sam``/``sam2`` with ``--sam*-checkpoint``)
+  x lifting (naive, occlusion test) x DBSCAN replace (off/on). CLIP tokens play no part and are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from sal_ros.core.errors import SensorDataError
+from sal_ros.eval.panoptic import SegmentCounts, match_segments
+from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
+from sal_ros.pseudolabel.lifting import LiftConfig, project_view
+from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks
+from sal_ros.pseudolabel.refine import RefineConfig
+
+VARIANTS = {  # name: (occlusion test, DBSCAN replace)
+    "naive": (False, False),
+    "naive + DBSCAN replace": (False, True),
+    "occlusion": (True, False),
+    "occlusion + DBSCAN replace": (True, True),
+}
+
+
+@dataclass
+class PseudoLabelScore:
+    """Accumulates one configuration's counts over scans."""
+
+    all: SegmentCounts = field(default_factory=lambda: SegmentCounts.zeros(1))
+    things: SegmentCounts = field(default_factory=lambda: SegmentCounts.zeros(1))
+    points: int = 0
+    labelled: int = 0
+    thing_points: int = 0
+    thing_labelled: int = 0
+    instances: int = 0
+    scans: int = 0
+
+    def add(self, instance: np.ndarray, gt_cls: np.ndarray, gt_seg: np.ndarray, thing: np.ndarray,
+            min_points: int) -> None:
+        """One scan, restricted to scored points: pseudo-instance ids, GT class ids, GT segment ids, thing mask."""
+        inst = np.asarray(instance, np.int64)
+        one = np.ones(inst.size, np.int64)
+        self.all += match_segments(one, inst, one, gt_seg, 1, min_points, pred_valid=inst > 0)
+        thing_frac = np.bincount(inst, weights=thing, minlength=1) / np.maximum(np.bincount(inst, minlength=1), 1)
+        pred_thing = (thing_frac[inst] > 0.5).astype(np.int64)
+        self.things += match_segments(pred_thing, inst, thing.astype(np.int64), gt_seg, 1, min_points,
+                                      pred_valid=inst > 0)
+        self.points += inst.size
+        self.labelled += int((inst > 0).sum())
+        self.thing_points += int(thing.sum())
+        self.thing_labelled += int(((inst > 0) & thing).sum())
+        self.instances += int(np.unique(inst[inst > 0]).size)
+        self.scans += 1
+
+    def summary(self) -> dict:
+        out = {}
+        for name, counts in (("all", self.all), ("things", self.things)):
+            pq, sq, rq = (float(q[1]) for q in counts.quality())
+            out.update({f"pq_{name}": 100 * pq, f"sq_{name}": 100 * sq, f"rq_{name}": 100 * rq,
+                        f"tp_{name}": int(counts.tp[1]), f"fp_{name}": int(counts.fp[1]),
+                        f"fn_{name}": int(counts.fn[1])})
+        out["coverage"] = 100 * self.labelled / max(self.points, 1)
+        out["thing_coverage"] = 100 * self.thing_labelled / max(self.thing_points, 1)
+        out["instances_per_scan"] = self.instances / max(self.scans, 1)
+        out["scans"] = self.scans
+        return out
+
+
+def scored_points(frame, label_set, min_depth: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mask of scored points, GT class, GT segment, thing) for one frame; the last three over scored points."""
+    if frame.gt_labels is None:
+        raise SensorDataError(f"frame {frame.key}: no ground-truth labels to evaluate against")
+    in_cam = np.zeros(frame.num_points, bool)
+    for view in frame.cameras.values():
+        in_cam[project_view(frame.points, view, min_depth)[0]] = True
+    cls, seg = label_set.split(frame.gt_labels)
+    keep = in_cam & (cls > 0)
+    return keep, cls[keep], seg[keep], label_set.thing_mask[cls[keep]]
+
+
+def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat: tuple[int, int] = (2, 3)) -> Masks:
+    """Ground-truth segments rendered into the image: each point paints a (2*sx+1) x (2*sy+1) splat, the
+    nearest point wins each pixel (z-buffer); one mask per segment (segment 0 = paints nothing)."""
+    idx, uv, depth = project_view(frame.points, view, min_depth)
+    h, w = view.image.shape[:2]
+    sx, sy = splat
+    du, dv = np.meshgrid(np.arange(-sx, sx + 1), np.arange(-sy, sy + 1))
+    u = (uv[:, 0].astype(np.int64)[:, None] + du.reshape(1, -1)).ravel()
+    v = (uv[:, 1].astype(np.int64)[:, None] + dv.reshape(1, -1)).ravel()
+    d = np.repeat(depth, du.size)
+    s = np.repeat(segment[idx], du.size)
+    ok = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    pix, d, s = v[ok] * w + u[ok], d[ok], s[ok]
+    order = np.lexsort((d, pix))
+    first = np.r_[True, pix[order][1:] != pix[order][:-1]]
+    pix, s = pix[order][first], s[order][first]
+    pix, s = pix[s > 0], s[s > 0]
+    ids, inv = np.unique(s, return_inverse=True)
+    masks = np.zeros((ids.size, h * w), bool)
+    masks[inv, pix] = True
+    return Masks(masks.reshape(ids.size, h, w), np.ones(ids.size, np.float32))
+
+
+def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, min_depth: float,
+                 splat: tuple[int, int]) -> dict[str, Masks]:
+    if kind == "oracle":
+        cls, seg = label_set.split(frame.gt_labels)
+        seg = np.where(cls > 0, seg + 1, 0)  # +1: raw label 0 of an unlabeled thing must not vanish
+        return {n: oracle_masks(frame, v, seg, min_depth, splat) for n, v in frame.cameras.items()}
+    return {n: flatten_masks(source.generate(v.image), flatten_overlap) for n, v in frame.cameras.items()}
+
+
+def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic", "oracle"),
+                          variants: tuple[str, ...] = tuple(VARIANTS), pseudolabels: str | Path | None = None,
+                          mask_options: dict | None = None, lift: LiftConfig = LiftConfig(),
+                          refine: RefineConfig = RefineConfig(), fusion_iou: float = 0.3, flatten_overlap: float = 0.8,
+                          engine_min_points: int = 5, min_points: int | None = None, label_config: str | None = None,
+                          splat: tuple[int, int] = (2, 3), max_frames: int | None = None,
+                          progress: bool = True) -> dict:
+    """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}."""
+    from sal_ros.eval.labels import semantickitti
+
+    label_set = semantickitti(label_config, **({"min_points": min_points} if min_points is not None else {}))
+    source = FrameSource(dataset)
+    keys = source.keys()[:max_frames] if max_frames else source.keys()
+    if pseudolabels is not None:
+        configs = [("files", str(pseudolabels))]
+    else:
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        configs = [(m, v) for m in masks for v in variants]
+    scores = {c: PseudoLabelScore() for c in configs}
+    sources = {m: build_mask_source(m, **(mask_options or {}).get(m, {}))
+               for m in masks if m != "oracle" and pseudolabels is None}
+    seconds: dict[str, float] = {}
+    it = keys
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(keys, desc="eval pseudolabels", unit="frame")
+    for key in it:
+        frame = source.load(key)
+        keep, gt_cls, gt_seg, thing = scored_points(frame, label_set, lift.min_depth)
+        if pseudolabels is not None:
+            from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
+
+            pl = load_pseudolabels(pseudolabel_path(pseudolabels, key), frame.num_points)
+            scores[configs[0]].add(pl.instance[keep], gt_cls, gt_seg, thing, label_set.min_points)
+            continue
+        for kind in masks:
+            t0 = time.perf_counter()
+            frame_masks = _frame_masks(frame, sources.get(kind), kind, label_set, flatten_overlap, lift.min_depth,
+                                       splat)
+            seconds[f"{kind} masks"] = seconds.get(f"{kind} masks", 0.0) + time.perf_counter() - t0
+            for variant in variants:
+                occlusion, use_refine = VARIANTS[variant]
+                t0 = time.perf_counter()
+                pl = label_from_masks(frame, frame_masks, None, replace(lift, occlusion=occlusion), fusion_iou,
+                                      refine if use_refine else None, engine_min_points)
+                seconds[variant] = seconds.get(variant, 0.0) + time.perf_counter() - t0
+                scores[(kind, variant)].add(pl.instance[keep], gt_cls, gt_seg, thing, label_set.min_points)
+    rows = [{"masks": c[0], "lifting": c[1], **s.summary()} for c, s in scores.items()]
+    meta = {"dataset": str(dataset), "frames": len(keys), "min_points": label_set.min_points,
+            "lift": vars(lift), "refine": vars(refine), "splat": list(splat), "engine_min_points": engine_min_points,
+            "seconds_per_frame": {k: v / max(len(keys), 1) for k, v in seconds.items()}}
+    return {"rows": rows, "meta": meta}
+
+
+def markdown_table(result: dict) -> str:
+    head = ("| masks | lifting | PQ all | SQ all | RQ all | PQ things | SQ things | RQ things | coverage % "
+            "| thing coverage % | instances/scan |")
+    lines = [head, "|" + "---|" * 11]
+    for r in result["rows"]:
+        lines.append(f"| {r['masks']} | {r['lifting']} | {r['pq_all']:.1f} | {r['sq_all']:.1f} | {r['rq_all']:.1f} "
+                     f"| {r['pq_things']:.1f} | {r['sq_things']:.1f} | {r['rq_things']:.1f} | {r['coverage']:.1f} "
+                     f"| {r['thing_coverage']:.1f} | {r['instances_per_scan']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['masks']}\n{r['lifting']}" for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    for k, (key, name) in enumerate((("pq_all", "PQ all"), ("pq_things", "PQ things"), ("coverage", "coverage"))):
+        ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], 0.27, label=name)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_title(f"Pseudo-labels vs ground truth ({result['meta']['frames']} scans, camera-visible points)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", type=Path, help="SemanticKITTI sequence folder (velodyne/, labels/, image_0/, "
+                                                   "calib.txt) or a FrameStore with ground truth")
+    parser.add_argument("--pseudolabels", type=Path, help="score these files instead of running the ablation")
+    parser.add_argument("--masks", nargs="+", default=["slic", "oracle"], choices=["slic", "oracle", "sam", "sam2"])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
+                        help=f"lifting variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--slic-segments", type=int, default=150)
+    parser.add_argument("--sam-checkpoint")
+    parser.add_argument("--sam-model-type", default="vit_b")
+    parser.add_argument("--sam2-checkpoint")
+    parser.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--min-points", type=int, help="min segment size for FP/FN (default 50, semantic-kitti-api)")
+    parser.add_argument("--label-config", type=Path, help="semantic-kitti.yaml (learning_map)")
+    parser.add_argument("--max-frames", type=int)
+    parser.add_argument("--out", type=Path, help="folder for metrics.json, table.md, pseudolabel_eval.png")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    opts = {"slic": {"n_segments": args.slic_segments},
+            "sam": {"model_type": args.sam_model_type, "checkpoint": args.sam_checkpoint, "device": args.device},
+            "sam2": {"config": args.sam2_config, "checkpoint": args.sam2_checkpoint, "device": args.device}}
+    for kind, ckpt in (("sam", args.sam_checkpoint), ("sam2", args.sam2_checkpoint)):
+        if kind in args.masks and not ckpt and args.pseudolabels is None:
+            raise ValueError(f"--masks {kind} needs --{kind}-checkpoint (random weights mean nothing here)")
+    result = evaluate_pseudolabels(args.dataset, tuple(args.masks), tuple(args.variants), args.pseudolabels,
+                                   mask_options=opts, min_points=args.min_points,
+                                   label_config=str(args.label_config) if args.label_config else None,
+                                   max_frames=args.max_frames, progress=not args.no_progress)
+    table = markdown_table(result)
+    print(table)
+    print(json.dumps(result, indent=1, default=float))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        _write_text(args.out / "metrics.json", json.dumps(result, indent=1, default=float))
+        _write_text(args.out / "table.md", table + "\n")
+        plot(result, args.out / "pseudolabel_eval.png")
+    return 0
