@@ -64,17 +64,11 @@ def declare_inputs(node: Any) -> tuple[dict[str, Any], list[CameraConfig]]:
 
 def make_extrinsics(node: Any, values: dict[str, Any]) -> Any:
     """The extrinsics source named by ``calibration.source``: a tf2 buffer or a static YAML file."""
-    if values["calibration.source"] == "static":
-        from sal_ros.core.calibration import read_static_extrinsics
-        from sal_ros.core.tf import StaticExtrinsics
+    from sal_ros.core.tf import make_extrinsics_source
 
-        path = values["calibration.file"]
-        if not path:
-            raise CalibrationError("calibration.source is 'static' but calibration.file is empty")
-        return StaticExtrinsics(read_static_extrinsics(path))
-    from sal_ros.core.tf import Tf2Extrinsics
-
-    return Tf2Extrinsics(node)
+    if values["calibration.source"] == "static" and not values["calibration.file"]:
+        raise CalibrationError("calibration.source is 'static' but calibration.file is empty")
+    return make_extrinsics_source(values["calibration.source"], node=node, path=values["calibration.file"] or None)
 
 
 class SensorInputs:
@@ -212,8 +206,9 @@ class SensorInputs:
         from sal_ros.core.camera import CameraModel
 
         info = self._infos.get(name)
-        if info is None:
-            return None
+        if info is None:  # static calibration files may carry intrinsics
+            calib = getattr(self._extrinsics, "calibrations", {}).get(name)
+            return getattr(calib, "camera", None)
         cached = self._models.get(name)
         if cached is not None and cached[0] is info:
             return cached[1]
@@ -239,30 +234,31 @@ class SensorInputs:
         stamp), or None and the reason it was left out (counted and warned, throttled)."""
         from sal_ros.core.image import read_image
 
-        reason = ""
         try:
             model = self.camera_model(name)
-            if model is None:
-                reason = "no_camera_info"
-            else:
-                camera_frame = str(image_msg.header.frame_id)
-                T = self.extrinsics(camera_frame, frame.frame_id, frame.stamp_ns)
-                if T is None:
-                    reason = "missing_transform"
-                else:
-                    image = read_image(image_msg)
-                    return CameraView(name=name, image=image, camera=model, T_cam_lidar=np.asarray(T, np.float64),
-                                      stamp_ns=stamp_to_ns(image_msg.header.stamp), frame_id=camera_frame), ""
         except SensorDataError as exc:
-            reason = "malformed_image" if "image" in type(exc).__name__.lower() or "Image" in str(exc) else "camera"
-            self._warn(f"{reason}:{name}", f"camera {name}: {exc}")
+            return self._left_out(name, "bad_camera_info", f"camera {name}: {exc}")
+        if model is None:
+            return self._left_out(name, "no_camera_info",
+                                  f"camera {name}: no CameraInfo yet on {self.cameras[name].info_topic}")
+        camera_frame = str(image_msg.header.frame_id)
+        T = self.extrinsics(camera_frame, frame.frame_id, frame.stamp_ns)
+        if T is None:
+            errors = getattr(self._extrinsics, "last_error", {})
+            why = self._extrinsics_error or errors.get((camera_frame, frame.frame_id), "no transform")
+            return self._left_out(name, "missing_transform", f"camera {name}: {why} (lidar frame "
+                                  f"'{frame.frame_id}' -> camera frame '{camera_frame}' at the cloud stamp)")
+        try:
+            image = read_image(image_msg)
+        except SensorDataError as exc:
+            return self._left_out(name, "malformed_image", f"camera {name}: {exc}")
+        view = CameraView(name=name, image=image, camera=model, T_cam_lidar=np.asarray(T, np.float64),
+                          stamp_ns=stamp_to_ns(image_msg.header.stamp), frame_id=camera_frame)
+        return view, ""
+
+    def _left_out(self, name: str, reason: str, text: str) -> tuple[None, str]:
         self._stats.count(f"error.{reason}")
-        if reason == "no_camera_info":
-            self._warn(f"noinfo:{name}", f"camera {name}: no CameraInfo received yet on {self.cameras[name].info_topic}")
-        elif reason == "missing_transform":
-            why = self._extrinsics_error or "no transform"
-            self._warn(f"tf:{name}", f"camera {name}: {why} from lidar frame '{frame.frame_id}' to camera frame "
-                       f"'{image_msg.header.frame_id}' at the cloud stamp; camera left out")
+        self._warn(f"{reason}:{name}", f"{text}; camera left out")
         return None, reason
 
     def decode(self, synced: Any, with_cameras: bool = True) -> DecodedFrame:

@@ -174,9 +174,9 @@ def project_view(view: Any, points: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     M points that land in the image in front of the camera."""
     from sal_ros.core.camera import project_points
 
-    finite = np.flatnonzero(np.isfinite(points).all(axis=1))
-    uv, depth, inside = project_points(view.camera, view.T_cam_lidar, points[finite])
-    return uv[inside], depth[inside], finite[inside]
+    proj = project_points(points, view.T_cam_lidar, view.camera, min_depth=0.1)
+    idx = proj.indices
+    return proj.uv[idx], proj.depth[idx], idx
 
 
 def overlay_message(view: Any, points: np.ndarray, label: np.ndarray, palette: np.ndarray, radius: int,
