@@ -14,7 +14,7 @@ so a whole object survives and the parts inside it (wheels, windows) are dropped
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -26,6 +26,7 @@ from sal_ros.core.errors import SensorDataError
 class Masks:
     masks: np.ndarray  # (M, H, W) bool
     scores: np.ndarray  # (M,) float32
+    boxes: np.ndarray | None = field(default=None, repr=False)  # (M, 4) cache of bboxes(), when known
 
     def __post_init__(self) -> None:
         self.masks = np.asarray(self.masks, bool)
@@ -38,7 +39,12 @@ class Masks:
         return int(self.masks.shape[0])
 
     def bboxes(self) -> np.ndarray:
-        """(M, 4) int64 row0, row1, col0, col1 (exclusive ends); empty masks get (0, 0, 0, 0)."""
+        """(M, 4) int64 row0, row1, col0, col1 (exclusive ends); empty masks get (0, 0, 0, 0). Cached."""
+        if self.boxes is None:
+            self.boxes = self._compute_bboxes()
+        return self.boxes
+
+    def _compute_bboxes(self) -> np.ndarray:
         rows, cols = self.masks.any(axis=2), self.masks.any(axis=1)
         out = np.zeros((len(self), 4), np.int64)
         has = self.areas > 0
@@ -51,13 +57,20 @@ class Masks:
 
     def ids_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(P,) int32 mask index at the given pixels, -1 = none; where masks overlap the smaller one wins
-        (the same rule as ``label_image``), reading only those pixels."""
+        (the same rule as ``label_image``). Reads only pixels inside a mask's bounding box."""
+        out = np.full(len(rows), -1, np.int32)
         if len(self) == 0 or len(rows) == 0:
-            return np.full(len(rows), -1, np.int32)
-        hits = self.masks[:, rows, cols]  # (M, P)
-        area = np.where(hits, self.areas[:, None], np.iinfo(np.int64).max)
-        best = area.argmin(0)
-        return np.where(hits.any(0), best, -1).astype(np.int32)
+            return out
+        b = self.bboxes()
+        cand = ((rows >= b[:, 0:1]) & (rows < b[:, 1:2]) & (cols >= b[:, 2:3]) & (cols < b[:, 3:4]))
+        mi, pi = np.nonzero(cand)
+        hit = self.masks[mi, rows[pi], cols[pi]]
+        mi, pi = mi[hit], pi[hit]
+        order = np.lexsort((self.areas[mi], pi))  # per point, smallest mask first
+        mi, pi = mi[order], pi[order]
+        first = np.r_[True, pi[1:] != pi[:-1]]
+        out[pi[first]] = mi[first]
+        return out
 
     @classmethod
     def empty(cls, height: int, width: int) -> "Masks":
@@ -111,6 +124,7 @@ def flatten_masks(masks: Masks, min_overlap: float = 0.8, order: str = "area") -
     already kept mask exceeds ``min_overlap``. ``order`` "area" visits large masks first (SAL), "score" by score."""
     if len(masks) <= 1:
         return masks
+    masks.bboxes()  # computed once here, kept for lifting
     areas = masks.areas
     inter = pairwise_intersections(masks)
     smaller = np.minimum(areas[:, None], areas[None, :]).clip(min=1)
@@ -126,7 +140,7 @@ def flatten_masks(masks: Masks, min_overlap: float = 0.8, order: str = "area") -
         if areas[i] > 0 and (not kept or overlap[i, kept].max() <= min_overlap):
             kept.append(int(i))
     kept_arr = np.array(sorted(kept), np.int64)
-    return Masks(masks.masks[kept_arr], masks.scores[kept_arr])
+    return Masks(masks.masks[kept_arr], masks.scores[kept_arr], masks.bboxes()[kept_arr])
 
 
 def label_image(masks: Masks) -> np.ndarray:
