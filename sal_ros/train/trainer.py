@@ -204,7 +204,7 @@ def load_model_weights(path: Path, model) -> dict:
 class Trainer:
     """Owns model, optimizer, schedule and files of one run in ``cfg.out_dir``."""
 
-    def __init__(self, cfg: TrainConfig, dataset: DistillDataset, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, dataset: DistillDataset, progress: bool = True, model=None) -> None:
         self.cfg = cfg
         self.dataset = dataset
         self.progress = progress
@@ -218,7 +218,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
         token_dim = next((s.tokens.shape[1] for s in dataset.scans if len(s.tokens)), None)
-        self.model = build_model(cfg.model, token_dim).to(self.device)
+        self.model = (model if model is not None else build_model(cfg.model, token_dim)).to(self.device)
         self.module = self.model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
