@@ -27,8 +27,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         cfg = TrainConfig.from_yaml(args.config)
-        if args.out:
-            cfg.out_dir = str(args.out)
+        # paths in the config are relative to its folder; --out to the working directory
+        cfg.out_dir = str(args.out) if args.out else str(args.config.parent / cfg.out_dir)
         if args.steps:
             cfg.optim.steps = args.steps
         if args.device:
