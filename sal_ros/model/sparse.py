@@ -1,0 +1,489 @@
+"""Sparse voxel tensors and sparse 3D convolution in pure PyTorch, in torchsparse 2.1's layout.
+
+Conventions (shared with torchsparse 2.1 so one checkpoint runs on either backend):
+
+* ``coords`` is an int32 ``(N, 4)`` tensor ``[batch, x, y, z]``, always in base-voxel units; a tensor of
+  stride ``s`` holds coordinates that are multiples of ``s`` (torchsparse 2.1 divides them by ``s`` instead;
+  the torchsparse backend converts). Negative coordinates are fine.
+* Kernel offsets of a cubic kernel of size ``k`` are ``range(k) - (k - 1) // 2`` per axis ({-1, 0, 1} for k=3,
+  {0, 1} for k=2), scaled by tensor stride and dilation. Order (torchsparse 2.1 / MinkowskiEngine): for an
+  odd kernel volume x varies fastest (``index = ix + k * (iy + k * iz)``), for an even one z varies fastest
+  (``index = iz + k * (iy + k * ix)``). See :func:`kernel_offsets`.
+* Weights: ``Conv3d.kernel`` of shape ``(kernel_volume, C_in, C_out)``, or ``(C_in, C_out)`` for a 1x1x1
+  stride-1 kernel; the parameter is named ``kernel`` as in torchsparse, so state dicts are interchangeable.
+* Output voxel ``o`` of a (strided or submanifold) convolution sums ``feats[o + offset_k] @ kernel[k]``.
+* Stride 1 is submanifold: the output coordinates are the input coordinates.
+* Stride ``s`` downsamples with floor alignment: output coordinates are
+  ``unique(floor(coords / (in_stride * s)) * (in_stride * s))``, output stride ``in_stride * s``. This is
+  torchsparse's rule whenever kernel size == stride (MinkUNet's 2x2x2 stride-2 convs) and its "minkowski"
+  downsample mode otherwise; torchsparse's default "spconv" mode for kernel 3 / stride 2 instead outputs
+  every aligned cell that any input reaches, which the torchsparse backend here does not use. The dense
+  equivalent is ``F.conv3d(stride=s, padding=(k - 1) // 2)`` on a grid whose origin is a multiple of
+  ``in_stride * s``, read at the output coordinates.
+* Transposed convolution with stride ``s`` goes back to the coordinates the tensor of stride
+  ``in_stride / s`` had (from the shared cache) and uses the transposed kernel map of the matching strided
+  conv: fine voxel ``i`` receives ``feats[o] @ kernel[k]`` for every pair ``(o <- i, k)`` of that map.
+
+All tensors derived from one input share a :class:`SparseCache` holding per-stride coordinates and kernel
+maps keyed by ``(in_stride, kernel_size, stride, dilation)``, so every layer config builds its map once per
+forward pass and transposed convs reuse the maps of their strided twins.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "SparseTensor",
+    "SparseCache",
+    "KernelMap",
+    "Conv3d",
+    "voxelize",
+    "cat_feats",
+    "to_dense",
+    "kernel_offsets",
+    "torchsparse_available",
+]
+
+_MAX_KEY = 2**62  # linear keys of coordinate boxes must stay far from int64 overflow
+
+
+def torchsparse_available() -> bool:
+    """True where ``import torchsparse`` works (its CUDA kernels are then used for CUDA inputs)."""
+    try:
+        import torchsparse  # noqa: F401
+    except Exception:  # ImportError, or a build that fails to load its extension
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+class SparseCache:
+    """State shared by all sparse tensors derived from one input: coordinates per stride and kernel maps."""
+
+    def __init__(self, batch_size: Optional[int] = None) -> None:
+        self.coords: dict[int, Tensor] = {}
+        self.kmaps: dict[tuple[int, int, int, int], KernelMap] = {}
+        self.batch_size = batch_size
+        self.ts_caches = None  # torchsparse's own cache object, when that backend runs
+        self.ts_shift: Optional[Tensor] = None  # keeps coordinates non-negative for torchsparse
+
+
+class SparseTensor:
+    """Voxel features ``feats (N, C)`` at integer ``coords (N, 4)`` ``[batch, x, y, z]`` of tensor ``stride``."""
+
+    def __init__(self, feats: Tensor, coords: Tensor, stride: int = 1, cache: Optional[SparseCache] = None):
+        if coords.ndim != 2 or coords.shape[1] != 4:
+            raise ValueError(f"coords must be (N, 4) [batch, x, y, z], got {tuple(coords.shape)}")
+        if coords.dtype.is_floating_point or coords.dtype == torch.bool:
+            raise ValueError(f"coords must be integer, got {coords.dtype}")
+        if feats.ndim != 2 or feats.shape[0] != coords.shape[0]:
+            raise ValueError(f"feats must be (N, C) with N={coords.shape[0]}, got {tuple(feats.shape)}")
+        if feats.device != coords.device:
+            raise ValueError(f"feats on {feats.device} but coords on {coords.device}")
+        if int(stride) < 1:
+            raise ValueError(f"stride must be a positive integer, got {stride}")
+        self.feats = feats
+        self.coords = coords if coords.dtype == torch.int32 else coords.to(torch.int32)
+        self.stride = int(stride)
+        self.cache = cache if cache is not None else SparseCache()
+        # The first tensor of a stride defines that stride's coordinates for transposed convs and skips.
+        self.cache.coords.setdefault(self.stride, self.coords)
+
+    def replace_feats(self, feats: Tensor) -> "SparseTensor":
+        """Same coordinates, stride and cache; new features (after a norm, activation, ...)."""
+        return SparseTensor(feats, self.coords, self.stride, self.cache)
+
+    @property
+    def batch_size(self) -> int:
+        if self.cache.batch_size is None:
+            self.cache.batch_size = int(self.coords[:, 0].max()) + 1 if len(self.coords) else 0
+        return self.cache.batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.feats.device
+
+    def __len__(self) -> int:
+        return self.coords.shape[0]
+
+    def to(self, device) -> "SparseTensor":
+        """Copy to another device with a fresh cache (kernel maps are rebuilt there)."""
+        cache = SparseCache(self.cache.batch_size)
+        return SparseTensor(self.feats.to(device), self.coords.to(device), self.stride, cache)
+
+    def __repr__(self) -> str:
+        return f"SparseTensor(n={len(self)}, channels={self.feats.shape[1]}, stride={self.stride})"
+
+
+def cat_feats(a: SparseTensor, b: SparseTensor) -> SparseTensor:
+    """Concatenate the channels of two tensors on the same voxels (U-Net skip connections)."""
+    if a.stride != b.stride or len(a) != len(b):
+        raise ValueError(f"cat_feats needs the same voxels, got {a} and {b}")
+    if a.coords is not b.coords and not torch.equal(a.coords, b.coords):
+        raise ValueError("cat_feats needs identical coordinates (same order); got different voxel sets")
+    return a.replace_feats(torch.cat([a.feats, b.feats], dim=1))
+
+
+def to_dense(x: SparseTensor, shape: tuple[int, int, int], origin: tuple[int, int, int] = (0, 0, 0)) -> Tensor:
+    """Dense ``(B, C, *shape)`` grid of ``x``; cell ``i`` holds the voxel at ``origin + i * x.stride``."""
+    rel = x.coords[:, 1:].long() - torch.as_tensor(origin, device=x.device)
+    if bool((rel % x.stride != 0).any()):
+        raise ValueError(f"origin {origin} is not aligned to stride {x.stride}")
+    idx = rel // x.stride
+    size = torch.as_tensor(shape, device=x.device)
+    if bool(((idx < 0) | (idx >= size)).any()):
+        raise ValueError(f"voxels fall outside the dense grid {shape} at origin {origin}")
+    dense = x.feats.new_zeros(x.batch_size, x.feats.shape[1], *shape)
+    dense[x.coords[:, 0].long(), :, idx[:, 0], idx[:, 1], idx[:, 2]] = x.feats
+    return dense
+
+
+# ------------------------------------------------------------------------------------ coordinate hashing
+
+
+class _Box:
+    """Exact linear int64 keys for coordinates ``[b, x, y, z]`` inside an axis-aligned box."""
+
+    def __init__(self, lo: Tensor, hi: Tensor) -> None:
+        ext = (hi - lo + 1).tolist()
+        if math.prod(ext) >= _MAX_KEY:
+            raise ValueError(f"coordinate range {ext} too large to hash into int64 keys")
+        self.lo = lo
+        self.ext = ext
+        # Row-major strides so that key order is lexicographic [b, x, y, z], as torch.unique(dim=0) sorts.
+        self.mult = torch.tensor([ext[1] * ext[2] * ext[3], ext[2] * ext[3], ext[3], 1], device=lo.device)
+
+    @classmethod
+    def around(cls, *coord_sets: Tensor, margin: int = 0) -> "_Box":
+        """Smallest box holding all sets, grown by ``margin`` on the spatial axes."""
+        lo = torch.stack([c.min(0).values for c in coord_sets]).min(0).values
+        hi = torch.stack([c.max(0).values for c in coord_sets]).max(0).values
+        grow = torch.tensor([0, margin, margin, margin], device=lo.device)
+        return cls(lo - grow, hi + grow)
+
+    def key(self, coords: Tensor) -> Tensor:
+        return ((coords - self.lo) * self.mult).sum(1)
+
+    def decode(self, keys: Tensor) -> Tensor:
+        out = torch.empty(len(keys), 4, dtype=torch.int64, device=keys.device)
+        rest = keys
+        for axis in range(4):
+            out[:, axis] = torch.div(rest, self.mult[axis], rounding_mode="floor")
+            rest = rest - out[:, axis] * self.mult[axis]
+        return out + self.lo
+
+
+def kernel_offsets(kernel_size: int, device=None) -> Tensor:
+    """``(k**3, 3)`` int64 offsets ``[dx, dy, dz]`` in torchsparse 2.1 order (unit spacing)."""
+    r = torch.arange(kernel_size, device=device) - (kernel_size - 1) // 2
+    if kernel_size**3 % 2 == 1:  # x fastest
+        gz, gy, gx = torch.meshgrid(r, r, r, indexing="ij")
+    else:  # z fastest
+        gx, gy, gz = torch.meshgrid(r, r, r, indexing="ij")
+    return torch.stack([gx, gy, gz], dim=-1).reshape(-1, 3)
+
+
+def _downsample_coords(coords: Tensor, step: int) -> Tensor:
+    """Unique ``floor(coords / step) * step`` per batch, sorted lexicographically [b, x, y, z]."""
+    c = coords.long().clone()
+    c[:, 1:] = torch.div(c[:, 1:], step, rounding_mode="floor") * step
+    if len(c) == 0:
+        return c.to(torch.int32)
+    box = _Box.around(c)
+    return box.decode(torch.unique(box.key(c))).to(torch.int32)
+
+
+# ---------------------------------------------------------------------------------------- kernel maps
+
+
+@dataclass
+class KernelMap:
+    """Input/output row pairs per kernel offset: output row ``out_idx[k][j]`` gathers input ``in_idx[k][j]``.
+
+    ``identity`` is the offset whose pairs are ``(i, i)`` for every row (submanifold centre), applied
+    without gathering.
+    """
+
+    in_idx: list[Tensor]
+    out_idx: list[Tensor]
+    n_in: int
+    n_out: int
+    identity: Optional[int] = None
+
+    def transposed(self) -> "KernelMap":
+        return KernelMap(self.out_idx, self.in_idx, self.n_out, self.n_in, self.identity)
+
+
+def build_kernel_map(in_coords: Tensor, out_coords: Tensor, offsets: Tensor, submanifold: bool) -> KernelMap:
+    """Pairs (input row, output row) per offset such that ``in = out + offset`` in the same batch entry.
+
+    Coordinates are hashed into linear keys of a box wide enough that ``key(out + off) = key(out) +
+    key_delta(off)`` never aliases; lookups are one sort plus one searchsorted over all offsets.
+    """
+    n_in, n_out, n_k = len(in_coords), len(out_coords), len(offsets)
+    centre = n_k // 2 if submanifold and n_k % 2 == 1 else None
+    empty = in_coords.new_zeros(0, dtype=torch.int64)
+    if n_in == 0 or n_out == 0:
+        return KernelMap([empty] * n_k, [empty] * n_k, n_in, n_out, centre)
+    cin, cout = in_coords.long(), out_coords.long()
+    box = _Box.around(cin, cout, margin=int(offsets.abs().max()))
+    sorted_keys, order = torch.sort(box.key(cin))
+    delta = (offsets * box.mult[1:]).sum(1)
+    query = box.key(cout)[None, :] + delta[:, None]  # (K, N_out)
+    pos = torch.searchsorted(sorted_keys, query).clamp_(max=n_in - 1)
+    hit = sorted_keys[pos] == query
+    if centre is not None:
+        hit[centre] = False  # the identity offset is applied without gathering
+    k, out_rows = hit.nonzero(as_tuple=True)  # row-major: grouped by offset
+    in_rows = order[pos[k, out_rows]]
+    sizes = hit.sum(1).tolist()
+    return KernelMap(list(in_rows.split(sizes)), list(out_rows.split(sizes)), n_in, n_out, centre)
+
+
+class _GatherMatmulScatter(torch.autograd.Function):
+    """``out[o] += feats[i] @ W[k]`` over all pairs; backward re-gathers instead of keeping 27 buffers."""
+
+    @staticmethod
+    def forward(ctx, feats: Tensor, weight: Tensor, kmap: KernelMap) -> Tensor:
+        if kmap.identity is not None:
+            out = feats @ weight[kmap.identity]
+        else:
+            out = feats.new_zeros(kmap.n_out, weight.shape[-1])
+        for k, (i, o) in enumerate(zip(kmap.in_idx, kmap.out_idx)):
+            if len(i):
+                out.index_add_(0, o, feats.index_select(0, i) @ weight[k])
+        ctx.save_for_backward(feats, weight)
+        ctx.kmap = kmap
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        feats, weight = ctx.saved_tensors
+        kmap: KernelMap = ctx.kmap
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.zeros_like(feats) if want_x else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        if kmap.identity is not None:
+            c = kmap.identity
+            if want_x:
+                grad_x += grad_out @ weight[c].T
+            if want_w:
+                grad_w[c] = feats.T @ grad_out
+        for k, (i, o) in enumerate(zip(kmap.in_idx, kmap.out_idx)):
+            if not len(i):
+                continue
+            g = grad_out.index_select(0, o)
+            if want_x:
+                grad_x.index_add_(0, i, g @ weight[k].T)
+            if want_w:
+                grad_w[k] = feats.index_select(0, i).T @ g
+        return grad_x, grad_w, None
+
+
+# --------------------------------------------------------------------------------------- convolution
+
+
+class Conv3d(nn.Module):
+    """Sparse 3D convolution with torchsparse 2.1's signature, weight layout and coordinate rules.
+
+    ``backend``: "torch" (this module's gather-matmul-scatter), "torchsparse", or "auto" = torchsparse when
+    it imports. torchsparse 2.1 has no CPU kernel maps, ignores dilation and aligns kernel != stride
+    downsampling differently, so those cases always run on the torch backend (the choice depends only on
+    the layer config and device, so a strided conv and its transposed twin always share a backend).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        bias: bool = False,
+        transposed: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int (cubic kernels only), got {value!r}")
+        if backend not in ("auto", "torch", "torchsparse"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'torchsparse', got {backend!r}")
+        if backend == "torchsparse" and not torchsparse_available():
+            raise ImportError("backend='torchsparse' but torchsparse does not import")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = kernel_size, stride, dilation
+        self.transposed = transposed
+        self.kernel_volume = kernel_size**3
+        self.backend = "torchsparse" if backend == "auto" and torchsparse_available() else backend
+        if self.backend == "auto":
+            self.backend = "torch"
+        shape = (in_channels, out_channels) if self._is_pointwise else (self.kernel_volume, in_channels, out_channels)
+        self.kernel = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    @property
+    def _is_pointwise(self) -> bool:
+        return self.kernel_volume == 1 and self.stride == 1
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """Alias of ``kernel`` (torchsparse's name, kept for checkpoint compatibility)."""
+        return self.kernel
+
+    def reset_parameters(self) -> None:
+        fan = (self.out_channels if self.transposed else self.in_channels) * self.kernel_volume
+        bound = 1.0 / math.sqrt(fan)
+        nn.init.uniform_(self.kernel, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"
+        s += f", stride={self.stride}" if self.stride != 1 else ""
+        s += f", dilation={self.dilation}" if self.dilation != 1 else ""
+        s += ", bias=True" if self.bias is not None else ""
+        s += ", transposed=True" if self.transposed else ""
+        return s + f", backend={self.backend}"
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if x.feats.shape[1] != self.in_channels:
+            raise ValueError(f"{self}: expected {self.in_channels} input channels, got {x.feats.shape[1]}")
+        if self._uses_torchsparse(x):
+            return _torchsparse_conv3d(self, x)
+        weight = self.kernel if self.kernel.dtype == x.feats.dtype else self.kernel.to(x.feats.dtype)
+        if self._is_pointwise:
+            out = x.replace_feats(x.feats @ weight)
+        else:
+            coords, stride, kmap = self._output_and_map(x)
+            out = SparseTensor(_GatherMatmulScatter.apply(x.feats, weight, kmap), coords, stride, x.cache)
+        if self.bias is not None:
+            out.feats = out.feats + self.bias.to(out.feats.dtype)
+        return out
+
+    def _uses_torchsparse(self, x: SparseTensor) -> bool:
+        if self.backend != "torchsparse" or x.device.type != "cuda" or self.dilation != 1:
+            return False
+        return self.stride == 1 or self.kernel_size == self.stride
+
+    def _output_and_map(self, x: SparseTensor) -> tuple[Tensor, int, KernelMap]:
+        """Output coordinates, output stride and the kernel map (from the cache when possible)."""
+        cache, s = x.cache, self.stride
+        if not self.transposed:
+            fine_stride, out_stride = x.stride, x.stride * s
+            if s == 1:
+                out_coords = x.coords
+            else:
+                out_coords = cache.coords.get(out_stride)
+                if out_coords is None:
+                    out_coords = cache.coords.setdefault(out_stride, _downsample_coords(x.coords, out_stride))
+            kmap = self._cached_map(cache, x.coords, out_coords, fine_stride)
+            return out_coords, out_stride, kmap
+        if x.stride % s:
+            raise ValueError(f"transposed stride {s} does not divide the input's tensor stride {x.stride}")
+        out_stride = x.stride // s
+        out_coords = cache.coords.get(out_stride)
+        if out_coords is None:
+            raise ValueError(f"no coordinates of stride {out_stride} in the cache to upsample to")
+        # The strided twin maps fine (out_stride) -> coarse (x.stride); transposed, it maps coarse -> fine.
+        kmap = self._cached_map(cache, out_coords, x.coords, out_stride).transposed()
+        return out_coords, out_stride, kmap
+
+    def _cached_map(self, cache: SparseCache, in_coords: Tensor, out_coords: Tensor, in_stride: int) -> KernelMap:
+        key = (in_stride, self.kernel_size, self.stride, self.dilation)
+        kmap = cache.kmaps.get(key)
+        if kmap is None or kmap.n_in != len(in_coords) or kmap.n_out != len(out_coords):
+            offsets = kernel_offsets(self.kernel_size, in_coords.device) * (in_stride * self.dilation)
+            kmap = build_kernel_map(in_coords, out_coords, offsets, submanifold=self.stride == 1)
+            cache.kmaps[key] = kmap
+        return kmap
+
+
+# -------------------------------------------------------------------------------- torchsparse backend
+
+_TS_SHIFT_ALIGN = 2**16  # shift is a multiple of every power-of-two tensor stride up to 65536
+
+
+def _torchsparse_conv3d(conv: Conv3d, x: SparseTensor) -> SparseTensor:
+    """Run ``conv`` through torchsparse 2.1 (CUDA), converting coordinates to its divided, non-negative units."""
+    import torchsparse
+    from torchsparse.nn import functional as tsF
+
+    cache = x.cache
+    if cache.ts_shift is None:
+        lowest = int(cache.coords[min(cache.coords)][:, 1:].min()) if len(x) else 0
+        cache.ts_shift = -(lowest // _TS_SHIFT_ALIGN) * _TS_SHIFT_ALIGN if lowest < 0 else 0
+    shift = cache.ts_shift
+    coords = x.coords.clone()
+    coords[:, 1:] = (coords[:, 1:] + shift) // x.stride
+    t = torchsparse.SparseTensor(feats=x.feats, coords=coords, stride=x.stride)
+    if cache.ts_caches is None:
+        cache.ts_caches = t._caches
+    t._caches = cache.ts_caches
+    t._caches.cmaps.setdefault(t.stride, (t.coords, t.spatial_range))
+    k, s = conv.kernel_size, conv.stride
+    padding = (k - 1) // 2 if k % 2 == 1 and s == 1 else 0  # as torchsparse.nn.Conv3d derives it
+    out = tsF.conv3d(
+        t, conv.kernel, (k, k, k), bias=conv.bias, stride=(s, s, s), padding=(padding,) * 3, dilation=1,
+        transposed=conv.transposed, training=conv.training,
+    )
+    out_stride = int(out.stride[0])
+    known = cache.coords.get(out_stride)
+    if known is not None and len(known) == len(out.coords):
+        out_coords = known  # same voxels in the same (lexicographic) order, kept identical for cat_feats
+    else:
+        out_coords = out.coords.clone()
+        out_coords[:, 1:] = out_coords[:, 1:] * out_stride - shift
+    return SparseTensor(out.feats, out_coords, out_stride, cache)
+
+
+# ------------------------------------------------------------------------------------------ voxelize
+
+
+def voxelize(
+    points: Tensor, batch: Optional[Tensor], voxel_size: float, feats: Tensor
+) -> tuple[SparseTensor, Tensor]:
+    """Quantize points to voxels of edge ``voxel_size`` (cell ``floor(p / voxel_size)``), one per batch entry.
+
+    Voxel features are the mean of their points' ``feats``; ``point_to_voxel (N,)`` maps each point to its
+    voxel row, so ``x.feats[point_to_voxel]`` takes any per-voxel output back to the points. Voxels are
+    sorted by ``[batch, x, y, z]``.
+    """
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must be (N, 3), got {tuple(points.shape)}")
+    if feats.ndim != 2 or feats.shape[0] != points.shape[0]:
+        raise ValueError(f"feats must be (N, C) with N={points.shape[0]}, got {tuple(feats.shape)}")
+    if not voxel_size > 0:
+        raise ValueError(f"voxel_size must be positive, got {voxel_size}")
+    if not bool(torch.isfinite(points).all()):
+        raise ValueError("points contain NaN or inf; drop invalid returns before voxelizing")
+    n = points.shape[0]
+    if batch is None:
+        batch = torch.zeros(n, dtype=torch.int64, device=points.device)
+        batch_size = 1
+    else:
+        if batch.shape != (n,):
+            raise ValueError(f"batch must be ({n},), got {tuple(batch.shape)}")
+        batch_size = int(batch.max()) + 1 if n else 0
+        if n and int(batch.min()) < 0:
+            raise ValueError("batch indices must be non-negative")
+    cells = torch.floor(points.double() / voxel_size).long()
+    coords = torch.cat([batch.long()[:, None], cells], dim=1)
+    if n == 0:
+        empty = SparseTensor(feats.new_zeros(0, feats.shape[1]), coords.int(), 1, SparseCache(batch_size))
+        return empty, torch.zeros(0, dtype=torch.int64, device=points.device)
+    box = _Box.around(coords)
+    keys, point_to_voxel = torch.unique(box.key(coords), return_inverse=True)
+    counts = torch.bincount(point_to_voxel, minlength=len(keys)).to(feats.dtype)
+    sums = feats.new_zeros(len(keys), feats.shape[1]).index_add_(0, point_to_voxel, feats)
+    voxels = SparseTensor(sums / counts[:, None], box.decode(keys).int(), 1, SparseCache(batch_size))
+    return voxels, point_to_voxel
