@@ -141,18 +141,18 @@ class SensorInputs:
         stamp = stamp_to_ns(msg.header.stamp)
         if stamp == 0:
             self._stats.count("error.zero_stamp")
-            self._warn("zero_stamp", "cloud with a zero stamp (driver not setting header.stamp?); "
+            self._warn("zero_stamp", "cloud with a zero stamp dropped (driver not setting header.stamp?); "
                        "camera matching and TF lookups need real stamps")
         with self._lock:
-            self._sync.add_cloud(stamp, msg, time.monotonic_ns())
-        self._drain()
+            ready = self._sync.add_cloud(stamp, msg, time.monotonic_ns())
+        self._drain(ready)
 
     def _image_callback(self, name: str) -> Callable[[Any], None]:
         def on_image(msg: Any) -> None:
             self._last_seen[name] = time.monotonic()
             with self._lock:
-                self._sync.add_camera(name, stamp_to_ns(msg.header.stamp), msg)
-            self._drain()
+                ready = self._sync.add_camera(name, stamp_to_ns(msg.header.stamp), msg)
+            self._drain(ready)
 
         return on_image
 
@@ -162,9 +162,10 @@ class SensorInputs:
 
         return on_info
 
-    def _drain(self) -> None:
+    def _drain(self, ready: list | None = None) -> None:
+        """Hand over the sets the synchronizer has decided (``ready`` from add_*, plus timeouts)."""
         with self._lock:
-            ready = self._sync.poll(time.monotonic_ns())
+            ready = (ready or []) + self._sync.poll(time.monotonic_ns())
         for synced in ready:
             if synced.missing:
                 self._stats.count("partial")
@@ -195,11 +196,7 @@ class SensorInputs:
 
     def sync_stats(self) -> dict[str, Any]:
         with self._lock:
-            stats = getattr(self._sync, "stats", None)
-            stats = stats() if callable(stats) else stats
-        if stats is None:
-            return {}
-        return dict(stats) if isinstance(stats, dict) else dict(vars(stats))
+            return self._sync.stats.as_dict()
 
     def camera_model(self, name: str) -> Any | None:
         """The CameraModel of the latest CameraInfo of camera ``name`` (cached while the info is unchanged)."""

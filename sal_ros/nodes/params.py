@@ -47,9 +47,10 @@ INPUT_PARAMS: list[ParamSpec] = [
     ParamSpec("cameras", "string_array", [],
               "Camera names; each has camera.<name>.image_topic, .info_topic, .compressed, .time_offset."),
     ParamSpec("sync.match_threshold", "double", 0.03,
-              "Largest |camera stamp + time_offset - cloud stamp| (s) for an image to match a cloud.", range=(0.0, 1.0)),
+              "Largest |image stamp - (cloud stamp + time_offset)| (s) for an image to match a cloud.", range=(0.0, 1.0)),
     ParamSpec("sync.timeout", "double", 0.05,
-              "How long (s) a cloud waits for its camera images before it goes on as a partial frame.",
+              "How long (s) a cloud waits, after its matching window closed, for late camera images before it goes "
+              "on as a partial frame.",
               range=(0.0, 5.0)),
     ParamSpec("sync.allow_partial", "bool", True,
               "Process frames where some cameras had no match (lidar-only outputs still come out)."),
@@ -126,8 +127,9 @@ def camera_specs(name: str) -> list[ParamSpec]:
         ParamSpec(p + "compressed", "bool", False,
                   f"Camera {name} publishes sensor_msgs/CompressedImage (jpeg/png) instead of Image."),
         ParamSpec(p + "time_offset", "double", 0.0,
-                  f"Expected cloud stamp minus image stamp (s) of camera {name}: the image stamp plus this offset is "
-                  "compared with the cloud stamp.", range=(-1.0, 1.0)),
+                  f"When camera {name} fires relative to the cloud stamp (s; image stamp - cloud stamp, e.g. -0.035 "
+                  "for a camera that fires before the sweep's stamp): the image nearest cloud stamp + offset is taken.",
+                  range=(-1.0, 1.0)),
     ]
 
 
