@@ -1,0 +1,140 @@
+"""Sensor inputs through real DDS: a SemanticKITTI cloud, image and camera_info are synced and decoded into a
+Frame with the camera's model and static extrinsics; a silent camera gives a partial frame after the timeout;
+a camera frame without calibration is left out and counted."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import require_data, require_rclpy
+
+rclpy = require_rclpy()
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+
+from sal_ros.core.msgtypes import make_header, rclpy_types  # noqa: E402
+from sal_ros.core.pointcloud2 import encode_cloud  # noqa: E402
+
+DOMAIN_ID = 65
+T0 = 1_700_000_000_000_000_000
+WAIT_S = 30.0
+
+
+def wait_for(predicate, timeout=WAIT_S, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Sensors:
+    """Real KITTI frame 000000 as ROS messages: cloud, mono image, camera_info, and its static calibration."""
+
+    def __init__(self, tmp_path):
+        from PIL import Image
+
+        from sal_ros.core.calibration import read_semantickitti_calib, write_static_extrinsics
+        from sal_ros.core.image import encode_image
+
+        seq = require_data("semantickitti", "sequences", "00")
+        scan = np.fromfile(seq / "velodyne" / "000000.bin", np.float32).reshape(-1, 4)
+        self.xyz, self.intensity = scan[:, :3].copy(), scan[:, 3].copy()
+        self.image = np.asarray(Image.open(seq / "image_0" / "000000.png").convert("L"))
+        self.calib = read_semantickitti_calib(seq / "calib.txt", image_size=self.image.shape[::-1])
+        self.calib_file = tmp_path / "extrinsics.yaml"
+        write_static_extrinsics(self.calib_file, self.calib, "velodyne")
+        self.types = rclpy_types()
+        self._encode_image = encode_image
+
+    def cloud(self, stamp_ns, xyz=None, intensity=None):
+        xyz = self.xyz if xyz is None else xyz
+        intensity = self.intensity if intensity is None else intensity
+        return encode_cloud({"xyz": xyz, "intensity": intensity}, "velodyne", stamp_ns, self.types)
+
+    def image_msg(self, stamp_ns):
+        return self._encode_image(self.image, "mono8", "cam0", stamp_ns, self.types)
+
+    def info(self, stamp_ns):
+        from sensor_msgs.msg import CameraInfo
+
+        msg = CameraInfo(**self.calib["image_0"].camera.to_camera_info_fields())
+        msg.header = make_header("cam0", stamp_ns, self.types)
+        return msg
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.inputs import SensorInputs, declare_inputs
+    from sal_ros.nodes.stats import NodeStats, Throttle
+
+    sensors = Sensors(tmp_path_factory.mktemp("inputs"))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    values = {"cloud_topic": "/in/points", "cameras": ["image_0"], "camera.image_0.image_topic": "/in/image",
+              "camera.image_0.info_topic": "/in/info", "sync.timeout": 0.2, "calibration.source": "static",
+              "calibration.file": str(sensors.calib_file)}
+    node = rclpy.create_node(P.RECORDER_NODE, context=ctx, parameter_overrides=P.overrides(P.RECORDER_NODE, values))
+    declared, cameras = declare_inputs(node)
+    got = []
+    stats = NodeStats()
+    inputs = SensorInputs(node, declared, cameras, got.append, stats, Throttle())
+    test = rclpy.create_node("inputs_test", context=ctx)
+    pubs = (test.create_publisher(PointCloud2, "/in/points", qos_profile_sensor_data),
+            test.create_publisher(Image, "/in/image", qos_profile_sensor_data),
+            test.create_publisher(CameraInfo, "/in/info", qos_profile_sensor_data))
+    executor = MultiThreadedExecutor(num_threads=3, context=ctx)
+    executor.add_node(node)
+    executor.add_node(test)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    wait_for(lambda: all(p.get_subscription_count() for p in pubs), what="subscriptions")
+    yield sensors, inputs, pubs, got, stats
+    executor.shutdown()
+    node.destroy_node()
+    test.destroy_node()
+    rclpy.shutdown(context=ctx)
+
+
+def test_synced_frame_decodes_with_camera_model_and_extrinsics(rig):
+    sensors, inputs, (pub_cloud, pub_image, pub_info), got, stats = rig
+    pub_info.publish(sensors.info(T0))
+    time.sleep(0.1)  # camera_info is not synced: it only has to be there before the frame is decoded
+    pub_image.publish(sensors.image_msg(T0 + 5_000_000))  # within the 30 ms match threshold
+    pub_cloud.publish(sensors.cloud(T0))
+    synced = wait_for(lambda: got[0] if got else None, what="synced set")
+    assert synced.missing == () and synced.images["image_0"][0] == T0 + 5_000_000
+    decoded = inputs.decode(synced)
+    frame = decoded.frame
+    assert frame.stamp_ns == T0 and frame.frame_id == "velodyne" and frame.missing_cameras == ()
+    assert np.array_equal(frame.points, sensors.xyz) and np.array_equal(frame.intensity, sensors.intensity)
+    view = frame.cameras["image_0"]
+    assert np.array_equal(view.image, sensors.image)
+    assert np.allclose(view.T_cam_lidar, sensors.calib["image_0"].T_cam_lidar)
+    assert np.allclose(view.camera.K, sensors.calib["image_0"].camera.K)
+    assert (view.stamp_ns, view.frame_id) == (T0 + 5_000_000, "cam0")
+    assert stats.get("matched") == 1
+
+
+def test_silent_camera_gives_partial_frame_and_unknown_frame_is_left_out(rig):
+    sensors, inputs, (pub_cloud, pub_image, _), got, stats = rig
+    n = len(got)
+    pub_cloud.publish(sensors.cloud(T0 + 100_000_000))  # no image: partial after the timeout
+    synced = wait_for(lambda: got[n] if len(got) > n else None, what="partial set")
+    assert synced.missing == ("image_0",) and stats.get("partial") == 1
+    assert inputs.decode(synced).frame.missing_cameras == ("image_0",)
+
+    image = sensors.image_msg(T0 + 200_000_000)
+    image.header.frame_id = "uncalibrated_cam"
+    pub_image.publish(image)
+    pub_cloud.publish(sensors.cloud(T0 + 200_000_000))
+    synced = wait_for(lambda: got[n + 1] if len(got) > n + 1 else None, what="set with image")
+    decoded = inputs.decode(synced)
+    assert decoded.problems == {"image_0": "missing_transform"}
+    assert decoded.frame.missing_cameras == ("image_0",) and not decoded.frame.cameras
+    assert stats.get("error.missing_transform") == 1

@@ -1,0 +1,218 @@
+"""The segmenter node end to end with real rclpy and DDS: a real SemanticKITTI scan + image + camera_info in,
+labeled points (same points, same order), markers, overlay, info out; prompts changed through the
+SetParameters service; bad input never kills it; the latest-only slot drops and counts."""
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import require_data, require_rclpy
+
+rclpy = require_rclpy()
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
+
+from sal_ros.core.msgtypes import make_header, rclpy_types, stamp_to_ns  # noqa: E402
+from sal_ros.core.pointcloud2 import encode_cloud, read_fields  # noqa: E402
+from sal_ros.nodes.qos import latched  # noqa: E402
+from test_nodes_inputs import Sensors, wait_for  # noqa: E402
+
+pytest.importorskip("sal_ros.model.segmenter", reason="sal_ros.model.segmenter has not landed")
+
+DOMAIN_ID = 63
+T0 = 1_700_000_000_000_000_000
+NODE = "/sal_segmenter"
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    """The segmenter and a test node (publishers, subscribers, parameter client) on one executor."""
+    from rcl_interfaces.srv import SetParameters
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+    from std_msgs.msg import String
+    from visualization_msgs.msg import MarkerArray
+
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.segmenter import SegmenterNode
+
+    sensors = Sensors(tmp_path_factory.mktemp("segmenter"))
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    values = {
+        "cloud_topic": "/kitti/points", "cameras": ["cam0"],
+        "camera.cam0.image_topic": "/kitti/image", "camera.cam0.info_topic": "/kitti/camera_info",
+        "sync.timeout": 0.3, "calibration.source": "static", "calibration.file": str(sensors.calib_file),
+        "model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": ["car", "road", "tree"],
+        "score_threshold": 0.0, "stats_period": 0.2, "qos.outputs.depth": 5,
+    }
+    node = SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE, values))
+    test = rclpy.create_node("segmenter_test", context=ctx)
+    got = {"cloud": [], "markers": [], "info": [], "overlay": [], "vocabulary": [], "stats": []}
+    qos = QoSProfile(depth=10)
+    rig = type("Rig", (), {})()
+    rig.node, rig.test, rig.sensors, rig.got = node, test, sensors, got
+    rig.pub_cloud = test.create_publisher(PointCloud2, "/kitti/points", qos_profile_sensor_data)
+    rig.pub_image = test.create_publisher(Image, "/kitti/image", qos_profile_sensor_data)
+    rig.pub_info = test.create_publisher(CameraInfo, "/kitti/camera_info", qos_profile_sensor_data)
+    rig.subscribe = lambda: [
+        test.create_subscription(PointCloud2, f"{NODE}/labeled_points", got["cloud"].append, qos),
+        test.create_subscription(MarkerArray, f"{NODE}/markers", got["markers"].append, qos),
+        test.create_subscription(String, f"{NODE}/info", lambda m: got["info"].append(json.loads(m.data)), qos),
+        test.create_subscription(Image, f"{NODE}/overlay/cam0", got["overlay"].append, qos),
+    ]
+    test.create_subscription(String, f"{NODE}/vocabulary", lambda m: got["vocabulary"].append(json.loads(m.data)),
+                             latched())
+    test.create_subscription(String, f"{NODE}/stats", lambda m: got["stats"].append(json.loads(m.data)), qos)
+    rig.set_params = test.create_client(SetParameters, f"{NODE}/set_parameters")
+    executor = MultiThreadedExecutor(num_threads=4, context=ctx)
+    executor.add_node(node)
+    executor.add_node(test)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    wait_for(lambda: rig.pub_cloud.get_subscription_count() > 0, what="segmenter subscription")
+    yield rig
+    executor.shutdown()
+    node.destroy_node()
+    test.destroy_node()
+    rclpy.shutdown(context=ctx)
+
+
+def publish_frame(rig, stamp_ns, cloud=None, camera=True):
+    if camera:
+        rig.pub_info.publish(rig.sensors.info(stamp_ns))
+        rig.pub_image.publish(rig.sensors.image_msg(stamp_ns))
+    rig.pub_cloud.publish(rig.sensors.cloud(stamp_ns) if cloud is None else cloud)
+
+
+def cloud_at(rig, stamp_ns):
+    return wait_for(lambda: next((c for c in rig.got["cloud"] if stamp_to_ns(c.header.stamp) == stamp_ns), None),
+                    what=f"labeled cloud at {stamp_ns}")
+
+
+def count(rig, name):
+    return rig.node.stats.get(name)
+
+
+def set_prompts(rig, value, type_=Parameter.Type.STRING_ARRAY):
+    from rcl_interfaces.srv import SetParameters
+
+    assert rig.set_params.wait_for_service(timeout_sec=10)
+    request = SetParameters.Request(parameters=[Parameter("prompts", type_, value).to_parameter_msg()])
+    future = rig.set_params.call_async(request)
+    wait_for(future.done, what="set_parameters response")
+    return future.result().results[0]
+
+
+# Tests run in file order: the first checks the idle path before anything subscribes to the outputs.
+
+
+def test_no_model_work_without_subscribers(rig):
+    publish_frame(rig, T0)
+    wait_for(lambda: count(rig, "idle") >= 1, what="idle frame")
+    assert count(rig, "processed") == 0
+
+
+def test_labeled_points_same_points_same_order_with_markers_overlay_info(rig):
+    rig.subscribe()
+    wait_for(lambda: rig.node._pub_cloud.get_subscription_count() > 0, what="output subscription")
+    stamp = T0 + 100_000_000
+    publish_frame(rig, stamp)
+    cloud = cloud_at(rig, stamp)
+    assert cloud.header.frame_id == "velodyne"
+    fields = read_fields(cloud)
+    assert [f.name for f in cloud.fields] == ["x", "y", "z", "intensity", "label", "instance", "score", "rgb"]
+    assert np.array_equal(np.stack([fields["x"], fields["y"], fields["z"]], 1), rig.sensors.xyz)
+    assert np.array_equal(fields["intensity"], rig.sensors.intensity)
+    assert fields["label"].dtype == np.uint16 and fields["instance"].dtype == np.uint32
+    assert fields["label"].max() <= 3 and np.all((fields["score"] >= 0) & (fields["score"] <= 1))
+    info = wait_for(lambda: next((i for i in rig.got["info"] if i["stamp_ns"] == stamp), None), what="info")
+    assert info["classes"] == ["car", "road", "tree"] and info["vocabulary_version"] == 1
+    assert info["missing_cameras"] == [] and info["num_points"] == len(rig.sensors.xyz)
+    markers = wait_for(lambda: next((m for m in rig.got["markers"] if m.markers
+                                     and stamp_to_ns(m.markers[0].header.stamp) == stamp), None), what="markers")
+    from visualization_msgs.msg import Marker
+
+    assert markers.markers[0].action == Marker.DELETEALL
+    assert len(markers.markers) == 1 + 2 * sum(i["num_points"] >= 5 for i in info["instances"])
+    overlay = wait_for(lambda: next((o for o in rig.got["overlay"] if stamp_to_ns(o.header.stamp) == stamp), None),
+                       what="overlay")
+    assert (overlay.width, overlay.height, overlay.encoding) == (1241, 376, "rgb8")
+    assert overlay.header.frame_id == "cam0"
+    pixels = np.frombuffer(overlay.data, np.uint8).reshape(376, 1241, 3)
+    assert (pixels[:, :, 0] != pixels[:, :, 1]).any()  # coloured points drawn on the grey image
+
+
+def test_prompts_set_through_service_valid_and_rejected(rig):
+    wait_for(lambda: rig.got["vocabulary"], what="latched vocabulary")
+    first = rig.got["vocabulary"][0]
+    assert (first["version"], first["classes"]) == (1, ["car", "road", "tree"])
+    for bad, why in ((["car", "car"], "duplicate"), ([], "empty"), (["car", ""], "empty")):
+        result = set_prompts(rig, bad)
+        assert not result.successful and result.reason, bad
+    result = set_prompts(rig, [1, 2], Parameter.Type.INTEGER_ARRAY)  # not strings
+    assert not result.successful and "type" in result.reason.lower()
+    assert rig.node.get_parameter("prompts").value == ["car", "road", "tree"]
+    result = set_prompts(rig, ["car", "person", "building", "vegetation"])
+    assert result.successful, result.reason
+    vocab = wait_for(lambda: next((v for v in rig.got["vocabulary"] if v["version"] == 2), None), what="v2")
+    assert vocab["classes"] == ["car", "person", "building", "vegetation"]
+    stamp = T0 + 200_000_000
+    publish_frame(rig, stamp)
+    info = wait_for(lambda: next((i for i in rig.got["info"] if i["stamp_ns"] == stamp), None), what="info v2")
+    assert info["vocabulary_version"] == 2 and info["classes"] == vocab["classes"]
+    assert read_fields(cloud_at(rig, stamp), ["label"])["label"].max() <= 4
+
+
+def test_bad_clouds_keep_the_node_alive(rig):
+    from sensor_msgs.msg import PointCloud2
+
+    types = rig.sensors.types
+    malformed = rig.sensors.cloud(T0 + 300_000_000)
+    malformed.width += 10  # claims more points than the data holds
+    before = count(rig, "error.malformed_cloud")
+    publish_frame(rig, 0, cloud=malformed, camera=False)
+    wait_for(lambda: count(rig, "error.malformed_cloud") > before, what="malformed counted")
+
+    empty = encode_cloud({"xyz": np.zeros((0, 3), np.float32)}, "velodyne", T0 + 400_000_000, types)
+    publish_frame(rig, 0, cloud=empty, camera=False)
+    cloud_empty = cloud_at(rig, T0 + 400_000_000)
+    assert cloud_empty.width == 0
+
+    xyz = rig.sensors.xyz[:2000].copy()
+    xyz[::7] = np.nan
+    stamp = T0 + 500_000_000
+    publish_frame(rig, 0, cloud=rig.sensors.cloud(stamp, xyz, rig.sensors.intensity[:2000]), camera=False)
+    fields = read_fields(cloud_at(rig, stamp))
+    assert fields["x"].shape == (2000,)
+    assert np.all(fields["label"][::7] == 0) and np.all(fields["score"][::7] == 0)
+    assert np.isnan(fields["x"][::7]).all()
+
+    no_xyz = PointCloud2(header=make_header("velodyne", T0, types), height=1, width=0)
+    publish_frame(rig, 0, cloud=no_xyz, camera=False)
+    good = T0 + 600_000_000
+    publish_frame(rig, good)
+    assert cloud_at(rig, good).width == len(rig.sensors.xyz)  # still alive and processing
+
+
+def test_latest_only_slot_drops_and_counts_while_busy(rig):
+    processed, dropped = count(rig, "processed"), count(rig, "dropped")
+    stamps = [T0 + (700 + i) * 1_000_000 for i in range(5)]
+    small = rig.sensors.xyz[:500]
+    with rig.node._model_lock:  # the worker blocks inside the first frame
+        rig.pub_cloud.publish(rig.sensors.cloud(stamps[0], small, rig.sensors.intensity[:500]))
+        wait_for(rig.node.worker.busy.is_set, what="worker busy")
+        for stamp in stamps[1:]:
+            rig.pub_cloud.publish(rig.sensors.cloud(stamp, small, rig.sensors.intensity[:500]))
+        wait_for(lambda: count(rig, "dropped") >= dropped + 3, what="replacements")
+    cloud_at(rig, stamps[-1])
+    wait_for(lambda: count(rig, "processed") >= processed + 2, what="processed")
+    assert count(rig, "dropped") == dropped + 3  # frames 2..4 were replaced by their successors
+    received = {stamp_to_ns(c.header.stamp) for c in rig.got["cloud"]}
+    assert stamps[0] in received and stamps[-1] in received
+    assert not received & set(stamps[1:4])
+    stats = wait_for(lambda: next((s for s in reversed(rig.got["stats"])
+                                   if s["counts"].get("dropped", 0) >= dropped + 3), None), what="stats")
+    assert stats["counts"]["error.malformed_cloud"] >= 1 and "total" in stats["timings"]
