@@ -38,7 +38,8 @@ def dense_weight(conv):
     k = conv.kernel_size
     cell = kernel_offsets(k) + (k - 1) // 2
     w = conv.kernel.new_zeros(conv.out_channels, conv.in_channels, k, k, k)
-    w[:, :, cell[:, 0], cell[:, 1], cell[:, 2]] = conv.kernel.detach().reshape(-1, conv.in_channels, conv.out_channels).permute(2, 1, 0)
+    per_offset = conv.kernel.detach().reshape(-1, conv.in_channels, conv.out_channels)
+    w[:, :, cell[:, 0], cell[:, 1], cell[:, 2]] = per_offset.permute(2, 1, 0)
     return w
 
 
@@ -145,7 +146,9 @@ def test_batches_do_not_mix():
 
 
 def gradcheck_conv(conv, x):
-    fn = lambda feats, kernel: torch.func.functional_call(conv, {"kernel": kernel}, (x.replace_feats(feats),)).feats  # noqa: E731
+    def fn(feats, kernel):
+        return torch.func.functional_call(conv, {"kernel": kernel}, (x.replace_feats(feats),)).feats
+
     feats = x.feats.clone().requires_grad_(True)
     kernel = conv.kernel.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(fn, (feats, kernel), eps=1e-6, atol=1e-8)
@@ -193,6 +196,22 @@ def test_voxelize_maps_points_back():
     x, p2v = voxelize(pts, batch, vs, feats)
     for v in (0, len(x) // 2, len(x) - 1):
         assert (x.feats[v] - feats[p2v == v].mean(0)).abs().max() <= TOL
+
+
+def test_autocast_and_empty_input():
+    x = random_sparse(1, 6, 4, (-3, 0, 0), seed=2)
+    x = x.replace_feats(x.feats.float())
+    conv = Conv3d(4, 4, 3, bias=True, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.feats.dtype == torch.bfloat16
+    assert (y.feats.float() - conv(x).feats).abs().max() < 0.1
+    y.feats.float().sum().backward()
+    assert conv.kernel.grad.dtype == torch.float32
+    empty = SparseTensor(torch.zeros(0, 4), torch.zeros(0, 4, dtype=torch.int32))
+    down = Conv3d(4, 4, 2, stride=2, backend="torch")(Conv3d(4, 4, 3, backend="torch")(empty))
+    assert len(down) == 0 and down.stride == 2
+    assert len(Conv3d(4, 2, 2, stride=2, transposed=True, backend="torch")(down)) == 0
 
 
 def test_voxelize_rejects_bad_points():

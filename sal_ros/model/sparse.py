@@ -360,14 +360,15 @@ class Conv3d(nn.Module):
             raise ValueError(f"{self}: expected {self.in_channels} input channels, got {x.feats.shape[1]}")
         if self._uses_torchsparse(x):
             return _torchsparse_conv3d(self, x)
-        weight = self.kernel if self.kernel.dtype == x.feats.dtype else self.kernel.to(x.feats.dtype)
-        if self._is_pointwise:
-            out = x.replace_feats(x.feats @ weight)
-        else:
-            coords, stride, kmap = self._output_and_map(x)
-            out = SparseTensor(_GatherMatmulScatter.apply(x.feats, weight, kmap), coords, stride, x.cache)
-        if self.bias is not None:
-            out.feats = out.feats + self.bias.to(out.feats.dtype)
+        feats, weight, bias = _common_dtype(x.feats, self.kernel, self.bias)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes already chosen; index_add_ needs one
+            if self._is_pointwise:
+                out = x.replace_feats(feats @ weight)
+            else:
+                coords, stride, kmap = self._output_and_map(x)
+                out = SparseTensor(_GatherMatmulScatter.apply(feats, weight, kmap), coords, stride, x.cache)
+            if bias is not None:
+                out.feats = out.feats + bias
         return out
 
     def _uses_torchsparse(self, x: SparseTensor) -> bool:
@@ -406,6 +407,14 @@ class Conv3d(nn.Module):
             kmap = build_kernel_map(in_coords, out_coords, offsets, submanifold=self.stride == 1)
             cache.kmaps[key] = kmap
         return kmap
+
+
+def _common_dtype(feats: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """Autocast's compute dtype when it is on (matmuls in half/bfloat16), else the features' dtype."""
+    device = feats.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else feats.dtype
+    bias = None if bias is None else bias.to(dtype)
+    return feats.to(dtype), weight.to(dtype), bias
 
 
 # -------------------------------------------------------------------------------- torchsparse backend
