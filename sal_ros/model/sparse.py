@@ -232,19 +232,26 @@ def build_kernel_map(in_coords: Tensor, out_coords: Tensor, offsets: Tensor, sub
     empty = in_coords.new_zeros(0, dtype=torch.int64)
     if n_in == 0 or n_out == 0:
         return KernelMap([empty] * n_k, [empty] * n_k, n_in, n_out, centre)
+    # On one voxel set an odd kernel is point-symmetric (offset K-1-k = -offset k), so the second half of
+    # the map is the first half with inputs and outputs swapped: search only offsets before the centre.
+    mirror = centre is not None and (in_coords is out_coords or torch.equal(in_coords, out_coords))
+    searched = offsets[:centre] if mirror else offsets
     cin, cout = in_coords.long(), out_coords.long()
     box = _Box.around(cin, cout, margin=int(offsets.abs().max()))
     sorted_keys, order = torch.sort(box.key(cin))
-    delta = (offsets * box.mult[1:]).sum(1)
+    delta = (searched * box.mult[1:]).sum(1)
     query = box.key(cout)[None, :] + delta[:, None]  # (K, N_out)
     pos = torch.searchsorted(sorted_keys, query).clamp_(max=n_in - 1)
     hit = sorted_keys[pos] == query
-    if centre is not None:
+    if centre is not None and not mirror:
         hit[centre] = False  # the identity offset is applied without gathering
     k, out_rows = hit.nonzero(as_tuple=True)  # row-major: grouped by offset
     in_rows = order[pos[k, out_rows]]
     sizes = hit.sum(1).tolist()
-    return KernelMap(list(in_rows.split(sizes)), list(out_rows.split(sizes)), n_in, n_out, centre)
+    ins, outs = list(in_rows.split(sizes)), list(out_rows.split(sizes))
+    if mirror:
+        ins, outs = ins + [empty] + outs[::-1], outs + [empty] + ins[::-1]
+    return KernelMap(ins, outs, n_in, n_out, centre)
 
 
 class _GatherMatmulScatter(torch.autograd.Function):
