@@ -1,0 +1,39 @@
+"""DDS delivery across two processes: 100 lidar-sized best-effort clouds at 10 Hz with the shipped profile."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, require_rclpy
+
+pytestmark = [pytest.mark.ros]
+
+
+def run_bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    require_rclpy()
+    domain = str(100 + os.getpid() % 100)  # private: parallel test runs do not meet each other
+    cmd = [sys.executable, "-m", "sal_ros.cli", "bench", "dds", "--domain-id", domain, *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(45)  # ~13 s: 10 s of publishing plus process start and discovery
+def test_shipped_profile_delivers_every_cloud():
+    done = run_bench("--count", "100", "--rate", "10", "--points", "120000")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert "XMLPARSER" not in done.stderr, done.stderr[-3000:]  # the profile parsed cleanly
+    profile = result["profile"]
+    assert profile["config"] == str(REPO / "config" / "fastdds.xml")
+    assert result["bytes_per_cloud"] > 2_000_000
+    assert (profile["sent"], profile["received"], profile["corrupt"]) == (100, 100, 0)
+    lat = profile["latency_ms"]
+    assert 0 < lat["median"] <= lat["p90"] <= lat["max"]
+    assert "stock" not in result
+
+
+def test_missing_profile_is_a_clear_error():
+    done = run_bench("--profile", "/nonexistent/fastdds.xml", timeout=30)
+    assert done.returncode == 2 and "profile not found: /nonexistent/fastdds.xml" in done.stderr
