@@ -1,0 +1,125 @@
+"""The recorder as users run it (`sal-ros run --no-segmenter --record DIR`, a separate process): synced real
+KITTI frames land in a FrameStore; `kill -9` mid-recording loses no completed frame; a restart resumes the store."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import require_rclpy
+
+rclpy = require_rclpy()
+pytest.importorskip("sal_ros.data.framestore", reason="sal_ros.data.framestore has not landed")
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+
+from test_nodes_inputs import Sensors, wait_for  # noqa: E402
+
+DOMAIN_ID = 66
+T0 = 1_700_000_000_000_000_000
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _store_keys(root):
+    from sal_ros.data.framestore import FrameStore
+
+    return list(FrameStore(root).keys()) if root.exists() else []
+
+
+def _start_recorder(params_file, out_dir, log):
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
+    return subprocess.Popen([sys.executable, "-m", "sal_ros.cli", "run", "--no-segmenter", "--params",
+                             str(params_file), "--record", str(out_dir)], cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+@pytest.fixture()
+def publisher():
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    node = rclpy.create_node("recorder_test", context=ctx)
+    pubs = {"cloud": node.create_publisher(PointCloud2, "/rec/points", qos_profile_sensor_data),
+            "image": node.create_publisher(Image, "/rec/image", qos_profile_sensor_data),
+            "info": node.create_publisher(CameraInfo, "/rec/info", qos_profile_sensor_data)}
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    yield pubs
+    executor.shutdown()
+    node.destroy_node()
+    rclpy.shutdown(context=ctx)
+
+
+def test_recorder_kill9_keeps_completed_frames_and_resumes(tmp_path, publisher):
+    sensors = Sensors(tmp_path)
+    params = tmp_path / "record.yaml"
+    params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {
+        "cloud_topic": "/rec/points", "cameras": ["image_0"],
+        "camera": {"image_0": {"image_topic": "/rec/image", "info_topic": "/rec/info"}},
+        "sync": {"timeout": 0.2}, "calibration": {"source": "static", "file": str(sensors.calib_file)}}}}))
+    out = tmp_path / "frames"
+    sent = {}  # stamp -> number of leading points dropped (frames differ in size)
+
+    def publish(i):
+        stamp = T0 + i * 100_000_000
+        sent[stamp] = 1000 * i
+        publisher["info"].publish(sensors.info(stamp))
+        publisher["image"].publish(sensors.image_msg(stamp))
+        publisher["cloud"].publish(sensors.cloud(stamp, sensors.xyz[1000 * i:], sensors.intensity[1000 * i:]))
+
+    with open(tmp_path / "recorder.log", "w") as log:
+        proc = _start_recorder(params, out, log)
+        try:
+            wait_for(lambda: publisher["cloud"].get_subscription_count() > 0, timeout=60, what="recorder up")
+            i = 0
+            while len(_store_keys(out)) < 3:
+                publish(i)
+                i += 1
+                assert i < 100, (tmp_path / "recorder.log").read_text()
+                time.sleep(0.3)
+            publish(i)  # in flight when the process dies
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    from sal_ros.data.framestore import FrameStore
+
+    keys = _store_keys(out)
+    assert len(keys) >= 3
+    store = FrameStore(out)
+    for key in keys:
+        frame = store.load(key)  # every listed frame is complete
+        skip = sent[frame.stamp_ns]
+        assert np.array_equal(frame.points, sensors.xyz[skip:])
+        assert np.array_equal(frame.intensity, sensors.intensity[skip:])
+        view = frame.cameras["image_0"]
+        assert np.array_equal(view.image, sensors.image)
+        assert np.allclose(view.T_cam_lidar, sensors.calib["image_0"].T_cam_lidar)
+        assert view.stamp_ns == frame.stamp_ns
+
+    with open(tmp_path / "recorder2.log", "w") as log:
+        proc = _start_recorder(params, out, log)
+        try:
+            wait_for(lambda: publisher["cloud"].get_subscription_count() > 0, timeout=60, what="recorder up again")
+            before = len(keys)
+            for j in range(i + 1, i + 40):
+                publish(j)
+                time.sleep(0.3)
+                if len(_store_keys(out)) >= before + 2:
+                    break
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    after = _store_keys(out)
+    assert set(keys) <= set(after) and len(after) >= len(keys) + 2
