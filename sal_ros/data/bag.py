@@ -1,0 +1,353 @@
+"""Frames out of a rosbag2 (mcap or sqlite3), through the node's own LidarAnchoredSynchronizer.
+
+This is the offline replay path of evaluation and training: messages go through the same synchronizer, in log
+order, as they would reach the nodes, so offline results match what the robot computes. The bag is read with
+rosbags (pure Python, no ROS install).
+
+What is read, unless given:
+
+- the cloud topic: the bag's only PointCloud2 topic (or ``/lidar/points`` among several);
+- cameras: those named in the extrinsics YAML, else every ``/<name>/image_raw`` (Image or CompressedImage) topic,
+  with ``/<name>/camera_info`` for intrinsics and the YAML's ``time_offset`` as the sync offset;
+- extrinsics: ``extrinsics.yaml`` in the bag folder (``sal-ros convert`` writes it), else the bag's ``/tf_static``
+  (chains of static transforms are followed);
+- ground truth: ``labels.npz`` in the bag folder, keyed by the cloud stamp in ns.
+
+``config`` takes a node parameters YAML (``cloud_topic``, ``cameras``, ``camera.<name>.*``, ``sync.*``,
+``calibration.file``), so evaluation uses exactly the robot's settings.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
+from sal_ros.core.errors import CalibrationError, SensorDataError
+from sal_ros.core.types import CameraView, Frame
+
+CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+INFO_TYPE = "sensor_msgs/msg/CameraInfo"
+TF_STATIC_TOPIC = "/tf_static"
+DEFAULT_CLOUD_TOPIC = "/lidar/points"
+EXTRINSICS_FILE = "extrinsics.yaml"
+LABELS_FILE = "labels.npz"
+MS = 1_000_000
+
+
+@dataclass(frozen=True)
+class BagCamera:
+    name: str
+    image_topic: str
+    info_topic: str | None = None  # None: intrinsics from the extrinsics YAML
+    time_offset_ns: int = 0  # expected image stamp - cloud stamp
+
+
+CameraSpec = BagCamera | tuple  # (name, image_topic, info_topic, time_offset_ns)
+
+
+def iter_bag_frames(
+    bag_path: str | os.PathLike,
+    cloud_topic: str | None = None,
+    cameras: Iterable[CameraSpec] | None = None,
+    extrinsics: str | os.PathLike | Mapping[str, CameraCalibration] | None = None,
+    *,
+    match_threshold_ns: int = 30 * MS,
+    timeout_ns: int = 50 * MS,
+    allow_partial: bool = True,
+    config: str | os.PathLike | None = None,
+    labels: bool = True,
+) -> Iterator[Frame]:
+    """Synced Frames of the bag, in cloud stamp order (see the module docstring for the defaults).
+
+    ``extrinsics``: a static-extrinsics YAML path, calibrations by camera name, or None (the bag's own).
+    Frames whose cameras did not all match list them in ``missing_cameras``; ``allow_partial=False`` skips them.
+    """
+    from rosbags.highlevel import AnyReader
+
+    from sal_ros.core.sync import LidarAnchoredSynchronizer
+
+    bag_path = Path(bag_path)
+    if not bag_path.exists():
+        raise FileNotFoundError(f"bag {bag_path} does not exist")
+    if config is not None:
+        settings = _read_node_config(config)
+        cloud_topic = cloud_topic or settings.get("cloud_topic")
+        cameras = cameras if cameras is not None else _config_cameras(settings)
+        extrinsics = extrinsics or settings.get("calibration.file") or None
+        match_threshold_ns = int(round(settings.get("sync.match_threshold", match_threshold_ns / 1e9) * 1e9))
+        timeout_ns = int(round(settings.get("sync.timeout", timeout_ns / 1e9) * 1e9))
+        allow_partial = bool(settings.get("sync.allow_partial", allow_partial))
+    with AnyReader([bag_path]) as reader:
+        calibs = _static_calibrations(bag_path, extrinsics)
+        cloud_conn = _cloud_connection(reader, cloud_topic, bag_path)
+        cams = _cameras(reader, cameras, calibs, bag_path)
+        tf_tree = None if calibs is not None else _TfTree.from_bag(reader)
+        sync = LidarAnchoredSynchronizer([c.name for c in cams], {c.name: c.time_offset_ns for c in cams},
+                                         match_threshold_ns=match_threshold_ns, timeout_ns=timeout_ns)
+        assembler = _Assembler(reader, cams, calibs, tf_tree, _open_labels(bag_path) if labels else None)
+        by_topic = {c.image_topic: c.name for c in cams}
+        infos = {c.info_topic: c.name for c in cams if c.info_topic}
+        wanted = [cloud_conn] + [c for c in reader.connections if c.topic in by_topic or c.topic in infos]
+        for conn, _, raw in reader.messages(connections=wanted):
+            if conn.topic in infos:
+                assembler.infos[infos[conn.topic]] = (conn, raw)  # the latest, as a node keeps it
+                continue
+            stamp = _header_stamp(raw)
+            if conn is cloud_conn:
+                ready = sync.add_cloud(stamp, (conn, raw))
+            else:
+                ready = sync.add_camera(by_topic[conn.topic], stamp, (conn, raw))
+            yield from assembler.frames(ready, allow_partial)
+        yield from assembler.frames(sync.flush(), allow_partial)
+
+
+# ------------------------------------------------------------------------------------------------ decoding
+
+
+class _Assembler:
+    """Synced sets -> Frames: decodes the cloud and matched images, adds intrinsics, extrinsics and labels."""
+
+    def __init__(self, reader: Any, cams: list[BagCamera], calibs: dict[str, CameraCalibration] | None,
+                 tf_tree: "_TfTree | None", labels: Any) -> None:
+        self.reader, self.cams, self.calibs, self.tf_tree, self.labels = reader, cams, calibs, tf_tree, labels
+        self.infos: dict[str, tuple[Any, bytes]] = {}
+        self._models: dict[str, tuple[bytes, Any]] = {}
+
+    def frames(self, ready: list, allow_partial: bool) -> Iterator[Frame]:
+        for synced in ready:
+            frame = self.frame(synced)
+            if allow_partial or not frame.missing_cameras:
+                yield frame
+
+    def frame(self, synced: Any) -> Frame:
+        from sal_ros.core.image import read_image
+        from sal_ros.core.pointcloud2 import read_xyz_intensity
+
+        cloud = self._decode(*synced.cloud)
+        xyz, intensity = read_xyz_intensity(cloud)
+        frame = Frame(stamp_ns=synced.stamp_ns, frame_id=str(cloud.header.frame_id), points=xyz,
+                      intensity=intensity, key=str(synced.stamp_ns))
+        if self.labels is not None and frame.key in self.labels:
+            frame.gt_labels = self._labels(frame)
+        missing = list(synced.missing)
+        for name, (stamp, (conn, raw)) in synced.images.items():
+            model = self._camera_model(name)
+            if model is None:  # no CameraInfo yet: left out, as the node does
+                missing.append(name)
+                continue
+            image_msg = self._decode(conn, raw)
+            camera_frame = str(image_msg.header.frame_id)
+            frame.cameras[name] = CameraView(
+                name=name, image=read_image(image_msg), camera=model,
+                T_cam_lidar=self._extrinsics(name, camera_frame, frame.frame_id), stamp_ns=stamp,
+                frame_id=camera_frame)
+        frame.missing_cameras = tuple(c.name for c in self.cams if c.name in missing)
+        return frame
+
+    def _decode(self, conn: Any, raw: bytes) -> Any:
+        return self.reader.deserialize(raw, conn.msgtype)
+
+    def _labels(self, frame: Frame) -> np.ndarray:
+        labels = np.asarray(self.labels[frame.key], np.uint32)
+        if labels.shape != (frame.num_points,):
+            raise SensorDataError(f"{LABELS_FILE}: {labels.size} labels for the {frame.num_points} points of the "
+                                  f"cloud at {frame.key}")
+        return labels
+
+    def _camera_model(self, name: str) -> Any | None:
+        """From the latest CameraInfo (decoded once per distinct message), else the YAML's intrinsics, else None."""
+        from sal_ros.core.camera import CameraModel
+
+        info = self.infos.get(name)
+        if info is not None:
+            cached = self._models.get(name)
+            if cached is None or cached[0] is not info[1]:
+                cached = (info[1], CameraModel.from_camera_info(self._decode(*info)))
+                self._models[name] = cached
+            return cached[1]
+        calib = (self.calibs or {}).get(name)
+        return None if calib is None else calib.camera
+
+    def _extrinsics(self, name: str, camera_frame: str, lidar_frame: str) -> np.ndarray:
+        if self.calibs is not None:
+            calib = self.calibs.get(name)
+            if calib is None:
+                raise CalibrationError(f"camera {name}: not in the extrinsics YAML (cameras: {sorted(self.calibs)})")
+            if calib.lidar_frame_id != lidar_frame:
+                raise CalibrationError(f"camera {name}: the extrinsics are for lidar frame '{calib.lidar_frame_id}', "
+                                       f"the clouds are in '{lidar_frame}'")
+            return calib.T_cam_lidar
+        T = self.tf_tree.lookup(camera_frame, lidar_frame)
+        if T is None:
+            raise CalibrationError(f"camera {name}: no /tf_static chain from lidar frame '{lidar_frame}' to camera "
+                                   f"frame '{camera_frame}' (frames: {sorted(self.tf_tree.frames)})")
+        return T
+
+
+def _header_stamp(raw: bytes) -> int:
+    """The header stamp without decoding the payload: CDR puts the header first (4-byte encapsulation, then
+    int32 sec, uint32 nanosec), little- or big-endian per the encapsulation id."""
+    sec, nanosec = struct.unpack_from("<iI" if raw[1] & 1 else ">iI", raw, 4)
+    return sec * 1_000_000_000 + nanosec
+
+
+# -------------------------------------------------------------------------------------- topics and cameras
+
+
+def _cloud_connection(reader: Any, topic: str | None, bag: Path) -> Any:
+    clouds = [c for c in reader.connections if c.msgtype == CLOUD_TYPE]
+    if topic is not None:
+        match = [c for c in clouds if c.topic == topic]
+        if not match:
+            raise SensorDataError(f"{bag}: no PointCloud2 topic {topic} (clouds: {sorted(c.topic for c in clouds)})")
+        return match[0]
+    if len(clouds) == 1:
+        return clouds[0]
+    match = [c for c in clouds if c.topic == DEFAULT_CLOUD_TOPIC]
+    if match:
+        return match[0]
+    raise SensorDataError(f"{bag}: {'no' if not clouds else 'several'} PointCloud2 topics "
+                          f"({sorted(c.topic for c in clouds)}); name the cloud topic")
+
+
+def _cameras(reader: Any, cameras: Iterable[CameraSpec] | None, calibs: dict[str, CameraCalibration] | None,
+             bag: Path) -> list[BagCamera]:
+    topics = {c.topic: c.msgtype for c in reader.connections}
+    if cameras is not None:
+        cams = [c if isinstance(c, BagCamera) else BagCamera(*c) for c in cameras]
+    else:
+        names = list(calibs) if calibs is not None else _image_namespaces(topics)
+        cams = [_default_camera(name, topics, calibs) for name in names]
+        cams = [c for c in cams if c is not None]
+    for c in cams:
+        if topics.get(c.image_topic) not in IMAGE_TYPES:
+            raise SensorDataError(f"{bag}: camera {c.name}: no Image/CompressedImage topic {c.image_topic}")
+        if c.info_topic is not None and topics.get(c.info_topic) != INFO_TYPE:
+            raise SensorDataError(f"{bag}: camera {c.name}: no CameraInfo topic {c.info_topic}")
+    return cams
+
+
+def _image_namespaces(topics: dict[str, str]) -> list[str]:
+    names = []
+    for topic, msgtype in topics.items():
+        parts = topic.strip("/").split("/")
+        if msgtype in IMAGE_TYPES and len(parts) >= 2 and "image_raw" in parts:
+            names.append("/".join(parts[:parts.index("image_raw")]))
+    return sorted(set(names))
+
+
+def _default_camera(name: str, topics: dict[str, str], calibs: dict[str, CameraCalibration] | None) -> BagCamera | None:
+    raw = f"/{name}/image_raw"
+    image = raw if topics.get(raw) in IMAGE_TYPES else f"{raw}/compressed"
+    if topics.get(image) not in IMAGE_TYPES:
+        return None  # a calibrated camera that was not recorded
+    info = f"/{name}/camera_info"
+    offset = calibs[name].time_offset_ns if calibs and name in calibs else 0
+    return BagCamera(name, image, info if topics.get(info) == INFO_TYPE else None, offset)
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def _static_calibrations(bag: Path, extrinsics: Any) -> dict[str, CameraCalibration] | None:
+    """Calibrations from the given YAML / mapping, else the bag's extrinsics.yaml; None: use /tf_static."""
+    if isinstance(extrinsics, Mapping):
+        return dict(extrinsics)
+    if extrinsics is not None:
+        return read_static_extrinsics(extrinsics)
+    beside = (bag if bag.is_dir() else bag.parent) / EXTRINSICS_FILE
+    return read_static_extrinsics(beside) if beside.is_file() else None
+
+
+class _TfTree:
+    """Static transforms of a bag's /tf_static; ``lookup`` chains them in either direction."""
+
+    def __init__(self, edges: dict[tuple[str, str], np.ndarray]) -> None:
+        self._edges: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for (parent, child), T_parent_child in edges.items():
+            self._edges.setdefault(parent, []).append((child, T_parent_child))
+            self._edges.setdefault(child, []).append((parent, _invert(T_parent_child)))
+
+    @property
+    def frames(self) -> set[str]:
+        return set(self._edges)
+
+    @classmethod
+    def from_bag(cls, reader: Any) -> "_TfTree":
+        from sal_ros.core.transforms import transform_msg_to_matrix
+
+        edges = {}
+        conns = [c for c in reader.connections if c.topic == TF_STATIC_TOPIC]
+        for conn, _, raw in reader.messages(connections=conns):
+            for tf in reader.deserialize(raw, conn.msgtype).transforms:
+                edges[(str(tf.header.frame_id), str(tf.child_frame_id))] = transform_msg_to_matrix(tf)
+        return cls(edges)
+
+    def lookup(self, target: str, source: str) -> np.ndarray | None:
+        """T_target_source (maps source coordinates into target), breadth first over the static tree."""
+        seen, queue = {source}, deque([(source, np.eye(4))])
+        while queue:
+            frame, T_frame_source = queue.popleft()
+            if frame == target:
+                return T_frame_source
+            for other, T_frame_other in self._edges.get(frame, []):
+                if other not in seen:  # T_frame_other maps other into frame; we need T_other_source
+                    seen.add(other)
+                    queue.append((other, _invert(T_frame_other) @ T_frame_source))
+        return None
+
+
+def _invert(T: np.ndarray) -> np.ndarray:
+    from sal_ros.core.transforms import invert_transform
+
+    return invert_transform(T)
+
+
+# ------------------------------------------------------------------------------------------ labels, config
+
+
+def _open_labels(bag: Path) -> Any:
+    path = (bag if bag.is_dir() else bag.parent) / LABELS_FILE
+    return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
+def _read_node_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Flat parameters of a node params YAML: the ``/**`` section, then any sal_ros node section on top."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise SensorDataError(f"cannot read node config {path}: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for section in ("/**", "sal_segmenter", "/sal_segmenter", "sal_recorder", "/sal_recorder"):
+        params = (doc.get(section) or {}).get("ros__parameters") if isinstance(doc, dict) else None
+        if isinstance(params, dict):
+            flat.update(_flatten(params))
+    return flat
+
+
+def _flatten(params: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _config_cameras(settings: dict[str, Any]) -> list[BagCamera] | None:
+    names = settings.get("cameras") or []
+    if not names:
+        return None
+    return [BagCamera(str(n), settings.get(f"camera.{n}.image_topic", f"/{n}/image_raw"),
+                      settings.get(f"camera.{n}.info_topic", f"/{n}/camera_info"),
+                      int(round(float(settings.get(f"camera.{n}.time_offset", 0.0)) * 1e9))) for n in names]

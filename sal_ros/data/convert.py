@@ -1,0 +1,290 @@
+"""``sal-ros convert DATASET OUT``: a dataset folder (SemanticKITTI, KITTI object, nuScenes, KITTI frustum) into a
+rosbag2 (mcap by default) that looks like a robot recording, so every tool downstream (replay, the nodes, the bag
+reader of evaluation) runs on it unchanged.
+
+Topics (log time = header stamp):
+
+- ``/lidar/points``: sensor_msgs/PointCloud2, x y z intensity float32, frame ``lidar`` (``--lidar-frame``);
+- ``/<camera>/image_raw`` + ``/<camera>/camera_info``: sensor_msgs/Image (mono8/mono16/rgb8, as the files) and
+  CameraInfo, stamped with each camera's own capture time (nuScenes cameras fire up to ~45 ms before the sweep);
+- ``/tf_static``: tf2_msgs/TFMessage, lidar frame -> each camera optical frame (recorded transient-local).
+
+In the bag folder, beside its data files:
+
+- ``extrinsics.yaml``: the static-extrinsics YAML of sal_ros.core.calibration (exact T, intrinsics, time offsets);
+- ``labels.npz``: ground-truth per-point labels (uint32, SemanticKITTI panoptic form) keyed by the cloud stamp in
+  ns as a string, when the dataset has them.
+
+KITTI times start at zero, and a zero stamp means "unset" in ROS: those datasets are shifted by ``--time-base``
+(default 1 s). The bag is written to a temporary folder and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from sal_ros.core.calibration import CameraCalibration, write_static_extrinsics
+from sal_ros.core.errors import SensorDataError
+from sal_ros.core.types import CameraView, Frame
+
+CLOUD_TOPIC = "/lidar/points"
+TF_STATIC_TOPIC = "/tf_static"
+LIDAR_FRAME = "lidar"
+EXTRINSICS_FILE = "extrinsics.yaml"
+LABELS_FILE = "labels.npz"
+RELATIVE_TIME_KINDS = ("semantickitti", "kitti_object", "kitti_frustum")  # times.txt / frame index from zero
+NS_PER_S = 1_000_000_000
+T_TOLERANCE = 1e-9  # a bag holds one static calibration per camera; frames must agree to this
+
+
+def image_topic(camera: str) -> str:
+    return f"/{camera}/image_raw"
+
+
+def info_topic(camera: str) -> str:
+    return f"/{camera}/camera_info"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", type=Path, help="dataset folder (SemanticKITTI sequence or root, KITTI object, "
+                                                   "nuScenes sample, KITTI frustum), as in ../shared/data")
+    parser.add_argument("out", type=Path, help="rosbag2 folder to create")
+    parser.add_argument("--frames", nargs="+", default=None,
+                        help="only these frames, by key or scan name (e.g. 000001 or 00_000001)")
+    parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    parser.add_argument("--lidar-frame", default=LIDAR_FRAME, help=f"frame_id of the clouds (default {LIDAR_FRAME})")
+    parser.add_argument("--time-base", type=float, default=1.0,
+                        help="seconds added to datasets whose times start at zero (KITTI; default 1.0)")
+    parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage (mcap)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        summary = convert(args.dataset, args.out, frames=args.frames, max_frames=args.max_frames,
+                          lidar_frame=args.lidar_frame, time_base_ns=int(round(args.time_base * NS_PER_S)),
+                          storage=args.storage, overwrite=args.overwrite)
+    except (SensorDataError, FileExistsError, FileNotFoundError) as exc:
+        print(f"sal-ros convert: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {summary.path}: {summary.frames} frames, cameras {list(summary.cameras)}, "
+          f"{summary.labelled} with ground truth")
+    return 0
+
+
+@dataclass
+class ConvertSummary:
+    path: Path
+    kind: str
+    frames: int = 0
+    labelled: int = 0
+    time_shift_ns: int = 0
+    cameras: dict[str, CameraCalibration] = field(default_factory=dict)
+
+
+def convert(
+    dataset: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    frames: Iterable[str] | None = None,
+    max_frames: int | None = None,
+    lidar_frame: str = LIDAR_FRAME,
+    time_base_ns: int = NS_PER_S,
+    storage: str = "mcap",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Write the bag (see the module docstring); returns what was written."""
+    from sal_ros.data.datasets import find_dataset, iter_frames
+
+    dataset, out = Path(dataset), Path(out)
+    if not dataset.exists():
+        raise FileNotFoundError(f"dataset {dataset} does not exist")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists (use --overwrite to replace it)")
+    kind = find_dataset(dataset)
+    summary = ConvertSummary(path=out, kind=kind, time_shift_ns=time_base_ns if kind in RELATIVE_TIME_KINDS else 0)
+    source = _select(iter_frames(dataset), frames, max_frames)
+    # the bag is built in a hidden sibling folder under its final name (rosbag2 names its data files after it)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_bag(tmp / out.name, source, summary, lidar_frame, storage, progress)
+        if summary.frames == 0:
+            raise SensorDataError(f"{dataset}: no frames to convert" + (f" (--frames {list(frames)})" if frames else ""))
+        _replace_dir(tmp / out.name, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _select(source: Iterator[Frame], keys: Iterable[str] | None, max_frames: int | None) -> Iterator[Frame]:
+    wanted = None if keys is None else {str(k) for k in keys}
+    n = 0
+    for frame in source:
+        if max_frames is not None and n >= max_frames:
+            return
+        if wanted is None or frame.key in wanted or frame.key.rpartition("_")[2] in wanted:
+            n += 1
+            yield frame
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished bag into place; an existing one (--overwrite) is moved aside first, then removed."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+
+class _BagWriter:
+    """A rosbags Writer with one connection per topic, messages serialized with the Kilted typestore."""
+
+    def __init__(self, path: Path, storage: str) -> None:
+        from rosbags.rosbag2 import StoragePlugin, Writer
+        from rosbags.typesys import Stores, get_typestore
+
+        from sal_ros.core.msgtypes import rosbags_types
+
+        self.typestore = get_typestore(Stores.ROS2_KILTED)
+        self.types = rosbags_types(self.typestore)
+        plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+        self._writer = Writer(path, version=9, storage_plugin=plugin)
+        self._connections: dict[str, Any] = {}
+
+    def __enter__(self) -> "_BagWriter":
+        self._writer.open()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._writer.close()
+
+    def write(self, topic: str, msg: Any, log_time_ns: int, latched: bool = False) -> None:
+        msgtype = type(msg).__msgtype__
+        conn = self._connections.get(topic)
+        if conn is None:
+            qos = (_latched_qos(),) if latched else ()
+            conn = self._writer.add_connection(topic, msgtype, typestore=self.typestore, offered_qos_profiles=qos)
+            self._connections[topic] = conn
+        self._writer.write(conn, log_time_ns, self.typestore.serialize_cdr(msg, msgtype))
+
+
+def _latched_qos() -> Any:
+    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+
+    never = QosTime(0x7FFFFFFF, 0xFFFFFFFF)  # rmw's "infinite" duration
+    return Qos(QosHistory.KEEP_LAST, 1, QosReliability.RELIABLE, QosDurability.TRANSIENT_LOCAL, never, never,
+               QosLiveliness.AUTOMATIC, never, False)
+
+
+def _write_bag(path: Path, source: Iterator[Frame], summary: ConvertSummary, lidar_frame: str, storage: str,
+               progress: bool) -> None:
+    from tqdm import tqdm
+
+    shift = summary.time_shift_ns
+    labels: dict[str, np.ndarray] = {}
+    with _BagWriter(path, storage) as bag:
+        for frame in tqdm(source, desc=f"convert {summary.kind}", unit="frame", disable=not progress):
+            stamp = frame.stamp_ns + shift
+            if stamp <= 0:
+                raise SensorDataError(f"frame {frame.key}: stamp {stamp} ns is not a valid ROS time "
+                                      "(raise --time-base)")
+            first = not summary.cameras
+            _check_calibrations(frame, summary.cameras, lidar_frame, stamp, shift)
+            if first and summary.cameras:
+                bag.write(TF_STATIC_TOPIC, _tf_static(summary.cameras.values(), stamp, bag.types),
+                          _first_stamp(frame, shift), latched=True)
+            for topic, msg, t in sorted(_frame_messages(frame, lidar_frame, shift, bag.types), key=lambda m: m[2]):
+                bag.write(topic, msg, t)
+            if frame.gt_labels is not None:
+                labels[str(stamp)] = np.asarray(frame.gt_labels, np.uint32)
+                summary.labelled += 1
+            summary.frames += 1
+    if summary.cameras:
+        write_static_extrinsics(path / EXTRINSICS_FILE, summary.cameras, lidar_frame)
+    if labels:
+        np.savez(path / LABELS_FILE, **labels)
+
+
+def _first_stamp(frame: Frame, shift: int) -> int:
+    return min([frame.stamp_ns] + [v.stamp_ns for v in frame.cameras.values()]) + shift
+
+
+def _check_calibrations(frame: Frame, calibs: dict[str, CameraCalibration], lidar_frame: str, stamp: int,
+                        shift: int) -> None:
+    """Record each camera's calibration from its first frame; later frames must agree (one /tf_static)."""
+    for name, view in frame.cameras.items():
+        known = calibs.get(name)
+        if known is None:
+            calibs[name] = CameraCalibration(name=name, camera=view.camera, T_cam_lidar=view.T_cam_lidar,
+                                             frame_id=view.frame_id or name, lidar_frame_id=lidar_frame,
+                                             time_offset_ns=view.stamp_ns + shift - stamp)
+        elif not np.allclose(known.T_cam_lidar, view.T_cam_lidar, rtol=0, atol=T_TOLERANCE):
+            raise SensorDataError(
+                f"camera {name}: the lidar->camera calibration of frame {frame.key} differs from the first frame's "
+                "(KITTI object frames come from different drives); a bag holds one static calibration: convert "
+                "such frames one at a time (--frames)")
+
+
+def _frame_messages(frame: Frame, lidar_frame: str, shift: int, types: Any) -> list[tuple[str, Any, int]]:
+    from sal_ros.core.pointcloud2 import encode_cloud
+
+    stamp = frame.stamp_ns + shift
+    fields = {"xyz": frame.points}
+    intensity = frame.intensity if frame.intensity is not None else np.zeros(frame.num_points, np.float32)
+    fields["intensity"] = np.asarray(intensity, np.float32)
+    out = [(CLOUD_TOPIC, encode_cloud(fields, lidar_frame, stamp, types), stamp)]
+    for name, view in frame.cameras.items():
+        t = view.stamp_ns + shift
+        out.append((info_topic(name), _camera_info(view, t, types), t))  # first: the image completes the set
+        out.append((image_topic(name), _image_msg(view, t, types), t))
+    return out
+
+
+def _image_msg(view: CameraView, stamp: int, types: Any) -> Any:
+    from sal_ros.core.image import encode_image
+
+    image = np.asarray(view.image)
+    encodings = {(2, "uint8"): "mono8", (2, "uint16"): "mono16", (2, "float32"): "32FC1", (3, "uint8"): "rgb8"}
+    encoding = encodings.get((image.ndim, image.dtype.name))
+    if encoding is None:
+        raise SensorDataError(f"camera {view.name}: cannot store a {image.dtype} image of shape {image.shape}")
+    return encode_image(image, encoding, view.frame_id or view.name, stamp, types)
+
+
+def _camera_info(view: CameraView, stamp: int, types: Any) -> Any:
+    from sal_ros.core.msgtypes import make_header
+
+    fields = view.camera.to_camera_info_fields()
+    for key in ("k", "d", "r", "p"):
+        fields[key] = np.asarray(fields[key], np.float64)  # rosbags keeps numeric arrays as numpy
+    return types.CameraInfo(header=make_header(view.frame_id or view.name, stamp, types), **fields)
+
+
+def _tf_static(calibs: Iterable[CameraCalibration], stamp: int, types: Any) -> Any:
+    """Lidar (parent) -> camera optical frame (child): the transform maps camera coordinates into the lidar frame."""
+    from sal_ros.core.msgtypes import make_header
+    from sal_ros.core.transforms import invert_transform, matrix_to_transform_fields
+
+    transforms = []
+    for c in calibs:
+        (x, y, z), (qx, qy, qz, qw) = matrix_to_transform_fields(invert_transform(c.T_cam_lidar))
+        transforms.append(types.TransformStamped(
+            header=make_header(c.lidar_frame_id, stamp, types), child_frame_id=c.frame_id,
+            transform=types.Transform(translation=types.Vector3(x=x, y=y, z=z),
+                                      rotation=types.Quaternion(x=qx, y=qy, z=qz, w=qw))))
+    return types.TFMessage(transforms=transforms)
