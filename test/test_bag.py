@@ -98,8 +98,8 @@ def test_tf_static_and_camera_info_without_the_yaml(nuscenes_bag, tmp_path):
 def test_node_params_file_drives_topics_offsets_and_sync(nuscenes_bag, tmp_path):
     root, out = nuscenes_bag
     (src,) = load_nuscenes(root)
-    lines = ["/**:", "  ros__parameters:", f"    cloud_topic: {C.CLOUD_TOPIC}", "    cameras: [CAM_FRONT_LEFT, CAM_BACK]",
-             "    camera:"]
+    lines = ["/**:", "  ros__parameters:", f"    cloud_topic: {C.CLOUD_TOPIC}",
+             "    cameras: [CAM_FRONT_LEFT, CAM_BACK]", "    camera:"]
     for n in ("CAM_FRONT_LEFT", "CAM_BACK"):
         off = (src.cameras[n].stamp_ns - src.stamp_ns) / NS
         lines += [f"      {n}:", f"        image_topic: {C.image_topic(n)}", f"        info_topic: {C.info_topic(n)}",

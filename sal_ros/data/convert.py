@@ -119,7 +119,8 @@ def convert(
     try:
         _write_bag(tmp / out.name, source, summary, lidar_frame, storage, progress)
         if summary.frames == 0:
-            raise SensorDataError(f"{dataset}: no frames to convert" + (f" (--frames {list(frames)})" if frames else ""))
+            chosen = f" (--frames {list(frames)})" if frames else ""
+            raise SensorDataError(f"{dataset}: no frames to convert{chosen}")
         _replace_dir(tmp / out.name, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,291 @@
+"""FrameStore: the dataset folder the recorder node writes and the pseudo-label engine reads.
+
+Layout::
+
+    ROOT/frames/<key>.npz   one Frame: points, intensity, ground truth, each camera's image, intrinsics, T, stamps
+    ROOT/index.jsonl        one JSON line per stored frame, in recording order (the list readers see)
+
+Crash safety (``kill -9`` at any moment): a frame file is written under a temporary name, fsynced and renamed
+into place; only then its index line is appended (one write, flushed and fsynced). Readers list frames from the
+index, so they never see a partial file, and a completed frame is never lost: on the next ``append`` (a resumed
+recording) a frame file without an index line is indexed, temporary files are removed and a torn last index line
+is cut off. Readers skip a torn last line. One writer at a time (an advisory lock on ``ROOT/.lock``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from sal_ros.core.errors import SensorDataError
+from sal_ros.core.types import CameraView, Frame
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.jsonl"
+FRAMES_DIR = "frames"
+TMP_PREFIX = ".tmp-"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class FrameStore:
+    """``append(frame)`` writes a frame; ``keys()``, ``load(key)``, ``len()`` and iteration read them.
+
+    Limits (writer side): ``every_nth`` keeps one frame in N appends; ``max_frames`` and ``max_bytes`` (frame
+    files in total) stop the store, after which ``append`` returns False.
+    """
+
+    def __init__(self, root: str | os.PathLike, every_nth: int = 1, max_frames: int | None = None,
+                 max_bytes: int | None = None, compress: bool = False) -> None:
+        if every_nth < 1:
+            raise ValueError(f"every_nth must be >= 1, got {every_nth}")
+        self.root = Path(root)
+        self.every_nth, self.max_frames, self.max_bytes, self.compress = every_nth, max_frames, max_bytes, compress
+        self._entries: list[dict] = []
+        self._by_key: dict[str, dict] = {}
+        self._index_size = -1  # bytes of index.jsonl already parsed
+        self._appends = 0
+        self._lock_fd: int | None = None
+
+    # ----------------------------------------------------------------------------------------------- reading
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_FILE
+
+    def keys(self) -> list[str]:
+        """Stored frame keys in recording order (re-reads the index when another process appended)."""
+        self._refresh()
+        return [e["key"] for e in self._entries]
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, key: str) -> bool:
+        self._refresh()
+        return key in self._by_key
+
+    def __iter__(self) -> Iterator[Frame]:
+        for key in self.keys():
+            yield self.load(key)
+
+    def entry(self, key: str) -> dict:
+        """The index line of ``key`` (stamp, points, cameras, bytes, ...)."""
+        self._refresh()
+        try:
+            return self._by_key[key]
+        except KeyError:
+            raise KeyError(f"{self.root}: no frame {key!r}") from None
+
+    def load(self, key: str) -> Frame:
+        path = self.root / self.entry(key)["file"]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return _frame_from_arrays(data)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SensorDataError(f"{path}: unreadable frame file ({exc})") from exc
+
+    @property
+    def total_bytes(self) -> int:
+        self._refresh()
+        return sum(int(e["bytes"]) for e in self._entries)
+
+    def _refresh(self) -> None:
+        try:
+            size = self.index_path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size == self._index_size:
+            return
+        self._entries, self._by_key = [], {}
+        for entry in _read_index(self.index_path):
+            if entry["key"] not in self._by_key:
+                self._entries.append(entry)
+                self._by_key[entry["key"]] = entry
+        self._index_size = size
+
+    # ----------------------------------------------------------------------------------------------- writing
+
+    def append(self, frame: Frame) -> str | None | bool:
+        """Store ``frame``; returns its key, None when ``every_nth`` skips it, False when a limit is reached.
+
+        A frame whose key is already stored (a replayed bag, a resumed run) is not written again; its key is
+        returned.
+        """
+        self._open_for_writing()
+        self._appends += 1
+        if (self._appends - 1) % self.every_nth:
+            return None
+        key = frame_key(frame)
+        if key in self._by_key:
+            return key
+        if self._full(0):
+            return False
+        frames_dir = self.root / FRAMES_DIR
+        tmp = frames_dir / f"{TMP_PREFIX}{key}.npz"
+        with open(tmp, "wb") as f:
+            (np.savez_compressed if self.compress else np.savez)(f, **_frame_arrays(frame))
+            f.flush()
+            os.fsync(f.fileno())
+        size = tmp.stat().st_size
+        if self._full(size):
+            tmp.unlink()
+            return False
+        final = frames_dir / f"{key}.npz"
+        os.replace(tmp, final)
+        _fsync_dir(frames_dir)
+        self._append_index(_index_entry(frame, key, final.relative_to(self.root).as_posix(), size))
+        return key
+
+    def _full(self, incoming_bytes: int) -> bool:
+        if self.max_frames is not None and len(self._entries) >= self.max_frames:
+            return True
+        return self.max_bytes is not None and self.total_bytes + incoming_bytes > self.max_bytes
+
+    def _append_index(self, entry: dict) -> None:
+        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._entries.append(entry)
+        self._by_key[entry["key"]] = entry
+        self._index_size = self.index_path.stat().st_size
+
+    def _open_for_writing(self) -> None:
+        """First append of this process: lock, then repair what a killed writer left (see the module docstring)."""
+        if self._lock_fd is not None:
+            return
+        import fcntl
+
+        (self.root / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"{self.root}: another process is writing to this FrameStore") from None
+        self._lock_fd = fd
+        _cut_torn_line(self.index_path)
+        self._index_size = -1
+        self._refresh()
+        for tmp in (self.root / FRAMES_DIR).glob(f"{TMP_PREFIX}*"):
+            tmp.unlink()
+        indexed = {e["file"] for e in self._entries}
+        for path in sorted((self.root / FRAMES_DIR).glob("*.npz"), key=lambda p: p.stat().st_mtime_ns):
+            rel = path.relative_to(self.root).as_posix()
+            if rel not in indexed:  # renamed into place, killed before its index line: complete, index it
+                with np.load(path, allow_pickle=False) as data:
+                    frame = _frame_from_arrays(data)
+                self._append_index(_index_entry(frame, path.stem, rel, path.stat().st_size))
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+    def __enter__(self) -> "FrameStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def frame_key(frame: Frame) -> str:
+    """The file-safe key of a frame: its ``key``, else its stamp."""
+    key = _UNSAFE.sub("_", frame.key or str(frame.stamp_ns))
+    if key.startswith("."):
+        key = "_" + key[1:]
+    return key
+
+
+# -------------------------------------------------------------------------------------------------- format
+
+
+def _frame_arrays(frame: Frame) -> dict[str, np.ndarray]:
+    """The npz members of a frame; names and strings live in a JSON ``meta`` (no pickled objects)."""
+    arrays = {"points": np.asarray(frame.points, np.float32)}
+    if frame.intensity is not None:
+        arrays["intensity"] = np.asarray(frame.intensity, np.float32)
+    if frame.gt_labels is not None:
+        arrays["gt_labels"] = np.asarray(frame.gt_labels, np.uint32)
+    cameras = []
+    for i, view in enumerate(frame.cameras.values()):
+        model = view.camera
+        arrays[f"cam{i}_image"] = np.asarray(view.image)
+        arrays[f"cam{i}_K"] = np.asarray(model.K, np.float64)
+        arrays[f"cam{i}_D"] = np.asarray(model.D, np.float64)
+        arrays[f"cam{i}_T"] = np.asarray(view.T_cam_lidar, np.float64)
+        cameras.append({"name": view.name, "frame_id": view.frame_id, "stamp_ns": int(view.stamp_ns),
+                        "width": model.width, "height": model.height, "distortion_model": model.distortion_model})
+    meta = {"format": FORMAT_VERSION, "stamp_ns": int(frame.stamp_ns), "frame_id": frame.frame_id, "key": frame.key,
+            "missing_cameras": list(frame.missing_cameras), "cameras": cameras}
+    arrays["meta"] = np.array(json.dumps(meta))
+    return arrays
+
+
+def _frame_from_arrays(data: Any) -> Frame:
+    from sal_ros.core.camera import CameraModel
+
+    meta = json.loads(str(data["meta"]))
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"frame format {meta.get('format')} (this sal_ros reads {FORMAT_VERSION})")
+    frame = Frame(stamp_ns=int(meta["stamp_ns"]), frame_id=meta["frame_id"], points=data["points"],
+                  intensity=data["intensity"] if "intensity" in data else None,
+                  missing_cameras=tuple(meta["missing_cameras"]), key=meta["key"],
+                  gt_labels=data["gt_labels"] if "gt_labels" in data else None)
+    for i, cam in enumerate(meta["cameras"]):
+        model = CameraModel(K=data[f"cam{i}_K"], width=cam["width"], height=cam["height"], D=data[f"cam{i}_D"],
+                            distortion_model=cam["distortion_model"])
+        frame.cameras[cam["name"]] = CameraView(name=cam["name"], image=data[f"cam{i}_image"], camera=model,
+                                                T_cam_lidar=data[f"cam{i}_T"], stamp_ns=int(cam["stamp_ns"]),
+                                                frame_id=cam["frame_id"])
+    return frame
+
+
+def _index_entry(frame: Frame, key: str, rel_file: str, size: int) -> dict:
+    return {"key": key, "file": rel_file, "stamp_ns": int(frame.stamp_ns), "num_points": frame.num_points,
+            "cameras": list(frame.cameras), "missing_cameras": list(frame.missing_cameras),
+            "has_gt": frame.gt_labels is not None, "bytes": int(size)}
+
+
+def _read_index(path: Path) -> list[dict]:
+    """Complete, valid lines of the index; a torn last line (a writer killed mid-write) is skipped."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    lines = raw.split(b"\n")
+    entries = []
+    for i, line in enumerate(lines[:-1]):  # the part after the last newline is unfinished
+        try:
+            entries.append(json.loads(line))
+        except ValueError as exc:
+            raise SensorDataError(f"{path}: line {i + 1} is not valid JSON ({exc})") from exc
+    return entries
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Drop an unfinished last line, so the next line starts on its own."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return
+    if raw and not raw.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(raw.rfind(b"\n") + 1)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
