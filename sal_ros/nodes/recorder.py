@@ -31,7 +31,6 @@ class RecorderNode(Node):
         self.values, cameras = declare_inputs(self)
         self.values.update(P.declare(self, P.RECORDER_PARAMS))
         self.store = self._open_store()
-        self._synced_count = 0
         self._full = False
         self.worker = Worker("sal_recorder_writer", self._record, self._on_worker_error).start()
         self.inputs = SensorInputs(self, self.values, cameras, self._on_synced, self.stats, self.throttle)
@@ -53,15 +52,12 @@ class RecorderNode(Node):
         v = self.values
         return FrameStore(
             v["output_dir"],
+            every_nth=v["every_nth"],
             max_frames=v["max_frames"] or None,
             max_bytes=int(v["max_gb"] * 1e9) or None,
         )
 
     def _on_synced(self, synced: Any) -> None:
-        self._synced_count += 1
-        if (self._synced_count - 1) % self.values["every_nth"]:
-            self.stats.count("skipped_every_nth")
-            return
         if self.worker.submit(synced):
             self.stats.count("dropped")
 
@@ -81,8 +77,16 @@ class RecorderNode(Node):
             if self.throttle.ready("malformed"):
                 self.get_logger().warning(f"dropped a malformed cloud: {exc}")
             return
-        written = self.store.append(decoded.frame)
-        if written is False:  # the store refused: a size or frame limit is reached
+        try:
+            written = self.store.append(decoded.frame)
+        except RuntimeError as exc:  # another process holds the store
+            self._full = True
+            self.get_logger().error(f"recording stops: {exc}")
+            return
+        if written is None:
+            self.stats.count("skipped_every_nth")
+            return
+        if written is False:  # a size or frame limit is reached
             self._full = True
             self.get_logger().warning(f"{self.values['output_dir']}: limit reached "
                                       f"(max_frames={self.values['max_frames']}, max_gb={self.values['max_gb']}); "
@@ -99,6 +103,7 @@ class RecorderNode(Node):
 
     def destroy_node(self) -> None:
         self.worker.stop()
+        self.store.close()
         super().destroy_node()
 
 

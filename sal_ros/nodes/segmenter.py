@@ -279,8 +279,9 @@ class SegmenterNode(Node):
                 part = self._segmenter.segment(frame.points[run], intensity)
         except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
             self.stats.count("error.model")
-            self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
-                                    f"{type(exc).__name__}: {exc}", throttle_duration_sec=5.0)
+            if self.throttle.ready("model_error"):
+                self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
+                                        f"{type(exc).__name__}: {exc}")
             return None
         seg = Segmentation.empty(n, active.class_names, active.version)
         seg.timings_ms = dict(part.timings_ms)
