@@ -228,3 +228,12 @@ def test_real_scan_and_yaml(semantickitti_dir):
     r = ev.compute()
     assert r.pq[ls.class_id("car") - 1] == 0.0  # 13 cars as one segment: no car reaches IoU 0.5
     assert r.summary["pq_things"] < 1.0 and r.summary["pq_stuff"] == 1.0
+
+
+def test_class_agnostic_with_labels():
+    """Merged stuff (label 3, instance 0) is one segment when labels are given, no segment without them."""
+    ref = np.r_[np.full(100, 4), np.full(100, 9)]
+    inst = np.r_[np.full(100, 1), np.zeros(100, int)]
+    sem = np.r_[np.full(100, 1), np.full(100, 3)]
+    assert class_agnostic_pq(inst, ref, 10, pred_sem=sem)["pq"] == 1.0
+    assert class_agnostic_pq(inst, ref, 10)["fn"] == 1

@@ -231,15 +231,19 @@ class PanopticEvaluator:
 
 
 def class_agnostic_pq(pred_inst: np.ndarray, ref_inst: np.ndarray, min_points: int = 50,
-                      ref_valid: np.ndarray | None = None) -> dict[str, float]:
-    """Class-agnostic PQ of predicted instance ids against reference instance ids (e.g. pseudo-labels).
+                      ref_valid: np.ndarray | None = None, pred_sem: np.ndarray | None = None) -> dict[str, float]:
+    """Class-agnostic PQ of predicted segments against reference instance ids (e.g. pseudo-labels).
 
-    Reference points with id 0 (or outside ``ref_valid``) are ignored; predicted id 0 is no segment.
+    Reference points with id 0 (or outside ``ref_valid``) are ignored. A predicted segment is
+    (``pred_sem``, ``pred_inst``) when labels are given (merged stuff: label k, instance 0), else ``pred_inst``
+    with 0 = no segment.
     """
     ref_inst = np.asarray(ref_inst, np.int64)
     gt_sem = (ref_inst != 0).astype(np.int64)
     if ref_valid is not None:
         gt_sem &= np.asarray(ref_valid, bool)
+    pred_inst = np.asarray(pred_inst, np.int64)
+    pred_sem = np.zeros_like(pred_inst) if pred_sem is None else np.asarray(pred_sem, np.int64)
     ev = PanopticEvaluator(1, min_points=min_points)
-    ev.add_agnostic(np.zeros_like(gt_sem), np.asarray(pred_inst, np.int64), gt_sem, ref_inst)
+    ev.add_agnostic(pred_sem, pred_inst, gt_sem, ref_inst)
     return ev.compute().agnostic
