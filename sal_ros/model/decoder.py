@@ -1,0 +1,198 @@
+"""Mask2Former-style query decoder over sparse voxel features (as MaskPLS / Mask4Former, with SAL's heads).
+
+``num_queries`` learned queries (features + positional embeddings) run ``decoder_rounds`` rounds; each round
+visits the attention levels (``attention_strides``, coarse first) once with a layer of masked cross-attention to
+that level's voxels, self-attention among the queries, and an FFN (post-norm, as Mask2Former). Before the first
+layer and after every layer each query predicts
+
+- mask logits over the stride-1 voxels (mask embedding . per-voxel mask feature),
+- objectness logits ``(object, no-object)`` (index ``OBJECT`` is "object", as sal_ros.train.matching expects),
+- a CLIP token of ``token_dim`` dims, L2-normalized,
+
+so training can supervise every layer. Masked attention: a query only attends to the voxels of a level whose
+children its previous mask covers (max logit > 0); a query whose mask is empty attends everywhere.
+Clouds of one batch have different voxel counts, so cross-attention and mask prediction loop over batch
+elements; self-attention and FFNs are batched.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.sparse import SparseTensor
+
+OBJECT = 0  # objectness logits are (object, no-object)
+
+
+@dataclass
+class LayerPrediction:
+    """One decoder layer's predictions per batch element, masks over that element's stride-1 voxels."""
+
+    masks: list[Tensor]  # [(Q, V_b)] logits
+    objectness: Tensor  # (B, Q, 2) logits
+    tokens: Tensor  # (B, Q, D) L2-normalized
+
+
+class MLP(nn.Sequential):
+    def __init__(self, cin: int, hidden: int, cout: int, layers: int) -> None:
+        mods: list[nn.Module] = []
+        for i in range(layers):
+            mods.append(nn.Linear(cin if i == 0 else hidden, cout if i == layers - 1 else hidden))
+            if i < layers - 1:
+                mods.append(nn.ReLU(inplace=True))
+        super().__init__(*mods)
+
+
+class FourierPositions(nn.Module):
+    """Voxel centres in metres -> ``dim`` features: sin/cos at geometric wavelengths, then a linear layer."""
+
+    def __init__(self, dim: int, min_wavelength: float, max_wavelength: float = 256.0, num_freqs: int = 16) -> None:
+        super().__init__()
+        wavelengths = torch.logspace(math.log10(min_wavelength), math.log10(max_wavelength), num_freqs)
+        self.register_buffer("freqs", 2 * math.pi / wavelengths, persistent=False)
+        self.proj = nn.Linear(6 * num_freqs, dim)
+
+    def forward(self, xyz: Tensor) -> Tensor:
+        angles = (xyz[:, :, None] * self.freqs.to(xyz.dtype)).flatten(1)  # (N, 3F)
+        return self.proj(torch.cat([angles.sin(), angles.cos()], dim=1))
+
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention; ``allowed`` (B|1, Lq, Lk) bool, True = attend."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.k, self.v, self.out = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None = None) -> Tensor:
+        b, lq, d = q.shape
+        h = self.heads
+
+        def split(t: Tensor) -> Tensor:
+            return t.reshape(t.shape[0], t.shape[1], h, d // h).transpose(1, 2)
+
+        mask = None if allowed is None else allowed[:, None]
+        out = F.scaled_dot_product_attention(split(self.q(q)), split(self.k(k)), split(self.v(v)), attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out(out.transpose(1, 2).reshape(b, lq, d))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.cross = Attention(dim, heads, dropout)
+        self.self_attn = Attention(dim, heads, dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                                 nn.Linear(ffn_dim, dim))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(3))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, q: Tensor, qpos: Tensor, memory: list[tuple[Tensor, Tensor, Tensor | None]]) -> Tensor:
+        """``memory``: per batch element (values (V, d), keys = values + positions (V, d), allowed (Q, V))."""
+        attended = [self.cross(q[b:b + 1] + qpos[b:b + 1], keys[None], values[None],
+                               None if allowed is None else allowed[None])
+                    for b, (values, keys, allowed) in enumerate(memory)]
+        q = self.norms[0](q + self.drop(torch.cat(attended, 0)))
+        qk = q + qpos
+        q = self.norms[1](q + self.drop(self.self_attn(qk, qk, q)))
+        return self.norms[2](q + self.drop(self.ffn(q)))
+
+
+def batch_splits(x: SparseTensor, batch_size: int) -> list[int]:
+    """Rows per batch element (sparse tensors keep rows sorted by batch index)."""
+    return torch.bincount(x.coords[:, 0].long(), minlength=batch_size).tolist()
+
+
+def parent_rows(fine: Tensor, coarse: Tensor, stride: int) -> Tensor:
+    """Row in ``coarse`` (coords of tensor stride ``stride``) of each ``fine`` voxel's parent cell."""
+    parent = fine.long().clone()
+    parent[:, 1:] = torch.div(parent[:, 1:], stride, rounding_mode="floor") * stride
+    c = coarse.long()
+    lo = torch.minimum(parent.min(0).values, c.min(0).values)
+    ext = (torch.maximum(parent.max(0).values, c.max(0).values) - lo + 1).tolist()
+    mult = torch.tensor([ext[1] * ext[2] * ext[3], ext[2] * ext[3], ext[3], 1], device=fine.device)
+    coarse_keys = ((c - lo) * mult).sum(1)
+    order = torch.argsort(coarse_keys)
+    pos = torch.searchsorted(coarse_keys[order], ((parent - lo) * mult).sum(1)).clamp_(max=len(c) - 1)
+    return order[pos]
+
+
+class QueryDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, feature_widths: dict[int, int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        self.levels = cfg.attention_strides
+        self.query_feat = nn.Embedding(cfg.num_queries, d)
+        self.query_pos = nn.Embedding(cfg.num_queries, d)
+        self.level_proj = nn.ModuleList(nn.Linear(feature_widths[s], d) for s in self.levels)
+        self.level_embed = nn.Embedding(len(self.levels), d)
+        self.positions = FourierPositions(d, min_wavelength=2 * cfg.voxel_size)
+        self.mask_features = nn.Linear(feature_widths[1], cfg.mask_dim)
+        self.layers = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
+                                    for _ in range(cfg.decoder_rounds * len(self.levels)))
+        self.out_norm = nn.LayerNorm(d)
+        self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
+        self.objectness = nn.Linear(d, 2)
+        self.token_head = MLP(d, d, cfg.token_dim, 2)
+
+    def forward(self, feats: dict[int, SparseTensor], batch_size: int, all_layers: bool = True) -> list[LayerPrediction]:
+        """Predictions before the first layer and after each layer (only the last one unless ``all_layers``)."""
+        cfg = self.cfg
+        fine = feats[1]
+        fine_split = batch_splits(fine, batch_size)
+        mask_feats = self.mask_features(fine.feats).split(fine_split)
+        levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
+        q = self.query_feat.weight[None].expand(batch_size, -1, -1)
+        qpos = self.query_pos.weight[None].expand(batch_size, -1, -1)
+        pred = self._predict(q, mask_feats)
+        preds = [pred]
+        for i, layer in enumerate(self.layers):
+            values, keys, parents = levels[i % len(self.levels)]
+            memory = []
+            for b in range(batch_size):
+                allowed = self._allowed(pred.masks[b], parents[b], len(values[b]))
+                v, k = values[b], keys[b]
+                if self.training and cfg.max_keys and len(v) > cfg.max_keys:
+                    keep = torch.randperm(len(v), device=v.device)[: cfg.max_keys]
+                    v, k, allowed = v[keep], k[keep], allowed[:, keep]
+                    allowed = allowed | ~allowed.any(1, keepdim=True)
+                memory.append((v, k, allowed))
+            q = layer(q, qpos, memory)
+            pred = self._predict(q, mask_feats)
+            preds = preds + [pred] if all_layers else [pred]
+        return preds
+
+    def _level(self, index: int, x: SparseTensor, fine: SparseTensor, batch_size: int):
+        """Per batch element: projected features, keys (features + position), parent row of each fine voxel."""
+        values = self.level_proj[index](x.feats) + self.level_embed.weight[index]
+        centres = (x.coords[:, 1:].float() + x.stride / 2) * self.cfg.voxel_size  # fp32 even under autocast
+        keys = values + self.positions(centres).to(values.dtype)
+        split = batch_splits(x, batch_size)
+        parents = parent_rows(fine.coords, x.coords, x.stride)
+        offsets = torch.tensor([0] + split[:-1], device=parents.device).cumsum(0)
+        parents = [p - offsets[b] for b, p in enumerate(parents.split(batch_splits(fine, batch_size)))]
+        return values.split(split), keys.split(split), parents
+
+    @staticmethod
+    def _allowed(mask_logits: Tensor, parents: Tensor, n_level: int) -> Tensor:
+        """(Q, V_level) bool: level voxels with a child inside the query's current mask; empty masks see all."""
+        pooled = mask_logits.detach().new_full((mask_logits.shape[0], n_level), float("-inf"))
+        pooled.scatter_reduce_(1, parents[None].expand(mask_logits.shape[0], -1), mask_logits.detach(), "amax")
+        allowed = pooled > 0
+        return allowed | ~allowed.any(1, keepdim=True)
+
+    def _predict(self, q: Tensor, mask_feats: tuple[Tensor, ...]) -> LayerPrediction:
+        qn = self.out_norm(q)
+        emb = self.mask_embed(qn)
+        masks = [emb[b] @ mf.T.to(emb.dtype) for b, mf in enumerate(mask_feats)]
+        return LayerPrediction(masks, self.objectness(qn), F.normalize(self.token_head(qn).float(), dim=-1))
+
+
+__all__ = ["OBJECT", "QueryDecoder", "LayerPrediction", "parent_rows", "FourierPositions"]
