@@ -101,3 +101,11 @@ def test_json_records_carry_vocabulary_version_and_classes():
     assert record["classes"] == ["car", "road", "tree"] and record["missing_cameras"] == ["front"]
     assert record["instances"][0]["class"] == "car"
     assert json.loads(outputs.vocabulary_record(4, ["a", "b"])) == {"version": 4, "classes": ["a", "b"]}
+
+
+def test_vocabulary_record_from_a_real_vocabulary():
+    vocabulary = pytest.importorskip("sal_ros.model.vocabulary")
+    vocab = vocabulary.Vocabulary.from_prompts(["car", "road"])
+    record = json.loads(outputs.vocabulary_record(2, vocab))
+    assert record["version"] == 2 and record["classes"] == ["car", "road"]
+    assert len(record["descriptions"]) == 2 and len(record["things"]) == 2

@@ -8,14 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from conftest import require_data, require_rclpy
+from conftest import require_rclpy
 
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
 
-from sal_ros.core.msgtypes import make_header, rclpy_types, stamp_to_ns  # noqa: E402
+from sal_ros.core.msgtypes import make_header, stamp_to_ns  # noqa: E402
 from sal_ros.core.pointcloud2 import encode_cloud, read_fields  # noqa: E402
 from sal_ros.nodes.qos import latched  # noqa: E402
 from test_nodes_inputs import Sensors, wait_for  # noqa: E402
@@ -25,6 +25,8 @@ pytest.importorskip("sal_ros.model.segmenter", reason="sal_ros.model.segmenter h
 DOMAIN_ID = 63
 T0 = 1_700_000_000_000_000_000
 NODE = "/sal_segmenter"
+# A text encoder small enough for CPU tests; must be a name sal_ros.model.vocabulary.TextEncoder accepts.
+TINY_TEXT_ENCODER = "sal-tiny-text"
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ class SegmenterNode(Node):
 
     def _embed(self, vocabulary: Any, version: int) -> ActiveVocabulary:
         """Embed ``vocabulary`` and swap it into the model between two frames."""
-        embeddings = self._text_encoder.encode(vocabulary)
+        embeddings = self._text_encoder.encode(vocabulary, version=version)
         names = tuple(outputs.class_names_of(vocabulary))
         active = ActiveVocabulary(version, vocabulary, names, outputs.class_colors(len(names)))
         with self._model_lock:
