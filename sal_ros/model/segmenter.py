@@ -1,0 +1,187 @@
+"""The one inference path: points in, Segmentation out (the ROS node, evaluation and benches all use it).
+
+``Segmenter.segment(points, intensity)`` drops non-finite points, runs voxelize -> backbone -> decoder (last layer
+only) -> fusion and classification, and returns arrays aligned with the input (label 0 for dropped points), with
+per-stage timings. The vocabulary's text embeddings swap atomically (``set_embeddings``) between two calls; a call
+in flight finishes with the embeddings it started with. When CUDA runs out of memory the cloud is retried on a
+random half of its points (twice at most), the rest take the result of their nearest kept point.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from sal_ros.core.types import Segmentation
+from sal_ros.model.checkpoint import ModelError, load_checkpoint, read_checkpoint
+from sal_ros.model.inference import classify, fuse_queries, instance_summaries, panoptic_from_queries
+from sal_ros.model.sal import ModelConfig, SALModel
+from sal_ros.model.vocabulary import TextEmbeddings, TextEncoder, Vocabulary
+
+log = logging.getLogger(__name__)
+OOM_RETRIES = 2
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Segmenter:
+    def __init__(self, model: SALModel, device: str = "cpu", text_embeddings: TextEmbeddings | None = None,
+                 score_threshold: float = 0.0, min_points: int = 1, max_points: int = 0, amp: bool = True) -> None:
+        """``max_points``: larger clouds run on a random subset (0 = no limit). ``amp``: bfloat16 autocast on
+        CUDA (ignored on CPU, where everything stays float32 and deterministic)."""
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.score_threshold, self.min_points, self.max_points = float(score_threshold), int(min_points), int(max_points)
+        self.amp = amp and self.device.type == "cuda"
+        self._lock = threading.Lock()
+        self._active: tuple[TextEmbeddings, torch.Tensor, torch.Tensor] | None = None
+        if text_embeddings is not None:
+            self.set_embeddings(text_embeddings)
+
+    # ------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None, device: str, text_encoder: TextEncoder, **kwargs: Any) -> "Segmenter":
+        """Model of a checkpoint; ``None``: the tiny preset with fixed random weights (plumbing only)."""
+        if path is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = SALModel(ModelConfig.preset("tiny", token_dim=text_encoder.embed_dim)).eval()
+        else:
+            model, meta = load_checkpoint(path, map_location="cpu", text_encoder=text_encoder)
+            recorded = (meta.get("text_encoder") or {}).get("identity")
+            if recorded and recorded != text_encoder.identity:
+                log.warning("checkpoint %s was trained with text encoder %s, running with %s: classes may be wrong",
+                            path, recorded, text_encoder.identity)
+        return cls(model, device, **kwargs)
+
+    @classmethod
+    def from_files(cls, checkpoint: str | Path, vocabulary: str | Path | Vocabulary | Sequence[str],
+                   device: str = "cpu", text_encoder: TextEncoder | None = None, **kwargs: Any) -> "Segmenter":
+        """Checkpoint + vocabulary (YAML path, Vocabulary or prompt list), embedded with the text encoder the
+        checkpoint records (or ``text_encoder``)."""
+        if text_encoder is None:
+            record = read_checkpoint(checkpoint).get("text_encoder")
+            if record is None:
+                log.warning("%s does not record its text encoder: using ViT-B-16 with seeded random weights "
+                            "(the training default)", checkpoint)
+                record = {"model": "ViT-B-16", "pretrained": None}
+            text_encoder = TextEncoder(record["model"], record.get("pretrained"), device)
+        if isinstance(vocabulary, (str, Path)):
+            vocabulary = Vocabulary.from_yaml(vocabulary)
+        segmenter = cls.from_checkpoint(checkpoint, device, text_encoder, **kwargs)
+        segmenter.set_embeddings(text_encoder.encode(vocabulary))
+        return segmenter
+
+    # ------------------------------------------------------------------------------------------ vocabulary
+    def set_embeddings(self, text_embeddings: TextEmbeddings) -> None:
+        """Swap the vocabulary; thread-safe, takes effect from the next ``segment`` call."""
+        if text_embeddings.dim != self.model.token_dim:
+            raise ModelError(f"text embeddings are {text_embeddings.dim}-d ({text_embeddings.encoder}) but the model "
+                             f"predicts {self.model.token_dim}-d tokens")
+        emb = torch.from_numpy(np.ascontiguousarray(text_embeddings.embeddings)).to(self.device)
+        rows = torch.from_numpy(np.ascontiguousarray(text_embeddings.row_class)).to(self.device)
+        with self._lock:
+            self._active = (text_embeddings, emb, rows)
+
+    @property
+    def text_embeddings(self) -> TextEmbeddings | None:
+        return None if self._active is None else self._active[0]
+
+    # ------------------------------------------------------------------------------------------ inference
+    def segment(self, points: np.ndarray, intensity: np.ndarray | None = None) -> Segmentation:
+        """Panoptic segmentation of one cloud; arrays follow the input's points and order."""
+        with self._lock:
+            active = self._active
+        if active is None:
+            raise ModelError("no vocabulary: call set_embeddings(text_encoder.encode(vocabulary)) first")
+        te = active[0]
+        points = np.asarray(points, np.float32)
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ValueError(f"points must be (N, 3), got {points.shape}")
+        n = len(points)
+        if intensity is not None:
+            intensity = np.asarray(intensity, np.float32).reshape(-1)
+            if len(intensity) != n:
+                raise ValueError(f"{n} points but {len(intensity)} intensities")
+        valid = np.flatnonzero(np.isfinite(points).all(1))
+        out = Segmentation.empty(n, te.class_names, te.version)
+        if valid.size == 0:
+            return out
+        run = _subset(valid, self.max_points) if self.max_points and valid.size > self.max_points else valid
+        for attempt in range(OOM_RETRIES + 1):
+            try:
+                part = self._run(points[run], None if intensity is None else intensity[run], active)
+                break
+            except RuntimeError as exc:
+                if not _is_oom(exc) or self.device.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()
+                if attempt == OOM_RETRIES:
+                    raise ModelError(f"out of GPU memory on {run.size} points after {OOM_RETRIES} retries with fewer "
+                                     f"points; lower max_points or use a larger voxel_size") from exc
+                log.warning("out of GPU memory on %d points, retrying on half of them", run.size)
+                run = _subset(run, run.size // 2)
+        out.label[run], out.instance[run], out.score[run] = part.label, part.instance, part.score
+        out.timings_ms = part.timings_ms
+        out.instances = part.instances
+        if run.size < valid.size:
+            t0 = time.perf_counter()
+            _fill_nearest(points, valid, run, out)
+            out.instances = instance_summaries(points, out.instance, out.label, out.score, te.class_names)
+            out.timings_ms["postprocess"] += (time.perf_counter() - t0) * 1e3
+        return out
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _run(self, points: np.ndarray, intensity: np.ndarray | None, active) -> Segmentation:
+        te, emb, rows = active
+        model = self.model
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            t0 = self._sync()
+            p = torch.from_numpy(points).to(self.device)
+            i = None if intensity is None else torch.from_numpy(intensity).to(self.device)
+            vin = model.prepare(p, i)
+            t1 = self._sync()
+            feats = model.backbone(vin.voxels)
+            t2 = self._sync()
+            pred = model.decode(feats, 1, all_layers=False)[-1]
+            t3 = self._sync()
+            query_v, score_v = fuse_queries(pred.masks[0], pred.objectness[0])
+            query_class, _ = classify(pred.tokens[0], emb, rows, te.num_classes)
+            p2v = vin.point_to_voxel[0]
+            query, score = query_v[p2v].cpu().numpy(), score_v[p2v].cpu().numpy()
+            query_class = query_class.cpu().numpy()
+        seg = panoptic_from_queries(query, score, query_class, te.thing, points, te.class_names, self.score_threshold,
+                                    self.min_points, te.version)
+        t4 = time.perf_counter()
+        seg.timings_ms = {"voxelize": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "decoder": (t3 - t2) * 1e3,
+                          "postprocess": (t4 - t3) * 1e3}
+        return seg
+
+
+def _subset(index: np.ndarray, size: int) -> np.ndarray:
+    """A fixed random subset (same cloud -> same subset), in input order."""
+    return np.sort(np.random.default_rng(0).choice(index, size=size, replace=False))
+
+
+def _fill_nearest(points: np.ndarray, valid: np.ndarray, run: np.ndarray, seg: Segmentation) -> None:
+    """Points that did not run take the result of their nearest point that did."""
+    from scipy.spatial import cKDTree
+
+    rest = np.setdiff1d(valid, run, assume_unique=True)
+    _, nearest = cKDTree(points[run]).query(points[rest], k=1, workers=-1)
+    src = run[nearest]
+    seg.label[rest], seg.instance[rest], seg.score[rest] = seg.label[src], seg.instance[src], seg.score[src]
+
+
+__all__ = ["Segmenter"]

@@ -1,0 +1,383 @@
+"""Zero-shot vocabulary: classes described by text, embedded by an open_clip text encoder.
+
+A :class:`Vocabulary` is an ordered list of classes (label ``k`` = class ``k - 1``), each with one or more
+descriptions (SAL: synonym sets such as car / jeep / SUV / van gave +23 PQ over bare class names) and a thing/stuff
+flag (stuff segments merge into one per class at output time). Every description is embedded through CLIP-style
+prompt templates ("a photo of a {}.", ...), averaged over templates. Per class the descriptions then combine:
+
+- ``mean``: one row per class, the normalized mean of its normalized description embeddings;
+- ``max``: one row per description; a query's class score is its best similarity over the class's rows.
+
+:class:`TextEmbeddings` holds the rows and ``row_class`` (the class of each row), so classification handles both
+with one code path (sal_ros.model.inference.classify).
+
+``TextEncoder(pretrained=None)`` builds the open_clip model with random weights drawn from a fixed seed:
+meaningless classes, but reproducible across processes (training oracle, node and evaluation agree). Weights
+come from a local file or, only when the user names one, an open_clip pretrained tag (downloads).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from sal_ros.model.checkpoint import ModelError
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a lidar scan of a {}.",
+    "a 3D point cloud of a {}.",
+    "a {} in a street scene.",
+    "there is a {} in the scene.",
+)
+COMBINE = ("mean", "max")
+CONTEXT_LENGTH = 77  # CLIP text context, start and end tokens included
+MAX_CLASSES = 256
+MAX_CHARS = 200
+
+# A width-64, one-layer random CLIP text tower with a 512-d output (ViT-B-16's embed_dim, so it pairs with the
+# default model config): encodes 20 prompts in milliseconds on CPU. For tests and plumbing demos only.
+TINY_TEXT_ENCODER = "sal-tiny-text"
+_TINY_CONFIG = {
+    "embed_dim": 512,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": CONTEXT_LENGTH, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
+_RANDOM_SEED = 0
+
+
+class VocabularyError(ValueError):
+    """A vocabulary (prompts, YAML file) that cannot be used; the text names the problem."""
+
+
+# ------------------------------------------------------------------------------------------- validation
+@lru_cache(maxsize=1)
+def _bpe():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def _check_text(text: Any, what: str, max_chars: int, templates: Sequence[str], context_length: int) -> str:
+    if not isinstance(text, str):
+        raise VocabularyError(f"{what} must be a string, got {type(text).__name__} {text!r}")
+    text = text.strip()
+    if not text:
+        raise VocabularyError(f"{what} is empty")
+    if len(text) > max_chars:
+        raise VocabularyError(f"{what} has {len(text)} characters (max {max_chars}): {text[:40]!r}...")
+    longest = max((len(_bpe().encode(t.format(text))) for t in templates), default=0)
+    if longest + 2 > context_length:  # + start and end tokens
+        raise VocabularyError(f"{what} {text[:40]!r} needs {longest + 2} tokens with its prompt template; "
+                              f"the text encoder reads {context_length}")
+    return text
+
+
+def validate_prompts(prompts: Any, max_classes: int = MAX_CLASSES, max_chars: int = MAX_CHARS,
+                     templates: Sequence[str] = DEFAULT_TEMPLATES, context_length: int = CONTEXT_LENGTH) -> list[str]:
+    """Check a prompt list (one class per prompt); returns the stripped prompts or raises VocabularyError."""
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        raise VocabularyError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise VocabularyError("prompts is empty: give at least one class")
+    if len(prompts) > max_classes:
+        raise VocabularyError(f"{len(prompts)} prompts, at most {max_classes} classes are supported")
+    out = [_check_text(p, f"prompt {i}", max_chars, templates, context_length) for i, p in enumerate(prompts)]
+    seen: dict[str, int] = {}
+    for i, p in enumerate(out):
+        j = seen.setdefault(p.casefold(), i)
+        if j != i:
+            raise VocabularyError(f"prompt {i} {p!r} duplicates prompt {j} {out[j]!r} (case-insensitive)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- vocabulary
+@dataclass(frozen=True)
+class VocabularyClass:
+    name: str
+    descriptions: tuple[str, ...]
+    thing: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "descriptions", tuple(self.descriptions))
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    classes: tuple[VocabularyClass, ...]
+    combine: str = "mean"
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    source: str = ""  # where it came from (prompts / file path), for logs and ~/vocabulary
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "templates", tuple(self.templates))
+        if self.combine not in COMBINE:
+            raise VocabularyError(f"combine must be one of {COMBINE}, got {self.combine!r}")
+        if not self.templates or any(not isinstance(t, str) or t.count("{}") != 1 for t in self.templates):
+            raise VocabularyError(f"templates must be strings with exactly one '{{}}', got {list(self.templates)}")
+        validate_prompts([c.name for c in self.classes], templates=("{}",))
+        for c in self.classes:
+            if not c.descriptions:
+                raise VocabularyError(f"class {c.name!r} has no descriptions")
+            for j, d in enumerate(c.descriptions):
+                _check_text(d, f"class {c.name!r} description {j}", MAX_CHARS, self.templates, CONTEXT_LENGTH)
+
+    @classmethod
+    def from_prompts(cls, prompts: Sequence[str], combine: str = "mean",
+                     templates: Sequence[str] = DEFAULT_TEMPLATES) -> "Vocabulary":
+        """One thing class per prompt, described by the prompt itself."""
+        names = validate_prompts(prompts, templates=templates)
+        return cls(tuple(VocabularyClass(n, (n,), True) for n in names), combine, tuple(templates), "prompts")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "") -> "Vocabulary":
+        """``{classes: [{name, descriptions: [...], thing: bool}], combine: mean|max, templates: [...]}``.
+
+        ``descriptions`` defaults to ``[name]`` and ``thing`` to true.
+        """
+        if not isinstance(d, dict):
+            raise VocabularyError(f"{source or 'vocabulary'}: expected a mapping with 'classes', got {type(d).__name__}")
+        unknown = set(d) - {"classes", "combine", "templates"}
+        if unknown:
+            raise VocabularyError(f"{source or 'vocabulary'}: unknown keys {sorted(unknown)}")
+        items = d.get("classes")
+        if not isinstance(items, list) or not items:
+            raise VocabularyError(f"{source or 'vocabulary'}: 'classes' must be a non-empty list")
+        classes = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or "name" not in item:
+                raise VocabularyError(f"{source or 'vocabulary'}: class {i} must be a mapping with a 'name'")
+            extra = set(item) - {"name", "descriptions", "thing"}
+            if extra:
+                raise VocabularyError(f"class {item['name']!r}: unknown keys {sorted(extra)}")
+            descriptions = item.get("descriptions", [item["name"]])
+            if isinstance(descriptions, str) or not isinstance(descriptions, list):
+                raise VocabularyError(f"class {item['name']!r}: descriptions must be a list of strings")
+            thing = item.get("thing", True)
+            if not isinstance(thing, bool):
+                raise VocabularyError(f"class {item['name']!r}: thing must be true or false, got {thing!r}")
+            name = item["name"].strip() if isinstance(item["name"], str) else item["name"]
+            classes.append(VocabularyClass(name, tuple(d_.strip() if isinstance(d_, str) else d_ for d_ in descriptions), thing))
+        return cls(tuple(classes), d.get("combine", "mean"), tuple(d.get("templates") or DEFAULT_TEMPLATES), source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Vocabulary":
+        import yaml
+
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise VocabularyError(f"{path}: not valid YAML: {exc}") from exc
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict:
+        return {"combine": self.combine, "templates": list(self.templates),
+                "classes": [{"name": c.name, "descriptions": list(c.descriptions), "thing": c.thing} for c in self.classes]}
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.classes)
+
+    @property
+    def descriptions(self) -> list[list[str]]:
+        return [list(c.descriptions) for c in self.classes]
+
+    @property
+    def things(self) -> list[bool]:
+        return [c.thing for c in self.classes]
+
+    @property
+    def key(self) -> str:
+        """Content hash (cache key): classes, descriptions, flags, combination and templates."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+# ------------------------------------------------------------------------------------------- embeddings
+@dataclass(frozen=True)
+class TextEmbeddings:
+    """Rows of L2-normalized text embeddings and the class of each row (``mean``: one row per class)."""
+
+    class_names: tuple[str, ...]
+    thing: np.ndarray  # (K,) bool
+    embeddings: np.ndarray  # (R, D) float32, unit rows
+    row_class: np.ndarray  # (R,) int64 in [0, K)
+    combine: str = "mean"
+    version: int = 0
+    encoder: str = ""  # TextEncoder.identity
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """One embedding per class, as an array; a ``max`` vocabulary has several rows per class and refuses."""
+        if len(self.row_class) != self.num_classes:
+            raise VocabularyError("this vocabulary combines descriptions by 'max': use .embeddings with .row_class")
+        return self.embeddings if dtype is None else self.embeddings.astype(dtype)
+
+
+def _tiny_config_dir() -> str:
+    """Register the tiny text encoder config with open_clip once per process."""
+    import open_clip
+
+    if TINY_TEXT_ENCODER not in open_clip.list_models():
+        folder = Path(tempfile.mkdtemp(prefix="sal_ros_clip_"))
+        (folder / f"{TINY_TEXT_ENCODER}.json").write_text(json.dumps(_TINY_CONFIG))
+        open_clip.add_model_config(folder)
+    return TINY_TEXT_ENCODER
+
+
+def _looks_like_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(pretrained).exists()
+
+
+class TextEncoder:
+    """open_clip text tower (the vision tower is dropped after loading) with an LRU cache of embeddings."""
+
+    def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = None, device: str = "cpu",
+                 cache_size: int = 16) -> None:
+        import open_clip
+        import torch
+
+        if model_name == TINY_TEXT_ENCODER:
+            _tiny_config_dir()
+        if model_name not in open_clip.list_models():
+            close = [m for m in open_clip.list_models() if model_name.lower()[:4] in m.lower()][:8]
+            raise ModelError(f"unknown open_clip model {model_name!r}" + (f"; similar: {close}" if close else ""))
+        self.model_name, self.pretrained = model_name, pretrained or None
+        self.device = torch.device(device)
+        if self.pretrained is None or _looks_like_path(self.pretrained):
+            with torch.random.fork_rng(devices=[]):  # random weights, but the same in every process
+                torch.manual_seed(_RANDOM_SEED)
+                model = open_clip.create_model(model_name, pretrained=None)
+            if self.pretrained is not None:
+                _load_weights_file(model, self.pretrained)
+        else:
+            tags = open_clip.list_pretrained_tags_by_model(model_name)
+            if self.pretrained not in tags:
+                raise ModelError(f"{model_name}: unknown pretrained tag {self.pretrained!r} and no such file; "
+                                 f"tags: {tags}")
+            model = open_clip.create_model(model_name, pretrained=self.pretrained)
+        if hasattr(model, "visual"):
+            model.visual = torch.nn.Identity()  # text only: frees the image tower's memory
+        self.model = model.to(self.device).eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.context_length = int(getattr(self.tokenizer, "context_length", CONTEXT_LENGTH))
+        self.embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
+        self.identity = f"{model_name}/{self.pretrained or f'random-seed{_RANDOM_SEED}'}"
+        self._cache: OrderedDict[str, TextEmbeddings] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TextEncoder({self.identity}, dim={self.embed_dim}, device={self.device})"
+
+    def check_token_dim(self, token_dim: int, what: str = "the model") -> None:
+        if int(token_dim) != self.embed_dim:
+            raise ModelError(f"{what} predicts {token_dim}-d tokens but text encoder {self.identity} embeds "
+                             f"{self.embed_dim}-d: use the text encoder the model was trained with")
+
+    def encode(self, vocabulary: Vocabulary | Sequence[str], version: int = 0) -> TextEmbeddings:
+        """Embeddings of a vocabulary (a list of prompts counts as ``Vocabulary.from_prompts``), cached."""
+        if not isinstance(vocabulary, Vocabulary):
+            vocabulary = Vocabulary.from_prompts(vocabulary)
+        key = vocabulary.key
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return replace(hit, version=version)
+            out = self._encode(vocabulary, version)
+            self._cache[key] = out
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def embed_texts(self, texts: Sequence[str], batch: int = 256) -> np.ndarray:
+        """(len(texts), D) float32 unit rows."""
+        import torch
+
+        rows = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch):
+                tokens = self.tokenizer(list(texts[i:i + batch])).to(self.device)
+                rows.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+        return torch.cat(rows).numpy()
+
+    def _encode(self, vocab: Vocabulary, version: int) -> TextEmbeddings:
+        for c in vocab.classes:  # this tokenizer's context may be shorter than CLIP's 77
+            for d in c.descriptions:
+                _check_text(d, f"class {c.name!r} description", MAX_CHARS, vocab.templates, self.context_length)
+        descriptions = [d for c in vocab.classes for d in c.descriptions]
+        owner = np.repeat(np.arange(len(vocab)), [len(c.descriptions) for c in vocab.classes])
+        t = len(vocab.templates)
+        flat = self.embed_texts([tpl.format(d) for d in descriptions for tpl in vocab.templates])
+        per_description = _unit(flat.reshape(len(descriptions), t, -1).mean(1))
+        if vocab.combine == "mean":
+            sums = np.zeros((len(vocab), per_description.shape[1]), np.float64)
+            np.add.at(sums, owner, per_description)
+            rows, row_class = _unit(sums), np.arange(len(vocab))
+        else:
+            rows, row_class = per_description, owner
+        return TextEmbeddings(vocab.class_names, np.array(vocab.things, bool), rows.astype(np.float32),
+                              row_class.astype(np.int64), vocab.combine, version, self.identity)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _load_weights_file(model, path: str) -> None:
+    """open_clip weights from a local .pt/.pth/.bin (torch, weights only) or .safetensors file."""
+    import torch
+
+    if not Path(path).is_file():
+        raise ModelError(f"text encoder weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
+        raise ModelError(f"cannot read text encoder weights {path}: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: expected a state dict, got {type(state).__name__}")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    text_missing = [k for k in result.missing_keys if not k.startswith("visual.")]
+    if text_missing or result.unexpected_keys:
+        raise ModelError(f"{path} does not fit {type(model).__name__}: missing {text_missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+
+
+def tiny_text_encoder(device: str = "cpu") -> TextEncoder:
+    """The tiny random text encoder (tests, plumbing demos): 512-d, milliseconds per vocabulary."""
+    return TextEncoder(TINY_TEXT_ENCODER, None, device)
+
+
+__all__ = ["Vocabulary", "VocabularyClass", "VocabularyError", "TextEncoder", "TextEmbeddings", "validate_prompts",
+           "tiny_text_encoder", "TINY_TEXT_ENCODER", "DEFAULT_TEMPLATES", "ModelError"]
