@@ -96,6 +96,7 @@ def test_cli_run_and_exact_resume(tmp_path, pseudolabel_dir):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in recs]
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path, pseudolabel_dir):
     """torchrun, 2 CPU processes (gloo) with 1 sample each == 1 process with the same 2 samples."""
     single = _config(tmp_path, pseudolabel_dir, "single", 2)

@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
             cfg.optim.steps = args.steps
         if args.device:
             cfg.device = args.device
-        scans = load_scans(cfg.sources, base=args.config.parent)
+        scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder)
     except (SensorDataError, FileNotFoundError, ValueError) as exc:
         print(f"sal-ros train: {exc}", file=sys.stderr)
         return 1

@@ -228,12 +228,13 @@ def _frames(path: Path, bag_config: str | None = None):
     return iter_frames(path)
 
 
-def load_scans(sources: list[dict], base: str | Path = ".") -> list[LabeledScan]:
+def load_scans(sources: list[dict], base: str | Path = ".", text_encoder: dict | None = None) -> list[LabeledScan]:
     """Training scans from config ``sources`` entries (paths relative to ``base``, the config's folder):
 
     - ``{frames: <SemanticKITTI sequence dir | rosbag2>, pseudolabels: <dir of <key>.npz>}``: engine output;
     - ``{frames: ..., oracle: semantickitti}``: ground-truth oracle (``ground_truth_scan``) with tokens from the
-      text encoder of ``text_encoder`` (a sal_ros.model.vocabulary.TextEncoder config dict).
+      text encoder ``text_encoder`` ({"model": open_clip name, "pretrained": tag}; the run's, recorded in its
+      checkpoints).
     """
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 
@@ -245,7 +246,7 @@ def load_scans(sources: list[dict], base: str | Path = ".") -> list[LabeledScan]
             from sal_ros.eval.labels import get_label_set
 
             label_set = get_label_set(src["oracle"])
-            tokens = class_text_tokens(label_set.class_names, src.get("text_encoder") or {})
+            tokens = class_text_tokens(label_set.class_names, src.get("text_encoder") or text_encoder or {})
             scans += [ground_truth_scan(f, label_set, tokens) for f in frames]
             continue
         pl_dir = Path(base) / src["pseudolabels"]
@@ -263,6 +264,6 @@ def class_text_tokens(class_names, encoder_cfg: dict) -> np.ndarray:
     """(C, D) L2-normalized text embeddings of the class names (the oracle's pseudo-label tokens)."""
     from sal_ros.model.vocabulary import TextEncoder
 
-    encoder = TextEncoder(**encoder_cfg)
+    encoder = TextEncoder(encoder_cfg.get("model", "ViT-B-16"), encoder_cfg.get("pretrained"))
     emb = np.asarray(encoder.encode([n.replace("-", " ").replace("_", " ") for n in class_names]), np.float32)
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)

@@ -50,6 +50,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
+    # CLIP text encoder whose space the tokens live in; recorded in checkpoints so evaluation and the node
+    # embed prompts with the same encoder ({"model": open_clip name, "pretrained": tag or weights file}).
+    text_encoder: dict = field(default_factory=lambda: {"model": "ViT-B-16", "pretrained": None})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -188,16 +191,16 @@ def targets_of(samples: list[Sample], device: torch.device) -> list[Target]:
     return [Target(torch.from_numpy(s.masks()).to(device), torch.from_numpy(s.tokens).to(device)) for s in samples]
 
 
-def save_model(path: Path, model, extra: dict) -> None:
+def save_model(path: Path, model, extra: dict, text_encoder: dict | None = None) -> None:
     from sal_ros.model.checkpoint import save_checkpoint
 
-    save_checkpoint(path, model, extra=extra)
+    save_checkpoint(path, model, text_encoder_identity=text_encoder, extra=extra)
 
 
 def load_model_weights(path: Path, model) -> dict:
     from sal_ros.model.checkpoint import load_checkpoint
 
-    return load_checkpoint(path, model=model)
+    return load_checkpoint(path, model=model)[1]
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -245,7 +248,9 @@ class Trainer:
         if not self.dist.main:
             return None
         path = self.model_path(self.step)
-        save_model(path, self.module, {"step": self.step, "train_config": self.cfg.to_dict()})
+        # plain JSON data only: checkpoints are read with torch.load(weights_only=True)
+        extra = json.loads(json.dumps({"step": self.step, "train_config": self.cfg.to_dict()}))
+        save_model(path, self.module, extra, self.cfg.text_encoder)
         atomic_torch_save({"step": self.step, "model": path.name, "optimizer": self.optimizer.state_dict(),
                            "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                            "config": self.cfg.to_dict()}, self.state_path)
