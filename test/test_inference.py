@@ -1,0 +1,160 @@
+"""Panoptic fusion and classification on hand-built predictions; the Segmenter facade on the real scan."""
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import require_data
+from sal_ros.model.checkpoint import ModelError
+from sal_ros.model.decoder import OBJECT
+from sal_ros.model.inference import classify, fuse_queries, instance_summaries, panoptic_from_queries
+from sal_ros.model.segmenter import Segmenter
+from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+
+
+def test_fuse_queries_multiplies_mask_and_objectness():
+    mask = torch.tensor([[4.0, -4.0, 0.0], [4.0, 4.0, 0.0]])
+    obj = torch.zeros(2, 2)
+    obj[0, OBJECT], obj[1, OBJECT] = 3.0, -3.0  # query 0 confident object, query 1 not
+    query, score = fuse_queries(mask, obj)
+    p0, p1 = torch.sigmoid(torch.tensor(3.0)), torch.sigmoid(torch.tensor(-3.0))
+    assert query.tolist() == [0, 1, 0]
+    torch.testing.assert_close(score, torch.stack([torch.sigmoid(torch.tensor(4.0)) * p0,
+                                                   torch.sigmoid(torch.tensor(4.0)) * p1, 0.5 * p0]))
+
+
+def test_classify_max_and_mean_rows():
+    e = torch.eye(4)
+    tokens = torch.tensor([[0.1, 0.9, 0.0, 0.2], [0.0, 0.1, 0.2, 0.9], [0.0, 0.0, 1.0, 0.0]])
+    # "max": class 0 has rows e0, e1; class 1 has e2; class 2 has e3
+    cls, sim = classify(tokens, e, torch.tensor([0, 0, 1, 2]), 3)
+    assert cls.tolist() == [0, 2, 1]
+    torch.testing.assert_close(sim[0], 0.9 / tokens[0].norm())
+    # one row per class ("mean" vocabularies): the row for class 0 is the mean direction of e0, e1
+    mean0 = torch.nn.functional.normalize(e[0] + e[1], dim=0)
+    cls, _ = classify(tokens, torch.stack([mean0, e[2], e[3]]), torch.arange(3), 3)
+    assert cls.tolist() == [0, 2, 1]
+
+
+def _fusion_case():
+    """12 points, 5 queries: two cars (thing), two road queries (stuff), one weak tiny segment."""
+    query = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 1])
+    score = np.array([.9, .8, .7, .9, .9, .9, .6, .6, .7, .7, .9, .1], np.float32)
+    query_class = np.array([0, 0, 1, 1, 0])  # classes: 0 car (thing), 1 road (stuff)
+    thing = np.array([True, False])
+    points = np.arange(36, dtype=np.float32).reshape(12, 3)
+    return query, score, query_class, thing, points
+
+
+def test_fusion_stuff_merges_things_split_threshold_and_min_points():
+    query, score, query_class, thing, points = _fusion_case()
+    seg = panoptic_from_queries(query, score, query_class, thing, points, ("car", "road"), score_threshold=0.5,
+                                min_points=2, vocabulary_version=7)
+    # point 11 (score 0.1) is below the threshold; query 4 keeps a single point (< min_points)
+    assert seg.label.tolist() == [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 0, 0]
+    assert seg.label.dtype == np.uint16 and seg.instance.dtype == np.uint32 and seg.score.dtype == np.float32
+    inst = seg.instance
+    assert len(set(inst[:3])) == 1 and len(set(inst[3:6])) == 1 and inst[0] != inst[3] and inst[0] > 0
+    assert (inst[6:] == 0).all()  # road queries 2 and 3 merged, instance 0; dropped points 0 too
+    assert seg.score[10] == 0 and seg.score[11] == 0
+    assert seg.vocabulary_version == 7 and seg.class_names == ("car", "road")
+    assert sorted(i.num_points for i in seg.instances) == [3, 3]
+    assert {i.class_name for i in seg.instances} == {"car"}
+    first = next(i for i in seg.instances if i.instance_id == inst[0])
+    assert first.score == pytest.approx(np.mean([.9, .8, .7]))
+    # without a threshold and minimum, point 11 joins query 1's car and query 4 stays
+    loose = panoptic_from_queries(query, score, query_class, thing, points, ("car", "road"))
+    assert (loose.label > 0).all() and loose.instance[11] == loose.instance[3] and loose.instance[10] > 0
+
+
+def test_instance_box_follows_the_principal_axis():
+    rng = np.random.default_rng(0)
+    yaw = np.deg2rad(30)
+    local = np.stack([rng.uniform(-2.0, 2.0, 400), rng.uniform(-0.8, 0.8, 400), rng.uniform(0, 1.5, 400)], 1)
+    local[:4, :2] = [[-2, -0.8], [2, 0.8], [-2, 0.8], [2, -0.8]]  # make the extent exact
+    rot = np.array([[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]])
+    pts = local.copy()
+    pts[:, :2] = local[:, :2] @ rot.T + [10.0, -5.0]
+    pts[:, 2] -= 1.7
+    other = np.array([[0, 0, 0], [1, 0, 0]], float)
+    points = np.concatenate([pts, other]).astype(np.float32)
+    instance = np.array([3] * 400 + [8, 8], np.uint32)
+    label = np.array([1] * 402, np.uint16)
+    boxes = instance_summaries(points, instance, label, np.full(402, 0.5, np.float32), ("car",))
+    car = next(b for b in boxes if b.instance_id == 3)
+    angle = (car.box.yaw - yaw + np.pi / 2) % np.pi - np.pi / 2  # a box's yaw is defined modulo pi
+    assert abs(angle) < 0.02  # PCA of a finite uniform sample: a few mrad off
+    np.testing.assert_allclose(car.box.size, [4.0, 1.6, 1.5], atol=0.03)
+    np.testing.assert_allclose(car.box.center, [10.0, -5.0, -1.7 + 0.75], atol=0.03)
+    assert car.num_points == 400 and car.label == 1 and car.class_name == "car"
+    two = next(b for b in boxes if b.instance_id == 8)
+    np.testing.assert_allclose(two.box.size, [1.0, 0.0, 0.0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- Segmenter
+@pytest.fixture(scope="module")
+def scan():
+    path = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
+    return np.fromfile(path, np.float32).reshape(-1, 4)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return tiny_text_encoder()
+
+
+def test_segmenter_aligns_with_input_and_skips_nonfinite(scan, encoder):
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder)
+    with pytest.raises(ModelError, match="no vocabulary"):
+        seg.segment(scan[:100, :3])
+    seg.set_embeddings(encoder.encode(Vocabulary.from_prompts(["car", "road", "tree"]), version=3))
+    pts = scan[:, :3].copy()
+    bad = np.array([5, 77, 5000])
+    pts[bad[0]] = np.nan
+    pts[bad[1], 2] = np.inf
+    pts[bad[2], 0] = -np.inf
+    out = seg.segment(pts, scan[:, 3])
+    assert len(out.label) == len(pts) and out.class_names == ("car", "road", "tree") and out.vocabulary_version == 3
+    assert (out.label[bad] == 0).all() and (out.score[bad] == 0).all()
+    valid = np.setdiff1d(np.arange(len(pts)), bad)
+    assert (out.label[valid] > 0).all() and (out.label <= 3).all()  # no threshold, no minimum: all assigned
+    assert set(out.timings_ms) == {"voxelize", "backbone", "decoder", "postprocess"}
+    # a point budget: the model sees a subset, every other finite point takes its nearest neighbour's result
+    seg.max_points = 40_000
+    sub = seg.segment(pts, scan[:, 3])
+    assert (sub.label[bad] == 0).all() and (sub.label[valid] > 0).all()
+    assert sum(i.num_points for i in sub.instances) == int((sub.instance > 0).sum())
+
+
+def test_segmenter_rejects_wrong_token_dim(encoder):
+    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.sal import SALModel
+
+    seg = Segmenter(SALModel(ModelConfig.preset("tiny", token_dim=256)))
+    with pytest.raises(ModelError, match="256"):
+        seg.set_embeddings(encoder.encode(["car"]))
+
+
+def test_vocabulary_swaps_atomically_while_segmenting(scan, encoder):
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder)
+    vocabs = [encoder.encode(["car", "road"], version=1), encoder.encode(["tree", "pole", "person", "bus"], version=2)]
+    seg.set_embeddings(vocabs[0])
+    stop = threading.Event()
+
+    def swapper():
+        k = 0
+        while not stop.wait(0.002):
+            k += 1
+            seg.set_embeddings(vocabs[k % 2])
+
+    thread = threading.Thread(target=swapper)
+    thread.start()
+    try:
+        results = [seg.segment(scan[:20000, :3]) for _ in range(4)]
+    finally:
+        stop.set()
+        thread.join()
+    for out in results:
+        names = vocabs[out.vocabulary_version - 1].class_names
+        assert out.class_names == names and int(out.label.max()) <= len(names)
