@@ -45,8 +45,8 @@ def save_checkpoint(path: str | Path, model, config=None, text_encoder_identity:
         "token_dim": int(config.token_dim if hasattr(config, "token_dim") else config["token_dim"]),
         "text_encoder": _encoder_record(text_encoder_identity),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "extra": dict(extra or {}),
-        "torch_version": torch.__version__,
+        "extra": _plain(dict(extra or {}), "extra"),
+        "torch_version": str(torch.__version__),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -56,6 +56,27 @@ def save_checkpoint(path: str | Path, model, config=None, text_encoder_identity:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as data that ``torch.load(weights_only=True)`` reads back; ValueError naming anything else."""
+    import numpy as np
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    raise ValueError(f"checkpoint {where} holds a {type(value).__name__}; store plain data (dicts, lists, numbers, "
+                     f"strings, tensors)")
 
 
 def _encoder_record(encoder: Any) -> dict | None:
