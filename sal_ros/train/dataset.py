@@ -215,33 +215,21 @@ def ground_truth_scan(frame, label_set, class_tokens: np.ndarray, in_frustum: np
     return LabeledScan(frame.key, frame.points, np.asarray(intensity, np.float32), instance, tokens, inside)
 
 
-def _frames(path: Path, bag_config: str | None = None):
-    """Frames of a dataset folder (sal_ros.data.datasets) or of a rosbag2 (through the node's synchronizer)."""
-    from sal_ros.data.datasets import find_dataset, iter_frames
-
-    try:
-        find_dataset(path)
-    except SensorDataError:
-        from sal_ros.data.bag import iter_bag_frames
-
-        return iter_bag_frames(path, config=bag_config) if bag_config else iter_bag_frames(path)
-    return iter_frames(path)
-
-
 def load_scans(sources: list[dict], base: str | Path = ".", text_encoder: dict | None = None) -> list[LabeledScan]:
     """Training scans from config ``sources`` entries (paths relative to ``base``, the config's folder):
 
-    - ``{frames: <SemanticKITTI sequence dir | rosbag2>, pseudolabels: <dir of <key>.npz>}``: engine output;
+    - ``{frames: <dataset folder | FrameStore | rosbag2>, pseudolabels: <dir of <key>.npz>}``: engine output;
     - ``{frames: ..., oracle: semantickitti}``: ground-truth oracle (``ground_truth_scan``) with tokens from the
       text encoder ``text_encoder`` ({"model": open_clip name, "pretrained": tag}; the run's, recorded in its
       checkpoints).
     """
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
+    from sal_ros.data.sources import iter_source_frames
 
     scans: list[LabeledScan] = []
     for src in sources:
         frames_path = Path(base) / src["frames"]
-        frames = list(_frames(frames_path, src.get("bag_config")))
+        frames = list(iter_source_frames(frames_path, src.get("bag_config")))
         if src.get("oracle"):
             from sal_ros.eval.labels import get_label_set
 
