@@ -35,33 +35,42 @@ def _add_commands(sub, table: dict) -> None:
         p.set_defaults(_module=module)
 
 
+def chosen_module(argv: list[str]) -> tuple[str, str | None, str | None]:
+    """``(command, bench, module)`` named by the leading words of ``argv``, without parsing options, so that
+    ``--help`` anywhere after them still sees the command's own arguments. Unknown names give module None
+    (argparse reports them)."""
+    command = argv[0] if argv else ""
+    if command in COMMANDS:
+        return command, None, COMMANDS[command][0]
+    if command == "bench" and len(argv) > 1 and argv[1] in BENCHES:
+        return command, argv[1], BENCHES[argv[1]][0]
+    return command, None, None
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The full parser for ``argv``: every command listed, and the chosen one's options added by its module
+    (the only sal_ros command module imported)."""
     parser = argparse.ArgumentParser(prog="sal-ros", description="SAL (Segment Anything in Lidar) for ROS 2")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_commands(sub, COMMANDS)
     bench = sub.add_parser("bench", help="benchmarks (JSON on stdout)")
-    _add_commands(bench.add_subparsers(dest="bench", required=True), BENCHES)
-    # Only the chosen command's module is imported to add its own arguments.
-    known, _ = parser.parse_known_args(argv)
-    module = importlib.import_module(known._module)
-    target = sub.choices[known.command]
-    if known.command == "bench":
-        target = target._subparsers._group_actions[0].choices[known.bench]
-    module.add_arguments(target)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    _add_commands(bench_sub, BENCHES)
+    command, bench_name, module = chosen_module(argv)
+    if module is not None:
+        target = bench_sub.choices[bench_name] if bench_name else sub.choices[command]
+        importlib.import_module(module).add_arguments(target)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     apply_ros_env_defaults()
-    if not argv or argv[0] in ("-h", "--help"):
-        parser = argparse.ArgumentParser(prog="sal-ros")
-        sub = parser.add_subparsers(dest="command")
-        for name, (_, help_text) in {**COMMANDS, "bench": (None, "benchmarks (JSON on stdout)")}.items():
-            sub.add_parser(name, help=help_text)
+    parser = build_parser(argv)
+    if not argv:
         parser.print_help()
         return 0
-    args = build_parser(argv).parse_args(argv)
+    args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
     return int(module.main(args) or 0)
 
