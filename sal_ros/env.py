@@ -10,16 +10,21 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def fastdds_profile_path() -> Path | None:
-    """The shipped Fast DDS profile: source tree (config/) or an installed share/sal_ros/config."""
-    candidates = [PACKAGE_DIR.parent / "config" / "fastdds.xml"]
+def config_file(name: str) -> Path | None:
+    """A file shipped in config/: the source tree's, or an installed share/sal_ros/config one."""
+    candidates = [PACKAGE_DIR.parent / "config" / name]
     try:  # installed with colcon/ament
         from ament_index_python.packages import get_package_share_directory  # type: ignore
 
-        candidates.append(Path(get_package_share_directory("sal_ros")) / "config" / "fastdds.xml")
+        candidates.append(Path(get_package_share_directory("sal_ros")) / "config" / name)
     except Exception:
         pass
     return next((p for p in candidates if p.is_file()), None)
+
+
+def fastdds_profile_path() -> Path | None:
+    """The shipped Fast DDS profile (config/fastdds.xml)."""
+    return config_file("fastdds.xml")
 
 
 def apply_ros_env_defaults(domain_id: int | None = None) -> None:

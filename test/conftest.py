@@ -11,6 +11,7 @@ os.environ.setdefault("ROS_DOMAIN_ID", "42")
 os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
 REPO = Path(__file__).resolve().parents[1]
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds.xml")
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # ray (pseudo-label backend) never reports usage
 sys.path.insert(0, str(REPO))
 
 DATA_DIR = Path(os.environ.get("SAL_DATA", REPO.parent / "shared" / "data"))

@@ -35,6 +35,7 @@ class SyncedSet:
     cloud: Any
     images: dict[str, tuple[int, Any]]  # camera -> (image stamp_ns, payload)
     missing: tuple[str, ...] = ()
+    received_ns: int | None = None  # receive time of the cloud (the clock given to add_cloud), if known
 
     @property
     def is_partial(self) -> bool:
@@ -259,4 +260,4 @@ class LidarAnchoredSynchronizer:
         self._last_emitted = p.stamp
         for cam, buffer in self._images.items():
             buffer.drop_before(self._oldest_useful(cam))
-        return SyncedSet(p.stamp, p.cloud, images, missing)
+        return SyncedSet(p.stamp, p.cloud, images, missing, p.received)

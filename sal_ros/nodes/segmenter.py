@@ -251,9 +251,11 @@ class SegmenterNode(Node):
             self.stats.time(stage, ms * 1e3)
         for stage, ms in seg.timings_ms.items():
             self.stats.time("model." + stage, ms)
+        if synced.received_ns is not None:  # cloud received -> outputs published: sync wait + slot + work
+            self.stats.time("latency", (time.monotonic_ns() - synced.received_ns) / 1e6)
         now_ns = self.get_clock().now().nanoseconds
-        if frame.stamp_ns and now_ns > frame.stamp_ns:
-            self.stats.time("latency", (now_ns - frame.stamp_ns) / 1e6)  # cloud stamp -> outputs published
+        if frame.stamp_ns and now_ns > frame.stamp_ns:  # includes driver and transport; needs synced clocks
+            self.stats.time("stamp_age", (now_ns - frame.stamp_ns) / 1e6)
 
     def segment_frame(self, frame: Frame) -> Segmentation | None:
         """Run the model on the finite points (at most ``max_points``) and spread the result over every input

@@ -32,11 +32,12 @@ class NodeStats:
             return self._counts.get(name, 0)
 
     def snapshot(self, **extra: Any) -> dict[str, Any]:
-        """Counters since start and median / max of each stage over the last ``window`` frames."""
+        """Counters since start and median / 90th percentile / max of each stage over the last ``window`` frames."""
         with self._lock:
             counts = dict(sorted(self._counts.items()))
             timings = {
-                stage: {"median_ms": round(float(np.median(v)), 3), "max_ms": round(float(np.max(v)), 3), "n": len(v)}
+                stage: {"median_ms": round(float(np.median(v)), 3), "p90_ms": round(float(np.percentile(v, 90)), 3),
+                        "max_ms": round(float(np.max(v)), 3), "n": len(v)}
                 for stage, v in sorted(self._timings.items()) if v
             }
         return {"counts": counts, "timings": timings, **extra}

@@ -361,9 +361,10 @@ def _run_ray(todo: list[str], args: tuple, workers: int):
     except ImportError as exc:
         raise RuntimeError("--backend ray needs the ray package (pip install 'ray==2.*')") from exc
     started = not ray.is_initialized()
-    if started:
+    if started:  # a private local cluster on loopback; no usage reporting (nothing leaves the machine)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, _node_ip_address="127.0.0.1")
     try:
         actor = ray.remote(_RayWorker)
         pool = [actor.remote(*args) for _ in range(max(workers, 1))]

@@ -1,0 +1,263 @@
+"""Online figures: replay a bag into sal_ros nodes running in their own process, as on a robot, and measure from
+the topics.
+
+``sal-ros eval online BAG --params node.yaml`` starts ``sal-ros run`` (real rclpy, DDS on localhost), waits until
+its subscriptions match and its vocabulary is embedded, plays the bag into it, and collects every labeled cloud.
+Reported: clouds sent / answered / dropped, end-to-end latency measured here (input cloud received -> its labeled
+cloud received, one process clock, so DDS hops count), and the node's own ``~/stats`` (per-stage medians and
+p90, in-node latency from cloud receipt to publication, counters).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SEGMENTER = "/sal_segmenter"
+
+
+@dataclass
+class OnlineResult:
+    clouds_sent: int
+    outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # cloud stamp -> labeled fields
+    latency_ms: dict[int, float] = field(default_factory=dict)  # cloud stamp -> end-to-end latency
+    node_stats: dict = field(default_factory=dict)  # the node's last ~/stats record
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(list(self.latency_ms.values()), float)
+        answered = len(self.outputs)
+        timings = self.node_stats.get("timings", {})
+        return {
+            "clouds_sent": self.clouds_sent,
+            "clouds_answered": answered,
+            "dropped": self.clouds_sent - answered,
+            "drop_rate": round((self.clouds_sent - answered) / self.clouds_sent, 4) if self.clouds_sent else None,
+            "end_to_end_ms": _percentiles(lat),
+            "node_counts": self.node_stats.get("counts", {}),
+            "node_timings_ms": {k: {"median": v["median_ms"], "p90": v.get("p90_ms"), "max": v["max_ms"]}
+                                for k, v in timings.items()},
+        }
+
+
+def _percentiles(values: np.ndarray) -> dict[str, float | None]:
+    if values.size == 0:
+        return {"median": None, "p90": None, "max": None, "n": 0}
+    return {"median": round(float(np.median(values)), 1), "p90": round(float(np.percentile(values, 90)), 1),
+            "max": round(float(values.max()), 1), "n": int(values.size)}
+
+
+class NodeProcess:
+    """``sal-ros run ARGS`` in a child process (its output to ``log_path``); ``stop()`` sends Ctrl-C."""
+
+    def __init__(self, run_args: list[str], log_path: str | Path) -> None:
+        from sal_ros.env import apply_ros_env_defaults
+
+        apply_ros_env_defaults()  # the child inherits localhost-only discovery, domain and Fast DDS profile
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sal_ros.cli", "run", *run_args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the node process exited with code {self.proc.returncode}; see {self.log_path}:\n"
+                               + self.log_tail())
+
+    def log_tail(self, lines: int = 15) -> str:
+        self._log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> "NodeProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class BagProbe:
+    """This process's side: a bag player plus subscriptions to the input cloud and the segmenter's outputs."""
+
+    def __init__(self, bag: str | Path, rate: float, cloud_topic: str, collect: bool, domain_id: int | None = None):
+        import rclpy
+        from rclpy.executors import MultiThreadedExecutor
+        from rclpy.qos import QoSProfile, qos_profile_sensor_data
+        from sensor_msgs.msg import PointCloud2
+        from std_msgs.msg import String
+
+        from sal_ros.core.msgtypes import stamp_to_ns
+        from sal_ros.nodes.qos import latched
+        from sal_ros.nodes.replay import BagPlayer
+
+        self._stamp_to_ns = stamp_to_ns
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context, domain_id=domain_id)
+        self.node = rclpy.create_node("sal_eval_online", context=self.context)
+        # /tf_static plays where tf2_msgs is installed (robots); elsewhere the node reads a static calibration file
+        self.player = BagPlayer(self.node, Path(bag), rate=rate, clock=False, topics=playable_topics(bag))
+        self.cloud_topic = cloud_topic
+        self.received: dict[int, float] = {}  # input cloud stamp -> monotonic s when it arrived here
+        self.outputs: dict[int, tuple[float, Any]] = {}
+        self.vocabulary: list[dict] = []
+        self.stats: list[dict] = []
+        self._lock = threading.Lock()
+        self.node.create_subscription(PointCloud2, cloud_topic, self._on_input, qos_profile_sensor_data)
+        if collect:
+            reliable = QoSProfile(depth=10)
+            self.node.create_subscription(PointCloud2, f"{SEGMENTER}/labeled_points", self._on_output, reliable)
+            self.node.create_subscription(String, f"{SEGMENTER}/stats",
+                                          lambda m: self.stats.append(json.loads(m.data)), reliable)
+            self.node.create_subscription(String, f"{SEGMENTER}/vocabulary",
+                                          lambda m: self.vocabulary.append(json.loads(m.data)), latched())
+        self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
+        self.executor.add_node(self.node)
+        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spinner.start()
+
+    def _on_input(self, msg: Any) -> None:
+        with self._lock:
+            self.received.setdefault(self._stamp_to_ns(msg.header.stamp), time.monotonic())
+
+    def _on_output(self, msg: Any) -> None:
+        with self._lock:
+            self.outputs.setdefault(self._stamp_to_ns(msg.header.stamp), (time.monotonic(), msg))
+
+    def inputs_matched(self, topics: list[str]) -> bool:
+        """True when every bag publisher among ``topics`` has a subscriber besides this probe."""
+        pubs = self.player.publishers
+        own = {self.cloud_topic: 1}
+        return all(pubs[t].get_subscription_count() > own.get(t, 0) for t in topics if t in pubs)
+
+    def close(self) -> None:
+        import rclpy
+
+        self.player.stop()
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.context)
+
+
+def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, node: NodeProcess | None = None) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if node is not None:
+            node.check_alive()
+        time.sleep(0.05)
+    tail = f"\nnode log ({node.log_path}):\n{node.log_tail()}" if node is not None else ""
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}{tail}")
+
+
+def bag_topics(bag: str | Path) -> dict[str, int]:
+    """Topic -> message count of a rosbag2."""
+    from rosbags.highlevel import AnyReader
+
+    with AnyReader([Path(bag)]) as reader:
+        return {c.topic: c.msgcount for c in reader.connections}
+
+
+def playable_topics(bag: str | Path) -> list[str]:
+    """Topics of ``bag`` whose message types rclpy can import here."""
+    from rosbags.highlevel import AnyReader
+
+    from sal_ros.nodes.replay import message_class
+
+    with AnyReader([Path(bag)]) as reader:
+        return sorted({c.topic for c in reader.connections if message_class(c.msgtype) is not None})
+
+
+def replay(bag: str | Path, run_args: list[str], log_path: str | Path, *, cloud_topic: str, rate: float = 1.0,
+           segmenter: bool = True, done: Callable[[], bool] | None = None, start_timeout_s: float = 180.0,
+           finish_timeout_s: float = 120.0) -> OnlineResult:
+    """Start ``sal-ros run RUN_ARGS``, play ``bag`` into it once and collect what comes back.
+
+    Without ``segmenter`` (a recorder run) nothing is collected and ``done`` says when the node has finished.
+    """
+    topics = bag_topics(bag)
+    if cloud_topic not in topics:
+        raise ValueError(f"{bag} has no {cloud_topic} (topics: {sorted(topics)})")
+    sent = topics[cloud_topic]
+    with NodeProcess(run_args, log_path) as node:
+        probe = BagProbe(bag, rate, cloud_topic, collect=segmenter)
+        try:
+            wanted = [t for t in probe.player.publishers if not t.startswith("/tf")]
+            wait_until(lambda: probe.inputs_matched(wanted), start_timeout_s, "the node's subscriptions", node)
+            if segmenter:
+                wait_until(lambda: probe.vocabulary, start_timeout_s, "the node's vocabulary (model ready)", node)
+                wait_until(lambda: probe.node.count_subscribers(f"{SEGMENTER}/labeled_points") >= 1,
+                           start_timeout_s, "output discovery", node)
+            time.sleep(0.5)  # discovery of the reverse direction (outputs -> probe) settles
+            probe.player.play()
+            finished = done or (lambda: len(probe.outputs) >= sent)
+            try:
+                wait_until(finished, finish_timeout_s, "the node's answers", node)
+            except TimeoutError:
+                if not segmenter:
+                    raise
+            if segmenter:  # the node's final counters and timings
+                n = len(probe.stats)
+                try:
+                    wait_until(lambda: len(probe.stats) > n, 15.0, "a ~/stats record", node)
+                except TimeoutError:
+                    pass
+        finally:
+            probe.close()
+    result = OnlineResult(clouds_sent=sent, node_stats=probe.stats[-1] if probe.stats else {})
+    from sal_ros.core.pointcloud2 import read_fields
+
+    for stamp, (t_out, msg) in sorted(probe.outputs.items()):
+        result.outputs[stamp] = read_fields(msg)
+        if stamp in probe.received:
+            result.latency_ms[stamp] = (t_out - probe.received[stamp]) * 1e3
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bag", type=Path, help="rosbag2 to replay (e.g. from `sal-ros convert`)")
+    parser.add_argument("--params", type=Path, required=True,
+                        help="node params YAML (topics, cameras, model.checkpoint, ...), as for `sal-ros run`")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="passed to `sal-ros run`")
+    parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
+    parser.add_argument("--out", type=Path, required=True, help="folder for online.json and node.log")
+
+
+def main(args: argparse.Namespace) -> int:
+    from sal_ros.eval.report import atomic_write_json
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.run import parameter_values, parse_sets
+
+    values = parameter_values(P.SEGMENTER_NODE, args.params, parse_sets(args.set), {})
+    cloud_topic = values.get("cloud_topic", "/points")
+    run_args = ["--params", str(args.params)] + [f"--set={s}" for s in args.set]
+    result = replay(args.bag, run_args, args.out / "node.log", cloud_topic=cloud_topic, rate=args.rate)
+    summary = result.summary()
+    atomic_write_json(args.out / "online.json", summary)
+    print(json.dumps(summary, indent=1))
+    return 0
