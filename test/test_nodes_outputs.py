@@ -109,3 +109,20 @@ def test_vocabulary_record_from_a_real_vocabulary():
     record = json.loads(outputs.vocabulary_record(2, vocab))
     assert record["version"] == 2 and record["classes"] == ["car", "road"]
     assert len(record["descriptions"]) == 2 and len(record["things"]) == 2
+
+
+def test_bench_node_reports_every_stage_on_the_real_scan(semantickitti_dir):
+    """`sal-ros bench node` runs the node's own decode/publish paths on the real scan and reports medians."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sal_ros.cli", "bench", "node", "--repeats", "3",
+                           "--data", str(semantickitti_dir / "sequences" / "00")],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["scan"].endswith("000000.bin") and result["instances"] == 14  # scan 000000's thing instances
+    stages = result["median_ms"]
+    assert set(stages) == {"sync", "decode", "publish"} and all(v > 0 for v in stages.values())
+    assert result["overhead_ms"] == pytest.approx(sum(stages.values()), abs=0.01)
+    assert all(v > 0 for v in result["publish_parts_median_ms"].values())

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sal_ros.core.msgtypes import MessageTypes, make_header, rclpy_types, rosbags_types
+from sal_ros.bench.timing import median_ms
 from sal_ros.core.pointcloud2 import encode_cloud, pack_rgb, read_xyz_intensity
 
 GOAL_MS = 1.0
@@ -38,7 +39,8 @@ def main(args: argparse.Namespace) -> int:
     types = _types(args.backend)
     rng = np.random.default_rng(0)
     n = args.points
-    driver_cloud = _driver_cloud(rng, n, types)
+    driver_cloud = make_driver_cloud(rng.normal(scale=20.0, size=(n, 3)).astype(np.float32),
+                                    rng.random(n, dtype=np.float32) * 255, types)
     seg = _segmentation_fields(rng, n)
 
     xyz, intensity = read_xyz_intensity(driver_cloud)
@@ -49,10 +51,10 @@ def main(args: argparse.Namespace) -> int:
     if bytes(encoded.data) != bytes(reference_encode(seg, types).data):
         raise AssertionError("numpy encode disagrees with the struct reference")
 
-    decode_ms = _median_ms(lambda: read_xyz_intensity(driver_cloud), args.repeats)
-    encode_ms = _median_ms(lambda: encode_cloud(seg, "lidar", 0, types), args.repeats)
-    ref_decode_ms = _median_ms(lambda: reference_decode(driver_cloud), args.reference_repeats, warmup=0)
-    ref_encode_ms = _median_ms(lambda: reference_encode(seg, types), args.reference_repeats, warmup=0)
+    decode_ms = median_ms(lambda: read_xyz_intensity(driver_cloud), args.repeats)
+    encode_ms = median_ms(lambda: encode_cloud(seg, "lidar", 0, types), args.repeats)
+    ref_decode_ms = median_ms(lambda: reference_decode(driver_cloud), args.reference_repeats, warmup=0)
+    ref_encode_ms = median_ms(lambda: reference_encode(seg, types), args.reference_repeats, warmup=0)
     result = {
         "bench": "codec",
         "backend": types.backend,
@@ -95,41 +97,24 @@ def _types(backend: str) -> MessageTypes:
     return rosbags_types()
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-    """Median wall time. Each result lives until the next call returns, as a node holds its last message: with
-    nothing large alive, glibc hands freed heap back to the OS and every call pays fresh page faults instead."""
-    last = None
-    for _ in range(warmup):
-        last = fn()
-    times = []
-    gc.collect()
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter_ns()
-        result = fn()
-        times.append(time.perf_counter_ns() - start)
-        last = result
-    del last
-    return float(np.median(times)) / 1e6
-
-
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def _driver_cloud(rng: np.random.Generator, n: int, types: MessageTypes) -> Any:
+def make_driver_cloud(xyz: np.ndarray, intensity: np.ndarray, types: MessageTypes, stamp_ns: int = 0) -> Any:
     """A 64-beam spinning-lidar-like cloud: x y z, intensity at 16, t (ns) at 20, ring at 24, point_step 32."""
+    n = len(xyz)
     dtype = np.dtype({"names": ["x", "y", "z", "intensity", "t", "ring"],
                       "formats": ["<f4", "<f4", "<f4", "<f4", "<u4", "<u2"],
                       "offsets": [0, 4, 8, 16, 20, 24], "itemsize": 32})
     data, raw = types.byte_buffer(n * dtype.itemsize)
     points = raw.view(dtype)
-    xyz = rng.normal(scale=20.0, size=(n, 3)).astype(np.float32)
-    points["x"], points["y"], points["z"] = xyz.T
-    points["intensity"] = rng.random(n, dtype=np.float32) * 255
+    points["x"], points["y"], points["z"] = np.asarray(xyz, np.float32).T
+    points["intensity"] = intensity
     points["t"] = np.arange(n, dtype=np.uint32) * 800
     points["ring"] = np.arange(n) % 64
     fields = [types.PointField(name=name, offset=dtype.fields[name][1], datatype=code, count=1)
               for name, code in zip(dtype.names, (7, 7, 7, 7, 6, 4))]
-    return types.PointCloud2(header=make_header("lidar", 0, types), height=1, width=n, fields=fields,
+    return types.PointCloud2(header=make_header("lidar", stamp_ns, types), height=1, width=n, fields=fields,
                              is_bigendian=False, point_step=32, row_step=32 * n, data=data, is_dense=True)
 
 

@@ -16,6 +16,8 @@ import statistics
 import time
 from pathlib import Path
 
+from sal_ros.bench.timing import median_ms
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "nuscenes_mini"
 
 
@@ -26,16 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sam2-image-size", type=int, default=256)
     parser.add_argument("--skip-models", action="store_true", help="lifting and fusion only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the 2D models")
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return round(statistics.median(times), 2)
 
 
 def bench_lifting(frame, masks: dict, repeats: int) -> dict:
@@ -61,8 +53,8 @@ def bench_lifting(frame, masks: dict, repeats: int) -> dict:
         for _ in range(repeats):
             once()
         out[f"lift_fuse_{name}"] = {k: round(statistics.median(v), 2) for k, v in phases.items()}
-    out["dbscan_replace_ms"] = _median_ms(
-        lambda: label_from_masks(frame, masks, None, LiftConfig(), 0.3, RefineConfig(), 5), max(3, repeats // 4)
+    out["dbscan_replace_ms"] = median_ms(
+        lambda: label_from_masks(frame, masks, None, LiftConfig(), 0.3, RefineConfig(), 5), max(3, repeats // 4), warmup=1
     ) - out["lift_fuse_occlusion"]["total_ms"]
     out["dbscan_replace_ms"] = round(out["dbscan_replace_ms"], 2)
     return out
@@ -103,16 +95,17 @@ def bench_models(frame, slic, masks: dict, args) -> dict:
     image = frame.cameras[name].image
     reps = max(2, args.repeats // 10)
     out = {"image": f"{name} {image.shape[1]}x{image.shape[0]}", "torch_threads": args.threads,
-           "slic": _median_ms(lambda: slic.generate(image), reps)}
+           "slic": round(median_ms(lambda: slic.generate(image), reps, warmup=1), 2)}
     from sal_ros.pseudolabel.masks import Sam2Masks
 
     torch.manual_seed(0)
     sam2 = Sam2Masks("configs/sam2.1/sam2.1_hiera_t.yaml", None, image_size=args.sam2_image_size,
                      points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    out[f"sam2.1_hiera_t_random_{args.sam2_image_size}px_8x8_points"] = _median_ms(lambda: sam2.generate(image), reps)
+    out[f"sam2.1_hiera_t_random_{args.sam2_image_size}px_8x8_points"] = round(
+        median_ms(lambda: sam2.generate(image), reps, warmup=1), 2)
     from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
 
     enc = ClipTokenEncoder("ViT-B-16", None, method="mask_attention")
-    out[f"clip_vit_b16_random_mask_attention_{len(masks[name])}_masks"] = _median_ms(
-        lambda: enc.encode(image, masks[name]), reps)
+    out[f"clip_vit_b16_random_mask_attention_{len(masks[name])}_masks"] = round(median_ms(
+        lambda: enc.encode(image, masks[name]), reps, warmup=1), 2)
     return out

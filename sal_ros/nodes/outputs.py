@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sal_ros.core.msgtypes import MessageTypes, make_header
-from sal_ros.core.pointcloud2 import encode_cloud
+from sal_ros.core.pointcloud2 import encode_cloud, pack_rgb
 from sal_ros.core.types import InstanceSummary, Segmentation
 
 UNLABELED_COLOR = (110, 110, 110)
@@ -45,10 +45,12 @@ def class_colors(num_classes: int) -> np.ndarray:
 
 
 def label_colors(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Per-point ``(N, 3)`` uint8 colours; labels beyond the palette (stale vocabulary) are drawn as label 0."""
+    """Per-point colours from ``palette`` rows (``(K, 3)`` uint8 or packed ``(K,)``); labels beyond the palette
+    (a stale vocabulary) are drawn as label 0."""
     label = np.asarray(label)
-    safe = np.where(label < len(palette), label, 0)
-    return palette[safe]
+    if label.size and label.max() >= len(palette):
+        label = np.where(label < len(palette), label, 0)
+    return palette[label]
 
 
 # ---------------------------------------------------------------------------------------------- point cloud
@@ -78,7 +80,8 @@ def labeled_cloud(
         "label": np.asarray(seg.label, np.uint16),
         "instance": np.asarray(seg.instance, np.uint32),
         "score": np.asarray(seg.score, np.float32),
-        "rgb": label_colors(seg.label, palette),
+        # one 4-byte gather per point from the packed palette (packing per point costs ~4x more)
+        "rgb": label_colors(seg.label, pack_rgb(palette)),
     }
     return encode_cloud(fields, frame_id, stamp_ns, types)
 
