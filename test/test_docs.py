@@ -1,0 +1,231 @@
+"""The user docs and the RViz config follow the code: generated parameter tables, topics the node publishes,
+commands and options that exist."""
+import ast
+import contextlib
+import io
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from sal_ros import cli
+from sal_ros.nodes import docs
+from sal_ros.nodes import params as P
+from sal_ros.nodes.outputs import LABELED_FIELDS
+
+REPO = Path(__file__).resolve().parents[1]
+DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+RVIZ = REPO / "config" / "sal_ros.rviz"
+RVIZ_TYPES = {"rviz_default_plugins/PointCloud2": "PointCloud2", "rviz_default_plugins/MarkerArray": "MarkerArray",
+              "rviz_default_plugins/Image": "Image"}
+
+
+# ------------------------------------------------------------------------------------------------ parameters
+
+
+def test_parameters_md_is_generated_from_the_specs():
+    assert (REPO / "docs" / "parameters.md").read_text() == docs.parameters_markdown(), \
+        "docs/parameters.md is stale: run `python -m sal_ros.nodes.docs`"
+
+
+def test_parameters_md_names_every_parameter_once():
+    text = docs.parameters_markdown()
+    specs = P.node_specs(P.SEGMENTER_NODE) + P.RECORDER_PARAMS + P.camera_specs(docs.EXAMPLE_CAMERA)
+    for spec in specs:
+        assert text.count(f"| `{spec.name}` |") == 1, spec.name
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(specs)
+    assert all(line.count(" | ") == 5 for line in rows), "a description splits its table cell"
+
+
+def test_check_mode_detects_a_stale_file(tmp_path):
+    stale = tmp_path / "parameters.md"
+    stale.write_text(docs.parameters_markdown().replace("0.03", "0.04", 1))
+    assert docs.main(["--check", "--out", str(stale)]) == 1
+    assert docs.main(["--out", str(stale)]) == 0
+    assert docs.main(["--check", "--out", str(stale)]) == 0
+
+
+# ------------------------------------------------------------------------------------------------------ RViz
+
+
+def published_topics() -> dict[str, str]:
+    """``{topic regex: message type}`` of the segmenter's publishers, read from the node's source."""
+    source = (REPO / "sal_ros" / "nodes" / "segmenter.py").read_text()
+    out = {}
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "create_publisher"):
+            continue
+        msg_type, topic = node.args[0], node.args[1]
+        parts = [topic] if isinstance(topic, ast.Constant) else list(topic.values)  # f-string: {...} = one name
+        assert isinstance(parts[0], ast.Constant) and parts[0].value.startswith("~/"), "outputs are private topics"
+        pattern = "".join(re.escape(v.value) if isinstance(v, ast.Constant) else r"[A-Za-z0-9_]+" for v in parts)
+        out[re.escape(f"/{P.SEGMENTER_NODE}/") + pattern[len(re.escape("~/")):]] = msg_type.id
+    return out
+
+
+def rviz_displays() -> list[dict]:
+    config = yaml.safe_load(RVIZ.read_text())
+    return config["Visualization Manager"]["Displays"]
+
+
+def test_published_topics_are_found_in_the_source():
+    types = sorted(published_topics().values())
+    assert types.count("PointCloud2") == 1 and "MarkerArray" in types and "Image" in types
+
+
+def test_rviz_config_parses_and_shows_the_node_outputs():
+    config = yaml.safe_load(RVIZ.read_text())
+    assert config["Visualization Manager"]["Global Options"]["Fixed Frame"] == "velodyne"
+    published = published_topics()
+    shown = {}
+    for display in rviz_displays():
+        if display["Class"] not in RVIZ_TYPES:
+            continue
+        topic = display["Topic"]["Value"]
+        matches = [t for pattern, t in published.items() if re.fullmatch(pattern, topic)]
+        assert matches, f"RViz display {display['Name']!r} shows {topic}, which the segmenter does not publish"
+        assert matches == [RVIZ_TYPES[display["Class"]]], f"{topic}: display {display['Class']} for {matches}"
+        shown.setdefault(matches[0], []).append(display)
+    assert set(shown) == {"PointCloud2", "MarkerArray", "Image"}
+
+
+def test_rviz_cloud_colours_come_from_output_fields():
+    fields = [name for name, _ in LABELED_FIELDS]
+    clouds = [d for d in rviz_displays() if d["Class"] == "rviz_default_plugins/PointCloud2"]
+    enabled = [d for d in clouds if d["Enabled"]]
+    assert enabled and enabled[0]["Color Transformer"] == "RGB8" and "rgb" in fields
+    for d in clouds:
+        if d["Color Transformer"] == "Intensity":
+            assert d["Channel Name"] in fields
+    assert any(d.get("Channel Name") == "label" for d in clouds)
+
+
+def test_rviz_qos_matches_the_output_qos():
+    default = {s.name: s.default for s in P.SEGMENTER_PARAMS}["qos.outputs.reliability"]
+    for d in rviz_displays():
+        if d["Class"] in RVIZ_TYPES and d["Topic"]["Reliability Policy"] == "Reliable":
+            assert default == "reliable", "a reliable RViz subscription never matches best-effort outputs"
+
+
+def test_setup_installs_the_config_folder():
+    setup = ast.parse((REPO / "setup.py").read_text())
+    globs = [n.args[0].value for n in ast.walk(setup)
+             if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "glob"]
+    assert "config/*" in globs and RVIZ.parent.name == "config"
+
+
+# ------------------------------------------------------------------------------------------ docs vs commands
+
+
+def _code_lines(text: str) -> list[tuple[bool, str]]:
+    """``(complete, line)``: lines of fenced code blocks (complete commands) and inline code spans (may be
+    partial references such as `sal-ros convert`)."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        lines += [(True, line) for line in block.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines += [(False, span) for span in re.findall(r"`([^`\n]+)`", prose)]
+    return [(complete, line.strip()) for complete, line in lines]
+
+
+def _commands(prefix: str) -> list[tuple[str, bool, list[str]]]:
+    found = []
+    for path in DOC_FILES:
+        for complete, line in _code_lines(path.read_text()):
+            line = re.sub(r"^(\.venv/bin/|\$ )", "", line)
+            if line.startswith(prefix + " ") and "<" not in line and "..." not in line:
+                found.append((path.name, complete, shlex.split(line, comments=True)))
+    return found
+
+
+SAL_ROS_COMMANDS = _commands("sal-ros")
+
+
+def test_docs_show_sal_ros_commands():
+    complete = {words[1] for _, full, words in SAL_ROS_COMMANDS if full}
+    assert {"run", "convert", "replay", "pseudolabel", "train", "eval"} <= complete
+    benches = {words[2] for _, _, words in SAL_ROS_COMMANDS if words[1] == "bench"}
+    assert benches == set(cli.BENCHES), "docs/performance.md should give a command for every bench"
+
+
+@pytest.mark.parametrize("where,complete,words", SAL_ROS_COMMANDS,
+                         ids=[" ".join(w)[:70] for _, _, w in SAL_ROS_COMMANDS])
+def test_documented_sal_ros_commands_parse(where, complete, words):
+    """Code blocks must parse as they stand; inline references may leave out required arguments, nothing else."""
+    argv = words[1:]
+    if "--help" in argv or "-h" in argv:
+        return
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cli.build_parser(argv).parse_args(argv)
+    except SystemExit:
+        message = err.getvalue().strip().splitlines()[-1]
+        if complete or "the following arguments are required" not in message:
+            pytest.fail(f"{where}: `{' '.join(words)}` does not parse: {message}")
+
+
+def test_documented_launch_arguments_exist():
+    commands = _commands("ros2 launch")
+    assert commands
+    for where, _, words in commands:
+        assert words[2] == "sal_ros", f"{where}: {words}"
+        source = (REPO / "launch" / words[3]).read_text()
+        declared = set(re.findall(r'DeclareLaunchArgument\(\s*"(\w+)"', source))
+        for arg in words[4:]:
+            name = arg.split(":=")[0]
+            assert name in declared, f"{where}: {words[3]} has no launch argument {name!r} ({sorted(declared)})"
+
+
+def test_documented_param_sets_are_dynamic_parameters():
+    commands = _commands("ros2 param set")
+    assert commands
+    specs = {s.name: s for s in P.node_specs(P.SEGMENTER_NODE)}
+    for where, _, words in commands:
+        assert words[3] == f"/{P.SEGMENTER_NODE}"
+        spec = specs.get(words[4])
+        assert spec is not None and spec.dynamic, f"{where}: {words[4]} is not a dynamic parameter"
+        if spec.type == "string_array":
+            value = yaml.safe_load(words[5])
+            assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def test_documented_rviz_command_names_the_shipped_config():
+    rviz = [words for _, _, words in _commands("rviz2")]
+    assert rviz and all(RVIZ.name in " ".join(words) for words in rviz)
+
+
+# ----------------------------------------------------------------------------------------- README and ros.md
+
+
+def test_readme_starts_with_the_two_setup_commands_and_keeps_the_demo_marker():
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1).splitlines()
+    assert [line.split("#")[0].strip() for line in block] == ["make demo", "make test"]
+    demo = text.split("\n## Demo\n", 1)[1].split("\n## ", 1)[0]
+    assert "\n<!-- demo-results -->\n" in demo
+
+
+def test_ros_md_lists_every_labeled_cloud_field_with_its_type():
+    row = next(line for line in (REPO / "docs" / "ros.md").read_text().splitlines()
+               if line.startswith("| `~/labeled_points`"))
+    positions = [re.search(rf"(?<![\w/]){name}(?!\w)", row) for name, _ in LABELED_FIELDS]
+    assert all(positions), [name for (name, _), m in zip(LABELED_FIELDS, positions) if not m]
+    starts = [m.start() for m in positions]
+    assert starts == sorted(starts), "fields out of order"
+    for name, dtype in LABELED_FIELDS:
+        assert np.dtype(dtype).name in row, f"{name}: {np.dtype(dtype).name} not documented"
+
+
+def test_doc_links_point_to_existing_files():
+    for path in DOC_FILES:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" in target:
+                continue
+            if target == "docs/training.md" or (path.parent.name == "docs" and target == "training.md"):
+                continue  # written by the training docs owner
+            assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
