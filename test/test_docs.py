@@ -14,7 +14,7 @@ import yaml
 from sal_ros import cli
 from sal_ros.nodes import docs
 from sal_ros.nodes import params as P
-from sal_ros.nodes.outputs import LABELED_FIELDS
+from sal_ros.nodes.outputs import LABELED_FIELDS, UNLABELED_COLOR
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -229,3 +229,7 @@ def test_doc_links_point_to_existing_files():
             if target == "docs/training.md" or (path.parent.name == "docs" and target == "training.md"):
                 continue  # written by the training docs owner
             assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
+
+
+def test_ros_md_documents_the_label_0_colour():
+    assert f"grey `{tuple(UNLABELED_COLOR)}`" in (REPO / "docs" / "ros.md").read_text()
