@@ -70,7 +70,7 @@ def test_stats_snapshot_and_throttle():
         stats.time("total", ms)
     snap = stats.snapshot(extra=1)
     assert snap["counts"] == {"error.model": 2, "processed": 1}
-    assert snap["timings"]["total"] == {"median_ms": 4.0, "max_ms": 30.0, "n": 3}
+    assert snap["timings"]["total"] == {"median_ms": 4.0, "p90_ms": 24.8, "max_ms": 30.0, "n": 3}
     assert "model=2" in stats.summary_line()
     throttle = Throttle(period_s=60)
     assert throttle.ready("a") and not throttle.ready("a") and throttle.ready("b")
