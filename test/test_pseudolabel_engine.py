@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO, require_data
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.data.pseudolabels import TMP_PREFIX, load_pseudolabels
+from sal_ros.core.files import TMP_PREFIX
+from sal_ros.data.pseudolabels import load_pseudolabels
 from sal_ros.pseudolabel.engine import EngineConfig, FrameSource, PseudoLabeler, label_from_masks, run
 from sal_ros.pseudolabel.evaluate import oracle_masks
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view

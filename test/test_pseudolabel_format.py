@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.data.pseudolabels import (TMP_PREFIX, PseudoLabels, load_pseudolabels, pseudolabel_path,
+from sal_ros.core.files import TMP_PREFIX
+from sal_ros.data.pseudolabels import (PseudoLabels, load_pseudolabels, pseudolabel_path,
                                        save_pseudolabels)
 
 

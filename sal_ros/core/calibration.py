@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -40,6 +39,7 @@ import yaml
 
 from sal_ros.core.camera import CameraModel
 from sal_ros.core.errors import CalibrationError
+from sal_ros.core.files import atomic_write
 from sal_ros.core.transforms import is_rigid
 
 NS_PER_S = 1_000_000_000
@@ -282,7 +282,7 @@ def write_static_extrinsics(
     text = ("# sal_ros static extrinsics: T_cam_lidar maps lidar points into the camera optical frame\n"
             + yaml.safe_dump({"lidar_frame_id": lidar_frame_id, "cameras": cameras},
                              sort_keys=False, default_flow_style=None))
-    _atomic_write_text(Path(path), text)
+    atomic_write(path, text)
 
 
 def read_static_extrinsics(path: str | os.PathLike) -> dict[str, CameraCalibration]:
@@ -348,20 +348,3 @@ def _static_intrinsics(data: Any, where: str) -> CameraModel:
                            distortion_model=str(data.get("distortion_model", "none")))
     except (CalibrationError, TypeError, ValueError) as exc:
         raise CalibrationError(f"{where}: {exc}") from exc
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file + rename. The temp file is created with mode 0666 minus the
-    umask (like ``open(path, "w")``), not mkstemp's 0600: calibration files are read by other users and tools."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

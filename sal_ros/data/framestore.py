@@ -13,6 +13,7 @@ is cut off. Readers skip a torn last line. One writer at a time (an advisory loc
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -22,12 +23,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.files import atomic_write, remove_temp_files
 from sal_ros.core.types import CameraView, Frame
 
 FORMAT_VERSION = 1
 INDEX_FILE = "index.jsonl"
 FRAMES_DIR = "frames"
-TMP_PREFIX = ".tmp-"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -124,19 +125,12 @@ class FrameStore:
             return key
         if self._full(0):
             return False
-        frames_dir = self.root / FRAMES_DIR
-        tmp = frames_dir / f"{TMP_PREFIX}{key}.npz"
-        with open(tmp, "wb") as f:
-            (np.savez_compressed if self.compress else np.savez)(f, **_frame_arrays(frame))
-            f.flush()
-            os.fsync(f.fileno())
-        size = tmp.stat().st_size
+        buf = io.BytesIO()  # encoded first: the byte limit is checked before anything is written
+        (np.savez_compressed if self.compress else np.savez)(buf, **_frame_arrays(frame))
+        size = buf.getbuffer().nbytes
         if self._full(size):
-            tmp.unlink()
             return False
-        final = frames_dir / f"{key}.npz"
-        os.replace(tmp, final)
-        _fsync_dir(frames_dir)
+        final = atomic_write(self.root / FRAMES_DIR / f"{key}.npz", buf.getbuffer())
         self._append_index(_index_entry(frame, key, final.relative_to(self.root).as_posix(), size))
         return key
 
@@ -174,8 +168,7 @@ class FrameStore:
         _cut_torn_line(self.index_path)
         self._index_size = -1
         self._refresh()
-        for tmp in (self.root / FRAMES_DIR).glob(f"{TMP_PREFIX}*"):
-            tmp.unlink()
+        remove_temp_files(self.root / FRAMES_DIR)
         indexed = {e["file"] for e in self._entries}
         for path in sorted((self.root / FRAMES_DIR).glob("*.npz"), key=lambda p: p.stat().st_mtime_ns):
             rel = path.relative_to(self.root).as_posix()
@@ -281,11 +274,3 @@ def _cut_torn_line(path: Path) -> None:
             f.truncate(raw.rfind(b"\n") + 1)
             f.flush()
             os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -10,15 +10,12 @@ Contents (all per frame, arrays indexed per point keep the frame's point order):
   (SAL's frustum crop, class-agnostic PQ 22.2 -> 59.3);
 - ``meta``: a JSON dict (mask source, CLIP model, engine settings, ``config_hash``, ``camera_names``).
 
-Files are written atomically (temporary file in the same folder, then ``os.replace``), so a reader never sees a
-half-written file, and an interrupted run leaves either the old state or the whole new file.
+Files are written atomically (``sal_ros.core.files``: temporary file in the same folder, then ``os.replace``), so a
+reader never sees a half-written file, and an interrupted run leaves either the old state or the whole new file.
 """
 from __future__ import annotations
 
-import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.files import atomic_write
 
 FORMAT_VERSION = 1
 SUFFIX = ".npz"
-TMP_PREFIX = ".tmp-"  # temporary files of an unfinished write start with this (cleaned on resume)
 
 
 @dataclass
@@ -105,24 +102,13 @@ def pseudolabel_path(out_dir: str | Path, key: str) -> Path:
 
 
 def save_pseudolabels(path: str | Path, pl: PseudoLabels) -> Path:
-    """Write ``pl`` to ``path`` atomically (temp file in the same folder + ``os.replace``)."""
+    """Write ``pl`` to ``path`` atomically (``sal_ros.core.files.atomic_write``)."""
     pl.validate(str(path))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {**pl.meta, "format_version": FORMAT_VERSION}
-    buf = io.BytesIO()
-    np.savez(buf, instance=pl.instance, tokens=pl.tokens, scores=pl.scores, cameras=pl.cameras,
-             in_frustum=pl.in_frustum, meta=np.array(json.dumps(meta, sort_keys=True)))
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.stem}-", suffix=SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    arrays = dict(instance=pl.instance, tokens=pl.tokens, scores=pl.scores, cameras=pl.cameras,
+                  in_frustum=pl.in_frustum, meta=np.array(json.dumps(meta, sort_keys=True)))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 

@@ -1,46 +1,32 @@
 """Evaluation report: metrics.json, report.md (tables), confusion.png and per_class.png, written atomically."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from sal_ros.core.files import atomic_write, write_json
 from sal_ros.eval.panoptic import PanopticResult
 from sal_ros.eval.semantic import ConfusionMatrix
 
 
+# atomic_write_* / atomic_savefig: the names sal_ros.demo, sal_ros.eval.online and sal_ros.train.trainer import;
+# the writing itself is sal_ros.core.files.
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same folder, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
+    return atomic_write(path, text)
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    return write_json(path, obj)
 
 
 def atomic_savefig(fig, path: str | Path, dpi: int = 120) -> Path:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
+    fmt = Path(path).suffix.lstrip(".") or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))
 
 
 def _pct(x) -> str:
@@ -119,8 +105,8 @@ def write_report(out_dir: str | Path, result: PanopticResult, confusion: Confusi
     data = {"title": title, "meta": meta or {}, **result.to_dict()}
     if confusion is not None:
         data["confusion"] = confusion.conf.tolist()
-    paths = {"json": atomic_write_json(out / "metrics.json", data),
-             "markdown": atomic_write_text(out / "report.md", markdown_tables(result, title, meta)),
+    paths = {"json": write_json(out / "metrics.json", data),
+             "markdown": atomic_write(out / "report.md", markdown_tables(result, title, meta)),
              "per_class": plot_per_class(result, out / "per_class.png")}
     if confusion is not None:
         paths["confusion"] = plot_confusion(confusion, result.class_names, out / "confusion.png")

@@ -7,13 +7,14 @@ Layout (a plain dict, loadable with ``torch.load(weights_only=True)``, so no pic
      "text_encoder": {"model": "ViT-B-16", "pretrained": str | None, "identity": str} | None,
      "model": state_dict, "extra": {...}, "torch_version": str}
 
-Writes are atomic (temporary file in the same folder, then ``os.replace``): a reader never sees half a file.
+Writes are atomic (``sal_ros.core.files.atomic_write``): a reader never sees half a file.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
+
+from sal_ros.core.files import atomic_write
 
 FORMAT = "sal_ros.model"
 FORMAT_VERSION = 1
@@ -48,14 +49,7 @@ def save_checkpoint(path: str | Path, model, config=None, text_encoder_identity:
         "extra": _plain(dict(extra or {}), "extra"),
         "torch_version": str(torch.__version__),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.data.pseudolabels import (TMP_PREFIX, PseudoLabels, load_pseudolabels, pseudolabel_path,
-                                       save_pseudolabels)
+from sal_ros.core.files import remove_temp_files
+from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
 from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks, mask_source_identity
@@ -242,15 +242,6 @@ class RunSummary:
     seconds: float
 
 
-def clean_partial(out_dir: Path) -> int:
-    """Remove temporary files an interrupted run left behind (never a finished file)."""
-    n = 0
-    for tmp in out_dir.glob(f"{TMP_PREFIX}*"):
-        tmp.unlink(missing_ok=True)
-        n += 1
-    return n
-
-
 def pending_keys(keys: list[str], out_dir: Path, config_hash: str, overwrite: bool) -> list[str]:
     """Keys without a finished file; a finished file from another configuration is an error (or redone)."""
     todo = []
@@ -311,7 +302,7 @@ def run(source_path: str | Path, config: EngineConfig, out_dir: str | Path | Non
     if out is None:
         raise ValueError(f"{source_path} is a raw {source.kind} folder: pass --out DIR (its folder is left untouched)")
     out.mkdir(parents=True, exist_ok=True)
-    removed = clean_partial(out)
+    removed = remove_temp_files(out)  # what an interrupted run left (never a finished file)
     if removed:
         log.info("removed %d partial files of an interrupted run in %s", removed, out)
     keys = source.keys()[:max_frames] if max_frames else source.keys()
@@ -329,7 +320,7 @@ def run(source_path: str | Path, config: EngineConfig, out_dir: str | Path | Non
                     summary.failed[key] = error
                     log.error("frame %s failed: %s", key, error)
         finally:
-            clean_partial(out)
+            remove_temp_files(out)
     summary.seconds = time.perf_counter() - t0
     return summary
 

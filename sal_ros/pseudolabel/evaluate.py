@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.files import atomic_write
 from sal_ros.eval.panoptic import SegmentCounts, match_segments
 from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
@@ -214,16 +215,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Pseudo-labels vs ground truth ({result['meta']['frames']} scans, camera-visible points)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -262,7 +257,7 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=1, default=float))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        _write_text(args.out / "metrics.json", json.dumps(result, indent=1, default=float))
-        _write_text(args.out / "table.md", table + "\n")
+        atomic_write(args.out / "metrics.json", json.dumps(result, indent=1, default=float))
+        atomic_write(args.out / "table.md", table + "\n")
         plot(result, args.out / "pseudolabel_eval.png")
     return 0
