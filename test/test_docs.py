@@ -41,6 +41,34 @@ def test_parameters_md_names_every_parameter_once():
     assert all(line.count(" | ") == 5 for line in rows), "a description splits its table cell"
 
 
+def test_markdown_table_escapes_cells_and_writes_defaults_as_yaml():
+    specs = [
+        P.ParamSpec("a", "string", "x|y", "Largest |a - b| (s) for <camera> -> frame."),
+        P.ParamSpec("b", "string_array", ["car", "traffic sign"], "line one\nline two", dynamic=True),
+        P.ParamSpec("c", "bool", False, "flag"),
+        P.ParamSpec("d", "string", "", "empty", choices=("<a>", "b|c")),
+        P.ParamSpec("e", "string", None, "unset"),
+        P.ParamSpec("f", "string", "true", "a string YAML would read as a bool"),
+        P.ParamSpec("g", "double", 0.03, "number", range=(0.0, 1.0)),
+        P.ParamSpec("h", "string_array", (), "empty list"),
+    ]
+    rows = P.markdown_table(specs).splitlines()[2:]
+    assert rows == [
+        r"| `a` | string | `x\|y` |  | no | Largest \|a - b\| (s) for &lt;camera&gt; -&gt; frame. |",
+        "| `b` | string_array | `[car, traffic sign]` |  | yes | line one line two |",
+        "| `c` | bool | `false` |  | no | flag |",
+        r"| `d` | string | `''` | &lt;a&gt; b\|c | no | empty |",
+        "| `e` | string | `null` |  | no | unset |",
+        "| `f` | string | `'true'` |  | no | a string YAML would read as a bool |",
+        "| `g` | double | `0.03` | 0.0 .. 1.0 | no | number |",
+        "| `h` | string_array | `[]` |  | no | empty list |",
+    ]
+    for row in rows:  # six cells, whatever the text holds
+        assert len(re.split(r"(?<!\\)\|", row)) == 8, row
+    already = P.markdown_table([P.ParamSpec("i", "string", "", r"a \| b")]).splitlines()[2]
+    assert already.endswith(r"| a \| b |")  # an escaped pipe is not escaped twice
+
+
 def test_check_mode_detects_a_stale_file(tmp_path):
     stale = tmp_path / "parameters.md"
     stale.write_text(docs.parameters_markdown().replace("0.03", "0.04", 1))

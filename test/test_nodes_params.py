@@ -130,9 +130,11 @@ def test_run_overrides_from_params_file_set_and_record(tmp_path):
 
 
 def test_list_params_prints_every_parameter(capsys):
-    from sal_ros.nodes import run
+    from sal_ros.nodes import docs, run
 
     assert run.main(_run_args(list_params=True)) == 0
     text = capsys.readouterr().out
-    for spec in P.INPUT_PARAMS + P.SEGMENTER_PARAMS + P.RECORDER_PARAMS + P.camera_specs("name"):
+    for spec in P.INPUT_PARAMS + P.SEGMENTER_PARAMS + P.RECORDER_PARAMS + P.camera_specs(docs.EXAMPLE_CAMERA):
         assert f"`{spec.name}`" in text
+    assert text == docs.parameter_tables()  # the very tables of docs/parameters.md
+    assert text in (REPO / "docs" / "parameters.md").read_text()

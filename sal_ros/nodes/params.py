@@ -10,6 +10,7 @@ Parameters marked ``dynamic`` may change at run time (``ros2 param set``); the o
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -303,10 +304,38 @@ def overrides(node_name: str, values: dict[str, Any]) -> list:
 
 
 def markdown_table(specs: Sequence[ParamSpec]) -> str:
-    """A Markdown table of parameters (name, type, default, range or choices, dynamic, description)."""
+    """A Markdown table of parameters (name, type, default, range or choices, dynamic, description).
+
+    Defaults are written as in a params file (:func:`yaml_value`). No cell breaks the table: ``|`` is escaped
+    everywhere, ``<`` and ``>`` in text cells (they would start an HTML tag; code spans show them as they are).
+    """
     rows = ["| parameter | type | default | range / choices | dynamic | description |", "|---|---|---|---|---|---|"]
     for s in specs:
         limits = " ".join(s.choices) if s.choices else (f"{s.range[0]} .. {s.range[1]}" if s.range else "")
-        rows.append(f"| `{s.name}` | {s.type} | `{s.default!r}` | {limits} | {'yes' if s.dynamic else 'no'} | "
-                    f"{s.description} |")
+        cells = [_code_cell(s.name), _text_cell(s.type), _code_cell(yaml_value(s.default)), _text_cell(limits),
+                 "yes" if s.dynamic else "no", _text_cell(s.description)]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def yaml_value(value: Any) -> str:
+    """``value`` as YAML flow text: ``[a, b]``, plain strings (quoted only where YAML would read something else,
+    e.g. ``''``), ``true``/``false``, ``null``, numbers."""
+    import yaml
+
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"(?<!\\)\|", r"\\|", " ".join(str(text).splitlines()))
+
+
+def _text_cell(text: str) -> str:
+    return _one_line(text).replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _code_cell(text: str) -> str:
+    return f"`{_one_line(text)}`" if text else ""

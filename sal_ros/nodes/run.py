@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one parameter (YAML value), for every node that has it; repeatable")
     parser.add_argument("--use-sim-time", action="store_true", help="follow /clock (e.g. with sal-ros replay)")
     parser.add_argument("--threads", type=int, default=None, help="executor threads (default: CPU count)")
-    parser.add_argument("--list-params", action="store_true", help="print every parameter as a Markdown table")
+    parser.add_argument("--list-params", action="store_true", help="print every parameter as Markdown tables (as in docs/parameters.md)")
 
 
 def parse_sets(sets: list[str]) -> dict[str, Any]:
@@ -114,9 +114,9 @@ def spin_nodes(nodes: list, num_threads: int | None = None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.list_params:
-        for node_name in (P.SEGMENTER_NODE, P.RECORDER_NODE):
-            print(f"## {node_name}\n\n{P.markdown_table(P.node_specs(node_name))}\n")
-        print(f"## per camera (camera.<name>.*)\n\n{P.markdown_table(P.camera_specs('name'))}")
+        from sal_ros.nodes.docs import parameter_tables
+
+        print(parameter_tables(), end="")  # the tables of docs/parameters.md
         return 0
     try:
         overrides = node_overrides(args)
