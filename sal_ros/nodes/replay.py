@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -127,20 +129,47 @@ class BagPlayer:
         return count
 
 
+def _spin(executor: Any) -> None:
+    """Spin until the executor (or its context) shuts down."""
+    from rclpy.executors import ExternalShutdownException, ShutdownException
+
+    try:
+        executor.spin()
+    except (ExternalShutdownException, ShutdownException):
+        pass
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(args: argparse.Namespace) -> int:
+    """Exit code 0 when the bag was played (or Ctrl-C stopped it), 1 when it could not be, 2 without the bag.
+
+    Shutdown is ordered: stop playing, stop the executor and join its thread, destroy the node, shut rclpy down.
+    A spin thread still inside rclpy's C++ wait when the interpreter exits aborts the process ("terminate called
+    without an active exception", exit code 134). rclpy's own signal handlers are off: SIGINT (Ctrl-C) and SIGTERM
+    raise KeyboardInterrupt in the main thread instead of shutting the context down under the publishing loop.
+    """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
 
     if not args.bag.exists():
         print(f"sal-ros replay: {args.bag} does not exist")
         return 2
-    rclpy.init()
-    node = rclpy.create_node("sal_replay")
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _interrupt) for sig in signals} if main_thread else {}
+    node = executor = spinner = player = None
+    rc = 0
     try:
+        rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+        node = rclpy.create_node("sal_replay")
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        spinner = threading.Thread(target=_spin, args=(executor,), name="sal_replay_spin", daemon=True)
+        spinner.start()  # serves the node's parameter services
         player = BagPlayer(node, args.bag, args.rate, args.topics, clock=not args.no_clock)
         node.get_logger().info(f"replaying {args.bag}: {sorted(player.publishers)} at rate {args.rate}"
                                f"{' (loop)' if args.loop else ''}")
@@ -153,10 +182,20 @@ def main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # noqa: BLE001 - a bad bag ends the command with the reason
-        node.get_logger().error(f"replay failed: {exc}")
-        return 1
+        print(f"sal-ros replay: replay failed: {exc}", file=sys.stderr)
+        rc = 1
     finally:
-        executor.shutdown()
-        node.destroy_node()
+        for sig in previous:  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
+        if player is not None:
+            player.stop()
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)
+        if spinner is not None:
+            spinner.join(timeout=5.0)
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return rc
