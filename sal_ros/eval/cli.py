@@ -1,11 +1,18 @@
-"""``sal-ros eval``: evaluate a checkpoint (zero-shot, offline) or pseudo-labels against ground truth.
+"""``sal-ros eval``: evaluate a checkpoint (zero-shot, offline), pseudo-labels against ground truth, or a running
+segmenter node (online).
 
     sal-ros eval model --checkpoint C (--bag B | --dataset D) --vocabulary V --out DIR
     sal-ros eval pseudolabels ...        (sal_ros.pseudolabel.evaluate)
+    sal-ros eval online BAG --params P --out DIR [--rate R] [--set NAME=VALUE ...]   (sal_ros.eval.online)
 
 ``eval model`` runs frames through the same synchronizer (sal_ros.data.bag) and the same Segmenter as the
 segmenter node, with fixed seeds and deterministic kernels, and writes the report (metrics.json, report.md,
 confusion.png, per_class.png) into DIR.
+
+``eval online`` starts ``sal-ros run --params P`` in a child process (real rclpy, DDS on localhost), replays BAG
+into it once at ``--rate`` and measures from the topics: clouds sent / answered, drop rate, end-to-end latency
+(median, p90, max) and the node's own per-stage timings. It writes online.json, online.md and node.log into DIR
+and prints the headline.
 """
 from __future__ import annotations
 
@@ -44,9 +51,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p = sub.add_parser("pseudolabels", help="pseudo-label quality against ground truth")
         pl_eval.add_arguments(p)
         p.set_defaults(_eval=pl_eval.main)
-    o = sub.add_parser("online", help="latency / rate of a running segmenter (not implemented yet)")
-    o.add_argument("--latency-topic", default="~/timings")
-    o.set_defaults(_eval=lambda args: _unavailable("online", "not implemented yet; use `sal-ros bench model`"))
+    try:
+        from sal_ros.eval import online  # imported only when `eval` is the command; rclpy only when it runs
+    except ImportError as exc:
+        o = sub.add_parser("online", help=f"(unavailable: {exc})")
+        o.set_defaults(_eval=lambda args, _e=exc: _unavailable("online", _e))
+    else:
+        o = sub.add_parser("online", help="replay a bag into `sal-ros run`: answered clouds, drop rate, latency")
+        online.add_arguments(o)
+        o.set_defaults(_eval=main_online)
 
 
 def _unavailable(mode: str, why) -> int:
@@ -118,4 +131,69 @@ def main_model(args) -> int:
     s = result.summary
     print(f"PQ {100 * s['pq']:.1f}  PQ† {100 * s['pq_dagger']:.1f}  mIoU {100 * s['miou']:.1f}  "
           f"class-agnostic PQ {100 * s['agnostic_pq']:.1f}  ({stats['frames']} frames) -> {paths['markdown']}")
+    return 0
+
+
+def _ms(value) -> str:
+    return "–" if value is None else f"{value:.1f} ms"
+
+
+def online_headline(summary: dict) -> str:
+    lat = summary["end_to_end_ms"]
+    drop = summary["drop_rate"]
+    return (f"{summary['clouds_answered']}/{summary['clouds_sent']} clouds answered, drop rate "
+            f"{'–' if drop is None else f'{100 * drop:.1f} %'}, end-to-end latency median {_ms(lat['median'])}, "
+            f"p90 {_ms(lat['p90'])}")
+
+
+def online_markdown(summary: dict) -> str:
+    """online.md: the headline, end-to-end latency and the node's per-stage timings as tables."""
+    lat = summary["end_to_end_ms"]
+    lines = ["# Online evaluation", ""]
+    lines += [f"- {key}: {value}" for key, value in summary.get("meta", {}).items()]
+    lines += ["", online_headline(summary), "",
+              "| clouds sent | answered | dropped | drop rate | latency median (ms) | p90 (ms) | max (ms) |",
+              "|---|---|---|---|---|---|---|",
+              f"| {summary['clouds_sent']} | {summary['clouds_answered']} | {summary['dropped']} | "
+              f"{summary['drop_rate']} | {lat['median']} | {lat['p90']} | {lat['max']} |", ""]
+    timings = summary.get("node_timings_ms") or {}
+    if timings:
+        lines += ["Node timings (its last ~/stats record):", "", "| stage | median (ms) | p90 (ms) | max (ms) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {t['median']} | {t['p90']} | {t['max']} |" for name, t in timings.items()]
+        lines.append("")
+    counts = summary.get("node_counts") or {}
+    if counts:
+        lines += ["Node counters: " + ", ".join(f"{k} {v}" for k, v in counts.items()), ""]
+    return "\n".join(lines)
+
+
+def main_online(args) -> int:
+    from sal_ros.core.files import atomic_write, write_json
+    from sal_ros.eval import online
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.run import parameter_values, parse_sets
+
+    if not args.bag.exists():
+        raise FileNotFoundError(f"{args.bag} does not exist")
+    if not args.params.is_file():
+        raise FileNotFoundError(f"--params {args.params} does not exist")
+    if args.rate <= 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    values = parameter_values(P.SEGMENTER_NODE, args.params, parse_sets(args.set), {})
+    cloud_topic = values.get("cloud_topic", "/points")
+    run_args = ["--params", str(args.params)] + [f"--set={s}" for s in args.set]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "node.log"
+    try:
+        result = online.replay(args.bag, run_args, log, cloud_topic=cloud_topic, rate=args.rate)
+    except (TimeoutError, RuntimeError) as exc:  # the node did not start, died, or never answered
+        print(f"sal-ros eval online: {exc}", file=sys.stderr)
+        return 1
+    summary = result.summary()
+    summary["meta"] = {"bag": str(args.bag), "params": str(args.params), "sets": list(args.set),
+                       "rate": args.rate, "cloud_topic": cloud_topic, "node_log": str(log)}
+    json_path = write_json(args.out / "online.json", summary)
+    md_path = atomic_write(args.out / "online.md", online_markdown(summary))
+    print(f"{online_headline(summary)} -> {json_path}, {md_path}")
     return 0
