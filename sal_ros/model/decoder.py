@@ -135,6 +135,9 @@ class QueryDecoder(nn.Module):
         self.level_embed = nn.Embedding(len(self.levels), d)
         self.positions = FourierPositions(d, min_wavelength=2 * cfg.voxel_size)
         self.mask_features = nn.Linear(feature_widths[1], cfg.mask_dim)
+        # Position in the mask features: conv features are translation-equivariant, so two touching segments
+        # that look alike (a road cut into pieces, parked cars in a row) need it to get different masks.
+        self.mask_positions = FourierPositions(cfg.mask_dim, min_wavelength=2 * cfg.voxel_size)
         self.layers = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
                                     for _ in range(cfg.decoder_rounds * len(self.levels)))
         self.out_norm = nn.LayerNorm(d)
@@ -147,7 +150,9 @@ class QueryDecoder(nn.Module):
         cfg = self.cfg
         fine = feats[1]
         fine_split = batch_splits(fine, batch_size)
-        mask_feats = self.mask_features(fine.feats).split(fine_split)
+        fine_centres = (fine.coords[:, 1:].float() + 0.5) * cfg.voxel_size
+        mask_feats = (self.mask_features(fine.feats)
+                      + self.mask_positions(fine_centres).to(fine.feats.dtype)).split(fine_split)
         levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
         q = self.query_feat.weight[None].expand(batch_size, -1, -1)
         qpos = self.query_pos.weight[None].expand(batch_size, -1, -1)
