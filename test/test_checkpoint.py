@@ -131,3 +131,14 @@ def test_weight_mismatches(tmp_path, trained, encoder):
     path = save_checkpoint(tmp_path / "tok256.pt", small)
     with pytest.raises(CheckpointError, match="256-d tokens"):
         load_checkpoint(path, text_encoder=encoder)
+
+
+def test_training_config_encoder_record_names_the_same_encoder(tmp_path):
+    """A trainer records {"model", "pretrained": None}; the node's seeded random encoder must match it."""
+    from sal_ros.model.checkpoint import _encoder_record
+    from sal_ros.model.vocabulary import encoder_identity
+
+    record = _encoder_record({"model": "ViT-B-16", "pretrained": None})
+    assert record["identity"] == encoder_identity("ViT-B-16", None) == "ViT-B-16/random-seed0"
+    assert _encoder_record({"model": "ViT-B-16", "pretrained": ""})["identity"] == "ViT-B-16/random-seed0"
+    assert _encoder_record({"model": "ViT-B-16", "pretrained": "openai"})["identity"] == "ViT-B-16/openai"

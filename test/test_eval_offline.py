@@ -43,3 +43,23 @@ def test_perfect_zero_shot_output_scores_one(semantickitti_dir):
     road = ls.class_id("road") - 1
     assert r.iou[road] == 1.0 and r.tp[road] >= 1
     assert r.summary["pq"] > 0.9
+
+
+def test_frustum_only_scores_just_the_points_a_camera_sees(semantickitti_dir):
+    """Wrong labels outside the camera frustum cost the whole-scan score, not the frustum score."""
+    from sal_ros.core.camera import in_camera_frustum
+    from sal_ros.data.datasets import load_semantickitti
+
+    frames = list(load_semantickitti(semantickitti_dir / "sequences" / "00"))
+    ls = semantickitti()
+
+    def outside_wrong(frame):
+        seg = _as_vocabulary_segmentation(frame, ls, False)
+        seg.label[~in_camera_frustum(frame)] = VOCAB.index("sky") + 1
+        return seg
+
+    assert 19_000 < in_camera_frustum(frames[0]).sum() < 20_000  # 19,362 points project into image_0 (depth >= 1 m)
+    frustum, _ = evaluate_frames(outside_wrong, frames, ls, CLASS_MAP, progress=False, frustum_only=True)
+    scan, _ = evaluate_frames(outside_wrong, frames, ls, CLASS_MAP, progress=False)
+    assert frustum.compute().summary["miou"] == 1.0
+    assert scan.compute().summary["miou"] < 0.9

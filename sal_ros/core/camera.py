@@ -245,3 +245,11 @@ def project_points(
         valid = (depth > min_depth) & (u >= 0) & (u < camera.width) & (v >= 0) & (v < camera.height)
     valid &= in_domain  # NaN coordinates already failed the comparisons above
     return Projection(uv=np.stack([u, v], axis=1), depth=depth, valid=valid)
+
+
+def in_camera_frustum(frame, min_depth: float = 1.0) -> np.ndarray:
+    """(N,) bool: the point of ``frame`` projects into at least one of its camera images."""
+    inside = np.zeros(frame.num_points, bool)
+    for view in frame.cameras.values():
+        inside |= project_points(frame.points, view.T_cam_lidar, view.camera, min_depth).valid
+    return inside

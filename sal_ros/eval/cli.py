@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--min-points", type=int, help="min segment size (default: 50 SemanticKITTI, 15 nuScenes)")
     m.add_argument("--max-frames", type=int)
     m.add_argument("--device", default="cpu")
+    m.add_argument("--frustum-only", action="store_true",
+                   help="score only the points some camera sees (where camera pseudo-labels exist)")
     m.add_argument("--config", type=Path, help="node / synchronizer yaml for --bag")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(_eval=main_model)
@@ -121,10 +123,11 @@ def main_model(args) -> int:
     segmenter = build_segmenter(args.checkpoint, args.vocabulary, args.device)
     evaluator, stats = evaluate_frames(lambda f: segmenter.segment(f.points, f.intensity), iter_frames(args),
                                        label_set, _load_class_map(args.class_map), progress=not args.no_progress,
-                                       max_frames=args.max_frames)
+                                       max_frames=args.max_frames, frustum_only=args.frustum_only)
     result = evaluator.compute()
     meta = {"checkpoint": str(args.checkpoint), "source": str(args.dataset or args.bag),
             "vocabulary": str(args.vocabulary), "label_set": label_set.name, "min_points": label_set.min_points,
+            "points": "camera frustum" if args.frustum_only else "whole scan",
             **{k: v for k, v in stats.items() if k != "vocabulary_to_dataset"}}
     paths = write_report(args.out, result, evaluator.confusion, title="Zero-shot panoptic evaluation",
                          meta={**meta, "vocabulary_to_dataset": stats["vocabulary_to_dataset"]})

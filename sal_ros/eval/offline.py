@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
+from sal_ros.core.camera import in_camera_frustum
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.types import Frame, Segmentation
 from sal_ros.eval.labels import LabelSet, vocabulary_lut
@@ -27,18 +28,22 @@ def to_dataset_classes(seg: Segmentation, label_set: LabelSet, lut: np.ndarray) 
 
 
 def add_frame(evaluator: PanopticEvaluator, seg: Segmentation, gt_labels: np.ndarray, label_set: LabelSet,
-              lut: np.ndarray) -> None:
+              lut: np.ndarray, keep: np.ndarray | None = None) -> None:
+    """Score one frame; ``keep`` (N,) bool restricts it to some points (e.g. those a camera sees)."""
     if len(seg.label) != len(gt_labels):
         raise SensorDataError(f"segmentation has {len(seg.label)} points, ground truth {len(gt_labels)}")
     pred_sem, pred_inst = to_dataset_classes(seg, label_set, lut)
     gt_sem, gt_seg = label_set.split(gt_labels)
+    if keep is not None:
+        pred_sem, pred_inst, gt_sem, gt_seg = pred_sem[keep], pred_inst[keep], gt_sem[keep], gt_seg[keep]
     evaluator.add(pred_sem, pred_inst, gt_sem, gt_seg)
 
 
 def evaluate_frames(segment: Callable[[Frame], Segmentation], frames: Iterable[Frame], label_set: LabelSet,
                     class_map: dict[str, str] | None = None, progress: bool = True,
-                    max_frames: int | None = None) -> tuple[PanopticEvaluator, dict]:
-    """Run ``segment`` on every frame with ground truth and accumulate the metrics.
+                    max_frames: int | None = None, frustum_only: bool = False) -> tuple[PanopticEvaluator, dict]:
+    """Run ``segment`` on every frame with ground truth and accumulate the metrics (on the points some camera
+    sees when ``frustum_only``: where camera pseudo-labels, and so a student trained on them, can be right).
 
     Returns the evaluator and run statistics (frames, median / mean segmentation time in ms).
     """
@@ -57,7 +62,7 @@ def evaluate_frames(segment: Callable[[Frame], Segmentation], frames: Iterable[F
         times.append(1000 * (time.perf_counter() - t0))
         if lut is None:
             lut = vocabulary_lut(seg.class_names, label_set, class_map)
-        add_frame(evaluator, seg, frame.gt_labels, label_set, lut)
+        add_frame(evaluator, seg, frame.gt_labels, label_set, lut, in_camera_frustum(frame) if frustum_only else None)
     if not times:
         raise SensorDataError("no frame with ground-truth labels to evaluate"
                               + (f" ({skipped} frames without labels)" if skipped else ""))

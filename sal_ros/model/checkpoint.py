@@ -77,8 +77,11 @@ def _encoder_record(encoder: Any) -> dict | None:
     if encoder is None:
         return None
     if isinstance(encoder, dict):
-        return {"model": str(encoder["model"]), "pretrained": encoder.get("pretrained"),
-                "identity": str(encoder.get("identity", f"{encoder['model']}/{encoder.get('pretrained')}"))}
+        from sal_ros.model.vocabulary import encoder_identity
+
+        pretrained = encoder.get("pretrained") or None
+        return {"model": str(encoder["model"]), "pretrained": pretrained,
+                "identity": str(encoder.get("identity") or encoder_identity(str(encoder["model"]), pretrained))}
     return {"model": encoder.model_name, "pretrained": encoder.pretrained, "identity": encoder.identity}
 
 

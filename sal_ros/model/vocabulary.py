@@ -236,6 +236,11 @@ class TextEmbeddings:
         return self.embeddings if dtype is None else self.embeddings.astype(dtype)
 
 
+def encoder_identity(model_name: str, pretrained: str | None) -> str:
+    """What a text encoder's embeddings depend on: model and weights (random weights are seeded, so reproducible)."""
+    return f"{model_name}/{pretrained or f'random-seed{_RANDOM_SEED}'}"
+
+
 def _tiny_config_dir() -> str:
     """Register the tiny text encoder config with open_clip once per process."""
     import open_clip
@@ -284,7 +289,7 @@ class TextEncoder:
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.context_length = int(getattr(self.tokenizer, "context_length", CONTEXT_LENGTH))
         self.embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
-        self.identity = f"{model_name}/{self.pretrained or f'random-seed{_RANDOM_SEED}'}"
+        self.identity = encoder_identity(model_name, self.pretrained)
         self._cache: OrderedDict[str, TextEmbeddings] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sal_ros.core.camera import in_camera_frustum
 from sal_ros.core.errors import SensorDataError
 from sal_ros.train.augment import AugmentConfig, augment, azimuth_center, rotate_z
 
@@ -183,16 +184,6 @@ def collate(samples: list[Sample]) -> list[Sample]:
 
 
 # ---------------------------------------------------------------------------------------------- sources
-def camera_frustum(frame, min_depth: float = 1.0) -> np.ndarray:
-    """(N,) bool: the point projects into at least one of the frame's camera images."""
-    from sal_ros.core.camera import project_points
-
-    inside = np.zeros(frame.num_points, bool)
-    for view in frame.cameras.values():
-        inside |= project_points(frame.points, view.T_cam_lidar, view.camera, min_depth).valid
-    return inside
-
-
 def ground_truth_scan(frame, label_set, class_tokens: np.ndarray, in_frustum: np.ndarray | None = None) -> LabeledScan:
     """Oracle pseudo-labels from ground truth, restricted to the camera frustum (as real pseudo-labels are).
 
@@ -203,7 +194,7 @@ def ground_truth_scan(frame, label_set, class_tokens: np.ndarray, in_frustum: np
     if frame.gt_labels is None:
         raise SensorDataError(f"frame {frame.key} has no ground-truth labels")
     sem, seg = label_set.split(frame.gt_labels)
-    inside = camera_frustum(frame) if in_frustum is None else np.asarray(in_frustum, bool)
+    inside = in_camera_frustum(frame) if in_frustum is None else np.asarray(in_frustum, bool)
     # things: one instance per ground-truth segment; stuff: one per class (lane-marking joins road)
     key = np.where(label_set.thing_mask[sem], sem * (1 << 32) + seg, sem * (1 << 32))
     labelled = inside & (sem > 0)
