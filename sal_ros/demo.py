@@ -14,7 +14,6 @@ demo resumes where it stopped (training resumes from its last checkpoint).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -245,19 +245,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="node params YAML (topics, cameras, model.checkpoint, ...), as for `sal-ros run`")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="passed to `sal-ros run`")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
-    parser.add_argument("--out", type=Path, required=True, help="folder for online.json and node.log")
-
-
-def main(args: argparse.Namespace) -> int:
-    from sal_ros.eval.report import atomic_write_json
-    from sal_ros.nodes import params as P
-    from sal_ros.nodes.run import parameter_values, parse_sets
-
-    values = parameter_values(P.SEGMENTER_NODE, args.params, parse_sets(args.set), {})
-    cloud_topic = values.get("cloud_topic", "/points")
-    run_args = ["--params", str(args.params)] + [f"--set={s}" for s in args.set]
-    result = replay(args.bag, run_args, args.out / "node.log", cloud_topic=cloud_topic, rate=args.rate)
-    summary = result.summary()
-    atomic_write_json(args.out / "online.json", summary)
-    print(json.dumps(summary, indent=1))
-    return 0
+    parser.add_argument("--out", type=Path, required=True, help="folder for online.json, online.md and node.log")

@@ -10,20 +10,6 @@ from sal_ros.eval.panoptic import PanopticResult
 from sal_ros.eval.semantic import ConfusionMatrix
 
 
-# atomic_write_* / atomic_savefig: the names sal_ros.demo, sal_ros.eval.online and sal_ros.train.trainer import;
-# the writing itself is sal_ros.core.files.
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, data)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, text)
-
-
-def atomic_write_json(path: str | Path, obj) -> Path:
-    return write_json(path, obj)
-
-
 def atomic_savefig(fig, path: str | Path, dpi: int = 120) -> Path:
     fmt = Path(path).suffix.lstrip(".") or "png"
     return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight"))

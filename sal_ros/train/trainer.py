@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sal_ros.core.files import atomic_write
 from sal_ros.train.dataset import DataConfig, DistillDataset, Sample
 from sal_ros.train.losses import LossWeights, Target, sal_loss
 
@@ -160,12 +161,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------------- model seam
 def build_model(model_cfg: dict, token_dim: int | None = None):
     """SALModel from ``{"preset": name, **overrides}``; the token dimension follows the pseudo-labels."""
@@ -251,9 +246,9 @@ class Trainer:
         # plain JSON data only: checkpoints are read with torch.load(weights_only=True)
         extra = json.loads(json.dumps({"step": self.step, "train_config": self.cfg.to_dict()}))
         save_model(path, self.module, extra, self.cfg.text_encoder)
-        atomic_torch_save({"step": self.step, "model": path.name, "optimizer": self.optimizer.state_dict(),
-                           "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                           "config": self.cfg.to_dict()}, self.state_path)
+        state = {"step": self.step, "model": path.name, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict()}
+        atomic_write(self.state_path, lambda f: torch.save(state, f))
         last = self.out / "model_last.pt"
         tmp = self.out / ".model_last.pt.tmp"
         tmp.unlink(missing_ok=True)
@@ -341,9 +336,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(ln + "\n" for ln in lines))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
