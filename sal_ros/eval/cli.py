@@ -17,6 +17,7 @@ and prints the headline.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -44,24 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--config", type=Path, help="node / synchronizer yaml for --bag")
     m.add_argument("--no-progress", action="store_true")
     m.set_defaults(_eval=main_model)
+    # Imported only when `eval` is the command (online needs rclpy only when it runs).
+    _add_lazy(sub, "pseudolabels", "pseudo-label quality against ground truth", "sal_ros.pseudolabel.evaluate",
+              lambda module: module.main)
+    _add_lazy(sub, "online", "replay a bag into `sal-ros run`: answered clouds, drop rate, latency",
+              "sal_ros.eval.online", lambda module: main_online)
+
+
+def _add_lazy(sub, mode: str, help_text: str, module_name: str, entry) -> None:
+    """A sub-mode whose module may not import here: listed with the reason, and failing with it when run."""
     try:
-        from sal_ros.pseudolabel import evaluate as pl_eval  # imported only when `eval` is the command
+        module = importlib.import_module(module_name)
     except ImportError as exc:
-        p = sub.add_parser("pseudolabels", help=f"(unavailable: {exc})")
-        p.set_defaults(_eval=lambda args, _e=exc: _unavailable("pseudolabels", _e))
-    else:
-        p = sub.add_parser("pseudolabels", help="pseudo-label quality against ground truth")
-        pl_eval.add_arguments(p)
-        p.set_defaults(_eval=pl_eval.main)
-    try:
-        from sal_ros.eval import online  # imported only when `eval` is the command; rclpy only when it runs
-    except ImportError as exc:
-        o = sub.add_parser("online", help=f"(unavailable: {exc})")
-        o.set_defaults(_eval=lambda args, _e=exc: _unavailable("online", _e))
-    else:
-        o = sub.add_parser("online", help="replay a bag into `sal-ros run`: answered clouds, drop rate, latency")
-        online.add_arguments(o)
-        o.set_defaults(_eval=main_online)
+        parser = sub.add_parser(mode, help=f"(unavailable: {exc})")
+        parser.set_defaults(_eval=lambda args, _e=exc: _unavailable(mode, _e))
+        return
+    parser = sub.add_parser(mode, help=help_text)
+    module.add_arguments(parser)
+    parser.set_defaults(_eval=entry(module))
 
 
 def _unavailable(mode: str, why) -> int:
