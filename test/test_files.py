@@ -100,7 +100,7 @@ def test_bad_mode_is_refused(tmp_path):
 
 
 def test_torch_save_through_a_file_object(tmp_path, umask):
-    torch = pytest.importorskip("torch")
+    import torch
     umask(0o022)
     path = tmp_path / "model.pt"
     state = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "step": 7}

@@ -104,7 +104,7 @@ def test_json_records_carry_vocabulary_version_and_classes():
 
 
 def test_vocabulary_record_from_a_real_vocabulary():
-    vocabulary = pytest.importorskip("sal_ros.model.vocabulary")
+    from sal_ros.model import vocabulary
     vocab = vocabulary.Vocabulary.from_prompts(["car", "road"])
     record = json.loads(outputs.vocabulary_record(2, vocab))
     assert record["version"] == 2 and record["classes"] == ["car", "road"]

@@ -15,7 +15,6 @@ import yaml
 from conftest import require_rclpy
 
 rclpy = require_rclpy()
-pytest.importorskip("sal_ros.data.framestore", reason="sal_ros.data.framestore has not landed")
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 

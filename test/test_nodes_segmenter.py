@@ -3,7 +3,6 @@ labeled points (same points, same order), markers, overlay, info out; prompts ch
 SetParameters service; bad input never kills it; the latest-only slot drops and counts."""
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from sal_ros.core.pointcloud2 import encode_cloud, read_fields  # noqa: E402
 from sal_ros.nodes.qos import latched  # noqa: E402
 from test_nodes_inputs import Sensors, wait_for  # noqa: E402
 
-pytest.importorskip("sal_ros.model.segmenter", reason="sal_ros.model.segmenter has not landed")
 
 DOMAIN_ID = 63
 T0 = 1_700_000_000_000_000_000

@@ -169,7 +169,6 @@ def test_rerun_with_other_config_is_refused(tmp_path):
 
 
 def test_ray_backend(tmp_path):
-    pytest.importorskip("ray")
     seq = _kitti_sequence(tmp_path, 2)
     cfg = EngineConfig(masks="slic", mask_options={"n_segments": 30}, tokens=False, refine=None)
     s = run(seq, cfg, tmp_path / "pl", workers=2, backend="ray", progress=False)

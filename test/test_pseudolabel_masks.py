@@ -82,7 +82,6 @@ def _check(masks, image):
 
 
 def test_sam2_random_weights_small(image):
-    pytest.importorskip("sam2")
     import torch
 
     from sal_ros.pseudolabel.masks import Sam2Masks
@@ -97,7 +96,6 @@ def test_sam2_random_weights_small(image):
 
 
 def test_sam_random_weights_small(image):
-    pytest.importorskip("segment_anything")
     import torch
 
     from sal_ros.pseudolabel.masks import SamMasks

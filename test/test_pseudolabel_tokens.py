@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-open_clip = pytest.importorskip("open_clip")
-torch = pytest.importorskip("torch")
+import open_clip
+import torch
 
-from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder  # noqa: E402
-from sal_ros.pseudolabel.masks import Masks  # noqa: E402
+from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
+from sal_ros.pseudolabel.masks import Masks
 
 TINY = "sal-tiny-vit-test"
 

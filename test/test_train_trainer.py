@@ -5,7 +5,6 @@ Pseudo-labels here are ground-truth instances restricted to the camera frustum (
 written through the pseudo-label file format, with random unit tokens: the engine's CLIP tokens would cost
 minutes on CPU and the trainer does not care where tokens come from.
 """
-import json
 import os
 import subprocess
 import sys
@@ -14,9 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-pytest.importorskip("sal_ros.model.sal", reason="SAL model not available yet")
-pytest.importorskip("sal_ros.model.checkpoint", reason="model checkpoint module not available yet")
 
 import torch  # noqa: E402
 

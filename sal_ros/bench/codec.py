@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import array
-import gc
 import json
 import platform
 import struct
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
