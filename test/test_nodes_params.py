@@ -99,6 +99,26 @@ def test_params_file_sections_merge_and_unknown_names(tmp_path):
         P.load_params_file(bad, P.RECORDER_NODE)
 
 
+def test_params_file_with_an_empty_list_is_refused_with_the_reason(tmp_path):
+    # rcl cannot type an empty list either, so such a file would also break `ros2 launch`
+    path = tmp_path / "p.yaml"
+    path.write_text("/**:\n  ros__parameters:\n    cameras: []\n")
+    with pytest.raises(ValueError, match=r"\['cameras'\] set to \[\].*leave the line out"):
+        P.load_params_file(path, P.SEGMENTER_NODE)
+
+
+def test_empty_list_override_keeps_the_empty_default(context):
+    # rclpy would re-infer an empty override as a byte array and refuse the STRING_ARRAY declaration
+    values = {"cameras": [], "cloud_topic": "/a"}
+    assert [p.name for p in P.overrides(P.SEGMENTER_NODE, values)] == ["cloud_topic"]
+    node = _node(context, P.SEGMENTER_NODE, values)
+    try:
+        got = P.declare(node, P.all_specs(P.SEGMENTER_NODE, values))
+        assert got["cameras"] == [] and got["cloud_topic"] == "/a"
+    finally:
+        node.destroy_node()
+
+
 def _run_args(**kw):
     from sal_ros.nodes import run
 

@@ -268,6 +268,10 @@ def load_params_file(path: str | Path, node_name: str) -> dict[str, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("ros__parameters", {}), dict):
             raise ValueError(f"params file {path}: section {section!r} needs a 'ros__parameters' mapping")
         values.update(_flatten(body.get("ros__parameters") or {}))
+    empty = sorted(name for name, value in values.items() if value == [])
+    if empty:  # rcl's parser rejects them too, so the same file would break `ros2 launch`
+        raise ValueError(f"params file {path}: {empty} set to []: a ROS 2 params file cannot hold an empty list "
+                         "(its type is unknown); leave the line out to keep the default")
     return values
 
 
@@ -293,6 +297,8 @@ def overrides(node_name: str, values: dict[str, Any]) -> list:
     specs = {spec.name: spec for spec in all_specs(node_name, values)}
     out = []
     for name, value in values.items():
+        if name in specs and value == [] and not specs[name].default:
+            continue  # the default already; rclpy would re-infer an empty override as a byte array
         if name in specs:
             out.append(to_parameter(specs[name], value))
         elif name == "use_sim_time":

@@ -102,28 +102,19 @@ class RecorderNode(Node):
             self.get_logger().info(self.stats.summary_line(("recorded", "matched", "partial", "dropped")))
 
     def destroy_node(self) -> None:
-        self.worker.stop()
-        self.store.close()
+        # Also called by rclpy at shutdown on a node whose __init__ failed part-way.
+        if hasattr(self, "worker"):
+            self.worker.stop()
+        if hasattr(self, "store"):
+            self.store.close()
         super().destroy_node()
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ros2 run sal_ros recorder`` (parameters from --ros-args)."""
-    import rclpy
+    from sal_ros.nodes.run import ros_node_main
 
-    from sal_ros.env import apply_ros_env_defaults
-    from sal_ros.nodes.run import spin_nodes
-
-    apply_ros_env_defaults()
-    rclpy.init(args=sys.argv if argv is None else argv)
-    try:
-        node = RecorderNode()
-    except Exception as exc:  # noqa: BLE001 - configuration errors end the process with the reason
-        rclpy.logging.get_logger(P.RECORDER_NODE).fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 1
-    spin_nodes([node])
-    return 0
+    return ros_node_main(RecorderNode, P.RECORDER_NODE, argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ The params file is the same ROS 2 YAML the launch files take (sections ``/**``, 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,27 @@ def make_nodes(overrides: dict[str, list]) -> list:
     return nodes
 
 
-def spin_nodes(nodes: list, num_threads: int | None = None) -> None:
-    """Spin ``nodes`` on one MultiThreadedExecutor until Ctrl-C or shutdown, then destroy them."""
+def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None) -> int:
+    """Build the nodes (rclpy initialized) and spin them on one MultiThreadedExecutor until Ctrl-C or shutdown.
+    A node that cannot start ends the process with 1 and the reason; Ctrl-C at any moment, model loading
+    included, ends it quietly with 0."""
     import rclpy
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
+    # Made first: an interrupt inside the executor's constructor leaves a half-built object that rclpy
+    # complains about at exit, and node construction (model loading) is where users press Ctrl-C.
     executor = MultiThreadedExecutor(num_threads=num_threads)
-    for node in nodes:
-        executor.add_node(node)
+    nodes: list = []
     try:
+        try:
+            nodes = make_nodes_now()
+        except Exception as exc:  # noqa: BLE001 - configuration errors end the process with the reason
+            if not rclpy.ok():  # Ctrl-C shut the context down while the nodes were being built
+                return 0
+            rclpy.logging.get_logger(logger_name).fatal(f"cannot start: {exc}")
+            return 1
+        for node in nodes:
+            executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
@@ -110,6 +123,18 @@ def spin_nodes(nodes: list, num_threads: int | None = None) -> None:
         for node in nodes:
             node.destroy_node()
         rclpy.try_shutdown()
+    return 0
+
+
+def ros_node_main(node_class, name: str, argv: list[str] | None) -> int:
+    """``ros2 run sal_ros <node>``: parameters from --ros-args."""
+    import rclpy
+
+    from sal_ros.env import apply_ros_env_defaults
+
+    apply_ros_env_defaults()
+    rclpy.init(args=sys.argv if argv is None else argv)
+    return start_and_spin(lambda: [node_class()], name)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -126,11 +151,4 @@ def main(args: argparse.Namespace) -> int:
     import rclpy
 
     rclpy.init()
-    try:
-        nodes = make_nodes(overrides)
-    except Exception as exc:  # noqa: BLE001 - configuration errors end the run with the reason
-        rclpy.logging.get_logger("sal_ros").fatal(f"cannot start: {exc}")
-        rclpy.try_shutdown()
-        return 1
-    spin_nodes(nodes, args.threads)
-    return 0
+    return start_and_spin(lambda: make_nodes(overrides), "sal_ros", args.threads)
