@@ -95,6 +95,24 @@ def test_sam2_random_weights_small(image):
     assert src.identity["image_size"] == 256
 
 
+def test_sam2_loads_weights_from_a_checkpoint_file(image, tmp_path):
+    # The user path (`--sam2-checkpoint FILE`): a file in the SAM 2 release format {"model": state_dict}.
+    import torch
+
+    from sal_ros.pseudolabel.masks import Sam2Masks
+
+    kwargs = dict(device="cpu", image_size=256, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    torch.manual_seed(0)
+    teacher = Sam2Masks("configs/sam2.1/sam2.1_hiera_t.yaml", None, **kwargs)
+    ckpt = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": teacher.generator.predictor.model.state_dict()}, ckpt)
+    torch.manual_seed(1)  # different random init: only the file can make the two agree
+    loaded = Sam2Masks("configs/sam2.1/sam2.1_hiera_t.yaml", str(ckpt), **kwargs)
+    a, b = teacher.generate(image), loaded.generate(image)
+    assert len(a) >= 1 and np.array_equal(a.masks, b.masks) and np.allclose(a.scores, b.scores)
+    assert loaded.identity["checkpoint"] == str(ckpt)
+
+
 def test_sam_random_weights_small(image):
     import torch
 

@@ -7,6 +7,7 @@ import pytest
 import open_clip
 import torch
 
+from sal_ros.model.checkpoint import ModelError
 from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
 from sal_ros.pseudolabel.masks import Masks
 
@@ -93,3 +94,29 @@ def test_wide_image_keeps_aspect_and_crops_work(model):
         enc.encode(wide, _masks(64, 64))
     with pytest.raises(ValueError, match="unknown token method"):
         ClipTokenEncoder(TINY, model=model, method="bogus")
+
+
+def test_weights_file_and_seeded_random_load_like_the_text_encoder(model, image, tmp_path):
+    # One open_clip loader for both towers: a local file gives exactly its weights; no weights give the seeded
+    # random model, the same in every worker process.
+    torch.manual_seed(5)
+    other = open_clip.create_model(TINY, pretrained=None)
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": other.state_dict()}, path)
+    masks = _masks(64, 64)
+    expected = ClipTokenEncoder(TINY, model=other).encode(image, masks)
+    np.testing.assert_allclose(ClipTokenEncoder(TINY, str(path)).encode(image, masks), expected, atol=1e-6)
+    a, b = ClipTokenEncoder(TINY).encode(image, masks), ClipTokenEncoder(TINY).encode(image, masks)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, expected, atol=1e-3)  # the file's weights, not the seeded random ones
+    text_only = {k: v for k, v in other.state_dict().items() if not k.startswith("visual.")}
+    torch.save(text_only, tmp_path / "text_only.pt")
+    with pytest.raises(ModelError, match="does not fit"):  # image tokens need the image tower
+        ClipTokenEncoder(TINY, str(tmp_path / "text_only.pt"))
+
+
+def test_unknown_model_or_tag_is_refused_by_name():
+    with pytest.raises(ModelError, match="unknown open_clip model 'ViT-X-99'"):
+        ClipTokenEncoder("ViT-X-99")
+    with pytest.raises(ModelError, match="unknown pretrained tag 'no-such-tag'"):
+        ClipTokenEncoder(TINY, "no-such-tag")

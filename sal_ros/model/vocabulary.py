@@ -256,6 +256,32 @@ def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")) or Path(pretrained).exists()
 
 
+def load_open_clip(model_name: str, pretrained: str | None, text_only: bool = False):
+    """An open_clip model (on CPU) for the text encoder and the pseudo-label image tokens alike: ``pretrained``
+    is an open_clip tag (open_clip fetches it), a local weights file, or None for seeded random weights (the
+    same in every process). ``text_only``: a weights file may lack the image tower. Unknown models or tags
+    raise ModelError naming the alternatives."""
+    import open_clip
+    import torch
+
+    if model_name == TINY_TEXT_ENCODER:
+        _tiny_config_dir()
+    if model_name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if model_name.lower()[:4] in m.lower()][:8]
+        raise ModelError(f"unknown open_clip model {model_name!r}" + (f"; similar: {close}" if close else ""))
+    if pretrained is None or _looks_like_path(pretrained):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_SEED)
+            model = open_clip.create_model(model_name, pretrained=None)
+        if pretrained is not None:
+            _load_weights_file(model, pretrained, text_only)
+        return model
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise ModelError(f"{model_name}: unknown pretrained tag {pretrained!r} and no such file; tags: {tags}")
+    return open_clip.create_model(model_name, pretrained=pretrained)
+
+
 class TextEncoder:
     """open_clip text tower (the vision tower is dropped after loading) with an LRU cache of embeddings."""
 
@@ -264,25 +290,9 @@ class TextEncoder:
         import open_clip
         import torch
 
-        if model_name == TINY_TEXT_ENCODER:
-            _tiny_config_dir()
-        if model_name not in open_clip.list_models():
-            close = [m for m in open_clip.list_models() if model_name.lower()[:4] in m.lower()][:8]
-            raise ModelError(f"unknown open_clip model {model_name!r}" + (f"; similar: {close}" if close else ""))
         self.model_name, self.pretrained = model_name, pretrained or None
         self.device = torch.device(device)
-        if self.pretrained is None or _looks_like_path(self.pretrained):
-            with torch.random.fork_rng(devices=[]):  # random weights, but the same in every process
-                torch.manual_seed(_RANDOM_SEED)
-                model = open_clip.create_model(model_name, pretrained=None)
-            if self.pretrained is not None:
-                _load_weights_file(model, self.pretrained)
-        else:
-            tags = open_clip.list_pretrained_tags_by_model(model_name)
-            if self.pretrained not in tags:
-                raise ModelError(f"{model_name}: unknown pretrained tag {self.pretrained!r} and no such file; "
-                                 f"tags: {tags}")
-            model = open_clip.create_model(model_name, pretrained=self.pretrained)
+        model = load_open_clip(model_name, self.pretrained, text_only=True)
         if hasattr(model, "visual"):
             model.visual = torch.nn.Identity()  # text only: frees the image tower's memory
         self.model = model.to(self.device).eval()
@@ -352,12 +362,12 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _load_weights_file(model, path: str) -> None:
+def _load_weights_file(model, path: str, text_only: bool) -> None:
     """open_clip weights from a local .pt/.pth/.bin (torch, weights only) or .safetensors file."""
     import torch
 
     if not Path(path).is_file():
-        raise ModelError(f"text encoder weights file not found: {path}")
+        raise ModelError(f"open_clip weights file not found: {path}")
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -366,16 +376,16 @@ def _load_weights_file(model, path: str) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise ModelError(f"cannot read text encoder weights {path}: {exc}") from exc
+        raise ModelError(f"cannot read open_clip weights {path}: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"{path}: expected a state dict, got {type(state).__name__}")
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     result = model.load_state_dict(state, strict=False)
-    text_missing = [k for k in result.missing_keys if not k.startswith("visual.")]
-    if text_missing or result.unexpected_keys:
-        raise ModelError(f"{path} does not fit {type(model).__name__}: missing {text_missing[:5]}, "
+    missing = [k for k in result.missing_keys if not (text_only and k.startswith("visual."))]
+    if missing or result.unexpected_keys:
+        raise ModelError(f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]}")
 
 

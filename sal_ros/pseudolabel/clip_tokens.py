@@ -42,7 +42,9 @@ class ClipTokenEncoder:
         if method not in METHODS:
             raise ValueError(f"unknown token method {method!r}; known: {', '.join(METHODS)}")
         if model is None:
-            model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
+            from sal_ros.model.vocabulary import load_open_clip
+
+            model = load_open_clip(model_name, pretrained or None).to(device)
         self.model = model.eval()
         self.visual = model.visual
         if not hasattr(self.visual, "transformer") or not hasattr(self.visual, "class_embedding"):
