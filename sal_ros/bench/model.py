@@ -107,6 +107,8 @@ def bench_conv(scan: np.ndarray, device: str, crop: tuple[float, float, float], 
 
     lo = np.array([2.0, -crop[1] / 2, -2.4])  # ahead of the car: road, kerbs, cars
     inside = np.all((scan[:, :3] >= lo) & (scan[:, :3] < lo + crop), axis=1)
+    if not inside.any():
+        return {"error": f"no scan points in the {list(crop)} m crop ahead of the sensor; enlarge --conv-crop"}
     pts = torch.from_numpy(scan[inside, :3] - lo.astype(np.float32)).to(device)
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(len(pts), channels, generator=gen).to(device)

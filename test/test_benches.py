@@ -1,0 +1,44 @@
+"""`sal-ros bench model` and `bench lift` as users run them, at sizes that take seconds: valid JSON with every
+figure the performance table quotes, and the checks the benches make on themselves."""
+import json
+import subprocess
+import sys
+
+from conftest import REPO, require_data
+
+
+def _bench(*args) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "sal_ros.cli", "bench", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_bench_model_stages_and_sparse_vs_dense_conv():
+    scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
+    out = _bench("model", "--scan", str(scan), "--presets", "tiny", "--points", "20000", "--repeats", "1",
+                 "--device", "cpu")
+    stages = out["models"]["cpu"]["tiny"]["median_ms"]
+    assert {"voxelize", "backbone", "decoder", "postprocess", "total"} <= set(stages)
+    assert all(v > 0 for v in stages.values()) and out["points"] == 20000
+    conv = out["conv"]["cpu"]
+    assert conv["active_voxels"] > 0 and conv["sparse_ms"] > 0 and conv["dense_ms"] > 0
+    assert conv["max_abs_diff"] < 1e-4  # same weights, same layer: the sparse conv is the dense one
+
+
+def test_bench_model_says_when_the_conv_crop_is_empty():
+    scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
+    out = _bench("model", "--scan", str(scan), "--presets", "tiny", "--points", "2000", "--repeats", "1",
+                 "--device", "cpu", "--conv-crop", "0.2", "0.2", "0.2")
+    assert "enlarge --conv-crop" in out["conv"]["cpu"]["error"]
+    assert out["models"]["cpu"]["tiny"]["median_ms"]["total"] > 0  # the model figures are still there
+
+
+def test_bench_lift_six_cameras():
+    data = require_data("nuscenes_mini")
+    out = _bench("lift", "--data", str(data), "--skip-models", "--repeats", "1")
+    assert out["cameras"] == 6 and out["points"] > 0 and out["instances"] > 0
+    assert out["multi_camera_instances"] > 0  # fused across camera borders
+    for key in ("lift_fuse_occlusion", "lift_fuse_naive"):
+        assert out[key]["total_ms"] > 0
+    assert out["meets_goal"] == (out["lift_fuse_occlusion"]["total_ms"] <= out["goal_lift_fuse_ms"])
