@@ -126,7 +126,11 @@ def main_model(args) -> int:
                                        label_set, _load_class_map(args.class_map), progress=not args.no_progress,
                                        max_frames=args.max_frames, frustum_only=args.frustum_only)
     result = evaluator.compute()
-    meta = {"checkpoint": str(args.checkpoint), "source": str(args.dataset or args.bag),
+    encoder = segmenter.text_embeddings.encoder
+    if "random-seed" in encoder:
+        encoder += " (RANDOM weights: class names carry no meaning, only the class-agnostic figures do)"
+        print(f"sal-ros eval model: the checkpoint's text encoder is {encoder}", file=sys.stderr)
+    meta = {"checkpoint": str(args.checkpoint), "text_encoder": encoder, "source": str(args.dataset or args.bag),
             "vocabulary": str(args.vocabulary), "label_set": label_set.name, "min_points": label_set.min_points,
             "points": "camera frustum" if args.frustum_only else "whole scan",
             **{k: v for k, v in stats.items() if k != "vocabulary_to_dataset"}}
