@@ -219,3 +219,33 @@ def test_latest_only_slot_drops_and_counts_while_busy(rig):
     stats = wait_for(lambda: next((s for s in reversed(rig.got["stats"])
                                    if s["counts"].get("dropped", 0) >= dropped + 3), None), what="stats")
     assert stats["counts"]["error.malformed_cloud"] >= 1 and "total" in stats["timings"]
+
+
+def test_intensity_scale_maps_another_lidars_intensity_to_the_trained_scale(rig):
+    from rcl_interfaces.srv import SetParameters
+
+    from sal_ros.core.types import Frame
+
+    def set_scale(value):
+        request = SetParameters.Request(
+            parameters=[Parameter("model.intensity_scale", Parameter.Type.DOUBLE, value).to_parameter_msg()])
+        future = rig.set_params.call_async(request)
+        wait_for(future.done, what="set_parameters response")
+        assert future.result().results[0].successful
+
+    xyz, intensity = rig.sensors.xyz[:20000], rig.sensors.intensity[:20000]  # KITTI: 0..1, as trained
+
+    def segment(values):
+        return rig.node.segment_frame(Frame(T0, "velodyne", xyz, values))
+
+    reference = segment(intensity)
+    eight_bit = intensity * np.float32(255)  # the same returns from a driver that reports 0..255
+    unscaled = segment(eight_bit)
+    set_scale(255.0)
+    try:
+        scaled = segment(eight_bit)
+    finally:
+        set_scale(0.0)
+    assert not np.allclose(unscaled.score, reference.score, atol=1e-3)  # the model does see the scale
+    np.testing.assert_allclose(scaled.score, reference.score, atol=1e-4)
+    assert np.mean(scaled.label == reference.label) > 0.999

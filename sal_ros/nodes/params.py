@@ -73,6 +73,10 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
     ParamSpec("model.checkpoint", "string", "",
               "SAL checkpoint (.pt). Empty: a tiny random-weight model for trying the plumbing (meaningless labels)."),
     ParamSpec("model.device", "string", "cuda", "Torch device (cuda, cuda:N or cpu); falls back to cpu without CUDA."),
+    ParamSpec("model.intensity_scale", "double", 0.0,
+              "Full-scale intensity of this lidar's driver (1 for 0..1, 255 for 8-bit, 65535 for 16-bit), rescaled "
+              "to the scale the checkpoint was trained with. 0: the checkpoint's own scale (same kind of sensor).",
+              range=(0.0, 1e9), dynamic=True),
     ParamSpec("text_encoder.model", "string", "ViT-B-16", "open_clip text encoder (must match the checkpoint's token size)."),
     ParamSpec("text_encoder.pretrained", "string", "",
               "open_clip pretrained tag or local weights file. Empty: random weights (classes are meaningless)."),

@@ -272,9 +272,7 @@ class SegmenterNode(Node):
         run = self._subsample(valid, frame.stamp_ns)
         if run is None:
             return None
-        intensity = None
-        if frame.intensity is not None:
-            intensity = np.nan_to_num(frame.intensity[run], nan=0.0, posinf=0.0, neginf=0.0)
+        intensity = self._model_intensity(frame, run)
         try:
             with self._model_lock:
                 active = self.active
@@ -296,6 +294,23 @@ class SegmenterNode(Node):
         seg.instance[low] = 0
         seg.instances = [i for i in part.instances if i.score >= threshold]
         return seg
+
+    def _model_intensity(self, frame: Frame, run: np.ndarray) -> np.ndarray | None:
+        """The points' intensity on the checkpoint's scale. Lidars disagree on it (0..1, 0..255, 0..65535), and a
+        model fed another scale than it learned on sees a different input; the mismatch is warned about."""
+        trained = float(self._segmenter.model.config.intensity_scale)
+        if frame.intensity is None:
+            self._warn("no_intensity", "the cloud has no intensity field: the model sees zero intensity")
+            return None
+        intensity = np.nan_to_num(frame.intensity[run], nan=0.0, posinf=0.0, neginf=0.0)
+        sensor = self.values["model.intensity_scale"] or trained
+        if sensor != trained:
+            intensity = intensity * np.float32(trained / sensor)
+        peak = float(intensity.max(initial=0.0))
+        if peak > 1.5 * trained:
+            self._warn("intensity_scale", f"intensity reaches {peak:g} on the model's scale, which ends at "
+                       f"{trained:g}: set model.intensity_scale to this lidar's full scale (e.g. 255 or 65535)")
+        return intensity
 
     def _subsample(self, valid: np.ndarray, stamp_ns: int) -> np.ndarray | None:
         limit = self.values["max_points"]
