@@ -308,7 +308,8 @@ def report_markdown(m: dict) -> str:
         "teacher lifted?). Against ground truth the student can only be as good as its pseudo-labels"
         + (": SLIC superpixels are image regions, not objects, so they match few ground-truth segments; SAM 2 "
            "masks (`--masks sam2 --sam2-checkpoint ...`) follow objects. With ideal 2D masks the lifting itself "
-           "reaches class-agnostic PQ ~85 on these scans (`sal-ros eval pseudolabels`; table in the README, section Measured)."
+           "reaches class-agnostic PQ ~85 on these scans (`sal-ros eval pseudolabels`; README, section "
+           "Measured)."
            if m["config"].get("masks") == "slic" else "."), "",
         "Online, segmenter node on a bag replay (real rclpy + Fast DDS on localhost, CPU):", "",
         "| clouds sent | answered | dropped | end-to-end latency median / max (ms) | in-node latency median (ms) |",
