@@ -178,3 +178,34 @@ def test_ray_backend(tmp_path):
     for key in ("00_000000", "00_000001"):  # same labels whichever backend ran them
         a, b = load_pseudolabels(tmp_path / "pl" / f"{key}.npz"), load_pseudolabels(local / f"{key}.npz")
         np.testing.assert_array_equal(a.instance, b.instance)
+
+
+def test_bag_source_labels_the_same_frames_as_the_dataset_folder(tmp_path):
+    # A converted (or robot-recorded) rosbag2 is labeled straight from the bag, through the node's synchronizer;
+    # bag frames are keyed by cloud stamp, and workers stream the bag without loading it whole.
+    from sal_ros.data.convert import convert
+
+    seq = require_data("semantickitti", "sequences", "00")
+    bag = tmp_path / "bag"
+    convert(seq, bag, progress=False)
+    cfg = EngineConfig(masks="slic", mask_options={"n_segments": 30}, tokens=False)
+    from_folder = run(seq, cfg, tmp_path / "pl_folder", progress=False)
+    from_bag = run(bag, cfg, tmp_path / "pl_bag", progress=False)
+    in_workers = run(bag, cfg, tmp_path / "pl_workers", workers=2, progress=False)
+    assert from_folder.done == from_bag.done == in_workers.done == 2 and not from_bag.failed
+    folder_keys, bag_keys = FrameSource(seq).keys(), FrameSource(bag).keys()
+    assert len(bag_keys) == 2 and all(k.isdigit() for k in bag_keys)  # cloud stamps in ns
+    for folder_key, bag_key in zip(folder_keys, bag_keys):
+        a = load_pseudolabels(tmp_path / "pl_folder" / f"{folder_key}.npz")
+        b = load_pseudolabels(tmp_path / "pl_bag" / f"{bag_key}.npz")
+        c = load_pseudolabels(tmp_path / "pl_workers" / f"{bag_key}.npz")
+        assert a.num_instances > 0
+        assert np.array_equal(a.instance, b.instance) and np.array_equal(b.instance, c.instance)
+    with pytest.raises(ValueError, match="--out"):
+        run(bag, cfg, None, progress=False)  # a bag folder is never written into
+
+
+def test_a_folder_that_is_no_source_is_refused_by_name(tmp_path):
+    (tmp_path / "notes.txt").write_text("not frames")
+    with pytest.raises(SensorDataError, match="not a dataset folder"):
+        run(tmp_path, EngineConfig(masks="slic", tokens=False), tmp_path / "pl", progress=False)

@@ -21,7 +21,11 @@ def source_kind(path: str | os.PathLike) -> str:
         return "framestore"
     if path.suffix in (".mcap", ".db3") or (path / "metadata.yaml").exists():
         return "bag"
-    return find_dataset(path)  # raises SensorDataError naming the layouts it knows
+    try:
+        return find_dataset(path)
+    except SensorDataError as exc:
+        raise SensorDataError(f"{exc}, nor a recorder FrameStore ({INDEX_FILE}) or a rosbag2 (metadata.yaml, "
+                              ".mcap, .db3)") from None
 
 
 def iter_source_frames(path: str | os.PathLike, bag_config: str | os.PathLike | None = None) -> Iterator[Frame]:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -163,24 +164,22 @@ class PseudoLabeler:
 # --- frame sources -----------------------------------------------------------------------------------------------
 
 class FrameSource:
-    """Keys and frames of a dataset folder (any layout sal_ros.data.datasets reads) or a FrameStore.
+    """Keys and frames of any source sal_ros.data.sources opens: a dataset folder, a FrameStore or a rosbag2.
 
-    SemanticKITTI scans are read one at a time by key (workers never load a whole sequence); the small sample
-    layouts (nuScenes, KITTI object, frustum) are read once per process and cached.
+    SemanticKITTI scans are read one at a time by key (workers never load a whole sequence); a bag is streamed
+    in recording order (each process keeps its place, so in-order keys read it once); the small sample layouts
+    (nuScenes, KITTI object, frustum) are read once per process and cached.
     """
 
     def __init__(self, path: str | Path) -> None:
-        from sal_ros.data.datasets import find_dataset
+        from sal_ros.data.sources import source_kind
 
         self.path = Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"dataset {self.path} does not exist")
-        try:
-            self.kind = find_dataset(self.path)
-        except SensorDataError:
-            self.kind = "framestore"
+        self.kind = source_kind(self.path)  # FileNotFoundError / SensorDataError naming the layouts it knows
         self._frames: dict | None = None
         self._store = None
+        self._bag_keys: list[str] | None = None
+        self._bag_cursor = None  # (iterator over the bag's frames, keys it has passed)
 
     @property
     def default_out(self) -> Path | None:
@@ -195,6 +194,10 @@ class FrameSource:
     def keys(self) -> list[str]:
         if self.kind == "framestore":
             return list(self._framestore().keys())
+        if self.kind == "bag":
+            if self._bag_keys is None:
+                self._bag_keys = [frame.key for frame in self._bag_frames()]
+            return list(self._bag_keys)
         if self.kind == "semantickitti":
             return [f"{seq.name}_{p.stem}" for seq in self._sequences() for p in sorted(seq.glob("velodyne/*.bin"))]
         return list(self._cached())
@@ -202,6 +205,8 @@ class FrameSource:
     def load(self, key: str):
         if self.kind == "framestore":
             return self._framestore().load(key)
+        if self.kind == "bag":
+            return self._load_from_bag(key)
         if self.kind == "semantickitti":
             from sal_ros.data.datasets import iter_semantickitti
 
@@ -221,6 +226,25 @@ class FrameSource:
 
             self._frames = {f.key: f for f in iter_frames(self.path)}
         return self._frames
+
+    def _bag_frames(self):
+        from sal_ros.data.sources import iter_source_frames
+
+        return iter_source_frames(self.path)
+
+    def _load_from_bag(self, key: str):
+        if self._bag_cursor is None or key in self._bag_cursor[1]:  # first call, or a key behind us: rewind
+            if self._bag_cursor is not None:
+                self._bag_cursor[2]()
+            frames = self._bag_frames()
+            # Closes the bag reader of an unfinished pass at the latest at exit, while imports still work.
+            self._bag_cursor = (frames, set(), weakref.finalize(self, frames.close))
+        frames, passed, _ = self._bag_cursor
+        for frame in frames:
+            passed.add(frame.key)
+            if frame.key == key:
+                return frame
+        raise KeyError(f"{self.path}: no frame {key!r}")
 
     def _framestore(self):
         if self._store is None:
