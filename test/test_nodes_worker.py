@@ -1,5 +1,6 @@
 """Latest-only slot and worker thread: newest wins, replacements are counted, errors never stop the worker."""
 import threading
+import time
 
 from sal_ros.nodes.stats import NodeStats, Throttle
 from sal_ros.nodes.worker import LatestSlot, Worker
@@ -74,3 +75,33 @@ def test_stats_snapshot_and_throttle():
     assert "model=2" in stats.summary_line()
     throttle = Throttle(period_s=60)
     assert throttle.ready("a") and not throttle.ready("a") and throttle.ready("b")
+
+
+def test_worker_setup_runs_on_its_thread_before_any_item():
+    seen = []
+    worker = Worker("model_thread", lambda item: seen.append((item, threading.current_thread().name)),
+                    lambda exc: None, setup=lambda: seen.append(("setup", threading.current_thread().name)))
+    worker.start()  # returns once setup is done
+    assert seen == [("setup", "model_thread")]
+    worker.submit("frame")
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        time.sleep(0.02)
+    worker.stop()
+    assert seen == [("setup", "model_thread"), ("frame", "model_thread")]
+
+
+def test_worker_setup_error_is_raised_by_start_and_ends_the_thread():
+    def broken():
+        raise RuntimeError("checkpoint not found: x.pt")
+
+    worker = Worker("model_thread", lambda item: None, lambda exc: None, setup=broken)
+    try:
+        worker.start()
+    except RuntimeError as exc:
+        assert "checkpoint not found" in str(exc)
+    else:
+        raise AssertionError("start() returned after a failed setup")
+    worker._thread.join(2.0)
+    assert not worker._thread.is_alive() and worker.slot.closed

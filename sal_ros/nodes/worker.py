@@ -57,16 +57,29 @@ class Worker:
     one bad frame never stops the worker.
     """
 
-    def __init__(self, name: str, handle: Callable[[Any], None], on_error: Callable[[BaseException], None]) -> None:
+    def __init__(self, name: str, handle: Callable[[Any], None], on_error: Callable[[BaseException], None],
+                 setup: Callable[[], None] | None = None) -> None:
+        """``setup`` runs first, on the worker thread (e.g. loading the model there); ``start`` waits for it."""
         self.slot = LatestSlot()
         self._handle = handle
         self._on_error = on_error
+        self._setup = setup
+        self._setup_done = threading.Event()
+        self._setup_error: BaseException | None = None
         self.busy = threading.Event()  # set while handle() runs
         self.processed = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
+    @property
+    def name(self) -> str:
+        return self._thread.name
+
     def start(self) -> "Worker":
+        """Start the thread and wait for ``setup``; its exception is raised here (and the thread ends)."""
         self._thread.start()
+        self._setup_done.wait()
+        if self._setup_error is not None:
+            raise self._setup_error
         return self
 
     def submit(self, item: Any) -> bool:
@@ -79,6 +92,14 @@ class Worker:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            if self._setup is not None:
+                self._setup()
+        except BaseException as exc:  # noqa: BLE001 - handed to start(), which raises it in the caller
+            self._setup_error = exc
+            self.slot.close()
+        finally:
+            self._setup_done.set()
         while not self.slot.closed:
             ok, item = self.slot.take(timeout=0.5)
             if not ok:
