@@ -249,3 +249,29 @@ def test_intensity_scale_maps_another_lidars_intensity_to_the_trained_scale(rig)
     assert not np.allclose(unscaled.score, reference.score, atol=1e-3)  # the model does see the scale
     np.testing.assert_allclose(scaled.score, reference.score, atol=1e-4)
     assert np.mean(scaled.label == reference.label) > 0.999
+
+
+def test_vocabulary_file_set_at_run_time(rig, tmp_path):
+    from rcl_interfaces.srv import SetParameters
+
+    from conftest import REPO
+
+    def set_file(path):
+        request = SetParameters.Request(
+            parameters=[Parameter("vocabulary_file", Parameter.Type.STRING, str(path)).to_parameter_msg()])
+        future = rig.set_params.call_async(request)
+        wait_for(future.done, what="set_parameters response")
+        return future.result().results[0]
+
+    before = max(v["version"] for v in rig.got["vocabulary"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("classes: [{name: car, thing: maybe}]\n")
+    for path in (tmp_path / "missing.yaml", bad):
+        result = set_file(path)
+        assert not result.successful and result.reason, path
+    result = set_file(REPO / "config" / "vocabulary_semantickitti.yaml")
+    assert result.successful, result.reason
+    vocab = wait_for(lambda: next((v for v in rig.got["vocabulary"] if v["version"] == before + 1), None),
+                     what="vocabulary from the file")
+    assert len(vocab["classes"]) == 19 and vocab["classes"][0] == "car"
+    assert rig.node.active.version == before + 1
