@@ -237,6 +237,9 @@ class SegmenterNode(Node):
         wanted = self.wanted_outputs()
         if not any(wanted.values()):
             self.stats.count("idle")  # nobody listens: no decode, no model work
+            if self.throttle.ready("idle", 30.0):
+                self.get_logger().info("frames arrive but nothing subscribes to the outputs: the model runs once "
+                                       "something does (RViz, ros2 topic echo ~/labeled_points)")
             return
         try:
             decoded = self.inputs.decode(synced, with_cameras=bool(wanted["overlays"]))
