@@ -28,6 +28,7 @@ def _replay(bag, *args):
     env = dict(os.environ, ROS_DOMAIN_ID=DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                RCUTILS_COLORIZED_OUTPUT="0")
     return subprocess.Popen([sys.executable, "-m", "sal_ros.cli", "replay", str(bag), "--start-paused-s", "0.1",
+                             "--wait-for-subscribers-s", "0.5",
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -37,6 +38,7 @@ def test_replay_exits_zero_after_the_bag(kitti_bag):
     assert proc.returncode == 0, out + err
     assert "terminate called" not in err
     assert "published 6 messages" in err  # 2 clouds + 2 images + 2 camera infos (no tf2_msgs here: /tf_static skipped)
+    assert "no subscriber on" in err and "playing anyway" in err  # nothing listened during the 0.5 s wait
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -25,8 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop", action="store_true", help="start over at the end")
     parser.add_argument("--topics", nargs="+", default=None, help="only these topics (default: all)")
     parser.add_argument("--no-clock", action="store_true", help="do not publish /clock")
+    parser.add_argument("--wait-for-subscribers-s", type=float, default=3.0, metavar="S",
+                        help="before playing, wait up to S seconds for a subscriber on one of the bag's topics "
+                             "(the node being fed), so its first messages are not lost to DDS discovery; 0: no wait")
     parser.add_argument("--start-paused-s", type=float, default=0.5,
-                        help="wait this long after creating publishers so subscribers can match (s)")
+                        help="then wait this long so the other subscriptions match too (s)")
 
 
 def message_class(msgtype: str) -> Any | None:
@@ -86,6 +89,15 @@ class BagPlayer:
             from rosgraph_msgs.msg import Clock
 
             self._clock_pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=1))
+
+    def wait_for_subscribers(self, timeout_s: float) -> bool:
+        """True as soon as one of the bag's topics has a subscriber; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(pub.get_subscription_count() > 0 for pub in self.publishers.values()):
+                return True
+            time.sleep(0.05)
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -173,6 +185,9 @@ def main(args: argparse.Namespace) -> int:
         player = BagPlayer(node, args.bag, args.rate, args.topics, clock=not args.no_clock)
         node.get_logger().info(f"replaying {args.bag}: {sorted(player.publishers)} at rate {args.rate}"
                                f"{' (loop)' if args.loop else ''}")
+        if args.wait_for_subscribers_s > 0 and not player.wait_for_subscribers(args.wait_for_subscribers_s):
+            node.get_logger().warning(f"no subscriber on {sorted(player.publishers)} after "
+                                      f"{args.wait_for_subscribers_s:g} s; playing anyway")
         time.sleep(args.start_paused_s)
         while True:
             n = player.play()
