@@ -110,6 +110,7 @@ class BagProbe:
         from sal_ros.core.msgtypes import stamp_to_ns
         from sal_ros.nodes.qos import latched
         from sal_ros.nodes.replay import BagPlayer
+        from sal_ros.nodes.run import spin_until_shutdown
 
         self._stamp_to_ns = stamp_to_ns
         self.context = rclpy.Context()
@@ -133,7 +134,7 @@ class BagProbe:
                                           lambda m: self.vocabulary.append(json.loads(m.data)), latched())
         self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
         self.executor.add_node(self.node)
-        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spinner = threading.Thread(target=spin_until_shutdown, args=(self.executor,), daemon=True)
         self._spinner.start()
 
     def _on_input(self, msg: Any) -> None:

@@ -141,16 +141,6 @@ class BagPlayer:
         return count
 
 
-def _spin(executor: Any) -> None:
-    """Spin until the executor (or its context) shuts down."""
-    from rclpy.executors import ExternalShutdownException, ShutdownException
-
-    try:
-        executor.spin()
-    except (ExternalShutdownException, ShutdownException):
-        pass
-
-
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -167,6 +157,8 @@ def main(args: argparse.Namespace) -> int:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
+    from sal_ros.nodes.run import spin_until_shutdown
+
     if not args.bag.exists():
         print(f"sal-ros replay: {args.bag} does not exist")
         return 2
@@ -180,7 +172,8 @@ def main(args: argparse.Namespace) -> int:
         node = rclpy.create_node("sal_replay")
         executor = SingleThreadedExecutor()
         executor.add_node(node)
-        spinner = threading.Thread(target=_spin, args=(executor,), name="sal_replay_spin", daemon=True)
+        spinner = threading.Thread(target=spin_until_shutdown, args=(executor,), name="sal_replay_spin",
+                                   daemon=True)
         spinner.start()  # serves the node's parameter services
         player = BagPlayer(node, args.bag, args.rate, args.topics, clock=not args.no_clock)
         node.get_logger().info(f"replaying {args.bag}: {sorted(player.publishers)} at rate {args.rate}"

@@ -94,12 +94,30 @@ def make_nodes(overrides: dict[str, list]) -> list:
     return nodes
 
 
+def spin_until_shutdown(executor: Any) -> None:
+    """``executor.spin()`` until the executor or its context shuts down, however the shutdown lands.
+
+    rclpy checks the context only between waits: a Ctrl-C (rclpy's handler shuts the context down) that lands
+    after that check makes the next wait-set construction raise RCLError ("the given context is not valid")
+    instead of ExternalShutdownException. That is a shutdown, not an error."""
+    from rclpy.executors import ExternalShutdownException, ShutdownException
+    from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
+
+    try:
+        executor.spin()
+    except (ExternalShutdownException, ShutdownException):
+        pass
+    except _rclpy.RCLError:
+        if executor.context.ok():
+            raise
+
+
 def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None) -> int:
     """Build the nodes (rclpy initialized) and spin them on one MultiThreadedExecutor until Ctrl-C or shutdown.
     A node that cannot start ends the process with 1 and the reason; Ctrl-C at any moment, model loading
     included, ends it quietly with 0."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import MultiThreadedExecutor
 
     # Made first: an interrupt inside the executor's constructor leaves a half-built object that rclpy
     # complains about at exit, and node construction (model loading) is where users press Ctrl-C.
@@ -115,8 +133,8 @@ def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = N
             return 1
         for node in nodes:
             executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
+        spin_until_shutdown(executor)
+    except KeyboardInterrupt:
         pass
     finally:
         executor.shutdown()
