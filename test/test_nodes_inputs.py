@@ -19,6 +19,7 @@ from sal_ros.core.pointcloud2 import encode_cloud  # noqa: E402
 DOMAIN_ID = 65
 T0 = 1_700_000_000_000_000_000
 WAIT_S = 30.0
+NS_PER_S = 1_000_000_000
 
 
 def wait_for(predicate, timeout=WAIT_S, what="condition"):
@@ -138,3 +139,76 @@ def test_silent_camera_gives_partial_frame_and_unknown_frame_is_left_out(rig):
     assert decoded.problems == {"image_0": "missing_transform"}
     assert decoded.frame.missing_cameras == ("image_0",) and not decoded.frame.cameras
     assert stats.get("error.missing_transform") == 1
+
+
+def test_sync_timeout_runs_on_sim_time_in_a_slowed_replay(tmp_path):
+    """At replay rate 0.1 a camera firing 150 ms after the cloud arrives 1.5 s later in wall time: the sync must
+    wait in bag time (sim clock), as it would live, and not give up after 0.38 s of wall time (window end
+    0.18 s + timeout 0.2 s). The timeout still ends the wait once the sim clock passes it; the latency clock
+    stays the wall clock."""
+    from rosgraph_msgs.msg import Clock
+    from sensor_msgs.msg import Image, PointCloud2
+
+    from sal_ros.core.msgtypes import make_stamp
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.inputs import SensorInputs, declare_inputs
+    from sal_ros.nodes.stats import NodeStats, Throttle
+
+    sensors = Sensors(tmp_path)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    values = {"use_sim_time": True, "cloud_topic": "/sim/points", "cameras": ["image_0"],
+              "camera.image_0.image_topic": "/sim/image", "camera.image_0.info_topic": "/sim/info",
+              "camera.image_0.time_offset": 0.15, "sync.match_threshold": 0.03, "sync.timeout": 0.2,
+              "calibration.source": "static", "calibration.file": str(sensors.calib_file)}
+    node = rclpy.create_node(P.RECORDER_NODE, context=ctx, parameter_overrides=P.overrides(P.RECORDER_NODE, values))
+    declared, cameras = declare_inputs(node)
+    got, stats = [], NodeStats()
+    SensorInputs(node, declared, cameras, got.append, stats, Throttle())
+    test = rclpy.create_node("sim_clock_test", context=ctx)
+    reliable = rclpy.qos.QoSProfile(depth=10)
+    pub_cloud = test.create_publisher(PointCloud2, "/sim/points", qos_profile_sensor_data)
+    pub_image = test.create_publisher(Image, "/sim/image", qos_profile_sensor_data)
+    pub_clock = test.create_publisher(Clock, "/clock", reliable)
+    executor = MultiThreadedExecutor(num_threads=3, context=ctx)
+    executor.add_node(node)
+    executor.add_node(test)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    sim = {"now": T0, "step": 5_000_000}  # 5 ms of bag time per 50 ms of wall time: rate 0.1
+    running = threading.Event()
+    running.set()
+
+    def tick():
+        while running.is_set():
+            pub_clock.publish(Clock(clock=make_stamp(sim["now"], sensors.types)))
+            sim["now"] += sim["step"]
+            time.sleep(0.05)
+
+    clock_thread = threading.Thread(target=tick, daemon=True)
+    try:
+        wait_for(lambda: pub_cloud.get_subscription_count() and pub_image.get_subscription_count()
+                 and pub_clock.get_subscription_count(), what="subscriptions")
+        clock_thread.start()
+        wait_for(lambda: node.get_clock().now().nanoseconds >= T0, what="sim time")
+        sent = time.monotonic_ns()
+        pub_cloud.publish(sensors.cloud(sim["now"]))
+        cloud_stamp = sim["now"]
+        # The replay publishes the image when the bag clock reaches its stamp (~1.5 s wall from now).
+        wait_for(lambda: node.get_clock().now().nanoseconds >= cloud_stamp + 150_000_000, what="bag time +150 ms")
+        assert not got, "the set was decided before the camera's image could arrive"
+        assert time.monotonic_ns() - sent > 1.0 * NS_PER_S  # well past the wall-time timeout
+        pub_image.publish(sensors.image_msg(cloud_stamp + 150_000_000))
+        synced = wait_for(lambda: got[0] if got else None, what="matched set")
+        assert synced.stamp_ns == cloud_stamp and synced.missing == ()
+        assert 0 < synced.received_ns - sent < 5 * NS_PER_S  # wall-clock arrival, for the latency figure
+
+        sim["step"] = 50_000_000  # speed the bag clock up: a cloud without image times out in bag time
+        pub_cloud.publish(sensors.cloud(sim["now"]))
+        synced = wait_for(lambda: got[1] if len(got) > 1 else None, what="partial set")
+        assert synced.missing == ("image_0",) and stats.get("partial") == 1
+    finally:
+        running.clear()
+        executor.shutdown()
+        node.destroy_node()
+        test.destroy_node()
+        rclpy.shutdown(context=ctx)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -102,6 +102,7 @@ class SensorInputs:
             timeout_ns=int(round(values["sync.timeout"] * NS)),
         )
         self._allow_partial = values["sync.allow_partial"]
+        self._wall_received: dict[int, int] = {}  # cloud stamp -> monotonic ns it arrived (latency is wall time)
         self._infos: dict[str, Any] = {}
         self._models: dict[str, tuple[Any, Any]] = {}  # camera -> (info msg, CameraModel)
         self._last_seen: dict[str, float] = {}
@@ -144,7 +145,8 @@ class SensorInputs:
             self._warn("zero_stamp", "cloud with a zero stamp dropped (driver not setting header.stamp?); "
                        "camera matching and TF lookups need real stamps")
         with self._lock:
-            ready = self._sync.add_cloud(stamp, msg, time.monotonic_ns())
+            self._remember_arrival(stamp)
+            ready = self._sync.add_cloud(stamp, msg, self._ros_now_ns())
         self._drain(ready)
 
     def _image_callback(self, name: str) -> Callable[[Any], None]:
@@ -165,7 +167,8 @@ class SensorInputs:
     def _drain(self, ready: list | None = None) -> None:
         """Hand over the sets the synchronizer has decided (``ready`` from add_*, plus timeouts)."""
         with self._lock:
-            ready = (ready or []) + self._sync.poll(time.monotonic_ns())
+            ready = (ready or []) + self._sync.poll(self._ros_now_ns())
+            ready = [replace(one, received_ns=self._wall_received.pop(one.stamp_ns, None)) for one in ready]
         for synced in ready:
             if synced.missing:
                 self._stats.count("partial")
@@ -178,6 +181,17 @@ class SensorInputs:
             else:
                 self._stats.count("matched")
             self._on_synced(synced)
+
+    def _ros_now_ns(self) -> int | None:
+        """The clock of the sync timeout: ROS time, so a late camera is waited for in the bag's time during a
+        slowed replay (use_sim_time) as it would be live; None before sim time has started (stamps decide)."""
+        return self.node.get_clock().now().nanoseconds or None
+
+    def _remember_arrival(self, stamp: int) -> None:
+        """Wall arrival per pending cloud; bounded, since the synchronizer may discard clouds without emitting."""
+        if len(self._wall_received) >= 4 * self._sync.buffer_size:
+            self._wall_received.pop(next(iter(self._wall_received)))
+        self._wall_received.setdefault(stamp, time.monotonic_ns())
 
     def _watch_inputs(self) -> None:
         now = time.monotonic()
