@@ -16,9 +16,9 @@ export RMW_IMPLEMENTATION := rmw_fastrtps_cpp
 setup: $(STAMP)
 
 # Re-run only when the pins change. torch/torchvision come from the machine's local wheel store.
-$(STAMP): requirements.txt Makefile setup.py
+$(STAMP): requirements.txt requirements-dev.txt Makefile setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q -r requirements-dev.txt
 	# sam2 builds against the venv's torch (no CUDA extension); without --no-build-isolation it pulls another torch.
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation sam2==1.1.0
 	$(PIP) install -q --no-build-isolation --no-deps -e .

@@ -130,6 +130,13 @@ def test_encoder_errors(tmp_path, encoder):
         encoder.check_token_dim(768)
 
 
+def test_pretrained_tag_offline_names_the_remedy():
+    """An offline robot (HF_HUB_OFFLINE=1, as the suite runs) asking for a tag that is not cached gets a
+    ModelError that says what to do, not open_clip's download traceback, and nothing is fetched."""
+    with pytest.raises(ModelError, match="not in the Hugging Face cache.*local weights file"):
+        TextEncoder("ViT-B-32", "openai")
+
+
 def test_local_weights_file_is_loaded(tmp_path, encoder):
     import open_clip
 

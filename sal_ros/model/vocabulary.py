@@ -279,7 +279,13 @@ def load_open_clip(model_name: str, pretrained: str | None, text_only: bool = Fa
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     if pretrained not in tags:
         raise ModelError(f"{model_name}: unknown pretrained tag {pretrained!r} and no such file; tags: {tags}")
-    return open_clip.create_model(model_name, pretrained=pretrained)
+    try:
+        return open_clip.create_model(model_name, pretrained=pretrained)
+    except RuntimeError as exc:  # open_clip's wording for a fetch that failed (offline robot, HF_HUB_OFFLINE)
+        raise ModelError(
+            f"{model_name}: weights for tag {pretrained!r} are not in the Hugging Face cache and could not be "
+            f"fetched ({exc}); fetch them on a machine with internet and copy the cache (HF_HOME), or give a "
+            "local weights file") from exc
 
 
 class TextEncoder:
