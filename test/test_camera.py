@@ -174,6 +174,29 @@ def test_from_camera_info_reads_both_backends(types):
     assert rect.K[0, 0] == 450.0 and rect.K[0, 2] == 330 and not rect.is_distorted
 
 
+def test_rectified_stereo_right_camera_projects_as_p_times_r(types):
+    """image_rect of a stereo right camera: R rotates into the rectified frame, P carries Tx = -fx * baseline.
+    The rectified model with the rectification folded into the extrinsics lands where P [R X; 1] says."""
+    import transforms3d
+
+    R = transforms3d.euler.euler2mat(0.01, -0.02, 0.015)
+    P = np.array([[450.0, 0, 330, -450.0 * 0.54], [0, 450.0, 250, 0], [0, 0, 1, 0]])
+    info = _info(types, r=R.reshape(-1).tolist(), p=P.reshape(-1).tolist())
+    rect = CameraModel.from_camera_info(info, rectified=True)
+    pts = _camera_points(2000, seed=3)
+    proj = project_points(pts, CameraModel.rectification(info), rect)
+    h = (P @ np.vstack([R @ pts.T, np.ones(len(pts))])).T
+    expected = h[:, :2] / h[:, 2:]
+    np.testing.assert_allclose(proj.uv[proj.valid], expected[proj.valid], rtol=0, atol=1e-9)
+    assert proj.valid.sum() > 1000
+    unset = _info(types, r=[0.0] * 9, p=[450.0, 0, 330, 0, 0, 450.0, 250, 0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(CameraModel.rectification(unset), np.eye(4))  # R left all zero: identity
+    with pytest.raises(MalformedMessageError, match="r is not a rotation"):
+        CameraModel.rectification(_info(types, r=[2.0, 0, 0, 0, 1, 0, 0, 0, 1]))
+    with pytest.raises(MalformedMessageError, match="p: K has non-positive"):
+        CameraModel.rectification(_info(types, p=[0.0] * 12))
+
+
 def test_binning_and_roi_match_full_resolution_projection(types):
     full = CameraModel.from_camera_info(_info(types))
     cropped = CameraModel.from_camera_info(_info(types, binning_x=2, binning_y=4, roi=(100, 60, 400, 320)))

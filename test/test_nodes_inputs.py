@@ -212,3 +212,49 @@ def test_sync_timeout_runs_on_sim_time_in_a_slowed_replay(tmp_path):
         node.destroy_node()
         test.destroy_node()
         rclpy.shutdown(context=ctx)
+
+
+def test_rectified_camera_projects_with_p_and_r(tmp_path):
+    """camera.<name>.rectified: the view gets CameraInfo's P as a plain pinhole and the rectification folded into
+    its extrinsics, so a stereo right image_rect (R, Tx) projects as P [R X; 1]; the raw view keeps K and D."""
+    import transforms3d
+    from sensor_msgs.msg import CameraInfo
+
+    from sal_ros.core.camera import project_points
+    from sal_ros.core.sync import SyncedSet
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.inputs import SensorInputs, declare_inputs
+    from sal_ros.nodes.stats import NodeStats, Throttle
+
+    sensors = Sensors(tmp_path)
+    K = sensors.calib["image_0"].camera.K
+    R = transforms3d.euler.euler2mat(0.004, -0.01, 0.003)
+    Pm = np.hstack([K, [[-K[0, 0] * 0.54], [0], [0]]])
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    try:
+        views = {}
+        for rectified in (False, True):
+            values = {"cameras": ["image_0"], "camera.image_0.rectified": rectified, "calibration.source": "static",
+                      "calibration.file": str(sensors.calib_file)}
+            node = rclpy.create_node(P.RECORDER_NODE, context=ctx,
+                                     parameter_overrides=P.overrides(P.RECORDER_NODE, values))
+            declared, cameras = declare_inputs(node)
+            inputs = SensorInputs(node, declared, cameras, lambda s: None, NodeStats(), Throttle())
+            info = CameraInfo(**sensors.calib["image_0"].camera.to_camera_info_fields())
+            info.d = [-0.2, 0.05, 0.0, 0.0, 0.0]  # the raw camera's distortion, still in image_rect's info
+            info.r, info.p = R.reshape(-1).tolist(), Pm.reshape(-1).tolist()
+            inputs._info_callback("image_0")(info)
+            synced = SyncedSet(T0, sensors.cloud(T0), {"image_0": (T0, sensors.image_msg(T0))})
+            views[rectified] = inputs.decode(synced).frame.cameras["image_0"]
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+    raw, rect = views[False], views[True]
+    assert raw.camera.is_distorted and not rect.camera.is_distorted
+    np.testing.assert_array_equal(rect.camera.K, K)
+    proj = project_points(sensors.xyz, rect.T_cam_lidar, rect.camera)
+    cam = sensors.xyz @ raw.T_cam_lidar[:3, :3].T + raw.T_cam_lidar[:3, 3]  # the optical frame, from TF/YAML
+    h = (Pm @ np.vstack([R @ cam.T, np.ones(len(cam))])).T
+    np.testing.assert_allclose(proj.uv[proj.valid], (h[:, :2] / h[:, 2:])[proj.valid], rtol=0, atol=1e-6)
+    assert proj.valid.sum() > 15_000

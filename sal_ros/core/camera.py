@@ -55,7 +55,8 @@ class CameraModel:
         """A sensor_msgs/CameraInfo (rclpy or rosbags) -> the model of the image published with it.
 
         Binning and ROI are applied as image_geometry does. ``rectified=True`` describes the rectified image
-        (``image_rect``): intrinsics from ``P``, no distortion.
+        (``image_rect``): intrinsics from ``P``, no distortion; points then project from the frame that
+        :meth:`rectification` maps the optical frame to.
         """
         width, height = int(msg.width), int(msg.height)
         if width <= 0 or height <= 0:
@@ -73,6 +74,26 @@ class CameraModel:
             raise MalformedMessageError(f"CameraInfo: {problem}")
         K, width, height = _apply_binning_roi(msg, K, width, height)
         return cls(K=K, width=width, height=height, D=D, distortion_model=model)
+
+    @staticmethod
+    def rectification(msg: Any) -> np.ndarray:
+        """4x4 from the camera's optical frame (its TF frame) to the frame the ``rectified=True`` pinhole
+        ``P[:, :3]`` looks from: the rectification rotation R, then P's translation folded in (a stereo right
+        camera's baseline, ``Tx = -fx * B``), so that ``P[:, :3] (T X)[:3] == P [R X; 1]`` as image_geometry
+        projects. An all-zero R (drivers that leave it unset) means identity."""
+        R = _matrix(msg.r, (3, 3), "r")
+        if not np.any(R):
+            R = np.eye(3)
+        if not np.all(np.isfinite(R)) or not np.allclose(R @ R.T, np.eye(3), atol=1e-6) or np.linalg.det(R) < 0:
+            raise MalformedMessageError(f"CameraInfo: r is not a rotation: {np.array2string(R, precision=6)}")
+        P = _matrix(msg.p, (3, 4), "p")
+        problem = _intrinsics_problem(P[:, :3], np.zeros(0), "none", int(msg.width), int(msg.height))
+        if problem:
+            raise MalformedMessageError(f"CameraInfo: p: {problem}")
+        T = np.eye(4)
+        T[:3, :3] = R
+        T[:3, 3] = np.linalg.solve(P[:, :3], P[:, 3])
+        return T
 
     def to_camera_info_fields(self) -> dict[str, Any]:
         """Fields of an equivalent CameraInfo (k, d, r, p, width, height, distortion_model), plain Python values.

@@ -47,9 +47,10 @@ class BagCamera:
     image_topic: str
     info_topic: str | None = None  # None: intrinsics from the extrinsics YAML
     time_offset_ns: int = 0  # expected image stamp - cloud stamp
+    rectified: bool = False  # image_rect: project with CameraInfo's P and R (as the node's camera.<name>.rectified)
 
 
-CameraSpec = BagCamera | tuple  # (name, image_topic, info_topic, time_offset_ns)
+CameraSpec = BagCamera | tuple  # (name, image_topic, info_topic, time_offset_ns[, rectified])
 
 
 def iter_bag_frames(
@@ -119,6 +120,7 @@ class _Assembler:
         self.reader, self.cams, self.calibs, self.tf_tree, self.labels = reader, cams, calibs, tf_tree, labels
         self.infos: dict[str, tuple[Any, bytes]] = {}
         self._models: dict[str, tuple[bytes, Any]] = {}
+        self._rectified = {c.name: c.rectified for c in cams}
 
     def frames(self, ready: list, allow_partial: bool) -> Iterator[Frame]:
         for synced in ready:
@@ -138,15 +140,16 @@ class _Assembler:
             frame.gt_labels = self._labels(frame)
         missing = list(synced.missing)
         for name, (stamp, (conn, raw)) in synced.images.items():
-            model = self._camera_model(name)
-            if model is None:  # no CameraInfo yet: left out, as the node does
+            model_and_rect = self._camera_model(name)
+            if model_and_rect is None:  # no CameraInfo yet: left out, as the node does
                 missing.append(name)
                 continue
+            model, rectification = model_and_rect
             image_msg = self._decode(conn, raw)
             camera_frame = str(image_msg.header.frame_id)
             frame.cameras[name] = CameraView(
                 name=name, image=read_image(image_msg), camera=model,
-                T_cam_lidar=self._extrinsics(name, camera_frame, frame.frame_id), stamp_ns=stamp,
+                T_cam_lidar=rectification @ self._extrinsics(name, camera_frame, frame.frame_id), stamp_ns=stamp,
                 frame_id=camera_frame)
         frame.missing_cameras = tuple(c.name for c in self.cams if c.name in missing)
         return frame
@@ -161,19 +164,23 @@ class _Assembler:
                                   f"cloud at {frame.key}")
         return labels
 
-    def _camera_model(self, name: str) -> Any | None:
-        """From the latest CameraInfo (decoded once per distinct message), else the YAML's intrinsics, else None."""
+    def _camera_model(self, name: str) -> tuple[Any, np.ndarray] | None:
+        """(model, optical -> projection frame 4x4) from the latest CameraInfo (decoded once per distinct
+        message), else the YAML's intrinsics, else None; as the node's ``SensorInputs.camera_model``."""
         from sal_ros.core.camera import CameraModel
 
         info = self.infos.get(name)
         if info is not None:
             cached = self._models.get(name)
             if cached is None or cached[0] is not info[1]:
-                cached = (info[1], CameraModel.from_camera_info(self._decode(*info)))
+                msg = self._decode(*info)
+                rectified = self._rectified[name]
+                cached = (info[1], (CameraModel.from_camera_info(msg, rectified=rectified),
+                                    CameraModel.rectification(msg) if rectified else np.eye(4)))
                 self._models[name] = cached
             return cached[1]
         calib = (self.calibs or {}).get(name)
-        return None if calib is None else calib.camera
+        return None if calib is None else (calib.camera, np.eye(4))
 
     def _extrinsics(self, name: str, camera_frame: str, lidar_frame: str) -> np.ndarray:
         if self.calibs is not None:
@@ -350,4 +357,5 @@ def _config_cameras(settings: dict[str, Any]) -> list[BagCamera] | None:
         return None
     return [BagCamera(str(n), settings.get(f"camera.{n}.image_topic", f"/{n}/image_raw"),
                       settings.get(f"camera.{n}.info_topic", f"/{n}/camera_info"),
-                      int(round(float(settings.get(f"camera.{n}.time_offset", 0.0)) * 1e9))) for n in names]
+                      int(round(float(settings.get(f"camera.{n}.time_offset", 0.0)) * 1e9)),
+                      bool(settings.get(f"camera.{n}.rectified", False))) for n in names]

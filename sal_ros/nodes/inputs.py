@@ -30,6 +30,7 @@ class CameraConfig:
     info_topic: str
     compressed: bool
     time_offset_ns: int
+    rectified: bool = False
 
 
 @dataclass
@@ -58,6 +59,7 @@ def declare_inputs(node: Any) -> tuple[dict[str, Any], list[CameraConfig]]:
             info_topic=cam[prefix + "info_topic"],
             compressed=cam[prefix + "compressed"],
             time_offset_ns=int(round(cam[prefix + "time_offset"] * NS)),
+            rectified=cam[prefix + "rectified"],
         ))
     return values, cameras
 
@@ -212,18 +214,21 @@ class SensorInputs:
         with self._lock:
             return self._sync.stats.as_dict()
 
-    def camera_model(self, name: str) -> Any | None:
-        """The CameraModel of the latest CameraInfo of camera ``name`` (cached while the info is unchanged)."""
+    def camera_model(self, name: str) -> tuple[Any, np.ndarray] | None:
+        """The CameraModel of the latest CameraInfo of camera ``name`` and the 4x4 from the camera's TF frame to
+        the frame the model projects from (identity unless the topic is rectified); cached per info message."""
         from sal_ros.core.camera import CameraModel
 
         info = self._infos.get(name)
         if info is None:  # static calibration files may carry intrinsics
             calib = getattr(self._extrinsics, "calibrations", {}).get(name)
-            return getattr(calib, "camera", None)
+            return None if getattr(calib, "camera", None) is None else (calib.camera, np.eye(4))
         cached = self._models.get(name)
         if cached is not None and cached[0] is info:
             return cached[1]
-        model = CameraModel.from_camera_info(info)
+        rectified = self.cameras[name].rectified
+        model = (CameraModel.from_camera_info(info, rectified=rectified),
+                 CameraModel.rectification(info) if rectified else np.eye(4))
         self._models[name] = (info, model)
         return model
 
@@ -246,12 +251,13 @@ class SensorInputs:
         from sal_ros.core.image import read_image
 
         try:
-            model = self.camera_model(name)
+            model_and_rect = self.camera_model(name)
         except SensorDataError as exc:
             return self._left_out(name, "bad_camera_info", f"camera {name}: {exc}")
-        if model is None:
+        if model_and_rect is None:
             return self._left_out(name, "no_camera_info",
                                   f"camera {name}: no CameraInfo yet on {self.cameras[name].info_topic}")
+        model, rectification = model_and_rect
         camera_frame = str(image_msg.header.frame_id)
         T = self.extrinsics(camera_frame, frame.frame_id, frame.stamp_ns)
         if T is None:
@@ -263,7 +269,8 @@ class SensorInputs:
             image = read_image(image_msg)
         except SensorDataError as exc:
             return self._left_out(name, "malformed_image", f"camera {name}: {exc}")
-        view = CameraView(name=name, image=image, camera=model, T_cam_lidar=np.asarray(T, np.float64),
+        # A rectified view's extrinsics end in the rectified frame, so every consumer projects it with plain K.
+        view = CameraView(name=name, image=image, camera=model, T_cam_lidar=rectification @ np.asarray(T, np.float64),
                           stamp_ns=stamp_to_ns(image_msg.header.stamp), frame_id=camera_frame)
         return view, ""
 

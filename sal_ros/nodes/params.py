@@ -131,6 +131,9 @@ def camera_specs(name: str) -> list[ParamSpec]:
         ParamSpec(p + "info_topic", "string", f"/{name}/camera_info", f"sensor_msgs/CameraInfo topic of camera {name}."),
         ParamSpec(p + "compressed", "bool", False,
                   f"Camera {name} publishes sensor_msgs/CompressedImage (jpeg/png) instead of Image."),
+        ParamSpec(p + "rectified", "bool", False,
+                  f"Camera {name}'s image topic is rectified (image_rect): project with CameraInfo's P and R, no "
+                  "distortion; false: the raw image, K and D."),
         ParamSpec(p + "time_offset", "double", 0.0,
                   f"When camera {name} fires relative to the cloud stamp (s; image stamp - cloud stamp, e.g. -0.035 "
                   "for a camera that fires before the sweep's stamp): the image nearest cloud stamp + offset is taken.",
