@@ -20,7 +20,9 @@ from sal_ros.cli import main as cli_main  # noqa: E402
 from sal_ros.train.trainer import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 4
+STEPS, WARMUP, STOP_AT = 6, 2, 4  # stop well past warm-up: the cosine decay's end must not move
+# BatchNorm statistics are per process under DDP (SyncBatchNorm needs CUDA), so the curves drift apart slowly
+DDP_STEPS = 4
 
 
 def _token_dim() -> int:
@@ -52,12 +54,12 @@ def pseudolabel_dir(tmp_path_factory):
     return seq, out
 
 
-def _config(tmp_path: Path, pl, out: str, batch_size: int) -> Path:
+def _config(tmp_path: Path, pl, out: str, batch_size: int, steps: int = STEPS) -> Path:
     seq, pl_dir = pl
     cfg = yaml.safe_load((REPO / "config" / "train_tiny.yaml").read_text())
     cfg.update(out_dir=out, device="cpu", checkpoint_every=2, sources=[{"frames": str(seq), "pseudolabels": str(pl_dir)}])
     cfg["data"]["max_points"] = 4000
-    cfg["optim"].update(steps=STEPS, warmup_steps=2, batch_size=batch_size)
+    cfg["optim"].update(steps=steps, warmup_steps=WARMUP, batch_size=batch_size)
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -68,42 +70,74 @@ def _weights(path: Path) -> dict:
     return state.get("model", state.get("state_dict", state))
 
 
+def _without_time(recs: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "time_s"} for r in recs]
+
+
 def test_cli_run_and_exact_resume(tmp_path, pseudolabel_dir):
     torch.set_num_threads(1)
     full = _config(tmp_path, pseudolabel_dir, "full", 2)
     assert cli_main(["train", "--config", str(full), "--no-progress"]) == 0
     run = tmp_path / "full"
-    assert {"model_last.pt", "model_step0000002.pt", "model_step0000004.pt", "train_state.pt", "metrics.jsonl",
+    assert {"model_last.pt", "model_step0000002.pt", "model_step0000006.pt", "train_state.pt", "metrics.jsonl",
             "curves.png"} <= {p.name for p in run.iterdir()}
     recs = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in recs)
-    assert recs[0]["lr"] < recs[1]["lr"]  # warm-up
+    assert [r["step"] for r in recs] == list(range(1, STEPS + 1)) and all(np.isfinite(r["loss"]) for r in recs)
+    lrs = [r["lr"] for r in recs]
+    assert lrs[0] < lrs[1] and all(a > b for a, b in zip(lrs[WARMUP:], lrs[WARMUP + 1:]))  # warm-up, decay
     # a second run into the same folder without --resume is refused
     assert cli_main(["train", "--config", str(full), "--no-progress"]) == 1
 
     part = _config(tmp_path, pseudolabel_dir, "part", 2)
-    assert cli_main(["train", "--config", str(part), "--steps", "2", "--no-progress"]) == 0
+    assert cli_main(["train", "--config", str(part), "--stop-at", str(STOP_AT), "--no-progress"]) == 0
+    assert len(read_metrics(tmp_path / "part" / "metrics.jsonl")) == STOP_AT
     assert cli_main(["train", "--config", str(part), "--resume", "--no-progress"]) == 0
     a, b = _weights(run / "model_last.pt"), _weights(tmp_path / "part" / "model_last.pt")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     resumed = read_metrics(tmp_path / "part" / "metrics.jsonl")
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in recs]
+    assert _without_time(resumed) == _without_time(recs)  # losses, lr, grad norms, batches: bit for bit
+
+
+def test_resume_with_another_schedule_or_config_is_refused(tmp_path, pseudolabel_dir, capsys):
+    torch.set_num_threads(1)
+    cfg = _config(tmp_path, pseudolabel_dir, "run", 2, steps=3)
+    assert cli_main(["train", "--config", str(cfg), "--stop-at", "1", "--no-progress"]) == 0
+    state = (tmp_path / "run" / "train_state.pt").read_bytes()
+    capsys.readouterr()
+    # the old way to stop early: a shorter schedule, then the full one
+    assert cli_main(["train", "--config", str(cfg), "--steps", "5", "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "optim.steps: saved 3, now 5" in err and "--stop-at" in err
+    changed = yaml.safe_load(cfg.read_text())
+    changed["optim"]["lr"] *= 2
+    changed["data"]["augment"]["rotate"] = False
+    changed["checkpoint_every"] = 1  # not part of the trajectory: allowed to change
+    cfg.write_text(yaml.safe_dump(changed))
+    assert cli_main(["train", "--config", str(cfg), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "optim.lr: saved 0.001, now 0.002" in err and "data.augment.rotate: saved True, now False" in err
+    assert "checkpoint_every" not in err
+    assert (tmp_path / "run" / "train_state.pt").read_bytes() == state  # nothing trained, nothing written
+    assert cli_main(["train", "--config", str(cfg), "--stop-at", "4", "--no-progress"]) == 1
+    assert "--stop-at 4 is outside the schedule's steps 1..3" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path, pseudolabel_dir):
     """torchrun, 2 CPU processes (gloo) with 1 sample each == 1 process with the same 2 samples."""
-    single = _config(tmp_path, pseudolabel_dir, "single", 2)
-    ddp = _config(tmp_path, pseudolabel_dir, "ddp", 1)
+    single = _config(tmp_path, pseudolabel_dir, "single", 2, steps=DDP_STEPS)
+    ddp = _config(tmp_path, pseudolabel_dir, "ddp", 1, steps=DDP_STEPS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert cli_main(["train", "--config", str(single), "--no-progress"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "sal_ros.cli", "train", "--config", str(ddp), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a = [r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl")]
-    b = [r["loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl")]
-    assert len(a) == len(b) == STEPS
-    np.testing.assert_allclose(b, a, rtol=2e-3)
+    a = np.array([r["loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl")])
+    b = np.array([r["loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl")])
+    assert len(a) == len(b) == DDP_STEPS
+    rel = np.abs(b - a) / np.abs(a)
+    print(f"DDP vs single process over {DDP_STEPS} steps: max relative loss difference {rel.max():.2e}")
+    assert rel.max() < 2e-3, (a, b)

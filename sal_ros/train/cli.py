@@ -1,4 +1,4 @@
-"""``sal-ros train --config config/train_tiny.yaml [--resume]``: distill the SAL model on pseudo-labels.
+"""``sal-ros train --config config/train_tiny.yaml [--stop-at K] [--resume]``: distill the SAL model on pseudo-labels.
 
 Multi-GPU / multi-process: ``torchrun --nproc_per_node=N -m sal_ros.cli train --config ...`` (gloo on CPU,
 nccl on CUDA); ``optim.batch_size`` is per process.
@@ -16,14 +16,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, type=Path, help="training yaml (see config/train_tiny.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir/train_state.pt")
     parser.add_argument("--out", type=Path, help="override out_dir")
-    parser.add_argument("--steps", type=int, help="override optim.steps")
+    parser.add_argument("--steps", type=int, help="override optim.steps, the schedule's length (warm-up + cosine "
+                        "decay to this step); a resumed run must keep it")
+    parser.add_argument("--stop-at", type=int, metavar="K",
+                        help="stop after step K of the configured schedule (checkpoint saved); --resume continues "
+                        "it exactly as if it had not stopped")
     parser.add_argument("--device", help="override device (auto | cpu | cuda)")
     parser.add_argument("--no-progress", action="store_true")
 
 
 def main(args: argparse.Namespace) -> int:
     from sal_ros.train.dataset import DistillDataset, load_scans
-    from sal_ros.train.trainer import TrainConfig, Trainer
+    from sal_ros.train.trainer import ResumeError, TrainConfig, Trainer
 
     try:
         cfg = TrainConfig.from_yaml(args.config)
@@ -33,6 +37,7 @@ def main(args: argparse.Namespace) -> int:
             cfg.optim.steps = args.steps
         if args.device:
             cfg.device = args.device
+        _check_stop_at(args.stop_at, cfg.optim.steps)
         scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder)
     except (SensorDataError, FileNotFoundError, ValueError) as exc:
         print(f"sal-ros train: {exc}", file=sys.stderr)
@@ -40,13 +45,23 @@ def main(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, DistillDataset(scans, cfg.data, seed=cfg.seed), progress=not args.no_progress)
     out = Path(cfg.out_dir)
     if args.resume:
-        step = trainer.resume()
+        try:
+            step = trainer.resume()
+        except ResumeError as exc:
+            print(f"sal-ros train: {exc}", file=sys.stderr)
+            return 1
         print(f"resumed at step {step}" if step else f"nothing to resume in {out}; starting at step 0")
     elif (out / "train_state.pt").exists():
         print(f"sal-ros train: {out} already holds a run; pass --resume or choose another --out", file=sys.stderr)
         return 1
-    trainer.fit()
+    trainer.fit(args.stop_at)
     if trainer.dist.main:
-        print(f"done: {trainer.step} steps -> {out / 'model_last.pt'}, metrics {out / 'metrics.jsonl'}, "
+        left = f" of {cfg.optim.steps} (--resume continues)" if trainer.step < cfg.optim.steps else ""
+        print(f"done: {trainer.step} steps{left} -> {out / 'model_last.pt'}, metrics {out / 'metrics.jsonl'}, "
               f"curves {out / 'curves.png'}")
     return 0
+
+
+def _check_stop_at(stop_at: int | None, steps: int) -> None:
+    if stop_at is not None and not 1 <= stop_at <= steps:
+        raise ValueError(f"--stop-at {stop_at} is outside the schedule's steps 1..{steps} (optim.steps)")

@@ -3,7 +3,9 @@ resume, JSONL metrics + PNG curves, DDP (torchrun; gloo on CPU, nccl on CUDA).
 
 Exact resume: the batch of step ``s`` is a pure function of (seed, s) (see ``batch_indices``), every random draw
 of the loss comes from a generator seeded by (seed, step), and the training state saves optimizer, scheduler,
-RNG states and the step. Stopping at step k and resuming gives the same weights as an uninterrupted run.
+RNG states, the step, the config and the process count. Stopping after step k of the configured schedule
+(``fit(stop_at=k)``) and resuming gives bit-identical weights to an uninterrupted run; a resume whose config
+(schedule, data, model, loss, seed) or process count differs from the saved run is refused (``ResumeError``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,12 @@ from sal_ros.train.losses import LossWeights, Target, sal_loss
 
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
+# Settings that do not change the trajectory, so a resume may change them.
+RESUME_FREE = ("out_dir", "checkpoint_every", "log_every", "device")
+
+
+class ResumeError(ValueError):
+    """The saved run cannot be continued with this config; the text names what differs."""
 
 
 @dataclass
@@ -247,7 +255,8 @@ class Trainer:
         extra = json.loads(json.dumps({"step": self.step, "train_config": self.cfg.to_dict()}))
         save_model(path, self.module, extra, self.cfg.text_encoder)
         state = {"step": self.step, "model": path.name, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict()}
+                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "config": self.cfg.to_dict(),
+                 "world": self.dist.world}
         atomic_write(self.state_path, lambda f: torch.save(state, f))
         last = self.out / "model_last.pt"
         tmp = self.out / ".model_last.pt.tmp"
@@ -261,6 +270,7 @@ class Trainer:
         if not self.state_path.exists():
             return 0
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        self.check_resumable(state)
         load_model_weights(self.out / state["model"], self.module)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -269,6 +279,18 @@ class Trainer:
         if self.dist.main:
             _truncate_metrics(self.out / METRICS_FILE, self.step)
         return self.step
+
+    def check_resumable(self, state: dict) -> None:
+        """Raise ResumeError unless continuing ``state`` with this config reproduces the uninterrupted run."""
+        diffs = config_diff(state["config"], self.cfg.to_dict())
+        world = int(state.get("world", 1))
+        if world != self.dist.world:
+            diffs.append(f"processes: saved {world}, now {self.dist.world}")
+        if diffs:
+            raise ResumeError(
+                f"cannot resume {self.state_path} (step {state['step']}): the config differs from the saved run "
+                f"({'; '.join(diffs)}). Resume with the saved settings, or start a new run with --out. "
+                f"To stop a run early and continue it later, use --stop-at K: it keeps the schedule")
 
     # -- one step
     def train_step(self) -> dict:
@@ -299,11 +321,12 @@ class Trainer:
                   "points": int(sum(len(s.points) for s in samples))}
         return record
 
-    def fit(self, steps: int | None = None) -> list[dict]:
-        """Train until ``steps`` (default: the configured total); checkpoints every N steps and at the end."""
+    def fit(self, stop_at: int | None = None) -> list[dict]:
+        """Train until step ``stop_at`` of the configured schedule (default: its end); checkpoints every N
+        steps and where it stops. The schedule is not changed: resuming later continues it exactly."""
         from tqdm import tqdm
 
-        end = self.cfg.optim.steps if steps is None else min(steps, self.cfg.optim.steps)
+        end = self.cfg.optim.steps if stop_at is None else min(stop_at, self.cfg.optim.steps)
         log = self.out / METRICS_FILE
         records = []
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (self.progress and self.dist.main))
@@ -329,6 +352,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def config_diff(saved: dict, now: dict) -> list[str]:
+    """'key: saved X, now Y' for every trajectory setting that differs (nested keys dotted)."""
+    # a JSON round trip makes tuples and lists compare equal (betas, augment ranges)
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
+    return _diff({k: v for k, v in saved.items() if k not in RESUME_FREE},
+                 {k: v for k, v in now.items() if k not in RESUME_FREE})
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b)) for d in _diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [f"{prefix.rstrip('.')}: saved {a!r}, now {b!r}"]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
