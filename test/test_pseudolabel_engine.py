@@ -18,7 +18,7 @@ from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import load_pseudolabels
 from sal_ros.pseudolabel.engine import EngineConfig, FrameSource, PseudoLabeler, label_from_masks, run
 from sal_ros.pseudolabel.evaluate import oracle_masks
-from sal_ros.pseudolabel.lifting import LiftConfig, project_view
+from sal_ros.pseudolabel.lifting import LIDAR_SPACING_DEG, LiftConfig, project_view
 
 FUSION_IOU = 0.3
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
@@ -47,9 +47,13 @@ def _box_members(points, box):
     return (np.abs(x) <= l / 2) & (np.abs(y) <= w / 2) & (np.abs(d[:, 2]) <= h / 2)
 
 
-def test_nuscenes_objects_across_cameras_become_one_instance(nuscenes_frame):
+NUSCENES_LIFT = LiftConfig(lidar_spacing_deg=LIDAR_SPACING_DEG["nuscenes"])
+
+
+@pytest.mark.parametrize("lift", [LiftConfig(occlusion=False), NUSCENES_LIFT], ids=["naive", "occlusion"])
+def test_nuscenes_objects_across_cameras_become_one_instance(nuscenes_frame, lift):
     """Annotated boxes rendered as masks into all 6 cameras, lifted and fused: a box seen by two cameras is one
-    pseudo-instance whose camera bits name both."""
+    pseudo-instance whose camera bits name both, with and without the occlusion test."""
     frame = nuscenes_frame
     boxes = json.loads((require_data("nuscenes_mini") / "boxes.json").read_text())["boxes"]
     segment = np.zeros(frame.num_points, np.int64)
@@ -59,8 +63,7 @@ def test_nuscenes_objects_across_cameras_become_one_instance(nuscenes_frame):
     in_cam = {name: np.zeros(frame.num_points, bool) for name in frame.cameras}
     for name, view in frame.cameras.items():
         in_cam[name][project_view(frame.points, view, 1.0)[0]] = True
-    pl = label_from_masks(frame, masks, None, LiftConfig(occlusion=False), fusion_iou=FUSION_IOU, refine=None,
-                          min_points=1)
+    pl = label_from_masks(frame, masks, None, lift, fusion_iou=FUSION_IOU, refine=None, min_points=1)
     assert pl.camera_names == list(frame.cameras) and len(pl.camera_names) == 6
     assert {c for i in range(1, pl.num_instances + 1) for c in pl.instance_cameras(i)} == set(frame.cameras)
     spanning = 0

@@ -120,14 +120,14 @@ def test_occlusion_test_hides_points_behind_nearer_ones():
     u = np.r_[np.arange(100, 200, 2), np.arange(0, 300, 3)]
     v = np.full(u.size, 50)
     depth = np.r_[np.full(50, 10.0), np.full(100, 30.0)].astype(np.float32)
-    cfg = LiftConfig(cell_px=4, radius_cells=(1, 1))
-    vis = visible(u, v, depth, (100, 300), cfg)
+    cfg, box = LiftConfig(), (2.0, 3.0)  # samples 2 px apart: the box reaches the next wall sample
+    vis = visible(u, v, depth, (100, 300), cfg, box)
     assert vis[:50].all()  # the wall is visible
     bg_u = u[50:]
     hidden = ~vis[50:]
     assert np.all(hidden[(bg_u >= 100) & (bg_u < 200)])  # background behind the wall is hidden
-    assert not hidden[(bg_u < 90) | (bg_u >= 210)].any()  # away from it, visible
-    assert visible(u, v, depth, (100, 300), LiftConfig(occlusion=False)).all()  # naive mode
+    assert not hidden[(bg_u < 97) | (bg_u > 201)].any()  # no halo beyond 1.5 boxes of the wall's samples
+    assert visible(u, v, depth, (100, 300), LiftConfig(occlusion=False), box).all()  # naive mode
     # Tolerance: a surface receding slowly (road) is not hidden by its own nearer part.
     depth_road = np.linspace(10, 10.5, u.size).astype(np.float32)
-    assert visible(u, v, depth_road, (100, 300), cfg).all()
+    assert visible(u, v, depth_road, (100, 300), cfg, box).all()

@@ -1,7 +1,8 @@
 """``sal-ros bench lift``: pseudo-label engine timings on the 6-camera nuScenes frame (JSON on stdout).
 
-- lifting (projection, occlusion test, mask lookup) and fusion of given masks for all six cameras: the part of
-  the engine that is ours, goal <= 20 ms on CPU; naive lifting beside it; DBSCAN replace separately;
+- lifting (projection, occlusion test sized by the lidar's sample spacing, mask lookup) and fusion of given masks
+  for all six cameras: the part of the engine that is ours, goal <= 20 ms on CPU; naive lifting beside it; DBSCAN
+  replace separately;
 - the 2D models per image, for scale: SLIC at full resolution, SAM 2.1 hiera_t with random weights at a small
   input, and CLIP ViT-B-16 (random weights) relative-mask-attention tokens for the SLIC masks.
 
@@ -14,6 +15,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sal_ros.bench.timing import median_ms
@@ -30,13 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for the 2D models")
 
 
-def bench_lifting(frame, masks: dict, repeats: int) -> dict:
+def bench_lifting(frame, masks: dict, repeats: int, lift_occ) -> dict:
     from sal_ros.pseudolabel.engine import label_from_masks
-    from sal_ros.pseudolabel.lifting import LiftConfig
     from sal_ros.pseudolabel.refine import RefineConfig
 
     out = {}
-    for name, lift in (("occlusion", LiftConfig()), ("naive", LiftConfig(occlusion=False))):
+    for name, lift in (("occlusion", lift_occ), ("naive", replace(lift_occ, occlusion=False))):
         phases: dict[str, list[float]] = {"lift_ms": [], "fuse_ms": [], "total_ms": []}
 
         def once():
@@ -54,7 +55,7 @@ def bench_lifting(frame, masks: dict, repeats: int) -> dict:
             once()
         out[f"lift_fuse_{name}"] = {k: round(statistics.median(v), 2) for k, v in phases.items()}
     out["dbscan_replace_ms"] = median_ms(
-        lambda: label_from_masks(frame, masks, None, LiftConfig(), 0.3, RefineConfig(), 5), max(3, repeats // 4), warmup=1
+        lambda: label_from_masks(frame, masks, None, lift_occ, 0.3, RefineConfig(), 5), max(3, repeats // 4), warmup=1
     ) - out["lift_fuse_occlusion"]["total_ms"]
     out["dbscan_replace_ms"] = round(out["dbscan_replace_ms"], 2)
     return out
@@ -62,14 +63,15 @@ def bench_lifting(frame, masks: dict, repeats: int) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
-    from sal_ros.pseudolabel.lifting import LiftConfig
+    from sal_ros.pseudolabel.lifting import LiftConfig, lidar_spacing_for
     from sal_ros.pseudolabel.masks import SlicMasks, flatten_masks
 
     source = FrameSource(args.data)
     frame = source.load(source.keys()[0])
+    lift = LiftConfig(lidar_spacing_deg=lidar_spacing_for(source.kind))  # nuScenes: the HDL-32E's spacing
     slic = SlicMasks(n_segments=args.slic_segments)
     masks = {name: flatten_masks(slic.generate(v.image)) for name, v in frame.cameras.items()}
-    pl = label_from_masks(frame, masks, None, LiftConfig(), 0.3, None, 5)
+    pl = label_from_masks(frame, masks, None, lift, 0.3, None, 5)
     result = {
         "bench": "lift", "frame": frame.key, "points": frame.num_points, "cameras": len(frame.cameras),
         "masks_per_camera": {n: len(m) for n, m in masks.items()},
@@ -77,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
                                                                          for c in pl.cameras)),
         "in_frustum_fraction": round(float(pl.in_frustum.mean()), 4), "coverage": round(pl.coverage, 4),
         "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
-        **bench_lifting(frame, masks, args.repeats),
+        "lidar_spacing_deg": list(lift.lidar_spacing_deg), **bench_lifting(frame, masks, args.repeats, lift),
     }
     result["goal_lift_fuse_ms"] = 20.0
     result["meets_goal"] = result["lift_fuse_occlusion"]["total_ms"] <= 20.0

@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("lifting and refinement")
     g.add_argument("--lifting", choices=["occlusion", "naive"], default="occlusion")
     g.add_argument("--min-depth", type=float, default=1.0)
+    g.add_argument("--lidar-spacing-deg", type=float, nargs=2, metavar=("AZIMUTH", "ELEVATION"),
+                   help="angle between neighbouring lidar samples, sizes the occlusion test (default: the dataset's "
+                        "lidar, else KITTI's HDL-64E 0.18 0.33; nuScenes' HDL-32E is 0.33 1.33)")
     g.add_argument("--fusion-iou", type=float, default=0.3, help="merge instances across cameras above this IoU")
     g.add_argument("--no-refine", action="store_true", help="skip DBSCAN replace")
     g.add_argument("--refine-eps", type=float, nargs="+", default=[0.3, 0.5, 0.8])
@@ -84,9 +87,19 @@ def config_from_args(args: argparse.Namespace):
         masks=args.masks, mask_options=mask_options, flatten_overlap=args.flatten_overlap, tokens=not args.no_tokens,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, token_method=args.token_method,
         token_options=token_options,
-        lift=LiftConfig(min_depth=args.min_depth, occlusion=args.lifting == "occlusion"), fusion_iou=args.fusion_iou,
+        lift=LiftConfig(min_depth=args.min_depth, occlusion=args.lifting == "occlusion",
+                        lidar_spacing_deg=_lidar_spacing(args)), fusion_iou=args.fusion_iou,
         refine=None if args.no_refine else RefineConfig(eps=tuple(args.refine_eps), iou_threshold=args.refine_iou),
         min_points=args.min_points, device=args.device)
+
+
+def _lidar_spacing(args: argparse.Namespace) -> tuple[float, float]:
+    from sal_ros.data.sources import source_kind
+    from sal_ros.pseudolabel.lifting import lidar_spacing_for
+
+    if args.lidar_spacing_deg is not None:
+        return tuple(args.lidar_spacing_deg)
+    return lidar_spacing_for(source_kind(args.dataset))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -65,7 +65,8 @@ class EngineConfig:
         lift = d.pop("lift", None) or {}
         refine = d.pop("refine", "default")
         cfg = cls(**d)
-        cfg.lift = LiftConfig(**{**lift, "radius_cells": tuple(lift.get("radius_cells", LiftConfig.radius_cells))})
+        spacing = tuple(lift.get("lidar_spacing_deg", LiftConfig.lidar_spacing_deg))  # JSON gives a list
+        cfg.lift = LiftConfig(**{**lift, "lidar_spacing_deg": spacing})
         cfg.refine = None if refine is None else RefineConfig() if refine == "default" else RefineConfig(**refine)
         return cfg
 
