@@ -27,8 +27,9 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile setup.py
 test: setup
 	$(PY) -m pytest -q test
 
+# Real weights or another dataset: make demo DEMO_ARGS="--masks sam2 --sam2-checkpoint ... --clip-pretrained openai"
 demo: setup
-	$(VENV)/bin/sal-ros demo
+	$(VENV)/bin/sal-ros demo $(DEMO_ARGS)
 
 bench: setup
 	$(VENV)/bin/sal-ros bench codec
