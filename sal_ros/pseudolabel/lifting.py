@@ -89,10 +89,11 @@ def visible(u: np.ndarray, v: np.ndarray, depth: np.ndarray, shape: tuple[int, i
     if not config.occlusion or depth.size == 0:
         return np.ones(depth.size, bool)
     cw, ch = (max(float(b), 0.5) / RADIUS for b in box_px)  # float cells: small boxes are not rounded up
-    cu, cv = np.floor(u / cw).astype(np.intp), np.floor(v / ch).astype(np.intp)
-    zbuf = np.full((int(shape[0] / ch) + 1, int(shape[1] / cw) + 1), np.inf, np.float32)
-    np.minimum.at(zbuf, (cv, cu), depth)
-    nearest = _min_filter(_min_filter(zbuf, 1), 0)[cv, cu]  # separable: 4 * RADIUS passes over the cells
+    rows, cols = int(shape[0] / ch) + 1, int(shape[1] / cw) + 1
+    cell = np.floor(v / ch).astype(np.intp) * cols + np.floor(u / cw).astype(np.intp)
+    zbuf = np.full(rows * cols, np.inf, np.float32)
+    np.minimum.at(zbuf, cell, depth)  # flat index: several times faster than a (row, col) tuple
+    nearest = _min_filter(_min_filter(zbuf.reshape(rows, cols), 1), 0).ravel()[cell]  # separable 5 x 5
     return depth - nearest <= config.abs_tol + config.rel_tol * depth
 
 
