@@ -158,3 +158,56 @@ def test_vocabulary_swaps_atomically_while_segmenting(scan, encoder):
     for out in results:
         names = vocabs[out.vocabulary_version - 1].class_names
         assert out.class_names == names and int(out.label.max()) <= len(names)
+
+
+def segment_sizes(out):
+    """Points per published segment: a thing instance by its id, a stuff class (instance 0) by its label."""
+    labeled = out.label > 0
+    key = np.where(out.instance > 0, out.instance.astype(np.int64), -out.label.astype(np.int64))[labeled]
+    keys, counts = np.unique(key, return_counts=True)
+    return dict(zip(keys.tolist(), counts.tolist()))
+
+
+def assert_summaries_describe_the_labels(points, out):
+    """Each instance summary counts, scores and boxes exactly the points that carry its id."""
+    ids = np.unique(out.instance[out.instance > 0])
+    assert sorted(i.instance_id for i in out.instances) == ids.tolist()
+    for inst in out.instances:
+        mine = out.instance == inst.instance_id
+        assert inst.num_points == int(mine.sum())
+        assert (out.label[mine] == inst.label).all()
+        assert inst.score == pytest.approx(float(out.score[mine].mean()), rel=1e-5)
+        z = points[mine, 2]
+        half = inst.box.size[2] / 2
+        np.testing.assert_allclose([inst.box.center[2] - half, inst.box.center[2] + half], [z.min(), z.max()],
+                                   atol=1e-3)
+
+
+def test_threshold_and_min_points_count_the_published_points_of_a_subsampled_cloud(scan, encoder):
+    """Over max_points the model sees a subset; the threshold and min_points then apply to the whole cloud after
+    the nearest-neighbour spread, so a segment's size is the size it is published with."""
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder, max_points=30_000)
+    seg.set_embeddings(encoder.encode(["car", "road", "tree"]))
+    pts, intensity = scan[:, :3], scan[:, 3]
+    loose = seg.segment(pts, intensity)  # no threshold, no minimum
+    seg.score_threshold = 0.3
+    thresholded = seg.segment(pts, intensity)
+    low = loose.score < 0.3
+    assert low.any() and (~low).any()
+    assert np.array_equal(thresholded.label, np.where(low, 0, loose.label))
+    assert (thresholded.instance[low] == 0).all() and (thresholded.score[low] == 0).all()
+    sizes = segment_sizes(thresholded)
+    smallest = min(sizes.values())
+    assert smallest > 1
+
+    seg.min_points = smallest  # every segment has that many published points (on the subset: ~1/4 of them)
+    kept = seg.segment(pts, intensity)
+    assert np.array_equal(kept.label, thresholded.label)
+    seg.min_points = smallest + 1
+    dropped = seg.segment(pts, intensity)
+    gone = np.isin(np.where(kept.instance > 0, kept.instance.astype(np.int64), -kept.label.astype(np.int64)),
+                   [k for k, size in segment_sizes(kept).items() if size == smallest]) & (kept.label > 0)
+    assert gone.any() and (dropped.label[gone] == 0).all()
+    assert np.array_equal(dropped.label[~gone], kept.label[~gone])
+    for out in (loose, thresholded, kept, dropped):
+        assert_summaries_describe_the_labels(pts, out)

@@ -40,7 +40,8 @@ def wait_for(predicate, what, timeout=WAIT_S, child=None):
         if child is not None and child.proc.poll() is not None:
             raise AssertionError(f"node exited ({child.proc.returncode}) waiting for {what}:\n{child.log()[-3000:]}")
         time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}" + (f":\n{child.log()[-3000:]}" if child else ""))
+    tail = f":\n{child.log()[-3000:]}" if child else ""
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
 
 
 class Child:
@@ -173,10 +174,11 @@ class Probe:
         return list(self.call(self.get_client, GetParameters.Request(names=["prompts"])).values[0].string_array_value)
 
     def fresh_stats(self, child):
-        """The first ~/stats record published after this call."""
+        """The second ~/stats record published after this call: the first may have been taken between a frame's
+        publication and its count."""
         n = len(self.stats)
-        wait_for(lambda: len(self.stats) > n, "a fresh ~/stats record", child=child)
-        return self.stats[-1]
+        wait_for(lambda: len(self.stats) > n + 1, "fresh ~/stats records", child=child)
+        return self.stats[n + 1]
 
     def close(self):
         self.executor.shutdown()
@@ -248,6 +250,8 @@ def test_bag_clouds_come_back_labeled_in_order_with_markers_and_overlay(rig):
         assert got["label"].max() <= len(PROMPTS)
         info = answer(rig, stamp, "info")
         assert info["vocabulary_version"] == 1 and info["classes"] == PROMPTS
+        ids, counts = np.unique(got["instance"][got["instance"] > 0], return_counts=True)
+        assert {i["id"]: i["num_points"] for i in info["instances"]} == dict(zip(ids.tolist(), counts.tolist()))
         markers = answer(rig, stamp, "markers").markers
         assert markers[0].action == Marker.DELETEALL
         boxes = [m for m in markers[1:] if m.ns == "boxes"]

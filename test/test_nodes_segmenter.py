@@ -275,3 +275,36 @@ def test_vocabulary_file_set_at_run_time(rig, tmp_path):
                      what="vocabulary from the file")
     assert len(vocab["classes"]) == 19 and vocab["classes"][0] == "car"
     assert rig.node.active.version == before + 1
+
+
+def set_param(rig, name, type_, value):
+    from rcl_interfaces.srv import SetParameters
+
+    request = SetParameters.Request(parameters=[Parameter(name, type_, value).to_parameter_msg()])
+    future = rig.set_params.call_async(request)
+    wait_for(future.done, what="set_parameters response")
+    result = future.result().results[0]
+    assert result.successful, result.reason
+
+
+def test_score_threshold_and_max_points_are_applied_by_the_segmenter_to_what_is_published(rig):
+    """Set at run time, both reach the Segmenter: below the threshold a point is label 0, instance 0, score 0,
+    and the summaries (~/info, markers) count and box exactly the published points of the whole subsampled
+    cloud, not the model's subset nor points that were zeroed."""
+    from sal_ros.core.types import Frame
+    from test_inference import assert_summaries_describe_the_labels
+
+    xyz, intensity = rig.sensors.xyz, rig.sensors.intensity
+    set_param(rig, "score_threshold", Parameter.Type.DOUBLE, 0.3)
+    set_param(rig, "max_points", Parameter.Type.INTEGER, 30_000)
+    try:
+        seg = rig.node.segment_frame(Frame(T0, "velodyne", xyz, intensity))
+    finally:
+        set_param(rig, "score_threshold", Parameter.Type.DOUBLE, 0.0)
+        set_param(rig, "max_points", Parameter.Type.INTEGER, 300_000)
+    labeled = seg.label > 0
+    assert labeled.any() and (~labeled).any()
+    assert (seg.score[labeled] >= 0.3).all()
+    assert (seg.score[~labeled] == 0).all() and (seg.instance[~labeled] == 0).all()
+    assert sum(i.num_points for i in seg.instances) == int((seg.instance > 0).sum()) > 30_000
+    assert_summaries_describe_the_labels(xyz, seg)

@@ -3,8 +3,11 @@
 ``Segmenter.segment(points, intensity)`` drops non-finite points, runs voxelize -> backbone -> decoder (last layer
 only) -> fusion and classification, and returns arrays aligned with the input (label 0 for dropped points), with
 per-stage timings. The vocabulary's text embeddings swap atomically (``set_embeddings``) between two calls; a call
-in flight finishes with the embeddings it started with. When CUDA runs out of memory the cloud is retried on a
-random half of its points (twice at most), the rest take the result of their nearest kept point.
+in flight finishes with the embeddings it started with. Clouds over ``max_points`` finite points run on a fixed
+random subset, and when CUDA runs out of memory the cloud is retried on a random half of its points (twice at
+most); the other points take the fusion result of their nearest point that ran. ``score_threshold`` and
+``min_points`` are applied after that, once, to every point: the node and evaluation apply no threshold of their
+own.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import torch
 
 from sal_ros.core.types import Segmentation
 from sal_ros.model.checkpoint import ModelError, load_checkpoint, read_checkpoint
-from sal_ros.model.inference import classify, fuse_queries, instance_summaries, panoptic_from_queries
+from sal_ros.model.inference import classify, fuse_queries, panoptic_from_queries
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.vocabulary import TextEmbeddings, TextEncoder, Vocabulary
 
@@ -96,11 +99,16 @@ class Segmenter:
 
     # ------------------------------------------------------------------------------------------ inference
     def segment(self, points: np.ndarray, intensity: np.ndarray | None = None) -> Segmentation:
-        """Panoptic segmentation of one cloud; arrays follow the input's points and order."""
+        """Panoptic segmentation of one cloud; arrays follow the input's points and order.
+
+        ``score_threshold`` and ``min_points`` apply here and only here, to the whole cloud: a subsampled run's
+        fusion result is first spread to every finite point, so the instances' point counts and boxes describe
+        exactly the points that carry their label."""
         with self._lock:
             active = self._active
         if active is None:
             raise ModelError("no vocabulary: call set_embeddings(text_encoder.encode(vocabulary)) first")
+        threshold, min_points = self.score_threshold, self.min_points  # one setting per call, changed or not
         te = active[0]
         points = np.asarray(points, np.float32)
         if points.ndim != 2 or points.shape[1] != 3:
@@ -115,10 +123,25 @@ class Segmenter:
         if valid.size == 0:
             return out
         run = _subset(valid, self.max_points) if self.max_points and valid.size > self.max_points else valid
-        for attempt in range(OOM_RETRIES + 1):
+        run, query, score, query_class, timings = self._run_with_retries(points, intensity, run, active)
+        t0 = time.perf_counter()
+        if run.size < valid.size:
+            query, score = _spread_nearest(points, valid, run, query, score)
+        part = panoptic_from_queries(query, score, query_class, te.thing, points[valid], te.class_names, threshold,
+                                     min_points, te.version)
+        out.label[valid], out.instance[valid], out.score[valid] = part.label, part.instance, part.score
+        out.instances = part.instances
+        timings["postprocess"] += (time.perf_counter() - t0) * 1e3
+        out.timings_ms = timings
+        return out
+
+    def _run_with_retries(self, points: np.ndarray, intensity: np.ndarray | None, run: np.ndarray, active):
+        """The model on ``points[run]``; out of CUDA memory, again on a random half (the run that worked is
+        returned with its results)."""
+        attempt = 0
+        while True:
             try:
-                part = self._run(points[run], None if intensity is None else intensity[run], active)
-                break
+                return (run, *self._run(points[run], None if intensity is None else intensity[run], active))
             except RuntimeError as exc:
                 if not _is_oom(exc) or self.device.type != "cuda":
                     raise
@@ -126,24 +149,17 @@ class Segmenter:
                 if attempt == OOM_RETRIES:
                     raise ModelError(f"out of GPU memory on {run.size} points after {OOM_RETRIES} retries with fewer "
                                      f"points; lower max_points or use a larger voxel_size") from exc
+                attempt += 1
                 log.warning("out of GPU memory on %d points, retrying on half of them", run.size)
                 run = _subset(run, run.size // 2)
-        out.label[run], out.instance[run], out.score[run] = part.label, part.instance, part.score
-        out.timings_ms = part.timings_ms
-        out.instances = part.instances
-        if run.size < valid.size:
-            t0 = time.perf_counter()
-            _fill_nearest(points, valid, run, out)
-            out.instances = instance_summaries(points, out.instance, out.label, out.score, te.class_names)
-            out.timings_ms["postprocess"] += (time.perf_counter() - t0) * 1e3
-        return out
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _run(self, points: np.ndarray, intensity: np.ndarray | None, active) -> Segmentation:
+    def _run(self, points: np.ndarray, intensity: np.ndarray | None, active):
+        """Per point its best query and fused score, the class of each query, and the stage timings."""
         te, emb, rows = active
         model = self.model
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
@@ -161,12 +177,10 @@ class Segmenter:
             p2v = vin.point_to_voxel[0]
             query, score = query_v[p2v].cpu().numpy(), score_v[p2v].cpu().numpy()
             query_class = query_class.cpu().numpy()
-        seg = panoptic_from_queries(query, score, query_class, te.thing, points, te.class_names, self.score_threshold,
-                                    self.min_points, te.version)
         t4 = time.perf_counter()
-        seg.timings_ms = {"voxelize": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "decoder": (t3 - t2) * 1e3,
-                          "postprocess": (t4 - t3) * 1e3}
-        return seg
+        timings = {"voxelize": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "decoder": (t3 - t2) * 1e3,
+                   "postprocess": (t4 - t3) * 1e3}
+        return query, score, query_class, timings
 
 
 def _subset(index: np.ndarray, size: int) -> np.ndarray:
@@ -174,14 +188,18 @@ def _subset(index: np.ndarray, size: int) -> np.ndarray:
     return np.sort(np.random.default_rng(0).choice(index, size=size, replace=False))
 
 
-def _fill_nearest(points: np.ndarray, valid: np.ndarray, run: np.ndarray, seg: Segmentation) -> None:
-    """Points that did not run take the result of their nearest point that did."""
+def _spread_nearest(points: np.ndarray, valid: np.ndarray, run: np.ndarray, query: np.ndarray,
+                    score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Query and score for every ``valid`` point: the run's own, or those of the nearest point that ran
+    (``run`` is a sorted subset of the sorted ``valid``)."""
     from scipy.spatial import cKDTree
 
-    rest = np.setdiff1d(valid, run, assume_unique=True)
-    _, nearest = cKDTree(points[run]).query(points[rest], k=1, workers=-1)
-    src = run[nearest]
-    seg.label[rest], seg.instance[rest], seg.score[rest] = seg.label[src], seg.instance[src], seg.score[src]
+    ran = np.isin(valid, run, assume_unique=True)
+    _, nearest = cKDTree(points[run]).query(points[valid[~ran]], k=1, workers=-1)
+    all_query, all_score = np.empty(valid.size, query.dtype), np.empty(valid.size, score.dtype)
+    all_query[ran], all_score[ran] = query, score
+    all_query[~ran], all_score[~ran] = query[nearest], score[nearest]
+    return all_query, all_score
 
 
 __all__ = ["Segmenter"]

@@ -117,7 +117,8 @@ class SegmenterNode(Node):
             self.get_logger().warning(
                 "model.checkpoint is empty: running a TINY RANDOM-WEIGHT model to try the plumbing; "
                 "segments and labels are meaningless. Set model.checkpoint to a trained SAL checkpoint.")
-        segmenter = Segmenter.from_checkpoint(v["model.checkpoint"] or None, self.device, encoder)
+        segmenter = Segmenter.from_checkpoint(v["model.checkpoint"] or None, self.device, encoder,
+                                              score_threshold=v["score_threshold"], max_points=v["max_points"])
         return encoder, segmenter
 
     # -------------------------------------------------------------------------------------------- vocabulary
@@ -202,6 +203,8 @@ class SegmenterNode(Node):
             self.values[param.name] = value
             if param.name == "prompts" or (param.name == "vocabulary_file" and value):
                 self._request_vocabulary(param.name, value)
+            elif param.name in ("score_threshold", "max_points"):
+                self._configure_segmenter()
 
     # ------------------------------------------------------------------------------------------------ output
 
@@ -274,51 +277,44 @@ class SegmenterNode(Node):
             self.stats.time("stamp_age", (now_ns - frame.stamp_ns) / 1e6)
 
     def segment_frame(self, frame: Frame) -> Segmentation | None:
-        """Run the model on the finite points (at most ``max_points``) and spread the result over every input
-        point: non-finite points get label 0. None when the frame is rejected or the model failed."""
+        """The model on the cloud's finite points; non-finite points get label 0. The Segmenter applies
+        score_threshold and runs clouds over max_points on a subset. None when the frame is rejected or the
+        model failed."""
         n = frame.num_points
-        valid = np.flatnonzero(finite_mask(frame.points))
-        if valid.size < n:
-            self.stats.count("nonfinite_points", n - valid.size)
-        active = self.active
-        if valid.size == 0:
+        finite = int(np.count_nonzero(finite_mask(frame.points)))
+        if finite < n:
+            self.stats.count("nonfinite_points", n - finite)
+        if finite == 0:
+            active = self.active
             self.stats.count("error.empty_cloud")
             self._warn("empty", f"cloud at {frame.stamp_ns} has no finite points; publishing it unlabeled")
             return Segmentation.empty(n, active.class_names, active.version)
-        run = self._subsample(valid, frame.stamp_ns)
-        if run is None:
+        if not self._admit_size(finite):
             return None
-        intensity = self._model_intensity(frame, run)
+        intensity = self._model_intensity(frame)
         try:
             with self._model_lock:
-                active = self.active
-                part = self._segmenter.segment(frame.points[run], intensity)
+                return self._segmenter.segment(frame.points, intensity)
         except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
             self.stats.count("error.model")
             if self.throttle.ready("model_error"):
                 self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
                                         f"{type(exc).__name__}: {exc}")
             return None
-        seg = Segmentation.empty(n, active.class_names, active.version)
-        seg.timings_ms = dict(part.timings_ms)
-        seg.label[run], seg.instance[run], seg.score[run] = part.label, part.instance, part.score
-        if run.size < valid.size:
-            self._fill_nearest(frame.points, valid, run, seg)
-        threshold = self.values["score_threshold"]
-        low = seg.score < threshold
-        seg.label[low] = 0
-        seg.instance[low] = 0
-        seg.instances = [i for i in part.instances if i.score >= threshold]
-        return seg
 
-    def _model_intensity(self, frame: Frame, run: np.ndarray) -> np.ndarray | None:
+    def _configure_segmenter(self) -> None:
+        """Hand the node's parameters to the Segmenter, the one place that applies them (from the next frame)."""
+        self._segmenter.score_threshold = float(self.values["score_threshold"])
+        self._segmenter.max_points = int(self.values["max_points"])
+
+    def _model_intensity(self, frame: Frame) -> np.ndarray | None:
         """The points' intensity on the checkpoint's scale. Lidars disagree on it (0..1, 0..255, 0..65535), and a
         model fed another scale than it learned on sees a different input; the mismatch is warned about."""
         trained = float(self._segmenter.model.config.intensity_scale)
         if frame.intensity is None:
             self._warn("no_intensity", "the cloud has no intensity field: the model sees zero intensity")
             return None
-        intensity = np.nan_to_num(frame.intensity[run], nan=0.0, posinf=0.0, neginf=0.0)
+        intensity = np.nan_to_num(frame.intensity, nan=0.0, posinf=0.0, neginf=0.0)
         sensor = self.values["model.intensity_scale"] or trained
         if sensor != trained:
             intensity = intensity * np.float32(trained / sensor)
@@ -328,28 +324,19 @@ class SegmenterNode(Node):
                        f"{trained:g}: set model.intensity_scale to this lidar's full scale (e.g. 255 or 65535)")
         return intensity
 
-    def _subsample(self, valid: np.ndarray, stamp_ns: int) -> np.ndarray | None:
+    def _admit_size(self, finite: int) -> bool:
+        """False for a cloud over max_points under the reject policy; subsampling itself is the Segmenter's."""
         limit = self.values["max_points"]
-        if not limit or valid.size <= limit:
-            return valid
+        if not limit or finite <= limit:
+            return True
         if self.values["max_points_policy"] == "reject":
             self.stats.count("error.too_many_points")
-            self._warn("too_many", f"cloud with {valid.size} points exceeds max_points={limit}: frame rejected")
-            return None
+            self._warn("too_many", f"cloud with {finite} points exceeds max_points={limit}: frame rejected")
+            return False
         self.stats.count("subsampled")
-        self._warn("subsample", f"cloud with {valid.size} points exceeds max_points={limit}: the model sees a "
+        self._warn("subsample", f"cloud with {finite} points exceeds max_points={limit}: the model sees a "
                    "random subset, the rest take their nearest neighbour's label")
-        rng = np.random.default_rng(stamp_ns & 0xFFFFFFFF)  # same cloud -> same subset
-        return np.sort(rng.choice(valid, size=limit, replace=False))
-
-    @staticmethod
-    def _fill_nearest(points: np.ndarray, valid: np.ndarray, run: np.ndarray, seg: Segmentation) -> None:
-        from scipy.spatial import cKDTree
-
-        rest = np.setdiff1d(valid, run, assume_unique=True)
-        _, nearest = cKDTree(points[run]).query(points[rest], k=1, workers=-1)
-        src = run[nearest]
-        seg.label[rest], seg.instance[rest], seg.score[rest] = seg.label[src], seg.instance[src], seg.score[src]
+        return True
 
     def _publish(self, frame: Frame, seg: Segmentation, wanted: dict[str, Any]) -> None:
         from std_msgs.msg import String
