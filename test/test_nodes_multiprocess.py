@@ -28,7 +28,7 @@ NODE = "/sal_segmenter"
 CAMERA = "image_0"
 PROMPTS = ["car", "road", "tree"]
 WAIT_S = 60.0
-LABELED_FIELDS = ["x", "y", "z", "intensity", "label", "instance", "score", "rgb"]
+LABELED_FIELDS = ["x", "y", "z", "intensity", "label", "vocabulary_version", "instance", "score", "rgb"]
 
 
 def wait_for(predicate, what, timeout=WAIT_S, child=None):
@@ -253,9 +253,10 @@ def test_bag_clouds_come_back_labeled_in_order_with_markers_and_overlay(rig):
         ids, counts = np.unique(got["instance"][got["instance"] > 0], return_counts=True)
         assert {i["id"]: i["num_points"] for i in info["instances"]} == dict(zip(ids.tolist(), counts.tolist()))
         markers = answer(rig, stamp, "markers").markers
-        assert markers[0].action == Marker.DELETEALL
+        assert markers[0].action == Marker.DELETEALL and markers[0].ns == ""  # clears every namespace
         boxes = [m for m in markers[1:] if m.ns == "boxes"]
         assert len(boxes) == sum(i["num_points"] >= 5 for i in info["instances"]) > 0
+        assert_recorded_outputs_name_the_vocabulary(rig, stamp, 1)
         overlay = answer(rig, stamp, "overlays")
         assert (overlay.width, overlay.height, overlay.encoding) == (image.width, image.height, "rgb8")
         assert overlay.header.frame_id == image.header.frame_id
@@ -281,8 +282,34 @@ def test_prompts_changed_through_the_service_of_the_other_process(rig):
     probe.publish(rig.frames[1], stamp)
     info = answer(rig, stamp, "info")
     assert (info["vocabulary_version"], info["classes"]) == (2, new)
-    assert read_fields(answer(rig, stamp), ["label"])["label"].max() <= len(new)
     assert {i["class"] for i in info["instances"]} <= set(new)
+    assert read_fields(answer(rig, stamp), ["label"])["label"].max() <= len(new)
+    assert_recorded_outputs_name_the_vocabulary(rig, stamp, 2)
+    assert [v["version"] for v in late_vocabulary(probe)] == [2]  # transient local: a late joiner gets v2 only
+
+
+def late_vocabulary(probe):
+    from std_msgs.msg import String
+
+    from sal_ros.nodes.qos import latched
+
+    got = []
+    sub = probe.node.create_subscription(String, f"{NODE}/vocabulary", lambda m: got.append(json.loads(m.data)),
+                                         latched())
+    try:
+        wait_for(lambda: got, "the latched vocabulary for a late subscriber")
+    finally:
+        probe.node.destroy_subscription(sub)
+    return got
+
+
+def assert_recorded_outputs_name_the_vocabulary(rig, stamp, version):
+    """Each output of one frame, taken alone, says which vocabulary made it."""
+    fields = read_fields(answer(rig, stamp), ["vocabulary_version"])
+    assert (fields["vocabulary_version"] == version).all()
+    legend = [m for m in answer(rig, stamp, "markers").markers if m.ns == "vocabulary"]
+    assert [(m.id, m.text) for m in legend] == [(version, f"vocabulary v{version}")]
+    assert answer(rig, stamp, "info")["vocabulary_version"] == version
 
 
 def test_malformed_cloud_is_logged_and_the_next_cloud_processed(rig):

@@ -51,6 +51,8 @@ def test_labeled_cloud_same_points_same_order_with_all_fields():
     assert np.array_equal(fields["label"], seg.label)
     assert np.array_equal(fields["instance"], seg.instance)
     assert np.array_equal(fields["score"], seg.score)
+    assert msg.point_step == 32  # the version sits in the padding before instance
+    assert np.array_equal(fields["vocabulary_version"], np.full(len(xyz), 3, np.uint16))
     palette = outputs.class_colors(3)
     assert np.array_equal(unpack_rgb(fields["rgb"]), palette[seg.label])
 
@@ -63,21 +65,23 @@ def test_labeled_cloud_without_intensity_and_length_mismatch():
         outputs.labeled_cloud(xyz, None, Segmentation.empty(3), "lidar", 0, rclpy_types())
 
 
-def test_markers_deleteall_then_box_and_text_per_instance():
+def test_markers_deleteall_vocabulary_then_box_and_text_per_instance():
     from visualization_msgs.msg import Marker
 
     box = OrientedBox(center=np.array([10.0, 2.0, -0.5]), size=np.array([4.0, 2.0, 1.5]), yaw=np.pi / 2)
     instances = [InstanceSummary(7, 1, "car", 0.9, 300, box),
                  InstanceSummary(8, 2, "person", 0.6, 2, box)]  # too small for a marker
-    msg = outputs.instance_markers(instances, "velodyne", 5, outputs.class_colors(2), rclpy_types(), min_points=5)
+    msg = outputs.instance_markers(instances, "velodyne", 5, outputs.class_colors(2), rclpy_types(), min_points=5,
+                                   vocabulary_version=12)
     kinds = [(m.action, m.type, m.ns, m.id) for m in msg.markers]
-    assert kinds == [(Marker.DELETEALL, 0, "", 0), (Marker.ADD, Marker.LINE_LIST, "boxes", 7),
-                     (Marker.ADD, Marker.TEXT_VIEW_FACING, "labels", 7)]
-    lines = np.array([[p.x, p.y, p.z] for p in msg.markers[1].points])
+    assert kinds == [(Marker.DELETEALL, 0, "", 0), (Marker.ADD, Marker.TEXT_VIEW_FACING, "vocabulary", 12),
+                     (Marker.ADD, Marker.LINE_LIST, "boxes", 7), (Marker.ADD, Marker.TEXT_VIEW_FACING, "labels", 7)]
+    assert msg.markers[1].text == "vocabulary v12"
+    lines = np.array([[p.x, p.y, p.z] for p in msg.markers[2].points])
     assert lines.shape == (24, 3)
     # yaw 90 deg: the 4 m length runs along y.
     assert np.allclose(lines.min(0), [9.0, 0.0, -1.25]) and np.allclose(lines.max(0), [11.0, 4.0, 0.25])
-    assert msg.markers[2].text == "car 0.90"
+    assert msg.markers[3].text == "car 0.90"
     assert all(m.header.frame_id == "velodyne" for m in msg.markers)
 
 

@@ -123,10 +123,12 @@ def test_labeled_points_same_points_same_order_with_markers_overlay_info(rig):
     cloud = cloud_at(rig, stamp)
     assert cloud.header.frame_id == "velodyne"
     fields = read_fields(cloud)
-    assert [f.name for f in cloud.fields] == ["x", "y", "z", "intensity", "label", "instance", "score", "rgb"]
+    assert [f.name for f in cloud.fields] == ["x", "y", "z", "intensity", "label", "vocabulary_version", "instance",
+                                              "score", "rgb"]
     assert np.array_equal(np.stack([fields["x"], fields["y"], fields["z"]], 1), rig.sensors.xyz)
     assert np.array_equal(fields["intensity"], rig.sensors.intensity)
     assert fields["label"].dtype == np.uint16 and fields["instance"].dtype == np.uint32
+    assert (fields["vocabulary_version"] == 1).all()
     assert fields["label"].max() <= 3 and np.all((fields["score"] >= 0) & (fields["score"] <= 1))
     info = wait_for(lambda: next((i for i in rig.got["info"] if i["stamp_ns"] == stamp), None), what="info")
     assert info["classes"] == ["car", "road", "tree"] and info["vocabulary_version"] == 1
@@ -136,7 +138,8 @@ def test_labeled_points_same_points_same_order_with_markers_overlay_info(rig):
     from visualization_msgs.msg import Marker
 
     assert markers.markers[0].action == Marker.DELETEALL
-    assert len(markers.markers) == 1 + 2 * sum(i["num_points"] >= 5 for i in info["instances"])
+    assert (markers.markers[1].ns, markers.markers[1].id) == ("vocabulary", 1)
+    assert len(markers.markers) == 2 + 2 * sum(i["num_points"] >= 5 for i in info["instances"])
     overlay = wait_for(lambda: next((o for o in rig.got["overlay"] if stamp_to_ns(o.header.stamp) == stamp), None),
                        what="overlay")
     assert (overlay.width, overlay.height, overlay.encoding) == (1241, 376, "rgb8")
@@ -163,7 +166,11 @@ def test_prompts_set_through_service_valid_and_rejected(rig):
     publish_frame(rig, stamp)
     info = wait_for(lambda: next((i for i in rig.got["info"] if i["stamp_ns"] == stamp), None), what="info v2")
     assert info["vocabulary_version"] == 2 and info["classes"] == vocab["classes"]
-    assert read_fields(cloud_at(rig, stamp), ["label"])["label"].max() <= 4
+    fields = read_fields(cloud_at(rig, stamp), ["label", "vocabulary_version"])
+    assert fields["label"].max() <= 4 and (fields["vocabulary_version"] == 2).all()  # the cloud alone says v2
+    markers = wait_for(lambda: next((m for m in rig.got["markers"] if m.markers
+                                     and stamp_to_ns(m.markers[0].header.stamp) == stamp), None), what="markers v2")
+    assert [m.id for m in markers.markers if m.ns == "vocabulary"] == [2]
 
 
 def test_bad_clouds_keep_the_node_alive(rig):

@@ -1,10 +1,12 @@
 """Output messages of the segmenter: labeled cloud, instance markers, overlay images, JSON records, colours.
 
 Reproducing a bag of outputs: ``~/labeled_points`` holds per point ``label`` (0 = no class, k = class k-1),
-``instance`` and ``score``; the class names that ``label`` refers to come from the ``~/info`` record with the
-same ``stamp_ns`` (it carries the vocabulary ``version`` and its ``classes``), so a bag of these two topics is
-self-contained even if the vocabulary changed mid-recording. ``~/vocabulary`` (transient-local) announces each
-version once, with prompts, descriptions and thing/stuff.
+``vocabulary_version`` (the vocabulary ``label`` refers to, in the two bytes of padding before ``instance``, so
+the cloud stays 32 bytes a point), ``instance`` and ``score``. Every output names its vocabulary version: the
+cloud per point, ``~/markers`` in their ``vocabulary`` marker (id = version), ``~/info`` per frame (with the
+``classes``) and ``~/vocabulary`` (transient-local: each version once, with prompts, descriptions and
+thing/stuff). So any one recorded output tells which vocabulary made it, and with ``~/info`` or ``~/vocabulary``
+the class names, even if the vocabulary changed mid-recording.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ UNLABELED_COLOR = (110, 110, 110)
 # PointCloud2 layout of ~/labeled_points (name, dtype), in order.
 LABELED_FIELDS = (
     ("x", np.float32), ("y", np.float32), ("z", np.float32), ("intensity", np.float32),
-    ("label", np.uint16), ("instance", np.uint32), ("score", np.float32), ("rgb", np.float32),
+    ("label", np.uint16), ("vocabulary_version", np.uint16), ("instance", np.uint32), ("score", np.float32),
+    ("rgb", np.float32),
 )
+VOCABULARY_NS = "vocabulary"  # marker namespace of the vocabulary legend; its id is the version
 
 
 # --------------------------------------------------------------------------------------------------- colours
@@ -65,7 +69,8 @@ def labeled_cloud(
     types: MessageTypes,
     palette: np.ndarray | None = None,
 ) -> Any:
-    """PointCloud2 with x y z intensity label instance score rgb: the input's points in the input's order.
+    """PointCloud2 with x y z intensity label vocabulary_version instance score rgb: the input's points in the
+    input's order. ``vocabulary_version`` is ``seg.vocabulary_version`` mod 65536 on every point.
 
     ``intensity`` None (a cloud without one) is written as zeros, so the layout never changes.
     """
@@ -78,6 +83,7 @@ def labeled_cloud(
         "xyz": xyz,
         "intensity": np.zeros(n, np.float32) if intensity is None else np.asarray(intensity, np.float32),
         "label": np.asarray(seg.label, np.uint16),
+        "vocabulary_version": np.full(n, int(seg.vocabulary_version) & 0xFFFF, np.uint16),
         "instance": np.asarray(seg.instance, np.uint32),
         "score": np.asarray(seg.score, np.float32),
         # one 4-byte gather per point from the packed palette (packing per point costs ~4x more)
@@ -113,14 +119,18 @@ def instance_markers(
     palette: np.ndarray,
     types: MessageTypes,
     min_points: int = 1,
+    vocabulary_version: int | None = None,
 ) -> Any:
-    """MarkerArray: DELETEALL, then per instance an oriented box (LINE_LIST) and a facing text "class score"."""
+    """MarkerArray: DELETEALL, the vocabulary legend (when ``vocabulary_version`` is given), then per instance
+    an oriented box (LINE_LIST) and a facing text "class score"."""
     from geometry_msgs.msg import Point
     from std_msgs.msg import ColorRGBA
     from visualization_msgs.msg import Marker, MarkerArray
 
     header = make_header(frame_id, stamp_ns, types)
-    markers = [Marker(header=header, action=Marker.DELETEALL)]
+    markers = [Marker(header=header, action=Marker.DELETEALL)]  # empty ns: RViz 2 clears every namespace
+    if vocabulary_version is not None:
+        markers.append(vocabulary_marker(header, vocabulary_version))
     for inst in instances:
         if inst.num_points < min_points:
             continue
@@ -142,6 +152,21 @@ def instance_markers(
         text.color = ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0)
         markers += [box, text]
     return MarkerArray(markers=markers)
+
+
+def vocabulary_marker(header: Any, version: int) -> Any:
+    """Facing text "vocabulary vN" 2 m above the sensor, ns ``vocabulary``, id N: a recording of the markers alone
+    names the vocabulary of its labels, and RViz shows when a prompt change took effect."""
+    from std_msgs.msg import ColorRGBA
+    from visualization_msgs.msg import Marker
+
+    text = Marker(header=header, ns=VOCABULARY_NS, id=int(version), type=Marker.TEXT_VIEW_FACING,
+                  action=Marker.ADD, text=f"vocabulary v{int(version)}")
+    text.pose.position.z = 2.0
+    text.pose.orientation.w = 1.0
+    text.scale.z = 0.5
+    text.color = ColorRGBA(r=0.8, g=0.8, b=0.8, a=1.0)
+    return text
 
 
 # -------------------------------------------------------------------------------------------------- overlays

@@ -3,9 +3,10 @@
 Inputs: ``cloud_topic`` (PointCloud2) and optional cameras (image + camera_info) synced to each cloud.
 Outputs, in the cloud's frame and stamp:
 
-- ``~/labeled_points`` PointCloud2 (x y z intensity label instance score rgb; the input's points in its order),
+- ``~/labeled_points`` PointCloud2 (x y z intensity label vocabulary_version instance score rgb; the input's
+  points in its order),
 - ``~/info`` std_msgs/String JSON per frame: stamp, vocabulary version and classes, instances (see outputs.py),
-- ``~/markers`` MarkerArray (DELETEALL, then a box and a text label per instance),
+- ``~/markers`` MarkerArray (DELETEALL, the vocabulary legend, then a box and a text label per instance),
 - ``~/overlay/<camera>`` Image: labeled points projected into each synced camera,
 - ``~/vocabulary`` std_msgs/String JSON, transient-local: the active vocabulary, once per version,
 - ``~/stats`` std_msgs/String JSON every ``stats_period``: counters and per-stage timings.
@@ -350,7 +351,8 @@ class SegmenterNode(Node):
             self._pub_info.publish(String(data=record))
         if wanted["markers"]:
             self._pub_markers.publish(outputs.instance_markers(
-                seg.instances, frame.frame_id, frame.stamp_ns, palette, self._types, self.values["markers.min_points"]))
+                seg.instances, frame.frame_id, frame.stamp_ns, palette, self._types, self.values["markers.min_points"],
+                vocabulary_version=seg.vocabulary_version))
         for name in wanted["overlays"]:
             view = frame.cameras.get(name)
             if view is not None:
