@@ -9,7 +9,8 @@
    ground truth), ``metrics.json`` and ``report.md`` (class-agnostic PQ vs ground truth, latency, drops).
 
 Every step leaves its result in the output folder and is skipped when that result is complete, so an interrupted
-demo resumes where it stopped (training resumes from its last checkpoint).
+demo resumes where it stopped (training resumes from its last checkpoint). A run with other settings (masks,
+weights, data, steps: ``settings.json``) starts over instead of taking the old results for done.
 """
 from __future__ import annotations
 
@@ -406,6 +407,45 @@ def render_camera(path: Path, r: FrameResult) -> None:
 # ------------------------------------------------------------------------------------------------------- run
 
 
+DEMO_OUTPUTS = ("bag", "frames", "train", "clouds", "png", "logs", "params.yaml", "metrics.json", "report.md")
+SETTINGS_FILE = "settings.json"
+
+
+def demo_settings(seq: Path, cfg: DemoConfig) -> dict:
+    """What the results in the output folder depend on (not how they are shown: rate, progress)."""
+    keys = ("steps", "max_points", "slic_segments", "masks", "sam2_checkpoint", "sam2_config", "clip_model",
+            "clip_pretrained")
+    return {"data": str(seq.resolve()), **{k: getattr(cfg, k) for k in keys}}
+
+
+def start_over_if_settings_changed(out: Path, seq: Path, cfg: DemoConfig) -> None:
+    """Steps resume from what the folder holds, so results made with other settings (other masks, weights, data,
+    steps) would be taken as done: remove the demo's own outputs and say why, before anything runs."""
+    import json
+    import shutil
+
+    wanted = demo_settings(seq, cfg)
+    settings = out / SETTINGS_FILE
+    if settings.exists():
+        try:
+            before = json.loads(settings.read_text())
+        except (OSError, ValueError):
+            before = {}
+        changed = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
+        if changed:
+            say("settings differ from the last demo in this folder ("
+                + ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()) + "): starting over")
+            for name in DEMO_OUTPUTS:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    elif any((out / name).exists() for name in DEMO_OUTPUTS):
+        say(f"{out} holds demo results without {SETTINGS_FILE} (older sal_ros): reusing them as they are")
+    write_json(settings, wanted)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     os.environ.setdefault("ROS_DOMAIN_ID", DEFAULT_DOMAIN_ID)
     from sal_ros.env import apply_ros_env_defaults
@@ -418,6 +458,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     say(f"sal_ros demo on {seq} -> {out}")
     say(f"weights: {weights_statement(cfg)}")
     out.mkdir(parents=True, exist_ok=True)
+    start_over_if_settings_changed(out, seq, cfg)
     say("[1/6] convert the dataset to a rosbag2")
     step_convert(seq, bag, cfg.progress)
     params = out / "params.yaml"

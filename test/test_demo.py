@@ -90,3 +90,27 @@ def test_demo_without_data_says_what_it_needs(tmp_path):
 def test_demo_uses_sal_data_when_no_flag(tmp_path):
     proc = run_demo("--out", str(tmp_path / "out"), env_extra={"SAL_DATA": str(tmp_path / "missing")}, timeout=120)
     assert proc.returncode == 2 and str(tmp_path / "missing") in proc.stderr
+
+
+def test_demo_starts_over_when_its_settings_change(tmp_path, capsys):
+    """Steps resume from the folder, so results made with other masks, weights, data or steps must not be taken
+    as done: the demo's own outputs go, anything else in the folder stays; same settings keep everything."""
+    from sal_ros.demo import DemoConfig, start_over_if_settings_changed
+
+    seq = tmp_path / "seq"
+    seq.mkdir()
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "model_last.pt").write_bytes(b"old student")
+    (out / "report.md").write_text("old")
+    (out / "notes.txt").write_text("the user's")
+    start_over_if_settings_changed(out, seq, DemoConfig(out=out))
+    assert "older sal_ros" in capsys.readouterr().out and (out / "report.md").exists()
+    start_over_if_settings_changed(out, seq, DemoConfig(out=out, rate=1.0, progress=False))  # display only
+    assert (out / "train" / "model_last.pt").exists()
+    start_over_if_settings_changed(out, seq, DemoConfig(out=out, masks="sam2", sam2_checkpoint="sam2.pt"))
+    said = capsys.readouterr().out
+    assert "masks: slic -> sam2" in said and "starting over" in said
+    assert not (out / "train").exists() and not (out / "report.md").exists()
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert json.loads((out / "settings.json").read_text())["masks"] == "sam2"
