@@ -315,3 +315,29 @@ def test_score_threshold_and_max_points_are_applied_by_the_segmenter_to_what_is_
     assert (seg.score[~labeled] == 0).all() and (seg.instance[~labeled] == 0).all()
     assert sum(i.num_points for i in seg.instances) == int((seg.instance > 0).sum()) > 30_000
     assert_summaries_describe_the_labels(xyz, seg)
+
+
+def test_min_instance_points_set_at_run_time_drops_small_instances(rig):
+    """Instances smaller than min_instance_points vanish from what is published (points back to label 0,
+    instance 0) and from the summaries; the larger ones are untouched."""
+    from sal_ros.core.types import Frame
+    from test_inference import assert_summaries_describe_the_labels
+
+    before = rig.node.active.version
+    assert set_prompts(rig, ["car", "person", "bicycle", "truck"]).successful  # things only: no stuff merging
+    wait_for(lambda: rig.node.active.version > before, what="the things-only vocabulary")
+    frame = Frame(T0, "velodyne", rig.sensors.xyz, rig.sensors.intensity)
+    every = rig.node.segment_frame(frame)
+    sizes = sorted(i.num_points for i in every.instances)
+    assert len(sizes) >= 2 and sizes[0] < sizes[-1]
+    limit = sizes[len(sizes) // 2] + 1  # drops the smaller half
+    set_param(rig, "min_instance_points", Parameter.Type.INTEGER, limit)
+    try:
+        kept = rig.node.segment_frame(frame)
+    finally:
+        set_param(rig, "min_instance_points", Parameter.Type.INTEGER, 1)
+    assert kept.instances and all(i.num_points >= limit for i in kept.instances)
+    assert len(kept.instances) == sum(s >= limit for s in sizes)
+    small = ~np.isin(every.instance, [i.instance_id for i in every.instances if i.num_points >= limit])
+    assert (kept.instance[small] == 0).all() and (kept.label[small] == 0).all()
+    assert_summaries_describe_the_labels(rig.sensors.xyz, kept)

@@ -88,6 +88,9 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "Vocabulary YAML (classes with descriptions and thing/stuff); overrides prompts at start.", dynamic=True),
     ParamSpec("score_threshold", "double", 0.3,
               "Points whose segment score is below this get label 0 and instance 0.", range=(0.0, 1.0), dynamic=True),
+    ParamSpec("min_instance_points", "int", 1,
+              "Instances with fewer points are dropped (their points get label 0, instance 0); e.g. 15-50 to keep "
+              "speckle out of the markers. 1: keep every instance.", range=(1, 1_000_000), dynamic=True),
     ParamSpec("max_points", "int", 300000,
               "Largest cloud the model sees (finite points); bigger clouds follow max_points_policy. 0: no limit.",
               range=(0, 10_000_000), dynamic=True),

@@ -119,7 +119,8 @@ class SegmenterNode(Node):
                 "model.checkpoint is empty: running a TINY RANDOM-WEIGHT model to try the plumbing; "
                 "segments and labels are meaningless. Set model.checkpoint to a trained SAL checkpoint.")
         segmenter = Segmenter.from_checkpoint(v["model.checkpoint"] or None, self.device, encoder,
-                                              score_threshold=v["score_threshold"], max_points=v["max_points"])
+                                              score_threshold=v["score_threshold"], max_points=v["max_points"],
+                                              min_points=v["min_instance_points"])
         return encoder, segmenter
 
     # -------------------------------------------------------------------------------------------- vocabulary
@@ -204,7 +205,7 @@ class SegmenterNode(Node):
             self.values[param.name] = value
             if param.name == "prompts" or (param.name == "vocabulary_file" and value):
                 self._request_vocabulary(param.name, value)
-            elif param.name in ("score_threshold", "max_points"):
+            elif param.name in ("score_threshold", "max_points", "min_instance_points"):
                 self._configure_segmenter()
 
     # ------------------------------------------------------------------------------------------------ output
@@ -307,6 +308,7 @@ class SegmenterNode(Node):
         """Hand the node's parameters to the Segmenter, the one place that applies them (from the next frame)."""
         self._segmenter.score_threshold = float(self.values["score_threshold"])
         self._segmenter.max_points = int(self.values["max_points"])
+        self._segmenter.min_points = int(self.values["min_instance_points"])
 
     def _model_intensity(self, frame: Frame) -> np.ndarray | None:
         """The points' intensity on the checkpoint's scale. Lidars disagree on it (0..1, 0..255, 0..65535), and a
