@@ -1,6 +1,7 @@
 """The engine on real frames: nuScenes 6 cameras fused (objects across camera seams become one instance), whole
-pipeline with SLIC + tiny CLIP, resumable runs (a killed CLI run redoes nothing and leaves no partial file),
-Ray backend, evaluation table."""
+pipeline with SLIC + tiny CLIP, resumable runs (a killed CLI run redoes nothing and leaves no partial file), runs
+that share an output folder (a run removes only stale temporary files), Ray backend on a private instance
+(test_pseudolabel_ray.py: on a running cluster)."""
 import json
 import os
 import signal
@@ -14,13 +15,19 @@ import pytest
 from conftest import REPO, require_data
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.files import TMP_PREFIX
+from sal_ros.core.files import TMP_PREFIX, atomic_open
 from sal_ros.data.pseudolabels import load_pseudolabels
-from sal_ros.pseudolabel.engine import EngineConfig, FrameSource, PseudoLabeler, label_from_masks, run
+from sal_ros.pseudolabel.engine import STALE_TEMP_S, EngineConfig, FrameSource, PseudoLabeler, label_from_masks, run
 from sal_ros.pseudolabel.evaluate import oracle_masks
 from sal_ros.pseudolabel.lifting import LIDAR_SPACING_DEG, LiftConfig, project_view
 
 FUSION_IOU = 0.3
+# A Ray head (the private instance too) probes the cloud metadata address 169.254.169.254 and posts a "usage stats
+# disabled" note over HTTP even with usage stats off (Ray 2.60, usage_stats_head); through a dead loopback proxy
+# those requests fail without leaving the machine. Ray's own gRPC ignores proxies; loopback is exempt.
+RAY_LOOPBACK_ENV = {**{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+                    "NO_PROXY": "127.0.0.1,localhost,::1", "no_proxy": "127.0.0.1,localhost,::1",
+                    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/", "RAY_USAGE_STATS_ENABLED": "0"}
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
                                              "head_width": 32},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
@@ -141,12 +148,15 @@ def test_killed_run_resumes_without_redoing_frames(tmp_path, tiny_clip):
     assert 2 <= len(finished) < n
     for name in finished:  # a finished name is always a whole file
         load_pseudolabels(out / name)
-    (out / f"{TMP_PREFIX}00_000007-leftover.npz").write_bytes(b"half a file")  # as a kill mid-write leaves
+    # Temporary files of the run just killed are fresh: kept, as another node's live writer would be.
+    fresh = {p.name for p in out.iterdir() if p.name.startswith(TMP_PREFIX)}
+    stale = _stale_temp_file(out, "00_000007")  # as a run killed mid-write long ago leaves
     done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["skipped"] == len(finished) and summary["done"] == n - len(finished)
-    assert sorted(p.name for p in out.iterdir()) == [f"00_{i:06d}.npz" for i in range(n)]  # no partial files
+    assert not stale.exists()
+    assert {p.name for p in out.iterdir()} - fresh == {f"00_{i:06d}.npz" for i in range(n)}  # no partial files
     for name, st in finished.items():  # untouched: same inode, same modification time
         now = (out / name).stat()
         assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
@@ -154,6 +164,33 @@ def test_killed_run_resumes_without_redoing_frames(tmp_path, tiny_clip):
     for key in frames.keys():
         pl = load_pseudolabels(out / f"{key}.npz", frames.load(key).num_points)
         assert pl.num_instances > 0 and pl.tokens.shape[1] == 32
+
+
+def _stale_temp_file(out: Path, key: str) -> Path:
+    """A temporary file (atomic_open's naming) whose writer stopped twice the staleness limit ago."""
+    path = out / f"{TMP_PREFIX}{key}.npz.0123456789ab"
+    path.write_bytes(b"half a file")
+    then = time.time() - 2 * STALE_TEMP_S
+    os.utime(path, (then, then))
+    return path
+
+
+def test_a_run_removes_only_stale_temp_files(tmp_path):
+    """Another run (or node) writing into the same folder keeps its temporary file through this run's start and
+    end clean-ups, so its write completes; a file untouched for longer than STALE_TEMP_S is removed."""
+    seq = _kitti_sequence(tmp_path, 1)
+    out = tmp_path / "pl"
+    out.mkdir()
+    stale = _stale_temp_file(out, "00_000005")
+    cfg = EngineConfig(masks="slic", mask_options={"n_segments": 30}, tokens=False, refine=None)
+    with atomic_open(out / "00_000009.npz") as other:  # the other writer, mid-file
+        other.write(b"first half ")
+        summary = run(seq, cfg, out, progress=False)
+        other.write(b"second half")
+    assert (summary.done, summary.failed) == (1, {})
+    assert (out / "00_000009.npz").read_bytes() == b"first half second half"
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["00_000000.npz", "00_000009.npz"]
 
 
 def test_rerun_with_other_config_is_refused(tmp_path):
@@ -171,11 +208,19 @@ def test_rerun_with_other_config_is_refused(tmp_path):
         run(seq, cfg, None, progress=False)  # raw dataset folders are never written into
 
 
-def test_ray_backend(tmp_path):
+def ray_loopback(monkeypatch) -> None:
+    """In-process Ray on loopback only (RAY_LOOPBACK_ENV), and a private instance whatever RAY_ADDRESS says."""
+    for key, value in RAY_LOOPBACK_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def test_ray_backend(tmp_path, monkeypatch):
+    ray_loopback(monkeypatch)
     seq = _kitti_sequence(tmp_path, 2)
     cfg = EngineConfig(masks="slic", mask_options={"n_segments": 30}, tokens=False, refine=None)
     s = run(seq, cfg, tmp_path / "pl", workers=2, backend="ray", progress=False)
-    assert (s.done, s.failed) == (2, {})
+    assert (s.done, s.failed, s.workers) == (2, {}, 2)
     local = tmp_path / "local"
     run(seq, cfg, local, progress=False)
     for key in ("00_000000", "00_000001"):  # same labels whichever backend ran them

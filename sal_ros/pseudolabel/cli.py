@@ -6,7 +6,8 @@
 DATASET is a FrameStore folder (output defaults to DATASET/pseudolabels) or a dataset folder sal_ros reads
 (SemanticKITTI sequence or root, nuScenes sample folder, KITTI object; --out required: raw data stays untouched).
 One ``<key>.npz`` per frame is written atomically; a second run skips finished frames (resume); files made with
-another configuration are refused unless --overwrite.
+another configuration are refused unless --overwrite. ``--backend ray`` runs the workers on a private local Ray
+instance, or with ``--ray-address`` (or RAY_ADDRESS) on a running cluster.
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r = parser.add_argument_group("run")
     r.add_argument("--workers", type=int, default=1)
     r.add_argument("--backend", choices=["local", "ray"], default="local")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="--backend ray: join a running cluster, 'auto' (the one `ray start` runs on this machine) or "
+                        "HOST:PORT of its head; default $RAY_ADDRESS, else a private local instance. Dataset and "
+                        "--out must be on a filesystem every node mounts at the same path")
     r.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     r.add_argument("--overwrite", action="store_true", help="redo finished frames")
     r.add_argument("--max-frames", type=int)
@@ -107,9 +112,12 @@ def main(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.ray_address and args.backend != "ray":
+            raise ValueError("--ray-address needs --backend ray")
         config = config_from_args(args)
         summary = run(args.dataset, config, args.out, workers=args.workers, backend=args.backend,
-                      overwrite=args.overwrite, max_frames=args.max_frames, progress=not args.no_progress)
+                      overwrite=args.overwrite, max_frames=args.max_frames, progress=not args.no_progress,
+                      ray_address=args.ray_address)
     except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"sal-ros pseudolabel: {exc}", file=sys.stderr)
         return 1

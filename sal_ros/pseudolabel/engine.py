@@ -11,7 +11,9 @@ Per frame (``PseudoLabeler.label_frame``):
 
 Runs (``run``) go over a frame source (a FrameStore folder, a SemanticKITTI sequence, a nuScenes sample folder),
 write one file per frame atomically, skip frames already written (resume), and fan out over worker processes
-(``backend="local"``) or a Ray cluster (``backend="ray"``).
+(``backend="local"``) or Ray actors on a private instance or a running cluster (``backend="ray"``, ray_backend.py).
+Several runs may write one folder at once (other nodes, other frame sets): a finished file is only ever replaced
+whole, and a run removes only temporary files no writer can still be writing (``remove_stale_temp_files``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.files import remove_temp_files
+from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
@@ -265,6 +267,27 @@ class RunSummary:
     failed: dict[str, str]  # key -> error
     out_dir: str
     seconds: float
+    workers: int = 0  # worker processes that labeled (Ray: the actors the cluster could place)
+
+
+# A pseudo-label file is written in well under a second (the write keeps its mtime fresh); a temporary file untouched
+# this long has no live writer. Age, not a PID: on a shared filesystem the writer may run on another node.
+STALE_TEMP_S = 600.0
+
+
+def remove_stale_temp_files(folder: str | Path, older_than_s: float = STALE_TEMP_S) -> int:
+    """Remove the temporary files that killed writers left in ``folder``, never one another run is writing; how many.
+
+    The clocks of the nodes sharing the folder must agree to well within ``older_than_s`` (NTP)."""
+    now, removed = time.time(), 0
+    for tmp in Path(folder).glob(f"{TMP_PREFIX}*"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+        except FileNotFoundError:  # its writer renamed it, or another run removed it first
+            continue
+    return removed
 
 
 def pending_keys(keys: list[str], out_dir: Path, config_hash: str, overwrite: bool) -> list[str]:
@@ -309,34 +332,30 @@ def _label_key(key: str) -> tuple[str, str | None]:
         return key, f"{type(exc).__name__}: {exc}"
 
 
-class _RayWorker:
-    def __init__(self, source_path, config, out_dir, threads):
-        _init_worker(source_path, config, out_dir, threads)
-
-    def label(self, key):
-        return _label_key(key)
-
-
 def run(source_path: str | Path, config: EngineConfig, out_dir: str | Path | None = None, workers: int = 1,
         backend: str = "local", overwrite: bool = False, max_frames: int | None = None,
-        progress: bool = True) -> RunSummary:
-    """Label every frame of a dataset folder that has no finished file yet."""
+        progress: bool = True, ray_address: str | None = None) -> RunSummary:
+    """Label every frame of a dataset folder that has no finished file yet.
+
+    ``ray_address`` (backend "ray"): None = $RAY_ADDRESS, else a private local instance; "auto" or HOST:PORT
+    joins a running cluster."""
     t0 = time.perf_counter()
     source = FrameSource(source_path)
     out = Path(out_dir) if out_dir is not None else source.default_out
     if out is None:
         raise ValueError(f"{source_path} is a raw {source.kind} folder: pass --out DIR (its folder is left untouched)")
     out.mkdir(parents=True, exist_ok=True)
-    removed = remove_temp_files(out)  # what an interrupted run left (never a finished file)
+    removed = remove_stale_temp_files(out)
     if removed:
-        log.info("removed %d partial files of an interrupted run in %s", removed, out)
+        log.info("removed %d partial files of killed runs in %s", removed, out)
     keys = source.keys()[:max_frames] if max_frames else source.keys()
     todo = pending_keys(keys, out, config.config_hash(), overwrite)
     summary = RunSummary(len(keys), len(keys) - len(todo), 0, {}, str(out), 0.0)
     if todo:
-        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-        args = (str(source.path), config.to_dict(), str(out), threads)
-        results = _run_ray(todo, args, workers) if backend == "ray" else _run_local(todo, args, workers)
+        # Absolute: Ray workers do not run in the driver's working directory (nor on its machine).
+        args = (str(source.path.resolve()), config.to_dict(), str(out.resolve()))
+        results = _run_ray(todo, args, workers, ray_address, summary) if backend == "ray" else \
+            _run_local(todo, args, workers, summary)
         try:
             for key, error in _progress(results, len(todo), progress, f"pseudolabel {source.path.name}"):
                 if error is None:
@@ -345,7 +364,7 @@ def run(source_path: str | Path, config: EngineConfig, out_dir: str | Path | Non
                     summary.failed[key] = error
                     log.error("frame %s failed: %s", key, error)
         finally:
-            remove_temp_files(out)
+            remove_stale_temp_files(out)
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -358,43 +377,22 @@ def _progress(results, total: int, enabled: bool, desc: str):
     return tqdm(results, total=total, desc=desc, unit="frame")
 
 
-def _run_local(todo: list[str], args: tuple, workers: int):
+def _run_local(todo: list[str], args: tuple, workers: int, summary: RunSummary):
+    summary.workers = max(workers, 1)
     if workers <= 1:
-        _init_worker(*args[:3], 0)
+        _init_worker(*args, 0)
         for key in todo:
             yield _label_key(key)
         return
     import multiprocessing as mp
 
+    threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn: torch and fork do not mix; each worker builds its own models once.
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=args) as pool:
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(*args, threads)) as pool:
         yield from pool.imap_unordered(_label_key, todo)
 
 
-def _run_ray(todo: list[str], args: tuple, workers: int):
-    try:
-        import ray
-    except ImportError as exc:
-        raise RuntimeError("--backend ray needs the ray package (pip install 'ray==2.*')") from exc
-    started = not ray.is_initialized()
-    if started:  # a private local cluster on loopback; no usage reporting (nothing leaves the machine)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(num_cpus=max(workers, 1), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, _node_ip_address="127.0.0.1")
-    try:
-        actor = ray.remote(_RayWorker)
-        pool = [actor.remote(*args) for _ in range(max(workers, 1))]
-        pending = {}
-        queue = list(todo)
-        for a in pool:  # keep every actor busy with one frame
-            if queue:
-                pending[a.label.remote(queue.pop(0))] = a
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            a = pending.pop(done[0])
-            if queue:
-                pending[a.label.remote(queue.pop(0))] = a
-            yield ray.get(done[0])
-    finally:
-        if started:
-            ray.shutdown()
+def _run_ray(todo: list[str], args: tuple, workers: int, address: str | None, summary: RunSummary):
+    from sal_ros.pseudolabel import ray_backend
+
+    yield from ray_backend.label(todo, args, workers, address, summary)
