@@ -53,3 +53,17 @@ def require_rclpy():
 
         return rclpy
     return pytest.importorskip("rclpy", reason="rclpy not importable")
+
+
+def save_tiny_checkpoint(path: Path) -> Path:
+    """The tiny preset with seeded random weights, saved as a checkpoint naming the tiny text encoder: what the
+    command-level tests run the node and `sal-ros eval` with."""
+    import torch
+
+    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.checkpoint import save_checkpoint
+    from sal_ros.model.sal import SALModel
+    from sal_ros.model.vocabulary import tiny_text_encoder
+
+    torch.manual_seed(0)
+    return save_checkpoint(path, SALModel(ModelConfig.preset("tiny")).eval(), text_encoder_identity=tiny_text_encoder())

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import require_data, require_rclpy
+from conftest import require_data, require_rclpy, save_tiny_checkpoint
 
 DOMAIN_ID = "84"
 
@@ -25,20 +25,13 @@ def rig(tmp_path_factory):
     """The converted 2-frame bag, a tiny random-weight checkpoint and node params naming both."""
     seq = require_data("semantickitti", "sequences", "00")
     require_rclpy()
-    import torch
-
     from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert, image_topic, info_topic
-    from sal_ros.model.backbone import ModelConfig
-    from sal_ros.model.checkpoint import save_checkpoint
-    from sal_ros.model.sal import SALModel
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER, tiny_text_encoder
+    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
 
     root = tmp_path_factory.mktemp("eval_online")
     bag = root / "bag"
     convert(seq, bag, progress=False)
-    torch.manual_seed(0)
-    checkpoint = save_checkpoint(root / "tiny.pt", SALModel(ModelConfig.preset("tiny")).eval(),
-                                 text_encoder_identity=tiny_text_encoder())
+    checkpoint = save_tiny_checkpoint(root / "tiny.pt")
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({
         "/**": {"ros__parameters": {

@@ -6,23 +6,15 @@ import sys
 
 import pytest
 
-from conftest import REPO, require_data
+from conftest import REPO, require_data, save_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     seq = require_data("semantickitti", "sequences", "00")
-    import torch
-
-    from sal_ros.model.backbone import ModelConfig
-    from sal_ros.model.checkpoint import save_checkpoint
-    from sal_ros.model.sal import SALModel
-    from sal_ros.model.vocabulary import tiny_text_encoder
 
     root = tmp_path_factory.mktemp("eval_threshold")
-    torch.manual_seed(0)
-    checkpoint = save_checkpoint(root / "tiny.pt", SALModel(ModelConfig.preset("tiny")).eval(),
-                                 text_encoder_identity=tiny_text_encoder())
+    checkpoint = save_tiny_checkpoint(root / "tiny.pt")
     return type("Rig", (), {"root": root, "seq": seq, "checkpoint": checkpoint})
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, require_data, require_rclpy
+from conftest import REPO, require_data, require_rclpy, save_tiny_checkpoint
 
 rclpy = require_rclpy()
 from rclpy.parameter import Parameter  # noqa: E402
@@ -190,20 +190,13 @@ class Probe:
 def rig(tmp_path_factory):
     """The converted 2-frame bag, a tiny checkpoint, the node process on them and the probe talking to it."""
     seq = require_data("semantickitti", "sequences", "00")
-    import torch
-
     from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert
-    from sal_ros.model.backbone import ModelConfig
-    from sal_ros.model.checkpoint import save_checkpoint
-    from sal_ros.model.sal import SALModel
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER, tiny_text_encoder
+    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
 
     root = tmp_path_factory.mktemp("multiprocess")
     bag = root / "bag"
     convert(seq, bag, progress=False)
-    torch.manual_seed(0)
-    checkpoint = save_checkpoint(root / "tiny.pt", SALModel(ModelConfig.preset("tiny")).eval(),
-                                 text_encoder_identity=tiny_text_encoder())
+    checkpoint = save_tiny_checkpoint(root / "tiny.pt")
     sets = {"model.device": "cpu", "model.checkpoint": checkpoint, "text_encoder.model": TINY_TEXT_ENCODER,
             "cloud_topic": CLOUD_TOPIC, "cameras": f"[{CAMERA}]", "calibration.source": "static",
             "calibration.file": bag / EXTRINSICS_FILE, "prompts": json.dumps(PROMPTS), "score_threshold": 0.0,
