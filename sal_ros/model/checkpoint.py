@@ -15,17 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sal_ros.core.files import atomic_write
+from sal_ros.model.errors import CheckpointError, ModelError
 
 FORMAT = "sal_ros.model"
 FORMAT_VERSION = 1
-
-
-class ModelError(RuntimeError):
-    """The model, its weights or its text encoder cannot be used as configured; the text says why."""
-
-
-class CheckpointError(ModelError):
-    """A checkpoint file that cannot be loaded (missing, corrupt, other format, mismatching weights)."""
 
 
 def save_checkpoint(path: str | Path, model, config=None, text_encoder_identity: Any = None,

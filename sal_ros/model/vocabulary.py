@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from sal_ros.model.checkpoint import ModelError
+from sal_ros.model.errors import ModelError
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
