@@ -16,12 +16,14 @@ export RMW_IMPLEMENTATION := rmw_fastrtps_cpp
 setup: $(STAMP)
 
 # Re-run only when the pins change. torch/torchvision come from the machine's local wheel store.
-$(STAMP): requirements.txt requirements-dev.txt Makefile setup.py
+$(STAMP): requirements.txt requirements-dev.txt Makefile setup.py $(wildcard sal_ros_msgs/msg/*.msg)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -r requirements-dev.txt
 	# sam2 builds against the venv's torch (no CUDA extension); without --no-build-isolation it pulls another torch.
 	SAM2_BUILD_CUDA=0 $(PIP) install -q --no-build-isolation sam2==1.1.0
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	# sal_ros_msgs (vocabulary, frame summary interfaces) built with the ament/rosidl wheels into the venv
+	VENV=$(VENV) sal_ros_msgs/build_venv.sh
 	touch $(STAMP)
 
 test: setup
