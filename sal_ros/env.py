@@ -4,7 +4,10 @@ Must run before rclpy is imported (the RMW reads these at init).
 """
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -36,3 +39,71 @@ def apply_ros_env_defaults(domain_id: int | None = None) -> None:
     if profile is not None:
         os.environ.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(profile))
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+
+
+# Domains whose RTPS ports (7400 + 250 * id ...) stay below Linux's ephemeral range (32768+), minus the low ones
+# robot stacks and people pick by hand (0 is the default, 42 the demo's).
+FREE_DOMAIN_RANGE = range(50, 102)
+DOMAIN_LOCK_DIR_ENV = "SAL_ROS_DOMAIN_LOCK_DIR"
+
+
+def ros_domain_in_use(domain_id: int, participants: int = 8) -> bool:
+    """Whether a DDS participant of this domain runs on this machine, from any program or RMW: one of the first
+    participant ids' unicast metatraffic ports (RTPS well-known port 7410 + 250 * domain + 2 * id) is bound.
+    Binding sends nothing."""
+    base = 7410 + 250 * domain_id
+    for participant in range(participants):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", base + 2 * participant))
+            except OSError:
+                return True
+    return False
+
+
+class DomainClaim:
+    """A ROS domain held for this process: an flock on its lock file, released by release() or at exit."""
+
+    def __init__(self, domain_id: int, fd: int, path: Path):
+        self.domain_id, self._fd, self.path = domain_id, fd, path
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def _domain_lock_dir(lock_dir: str | Path | None) -> Path:
+    path = Path(lock_dir or os.environ.get(DOMAIN_LOCK_DIR_ENV) or Path(tempfile.gettempdir()) / "sal_ros-ros-domains")
+    path.mkdir(parents=True, exist_ok=True)
+    try:  # shared by every user of the machine, like /tmp itself
+        path.chmod(0o1777)
+    except OSError:
+        pass
+    return path
+
+
+def claim_free_ros_domain(candidates=FREE_DOMAIN_RANGE, lock_dir: str | Path | None = None) -> DomainClaim:
+    """The first domain in `candidates` that no other claimant holds (an flock per domain under `lock_dir`, held
+    until release or exit) and no running DDS participant uses, so two test runs, benches or a robot stack on one
+    machine never meet."""
+    directory = _domain_lock_dir(lock_dir)
+    for domain_id in candidates:
+        path = directory / f"domain-{domain_id}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # another user's file we may not open: theirs
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        if ros_domain_in_use(domain_id):
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+        return DomainClaim(domain_id, fd, path)
+    raise RuntimeError(f"no free ROS domain among {list(candidates)}: every one is held by another "
+                       f"run (locks in {directory}) or used by a running DDS participant")

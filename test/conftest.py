@@ -5,16 +5,23 @@ from pathlib import Path
 
 import pytest
 
-# Must happen before anything imports rclpy.
-os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-os.environ.setdefault("ROS_DOMAIN_ID", "42")
-os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sal_ros.env import claim_free_ros_domain  # noqa: E402 - needs the path above; imports no ROS
+
+# Must happen before anything imports rclpy. Each run holds its own free domain for the whole session (a lock per
+# domain, skipping domains a running DDS participant uses): a second clone's suite, a robot stack or a `ros2` shell
+# on this machine never meets this run's nodes, whatever ROS_DOMAIN_ID the caller exported. Every node and
+# subprocess inherits it; a test that needs another domain claims one the same way.
+SESSION_DOMAIN = claim_free_ros_domain()
+os.environ["ROS_DOMAIN_ID"] = str(SESSION_DOMAIN.domain_id)
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ["RMW_IMPLEMENTATION"] = "rmw_fastrtps_cpp"
 os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds.xml")
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # ray (pseudo-label backend) never reports usage
 # Tests never download weights: a pretrained tag asked for by mistake fails at once instead of fetching.
 os.environ["HF_HUB_OFFLINE"] = "1"
-sys.path.insert(0, str(REPO))
 
 DATA_DIR = Path(os.environ.get("SAL_DATA", REPO.parent / "shared" / "data"))
 

@@ -14,11 +14,10 @@ import pytest
 
 from conftest import require_data, require_rclpy
 
-DOMAIN_ID = "71"
 
 
 def run_demo(*args, env_extra=None, timeout=900):
-    env = dict(os.environ, ROS_DOMAIN_ID=DOMAIN_ID, **(env_extra or {}))
+    env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "sal_ros.cli", "demo", "--no-progress", *args],
                           capture_output=True, text=True, env=env, timeout=timeout)
 

@@ -11,11 +11,10 @@ import yaml
 
 from conftest import require_data, require_rclpy, save_tiny_checkpoint
 
-DOMAIN_ID = "84"
 
 
 def run_eval(*args, timeout=240):
-    env = dict(os.environ, ROS_DOMAIN_ID=DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
     return subprocess.run([sys.executable, "-m", "sal_ros.cli", "eval", "online", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=timeout)
 

@@ -16,7 +16,6 @@ from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sal_ros.core.msgtypes import make_header, rclpy_types  # noqa: E402
 from sal_ros.core.pointcloud2 import encode_cloud  # noqa: E402
 
-DOMAIN_ID = 65
 T0 = 1_700_000_000_000_000_000
 WAIT_S = 30.0
 NS_PER_S = 1_000_000_000
@@ -77,7 +76,7 @@ def rig(tmp_path_factory):
 
     sensors = Sensors(tmp_path_factory.mktemp("inputs"))
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    rclpy.init(context=ctx)
     values = {"cloud_topic": "/in/points", "cameras": ["image_0"], "camera.image_0.image_topic": "/in/image",
               "camera.image_0.info_topic": "/in/info", "sync.timeout": 0.2, "calibration.source": "static",
               "calibration.file": str(sensors.calib_file)}
@@ -156,7 +155,7 @@ def test_sync_timeout_runs_on_sim_time_in_a_slowed_replay(tmp_path):
 
     sensors = Sensors(tmp_path)
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    rclpy.init(context=ctx)
     values = {"use_sim_time": True, "cloud_topic": "/sim/points", "cameras": ["image_0"],
               "camera.image_0.image_topic": "/sim/image", "camera.image_0.info_topic": "/sim/info",
               "camera.image_0.time_offset": 0.15, "sync.match_threshold": 0.03, "sync.timeout": 0.2,
@@ -231,7 +230,7 @@ def test_rectified_camera_projects_with_p_and_r(tmp_path):
     R = transforms3d.euler.euler2mat(0.004, -0.01, 0.003)
     Pm = np.hstack([K, [[-K[0, 0] * 0.54], [0], [0]]])
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    rclpy.init(context=ctx)
     try:
         views = {}
         for rectified in (False, True):

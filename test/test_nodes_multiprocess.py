@@ -23,7 +23,6 @@ from rclpy.qos import QoSProfile  # noqa: E402
 from sal_ros.core.msgtypes import stamp_to_ns  # noqa: E402
 from sal_ros.core.pointcloud2 import read_fields  # noqa: E402
 
-DOMAIN_ID = 91
 NODE = "/sal_segmenter"
 CAMERA = "image_0"
 PROMPTS = ["car", "road", "tree"]
@@ -48,7 +47,7 @@ class Child:
     """`sal-ros run ...` in its own process, its output in a log file."""
 
     def __init__(self, args, log_path):
-        env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+        env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                    RCUTILS_COLORIZED_OUTPUT="0", PYTHONUNBUFFERED="1")
         self.log_path = log_path
         self._log = open(log_path, "w")
@@ -100,7 +99,7 @@ class Probe:
         from sal_ros.nodes.qos import latched
 
         self.context = rclpy.Context()
-        rclpy.init(context=self.context, domain_id=DOMAIN_ID)
+        rclpy.init(context=self.context)
         node = self.node = rclpy.create_node("sal_multiprocess_probe", context=self.context)
         qos = QoSProfile(depth=10)
         self.pub = {"cloud": node.create_publisher(PointCloud2, cloud_topic, qos),

@@ -12,13 +12,12 @@ rclpy = require_rclpy()
 from rclpy.parameter import Parameter  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DOMAIN_ID = 61
 
 
 @pytest.fixture(scope="module")
 def context():
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    rclpy.init(context=ctx)
     yield ctx
     rclpy.shutdown(context=ctx)
 

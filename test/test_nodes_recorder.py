@@ -20,7 +20,6 @@ from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
 from test_nodes_inputs import Sensors, wait_for  # noqa: E402
 
-DOMAIN_ID = 66
 T0 = 1_700_000_000_000_000_000
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +31,7 @@ def _store_keys(root):
 
 
 def _start_recorder(params_file, out_dir, log):
-    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID))
+    env = dict(os.environ)
     return subprocess.Popen([sys.executable, "-m", "sal_ros.cli", "run", "--no-segmenter", "--params",
                              str(params_file), "--record", str(out_dir)], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -43,7 +42,7 @@ def publisher():
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    rclpy.init(context=ctx)
     node = rclpy.create_node("recorder_test", context=ctx)
     pubs = {"cloud": node.create_publisher(PointCloud2, "/rec/points", qos_profile_sensor_data),
             "image": node.create_publisher(Image, "/rec/image", qos_profile_sensor_data),

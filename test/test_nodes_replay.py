@@ -13,7 +13,6 @@ rclpy = require_rclpy()
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
-DOMAIN_ID = 62
 T0 = 1_700_000_000_000_000_000
 
 
@@ -45,7 +44,7 @@ def test_replay_publishes_bag_in_order_with_clock(tmp_path, storage):
     _write_bag(bag, scans, storage)
 
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    rclpy.init(context=ctx)
     try:
         listener = rclpy.create_node("listener", context=ctx)
         player_node = rclpy.create_node("player", context=ctx)

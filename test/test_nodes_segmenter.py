@@ -20,7 +20,6 @@ from sal_ros.nodes.qos import latched  # noqa: E402
 from test_nodes_inputs import Sensors, wait_for  # noqa: E402
 
 
-DOMAIN_ID = 63
 T0 = 1_700_000_000_000_000_000
 NODE = "/sal_segmenter"
 # A text encoder small enough for CPU tests; must be a name sal_ros.model.vocabulary.TextEncoder accepts.
@@ -40,7 +39,7 @@ def rig(tmp_path_factory):
 
     sensors = Sensors(tmp_path_factory.mktemp("segmenter"))
     ctx = rclpy.Context()
-    rclpy.init(context=ctx, domain_id=DOMAIN_ID)
+    rclpy.init(context=ctx)
     values = {
         "cloud_topic": "/kitti/points", "cameras": ["cam0"],
         "camera.cam0.image_topic": "/kitti/image", "camera.cam0.info_topic": "/kitti/camera_info",

@@ -55,7 +55,7 @@ def test_shutdown_between_context_check_and_wait_ends_the_spin_quietly(executor_
 
     def spin(guarded: bool):
         context = rclpy.Context()
-        rclpy.init(context=context, domain_id=87)
+        rclpy.init(context=context)
         node = rclpy.create_node(f"sal_spin_race_{'guarded' if guarded else 'bare'}", context=context)
         executor = (SingleThreadedExecutor if executor_kind == "single" else MultiThreadedExecutor)(context=context)
         waitable = _shutting_waitable(node, when=2)
@@ -95,7 +95,7 @@ def test_spin_until_shutdown_raises_when_the_context_is_still_up():
     from sal_ros.nodes.run import spin_until_shutdown
 
     context = rclpy.Context()
-    rclpy.init(context=context, domain_id=87)
+    rclpy.init(context=context)
     executor = SingleThreadedExecutor(context=context)
 
     class BrokenSpin:  # a real executor whose spin fails for another reason while the context is fine

@@ -11,11 +11,10 @@ import pytest
 
 from conftest import REPO, require_rclpy
 
-DOMAIN_ID = "87"
 
 
 def _start(*args):
-    env = dict(os.environ, ROS_DOMAIN_ID=DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                RCUTILS_COLORIZED_OUTPUT="0", PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)

@@ -10,7 +10,6 @@ import pytest
 
 from conftest import require_data, require_rclpy
 
-DOMAIN_ID = "83"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def kitti_bag(tmp_path_factory):
 
 
 def _replay(bag, *args):
-    env = dict(os.environ, ROS_DOMAIN_ID=DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
                RCUTILS_COLORIZED_OUTPUT="0")
     return subprocess.Popen([sys.executable, "-m", "sal_ros.cli", "replay", str(bag), "--start-paused-s", "0.1",
                              "--wait-for-subscribers-s", "0.5",

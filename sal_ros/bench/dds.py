@@ -6,8 +6,8 @@ and the latency (publisher wall clock at ``publish()`` -> subscriber callback, s
 shipped profile runs in this process; with ``--compare-stock`` the same exchange runs again with Fast DDS's stock
 configuration (no XML profile; both ends in fresh processes, since Fast DDS reads its profile once per process).
 
-Discovery stays on localhost (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``) in a private domain (``--domain-id``;
-the stock run uses the next one). Prints JSON on stdout.
+Discovery stays on localhost (``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``) in a private domain (``--domain-id``,
+else a free one claimed for the run; the stock run uses another). Prints JSON on stdout.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sal_ros.core.msgtypes import rosbags_types
-from sal_ros.env import fastdds_profile_path
+from sal_ros.env import claim_free_ros_domain, fastdds_profile_path
 
 PROFILE_ENV = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 TOPIC = "/sal_bench/points"
@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Fast DDS XML profile to measure (default: the shipped config/fastdds.xml)")
     parser.add_argument("--compare-stock", action="store_true",
                         help="also measure Fast DDS's stock configuration, side by side")
-    parser.add_argument("--domain-id", type=int, default=int(os.environ.get("SAL_BENCH_DOMAIN_ID", 87)),
-                        help="private ROS_DOMAIN_ID for the run (the stock run uses the next one; default 87)")
+    parser.add_argument("--domain-id", type=int, default=None,
+                        help="ROS_DOMAIN_ID for the run (default: a free one, claimed like the tests do; the stock "
+                             "run claims another)")
     parser.add_argument("--discovery-timeout", type=float, default=15.0,
                         help="seconds the publisher waits for the subscriber to match (default 15)")
     # internal: the role of a child process
@@ -65,12 +66,16 @@ def main(args: argparse.Namespace) -> int:
         "qos": "sensor data: best_effort, keep_last 5, volatile",
         "discovery": "LOCALHOST",
     }
+    # Free domains held for the whole run, so a test run or another bench on this machine never joins in.
+    claims = [claim_free_ros_domain() for _ in range(1 + args.compare_stock)] if args.domain_id is None else []
+    domains = [c.domain_id for c in claims] or [args.domain_id, args.domain_id + 1]
+    result["domains"] = domains[: 1 + args.compare_stock]
     # This process hosts the profile's subscriber, so its environment must be set before rclpy loads.
-    _set_env(os.environ, args.profile, args.domain_id)
-    publisher = _spawn(args, "publish", args.profile, args.domain_id)
+    _set_env(os.environ, args.profile, domains[0])
+    publisher = _spawn(args, "publish", args.profile, domains[0])
     result["profile"] = {"config": str(args.profile), **subscribe(args, publisher)}
     if args.compare_stock:
-        subscriber = _spawn(args, "subscribe", None, args.domain_id + 1)
+        subscriber = _spawn(args, "subscribe", None, domains[1])
         out, err = subscriber.communicate(timeout=_deadline_s(args) + 30)
         result["stock"] = {"config": "Fast DDS defaults (no XML profile)", **_last_json(out, err, "stock run")}
     return _print_json(result)
