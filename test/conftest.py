@@ -74,3 +74,27 @@ def save_tiny_checkpoint(path: Path) -> Path:
 
     torch.manual_seed(0)
     return save_checkpoint(path, SALModel(ModelConfig.preset("tiny")).eval(), text_encoder_identity=tiny_text_encoder())
+
+
+def wait_until(predicate, what: str, *, progress=None, stall_s: float = 120.0, check=None, poll_s: float = 0.01):
+    """Poll `predicate` until it returns something truthy, and return that. The wait follows progress, not the
+    clock: it fails only after `stall_s` seconds in which `progress()` (any comparable snapshot: a log's length, a
+    count of messages, a step number) did not change, so a machine under load only makes it slower. `check()` is
+    called each round to fail at once (a child process that died, say)."""
+    import time
+
+    last, since = (progress() if progress else None), time.monotonic()
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if check is not None:
+            check()
+        now = time.monotonic()
+        if progress is not None:
+            current = progress()
+            if current != last:
+                last, since = current, now
+        if now - since > stall_s:
+            raise AssertionError(f"no progress for {stall_s:.0f} s waiting for {what} (last progress: {last!r})")
+        time.sleep(poll_s)
