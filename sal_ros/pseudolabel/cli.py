@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--overwrite", action="store_true", help="redo finished frames")
     r.add_argument("--max-frames", type=int)
     r.add_argument("--no-progress", action="store_true")
+    from sal_ros.pseudolabel import semantic
+
+    semantic.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -98,6 +101,15 @@ def config_from_args(args: argparse.Namespace):
         min_points=args.min_points, device=args.device)
 
 
+def semantic_config(args: argparse.Namespace):
+    from sal_ros.pseudolabel import semantic
+    from sal_ros.pseudolabel.lifting import LiftConfig
+
+    lift = LiftConfig(min_depth=args.min_depth, occlusion=args.lifting == "occlusion",
+                      lidar_spacing_deg=_lidar_spacing(args))
+    return semantic.config_from_args(args, lift)
+
+
 def _lidar_spacing(args: argparse.Namespace) -> tuple[float, float]:
     from sal_ros.data.sources import source_kind
     from sal_ros.pseudolabel.lifting import lidar_spacing_for
@@ -114,7 +126,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         if args.ray_address and args.backend != "ray":
             raise ValueError("--ray-address needs --backend ray")
-        config = config_from_args(args)
+        config = semantic_config(args) if args.semantic else config_from_args(args)
+        if args.semantic and args.out is None and (args.dataset / "frames").is_dir():
+            args.out = args.dataset / "semantic_pseudolabels"  # a FrameStore keeps its instance labels apart
         summary = run(args.dataset, config, args.out, workers=args.workers, backend=args.backend,
                       overwrite=args.overwrite, max_frames=args.max_frames, progress=not args.no_progress,
                       ray_address=args.ray_address)

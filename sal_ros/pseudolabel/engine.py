@@ -290,8 +290,10 @@ def remove_stale_temp_files(folder: str | Path, older_than_s: float = STALE_TEMP
     return removed
 
 
-def pending_keys(keys: list[str], out_dir: Path, config_hash: str, overwrite: bool) -> list[str]:
-    """Keys without a finished file; a finished file from another configuration is an error (or redone)."""
+def pending_keys(keys: list[str], out_dir: Path, config_hash: str, overwrite: bool, read_hash=None) -> list[str]:
+    """Keys without a finished file; a finished file from another configuration is an error (or redone).
+    ``read_hash(path)``: the config hash a finished file records (default: an instance pseudo-label file)."""
+    read_hash = read_hash or (lambda path: load_pseudolabels(path).meta.get("config_hash"))
     todo = []
     for key in keys:
         path = pseudolabel_path(out_dir, key)
@@ -299,7 +301,7 @@ def pending_keys(keys: list[str], out_dir: Path, config_hash: str, overwrite: bo
             todo.append(key)
             continue
         try:
-            old = load_pseudolabels(path).meta.get("config_hash")
+            old = read_hash(path)
         except SensorDataError as exc:
             log.warning("redoing %s: %s", key, exc)
             todo.append(key)
@@ -319,14 +321,21 @@ def _init_worker(source_path: str, config: dict, out_dir: str, threads: int) -> 
         import torch
 
         torch.set_num_threads(threads)
-    _WORKER.update(source=FrameSource(source_path), labeler=PseudoLabeler(EngineConfig.from_dict(config)),
-                   out=Path(out_dir))
+    source = FrameSource(source_path)
+    if config.get("kind") == "semantic":  # sal-ros pseudolabel --semantic (pseudolabel/semantic.py)
+        from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
+
+        labeler = SemanticLabeler(SemanticConfig.from_dict(config), source)
+    else:
+        labeler = PseudoLabeler(EngineConfig.from_dict(config))
+    _WORKER.update(source=source, labeler=labeler, out=Path(out_dir))
 
 
 def _label_key(key: str) -> tuple[str, str | None]:
     try:
         frame = _WORKER["source"].load(key)
-        save_pseudolabels(pseudolabel_path(_WORKER["out"], key), _WORKER["labeler"].label_frame(frame))
+        labeler = _WORKER["labeler"]
+        getattr(labeler, "save_result", save_pseudolabels)(pseudolabel_path(_WORKER["out"], key), labeler.label_frame(frame))
         return key, None
     except (SensorDataError, ValueError, KeyError, OSError) as exc:
         return key, f"{type(exc).__name__}: {exc}"
@@ -349,7 +358,7 @@ def run(source_path: str | Path, config: EngineConfig, out_dir: str | Path | Non
     if removed:
         log.info("removed %d partial files of killed runs in %s", removed, out)
     keys = source.keys()[:max_frames] if max_frames else source.keys()
-    todo = pending_keys(keys, out, config.config_hash(), overwrite)
+    todo = pending_keys(keys, out, config.config_hash(), overwrite, getattr(config, "read_config_hash", None))
     summary = RunSummary(len(keys), len(keys) - len(todo), 0, {}, str(out), 0.0)
     if todo:
         # Absolute: Ray workers do not run in the driver's working directory (nor on its machine).

@@ -239,9 +239,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int)
     parser.add_argument("--out", type=Path, help="folder for metrics.json, table.md, pseudolabel_eval.png")
     parser.add_argument("--no-progress", action="store_true")
+    from sal_ros.pseudolabel import semantic_eval
+
+    semantic_eval.add_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "semantic", False):
+        from sal_ros.pseudolabel import semantic_eval
+
+        return semantic_eval.main(args)
     opts = {"slic": {"n_segments": args.slic_segments},
             "sam": {"model_type": args.sam_model_type, "checkpoint": args.sam_checkpoint, "device": args.device},
             "sam2": {"config": args.sam2_config, "checkpoint": args.sam2_checkpoint, "device": args.device}}
