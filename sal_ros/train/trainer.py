@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # what torch.load(weights_only=True) raises on anything but data
 
 import numpy as np
 import torch
@@ -155,7 +156,10 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors, ints and tuples only, so the training state loads with weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -163,10 +167,25 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_train_state(path: Path) -> dict:
+    """The saved training state, read as data only (weights_only): a file planted in a run folder runs no code.
+    States written before the RNG state was stored as tensors hold numpy arrays, allowed as plain data too."""
+    numpy_data = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(numpy_data):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[-1][:300]
+        raise ResumeError(f"refusing to resume from {path}: the file is not plain data (tensors, numbers, "
+                          f"strings) and loading it could run code; delete it or start a new run with --out "
+                          f"({first})") from None
 
 
 # ---------------------------------------------------------------------------------------------- model seam
@@ -269,7 +288,7 @@ class Trainer:
         """Load the latest training state in out_dir; returns the step to continue from (0 if none)."""
         if not self.state_path.exists():
             return 0
-        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        state = load_train_state(self.state_path)
         self.check_resumable(state)
         load_model_weights(self.out / state["model"], self.module)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,50 @@
+"""`sal-ros train --resume` reads train_state.pt without unpickling code: a state file planted in a run folder
+cannot run anything as the user, and a genuine one still resumes (issue 14 item 1)."""
+import re
+from pathlib import Path
+
+import torch
+
+from sal_ros.cli import main as cli_main
+from test_train_trainer import _config, pseudolabel_dir  # noqa: F401 - the module fixture, built here once
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class _Planted:
+    """Unpickling this calls open(marker, "w"): any code would run the same way."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_train_state_runs_no_code_and_a_real_one_resumes(tmp_path, pseudolabel_dir, capsys):  # noqa: F811
+    torch.set_num_threads(1)
+    cfg = _config(tmp_path, pseudolabel_dir, "run", 2, steps=2)
+    assert cli_main(["train", "--config", str(cfg), "--stop-at", "1", "--no-progress"]) == 0
+    state_path = tmp_path / "run" / "train_state.pt"
+    # what the trainer writes loads with weights_only (optimizer, scheduler, RNG states, config)
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    genuine = state_path.read_bytes()
+    marker = tmp_path / "pwned"
+    state["rng"] = _Planted(marker)
+    torch.save(state, state_path)
+    capsys.readouterr()
+    assert cli_main(["train", "--config", str(cfg), "--resume", "--no-progress"]) == 1
+    assert not marker.exists(), "resume executed code from train_state.pt"
+    err = capsys.readouterr().err
+    assert "train_state.pt" in err and "not plain data" in err, err
+    state_path.write_bytes(genuine)
+    assert cli_main(["train", "--config", str(cfg), "--resume", "--no-progress"]) == 0
+    assert (tmp_path / "run" / "model_step0000002.pt").is_file()
+
+
+def test_no_loader_in_the_package_can_run_code_from_a_file():
+    unsafe = re.compile(r"weights_only\s*=\s*False|import pickle|pickle\.load|yaml\.(unsafe_)?load\(|"
+                        r"allow_pickle\s*=\s*True|yaml\.Loader|import dill|import cloudpickle")
+    found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in sorted((REPO / "sal_ros").rglob("*.py"))
+             for n, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert not found, found
