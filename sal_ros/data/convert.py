@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
         summary = convert(args.dataset, args.out, frames=args.frames, max_frames=args.max_frames,
                           lidar_frame=args.lidar_frame, time_base_ns=int(round(args.time_base * NS_PER_S)),
                           storage=args.storage, overwrite=args.overwrite)
-    except (SensorDataError, FileExistsError, FileNotFoundError) as exc:
+    except (SensorDataError, FileExistsError, FileNotFoundError, OutputOverlapsInput) as exc:
         print(f"sal-ros convert: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {summary.path}: {summary.frames} frames, cameras {list(summary.cameras)}, "
@@ -107,6 +107,7 @@ def convert(
     dataset, out = Path(dataset), Path(out)
     if not dataset.exists():
         raise FileNotFoundError(f"dataset {dataset} does not exist")
+    _refuse_overlap(dataset, out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (use --overwrite to replace it)")
     kind = find_dataset(dataset)
@@ -125,6 +126,19 @@ def convert(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary
+
+
+class OutputOverlapsInput(ValueError):
+    """The bag would be written over, inside or around the dataset it is made from."""
+
+
+def _refuse_overlap(dataset: Path, out: Path) -> None:
+    # --overwrite replaces OUT as a whole: OUT == DATASET (or a folder around it) would delete the input, and a
+    # bag inside it would become part of the dataset. Links are followed, so an alias is caught too.
+    src, dst = dataset.resolve(), out.resolve()
+    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+        raise OutputOverlapsInput(f"output {out} overlaps the input dataset {dataset} (it is, contains or lies "
+                                  f"inside it); write the bag somewhere else")
 
 
 def _select(source: Iterator[Frame], keys: Iterable[str] | None, max_frames: int | None) -> Iterator[Frame]:
