@@ -4,6 +4,7 @@ segmenter node (online).
     sal-ros eval model --checkpoint C (--bag B | --dataset D) --vocabulary V --out DIR
     sal-ros eval pseudolabels ...        (sal_ros.pseudolabel.evaluate)
     sal-ros eval online BAG --params P --out DIR [--rate R] [--set NAME=VALUE ...]   (sal_ros.eval.online)
+    sal-ros eval tracking --dataset SEQ (--oracle | --checkpoint C --vocabulary V) --out DIR   (sal_ros.eval.tracking)
 
 ``eval model`` runs frames through the same synchronizer (sal_ros.data.bag) and the same Segmenter as the
 segmenter node, with fixed seeds and deterministic kernels, and writes the report (metrics.json, report.md,
@@ -53,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               lambda module: module.main)
     _add_lazy(sub, "online", "replay a bag into `sal-ros run`: answered clouds, drop rate, latency",
               "sal_ros.eval.online", lambda module: main_online)
+    _add_lazy(sub, "tracking", "instances over time: LSTQ and id switches of the tracker on a sequence",
+              "sal_ros.eval.tracking", lambda module: module.main)
 
 
 def _add_lazy(sub, mode: str, help_text: str, module_name: str, entry) -> None:

@@ -1,0 +1,291 @@
+"""Instances that keep their identity over time: an online multi-object tracker over per-frame instance boxes.
+
+Per frame, the instances' oriented boxes are moved into the tracking frame (a fixed frame such as ``odom`` when
+the caller gives the sensor pose, so ego motion cancels; else the sensor frame), each live track is predicted
+forward with its constant velocity, and tracks and instances are associated by the Hungarian method
+(``scipy.optimize.linear_sum_assignment``) on
+
+    cost = (1 - IoU_3D) + distance / max_distance + class_mismatch_cost * [classes differ]
+
+over the pairs whose predicted centres lie within ``max_distance`` (the others cannot match). A track that finds
+no instance survives ``max_misses`` frames (its id comes back when the object does) and then ends. Track ids
+start at 1 and are never reused. The class of a track is smoothed: an exponential moving average of its
+instances' class votes (weight ``class_memory`` on the past), so one frame's wrong class does not flip it; the
+track's top classes with their shares are what ``~/detections`` reports.
+
+Layer: numpy + scipy (imported when the first frame is associated), no torch, no ROS, so the node and
+``sal-ros eval tracking`` run the same code. :func:`apply_tracks` rewrites a Segmentation with the track ids and
+smoothed classes, so the labeled cloud, the markers and the detections agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from sal_ros.core.types import InstanceSummary, OrientedBox, Segmentation
+
+_INFEASIBLE = 1e6
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    max_distance: float = 2.0  # m between a track's predicted centre and an instance's centre to be associated
+    max_misses: int = 3  # frames a track may go unmatched before it ends
+    class_mismatch_cost: float = 0.5  # added to the cost of a pair whose classes differ (discourages, allows)
+    class_memory: float = 0.7  # weight of a track's past class votes against the new frame's (0: no smoothing)
+    velocity_memory: float = 0.5  # weight of the past velocity against the one measured from the last step
+    top_classes: int = 3  # classes reported per track
+
+
+@dataclass
+class Track:
+    track_id: int
+    center: np.ndarray  # (3,) tracking frame, at ``stamp_ns``
+    size: np.ndarray  # (3,)
+    yaw: float  # tracking frame
+    stamp_ns: int  # last time it was matched
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(3))  # m/s, tracking frame
+    votes: dict[int, float] = field(default_factory=dict)  # label -> smoothed share
+    hits: int = 1
+    misses: int = 0
+
+    def predicted(self, stamp_ns: int) -> np.ndarray:
+        return self.center + self.velocity * max(0.0, (stamp_ns - self.stamp_ns) / 1e9)
+
+    @property
+    def label(self) -> int:
+        return max(self.votes.items(), key=lambda kv: (kv[1], -kv[0]))[0] if self.votes else 0
+
+    def top(self, k: int) -> list[tuple[int, float]]:
+        """The ``k`` largest (label, share) of the smoothed class votes, best first."""
+        return sorted(self.votes.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+
+
+@dataclass
+class TrackedInstance:
+    """What the tracker says about one instance of the frame."""
+
+    track_id: int
+    label: int  # smoothed class of the track (label convention of Segmentation: class index + 1)
+    classes: list[tuple[int, float]]  # top (label, share) of the track, best first
+    new: bool  # the track started in this frame
+
+
+@dataclass
+class TrackingResult:
+    by_instance: dict[int, TrackedInstance]  # frame instance id -> its track
+    new_tracks: int
+    active_tracks: int  # tracks alive after the frame (matched or within max_misses)
+    ended: list[int]  # track ids that ended in this frame
+
+
+class Tracker:
+    """Online tracker; one ``update`` per frame, in stamp order (a stamp going backwards resets it)."""
+
+    def __init__(self, config: TrackerConfig | None = None) -> None:
+        self.config = config or TrackerConfig()
+        self.tracks: list[Track] = []
+        self._next_id = 1
+        self._last_stamp: int | None = None
+        self._vocabulary_version: int | None = None
+
+    def reset(self) -> None:
+        """Forget every track (ids keep counting up, so an id never names two objects)."""
+        self.tracks = []
+        self._last_stamp = None
+
+    def update(self, instances: Sequence[InstanceSummary], stamp_ns: int, pose: np.ndarray | None = None,
+               vocabulary_version: int | None = None) -> TrackingResult:
+        """Associate this frame's ``instances`` (boxes in the sensor frame) with the live tracks.
+
+        ``pose`` is the 4x4 sensor -> tracking-frame transform at ``stamp_ns`` (None: track in the sensor frame).
+        A new ``vocabulary_version`` clears the class votes (labels then name other classes); ids and motion stay.
+        """
+        if self._last_stamp is not None and stamp_ns < self._last_stamp:
+            self.reset()  # a bag loop or a clock reset: the old tracks belong to another time line
+        self._last_stamp = stamp_ns
+        if vocabulary_version is not None and vocabulary_version != self._vocabulary_version:
+            if self._vocabulary_version is not None:
+                for track in self.tracks:
+                    track.votes = {}
+            self._vocabulary_version = vocabulary_version
+        centers, sizes, yaws = _boxes_in(instances, pose)
+        pairs = self._associate(instances, centers, sizes, yaws, stamp_ns)
+        result = TrackingResult({}, 0, 0, [])
+        matched_tracks = set()
+        for t, d in pairs:
+            track = self.tracks[t]
+            self._refresh(track, instances[d], centers[d], sizes[d], yaws[d], stamp_ns)
+            matched_tracks.add(t)
+            result.by_instance[instances[d].instance_id] = self._report(track, new=False)
+        survivors = []
+        for t, track in enumerate(self.tracks):
+            if t not in matched_tracks:
+                track.misses += 1
+                if track.misses > self.config.max_misses:
+                    result.ended.append(track.track_id)
+                    continue
+            survivors.append(track)
+        self.tracks = survivors
+        matched_dets = {d for _, d in pairs}
+        for d, inst in enumerate(instances):
+            if d in matched_dets:
+                continue
+            track = Track(self._next_id, centers[d], sizes[d], yaws[d], stamp_ns,
+                          votes={int(inst.label): 1.0} if inst.label > 0 else {})
+            self._next_id += 1
+            self.tracks.append(track)
+            result.by_instance[inst.instance_id] = self._report(track, new=True)
+            result.new_tracks += 1
+        result.active_tracks = len(self.tracks)
+        return result
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _associate(self, instances: Sequence[InstanceSummary], centers: np.ndarray, sizes: np.ndarray,
+                   yaws: np.ndarray, stamp_ns: int) -> list[tuple[int, int]]:
+        """(track index, instance index) pairs of the minimum-cost assignment within the gate."""
+        if not self.tracks or not len(instances):
+            return []
+        from scipy.optimize import linear_sum_assignment
+
+        cfg = self.config
+        predicted = np.stack([t.predicted(stamp_ns) for t in self.tracks])
+        dist = np.linalg.norm(predicted[:, None, :] - centers[None, :, :], axis=2)
+        cost = np.full(dist.shape, _INFEASIBLE)
+        for t, d in zip(*np.nonzero(dist <= cfg.max_distance)):
+            track = self.tracks[t]
+            iou = box_iou_3d(predicted[t], track.size, track.yaw, centers[d], sizes[d], yaws[d])
+            differ = track.label > 0 and instances[d].label > 0 and track.label != instances[d].label
+            cost[t, d] = (1.0 - iou) + dist[t, d] / cfg.max_distance + cfg.class_mismatch_cost * differ
+        rows, cols = linear_sum_assignment(cost)
+        return [(int(r), int(c)) for r, c in zip(rows, cols) if cost[r, c] < _INFEASIBLE]
+
+    def _refresh(self, track: Track, inst: InstanceSummary, center: np.ndarray, size: np.ndarray, yaw: float,
+                 stamp_ns: int) -> None:
+        cfg = self.config
+        dt = (stamp_ns - track.stamp_ns) / 1e9
+        if dt > 0:
+            measured = (center - track.center) / dt
+            w = cfg.velocity_memory if track.hits > 1 else 0.0  # the first step has no velocity to keep
+            track.velocity = w * track.velocity + (1 - w) * measured
+        track.center, track.size, track.yaw, track.stamp_ns = center, size, yaw, stamp_ns
+        track.hits += 1
+        track.misses = 0
+        keep = cfg.class_memory
+        votes = {label: keep * share for label, share in track.votes.items()}
+        if inst.label > 0:
+            votes[int(inst.label)] = votes.get(int(inst.label), 0.0) + (1 - keep if track.votes else 1.0)
+        total = sum(votes.values())
+        track.votes = {k: v / total for k, v in votes.items() if v / total > 1e-4} if total > 0 else {}
+
+    def _report(self, track: Track, new: bool) -> TrackedInstance:
+        return TrackedInstance(track.track_id, track.label, track.top(self.config.top_classes), new)
+
+
+# ------------------------------------------------------------------------------------------------- geometry
+
+
+def _boxes_in(instances: Sequence[InstanceSummary], pose: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centres (N, 3), sizes (N, 3) and yaws (N,) of the instances' boxes, moved by ``pose`` (4x4) if given."""
+    n = len(instances)
+    centers = np.array([np.asarray(i.box.center, np.float64) for i in instances]).reshape(n, 3)
+    sizes = np.array([np.asarray(i.box.size, np.float64) for i in instances]).reshape(n, 3)
+    yaws = np.array([float(i.box.yaw) for i in instances], np.float64)
+    if pose is not None and n:
+        pose = np.asarray(pose, np.float64)
+        centers = centers @ pose[:3, :3].T + pose[:3, 3]
+        yaws = yaws + math.atan2(pose[1, 0], pose[0, 0])  # heading change about z; lidar mounts are near level
+    return centers, sizes, yaws
+
+
+def box_corners_bev(center: np.ndarray, size: np.ndarray, yaw: float) -> np.ndarray:
+    """(4, 2) counter-clockwise corners of a box's footprint."""
+    c, s = math.cos(yaw), math.sin(yaw)
+    hl, hw = float(size[0]) / 2, float(size[1]) / 2
+    local = np.array([[hl, hw], [-hl, hw], [-hl, -hw], [hl, -hw]])
+    return local @ np.array([[c, s], [-s, c]]) + np.asarray(center, np.float64)[:2]
+
+
+def _polygon_area(poly: np.ndarray) -> float:
+    if len(poly) < 3:
+        return 0.0
+    x, y = poly[:, 0], poly[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _clip(subject: np.ndarray, clipper: np.ndarray) -> np.ndarray:
+    """Sutherland-Hodgman: the part of convex polygon ``subject`` inside convex, counter-clockwise ``clipper``."""
+    out = list(subject)
+    for i in range(len(clipper)):
+        a, b = clipper[i], clipper[(i + 1) % len(clipper)]
+        edge = b - a
+        inside = lambda p: edge[0] * (p[1] - a[1]) - edge[1] * (p[0] - a[0]) >= -1e-12  # noqa: E731
+        points, out = out, []
+        for j in range(len(points)):
+            p, q = points[j], points[(j + 1) % len(points)]
+            if inside(q):
+                if not inside(p):
+                    out.append(_intersection(p, q, a, b))
+                out.append(q)
+            elif inside(p):
+                out.append(_intersection(p, q, a, b))
+        if not out:
+            break
+    return np.array(out).reshape(-1, 2)
+
+
+def _intersection(p: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d1, d2 = q - p, b - a
+    denom = d1[0] * d2[1] - d1[1] * d2[0]
+    if abs(denom) < 1e-12:
+        return q
+    t = ((a[0] - p[0]) * d2[1] - (a[1] - p[1]) * d2[0]) / denom
+    return p + t * d1
+
+
+def box_iou_3d(c1: np.ndarray, s1: np.ndarray, yaw1: float, c2: np.ndarray, s2: np.ndarray, yaw2: float) -> float:
+    """IoU of two yaw-oriented boxes: footprint intersection (convex clipping) times the z overlap."""
+    s1, s2 = np.maximum(np.asarray(s1, np.float64), 1e-3), np.maximum(np.asarray(s2, np.float64), 1e-3)
+    inter_bev = _polygon_area(_clip(box_corners_bev(c1, s1, yaw1), box_corners_bev(c2, s2, yaw2)))
+    z_overlap = max(0.0, min(c1[2] + s1[2] / 2, c2[2] + s2[2] / 2) - max(c1[2] - s1[2] / 2, c2[2] - s2[2] / 2))
+    inter = inter_bev * z_overlap
+    union = float(np.prod(s1) + np.prod(s2)) - inter
+    return inter / union if union > 0 else 0.0
+
+
+# --------------------------------------------------------------------------------------------- segmentation
+
+
+def apply_tracks(seg: Segmentation, result: TrackingResult) -> Segmentation:
+    """``seg`` with track ids in ``instance`` (per point and in ``instances``) and each instance's points and
+    summary carrying its track's smoothed class. Changed in place and returned."""
+    if not seg.instances:
+        return seg
+    top_id = max(int(seg.instance.max(initial=0)), max(i.instance_id for i in seg.instances))
+    new_id = np.zeros(top_id + 1, np.uint32)
+    new_label = np.zeros(top_id + 1, np.int64)
+    instances = []
+    for inst in seg.instances:
+        tracked = result.by_instance.get(inst.instance_id)
+        if tracked is None:
+            continue  # not given to the tracker: leaves the instance list, its points keep no instance
+        label = tracked.label or inst.label
+        new_id[inst.instance_id] = tracked.track_id
+        new_label[inst.instance_id] = label
+        name = seg.class_names[label - 1] if 0 < label <= len(seg.class_names) else inst.class_name
+        instances.append(InstanceSummary(tracked.track_id, label, name, inst.score, inst.num_points,
+                                         OrientedBox(inst.box.center, inst.box.size, inst.box.yaw)))
+    inside = seg.instance > 0
+    ids = seg.instance[inside]
+    relabel = new_label[ids]
+    seg.label[inside] = np.where(relabel > 0, relabel, seg.label[inside]).astype(seg.label.dtype)
+    seg.instance[inside] = new_id[ids]
+    seg.instances = instances
+    return seg
+
+
+__all__ = ["TrackerConfig", "Track", "TrackedInstance", "TrackingResult", "Tracker", "box_iou_3d", "apply_tracks"]
