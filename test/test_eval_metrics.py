@@ -97,8 +97,8 @@ def test_ignore_points_are_removed():
     gt_inst = np.r_[np.full(100, 3), np.zeros(100, int)]
     r = _evaluate(np.full(200, CAR), np.full(200, 1), gt_sem, gt_inst)
     assert r.pq[0] == 1.0 and r.iou[0] == 1.0 and r.num_points == 100
-    assert np.isnan(r.pq[1]) and np.isnan(r.iou[1])  # road never occurs: left out of the means
-    assert r.summary["pq"] == 1.0
+    assert np.isnan(r.pq[1]) and np.isnan(r.iou[1])  # road never occurs: 0 in the means, out of the present ones
+    assert r.summary["pq_present"] == 1.0 and r.summary["pq"] == 0.5
 
 
 def test_small_segments_filtered():
@@ -221,13 +221,13 @@ def test_real_scan_and_yaml(semantickitti_dir):
     ev = PanopticEvaluator.for_label_set(ls)
     ev.add(sem, seg, sem, seg)
     r = ev.compute()
-    assert r.summary["pq"] == 1.0 and r.tp[ls.class_id("car") - 1] >= 1
+    assert r.summary["pq_present"] == 1.0 and r.tp[ls.class_id("car") - 1] >= 1
     # dropping the thing instances (everything as stuff) must cost thing PQ but not stuff PQ
     ev = PanopticEvaluator.for_label_set(ls)
     ev.add(sem, np.where(ls.thing_mask[sem], 0, seg), sem, seg)
     r = ev.compute()
     assert r.pq[ls.class_id("car") - 1] == 0.0  # 13 cars as one segment: no car reaches IoU 0.5
-    assert r.summary["pq_things"] < 1.0 and r.summary["pq_stuff"] == 1.0
+    assert r.summary["pq_things_present"] < 1.0 and r.summary["pq_stuff_present"] == 1.0
 
 
 def test_class_agnostic_with_labels():

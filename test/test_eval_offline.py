@@ -39,10 +39,10 @@ def test_perfect_zero_shot_output_scores_one(semantickitti_dir):
     assert merged.compute().summary == r.summary
     assert stats["frames"] == 2 and stats["vocabulary_to_dataset"]["sedan"] == "car"
     assert stats["vocabulary_to_dataset"]["sky"] is None
-    assert r.summary["miou"] == 1.0 and r.summary["pq_things"] == 1.0
+    assert r.summary["miou_present"] == 1.0 and r.summary["pq_things_present"] == 1.0
     road = ls.class_id("road") - 1
     assert r.iou[road] == 1.0 and r.tp[road] >= 1
-    assert r.summary["pq"] > 0.9
+    assert r.summary["pq_present"] > 0.9
 
 
 def test_frustum_only_scores_just_the_points_a_camera_sees(semantickitti_dir):
@@ -61,5 +61,5 @@ def test_frustum_only_scores_just_the_points_a_camera_sees(semantickitti_dir):
     assert 19_000 < in_camera_frustum(frames[0]).sum() < 20_000  # 19,362 points project into image_0 (depth >= 1 m)
     frustum, _ = evaluate_frames(outside_wrong, frames, ls, CLASS_MAP, progress=False, frustum_only=True)
     scan, _ = evaluate_frames(outside_wrong, frames, ls, CLASS_MAP, progress=False)
-    assert frustum.compute().summary["miou"] == 1.0
-    assert scan.compute().summary["miou"] < 0.9
+    assert frustum.compute().summary["miou_present"] == 1.0
+    assert scan.compute().summary["miou_present"] < 0.9

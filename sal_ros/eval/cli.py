@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Imported only when `eval` is the command (online needs rclpy only when it runs).
     _add_lazy(sub, "pseudolabels", "pseudo-label quality against ground truth", "sal_ros.pseudolabel.evaluate",
               lambda module: module.main)
+    _add_lazy(sub, "probe", "linear probe of a frozen (pretrained) backbone vs a random one: mIoU",
+              "sal_ros.eval.probe", lambda module: module.main)
     _add_lazy(sub, "online", "replay a bag into `sal-ros run`: answered clouds, drop rate, latency",
               "sal_ros.eval.online", lambda module: main_online)
     _add_lazy(sub, "tracking", "instances over time: LSTQ and id switches of the tracker on a sequence",
@@ -156,7 +158,9 @@ def main_model(args) -> int:
                          meta={**meta, "vocabulary_to_dataset": stats["vocabulary_to_dataset"]})
     s = result.summary
     print(f"PQ {100 * s['pq']:.1f}  PQ† {100 * s['pq_dagger']:.1f}  mIoU {100 * s['miou']:.1f}  "
-          f"class-agnostic PQ {100 * s['agnostic_pq']:.1f}  ({stats['frames']} frames) -> {paths['markdown']}")
+          f"class-agnostic PQ {100 * s['agnostic_pq']:.1f}  ({stats['frames']} frames; absent classes score 0; "
+          f"over the {int(s['classes_present'])} classes present: PQ {100 * s['pq_present']:.1f}, "
+          f"mIoU {100 * s['miou_present']:.1f}) -> {paths['markdown']}")
     return 0
 
 

@@ -29,11 +29,16 @@ def markdown_tables(result: PanopticResult, title: str = "Evaluation", meta: dic
               "|---|---|---|---|---|---|---|---|---|---|",
               "| " + " | ".join(_pct(s[k]) for k in ("pq", "pq_dagger", "sq", "rq", "pq_things", "pq_stuff", "miou",
                                                     "agnostic_pq", "agnostic_sq", "agnostic_rq")) + " |", "",
+              "Means over all classes, an absent class scoring 0 (semantic-kitti-api). Over the "
+              f"{int(s['classes_present'])} classes present only: "
+              + ", ".join(f"{name} {_pct(s[k + '_present'])}" for name, k in (
+                  ("PQ", "pq"), ("PQ†", "pq_dagger"), ("SQ", "sq"), ("RQ", "rq"), ("mIoU", "miou"))) + ".", "",
               "| class | thing | PQ | SQ | RQ | IoU | TP | FP | FN |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result.per_class():
         lines.append(f"| {row['class']} | {'yes' if row['thing'] else ''} | {_pct(row['pq'])} | {_pct(row['sq'])} | "
                      f"{_pct(row['rq'])} | {_pct(row['iou'])} | {row['tp']} | {row['fp']} | {row['fn']} |")
-    lines += ["", "Values in %. '–': class absent from ground truth and predictions (left out of the means)."]
+    lines += ["", "Values in %. '–': class absent from ground truth and predictions (0 in the means above, left "
+                  "out of the present-classes means)."]
     return "\n".join(lines) + "\n"
 
 

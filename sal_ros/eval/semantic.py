@@ -46,8 +46,13 @@ class ConfusionMatrix:
         iou[self.ignore] = np.nan
         return iou
 
-    def miou(self) -> float:
-        return float(np.nanmean(self.iou())) if np.isfinite(self.iou()).any() else float("nan")
+    def miou(self, present_only: bool = False) -> float:
+        """Mean IoU over classes 1..C. semantic-kitti-api's convention by default: a class absent from ground
+        truth and predictions scores 0; ``present_only`` leaves such classes out."""
+        iou = np.delete(self.iou(), self.ignore)
+        if present_only:
+            return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+        return float(np.nan_to_num(iou, nan=0.0).mean()) if iou.size else float("nan")
 
     def accuracy(self) -> float:
         conf = self.conf.copy()

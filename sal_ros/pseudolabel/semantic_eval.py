@@ -69,6 +69,8 @@ class SemanticScore:
                 "acc_kept": 100 * self.correct_kept / max(self.n_kept, 1) if self.n_kept else float("nan"),
                 "acc_filtered": 100 * self.correct_filtered / filtered if filtered else float("nan"),
                 "miou_kept": 100 * self.kept.miou(), "miou_unfiltered": 100 * self.raw.miou(),
+                "miou_kept_present": 100 * self.kept.miou(present_only=True),
+                "miou_unfiltered_present": 100 * self.raw.miou(present_only=True),
                 "iou_kept": {n: _pct(v) for n, v in zip(class_names, self.kept.iou()[1:])},
                 "iou_unfiltered": {n: _pct(v) for n, v in zip(class_names, self.raw.iou()[1:])}}
 
@@ -181,11 +183,14 @@ def _occlusion(frame, rendered: dict, gt: np.ndarray, lift: LiftConfig, acc: dic
 
 
 def markdown(result: dict) -> str:
-    lines = ["| filter | kept % | acc all % | acc kept % | acc filtered % | mIoU kept | mIoU unfiltered |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| filter | kept % | acc all % | acc kept % | acc filtered % | mIoU kept | mIoU unfiltered "
+             "| mIoU kept, present classes |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['name']} | {r['kept_share']:.1f} | {r['acc_all']:.1f} | {r['acc_kept']:.1f} | "
-                     f"{r['acc_filtered']:.1f} | {r['miou_kept']:.1f} | {r['miou_unfiltered']:.1f} |")
+                     f"{r['acc_filtered']:.1f} | {r['miou_kept']:.1f} | {r['miou_unfiltered']:.1f} | "
+                     f"{r['miou_kept_present']:.1f} |")
+    lines += ["", "mIoU: a class absent from ground truth and labels scores 0 (semantic-kitti-api); "
+                  "'present classes' leaves such classes out."]
     o = result.get("occlusion")
     if o:
         lines += ["", f"Occlusion test (noise-free maps): hides {o['hidden']} scored points, of which naive lifting "
