@@ -48,10 +48,24 @@ class ModelConfig:
     dropout: float = 0.0
     token_dim: int = 512  # must equal the CLIP text encoder's embed_dim (ViT-B-16: 512)
     max_keys: int = 0  # training only: cap on voxels per attention level (random subset; 0 = all)
+    # Backbone family: "minkunet" (sparse conv, the fields above) or "waffleiron" (sal_ros.model.waffleiron:
+    # 2D-grid projections, no sparse conv; the paper's SemanticKITTI setting: 0.5 m cells over +-64 m x +-64 m x +-8 m).
+    backbone: str = "minkunet"
+    waffle_depth: int = 48
+    waffle_width: int = 256
+    waffle_cell: float = 0.5  # metres per 2D grid cell
+    waffle_extent: tuple[float, ...] = (64.0, 64.0, 8.0)  # half-size of the gridded box in x, y, z (metres)
+    waffle_layer_scale: float = 0.1  # initial residual branch scale
 
     def __post_init__(self) -> None:
         for name in ("widths", "blocks", "decoder_widths", "decoder_blocks", "attention_strides"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        object.__setattr__(self, "waffle_extent", tuple(float(v) for v in self.waffle_extent))
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(BACKBONES)}")
+        if len(self.waffle_extent) != 3 or min(self.waffle_extent) <= 0 or not self.waffle_cell > 0 \
+                or min(self.waffle_depth, self.waffle_width) < 1:
+            raise ValueError("waffle_extent needs 3 positive half-sizes; waffle_cell, waffle_depth, waffle_width > 0")
         if self.in_channels not in (4, 5):
             raise ValueError(f"in_channels must be 4 (x y z intensity) or 5 (+ range), got {self.in_channels}")
         if len(self.widths) != 4 or len(self.blocks) != 4 or len(self.decoder_widths) != 4 \
@@ -86,6 +100,8 @@ class ModelConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
+BACKBONES = ("minkunet", "waffleiron")
+
 PRESETS: dict[str, ModelConfig] = {
     "minkunet34": ModelConfig(),
     "minkunet18": ModelConfig(blocks=(2, 2, 2, 2)),
@@ -95,6 +111,21 @@ PRESETS: dict[str, ModelConfig] = {
                         hidden_dim=32, mask_dim=32, decoder_rounds=1, attention_strides=(16, 8), heads=4,
                         ffn_dim=64),
 }
+# WaffleIron on 0.1 m voxels (the paper's downsampling): WI-48-256, the 24-layer setting of the indoor study, and
+# a CPU-sized one with the tiny decoder.
+PRESETS["waffleiron48"] = ModelConfig(backbone="waffleiron", voxel_size=0.1)
+PRESETS["waffleiron24"] = ModelConfig(backbone="waffleiron", voxel_size=0.1, waffle_depth=24)
+PRESETS["waffleiron_tiny"] = replace(PRESETS["tiny"], backbone="waffleiron", waffle_depth=6, waffle_width=32,
+                                     waffle_cell=1.0)
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """The backbone family ``cfg.backbone`` names; both return ``{stride: SparseTensor}`` with ``out_widths``."""
+    if cfg.backbone == "waffleiron":
+        from sal_ros.model.waffleiron import WaffleIron
+
+        return WaffleIron(cfg)
+    return MinkUNet(cfg)
 
 
 # ------------------------------------------------------------------------------------------- layers
@@ -169,4 +200,4 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ModelConfig", "PRESETS", "MinkUNet", "ResidualBlock", "BatchNorm", "ReLU", "count_parameters"]
+__all__ = ["ModelConfig", "PRESETS", "BACKBONES", "build_backbone", "MinkUNet", "ResidualBlock", "BatchNorm", "ReLU", "count_parameters"]

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from sal_ros.model.backbone import PRESETS, MinkUNet, ModelConfig, count_parameters
+from sal_ros.model.backbone import PRESETS, ModelConfig, build_backbone, count_parameters
 from sal_ros.model.decoder import OBJECT, LayerPrediction, QueryDecoder
 from sal_ros.model.sparse import SparseTensor, voxelize
 
@@ -46,7 +46,7 @@ class SALModel(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = config or ModelConfig()
-        self.backbone = MinkUNet(self.config)
+        self.backbone = build_backbone(self.config)  # MinkUNet or WaffleIron (config.backbone)
         self.decoder = QueryDecoder(self.config, self.backbone.out_widths)
 
     @property

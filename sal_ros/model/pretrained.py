@@ -1,0 +1,79 @@
+"""Pretrained backbone files (``sal-ros pretrain`` writes them; ``train`` and ``eval probe`` start from them).
+
+Layout (a plain dict, read with ``torch.load(weights_only=True)``)::
+
+    {"format": "sal_ros.backbone", "format_version": 1, "model_config": {...ModelConfig...},
+     "backbone": state_dict, "head": state_dict, "extra": {...}, "torch_version": str}
+
+The model config records the backbone family (``backbone``: minkunet | waffleiron) and its input settings; a
+model that starts from the file must agree on every setting that shapes the backbone or its input.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sal_ros.core.files import atomic_write
+from sal_ros.model.checkpoint import CheckpointError, _plain
+
+FORMAT = "sal_ros.backbone"
+FORMAT_VERSION = 1
+# ModelConfig fields of the query decoder only: a pretrained backbone fits models that differ in these.
+DECODER_FIELDS = ("num_queries", "hidden_dim", "mask_dim", "decoder_rounds", "attention_strides", "heads", "ffn_dim",
+                  "dropout", "token_dim", "max_keys")
+
+
+def save_backbone(path: str | Path, backbone, config, head=None, extra: dict | None = None) -> Path:
+    import torch
+
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": config.to_dict(),
+               "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+               "head": {k: v.detach().cpu() for k, v in (head.state_dict() if head is not None else {}).items()},
+               "extra": _plain(dict(extra or {}), "extra"), "torch_version": str(torch.__version__)}
+    return atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def read_backbone(path: str | Path) -> dict:
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"pretrained backbone not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read means "corrupt"
+        raise CheckpointError(f"{path}: not a readable backbone file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a sal_ros pretrained backbone (no format '{FORMAT}')")
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: backbone format version {payload.get('format_version')}, this sal_ros reads "
+                              f"{FORMAT_VERSION}")
+    return payload
+
+
+def backbone_config(payload: dict):
+    from sal_ros.model.backbone import ModelConfig
+
+    return ModelConfig.from_dict(dict(payload["model_config"]))
+
+
+def check_compatible(saved, config, path: Any = "") -> None:
+    """CheckpointError naming the backbone settings in which ``config`` differs from the ``saved`` one."""
+    a, b = saved.to_dict(), config.to_dict()
+    diffs = [f"{k}: pretrained {a[k]!r}, model {b[k]!r}" for k in a if k not in DECODER_FIELDS and a[k] != b.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path}: the pretrained backbone does not fit this model ({'; '.join(diffs)})")
+
+
+def load_backbone_into(path: str | Path, backbone, config) -> dict:
+    """Load the file's backbone weights into ``backbone`` (built from ``config``); returns the payload."""
+    payload = read_backbone(path)
+    check_compatible(backbone_config(payload), config, path)
+    try:
+        backbone.load_state_dict(payload["backbone"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: backbone weights do not fit: {str(exc)[:300]}") from exc
+    return payload
+
+
+__all__ = ["save_backbone", "read_backbone", "backbone_config", "load_backbone_into", "check_compatible", "FORMAT"]
