@@ -112,7 +112,7 @@ class Probe:
         node.create_subscription(MarkerArray, f"{NODE}/markers", self._keyed(self.markers, self._marker_stamp), qos)
         node.create_subscription(Image, f"{NODE}/overlay/{CAMERA}", self._keyed(self.overlays), qos)
         node.create_subscription(String, f"{NODE}/info", self._keyed(self.info, lambda r: r["stamp_ns"], json), qos)
-        node.create_subscription(String, f"{NODE}/vocabulary", self._json(self.vocabulary), latched())
+        node.create_subscription(String, f"{NODE}/debug/vocabulary", self._json(self.vocabulary), latched())
         node.create_subscription(String, f"{NODE}/stats", self._json(self.stats), qos)
         self.set_client = node.create_client(SetParameters, f"{NODE}/set_parameters")
         self.get_client = node.create_client(GetParameters, f"{NODE}/get_parameters")
@@ -286,7 +286,7 @@ def late_vocabulary(probe):
     from sal_ros.nodes.qos import latched
 
     got = []
-    sub = probe.node.create_subscription(String, f"{NODE}/vocabulary", lambda m: got.append(json.loads(m.data)),
+    sub = probe.node.create_subscription(String, f"{NODE}/debug/vocabulary", lambda m: got.append(json.loads(m.data)),
                                          latched())
     try:
         wait_for(lambda: got, "the latched vocabulary for a late subscriber")

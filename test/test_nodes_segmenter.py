@@ -62,7 +62,7 @@ def rig(tmp_path_factory):
         test.create_subscription(String, f"{NODE}/info", lambda m: got["info"].append(json.loads(m.data)), qos),
         test.create_subscription(Image, f"{NODE}/overlay/cam0", got["overlay"].append, qos),
     ]
-    test.create_subscription(String, f"{NODE}/vocabulary", lambda m: got["vocabulary"].append(json.loads(m.data)),
+    test.create_subscription(String, f"{NODE}/debug/vocabulary", lambda m: got["vocabulary"].append(json.loads(m.data)),
                              latched())
     test.create_subscription(String, f"{NODE}/stats", lambda m: got["stats"].append(json.loads(m.data)), qos)
     rig.set_params = test.create_client(SetParameters, f"{NODE}/set_parameters")

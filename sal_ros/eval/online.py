@@ -130,7 +130,7 @@ class BagProbe:
             self.node.create_subscription(PointCloud2, f"{SEGMENTER}/labeled_points", self._on_output, reliable)
             self.node.create_subscription(String, f"{SEGMENTER}/stats",
                                           lambda m: self.stats.append(json.loads(m.data)), reliable)
-            self.node.create_subscription(String, f"{SEGMENTER}/vocabulary",
+            self.node.create_subscription(String, f"{SEGMENTER}/debug/vocabulary",
                                           lambda m: self.vocabulary.append(json.loads(m.data)), latched())
         self.executor = MultiThreadedExecutor(num_threads=2, context=self.context)
         self.executor.add_node(self.node)

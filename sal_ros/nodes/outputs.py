@@ -48,6 +48,14 @@ def class_colors(num_classes: int) -> np.ndarray:
     return colors
 
 
+def track_color(track_id: int) -> tuple[int, int, int]:
+    """RGB of a track: hue by golden-ratio steps of its id, so neighbouring ids differ and an id keeps its colour."""
+    hue = (0.05 + int(track_id) * 0.618033988749895) % 1.0
+    value = 1.0 if int(track_id) % 3 else 0.75
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, value)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
+
+
 def label_colors(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
     """Per-point colours from ``palette`` rows (``(K, 3)`` uint8 or packed ``(K,)``); labels beyond the palette
     (a stale vocabulary) are drawn as label 0."""
@@ -120,9 +128,11 @@ def instance_markers(
     types: MessageTypes,
     min_points: int = 1,
     vocabulary_version: int | None = None,
+    tracked: bool = False,
 ) -> Any:
     """MarkerArray: DELETEALL, the vocabulary legend (when ``vocabulary_version`` is given), then per instance
-    an oriented box (LINE_LIST) and a facing text "class score"."""
+    an oriented box (LINE_LIST) and a facing text "class score". ``tracked``: instance ids are track ids, so each
+    box takes its track's colour (the same in every frame) and the text ends in "#id"."""
     from geometry_msgs.msg import Point
     from std_msgs.msg import ColorRGBA
     from visualization_msgs.msg import Marker, MarkerArray
@@ -134,7 +144,8 @@ def instance_markers(
     for inst in instances:
         if inst.num_points < min_points:
             continue
-        r, g, b = (float(v) / 255.0 for v in palette[inst.label if inst.label < len(palette) else 0])
+        rgb = track_color(inst.instance_id) if tracked else palette[inst.label if inst.label < len(palette) else 0]
+        r, g, b = (float(v) / 255.0 for v in rgb)
         color = ColorRGBA(r=r, g=g, b=b, a=1.0)
         corners = box_corners(inst.box.center, inst.box.size, inst.box.yaw)
         box = Marker(header=header, ns="boxes", id=int(inst.instance_id), type=Marker.LINE_LIST, action=Marker.ADD)
@@ -143,7 +154,8 @@ def instance_markers(
         box.color = color
         box.points = [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])) for p in corners[BOX_EDGES.reshape(-1)]]
         text = Marker(header=header, ns="labels", id=int(inst.instance_id), type=Marker.TEXT_VIEW_FACING,
-                      action=Marker.ADD, text=f"{inst.class_name} {inst.score:.2f}")
+                      action=Marker.ADD, text=f"{inst.class_name} {inst.score:.2f}"
+                      + (f" #{inst.instance_id}" if tracked else ""))
         top = corners[4:].mean(axis=0)
         text.pose.position.x, text.pose.position.y = float(top[0]), float(top[1])
         text.pose.position.z = float(top[2]) + 0.4
@@ -215,6 +227,94 @@ def overlay_message(view: Any, points: np.ndarray, label: np.ndarray, palette: n
     uv, depth, idx = project_view(view, points)
     image = draw_points(to_rgb(view.image), uv, depth, label_colors(label[idx], palette), radius)
     return encode_image(image, "rgb8", view.frame_id, view.stamp_ns, types)
+
+
+# --------------------------------------------------------------------------------------------- typed messages
+
+
+def _quaternion_z(yaw: float) -> tuple[float, float, float, float]:
+    """(x, y, z, w) of a rotation by ``yaw`` about z."""
+    return 0.0, 0.0, float(np.sin(yaw / 2)), float(np.cos(yaw / 2))
+
+
+def detections_message(
+    instances: Sequence[InstanceSummary],
+    frame_id: str,
+    stamp_ns: int,
+    class_names: Sequence[str],
+    types: MessageTypes,
+    classes_by_id: dict[int, Sequence[tuple[int, float]]] | None = None,
+) -> Any:
+    """vision_msgs/Detection3DArray, one Detection3D per instance (cloud frame and stamp): ``bbox`` the oriented
+    box the markers draw, ``id`` the instance (track) id, ``results`` the top classes, best first, as class_id
+    = class name and score = the instance's score x the class's share in ``classes_by_id[id]`` ((label, share)
+    pairs, e.g. the track's smoothed class votes; without it the instance's own class with its score)."""
+    from vision_msgs.msg import Detection3D, Detection3DArray, ObjectHypothesisWithPose
+
+    header = make_header(frame_id, stamp_ns, types)
+    detections = []
+    for inst in instances:
+        det = Detection3D(header=header, id=str(int(inst.instance_id)))
+        pose = det.bbox.center
+        pose.position.x, pose.position.y, pose.position.z = (float(v) for v in inst.box.center)
+        q = pose.orientation
+        q.x, q.y, q.z, q.w = _quaternion_z(inst.box.yaw)
+        det.bbox.size.x, det.bbox.size.y, det.bbox.size.z = (float(v) for v in inst.box.size)
+        ranked = (classes_by_id or {}).get(int(inst.instance_id)) or [(int(inst.label), 1.0)]
+        for label, share in ranked:
+            if not 0 < label <= len(class_names):
+                continue
+            hyp = ObjectHypothesisWithPose()
+            hyp.hypothesis.class_id = str(class_names[label - 1])
+            hyp.hypothesis.score = float(inst.score) * float(share)
+            hyp.pose.pose = pose
+            det.results.append(hyp)
+        detections.append(det)
+    return Detection3DArray(header=header, detections=detections)
+
+
+def vocabulary_message(version: int, vocabulary: Any, palette: np.ndarray, text_encoder: str, stamp: Any) -> Any:
+    """sal_ros_msgs/Vocabulary: version, source, combine, templates, text encoder and per class its name,
+    descriptions, thing flag and colour (``palette`` row k+1 for class k)."""
+    from sal_ros_msgs.msg import Vocabulary, VocabularyClass
+    from std_msgs.msg import ColorRGBA, Header
+
+    classes = []
+    for k, name in enumerate(class_names_of(vocabulary)):
+        item = vocabulary.classes[k] if hasattr(vocabulary, "classes") else None
+        r, g, b = (float(v) / 255.0 for v in palette[k + 1])
+        classes.append(VocabularyClass(
+            name=str(name), descriptions=[str(d) for d in getattr(item, "descriptions", (name,))],
+            thing=bool(getattr(item, "thing", True)), color=ColorRGBA(r=r, g=g, b=b, a=1.0)))
+    return Vocabulary(header=Header(stamp=stamp), version=int(version), source=str(getattr(vocabulary, "source", "")),
+                      combine=str(getattr(vocabulary, "combine", "")),
+                      templates=[str(t) for t in getattr(vocabulary, "templates", ())], text_encoder=text_encoder,
+                      classes=classes)
+
+
+def frame_summary_message(
+    seg: Segmentation,
+    frame_id: str,
+    stamp_ns: int,
+    num_points: int,
+    types: MessageTypes,
+    missing_cameras: Sequence[str] = (),
+    timings_ms: dict[str, float] | None = None,
+    tracking: Any = None,
+    tracking_frame: str = "",
+) -> Any:
+    """sal_ros_msgs/FrameSummary of one processed cloud (header = the cloud's)."""
+    from sal_ros_msgs.msg import FrameSummary
+
+    timings = timings_ms if timings_ms is not None else seg.timings_ms
+    return FrameSummary(
+        header=make_header(frame_id, stamp_ns, types), vocabulary_version=int(seg.vocabulary_version),
+        num_points=int(num_points), num_labeled=int(np.count_nonzero(seg.label)),
+        num_instances=len(seg.instances),
+        num_new_tracks=int(getattr(tracking, "new_tracks", 0)),
+        num_active_tracks=int(getattr(tracking, "active_tracks", 0)),
+        tracking_frame=tracking_frame, missing_cameras=[str(c) for c in missing_cameras],
+        stage_names=list(timings), stage_ms=[float(v) for v in timings.values()])
 
 
 # ----------------------------------------------------------------------------------------------- JSON records

@@ -67,6 +67,9 @@ INPUT_PARAMS: list[ParamSpec] = [
               "Warn (throttled) when an input has been silent this long (s).", range=(0.1, 3600.0)),
     ParamSpec("stats_period", "double", 5.0,
               "Period (s) of ~/stats and of the statistics log line.", range=(0.1, 3600.0)),
+    ParamSpec("diagnostics_period", "double", 1.0,
+              "Period (s, wall clock) of the node's /diagnostics (diagnostic_msgs/DiagnosticArray): input, processing "
+              "and model health with OK / WARN / ERROR over the last 10 s.", range=(0.1, 3600.0)),
 ]
 
 SEGMENTER_PARAMS: list[ParamSpec] = [
@@ -101,9 +104,30 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
     ParamSpec("publish.markers", "bool", True, "Publish ~/markers (boxes and class labels per instance).", dynamic=True),
     ParamSpec("publish.overlays", "bool", True, "Publish ~/overlay/<camera> label overlay images.", dynamic=True),
     ParamSpec("publish.info", "bool", True,
-              "Publish ~/info (JSON per frame: stamp, vocabulary version and classes, instances).", dynamic=True),
+              "Publish ~/info (debugging aid, JSON per frame: stamp, vocabulary version and classes, instances; "
+              "the typed outputs are ~/detections and ~/frame_summary).", dynamic=True),
+    ParamSpec("publish.detections", "bool", True,
+              "Publish ~/detections (vision_msgs/Detection3DArray: per instance its box, track id and top classes).",
+              dynamic=True),
+    ParamSpec("publish.frame_summary", "bool", True,
+              "Publish ~/frame_summary (sal_ros_msgs/FrameSummary: vocabulary version, counts, tracks, timings).",
+              dynamic=True),
     ParamSpec("markers.min_points", "int", 5, "Instances with fewer points get no marker.", range=(1, 100000),
               dynamic=True),
+    ParamSpec("tracking.enable", "bool", True,
+              "Track instances over frames: instance ids in every output are track ids, kept while the object is "
+              "seen, and a track's class is smoothed over its frames. false: ids afresh each frame.", dynamic=True),
+    ParamSpec("tracking.fixed_frame", "string", "",
+              "Frame to track in (e.g. odom, map): boxes move there through TF at the cloud stamp, so ego motion "
+              "cancels. Empty: the sensor frame (fine for a still robot or slow motion)."),
+    ParamSpec("tracking.max_distance", "double", 2.0,
+              "Largest distance (m) between a track's predicted centre and an instance for them to be associated.",
+              range=(0.01, 100.0), dynamic=True),
+    ParamSpec("tracking.max_misses", "int", 3, "Frames a track survives without an instance before it ends.",
+              range=(0, 1000), dynamic=True),
+    ParamSpec("tracking.class_memory", "double", 0.7,
+              "Weight of a track's past class votes against the new frame's (0: the class of the frame only).",
+              range=(0.0, 0.99), dynamic=True),
     ParamSpec("overlay.point_radius", "int", 2, "Radius (pixels) of a projected point in overlays.", range=(0, 10),
               dynamic=True),
     ParamSpec("qos.outputs.reliability", "string", "reliable",

@@ -5,11 +5,19 @@ Outputs, in the cloud's frame and stamp:
 
 - ``~/labeled_points`` PointCloud2 (x y z intensity label vocabulary_version instance score rgb; the input's
   points in its order),
-- ``~/info`` std_msgs/String JSON per frame: stamp, vocabulary version and classes, instances (see outputs.py),
-- ``~/markers`` MarkerArray (DELETEALL, the vocabulary legend, then a box and a text label per instance),
+- ``~/detections`` vision_msgs/Detection3DArray: per instance its oriented box, track id and top classes,
+- ``~/frame_summary`` sal_ros_msgs/FrameSummary: vocabulary version, counts, tracks, per-stage timings,
+- ``~/markers`` MarkerArray (DELETEALL, the vocabulary legend, then a box and a text label per instance; one
+  colour per track),
 - ``~/overlay/<camera>`` Image: labeled points projected into each synced camera,
-- ``~/vocabulary`` std_msgs/String JSON, transient-local: the active vocabulary, once per version,
-- ``~/stats`` std_msgs/String JSON every ``stats_period``: counters and per-stage timings.
+- ``~/vocabulary`` sal_ros_msgs/Vocabulary, transient-local: the active vocabulary, once per version,
+- ``/diagnostics`` diagnostic_msgs/DiagnosticArray every ``diagnostics_period`` (wall clock): input,
+  processing and model health,
+- debugging aids, JSON in std_msgs/String: ``~/info`` per frame, ``~/debug/vocabulary`` (transient local) and
+  ``~/stats`` every ``stats_period`` (counters and per-stage timings).
+
+Instances are tracked (sal_ros.core.tracking): instance ids on every output are track ids, in the sensor frame
+or, with ``tracking.fixed_frame``, in that frame through TF at the cloud stamp.
 
 Threads: subscription callbacks only store messages; synced frames go into a latest-only slot; one worker thread
 decodes, runs the model and publishes. A frame that arrives while the worker is busy replaces the waiting one
@@ -33,7 +41,9 @@ from rclpy.node import Node
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.msgtypes import rclpy_types
 from sal_ros.core.pointcloud2 import finite_mask
+from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
 from sal_ros.core.types import Frame, Segmentation
+from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import outputs
 from sal_ros.nodes import params as P
 from sal_ros.nodes.inputs import SensorInputs, declare_inputs
@@ -41,7 +51,7 @@ from sal_ros.nodes.qos import latched, profile
 from sal_ros.nodes.stats import NodeStats, Throttle
 from sal_ros.nodes.worker import Worker
 
-OUTPUTS = ("labeled_points", "markers", "overlays", "info")
+OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary")
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,9 @@ class SegmenterNode(Node):
                                             initializer=_one_torch_thread)
 
         self.device = self._choose_device(self.values["model.device"])
+        self.health = D.HealthMonitor([c.name for c in cameras])
+        self.tracker = Tracker(self._tracker_config())
+        self._poses, self._last_pose = self._pose_source(), None
         self._make_publishers(cameras)
         # All CPU model work, loading included, happens on the worker thread: PyTorch's OpenMP pool serves the
         # thread that first used it; parallel ops of a second thread ran ~6x slower here (tiny backbone 55 ->
@@ -80,6 +93,8 @@ class SegmenterNode(Node):
         self.add_post_set_parameters_callback(self._apply_parameters)
         self._stats_timer = self.create_timer(self.values["stats_period"], self._publish_stats,
                                               callback_group=self.inputs.timer_group)
+        self._diagnostics_timer = self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics,
+                                                    callback_group=self.inputs.timer_group, clock=D.steady_clock())
         self.get_logger().info(
             f"listening on {self.values['cloud_topic']} with cameras {[c.name for c in cameras]}; "
             f"model on {self.device}, torch threads: {self._torch_threads}; "
@@ -169,7 +184,11 @@ class SegmenterNode(Node):
     def _publish_vocabulary(self, active: ActiveVocabulary) -> None:
         from std_msgs.msg import String
 
-        self._pub_vocabulary.publish(String(data=outputs.vocabulary_record(active.version, active.vocabulary)))
+        v = self.values
+        encoder = f"{v['text_encoder.model']} ({v['text_encoder.pretrained'] or 'random weights'})"
+        self._pub_vocabulary.publish(outputs.vocabulary_message(
+            active.version, active.vocabulary, active.palette, encoder, self.get_clock().now().to_msg()))
+        self._pub_vocabulary_json.publish(String(data=outputs.vocabulary_record(active.version, active.vocabulary)))
 
     # -------------------------------------------------------------------------------------------- parameters
 
@@ -207,12 +226,17 @@ class SegmenterNode(Node):
                 self._request_vocabulary(param.name, value)
             elif param.name in ("score_threshold", "max_points", "min_instance_points"):
                 self._configure_segmenter()
+            elif param.name.startswith("tracking."):
+                self.tracker.config = self._tracker_config()
 
     # ------------------------------------------------------------------------------------------------ output
 
     def _make_publishers(self, cameras: list) -> None:
+        from diagnostic_msgs.msg import DiagnosticArray
+        from sal_ros_msgs.msg import FrameSummary, Vocabulary
         from sensor_msgs.msg import Image, PointCloud2
         from std_msgs.msg import String
+        from vision_msgs.msg import Detection3DArray
         from visualization_msgs.msg import MarkerArray
 
         qos = profile(self.values["qos.outputs.reliability"], self.values["qos.outputs.depth"])
@@ -220,8 +244,12 @@ class SegmenterNode(Node):
         self._pub_markers = self.create_publisher(MarkerArray, "~/markers", qos)
         self._pub_info = self.create_publisher(String, "~/info", qos)
         self._pub_overlays = {c.name: self.create_publisher(Image, f"~/overlay/{c.name}", qos) for c in cameras}
-        self._pub_vocabulary = self.create_publisher(String, "~/vocabulary", latched())
+        self._pub_detections = self.create_publisher(Detection3DArray, "~/detections", qos)
+        self._pub_summary = self.create_publisher(FrameSummary, "~/frame_summary", qos)
+        self._pub_vocabulary = self.create_publisher(Vocabulary, "~/vocabulary", latched())
+        self._pub_vocabulary_json = self.create_publisher(String, "~/debug/vocabulary", latched())
         self._pub_stats = self.create_publisher(String, "~/stats", profile("reliable", 5))
+        self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", profile("reliable", 10))
 
     def wanted_outputs(self) -> dict[str, Any]:
         """Which outputs are enabled and subscribed; overlays as the set of camera names."""
@@ -230,6 +258,8 @@ class SegmenterNode(Node):
             "labeled_points": v["publish.labeled_points"] and self._pub_cloud.get_subscription_count() > 0,
             "markers": v["publish.markers"] and self._pub_markers.get_subscription_count() > 0,
             "info": v["publish.info"] and self._pub_info.get_subscription_count() > 0,
+            "detections": v["publish.detections"] and self._pub_detections.get_subscription_count() > 0,
+            "frame_summary": v["publish.frame_summary"] and self._pub_summary.get_subscription_count() > 0,
             "overlays": {name for name, pub in self._pub_overlays.items()
                          if v["publish.overlays"] and pub.get_subscription_count() > 0},
         }
@@ -237,11 +267,14 @@ class SegmenterNode(Node):
     # ------------------------------------------------------------------------------------------------ frames
 
     def _on_synced(self, synced: Any) -> None:
+        self.health.frame_in(synced.missing)
         if self.worker.submit(synced):
             self.stats.count("dropped")
+            self.health.dropped()
 
     def _on_worker_error(self, exc: BaseException) -> None:
         self.stats.count("error.unexpected")
+        self.health.error("unexpected")
         self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}")
 
     def _process(self, synced: Any) -> None:
@@ -257,6 +290,7 @@ class SegmenterNode(Node):
             decoded = self.inputs.decode(synced, with_cameras=bool(wanted["overlays"]))
         except SensorDataError as exc:
             self.stats.count("error.malformed_cloud")
+            self.health.error("malformed_cloud")
             self._warn("malformed_cloud", f"dropped a malformed cloud: {exc}")
             return
         frame = decoded.frame
@@ -265,15 +299,22 @@ class SegmenterNode(Node):
         if seg is None:
             return
         t2 = time.perf_counter()
-        self._publish(frame, seg, wanted)
+        tracking = self._track(frame, seg)
         t3 = time.perf_counter()
+        stages = {"decode": t1 - t0, "segment": t2 - t1, "track": t3 - t2}
+        self._publish(frame, seg, wanted, tracking, {**{k: v * 1e3 for k, v in stages.items()},
+                                                     **{"model." + k: v for k, v in seg.timings_ms.items()}})
+        t4 = time.perf_counter()
         self.stats.count("processed")
-        for stage, ms in (("decode", t1 - t0), ("segment", t2 - t1), ("publish", t3 - t2), ("total", t3 - t0)):
+        for stage, ms in (*stages.items(), ("publish", t4 - t3), ("total", t4 - t0)):
             self.stats.time(stage, ms * 1e3)
         for stage, ms in seg.timings_ms.items():
             self.stats.time("model." + stage, ms)
+        latency = None
         if synced.received_ns is not None:  # cloud received -> outputs published: sync wait + slot + work
-            self.stats.time("latency", (time.monotonic_ns() - synced.received_ns) / 1e6)
+            latency = (time.monotonic_ns() - synced.received_ns) / 1e6
+            self.stats.time("latency", latency)
+        self.health.processed(latency)
         now_ns = self.get_clock().now().nanoseconds
         if frame.stamp_ns and now_ns > frame.stamp_ns:  # includes driver and transport; needs synced clocks
             self.stats.time("stamp_age", (now_ns - frame.stamp_ns) / 1e6)
@@ -299,6 +340,7 @@ class SegmenterNode(Node):
                 return self._segmenter.segment(frame.points, intensity)
         except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
             self.stats.count("error.model")
+            self.health.error("model")
             if self.throttle.ready("model_error"):
                 self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
                                         f"{type(exc).__name__}: {exc}")
@@ -341,10 +383,63 @@ class SegmenterNode(Node):
                    "random subset, the rest take their nearest neighbour's label")
         return True
 
-    def _publish(self, frame: Frame, seg: Segmentation, wanted: dict[str, Any]) -> None:
+    # ---------------------------------------------------------------------------------------------- tracking
+
+    def _tracker_config(self) -> TrackerConfig:
+        v = self.values
+        return TrackerConfig(max_distance=float(v["tracking.max_distance"]), max_misses=int(v["tracking.max_misses"]),
+                             class_memory=float(v["tracking.class_memory"]))
+
+    def _pose_source(self) -> Any:
+        """A tf2 buffer for sensor -> ``tracking.fixed_frame`` lookups, or None (track in the sensor frame)."""
+        if not self.values["tracking.fixed_frame"]:
+            return None
+        from sal_ros.core.tf import make_extrinsics_source
+
+        try:
+            return make_extrinsics_source("tf", node=self)
+        except ImportError as exc:
+            self.get_logger().error(f"tracking.fixed_frame is set but TF is unavailable, tracking in the sensor "
+                                    f"frame: {exc}")
+            return None
+
+    def _tracking_pose(self, frame: Frame) -> np.ndarray | None:
+        """Sensor -> fixed frame at the cloud stamp; the last one found when TF cannot say yet (counted)."""
+        fixed = self.values["tracking.fixed_frame"]
+        if self._poses is None or fixed == frame.frame_id:
+            return None
+        pose = self._poses.lookup(fixed, frame.frame_id, frame.stamp_ns)
+        if pose is None:
+            self.stats.count("tracking_pose_missing")
+            why = getattr(self._poses, "last_error", {}).get((fixed, frame.frame_id), "no transform")
+            self._warn("tracking_pose", f"no transform {frame.frame_id} -> {fixed} at the cloud stamp ({why}); "
+                       "tracking with the last known pose")
+            return self._last_pose
+        self._last_pose = pose
+        return pose
+
+    def _track(self, frame: Frame, seg: Segmentation) -> TrackingResult | None:
+        """Track ids and smoothed classes into ``seg`` (in place); None when tracking is off."""
+        if not self.values["tracking.enable"]:
+            return None
+        result = self.tracker.update(seg.instances, frame.stamp_ns, self._tracking_pose(frame), seg.vocabulary_version)
+        apply_tracks(seg, result)
+        return result
+
+    def _publish(self, frame: Frame, seg: Segmentation, wanted: dict[str, Any], tracking: TrackingResult | None = None,
+                 timings_ms: dict[str, float] | None = None) -> None:
         from std_msgs.msg import String
 
         palette = outputs.class_colors(len(seg.class_names))
+        if wanted.get("detections"):
+            classes = None if tracking is None else {t.track_id: t.classes for t in tracking.by_instance.values()}
+            self._pub_detections.publish(outputs.detections_message(
+                seg.instances, frame.frame_id, frame.stamp_ns, seg.class_names, self._types, classes))
+        if wanted.get("frame_summary"):
+            used_fixed = tracking is not None and self._last_pose is not None
+            self._pub_summary.publish(outputs.frame_summary_message(
+                seg, frame.frame_id, frame.stamp_ns, frame.num_points, self._types, frame.missing_cameras,
+                timings_ms, tracking, self.values["tracking.fixed_frame"] if used_fixed else frame.frame_id))
         if wanted["labeled_points"]:
             self._pub_cloud.publish(outputs.labeled_cloud(
                 frame.points, frame.intensity, seg, frame.frame_id, frame.stamp_ns, self._types, palette))
@@ -354,7 +449,7 @@ class SegmenterNode(Node):
         if wanted["markers"]:
             self._pub_markers.publish(outputs.instance_markers(
                 seg.instances, frame.frame_id, frame.stamp_ns, palette, self._types, self.values["markers.min_points"],
-                vocabulary_version=seg.vocabulary_version))
+                vocabulary_version=seg.vocabulary_version, tracked=tracking is not None))
         for name in wanted["overlays"]:
             view = frame.cameras.get(name)
             if view is not None:
@@ -371,6 +466,20 @@ class SegmenterNode(Node):
         self._pub_stats.publish(String(data=self.stats.to_json(**extra)))
         if self.stats.get("processed") or self.stats.get("matched"):
             self.get_logger().info(self.stats.summary_line())
+
+    def _publish_diagnostics(self) -> None:
+        window = self.health.window()
+        v, name = self.values, self.get_name()
+        subscribed = any(self.wanted_outputs().values())
+        statuses = [
+            D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
+            D.processing_status(name, window, self.stats.snapshot()["timings"], subscribed),
+            D.model_status(name, v["model.device"], self.device, self.active.version, len(self.active.class_names),
+                           getattr(self, "_torch_threads", None),
+                           len(self.tracker.tracks) if v["tracking.enable"] else None),
+        ]
+        self._pub_diagnostics.publish(D.diagnostic_array(statuses, self.get_clock().now().to_msg(),
+                                                         self.get_fully_qualified_name()))
 
     def _warn(self, key: str, text: str) -> None:
         if self.throttle.ready(key):
