@@ -5,15 +5,23 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.setup-done
+# Without an apt ROS 2 (no /opt/ros) the ROS tooling (tf2_ros, message_filters, launch_ros, ros2cli, ...) is built
+# from the sources in ../shared/ros2 into .venv; on a robot it comes from apt and rosdep.
+SHARED ?= $(abspath ../shared)
+APT_ROS := $(wildcard /opt/ros/*/setup.bash)
+# colcon lives in its own venv (it pins setuptools<80) and installs this package as on a robot, into COLCON_PREFIX.
+COLCON_VENV := .colcon-venv
+COLCON_PREFIX := build/colcon
+COLCON_PATHS := . $(wildcard sal_ros_msgs)
 # Localhost-only DDS and a private domain for everything started from here.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
 export FASTDDS_DEFAULT_PROFILES_FILE := $(CURDIR)/config/fastdds.xml
 export RMW_IMPLEMENTATION := rmw_fastrtps_cpp
 
-.PHONY: setup test demo bench clean
+.PHONY: setup ros2-tools colcon-install test demo bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) ros2-tools colcon-install
 
 # Re-run only when the pins change. torch/torchvision come from the machine's local wheel store.
 $(STAMP): requirements.txt requirements-dev.txt Makefile setup.py $(wildcard sal_ros_msgs/msg/*.msg)
@@ -25,6 +33,24 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile setup.py $(wildcard sal
 	# sal_ros_msgs (vocabulary, frame summary interfaces) built with the ament/rosidl wheels into the venv
 	VENV=$(VENV) sal_ros_msgs/build_venv.sh
 	touch $(STAMP)
+
+# Idempotent (about 1 s when nothing changed; 75-120 s the first time on 2 cores).
+ros2-tools: $(STAMP)
+ifeq ($(APT_ROS),)
+	VENV=$(VENV) $(SHARED)/ros2/build.sh
+endif
+
+$(COLCON_VENV)/.done: requirements-colcon.txt
+	test -x $(COLCON_VENV)/bin/python || $(PYTHON) -m venv $(COLCON_VENV)
+	$(COLCON_VENV)/bin/pip install -q -r requirements-colcon.txt
+	touch $@
+
+# Every time (about 2 s): the install must hold the current sources. Use it with
+#   . $(SHARED)/ros2/env.sh .venv && . build/colcon/install/setup.sh && ros2 launch sal_ros segment.launch.py
+colcon-install: ros2-tools $(COLCON_VENV)/.done
+	. $(SHARED)/ros2/env.sh $(VENV) && PYTHONPATH=$$(echo $(CURDIR)/$(COLCON_VENV)/lib/python3*/site-packages) \
+	  $(PY) $(COLCON_VENV)/bin/colcon --log-base $(COLCON_PREFIX)/log build --base-paths $(COLCON_PATHS) \
+	  --build-base $(COLCON_PREFIX)/build --install-base $(COLCON_PREFIX)/install
 
 test: setup
 	$(PY) -m pytest -q test
@@ -38,4 +64,4 @@ bench: setup
 	$(VENV)/bin/sal-ros bench model
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo_out
+	rm -rf $(VENV) $(COLCON_VENV) build *.egg-info demo_out

@@ -8,6 +8,7 @@ import os
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.conditions import LaunchConfigurationNotEquals
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
@@ -23,15 +24,16 @@ def generate_launch_description():
         DeclareLaunchArgument("record_dir", default_value="sal_frames", description="FrameStore directory"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
-        DeclareLaunchArgument("discovery_range",
-                              default_value=os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST"),
-                              description="ROS_AUTOMATIC_DISCOVERY_RANGE for the node"),
-        DeclareLaunchArgument("fastdds_profile",
-                              default_value=os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE",
-                                                           os.path.join(share, "config", "fastdds.xml")),
-                              description="Fast DDS XML profile for the node"),
-        SetEnvironmentVariable("ROS_AUTOMATIC_DISCOVERY_RANGE", LaunchConfiguration("discovery_range")),
-        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),
+        DeclareLaunchArgument("discovery_range", default_value="",
+                              description="ROS_AUTOMATIC_DISCOVERY_RANGE for the node (LOCALHOST, SUBNET, ...); "
+                                          "empty: as in the environment"),
+        DeclareLaunchArgument("fastdds_profile", default_value="",
+                              description="Fast DDS XML profile for the node, e.g. the installed "
+                                          "config/fastdds.xml (loopback only); empty: as in the environment"),
+        SetEnvironmentVariable("ROS_AUTOMATIC_DISCOVERY_RANGE", LaunchConfiguration("discovery_range"),
+                               condition=LaunchConfigurationNotEquals("discovery_range", "")),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile"),
+                               condition=LaunchConfigurationNotEquals("fastdds_profile", "")),
         Node(
             package="sal_ros",
             executable="recorder",

@@ -1,17 +1,18 @@
-"""Launch the SAL segmenter (and optionally the frame recorder) with the shipped parameters and DDS profile.
+"""Launch the SAL segmenter (and optionally the frame recorder) with the shipped parameters.
 
     ros2 launch sal_ros segment.launch.py [params_file:=my.yaml] [record:=true record_dir:=frames]
                                           [use_sim_time:=true] [log_level:=info]
 
-DDS: ROS_AUTOMATIC_DISCOVERY_RANGE (default LOCALHOST unless already set) and FASTDDS_DEFAULT_PROFILES_FILE (the
-installed config/fastdds.xml: shared memory for large clouds, UDP on loopback only) are set for the nodes. To reach
-other machines, pass discovery_range:=SUBNET fastdds_profile:=<a profile that allows your interface>.
+DDS: the nodes keep the environment's RMW_IMPLEMENTATION, ROS_AUTOMATIC_DISCOVERY_RANGE and Fast DDS profile, so
+a lidar driver on another host stays visible. discovery_range:=LOCALHOST and fastdds_profile:=<path> set them for
+these nodes only when given, e.g. the installed share/sal_ros/config/fastdds.xml (shared memory for large clouds,
+UDP on loopback only).
 """
 import os
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
-from launch.conditions import IfCondition
+from launch.conditions import IfCondition, LaunchConfigurationNotEquals
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
@@ -31,15 +32,16 @@ def generate_launch_description():
         DeclareLaunchArgument("record_dir", default_value="sal_frames", description="recorder FrameStore directory"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
-        DeclareLaunchArgument("discovery_range",
-                              default_value=os.environ.get("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST"),
-                              description="ROS_AUTOMATIC_DISCOVERY_RANGE for the nodes"),
-        DeclareLaunchArgument("fastdds_profile",
-                              default_value=os.environ.get("FASTDDS_DEFAULT_PROFILES_FILE",
-                                                           os.path.join(share, "config", "fastdds.xml")),
-                              description="Fast DDS XML profile for the nodes"),
-        SetEnvironmentVariable("ROS_AUTOMATIC_DISCOVERY_RANGE", LaunchConfiguration("discovery_range")),
-        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile")),
+        DeclareLaunchArgument("discovery_range", default_value="",
+                              description="ROS_AUTOMATIC_DISCOVERY_RANGE for the nodes (LOCALHOST, SUBNET, ...); "
+                                          "empty: as in the environment"),
+        DeclareLaunchArgument("fastdds_profile", default_value="",
+                              description="Fast DDS XML profile for the nodes, e.g. the installed "
+                                          "config/fastdds.xml (loopback only); empty: as in the environment"),
+        SetEnvironmentVariable("ROS_AUTOMATIC_DISCOVERY_RANGE", LaunchConfiguration("discovery_range"),
+                               condition=LaunchConfigurationNotEquals("discovery_range", "")),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile"),
+                               condition=LaunchConfigurationNotEquals("fastdds_profile", "")),
         Node(
             package="sal_ros",
             executable="segmenter",

@@ -9,8 +9,6 @@ import argparse
 import importlib
 import sys
 
-from sal_ros.env import apply_ros_env_defaults
-
 COMMANDS = {
     "demo": ("sal_ros.demo", "whole SAL loop in miniature on real frames"),
     "run": ("sal_ros.nodes.run", "run the segmenter (and recorder) nodes in one process"),
@@ -18,6 +16,7 @@ COMMANDS = {
     "convert": ("sal_ros.data.convert", "convert a dataset in ../shared/data form into a rosbag2 (mcap)"),
     "pseudolabel": ("sal_ros.pseudolabel.cli", "lift 2D masks and CLIP tokens onto recorded lidar frames"),
     "train": ("sal_ros.train.cli", "distill the SAL model on pseudo-labels"),
+    "pretrain": ("sal_ros.pretrain.cli", "label-free backbone pretraining from a 2D teacher (ScaLR, Seal)"),
     "eval": ("sal_ros.eval.cli", "evaluate a checkpoint or pseudo-labels"),
 }
 
@@ -66,7 +65,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    apply_ros_env_defaults()
+    # No DDS settings here: `sal-ros run` keeps the robot's (or --localhost); demo, benches and eval online
+    # keep their own runs on this machine.
     parser = build_parser(argv)
     if not argv:
         parser.print_help()

@@ -9,7 +9,9 @@ The params file is the same ROS 2 YAML the launch files take (sections ``/**``, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override one parameter (YAML value), for every node that has it; repeatable")
     parser.add_argument("--use-sim-time", action="store_true", help="follow /clock (e.g. with sal-ros replay)")
     parser.add_argument("--threads", type=int, default=None, help="executor threads (default: CPU count)")
+    parser.add_argument("--localhost", action="store_true",
+                        help="keep DDS on this machine: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, the shipped Fast DDS "
+                             "profile and rmw_fastrtps_cpp where not set (default: the environment as it is)")
     parser.add_argument("--list-params", action="store_true", help="print every parameter as Markdown tables (as in docs/parameters.md)")
 
 
@@ -112,46 +117,117 @@ def spin_until_shutdown(executor: Any) -> None:
             raise
 
 
-def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None) -> int:
-    """Build the nodes (rclpy initialized) and spin them on one MultiThreadedExecutor until Ctrl-C or shutdown.
-    A node that cannot start ends the process with 1 and the reason; Ctrl-C at any moment, model loading
-    included, ends it quietly with 0."""
+SHUTDOWN_SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _ignore_shutdown_signals() -> None:
+    """From here on a further Ctrl-C (a terminal sends one to the whole process group; launch may send its own)
+    cannot cut the teardown short. A KeyboardInterrupt already pending lands on this loop, which retries; once
+    SIG_IGN is installed, a tripped-but-undelivered signal is dropped by Python."""
+    import signal
+
+    while True:
+        try:
+            for name in SHUTDOWN_SIGNALS:
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+def _dds_environment() -> str:
+    """The DDS settings this process runs with, as the user gave them (nothing here changes them)."""
+    names = ("RMW_IMPLEMENTATION", "ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE")
+    return ", ".join(f"{n}={os.environ.get(n, '<unset>')}" for n in names)
+
+
+def _teardown(executor: Any, spinner: threading.Thread | None, nodes: list, stop_timeout_s: float) -> bool:
+    """Ordered shutdown: no more callbacks (executor stopped, spin thread joined), then each node's worker told to
+    stop (a frame in the model is not waited for past ``stop_timeout_s``), nodes destroyed, rclpy shut down.
+    Returns True when every worker ended."""
+    import rclpy
+
+    executor.shutdown(timeout_sec=stop_timeout_s)
+    if spinner is not None:
+        spinner.join(stop_timeout_s)
+    stopped = True
+    for node in nodes:
+        worker = getattr(node, "worker", None)
+        if worker is not None:
+            stopped &= worker.stop(timeout=stop_timeout_s)
+    for node in nodes:
+        node.destroy_node()
+    rclpy.try_shutdown()
+    return stopped
+
+
+def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None,
+                   stop_timeout_s: float = 2.0) -> int:
+    """Build the nodes (rclpy initialized without its signal handlers) and spin them on one
+    MultiThreadedExecutor in a background thread until SIGINT / SIGTERM or an external shutdown.
+
+    A node that cannot start ends the process with 1 and the reason; Ctrl-C at any moment, model loading and a
+    frame in the model included, ends it quietly with 0 within about ``stop_timeout_s`` (launch escalates to
+    SIGTERM 5 s after SIGINT). The signals raise KeyboardInterrupt in the main thread, which only waits: rclpy's
+    own handler would shut the context down under running callbacks and raise KeyboardInterrupt wherever the main
+    thread happened to be (in destroy_node, say). A worker still inside the model when the rest is torn down is
+    not joined: the process ends with os._exit so that interpreter finalization never runs under a torch
+    thread (its static destructors would race the running op)."""
+    import signal
+
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
 
-    # Made first: an interrupt inside the executor's constructor leaves a half-built object that rclpy
-    # complains about at exit, and node construction (model loading) is where users press Ctrl-C.
-    executor = MultiThreadedExecutor(num_threads=num_threads)
-    nodes: list = []
+    for name in SHUTDOWN_SIGNALS:
+        signal.signal(getattr(signal, name), _raise_interrupt)
+    rc, nodes, spinner, executor = 0, [], None, None
+    log = rclpy.logging.get_logger(logger_name)
     try:
+        executor = MultiThreadedExecutor(num_threads=num_threads)
+        log.info(f"DDS environment: {_dds_environment()}")
         try:
             nodes = make_nodes_now()
         except Exception as exc:  # noqa: BLE001 - configuration errors end the process with the reason
-            if not rclpy.ok():  # Ctrl-C shut the context down while the nodes were being built
-                return 0
-            rclpy.logging.get_logger(logger_name).fatal(f"cannot start: {exc}")
-            return 1
-        for node in nodes:
-            executor.add_node(node)
-        spin_until_shutdown(executor)
+            log.fatal(f"cannot start: {exc}")
+            rc = 1
+        else:
+            for node in nodes:
+                executor.add_node(node)
+            spinner = threading.Thread(target=spin_until_shutdown, args=(executor,), name="sal_spin", daemon=True)
+            spinner.start()
+            while spinner.is_alive():  # an external shutdown (the context) also ends the spin
+                spinner.join(0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        executor.shutdown()
-        for node in nodes:
-            node.destroy_node()
+        _ignore_shutdown_signals()
+        stopped = True
+        if executor is not None:
+            stopped = _teardown(executor, spinner, nodes, stop_timeout_s)
         rclpy.try_shutdown()
-    return 0
+    stray = [t for t in threading.enumerate() if t.daemon and t.is_alive() and t.name.startswith("sal_")]
+    if not stopped or stray:  # e.g. Ctrl-C while a node was loading its model on its worker thread
+        log.info("stopped while a frame was in the model; not waiting for it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def ros_node_main(node_class, name: str, argv: list[str] | None) -> int:
-    """``ros2 run sal_ros <node>``: parameters from --ros-args."""
+    """``ros2 run sal_ros <node>`` / ``ros2 launch``: parameters from --ros-args. The DDS environment (RMW,
+    discovery range, Fast DDS profile) is the user's: a robot's lidar driver on another host must stay visible."""
     import rclpy
+    from rclpy.signals import SignalHandlerOptions
 
-    from sal_ros.env import apply_ros_env_defaults
-
-    apply_ros_env_defaults()
-    rclpy.init(args=sys.argv if argv is None else argv)
+    try:
+        rclpy.init(args=sys.argv if argv is None else argv, signal_handler_options=SignalHandlerOptions.NO)
+    except KeyboardInterrupt:
+        return 0
     return start_and_spin(lambda: [node_class()], name)
 
 
@@ -166,7 +242,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"sal-ros run: {exc}")
         return 2
-    import rclpy
+    if args.localhost:
+        from sal_ros.env import apply_ros_env_defaults
 
-    rclpy.init()
+        apply_ros_env_defaults()
+    import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     return start_and_spin(lambda: make_nodes(overrides), "sal_ros", args.threads)

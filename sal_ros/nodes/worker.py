@@ -86,10 +86,13 @@ class Worker:
         """Hand ``item`` over; True when it replaced a waiting one (a dropped frame)."""
         return self.slot.put(item)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Close the slot and wait up to ``timeout`` for the item in hand; True when the thread has ended. A
+        frame still in the model after that is left to finish on its own (its results are not published)."""
         self.slot.close()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         try:
@@ -108,7 +111,8 @@ class Worker:
             try:
                 self._handle(item)
             except Exception as exc:  # noqa: BLE001 - the worker must outlive any one frame
-                self._on_error(exc)
+                if not self.slot.closed:  # after stop() the node's publishers are being destroyed under it
+                    self._on_error(exc)
             finally:
                 self.processed += 1
                 self.busy.clear()
