@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--out", type=Path, help="output folder (default DATASET/pseudolabels for a FrameStore)")
     m = parser.add_argument_group("2D masks")
-    m.add_argument("--masks", choices=["slic", "sam", "sam2"], default="sam2")
+    m.add_argument("--masks", choices=["slic", "sam", "sam2", "sam2_lidar"], default="sam2",
+                   help="sam2_lidar: SAM2-AMML, SAM 2 prompted at projected lidar clusters (--sam2-* options)")
+    m.add_argument("--prompt-border-px", type=float, default=8.0, help="sam2_lidar: drop prompts this near the border")
+    m.add_argument("--prompt-boundary-px", type=float, default=4.0,
+                   help="sam2_lidar: drop prompts this near another cluster's projected points")
+    m.add_argument("--prompt-fuse-iou", type=float, default=0.5, help="sam2_lidar: fuse masks overlapping this much")
     m.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml", help="hydra config in sam2")
     m.add_argument("--sam2-checkpoint", help="SAM 2 weights (.pt)")
     m.add_argument("--sam-model-type", default="vit_h", choices=["vit_b", "vit_l", "vit_h"])
@@ -78,15 +83,19 @@ def config_from_args(args: argparse.Namespace):
     if args.masks == "slic":
         mask_options = {"n_segments": args.slic_segments}
     else:
-        ckpt = args.sam2_checkpoint if args.masks == "sam2" else args.sam_checkpoint
+        sam2 = args.masks in ("sam2", "sam2_lidar")
+        ckpt = args.sam2_checkpoint if sam2 else args.sam_checkpoint
         if not ckpt and not args.random_weights:
-            raise ValueError(f"--masks {args.masks} needs --{args.masks}-checkpoint (or --random-weights for a "
-                             "smoke test)")
+            raise ValueError(f"--masks {args.masks} needs --{'sam2' if sam2 else 'sam'}-checkpoint (or "
+                             "--random-weights for a smoke test)")
         mask_options = {"checkpoint": ckpt, "image_size": args.image_size, "points_per_side": args.points_per_side,
                         "pred_iou_thresh": args.pred_iou_thresh,
                         "stability_score_thresh": args.stability_score_thresh}
-        mask_options.update({"config": args.sam2_config} if args.masks == "sam2" else
-                            {"model_type": args.sam_model_type})
+        mask_options.update({"config": args.sam2_config} if sam2 else {"model_type": args.sam_model_type})
+        if args.masks == "sam2_lidar":  # the automatic generator's grid settings do not apply
+            mask_options = {k: v for k, v in mask_options.items() if k in ("checkpoint", "image_size", "config")}
+            mask_options["prompts"] = {"border_px": args.prompt_border_px, "boundary_px": args.prompt_boundary_px,
+                                       "fuse_iou": args.prompt_fuse_iou}
         mask_options = {k: v for k, v in mask_options.items() if v is not None}
     if not args.no_tokens and not args.clip_pretrained and not args.random_weights:
         raise ValueError("--clip-pretrained is needed for meaningful tokens (or --no-tokens / --random-weights)")

@@ -284,6 +284,10 @@ def build_mask_source(kind: str, **kwargs) -> MaskSource:
     """``kind`` slic | sam | sam2; keyword arguments go to the source (None values are dropped)."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     sources = {"slic": SlicMasks, "sam": SamMasks, "sam2": Sam2Masks}
+    if kind == "sam2_lidar":  # SAM2-AMML: prompts at projected lidar clusters (pseudolabel/amml.py)
+        from sal_ros.pseudolabel.amml import Sam2LidarMasks
+
+        return Sam2LidarMasks(**kwargs)
     if kind not in sources:
         raise ValueError(f"unknown mask source {kind!r}; known: {', '.join(sources)}")
     return sources[kind](**kwargs)
