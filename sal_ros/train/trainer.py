@@ -89,7 +89,9 @@ class TrainConfig:
         import yaml
 
         with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+            cfg = cls.from_dict(yaml.safe_load(f) or {})
+        _resolve_pretrained(cfg.model, Path(path).parent)
+        return cfg
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,11 +197,35 @@ def build_model(model_cfg: dict, token_dim: int | None = None):
 
     cfg = dict(model_cfg or {})
     preset = cfg.pop("preset", None)
+    pretrained = cfg.pop("pretrained_backbone", None)
     config = ModelConfig.preset(preset, **cfg) if preset else ModelConfig(**cfg)
     if token_dim is not None and config.token_dim != token_dim:
         raise ValueError(f"model token_dim {config.token_dim} but pseudo-label tokens have {token_dim} dims; "
                          f"set model.token_dim or use the text encoder the pseudo-labels were made with")
-    return SALModel(config)
+    model = SALModel(config)
+    if pretrained:  # a `sal-ros pretrain` backbone (ScaLR / Seal); the decoder starts from scratch
+        from sal_ros.model.pretrained import load_backbone_into
+
+        load_backbone_into(pretrained, model.backbone, config)
+    return model
+
+
+def _resolve_pretrained(model_cfg: dict, base: Path) -> None:
+    """``model.pretrained_backbone`` relative to the config's folder, checked to be a backbone file that fits."""
+    if not (model_cfg or {}).get("pretrained_backbone"):
+        return
+    from sal_ros.model.checkpoint import CheckpointError
+    from sal_ros.model.pretrained import backbone_config, check_compatible, read_backbone
+    from sal_ros.model.sal import ModelConfig
+
+    path = base / model_cfg["pretrained_backbone"]
+    model_cfg["pretrained_backbone"] = str(path)
+    rest = {k: v for k, v in model_cfg.items() if k not in ("pretrained_backbone", "preset")}
+    try:
+        config = ModelConfig.preset(model_cfg.get("preset"), **rest)
+        check_compatible(backbone_config(read_backbone(path)), config, path)
+    except CheckpointError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def forward_layers(model, samples: list[Sample], device: torch.device) -> list[dict]:

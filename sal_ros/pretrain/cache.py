@@ -1,0 +1,161 @@
+"""Per-frame teacher cache: what pretraining needs from the cameras, computed once (the 2D models are the slow part).
+
+One ``<key>.npz`` per frame in the cache folder, written atomically (a killed run leaves whole files only; the next
+run skips them: resumable). Per camera ``j`` (names in ``meta["cameras"]``):
+
+- ``c{j}_index`` (P,) int32: points that project into the image and pass the occlusion test of the pseudo-label
+  engine (sal_ros.pseudolabel.lifting);
+- ``c{j}_cell`` (P,) int32: flat cell of the teacher's feature map each of them falls in;
+- ``c{j}_fmap`` (h*w, D) float16: the teacher's feature map;
+- with superpixels: ``c{j}_segment`` (P,) int32 superpixel of each point (-1: none) and ``c{j}_segfeats`` (S, D)
+  float16 the teacher's features averaged over every pixel of each superpixel.
+
+``meta`` (JSON) records the teacher, the superpixel source, the lift settings and their hash (a file made with
+other settings is redone), and the lidar pose in the world when the dataset has one (for Seal's temporal term).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from sal_ros.core.errors import SensorDataError
+from sal_ros.core.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cache_path(folder: str | Path, key: str) -> Path:
+    if not key or "/" in key or key.startswith("."):
+        raise ValueError(f"frame key {key!r} cannot name a file")
+    return Path(folder) / f"{key}.npz"
+
+
+def frame_entry(frame, teacher, superpixels=None, lift=None, pose: np.ndarray | None = None) -> dict:
+    """The arrays of one frame's cache file (see module doc)."""
+    from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
+    from sal_ros.pseudolabel.masks import flatten_masks, label_image
+
+    lift = lift or LiftConfig()
+    arrays, cameras = {}, []
+    for j, (name, view) in enumerate(frame.cameras.items()):
+        fmap = teacher.feature_map(frame, name)
+        px = point_pixels(frame.points, view, lift)
+        keep = px.visible
+        rows, cols = px.v[keep], px.u[keep]
+        flat = fmap.feats.reshape(-1, fmap.feats.shape[2]).astype(np.float32)
+        arrays[f"c{j}_index"] = px.index[keep].astype(np.int32)
+        arrays[f"c{j}_cell"] = fmap.cell_of(rows, cols).astype(np.int32)
+        arrays[f"c{j}_fmap"] = flat.astype(np.float16)
+        if superpixels is not None:
+            seg = label_image(flatten_masks(superpixels.generate(view.image)))
+            arrays[f"c{j}_segment"] = seg[rows, cols].astype(np.int32)
+            arrays[f"c{j}_segfeats"] = segment_means(seg, fmap, flat).astype(np.float16)
+        cameras.append(name)
+    meta = {"key": frame.key, "cameras": cameras, "num_points": frame.num_points,
+            "pose": None if pose is None else np.asarray(pose, np.float64).tolist()}
+    return {"arrays": arrays, "meta": meta}
+
+
+def segment_means(seg: np.ndarray, fmap, flat: np.ndarray) -> np.ndarray:
+    """(S, D) mean teacher feature over every pixel of each superpixel (pixels read their map cell)."""
+    n_seg = int(seg.max()) + 1 if seg.size and seg.max() >= 0 else 0
+    if n_seg == 0:
+        return np.zeros((0, flat.shape[1]), np.float32)
+    rows, cols = np.indices(seg.shape)
+    cells = fmap.cell_of(rows.ravel(), cols.ravel())
+    s = seg.ravel()
+    ok = s >= 0
+    counts = np.zeros((n_seg, len(flat)), np.float32)
+    np.add.at(counts, (s[ok], cells[ok]), 1.0)
+    return (counts @ flat) / np.maximum(counts.sum(1, keepdims=True), 1.0)
+
+
+def save_entry(path: Path, entry: dict, settings: dict) -> Path:
+    meta = {**entry["meta"], "settings": settings, "settings_hash": settings_hash(settings)}
+    buf = io.BytesIO()
+    np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **entry["arrays"])
+    return atomic_write(path, buf.getvalue())
+
+
+def load_entry(path: str | Path) -> dict:
+    """``{"meta": dict, "cameras": [{"index", "cell", "fmap", ["segment", "segfeats"]}]}``; SensorDataError if
+    the file is unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            cams = []
+            for j in range(len(meta["cameras"])):
+                cams.append({k: z[f"c{j}_{k}"] for k in ("index", "cell", "fmap", "segment", "segfeats")
+                             if f"c{j}_{k}" in z.files})
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise SensorDataError(f"{path}: not a readable teacher cache file ({exc})") from exc
+    return {"meta": meta, "cameras": cams}
+
+
+def read_hash(path: Path) -> str | None:
+    try:
+        return load_entry(path)["meta"].get("settings_hash")
+    except SensorDataError as exc:
+        log.warning("redoing %s: %s", path.name, exc)
+        return None
+
+
+def build_cache(source, keys: list[str], folder: str | Path, teacher, settings: dict, superpixels=None, lift=None,
+                poses: dict | None = None, progress: bool = True) -> dict:
+    """Write the missing cache files of ``keys`` (FrameSource ``source``); returns counts. Files made with other
+    settings are redone; unreadable ones too."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    want = settings_hash(settings)
+    todo = [k for k in keys if not cache_path(folder, k).exists() or read_hash(cache_path(folder, k)) != want]
+    for key in tqdm(todo, desc="teacher cache", unit="frame", disable=not progress):
+        frame = source.load(key)
+        if not frame.cameras:
+            raise SensorDataError(f"frame {key}: no camera images to distill from")
+        entry = frame_entry(frame, teacher, superpixels, lift, (poses or {}).get(key))
+        save_entry(cache_path(folder, key), entry, settings)
+    return {"frames": len(keys), "computed": len(todo), "reused": len(keys) - len(todo)}
+
+
+def semantickitti_poses(seq_dir: str | Path) -> dict[str, np.ndarray]:
+    """Lidar-to-world pose per frame key of a SemanticKITTI sequence (``inv(Tr) @ pose_cam0 @ Tr``), {} without
+    poses.txt."""
+    seq_dir = Path(seq_dir)
+    path = seq_dir / "poses.txt"
+    if not path.exists():
+        return {}
+    tr = _read_tr(seq_dir / "calib.txt")
+    poses = np.loadtxt(path, dtype=np.float64, ndmin=2).reshape(-1, 3, 4)
+    out = {}
+    names = sorted(p.stem for p in (seq_dir / "velodyne").glob("*.bin"))
+    for name in names:
+        i = int(name)
+        if i < len(poses):
+            pose = np.eye(4)
+            pose[:3] = poses[i]
+            out[f"{seq_dir.name}_{name}"] = np.linalg.inv(tr) @ pose @ tr
+    return out
+
+
+def _read_tr(calib: Path) -> np.ndarray:
+    for line in calib.read_text().splitlines():
+        if line.startswith("Tr:"):
+            tr = np.eye(4)
+            tr[:3] = np.array(line.split()[1:], np.float64).reshape(3, 4)
+            return tr
+    raise SensorDataError(f"{calib}: no Tr line")
+
+
+__all__ = ["build_cache", "load_entry", "cache_path", "frame_entry", "semantickitti_poses", "settings_hash"]

@@ -1,0 +1,325 @@
+"""Label-free backbone pretraining by 2D-to-3D distillation: ``scalr`` or ``seal`` (see sal_ros.pretrain.losses).
+
+The loop is train's (sal_ros.train.trainer): AdamW, warm-up + cosine, gradient clipping, the step-indexed
+batches (``batch_indices``), torchrun DDP, metrics.jsonl + curves.png, the resume refusal on a changed config.
+Exact resume without pickle: every random draw of a step (augmentation, segment subsets) comes from a generator
+seeded by (seed, step), so the state file holds only tensors and plain data (step, optimizer, scheduler, torch
+RNG, config) and loads with ``torch.load(weights_only=True)``. Stopping at step k and resuming gives the
+uninterrupted run's weights bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sal_ros.core.files import atomic_write
+from sal_ros.pretrain.losses import info_nce, point_to_segment, scalr_loss, segment_mean, subsample
+from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
+                                   batch_indices, config_diff, init_distributed, lr_factor, plot_curves,
+                                   resolve_device)
+
+STATE_FILE = "pretrain_state.pt"
+OBJECTIVES = ("scalr", "seal")
+
+
+@dataclass
+class SealConfig:
+    temperature: float = 0.07  # SLidR / Seal
+    spatial_weight: float = 1.0  # superpixel-superpoint InfoNCE
+    temporal_weight: float = 1.0  # superpoint at t vs its points' nearest neighbours at t+n (poses)
+    temporal_gap: int = 1  # n
+    match_radius: float = 0.3  # metres: farther neighbours at t+n are no match
+    segment_weight: float = 0.1  # point-to-segment regularisation
+    max_segments: int = 1024  # per batch, for the contrast (random subset above)
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = "runs/pretrain"
+    seed: int = 0
+    objective: str = "scalr"  # scalr | seal
+    model: dict = field(default_factory=lambda: {"preset": "waffleiron_tiny"})
+    sources: list = field(default_factory=list)  # [{"frames": path, "keys": [...] (optional)}]
+    teacher: dict = field(default_factory=lambda: {"kind": "random"})  # dinov2 | clip | random | oracle (+ options)
+    superpixels: dict | None = None  # seal: {"kind": slic | sam | sam2, **mask source options}
+    lift: dict = field(default_factory=dict)  # sal_ros.pseudolabel.lifting.LiftConfig fields (occlusion test)
+    cache_dir: str | None = None  # default out_dir/teacher_cache
+    label_set: str = "semantickitti"  # the oracle teacher's classes
+    augment: bool = True
+    max_pairs: int = 0  # scalr: point-pixel pairs per cloud (random subset; 0 = all)
+    seal: SealConfig = field(default_factory=SealConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(amp=False))
+    checkpoint_every: int = 50
+    log_every: int = 1
+    device: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown pretraining settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        for name, sub in (("seal", SealConfig), ("optim", OptimConfig)):
+            values = dict(d.get(name) or {})
+            bad = set(values) - set(sub.__dataclass_fields__)
+            if bad:
+                raise ValueError(f"unknown {name} settings {sorted(bad)}")
+            if "betas" in values:
+                values["betas"] = tuple(values["betas"])
+            d[name] = sub(**values) if name == "seal" else sub(**{"amp": False, **values})
+        cfg = cls(**d)
+        if cfg.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {cfg.objective!r}; known: {', '.join(OBJECTIVES)}")
+        if cfg.objective == "seal" and not cfg.superpixels:
+            raise ValueError("objective seal needs superpixels: {kind: slic | sam | sam2, ...}")
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "PretrainConfig":
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    def model_config(self):
+        from sal_ros.model.backbone import ModelConfig
+
+        cfg = dict(self.model or {})
+        preset = cfg.pop("preset", None)
+        return ModelConfig.preset(preset, **cfg) if preset else ModelConfig(**cfg)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class PretrainModel(nn.Module):
+    """Backbone + linear projection to the teacher's width; ``forward`` gives per-point unit features."""
+
+    def __init__(self, config, out_dim: int) -> None:
+        from sal_ros.model.backbone import build_backbone
+
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config)
+        self.head = nn.Linear(self.backbone.out_widths[1], out_dim)
+
+    def point_backbone_features(self, points, intensity) -> list[torch.Tensor]:
+        """Per cloud (N_b, C) stride-1 backbone features of each point (its voxel's)."""
+        from sal_ros.model.sal import SALModel
+
+        vin = SALModel.prepare(self, points, intensity)
+        fine = self.backbone(vin.voxels)[1].feats
+        offsets = np.cumsum([0] + vin.num_voxels[:-1])
+        return [fine[int(off) + p2v] for off, p2v in zip(offsets, vin.point_to_voxel)]
+
+    def point_features(self, points, intensity):  # SALModel.prepare calls this name for the input features
+        from sal_ros.model.sal import SALModel
+
+        return SALModel.point_features(self, points, intensity)
+
+    def forward(self, points, intensity) -> list[torch.Tensor]:
+        return [F.normalize(self.head(f), dim=1) for f in self.point_backbone_features(points, intensity)]
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class PretrainTrainer:
+    def __init__(self, cfg: PretrainConfig, data, teacher_dim: int, progress: bool = True) -> None:
+        self.cfg, self.data, self.progress = cfg, data, progress
+        self.device = resolve_device(cfg.device)
+        self.dist: Dist = init_distributed(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.dist.local_rank)
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.out = Path(cfg.out_dir)
+        if self.dist.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.model_config = cfg.model_config()
+        self.module = PretrainModel(self.model_config, teacher_dim).to(self.device)
+        self.model = self.module
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=ids)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.min_lr_ratio))
+        self.amp = o.amp and self.device.type == "cuda"
+        self.step = 0
+
+    # -- files
+    @property
+    def state_path(self) -> Path:
+        return self.out / STATE_FILE
+
+    def save(self) -> None:
+        """Backbone file (rank 0), then the training state naming it; ``backbone_last.pt`` links to the newest."""
+        from sal_ros.model.pretrained import save_backbone
+
+        if not self.dist.main:
+            return
+        path = self.out / f"backbone_step{self.step:07d}.pt"
+        save_backbone(path, self.module.backbone, self.model_config, self.module.head,
+                      extra={"step": self.step, "pretrain_config": self.cfg.to_dict()})
+        state = {"step": self.step, "model": path.name, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "config": self.cfg.to_dict(), "world": self.dist.world}
+        atomic_write(self.state_path, lambda f: torch.save(state, f))
+        tmp = self.out / ".backbone_last.pt.tmp"
+        tmp.unlink(missing_ok=True)
+        os.link(path, tmp)
+        os.replace(tmp, self.out / "backbone_last.pt")
+
+    def resume(self) -> int:
+        from sal_ros.model.pretrained import read_backbone
+
+        if not self.state_path.exists():
+            return 0
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        diffs = config_diff(state["config"], self.cfg.to_dict())
+        if int(state.get("world", 1)) != self.dist.world:
+            diffs.append(f"processes: saved {state.get('world')}, now {self.dist.world}")
+        if diffs:
+            raise ResumeError(f"cannot resume {self.state_path} (step {state['step']}): the config differs from the "
+                              f"saved run ({'; '.join(diffs)}); use --stop-at K to stop early and keep the schedule")
+        payload = read_backbone(self.out / state["model"])
+        self.module.backbone.load_state_dict(payload["backbone"])
+        self.module.head.load_state_dict(payload["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        if self.dist.main:
+            _truncate_metrics(self.out / METRICS_FILE, self.step)
+        return self.step
+
+    # -- one step
+    def train_step(self) -> dict:
+        cfg, dist = self.cfg, self.dist
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        picks = batch_indices(self.step, cfg.optim.batch_size, dist, len(self.data), cfg.seed)
+        samples = [self.data.sample(index, gen) for _, index in picks]
+        frames = [s.frame for s in samples] + [s.partner for s in samples if s.partner is not None]
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            feats = self.model([torch.from_numpy(f.points).to(self.device) for f in frames],
+                               [torch.from_numpy(f.intensity).to(self.device) for f in frames])
+        feats = [f.float() for f in feats]
+        terms = self.losses(samples, frames, feats, gen)
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip)
+                     if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        stats = all_reduce_sum(torch.tensor([float(loss.detach()), *[float(v.detach()) for v in terms.values()]],
+                                            device=self.device), dist) / dist.world
+        return {"step": self.step, "loss": float(stats[0]),
+                **{f"loss_{k}": float(v) for k, v in zip(terms, stats[1:])},
+                "lr": lr, "grad_norm": float(grad_norm), "points": int(sum(len(f.points) for f in frames))}
+
+    def losses(self, samples, frames, feats, gen) -> dict:
+        if self.cfg.objective == "scalr":
+            return {"scalr": self._scalr(frames, feats, gen)}
+        return self._seal(samples, frames, feats, gen)
+
+    def _scalr(self, frames, feats, gen) -> torch.Tensor:
+        point_rows, targets = [], []
+        for f, x in zip(frames, feats):
+            for cam in f.cameras:
+                keep = subsample(len(cam["index"]), self.cfg.max_pairs, gen).numpy()
+                point_rows.append(x[torch.from_numpy(cam["index"][keep].astype(np.int64)).to(x.device)])
+                targets.append(torch.from_numpy(cam["fmap"][cam["cell"][keep]].astype(np.float32)))
+        if not point_rows:
+            return feats[0].sum() * 0.0
+        return scalr_loss(torch.cat(point_rows), torch.cat(targets).to(self.device))
+
+    def _seal(self, samples, frames, feats, gen) -> dict:
+        sc = self.cfg.seal
+        device = self.device
+        point_means, pixel_means, reg = [], [], []
+        for f, x in zip(frames, feats):  # superpixel-superpoint contrast and point-to-segment, every cloud
+            for cam in f.cameras:
+                seg = cam["segment"]
+                ok = seg >= 0
+                if not ok.any():
+                    continue
+                ids, local = np.unique(seg[ok], return_inverse=True)
+                rows = x[torch.from_numpy(cam["index"][ok].astype(np.int64)).to(device)]
+                local_t = torch.from_numpy(local.astype(np.int64)).to(device)
+                means = segment_mean(rows, local_t, len(ids))
+                point_means.append(means)
+                pixel_means.append(torch.from_numpy(cam["segfeats"][ids].astype(np.float32)))
+                reg.append(point_to_segment(rows, local_t, means))
+        zero = feats[0].sum() * 0.0
+        terms = {"spatial": zero, "segment": zero, "temporal": zero}  # same keys every step (logs, all-reduce)
+        if point_means:
+            a, b = torch.cat(point_means), torch.cat(pixel_means).to(device)
+            keep = subsample(len(a), sc.max_segments, gen).to(device)
+            terms["spatial"] = sc.spatial_weight * info_nce(a[keep], b[keep], sc.temperature)
+            terms["segment"] = sc.segment_weight * torch.stack(reg).mean()
+        t_a, t_b = [], []
+        n = len(samples)
+        partner_rows = iter(range(n, len(frames)))
+        for i, s in enumerate(samples):  # superpoint at t vs the same points' nearest neighbours at t+n
+            if s.partner is None:
+                continue
+            j = next(partner_rows)
+            for cam in s.frame.cameras:
+                seg, idx = cam["segment"], cam["index"]
+                match = s.matches[idx]
+                ok = (seg >= 0) & (match >= 0)
+                if not ok.any():
+                    continue
+                ids, local = np.unique(seg[ok], return_inverse=True)
+                local_t = torch.from_numpy(local.astype(np.int64)).to(device)
+                t_a.append(segment_mean(feats[i][torch.from_numpy(idx[ok].astype(np.int64)).to(device)], local_t,
+                                        len(ids)))
+                t_b.append(segment_mean(feats[j][torch.from_numpy(match[ok]).to(device)], local_t, len(ids)))
+        if t_a and sc.temporal_weight > 0:
+            a, b = torch.cat(t_a), torch.cat(t_b)
+            keep = subsample(len(a), sc.max_segments, gen).to(device)
+            terms["temporal"] = sc.temporal_weight * info_nce(a[keep], b[keep], sc.temperature)
+        return terms
+
+    def fit(self, stop_at: int | None = None) -> list[dict]:
+        from tqdm import tqdm
+
+        end = self.cfg.optim.steps if stop_at is None else min(stop_at, self.cfg.optim.steps)
+        log = self.out / METRICS_FILE
+        records = []
+        bar = tqdm(total=end, initial=self.step, desc=f"pretrain {self.cfg.objective}", unit="step",
+                   disable=not (self.progress and self.dist.main))
+        t0 = time.perf_counter()
+        while self.step < end:
+            rec = self.train_step()
+            rec["time_s"] = time.perf_counter() - t0
+            records.append(rec)
+            if self.dist.main and (self.step % self.cfg.log_every == 0 or self.step == end):
+                with open(log, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+            bar.update(1)
+            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
+                self.save()
+                if self.dist.main:
+                    plot_curves(log, self.out / "curves.png")
+        bar.close()
+        return records
+
+
+__all__ = ["PretrainConfig", "SealConfig", "PretrainModel", "PretrainTrainer", "OBJECTIVES", "STATE_FILE"]
