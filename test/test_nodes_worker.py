@@ -105,3 +105,26 @@ def test_worker_setup_error_is_raised_by_start_and_ends_the_thread():
         raise AssertionError("start() returned after a failed setup")
     worker._thread.join(2.0)
     assert not worker._thread.is_alive() and worker.slot.closed
+
+
+def test_stop_does_not_wait_past_its_timeout_for_a_busy_item_and_waits_only_once():
+    """Ctrl-C with a frame in the model: the node's shutdown must not wait for the model (launch escalates to
+    SIGTERM after 5 s); the frame's late failure (its publishers destroyed) is not reported as an error."""
+    import time
+
+    release, errors = threading.Event(), []
+
+    def handle(item):
+        release.wait()
+        raise RuntimeError("publisher destroyed")
+
+    worker = Worker("sal_test_busy", handle, errors.append).start()
+    worker.submit(1)
+    assert worker.busy.wait(10)
+    assert worker.stop(timeout=0.2) is False  # still in handle()
+    t0 = time.monotonic()
+    assert worker.stop(timeout=60) is False  # the second call (destroy_node) does not wait its 60 s again
+    assert time.monotonic() - t0 < 30 and not release.is_set()
+    release.set()
+    worker._thread.join(10)
+    assert not worker._thread.is_alive() and errors == []

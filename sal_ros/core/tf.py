@@ -1,12 +1,14 @@
 """Where lidar->camera extrinsics come from: a tf2 buffer on a robot, or fixed calibrations (YAML, datasets).
 
 Both implement ``ExtrinsicsSource.lookup(camera_frame, lidar_frame, stamp_ns)``: ``T_cam_lidar`` (4x4 float64)
-at the cloud stamp, or None when it is not (yet) available. A lookup never blocks: callers run it on the
-sync path and drop or defer the camera when it returns None.
+at the cloud stamp, or None when it is not (yet) available. The nodes call it on their worker thread, never in a
+callback; a tf2 source may wait there for a transform published after the cloud, up to ``wait_s`` past the
+cloud stamp on the node's clock (the sync timeout), and the camera is left out of the frame when it returns None.
 """
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
@@ -20,7 +22,7 @@ _EARLIEST = 1  # ns; only a static chain has a transform this early (a dynamic o
 @runtime_checkable
 class ExtrinsicsSource(Protocol):
     def lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
-        """T_cam_lidar at ``stamp_ns``, or None when not available; never blocks."""
+        """T_cam_lidar at ``stamp_ns``, or None when not available; blocks at most the source's own wait."""
         ...
 
 
@@ -64,17 +66,23 @@ def _import_tf2() -> Any:
 class Tf2Extrinsics:
     """Extrinsics from /tf and /tf_static through a tf2 buffer filled by a listener on ``node``.
 
-    Lookups use zero timeout at the cloud stamp. A frame pair whose chain is all static is cached once found.
-    With ``allow_latest`` a stamp the buffer cannot serve yet (extrapolation) falls back to the latest
-    transform, which is only right for rigs whose camera-lidar chain does not move.
+    Lookups are at the cloud stamp. A transform not there yet is waited for until ``wait_s`` past the cloud stamp
+    on the node's clock (sim time in replays; at most 10 x ``wait_s`` + 1 s of wall time, should that clock
+    stand still): tf publishers run at their own rates, so the transform for a cloud's stamp may arrive after the
+    cloud. The buffer is filled by the listener's callbacks meanwhile, so the caller must not be one of them. A
+    frame pair whose chain is all static is cached once found. With ``allow_latest`` a stamp the buffer cannot
+    serve (extrapolation) falls back to the latest transform, which is only right for rigs whose camera-lidar
+    chain does not move.
     """
 
-    def __init__(self, node: Any, cache_time_s: float = 10.0, allow_latest: bool = False) -> None:
+    def __init__(self, node: Any, cache_time_s: float = 10.0, allow_latest: bool = False, wait_s: float = 0.0) -> None:
         tf2_ros = _import_tf2()
         from rclpy.duration import Duration
 
         self._tf2 = tf2_ros
-        self._clock_type = node.get_clock().clock_type
+        self._clock = node.get_clock()
+        self._clock_type = self._clock.clock_type
+        self.wait_ns = max(0, int(round(wait_s * 1e9)))
         self.buffer = tf2_ros.Buffer(cache_time=Duration(seconds=float(cache_time_s)), node=node)
         self.listener = tf2_ros.TransformListener(self.buffer, node, spin_thread=False)
         self.allow_latest = allow_latest
@@ -83,6 +91,17 @@ class Tf2Extrinsics:
         self.last_error: dict[tuple[str, str], str] = {}  # why the last lookup of a pair failed, for warnings
 
     def lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
+        T = self.lookup_now(camera_frame, lidar_frame, stamp_ns)
+        if T is None and self.wait_ns:
+            wall_deadline = time.monotonic() + 10 * self.wait_ns / 1e9 + 1.0
+            while T is None and self._clock.now().nanoseconds < stamp_ns + self.wait_ns \
+                    and time.monotonic() < wall_deadline:
+                time.sleep(0.005)
+                T = self.lookup_now(camera_frame, lidar_frame, stamp_ns)
+        return T
+
+    def lookup_now(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
+        """T_cam_lidar at ``stamp_ns`` from what the buffer holds now (no waiting)."""
         pair = (camera_frame, lidar_frame)
         with self._lock:
             cached = self._static.get(pair)
@@ -120,12 +139,14 @@ def make_extrinsics_source(
     path: str | None = None,
     cache_time_s: float = 10.0,
     allow_latest: bool = False,
+    wait_s: float = 0.0,
 ) -> ExtrinsicsSource:
-    """``"tf"``: a Tf2Extrinsics on ``node``; ``"static"``: StaticExtrinsics from ``calibs`` or the YAML ``path``."""
+    """``"tf"``: a Tf2Extrinsics on ``node`` (waiting up to ``wait_s`` past the cloud stamp); ``"static"``:
+    StaticExtrinsics from ``calibs`` or the YAML ``path``."""
     if kind == "tf":
         if node is None:
             raise ValueError("extrinsics source 'tf' needs a node")
-        return Tf2Extrinsics(node, cache_time_s=cache_time_s, allow_latest=allow_latest)
+        return Tf2Extrinsics(node, cache_time_s=cache_time_s, allow_latest=allow_latest, wait_s=wait_s)
     if kind == "static":
         if calibs is not None:
             return StaticExtrinsics(calibs)

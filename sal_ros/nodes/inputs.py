@@ -65,12 +65,14 @@ def declare_inputs(node: Any) -> tuple[dict[str, Any], list[CameraConfig]]:
 
 
 def make_extrinsics(node: Any, values: dict[str, Any]) -> Any:
-    """The extrinsics source named by ``calibration.source``: a tf2 buffer or a static YAML file."""
+    """The extrinsics source named by ``calibration.source``: a tf2 buffer (a transform published after the cloud
+    is waited for up to ``sync.timeout`` past the cloud stamp, on the worker thread) or a static YAML file."""
     from sal_ros.core.tf import make_extrinsics_source
 
     if values["calibration.source"] == "static" and not values["calibration.file"]:
         raise CalibrationError("calibration.source is 'static' but calibration.file is empty")
-    return make_extrinsics_source(values["calibration.source"], node=node, path=values["calibration.file"] or None)
+    return make_extrinsics_source(values["calibration.source"], node=node, path=values["calibration.file"] or None,
+                                  wait_s=values["sync.timeout"])
 
 
 class SensorInputs:

@@ -88,9 +88,12 @@ class Worker:
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Close the slot and wait up to ``timeout`` for the item in hand; True when the thread has ended. A
-        frame still in the model after that is left to finish on its own (its results are not published)."""
+        frame still in the model after that is left to finish on its own (its results are not published). Only
+        the first call waits: a node's destroy_node after an ordered shutdown that already stopped it returns at
+        once (launch escalates to SIGTERM 5 s after SIGINT)."""
+        first = not self.slot.closed
         self.slot.close()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        if first and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
         return not self._thread.is_alive()
 
