@@ -268,6 +268,19 @@ def project_points(
     return Projection(uv=np.stack([u, v], axis=1), depth=depth, valid=valid)
 
 
+def image_size_problem(image: np.ndarray, camera: CameraModel) -> tuple[str, str] | None:
+    """(reason, text) when an image cannot be the one its calibration describes, else None: an empty image, or
+    one whose size differs from the camera model's (points would be projected into pixels it does not have).
+    Node, recorder and pseudo-labeling all leave such a camera out under the same reason."""
+    height, width = (np.shape(image) + (0, 0))[:2]
+    if width == 0 or height == 0:
+        return "empty_image", f"image is empty ({width}x{height})"
+    if (width, height) != (camera.width, camera.height):
+        return "image_size_mismatch", (f"image is {width}x{height} but its calibration (CameraInfo or calibration "
+                                       f"file) is for {camera.width}x{camera.height}")
+    return None
+
+
 def in_camera_frustum(frame, min_depth: float = 1.0) -> np.ndarray:
     """(N,) bool: the point of ``frame`` projects into at least one of its camera images."""
     inside = np.zeros(frame.num_points, bool)

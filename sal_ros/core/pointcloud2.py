@@ -169,15 +169,23 @@ def intensity_field(msg: Any) -> str | None:
 
 
 def read_xyz_intensity(msg: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(N, 3)`` float32 xyz and ``(N,)`` float32 intensity (None when the cloud has no intensity field)."""
+    """``(N, 3)`` float32 xyz and ``(N,)`` float32 intensity (None when the cloud has no usable intensity field:
+    none, or one with ``count != 1``, which :func:`intensity_problem` names). Intensity is optional, so an odd
+    one never costs the cloud."""
     xyz = read_xyz(msg)
     name = intensity_field(msg)
-    if name is None:
+    if name is None or intensity_problem(msg):
         return xyz, None
-    intensity = read_fields(msg, (name,))[name]
-    if intensity.ndim != 1:
-        raise MalformedMessageError(f"PointCloud2 field {name!r} has count {intensity.shape[1]}, expected 1")
-    return xyz, np.array(intensity, np.float32)
+    return xyz, np.array(read_fields(msg, (name,))[name], np.float32)
+
+
+def intensity_problem(msg: Any) -> str | None:
+    """Why the cloud's intensity field cannot be used (a ``count`` other than 1), or None."""
+    name = intensity_field(msg)
+    field = next((f for f in msg.fields if str(f.name) == name), None)
+    if field is not None and int(field.count) != 1:
+        return f"PointCloud2 field {name!r} has count {int(field.count)}, expected 1: intensity ignored"
+    return None
 
 
 def finite_mask(xyz: np.ndarray) -> np.ndarray:

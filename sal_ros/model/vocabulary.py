@@ -177,10 +177,12 @@ class Vocabulary:
         import yaml
 
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f)
         except yaml.YAMLError as exc:
             raise VocabularyError(f"{path}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:  # alone it names neither the file nor the place
+            raise VocabularyError(f"vocabulary file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict:

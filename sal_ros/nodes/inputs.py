@@ -136,7 +136,13 @@ class SensorInputs:
         # Timeouts fire even when no new message arrives (the last cloud of a burst still goes out).
         poll_period = max(0.005, min(0.05, values["sync.timeout"] / 4 or 0.005))
         self._poll_timer = node.create_timer(poll_period, self._drain, callback_group=timers)
-        self._watch_timer = node.create_timer(1.0, self._watch_inputs, callback_group=timers)
+        # The watchdog runs on the steady clock: on a ROS-clock timer with use_sim_time it stood still until the
+        # replay's /clock started and then warned of the whole wait at the moment the first cloud arrived.
+        from rclpy.clock import Clock, ClockType
+
+        self._watch_timer = node.create_timer(1.0, self._watch_inputs, callback_group=timers,
+                                              clock=Clock(clock_type=ClockType.STEADY_TIME))
+        self._jump_handle = self._on_clock_jumps(node)
         self.topics = {"cloud": values["cloud_topic"], **{c.name: c.image_topic for c in cameras}}
 
     # ---------------------------------------------------------------------------------- callbacks (store only)
@@ -144,14 +150,41 @@ class SensorInputs:
     def _on_cloud(self, msg: Any) -> None:
         self._last_seen["cloud"] = time.monotonic()
         stamp = stamp_to_ns(msg.header.stamp)
-        if stamp == 0:
-            self._stats.count("error.zero_stamp")
-            self._warn("zero_stamp", "cloud with a zero stamp dropped (driver not setting header.stamp?); "
-                       "camera matching and TF lookups need real stamps")
+        if stamp <= 0:
+            kind = "zero" if stamp == 0 else "negative"
+            self._stats.count(f"error.{kind}_stamp")
+            self._warn(f"{kind}_stamp", f"cloud with a {kind} stamp ({msg.header.stamp.sec} s, "
+                       f"{msg.header.stamp.nanosec} ns) dropped (driver not setting header.stamp?); camera "
+                       "matching and TF lookups need real stamps")
         with self._lock:
             self._remember_arrival(stamp)
+            late = self._sync.stats.dropped_late_cloud
             ready = self._sync.add_cloud(stamp, msg, self._ros_now_ns())
+            late = self._sync.stats.dropped_late_cloud > late
+        if late:
+            self._stats.count("error.late_cloud")
+            self._warn("late_cloud", f"cloud stamped {stamp} ns dropped: not newer than a cloud already "
+                       "processed (a replay restarted without use_sim_time, or a driver repeating stamps?)")
         self._drain(ready)
+
+    def _on_clock_jumps(self, node: Any) -> Any:
+        """Reset the synchronizer when ROS time jumps backwards (a bag replayed again into a use_sim_time node):
+        its clouds would otherwise all be taken as late, silently."""
+        from rclpy.clock import JumpThreshold
+        from rclpy.duration import Duration
+
+        def on_jump(jump: Any) -> None:
+            if jump.delta.nanoseconds >= 0:
+                return
+            with self._lock:
+                self._sync.reset()
+                self._wall_received.clear()
+            self._stats.count("time_jump_back")
+            self._log.warning(f"ROS time jumped back {-jump.delta.nanoseconds / NS:.3f} s (a replay restarted?): "
+                              "synchronizer reset, the new clouds are processed")
+
+        threshold = JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1), on_clock_change=False)
+        return node.get_clock().create_jump_callback(threshold, post_callback=on_jump)
 
     def _image_callback(self, name: str) -> Callable[[Any], None]:
         def on_image(msg: Any) -> None:
@@ -241,15 +274,21 @@ class SensorInputs:
 
     def decode_cloud(self, msg: Any) -> Frame:
         """Cloud message -> Frame without cameras (MalformedMessageError on a bad cloud)."""
-        from sal_ros.core.pointcloud2 import read_xyz_intensity
+        from sal_ros.core.pointcloud2 import intensity_problem, read_xyz_intensity
 
         xyz, intensity = read_xyz_intensity(msg)
+        if intensity is None:
+            problem = intensity_problem(msg)
+            if problem:
+                self._stats.count("warning.intensity_ignored")
+                self._warn("intensity_ignored", problem)
         return Frame(stamp_ns=stamp_to_ns(msg.header.stamp), frame_id=str(msg.header.frame_id), points=xyz,
                      intensity=intensity, key=str(stamp_to_ns(msg.header.stamp)))
 
     def decode_camera(self, name: str, image_msg: Any, frame: Frame) -> tuple[CameraView | None, str]:
         """One synced image -> CameraView (decoded image, camera model, lidar->camera transform at the cloud
         stamp), or None and the reason it was left out (counted and warned, throttled)."""
+        from sal_ros.core.camera import image_size_problem
         from sal_ros.core.image import read_image
 
         try:
@@ -271,6 +310,9 @@ class SensorInputs:
             image = read_image(image_msg)
         except SensorDataError as exc:
             return self._left_out(name, "malformed_image", f"camera {name}: {exc}")
+        size_problem = image_size_problem(image, model)
+        if size_problem is not None:
+            return self._left_out(name, size_problem[0], f"camera {name}: {size_problem[1]}")
         # A rectified view's extrinsics end in the rectified frame, so every consumer projects it with plain K.
         view = CameraView(name=name, image=image, camera=model, T_cam_lidar=rectification @ np.asarray(T, np.float64),
                           stamp_ns=stamp_to_ns(image_msg.header.stamp), frame_id=camera_frame)

@@ -237,7 +237,11 @@ def to_parameter(spec: ParamSpec, value: Any):
     """An rclpy Parameter with the spec's type (an empty list would otherwise become a byte array)."""
     from rclpy.parameter import Parameter
 
-    return Parameter(spec.name, _rclpy_type(spec), coerce(spec, value))
+    try:
+        return Parameter(spec.name, _rclpy_type(spec), coerce(spec, value))
+    except (TypeError, ValueError):  # rclpy says only "Type '9' and value '5' do not agree"
+        raise ValueError(f"parameter {spec.name}: expected {spec.type.replace('_', ' ')}, got {value!r} "
+                         f"({type(value).__name__})") from None
 
 
 def declare(node: Any, specs: Iterable[ParamSpec]) -> dict[str, Any]:
@@ -290,7 +294,7 @@ def load_params_file(path: str | Path, node_name: str) -> dict[str, Any]:
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read params file {path}: {exc}") from exc
     if not isinstance(doc, dict):
         raise ValueError(f"params file {path}: expected a mapping of node names, got {type(doc).__name__}")

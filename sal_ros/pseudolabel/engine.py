@@ -157,15 +157,41 @@ class PseudoLabeler:
         return masks, tokens
 
     def label_frame(self, frame) -> PseudoLabels:
-        if not frame.cameras:
-            raise SensorDataError(f"frame {frame.key or frame.stamp_ns}: no camera images to label from")
+        frame, left_out = usable_cameras(frame)
         timings: dict = {}
         masks, tokens = self.masks_and_tokens(frame, timings)
         c = self.config
         pl = label_from_masks(frame, masks, tokens if self.token_encoder is not None else None, c.lift,
                               c.fusion_iou, c.refine, c.min_points, self.token_dim, self.meta, timings)
         pl.meta["timings_ms"] = {k: round(v, 2) for k, v in timings.items()}
+        if left_out:
+            pl.meta["cameras_left_out"] = left_out
         return pl
+
+
+def usable_cameras(frame):
+    """The frame with only the cameras whose image its calibration describes, and {camera: why} for the others
+    (an empty image, or one of another size than the calibration: the node and the recorder leave them out for
+    the same reasons). No usable camera: SensorDataError naming each reason, so the frame fails by name."""
+    from dataclasses import replace
+
+    from sal_ros.core.camera import image_size_problem
+
+    left_out = {}
+    for name, view in frame.cameras.items():
+        problem = image_size_problem(view.image, view.camera)
+        if problem is not None:
+            left_out[name] = f"{problem[0]}: {problem[1]}"
+            log.warning("frame %s: camera %s left out (%s)", frame.key, name, left_out[name])
+    key = frame.key or frame.stamp_ns
+    if not frame.cameras:
+        raise SensorDataError(f"frame {key}: no camera images to label from")
+    if len(left_out) == len(frame.cameras):
+        reasons = "; ".join(f"{n}: {why}" for n, why in left_out.items())
+        raise SensorDataError(f"frame {key}: no usable camera image ({reasons})")
+    if left_out:
+        frame = replace(frame, cameras={n: v for n, v in frame.cameras.items() if n not in left_out})
+    return frame, left_out
 
 
 # --- frame sources -----------------------------------------------------------------------------------------------
