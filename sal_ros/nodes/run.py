@@ -166,7 +166,7 @@ def _teardown(executor: Any, spinner: threading.Thread | None, nodes: list, stop
 
 
 def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None,
-                   stop_timeout_s: float = 2.0) -> int:
+                   stop_timeout_s: float = 1.5) -> int:
     """Build the nodes (rclpy initialized without its signal handlers) and spin them on one
     MultiThreadedExecutor in a background thread until SIGINT / SIGTERM or an external shutdown.
 
