@@ -17,6 +17,7 @@ elements; self-attention and FFNs are batched.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,8 @@ class FourierPositions(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention through F.scaled_dot_product_attention; ``allowed`` (B|1, Lq, Lk) bool, True = attend."""
+    """Multi-head attention through F.scaled_dot_product_attention; ``allowed`` (B|1, Lq, Lk) bool, True = attend
+    (or an additive float mask, 0 = attend, -inf = not)."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -156,6 +158,8 @@ class QueryDecoder(nn.Module):
         levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
         q = self.query_feat.weight[None].expand(batch_size, -1, -1)
         qpos = self.query_pos.weight[None].expand(batch_size, -1, -1)
+        if not all_layers and not self.training and self.pooled_masks:
+            return [self._forward_last(q, qpos, mask_feats, levels, batch_size)]
         pred = self._predict(q, mask_feats)
         preds = [pred]
         for i, layer in enumerate(self.layers):
@@ -173,6 +177,26 @@ class QueryDecoder(nn.Module):
             pred = self._predict(q, mask_feats)
             preds = preds + [pred] if all_layers else [pred]
         return preds
+
+    # Inference: the intermediate masks only decide the next layer's attention (a level voxel is allowed when
+    # one of its stride-1 children has a positive logit), so they go straight to that level in (V, Q) layout
+    # (rows of Q contiguous: one matmul, then amax pooled along dim 0) and are never kept at full resolution.
+    # Same attention as the training path, up to rounding; ``pooled_masks = False`` restores that path.
+    pooled_masks = True
+
+    def _forward_last(self, q: Tensor, qpos: Tensor, mask_feats: tuple[Tensor, ...], levels,
+                      batch_size: int) -> LayerPrediction:
+        emb = self.mask_embed(self.out_norm(q))
+        for i, layer in enumerate(self.layers):
+            values, keys, parents = levels[i % len(self.levels)]
+            memory = [(values[b], keys[b], _allowed_pooled(emb[b], mask_feats[b], parents[b], len(values[b])))
+                      for b in range(batch_size)]
+            q = layer(q, qpos, memory)
+            emb = self.mask_embed(self.out_norm(q))
+        qn = self.out_norm(q)
+        # (Q, V) views of (V, Q) products: fusion reduces over queries along contiguous rows.
+        masks = [(mf @ emb[b].T.to(mf.dtype)).T for b, mf in enumerate(mask_feats)]
+        return LayerPrediction(masks, self.objectness(qn), F.normalize(self.token_head(qn).float(), dim=-1))
 
     def _level(self, index: int, x: SparseTensor, fine: SparseTensor, batch_size: int):
         """Per batch element: projected features, keys (features + position), parent row of each fine voxel."""
@@ -198,6 +222,21 @@ class QueryDecoder(nn.Module):
         emb = self.mask_embed(qn)
         masks = [emb[b] @ mf.T.to(emb.dtype) for b, mf in enumerate(mask_feats)]
         return LayerPrediction(masks, self.objectness(qn), F.normalize(self.token_head(qn).float(), dim=-1))
+
+
+def _allowed_pooled(emb: Tensor, mask_feats: Tensor, parents: Tensor, n_level: int) -> Tensor:
+    """``QueryDecoder._allowed`` of the masks ``emb @ mask_feats.T`` without materializing them as (Q, V), as the
+    additive (Q, V_level) attention mask (0 = attend, -inf = not) that scaled_dot_product_attention uses as is."""
+    logits = mask_feats @ emb.T.to(mask_feats.dtype)  # (V, Q)
+    pooled = logits.new_full((n_level, logits.shape[1]), float("-inf"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "beta" notice
+        pooled.index_reduce_(0, parents, logits, "amax")
+    additive = torch.where(pooled > 0, 0.0, float("-inf")).to(logits.dtype)  # (L, Q): rows contiguous
+    empty = pooled.amax(0) <= 0  # a query whose mask is empty attends everywhere
+    if bool(empty.any()):
+        additive[:, empty] = 0.0
+    return additive.T.contiguous()
 
 
 __all__ = ["OBJECT", "QueryDecoder", "LayerPrediction", "parent_rows", "FourierPositions"]

@@ -23,6 +23,7 @@ import torch
 from sal_ros.core.types import Segmentation
 from sal_ros.model.checkpoint import ModelError, load_checkpoint, read_checkpoint
 from sal_ros.model.inference import classify, fuse_queries, panoptic_from_queries
+from sal_ros.model.runtime import cpu_bf16
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.vocabulary import TextEmbeddings, TextEncoder, Vocabulary
 
@@ -38,11 +39,13 @@ class Segmenter:
     def __init__(self, model: SALModel, device: str = "cpu", text_embeddings: TextEmbeddings | None = None,
                  score_threshold: float = 0.0, min_points: int = 1, max_points: int = 0, amp: bool = True) -> None:
         """``max_points``: larger clouds run on a random subset (0 = no limit). ``amp``: bfloat16 autocast on
-        CUDA (ignored on CPU, where everything stays float32 and deterministic)."""
+        CUDA, and on a CPU with native bf16 (AMX / AVX512-BF16) for models wide enough to gain from it
+        (sal_ros.model.runtime.cpu_bf16; float32 elsewhere); the sparse conv still sums in float32. Both paths are
+        deterministic."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.score_threshold, self.min_points, self.max_points = float(score_threshold), int(min_points), int(max_points)
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp and (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_bf16(model.config)))
         self._lock = threading.Lock()
         self._active: tuple[TextEmbeddings, torch.Tensor, torch.Tensor] | None = None
         if text_embeddings is not None:
@@ -51,7 +54,12 @@ class Segmenter:
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, device: str, text_encoder: TextEncoder, **kwargs: Any) -> "Segmenter":
-        """Model of a checkpoint; ``None``: the tiny preset with fixed random weights (plumbing only)."""
+        """Model of a checkpoint; ``None``: the tiny preset with fixed random weights (plumbing only). A semantic
+        checkpoint (``objective: semantic``) gives a model.semantic.SemanticSegmenter, which runs the same way."""
+        from sal_ros.model.semantic import SemanticSegmenter, is_semantic_checkpoint
+
+        if path is not None and is_semantic_checkpoint(path):
+            return SemanticSegmenter.from_checkpoint(path, device, **kwargs)
         if path is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)

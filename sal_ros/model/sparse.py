@@ -46,6 +46,8 @@ __all__ = [
     "cat_feats",
     "to_dense",
     "kernel_offsets",
+    "build_kernel_map",
+    "build_parent_map",
     "torchsparse_available",
 ]
 
@@ -192,12 +194,29 @@ def kernel_offsets(kernel_size: int, device=None) -> Tensor:
 
 def _downsample_coords(coords: Tensor, step: int) -> Tensor:
     """Unique ``floor(coords / step) * step`` per batch, sorted lexicographically [b, x, y, z]."""
+    return _downsample_with_parents(coords, step)[0]
+
+
+def _downsample_with_parents(coords: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    """``_downsample_coords`` and, per input row, the row of its parent cell in them."""
     c = coords.long().clone()
     c[:, 1:] = torch.div(c[:, 1:], step, rounding_mode="floor") * step
     if len(c) == 0:
-        return c.to(torch.int32)
+        return c.to(torch.int32), c.new_zeros(0)
     box = _Box.around(c)
-    return box.decode(torch.unique(box.key(c))).to(torch.int32)
+    keys, parents = torch.unique(box.key(c), return_inverse=True)
+    return box.decode(keys).to(torch.int32), parents
+
+
+def build_parent_map(in_coords: Tensor, out_coords: Tensor, parents: Tensor, in_stride: int) -> KernelMap:
+    """Kernel map of a 2x2x2 stride-2 conv without any search: every input row has exactly one output, its
+    parent cell (``parents`` from the downsampling's unique inverse), through the offset given by its position in
+    that cell (offsets {0, 1} per axis, z fastest: ``index = iz + 2 * (iy + 2 * ix)``)."""
+    rel = torch.div(in_coords[:, 1:].long() - out_coords[parents, 1:].long(), in_stride, rounding_mode="floor")
+    k = (rel * torch.tensor([4, 2, 1], device=rel.device)).sum(1)
+    order = torch.argsort(k, stable=True)  # grouped by offset, inputs ascending within each offset
+    sizes = torch.bincount(k, minlength=8).tolist()
+    return KernelMap(list(order.split(sizes)), list(parents[order].split(sizes)), len(in_coords), len(out_coords))
 
 
 # ---------------------------------------------------------------------------------------- kernel maps
@@ -401,7 +420,12 @@ class Conv3d(nn.Module):
                 out_coords = x.coords
             else:
                 out_coords = cache.coords.get(out_stride)
-                if out_coords is None:
+                if out_coords is None and self._is_parent_conv:  # MinkUNet's downsampling: map for free
+                    out_coords, parents = _downsample_with_parents(x.coords, out_stride)
+                    out_coords = cache.coords.setdefault(out_stride, out_coords)
+                    cache.kmaps[self._map_key(fine_stride)] = build_parent_map(x.coords, out_coords, parents,
+                                                                               fine_stride)
+                elif out_coords is None:
                     out_coords = cache.coords.setdefault(out_stride, _downsample_coords(x.coords, out_stride))
             kmap = self._cached_map(cache, x.coords, out_coords, fine_stride)
             return out_coords, out_stride, kmap
@@ -415,8 +439,15 @@ class Conv3d(nn.Module):
         kmap = self._cached_map(cache, out_coords, x.coords, out_stride).transposed()
         return out_coords, out_stride, kmap
 
+    @property
+    def _is_parent_conv(self) -> bool:
+        return self.kernel_size == self.stride == 2 and self.dilation == 1
+
+    def _map_key(self, in_stride: int) -> tuple[int, int, int, int]:
+        return (in_stride, self.kernel_size, self.stride, self.dilation)
+
     def _cached_map(self, cache: SparseCache, in_coords: Tensor, out_coords: Tensor, in_stride: int) -> KernelMap:
-        key = (in_stride, self.kernel_size, self.stride, self.dilation)
+        key = self._map_key(in_stride)
         kmap = cache.kmaps.get(key)
         if kmap is None or kmap.n_in != len(in_coords) or kmap.n_out != len(out_coords):
             offsets = kernel_offsets(self.kernel_size, in_coords.device) * (in_stride * self.dilation)

@@ -27,7 +27,6 @@ background thread and swapped in between two frames; frames keep flowing with th
 """
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -501,13 +500,11 @@ def _one_torch_thread() -> None:
 
 
 def _leave_a_core_for_callbacks() -> None:
-    """CPU model work on all cores but one, unless OMP_NUM_THREADS says otherwise. OpenMP threads wait for each
-    other at every parallel op; with all cores taken, each DDS callback that preempts one stalls the rest: on 2
-    cores the tiny backbone took 3-5 s instead of 0.2 s per frame while clouds arrived at 20 Hz."""
-    import torch
+    """CPU model work on all cores but one, unless OMP_NUM_THREADS says otherwise (sal_ros.model.runtime says why;
+    the benches apply the same policy)."""
+    from sal_ros.model.runtime import apply_node_thread_policy
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, torch.get_num_threads() - 1))
+    apply_node_thread_policy()
 
 
 def main(argv: list[str] | None = None) -> int:
