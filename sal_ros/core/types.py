@@ -86,6 +86,8 @@ class Segmentation:
     class_names: tuple[str, ...] = ()  # vocabulary classes, index k-1 for label k
     vocabulary_version: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # points the model could not take, by reason (nonfinite, out_of_range): they carry label 0
+    dropped_points: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n: int, class_names: tuple[str, ...] = (), vocabulary_version: int = 0) -> "Segmentation":

@@ -28,6 +28,10 @@ from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.vocabulary import TextEmbeddings, TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
+
+# Points farther than this (m) on any axis are left out (label 0, counted as out_of_range): no lidar reaches them,
+# and one point at 1e15 made the voxel key range too large to hash, costing the whole frame.
+MAX_COORDINATE = 1e4
 OOM_RETRIES = 2
 
 
@@ -126,8 +130,12 @@ class Segmenter:
             intensity = np.asarray(intensity, np.float32).reshape(-1)
             if len(intensity) != n:
                 raise ValueError(f"{n} points but {len(intensity)} intensities")
-        valid = np.flatnonzero(np.isfinite(points).all(1))
+        finite = np.isfinite(points).all(1)
+        with np.errstate(invalid="ignore"):
+            in_range = finite & (np.abs(points) <= MAX_COORDINATE).all(1)
+        valid = np.flatnonzero(in_range)
         out = Segmentation.empty(n, te.class_names, te.version)
+        out.dropped_points = {"nonfinite": int(n - finite.sum()), "out_of_range": int(finite.sum() - valid.size)}
         if valid.size == 0:
             return out
         run = _subset(valid, self.max_points) if self.max_points and valid.size > self.max_points else valid

@@ -336,7 +336,7 @@ class SegmenterNode(Node):
         intensity = self._model_intensity(frame)
         try:
             with self._model_lock:
-                return self._segmenter.segment(frame.points, intensity)
+                seg = self._segmenter.segment(frame.points, intensity)
         except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
             self.stats.count("error.model")
             self.health.error("model")
@@ -344,6 +344,14 @@ class SegmenterNode(Node):
                 self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
                                         f"{type(exc).__name__}: {exc}")
             return None
+        far = seg.dropped_points.get("out_of_range", 0)
+        if far:  # labeled 0 like non-finite points; the rest of the cloud is segmented
+            from sal_ros.model.segmenter import MAX_COORDINATE
+
+            self.stats.count("out_of_range_points", far)
+            self._warn("out_of_range", f"{far} points beyond {MAX_COORDINATE:g} m in the cloud at {frame.stamp_ns} "
+                       "left out (label 0)")
+        return seg
 
     def _configure_segmenter(self) -> None:
         """Hand the node's parameters to the Segmenter, the one place that applies them (from the next frame)."""
