@@ -17,10 +17,20 @@ def _bench(*args) -> dict:
 def test_bench_model_stages_and_sparse_vs_dense_conv():
     scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
     out = _bench("model", "--scan", str(scan), "--presets", "tiny", "--points", "20000", "--repeats", "1",
-                 "--device", "cpu")
-    stages = out["models"]["cpu"]["tiny"]["median_ms"]
+                 "--device", "cpu", "--threads", "1")
+    row = out["models"]["cpu"]["tiny"]
+    stages = row["median_ms"]
     assert {"voxelize", "backbone", "decoder", "postprocess", "total"} <= set(stages)
     assert all(v > 0 for v in stages.values()) and out["points"] == 20000
+    # the float32 reference path timed in the same run, the ratio, and how far the labels moved
+    assert set(row["reference_fp32_median_ms"]) == set(stages)
+    assert abs(row["speedup_vs_fp32"] - row["reference_fp32_median_ms"]["total"] / stages["total"]) < 0.02
+    assert 0 <= row["parity"]["label_differs_share"] <= 0.01
+    env = out["environment"]
+    assert env["torch_threads"] == out["threads"] == 1 and env["cpu_model"] and env["torch"]
+    assert len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
+    strided = out["strided_conv"]["cpu"]
+    assert strided["maps_identical"] and strided["voxels_out"] < strided["voxels_in"] and strided["conv_ms"] > 0
     conv = out["conv"]["cpu"]
     assert conv["active_voxels"] > 0 and conv["sparse_ms"] > 0 and conv["dense_ms"] > 0
     assert conv["max_abs_diff"] < 1e-4  # same weights, same layer: the sparse conv is the dense one

@@ -1,12 +1,20 @@
-"""``sal-ros bench model``: per-stage model timings on a real 120k-point scan, and sparse vs dense convolution.
+"""``sal-ros bench model``: model timings on a real lidar scan, each as a ratio to a reference timed in the same run.
 
-Stages are the Segmenter's (voxelize, backbone, decoder, postprocess: fusion, classification, boxes), median ms
-over ``--repeats`` runs after a warm-up, for each model preset on CPU and on CUDA when present. Weights are
-random (timings do not depend on them); the vocabulary is the 19 SemanticKITTI classes from the tiny text encoder.
+Per preset and device, the Segmenter's stages (voxelize, backbone, decoder, postprocess: fusion, classification,
+boxes) as the node runs them (bfloat16 autocast where the CPU has native bf16 or on CUDA; the decoder's
+intermediate masks pooled straight to the attention levels), and beside it, interleaved run by run on the same
+scan and weights, the float32 reference path (no autocast, full-resolution intermediate masks: the path before
+issue 17). ``speedup_vs_fp32`` is the ratio of their median totals; ``parity`` counts the points whose label or
+instance differ between the two. Weights are random (timings do not depend on them); the vocabulary is the 19
+SemanticKITTI classes from the tiny text encoder.
 
-The convolution check runs one 3x3x3 submanifold layer of the stem's width on the scan's voxels inside a crop
-small enough for a dense grid, through sal_ros.model.sparse.Conv3d and through F.conv3d with the same weights;
-it reports both times and the largest absolute difference at the active voxels.
+Convolutions: one 3x3x3 submanifold layer of the stem's width on the scan's voxels inside a crop small enough for a
+dense grid, through sal_ros.model.sparse.Conv3d and through F.conv3d with the same weights (time and the largest
+absolute difference at the active voxels); and MinkUNet's 2x2x2 stride-2 downsampling conv on the whole scan, its
+kernel map built from the downsampling's parents against the generic searched map, same run.
+
+Torch runs with the segmenter node's thread policy unless ``--threads`` says otherwise; the JSON records threads,
+CPU, load average before and after, and library versions.
 """
 from __future__ import annotations
 
@@ -18,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
+
 DEFAULT_SCAN = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "semantickitti" / "sequences" / "00"
                 / "velodyne" / "000000.bin")
 REPO = Path(__file__).resolve().parents[2]
@@ -25,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan", type=Path, default=DEFAULT_SCAN, help="KITTI-format .bin scan (x y z reflectance)")
-    parser.add_argument("--points", type=int, default=120_000, help="points taken from the scan (default 120000)")
+    parser.add_argument("--points", type=int, default=0, help="points taken from the scan (default 0: all)")
     parser.add_argument("--presets", default="minkunet34,tiny", help="comma-separated model presets")
     parser.add_argument("--voxel-size", type=float, default=None, help="override the presets' voxel size (m)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -34,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv-crop", type=float, nargs=3, default=(6.4, 6.4, 3.2), metavar=("X", "Y", "Z"),
                         help="metres of the dense-convolution crop ahead of the sensor (default 6.4 6.4 3.2)")
     parser.add_argument("--conv-channels", type=int, default=32, help="channels of the compared layer (default 32)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the float32 reference path (no ratios)")
+    add_thread_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,31 +56,42 @@ def main(args: argparse.Namespace) -> int:
     if not args.scan.is_file():
         print(f"sal-ros bench model: scan not found: {args.scan}", file=sys.stderr)
         return 1
+    threads = apply_threads(args.threads)
     scan = np.fromfile(args.scan, np.float32).reshape(-1, 4)
     if args.points and args.points < len(scan):
         scan = scan[np.sort(np.random.default_rng(0).choice(len(scan), args.points, replace=False))]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
-    result = {"scan": str(args.scan), "points": len(scan), "torch": str(torch.__version__),
-              "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "models": {}, "conv": {}}
+    result = {"bench": "model", "scan": str(args.scan), "points": len(scan), "threads": threads,
+              "repeats": args.repeats, "environment": environment(), "models": {}, "conv": {}, "strided_conv": {}}
     for device in devices:
         if device == "cuda":
             result["gpu"] = torch.cuda.get_device_name(0)
         result["models"][device] = {}
         for name in presets:
             overrides = {"voxel_size": args.voxel_size} if args.voxel_size else {}
-            result["models"][device][name] = bench_preset(ModelConfig.preset(name, **overrides), scan, device,
-                                                          args.repeats)
-            print(f"{device} {name}: {result['models'][device][name]['median_ms']}", file=sys.stderr)
+            row = bench_preset(ModelConfig.preset(name, **overrides), scan, device, args.repeats,
+                               reference=not args.no_reference)
+            result["models"][device][name] = row
+            print(f"{device} {name}: {row['median_ms']} speedup_vs_fp32 {row.get('speedup_vs_fp32')}",
+                  file=sys.stderr)
         result["conv"][device] = bench_conv(scan, device, tuple(args.conv_crop), args.conv_channels,
                                             ModelConfig().voxel_size, max(args.repeats, 3))
+        result["strided_conv"][device] = bench_strided_conv(scan, device, ModelConfig().voxel_size,
+                                                            args.conv_channels, max(args.repeats, 3))
+    finish(result["environment"])
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0
 
 
-def bench_preset(config, scan: np.ndarray, device: str, repeats: int) -> dict:
-    """Median ms per Segmenter stage (and their sum) after one warm-up run."""
+def _stage_medians(stages: dict[str, list[float]]) -> dict[str, float]:
+    return {k: round(float(np.median(v)), 1) for k, v in stages.items()}
+
+
+def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference: bool = True) -> dict:
+    """Median ms per Segmenter stage (and their sum) after one warm-up run, and the same for the float32
+    reference path, the two interleaved run by run so that load changes hit both alike."""
     import torch
 
     from sal_ros.model.sal import SALModel
@@ -79,22 +102,49 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int) -> dict:
     encoder = tiny_text_encoder(device)
     vocab = Vocabulary.from_yaml(REPO / "config" / "vocabulary_semantickitti.yaml")
     model = SALModel(config)
-    segmenter = Segmenter(model, device, encoder.encode(vocab))
+    embeddings = encoder.encode(vocab)
+    paths = {"fast": (Segmenter(model, device, embeddings), True)}
+    if reference:
+        paths["fp32"] = (Segmenter(model, device, embeddings, amp=False), False)
     points, intensity = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
-    segmenter.segment(points, intensity)  # warm-up: allocator, kernels, lazy imports
-    stages: dict[str, list[float]] = {}
-    for _ in range(max(1, repeats)):
+
+    def run(path: str):
+        segmenter, pooled = paths[path]
+        model.decoder.pooled_masks = pooled
         t0 = time.perf_counter()
         seg = segmenter.segment(points, intensity)
-        wall = (time.perf_counter() - t0) * 1e3
-        for stage, ms in {**seg.timings_ms, "total": wall}.items():
-            stages.setdefault(stage, []).append(ms)
+        return seg, {**seg.timings_ms, "total": (time.perf_counter() - t0) * 1e3}
+
+    try:
+        outputs = {path: run(path)[0] for path in paths}  # warm-up: allocator, kernels, lazy imports
+        stages: dict[str, dict[str, list[float]]] = {path: {} for path in paths}
+        for _ in range(max(1, repeats)):
+            for path in paths:
+                _, timings = run(path)
+                for stage, ms in timings.items():
+                    stages[path].setdefault(stage, []).append(ms)
+    finally:
+        model.decoder.pooled_masks = True
     with torch.inference_mode():
         voxels = model.prepare(torch.from_numpy(points).to(device)).num_voxels[0]
     params = model.num_parameters()
-    return {"voxel_size": config.voxel_size, "voxels": voxels, "queries": config.num_queries,
-            "params_m": {k: round(v / 1e6, 2) for k, v in params.items()},
-            "median_ms": {k: round(float(np.median(v)), 1) for k, v in stages.items()}}
+    row = {"voxel_size": config.voxel_size, "voxels": voxels, "queries": config.num_queries,
+           "params_m": {k: round(v / 1e6, 2) for k, v in params.items()},
+           "bf16": paths["fast"][0].amp, "median_ms": _stage_medians(stages["fast"])}
+    if reference:
+        row["reference_fp32_median_ms"] = _stage_medians(stages["fp32"])
+        row["speedup_vs_fp32"] = round(float(np.median(stages["fp32"]["total"]) / np.median(stages["fast"]["total"])), 2)
+        row["parity"] = parity(outputs["fp32"], outputs["fast"])
+    return row
+
+
+def parity(reference, fast) -> dict:
+    """Share of points whose label / instance partition differs from the reference run, and the score drift."""
+    labelled = reference.label > 0
+    return {"label_differs_share": round(float(np.mean(reference.label != fast.label)), 5),
+            "instance_differs_share": round(float(np.mean(reference.instance != fast.instance)), 5),
+            "labelled_points_reference": int(labelled.sum()), "labelled_points": int((fast.label > 0).sum()),
+            "max_abs_score_diff": round(float(np.abs(reference.score - fast.score).max()), 5)}
 
 
 def bench_conv(scan: np.ndarray, device: str, crop: tuple[float, float, float], channels: int, voxel_size: float,
@@ -151,3 +201,51 @@ def bench_conv(scan: np.ndarray, device: str, crop: tuple[float, float, float], 
             "occupancy_percent": round(100 * len(x) / float(np.prod(shape)), 3),
             "sparse_ms": round(sparse_ms, 2), "dense_ms": round(dense_ms, 2),
             "dense_over_sparse": round(dense_ms / sparse_ms, 1), "max_abs_diff": diff}
+
+
+def bench_strided_conv(scan: np.ndarray, device: str, voxel_size: float, channels: int, repeats: int) -> dict:
+    """MinkUNet's 2x2x2 stride-2 conv on the whole scan's voxels, kernel map included, with the map built from the
+    downsampling's parents (what Conv3d does) and by the generic search (the reference), same run."""
+    import torch
+
+    from sal_ros.model.sparse import (Conv3d, SparseTensor, _downsample_coords, _downsample_with_parents,
+                                      build_kernel_map, build_parent_map, kernel_offsets, voxelize)
+
+    pts = torch.from_numpy(np.ascontiguousarray(scan[:, :3])).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x, _ = voxelize(pts, None, voxel_size, torch.randn(len(pts), channels, generator=gen).to(device))
+    conv = Conv3d(channels, channels, 2, 2, backend="torch").to(device).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def parent_map():
+        out, parents = _downsample_with_parents(x.coords, 2)
+        return build_parent_map(x.coords, out, parents, 1)
+
+    def searched_map():
+        out = _downsample_coords(x.coords, 2)
+        return build_kernel_map(x.coords, out, kernel_offsets(2, x.device), submanifold=False)
+
+    def whole_conv():
+        return conv(SparseTensor(x.feats, x.coords, 1)).feats  # fresh cache: the map is built every call
+
+    def timed(fn):
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times))
+
+    with torch.inference_mode():
+        a, b = parent_map(), searched_map()
+        same = all(sorted(zip(i.tolist(), o.tolist())) == sorted(zip(j.tolist(), p.tolist()))
+                   for i, o, j, p in zip(a.in_idx, a.out_idx, b.in_idx, b.out_idx))
+        parent_ms, searched_ms = timed(parent_map), timed(searched_map)
+        conv_ms = timed(whole_conv)
+    return {"layer": f"Conv3d({channels}, {channels}, kernel_size=2, stride=2)", "voxels_in": len(x),
+            "voxels_out": a.n_out, "conv_ms": round(conv_ms, 2), "parent_map_ms": round(parent_ms, 2),
+            "searched_map_ms": round(searched_ms, 2), "map_speedup": round(searched_ms / parent_ms, 2),
+            "maps_identical": same}
