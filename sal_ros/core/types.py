@@ -41,6 +41,7 @@ class Frame:
     intensity: np.ndarray | None = None  # (N,) float32
     cameras: dict[str, CameraView] = field(default_factory=dict)
     missing_cameras: tuple[str, ...] = ()  # configured cameras that had no match (partial frame)
+    camera_problems: dict[str, str] = field(default_factory=dict)  # left-out camera -> why (file missing, unreadable)
     key: str = ""  # stable id for files on disk, e.g. "00_000000" or the stamp
     gt_labels: np.ndarray | None = None  # (N,) uint32 SemanticKITTI-style panoptic label (semantic | instance << 16)
 

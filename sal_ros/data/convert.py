@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds added to datasets whose times start at zero (KITTI; default 1.0)")
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage (mcap)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.epilog = ("Exit status: 0 written; 1 nothing written (error named); 3 written, but frames whose image "
+                     "was missing or unreadable lack that camera (each named on stderr).")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,7 +77,14 @@ def main(args: argparse.Namespace) -> int:
         print(f"sal-ros convert: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {summary.path}: {summary.frames} frames, cameras {list(summary.cameras)}, "
-          f"{summary.labelled} with ground truth")
+          f"{summary.labelled} with ground truth, {len(summary.problems)} with a camera left out")
+    for key, cameras in summary.problems.items():
+        for camera, why in cameras.items():
+            print(f"sal-ros convert: frame {key}: camera {camera} left out: {why}", file=sys.stderr)
+    if summary.problems:
+        print(f"sal-ros convert: {len(summary.problems)} of {summary.frames} frames lack a camera image "
+              "(the bag holds them without it); exit status 3", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -87,6 +96,7 @@ class ConvertSummary:
     labelled: int = 0
     time_shift_ns: int = 0
     cameras: dict[str, CameraCalibration] = field(default_factory=dict)
+    problems: dict[str, dict[str, str]] = field(default_factory=dict)  # frame key -> {camera left out: why}
 
 
 def convert(
@@ -229,6 +239,9 @@ def _write_bag(path: Path, source: Iterator[Frame], summary: ConvertSummary, lid
                 labels[str(stamp)] = np.asarray(frame.gt_labels, np.uint32)
                 summary.labelled += 1
             summary.frames += 1
+            if frame.missing_cameras:
+                summary.problems[frame.key] = {c: frame.camera_problems.get(c, "no image")
+                                               for c in frame.missing_cameras}
     if summary.cameras:
         write_static_extrinsics(path / EXTRINSICS_FILE, summary.cameras, lidar_frame)
     if labels:

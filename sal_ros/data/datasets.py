@@ -53,13 +53,17 @@ def read_points(path: str | os.PathLike, columns: int) -> tuple[np.ndarray, np.n
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Image file -> (H, W) uint8 mono or (H, W, 3) uint8 RGB (16-bit mono stays uint16)."""
-    with Image.open(path) as im:
-        if im.mode in ("L", "I;16", "I;16B", "I;16L"):
-            return np.asarray(im)
-        if im.mode == "LA" or (im.mode == "P" and not _palette_has_colour(im)):
-            return np.asarray(im.convert("L"))
-        return np.asarray(im.convert("RGB"))
+    """Image file -> (H, W) uint8 mono or (H, W, 3) uint8 RGB (16-bit mono stays uint16). A file PIL cannot
+    decode (corrupt, truncated, not an image) raises SensorDataError naming it."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("L", "I;16", "I;16B", "I;16L"):
+                return np.asarray(im)
+            if im.mode == "LA" or (im.mode == "P" and not _palette_has_colour(im)):
+                return np.asarray(im.convert("L"))
+            return np.asarray(im.convert("RGB"))
+    except Exception as exc:  # noqa: BLE001 - PIL fails on broken files in many ways (OSError, SyntaxError, struct...)
+        raise SensorDataError(f"cannot read image {path}: {exc}") from None
 
 
 def _palette_has_colour(im: Image.Image) -> bool:
@@ -69,8 +73,24 @@ def _palette_has_colour(im: Image.Image) -> bool:
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) from the file header, without decoding."""
-    with Image.open(path) as im:
-        return im.size
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception as exc:  # noqa: BLE001 - as in read_image
+        raise SensorDataError(f"cannot read image {path}: {exc}") from None
+
+
+def _attach(frame: Frame, name: str, image_path: Path, view_of) -> None:
+    """Add camera ``name``'s view (``view_of()``), or leave the camera out of this frame with the reason (image
+    file missing or unreadable) in ``frame.camera_problems``: one bad file costs that camera of that frame only,
+    and every reader (convert, pseudo-labeling, evaluation) can name and count it."""
+    try:
+        if not image_path.is_file():
+            raise SensorDataError(f"image {image_path} not found")
+        frame.cameras[name] = view_of()
+    except SensorDataError as exc:
+        frame.camera_problems[name] = str(exc)
+        frame.missing_cameras = tuple(dict.fromkeys((*frame.missing_cameras, name)))
 
 
 def _view(calib: CameraCalibration, image_path: Path, stamp_ns: int) -> CameraView:
@@ -118,14 +138,9 @@ def iter_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | 
         xyz, intensity = read_points(velodyne / f"{name}.bin", 4)
         frame = Frame(stamp_ns=stamp, frame_id="velodyne", points=xyz, intensity=intensity,
                       key=f"{seq_dir.name}_{name}", gt_labels=_semantickitti_labels(seq_dir, name, len(xyz)))
-        missing = []
         for cam_dir in cam_dirs:
             image_path = cam_dir / f"{name}.png"
-            if image_path.exists():
-                frame.cameras[cam_dir.name] = _view(calibs[cam_dir.name], image_path, stamp)
-            else:
-                missing.append(cam_dir.name)
-        frame.missing_cameras = tuple(missing)
+            _attach(frame, cam_dir.name, image_path, lambda: _view(calibs[cam_dir.name], image_path, stamp))
         yield frame
 
 
@@ -215,12 +230,13 @@ def iter_kitti_object(root: str | os.PathLike, camera: str = "image_2") -> Itera
         xyz, intensity = read_points(path, 4)
         frame = Frame(stamp_ns=stamp, frame_id="velodyne", points=xyz, intensity=intensity, key=name)
         image_path = root / camera / f"{name}.png"
-        if image_path.exists():
+
+        def view_of():
             calib = read_kitti_object_calib(_require(root / "calib" / f"{name}.txt", "KITTI object calibration"),
                                             image_size(image_path), camera)
-            frame.cameras[camera] = _view(calib, image_path, stamp)
-        else:
-            frame.missing_cameras = (camera,)
+            return _view(calib, image_path, stamp)
+
+        _attach(frame, camera, image_path, view_of)
         yield frame
 
 
@@ -243,14 +259,9 @@ def iter_nuscenes(root: str | os.PathLike) -> Iterator[Frame]:
     frame = Frame(stamp_ns=stamp, frame_id="LIDAR_TOP", points=xyz, intensity=intensity,
                   key=str(data.get("sample_token") or stamp))
     calibs = read_nuscenes_calib(calib_path)
-    missing = []
     for name, calib in calibs.items():
         image_path = root / Path(str(data["cams"][name].get("img_path", ""))).name
-        if image_path.is_file():
-            frame.cameras[name] = _view(calib, image_path, int(calib.stamp_ns))
-        else:
-            missing.append(name)
-    frame.missing_cameras = tuple(missing)
+        _attach(frame, name, image_path, lambda: _view(calib, image_path, int(calib.stamp_ns)))
     yield frame
 
 

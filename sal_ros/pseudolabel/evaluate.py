@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +35,8 @@ from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
 from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks
 from sal_ros.pseudolabel.refine import RefineConfig
+
+log = logging.getLogger(__name__)
 
 VARIANTS = {  # name: (occlusion test, DBSCAN replace)
     "naive": (False, False),
@@ -159,8 +163,13 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
         from tqdm import tqdm
 
         it = tqdm(keys, desc="eval pseudolabels", unit="frame")
+    skipped: dict[str, str] = {}  # key -> why the frame was not scored (named and counted in the report)
     for key in it:
-        frame = source.load(key)
+        frame, why = _load_complete(source, key)
+        if frame is None:
+            skipped[key] = why
+            log.warning("frame %s not scored: %s", key, why)
+            continue
         keep, gt_cls, gt_seg, thing = scored_points(frame, label_set, lift.min_depth)
         if pseudolabels is not None:
             from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
@@ -181,10 +190,24 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                 seconds[variant] = seconds.get(variant, 0.0) + time.perf_counter() - t0
                 scores[(kind, variant)].add(pl.instance[keep], gt_cls, gt_seg, thing, label_set.min_points)
     rows = [{"masks": c[0], "lifting": c[1], **s.summary()} for c, s in scores.items()]
-    meta = {"dataset": str(dataset), "frames": len(keys), "min_points": label_set.min_points,
+    scored = len(keys) - len(skipped)
+    meta = {"dataset": str(dataset), "frames": scored, "frames_skipped": skipped, "min_points": label_set.min_points,
             "lift": vars(lift), "refine": vars(refine), "splat": list(splat), "engine_min_points": engine_min_points,
-            "seconds_per_frame": {k: v / max(len(keys), 1) for k, v in seconds.items()}}
+            "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}}
     return {"rows": rows, "meta": meta}
+
+
+def _load_complete(source, key: str):
+    """(frame, "") or (None, why): a frame that cannot be read, or lacks a camera image (missing or unreadable
+    file), is not scored, since its score would measure the broken file, not the pseudo-labels."""
+    try:
+        frame = source.load(key)
+    except (SensorDataError, OSError, ValueError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    if frame.missing_cameras:
+        return None, "; ".join(f"camera {c} left out: {frame.camera_problems.get(c, 'no image')}"
+                               for c in frame.missing_cameras)
+    return frame, ""
 
 
 def markdown_table(result: dict) -> str:
@@ -262,9 +285,17 @@ def main(args: argparse.Namespace) -> int:
     table = markdown_table(result)
     print(table)
     print(json.dumps(result, indent=1, default=float))
+    skipped = result["meta"]["frames_skipped"]
+    for key, why in skipped.items():
+        print(f"sal-ros eval pseudolabels: frame {key} not scored: {why}", file=sys.stderr)
+    if skipped:
+        print(f"sal-ros eval pseudolabels: {len(skipped)} frame(s) not scored, {result['meta']['frames']} scored; "
+              "exit status 3", file=sys.stderr)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out / "metrics.json", json.dumps(result, indent=1, default=float))
         atomic_write(args.out / "table.md", table + "\n")
         plot(result, args.out / "pseudolabel_eval.png")
-    return 0
+    if not result["meta"]["frames"]:
+        return 1
+    return 3 if skipped else 0
