@@ -90,3 +90,19 @@ def test_fixed_frame_from_tf_keeps_ids_of_still_objects_under_ego_motion(nodes):
         assert set(seg.instance.tolist()) == {i.instance_id for i in seg.instances}  # points carry the track ids
     assert all(ids == tracked_ids[0] for ids in tracked_ids), tracked_ids  # each still object keeps its id
     assert len(sensor_ids) > 2  # the sensor frame alone loses them
+
+
+
+def test_bench_node_times_typed_outputs_beside_the_json_era_ones(capsys):
+    import json
+    import os
+
+    from sal_ros.cli import main
+
+    assert main(["bench", "node", "--points", "20000", "--repeats", "3",
+                 "--domain-id", os.environ["ROS_DOMAIN_ID"]]) == 0
+    out = capsys.readouterr().out
+    typed = json.loads(out[out.index("{"):])["typed_outputs"]
+    assert typed["publish_off_ms"] > 0 and typed["track_and_publish_on_ms"] > 0
+    assert set(typed["parts_median_ms"]) == {"tracker", "detections", "frame_summary"}
+    assert typed["added_ms"] == pytest.approx(typed["track_and_publish_on_ms"] - typed["publish_off_ms"], abs=2e-3)

@@ -21,6 +21,7 @@ import numpy as np
 from sal_ros.bench.timing import median_ms
 
 GOAL_MS = 3.0
+WARMUP = 10  # untimed rounds before the interleaved typed-outputs timing
 DEFAULT_SCAN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "semantickitti" / "sequences" / "00"
 
 
@@ -29,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", type=int, default=120_000, help="points per cloud (default 120000)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--domain-id", type=int, default=97, help="private ROS domain of the bench node")
+    parser.add_argument("--typed-outputs", choices=("both", "on", "off"), default="both",
+                        help="also time the tracker + ~/detections + ~/frame_summary beside the JSON-era outputs "
+                             "(both: side by side in one run)")
 
 
 def scan_and_segmentation(data: Path, n: int) -> tuple[np.ndarray, np.ndarray, Any, str]:
@@ -99,6 +103,7 @@ def main(args: argparse.Namespace) -> int:
             "decode": median_ms(lambda: node.inputs.decode(synced, with_cameras=False), args.repeats),
             "publish": median_ms(lambda: node._publish(frame, seg, wanted), args.repeats),
         }
+        typed = typed_outputs(node, frame, seg, wanted, args) if args.typed_outputs != "off" else {}
         palette = outputs.class_colors(len(seg.class_names))
         parts = {  # inside publish
             "encode_cloud": median_ms(lambda: outputs.labeled_cloud(frame.points, frame.intensity, seg, "lidar",
@@ -120,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
         "median_ms": {k: round(v, 3) for k, v in stages.items()},
         "publish_parts_median_ms": {k: round(v, 3) for k, v in parts.items()},
         "overhead_ms": round(total, 3),
+        **typed,
         "goal_ms": GOAL_MS,
         "meets_goal": total <= GOAL_MS,
         "repeats": args.repeats,
@@ -128,3 +134,42 @@ def main(args: argparse.Namespace) -> int:
     }
     print(json.dumps(result, indent=1))
     return 0
+
+
+def typed_outputs(node: Any, frame: Any, seg: Any, wanted: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The tracker and the typed outputs (~/detections, ~/frame_summary) on top of ``wanted``, timed beside it in
+    the same run: publish with them on, and the parts (tracker update + apply, each builder)."""
+    import copy
+
+    from sal_ros.core.tracking import apply_tracks
+    from sal_ros.nodes import outputs
+
+    on = {**wanted, "detections": True, "frame_summary": True}
+    tracked = copy.deepcopy(seg)
+
+    def track_and_publish():
+        node._publish(frame, tracked, on, node._track(frame, tracked), tracked.timings_ms)
+
+    off, on_ = [], []
+    for k in range(args.repeats + WARMUP):  # interleaved, so load changes on a shared machine hit both alike
+        for fn, times in ((lambda: node._publish(frame, seg, wanted), off), (track_and_publish, on_)):
+            t0 = time.perf_counter()
+            fn()
+            if k >= WARMUP:  # the first rounds warm up allocations (they ran up to 2x slower)
+                times.append((time.perf_counter() - t0) * 1e3)
+    off_ms, on_ms = float(np.median(off)), float(np.median(on_))
+    result = node.tracker.update(tracked.instances, frame.stamp_ns)
+    classes = {t.track_id: t.classes for t in result.by_instance.values()}
+    parts = {
+        "tracker": median_ms(lambda: apply_tracks(tracked, node.tracker.update(tracked.instances, frame.stamp_ns)),
+                             args.repeats),
+        "detections": median_ms(lambda: outputs.detections_message(tracked.instances, "lidar", frame.stamp_ns,
+                                                                   tracked.class_names, node._types, classes),
+                                args.repeats),
+        "frame_summary": median_ms(lambda: outputs.frame_summary_message(tracked, "lidar", frame.stamp_ns,
+                                                                         frame.num_points, node._types),
+                                   args.repeats),
+    }
+    return {"typed_outputs": {"publish_off_ms": round(off_ms, 3), "track_and_publish_on_ms": round(on_ms, 3),
+                              "added_ms": round(on_ms - off_ms, 3),
+                              "parts_median_ms": {k: round(v, 3) for k, v in parts.items()}}}

@@ -279,7 +279,7 @@ def apply_tracks(seg: Segmentation, result: TrackingResult) -> Segmentation:
         name = seg.class_names[label - 1] if 0 < label <= len(seg.class_names) else inst.class_name
         instances.append(InstanceSummary(tracked.track_id, label, name, inst.score, inst.num_points,
                                          OrientedBox(inst.box.center, inst.box.size, inst.box.yaw)))
-    inside = seg.instance > 0
+    inside = seg.instance > 0  # instance points are few: mask first, then look up
     ids = seg.instance[inside]
     relabel = new_label[ids]
     seg.label[inside] = np.where(relabel > 0, relabel, seg.label[inside]).astype(seg.label.dtype)
