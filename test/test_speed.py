@@ -121,3 +121,26 @@ def test_bf16_labels_match_float32_on_the_real_scan_except_boundary_points(scan,
     assert np.abs(ref.score[differs] - out.score[differs]).max(initial=0.0) <= MAX_TIE_SCORE_GAP
     same = ref.label == out.label
     assert np.abs(ref.score[same] - out.score[same]).max() <= MAX_TIE_SCORE_GAP
+
+
+def test_bench_codec_times_sensor_msgs_py_side_by_side(capsys):
+    """`sal-ros bench codec` with rclpy: create_cloud and read_points on the same clouds, checked equal to ours
+    before timing, with the ratios and the machine's facts in the JSON."""
+    import argparse
+    import json
+
+    from conftest import require_rclpy
+    from sal_ros.bench import codec
+
+    require_rclpy()
+    parser = argparse.ArgumentParser()
+    codec.add_arguments(parser)
+    args = parser.parse_args(["--points", "5000", "--repeats", "3", "--reference-repeats", "1", "--backend", "rclpy"])
+    assert codec.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    ros = out["sensor_msgs_py"]
+    assert ros["create_cloud_median_ms"] > 0 and ros["read_points_median_ms"] > 0
+    assert ros["encode_vs_create_cloud"] == pytest.approx(out["encode"]["median_ms"] / ros["create_cloud_median_ms"],
+                                                          rel=0.05, abs=0.01)
+    env = out["environment"]
+    assert env["cpu_model"] and len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
