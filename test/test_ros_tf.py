@@ -101,7 +101,8 @@ def rig(kitti, tmp_path_factory):
     executor = MultiThreadedExecutor(num_threads=3, context=ctx)
     executor.add_node(node)
     executor.add_node(pub_node)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
     try:
         wait_until(lambda: all(p.get_subscription_count() for p in pubs.values()), "input subscriptions")
         yield type("Rig", (), {"node": node, "inputs": inputs, "pubs": pubs, "got": got, "stats": stats,
@@ -109,6 +110,7 @@ def rig(kitti, tmp_path_factory):
                                "t0_ns": t0_ns})()
     finally:
         executor.shutdown()
+        spinner.join()  # no callback runs while the nodes are destroyed
         node.destroy_node()
         pub_node.destroy_node()
         rclpy.try_shutdown(context=ctx)
@@ -210,3 +212,37 @@ def test_a_transform_published_after_the_cloud_within_the_sync_timeout_is_used(r
         assert rig.inputs.sync_stats()["clouds"] > clouds_before  # a cloud was taken in while the lookup waited
     finally:
         late.stop()
+
+
+def test_bag_reader_takes_calibration_from_where_the_nodes_params_say(tmp_path):
+    """With the robot's params file, the bag reader (pseudolabel / train / eval on a bag) takes the extrinsics
+    from the same place as the segmenter and the recorder: `tf` -> the bag's /tf_static (an extrinsics.yaml beside
+    the bag is ignored, as the node ignores it), `static` -> calibration.file."""
+    import dataclasses
+
+    import yaml
+
+    from sal_ros.core.calibration import read_static_extrinsics, write_static_extrinsics
+    from sal_ros.data.bag import iter_bag_frames
+    from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert
+
+    bag = tmp_path / "bag"
+    convert(require_data("semantickitti", "sequences", "00"), bag, progress=False)
+    true_T = read_static_extrinsics(bag / EXTRINSICS_FILE)[CAMERA].T_cam_lidar
+    shifted = {n: dataclasses.replace(c, T_cam_lidar=c.T_cam_lidar @ make_transform(np.eye(3), [1.0, 0.0, 0.0]))
+               for n, c in read_static_extrinsics(bag / EXTRINSICS_FILE).items()}
+    lidar_frame = next(iter(shifted.values())).lidar_frame_id
+    write_static_extrinsics(bag / EXTRINSICS_FILE, shifted, lidar_frame)  # disagrees with the bag's /tf_static
+
+    def frame_T(source, file=""):
+        params = tmp_path / f"{source}.yaml"
+        params.write_text(yaml.safe_dump({"/**": {"ros__parameters": {
+            "cloud_topic": CLOUD_TOPIC, "calibration": {"source": source, "file": file}}}}))
+        frame = next(iter_bag_frames(bag, config=params))
+        return frame.cameras[CAMERA].T_cam_lidar
+
+    via_tf = frame_T("tf")  # /tf_static holds the inverse as a quaternion: KITTI's 9e-8 non-orthonormality shows
+    assert np.abs(via_tf - true_T).max() < 1e-6 and np.abs(via_tf - shifted[CAMERA].T_cam_lidar).max() > 0.5
+    assert np.abs(frame_T("static", str(bag / EXTRINSICS_FILE)) - shifted[CAMERA].T_cam_lidar).max() < 1e-12
+    with pytest.raises(Exception, match="calibration.file is empty"):
+        frame_T("static")

@@ -14,7 +14,8 @@ What is read, unless given:
 - ground truth: ``labels.npz`` in the bag folder, keyed by the cloud stamp in ns.
 
 ``config`` takes a node parameters YAML (``cloud_topic``, ``cameras``, ``camera.<name>.*``, ``sync.*``,
-``calibration.file``), so evaluation uses exactly the robot's settings.
+``calibration.source`` / ``calibration.file``), so evaluation uses exactly the robot's settings and calibration
+comes from where the nodes (segmenter, recorder) take it: ``tf`` reads the bag's /tf_static, ``static`` the file.
 """
 from __future__ import annotations
 
@@ -81,12 +82,14 @@ def iter_bag_frames(
         settings = _read_node_config(config)
         cloud_topic = cloud_topic or settings.get("cloud_topic")
         cameras = cameras if cameras is not None else _config_cameras(settings)
-        extrinsics = extrinsics or settings.get("calibration.file") or None
+        extrinsics, bag_tf = _config_extrinsics(settings, extrinsics)
         match_threshold_ns = int(round(settings.get("sync.match_threshold", match_threshold_ns / 1e9) * 1e9))
         timeout_ns = int(round(settings.get("sync.timeout", timeout_ns / 1e9) * 1e9))
         allow_partial = bool(settings.get("sync.allow_partial", allow_partial))
+    else:
+        bag_tf = False
     with AnyReader([bag_path]) as reader:
-        calibs = _static_calibrations(bag_path, extrinsics)
+        calibs = None if bag_tf else _static_calibrations(bag_path, extrinsics)
         cloud_conn = _cloud_connection(reader, cloud_topic, bag_path)
         cams = _cameras(reader, cameras, calibs, bag_path)
         tf_tree = None if calibs is not None else _TfTree.from_bag(reader)
@@ -261,6 +264,22 @@ def _default_camera(name: str, topics: dict[str, str], calibs: dict[str, CameraC
 
 
 # --------------------------------------------------------------------------------------------- calibration
+
+
+def _config_extrinsics(settings: dict[str, Any], extrinsics: Any) -> tuple[Any, bool]:
+    """Where a node with these parameters takes its calibration from, so the bag reader takes it from the same
+    place: ``calibration.source: static`` -> ``calibration.file``; ``tf`` -> the bag's own /tf_static (any
+    extrinsics.yaml beside the bag is ignored, as the node would ignore it). Returns (extrinsics, use bag TF)."""
+    source = settings.get("calibration.source")
+    if extrinsics is not None or source is None:  # given explicitly, or a params file without calibration
+        return extrinsics or settings.get("calibration.file") or None, False
+    if source == "static":
+        if not settings.get("calibration.file"):
+            raise CalibrationError("node config: calibration.source is 'static' but calibration.file is empty")
+        return settings["calibration.file"], False
+    if source == "tf":
+        return None, True
+    raise CalibrationError(f"node config: unknown calibration.source {source!r} (expected 'tf' or 'static')")
 
 
 def _static_calibrations(bag: Path, extrinsics: Any) -> dict[str, CameraCalibration] | None:
