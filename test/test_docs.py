@@ -88,6 +88,8 @@ def published_topics() -> dict[str, str]:
         if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "create_publisher"):
             continue
         msg_type, topic = node.args[0], node.args[1]
+        if isinstance(topic, ast.Constant) and topic.value == "/diagnostics":
+            continue  # the one ROS-wide topic, by the diagnostics convention
         parts = [topic] if isinstance(topic, ast.Constant) else list(topic.values)  # f-string: {...} = one name
         assert isinstance(parts[0], ast.Constant) and parts[0].value.startswith("~/"), "outputs are private topics"
         pattern = "".join(re.escape(v.value) if isinstance(v, ast.Constant) else r"[A-Za-z0-9_]+" for v in parts)
