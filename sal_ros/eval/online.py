@@ -24,6 +24,9 @@ from typing import Any, Callable
 import numpy as np
 
 SEGMENTER = "/sal_segmenter"
+# The node's stamp_age (ROS now - cloud stamp) describes a live sensor; replaying an old bag without /clock it
+# reads the bag's age (57 years for KITTI's), so it is reported only below this.
+STAMP_AGE_MEANINGFUL_MS = 60_000.0
 
 
 @dataclass
@@ -32,11 +35,15 @@ class OnlineResult:
     outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # cloud stamp -> labeled fields
     latency_ms: dict[int, float] = field(default_factory=dict)  # cloud stamp -> end-to-end latency
     node_stats: dict = field(default_factory=dict)  # the node's last ~/stats record
+    ignored_outputs: int = 0  # labeled clouds whose stamp is none of the bag's (not an answer to this replay)
 
     def summary(self) -> dict[str, Any]:
         lat = np.array(list(self.latency_ms.values()), float)
         answered = len(self.outputs)
-        timings = self.node_stats.get("timings", {})
+        timings = dict(self.node_stats.get("timings", {}))
+        age = timings.get("stamp_age", {}).get("median_ms")
+        if age is not None and age > STAMP_AGE_MEANINGFUL_MS:  # bag stamps on another clock (no /clock)
+            timings.pop("stamp_age")
         return {
             "clouds_sent": self.clouds_sent,
             "clouds_answered": answered,
@@ -46,6 +53,7 @@ class OnlineResult:
             "node_counts": self.node_stats.get("counts", {}),
             "node_timings_ms": {k: {"median": v["median_ms"], "p90": v.get("p90_ms"), "max": v["max_ms"]}
                                 for k, v in timings.items()},
+            "ignored_outputs": self.ignored_outputs,
         }
 
 
@@ -59,7 +67,7 @@ def _percentiles(values: np.ndarray) -> dict[str, float | None]:
 class NodeProcess:
     """``sal-ros run ARGS`` in a child process (its output to ``log_path``); ``stop()`` sends Ctrl-C."""
 
-    def __init__(self, run_args: list[str], log_path: str | Path) -> None:
+    def __init__(self, run_args: list[str], log_path: str | Path, domain_id: int | None = None) -> None:
         from sal_ros.env import apply_ros_env_defaults
 
         apply_ros_env_defaults()  # the child inherits localhost-only discovery, domain and Fast DDS profile
@@ -67,6 +75,8 @@ class NodeProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1", RCUTILS_COLORIZED_OUTPUT="0")
+        if domain_id is not None:
+            env["ROS_DOMAIN_ID"] = str(domain_id)
         self.proc = subprocess.Popen([sys.executable, "-m", "sal_ros.cli", "run", *run_args], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=env)
 
@@ -193,17 +203,25 @@ def playable_topics(bag: str | Path) -> list[str]:
 
 def replay(bag: str | Path, run_args: list[str], log_path: str | Path, *, cloud_topic: str, rate: float = 1.0,
            segmenter: bool = True, done: Callable[[], bool] | None = None, start_timeout_s: float = 180.0,
-           finish_timeout_s: float = 120.0) -> OnlineResult:
-    """Start ``sal-ros run RUN_ARGS``, play ``bag`` into it once and collect what comes back.
+           finish_timeout_s: float = 120.0, domain_id: int | None = None) -> OnlineResult:
+    """Start ``sal-ros run RUN_ARGS``, play ``bag`` into it once and collect what comes back, in a free ROS domain
+    claimed for the run (or ``domain_id``). Answers are matched to the bag's clouds by stamp.
 
     Without ``segmenter`` (a recorder run) nothing is collected and ``done`` says when the node has finished.
     """
+    from sal_ros.env import claim_free_ros_domain
+
     topics = bag_topics(bag)
     if cloud_topic not in topics:
         raise ValueError(f"{bag} has no {cloud_topic} (topics: {sorted(topics)})")
     sent = topics[cloud_topic]
-    with NodeProcess(run_args, log_path) as node:
-        probe = BagProbe(bag, rate, cloud_topic, collect=segmenter)
+    sent_stamps = bag_stamps(bag, cloud_topic)
+    # A domain of its own for the node and this probe: a robot stack, another run or any node of the same name
+    # elsewhere on the machine can neither answer for the node nor stand in for its statistics.
+    claim = claim_free_ros_domain() if domain_id is None else None
+    domain_id = claim.domain_id if claim is not None else domain_id
+    with NodeProcess(run_args, log_path, domain_id) as node:
+        probe = BagProbe(bag, rate, cloud_topic, collect=segmenter, domain_id=domain_id)
         try:
             wanted = [t for t in probe.player.publishers if not t.startswith("/tf")]
             wait_until(lambda: probe.inputs_matched(wanted), start_timeout_s, "the node's subscriptions", node)
@@ -213,7 +231,7 @@ def replay(bag: str | Path, run_args: list[str], log_path: str | Path, *, cloud_
                            start_timeout_s, "output discovery", node)
             time.sleep(0.5)  # discovery of the reverse direction (outputs -> probe) settles
             probe.player.play()
-            finished = done or (lambda: len(probe.outputs) >= sent)
+            finished = done or (lambda: len(sent_stamps.intersection(probe.outputs)) >= sent)
             try:
                 wait_until(finished, finish_timeout_s, "the node's answers", node)
             except TimeoutError:
@@ -227,14 +245,37 @@ def replay(bag: str | Path, run_args: list[str], log_path: str | Path, *, cloud_
                     pass
         finally:
             probe.close()
+            if claim is not None:
+                claim.release()
     result = OnlineResult(clouds_sent=sent, node_stats=probe.stats[-1] if probe.stats else {})
+    return match_answers(result, probe.outputs, probe.received, sent_stamps)
+
+
+def match_answers(result: OnlineResult, outputs: dict[int, tuple[float, Any]], received: dict[int, float],
+                  sent_stamps: set[int]) -> OnlineResult:
+    """Only a labeled cloud stamped like a cloud of the bag answers it; any other is counted as ignored."""
     from sal_ros.core.pointcloud2 import read_fields
 
-    for stamp, (t_out, msg) in sorted(probe.outputs.items()):
+    for stamp, (t_out, msg) in sorted(outputs.items()):
+        if stamp not in sent_stamps:
+            result.ignored_outputs += 1
+            continue
         result.outputs[stamp] = read_fields(msg)
-        if stamp in probe.received:
-            result.latency_ms[stamp] = (t_out - probe.received[stamp]) * 1e3
+        if stamp in received:
+            result.latency_ms[stamp] = (t_out - received[stamp]) * 1e3
     return result
+
+
+def bag_stamps(bag: str | Path, topic: str) -> set[int]:
+    """header.stamp (ns) of every message on ``topic`` in the bag: the clouds this replay sends."""
+    from rosbags.highlevel import AnyReader
+
+    from sal_ros.core.msgtypes import stamp_to_ns
+
+    with AnyReader([Path(bag)]) as reader:
+        conns = [c for c in reader.connections if c.topic == topic]
+        return {stamp_to_ns(reader.deserialize(raw, conn.msgtype).header.stamp)
+                for conn, _, raw in reader.messages(connections=conns)}
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

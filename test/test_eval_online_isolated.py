@@ -1,0 +1,86 @@
+"""`sal-ros eval online` counts only the answers of the node it started (issue 14 item 8): a foreign node on this
+machine publishing labeled clouds and statistics under the segmenter's names neither answers for it nor stands
+in for its statistics; answers match the bag's clouds by stamp; stamp_age is left out when it is meaningless."""
+import json
+import threading
+
+import numpy as np
+
+from conftest import require_rclpy, wait_until
+from test_eval_online_cli import rig, run_eval  # noqa: F401 - the module fixture, built here once
+
+from sal_ros.core.msgtypes import rclpy_types
+from sal_ros.core.pointcloud2 import encode_cloud
+from sal_ros.eval.online import OnlineResult, match_answers
+
+
+class Foreign:
+    """Another /sal_segmenter on this machine (this test run's domain), talking nonsense at 20 Hz."""
+
+    def __init__(self):
+        rclpy = require_rclpy()
+        from rclpy.executors import SingleThreadedExecutor
+        from rclpy.qos import QoSProfile
+        from sensor_msgs.msg import PointCloud2
+        from std_msgs.msg import String
+
+        self.rclpy, self.context, self.String = rclpy, rclpy.Context(), String
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("sal_segmenter", context=self.context)
+        qos = QoSProfile(depth=10)
+        self.clouds = self.node.create_publisher(PointCloud2, "/sal_segmenter/labeled_points", qos)
+        self.stats = self.node.create_publisher(String, "/sal_segmenter/stats", qos)
+        self.sent, self.k = 0, 0
+        self.node.create_timer(0.05, self._tick)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        threading.Thread(target=self.executor.spin, daemon=True).start()
+
+    def _tick(self):
+        self.k += 1
+        xyz = np.zeros((4, 3), np.float32)
+        self.clouds.publish(encode_cloud({"xyz": xyz, "label": np.ones(4, np.uint16)}, "lidar",
+                                         1_000_000_000 * self.k, rclpy_types()))
+        self.stats.publish(self.String(data=json.dumps({"counts": {"foreign": self.k}, "timings": {}})))
+        self.sent += 1
+
+    def close(self):
+        self.executor.shutdown()
+        self.node.destroy_node()
+        self.rclpy.try_shutdown(context=self.context)
+
+
+def test_a_foreign_node_of_the_same_name_neither_answers_nor_reports(rig):  # noqa: F811
+    foreign = Foreign()
+    try:
+        wait_until(lambda: foreign.sent >= 5, "the foreign node publishing", stall_s=60)
+        out = rig.root / "foreign"
+        proc = run_eval(rig.bag, "--params", rig.params, "--out", out, "--rate", "1", "--set", "stats_period=0.5")
+        assert foreign.sent > 20  # it went on through the whole evaluation
+    finally:
+        foreign.close()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "online.json").read_text())
+    assert summary["clouds_sent"] == 2 and 1 <= summary["clouds_answered"] <= 2
+    assert summary["clouds_answered"] + summary["dropped"] == 2 and summary["drop_rate"] >= 0
+    assert "foreign" not in summary["node_counts"] and summary["node_counts"].get("processed", 0) >= 1
+    assert "stamp_age" not in summary["node_timings_ms"]  # KITTI stamps of 1970 + 1 s, no /clock: meaningless
+
+
+def test_answers_are_matched_by_stamp():
+    msg = encode_cloud({"xyz": np.zeros((2, 3), np.float32)}, "lidar", 5, rclpy_types())
+    outputs = {5: (2.0, msg), 7: (2.5, msg), 9: (3.0, msg)}  # 7 and 9: not clouds of this replay
+    result = match_answers(OnlineResult(clouds_sent=1), outputs, {5: 1.5}, {5})
+    summary = result.summary()
+    assert (summary["clouds_answered"], summary["dropped"], summary["ignored_outputs"]) == (1, 0, 2)
+    assert result.latency_ms == {5: 500.0}
+
+
+def test_stamp_age_is_reported_only_when_meaningful():
+    def timings(age_ms):
+        stats = {"counts": {}, "timings": {"stamp_age": {"median_ms": age_ms, "p90_ms": age_ms, "max_ms": age_ms},
+                                           "total": {"median_ms": 5.0, "p90_ms": 6.0, "max_ms": 7.0}}}
+        return OnlineResult(clouds_sent=0, node_stats=stats).summary()["node_timings_ms"]
+
+    assert "stamp_age" not in timings(1.8e12) and "total" in timings(1.8e12)  # 57 years
+    assert timings(12.0)["stamp_age"]["median"] == 12.0
