@@ -38,11 +38,19 @@ def main(args: argparse.Namespace) -> int:
         if args.device:
             cfg.device = args.device
         _check_stop_at(args.stop_at, cfg.optim.steps)
-        scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder)
+        if cfg.objective == "semantic":  # per-point classes (+ mask consistency): train/semantic.py
+            from sal_ros.train.semantic import build_trainer
+
+            trainer = build_trainer(cfg, args.config.parent, progress=not args.no_progress)
+        elif cfg.objective != "sal":
+            raise ValueError(f"unknown objective {cfg.objective!r}; known: sal, semantic")
+        else:
+            scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder)
     except (SensorDataError, FileNotFoundError, ValueError) as exc:
         print(f"sal-ros train: {exc}", file=sys.stderr)
         return 1
-    trainer = Trainer(cfg, DistillDataset(scans, cfg.data, seed=cfg.seed), progress=not args.no_progress)
+    if cfg.objective == "sal":
+        trainer = Trainer(cfg, DistillDataset(scans, cfg.data, seed=cfg.seed), progress=not args.no_progress)
     out = Path(cfg.out_dir)
     if args.resume:
         try:
