@@ -238,6 +238,7 @@ def test_ros2_param_describe_and_set_through_the_cli(running):
     assert read_fields(answer(running, send(running)), ["label"])["label"].max() <= len(new)
 
 
+@pytest.mark.timeout(900)
 def test_recorded_frames_feed_pseudolabel_and_ctrl_c_ends_everything_cleanly(running):
     probe = running.probe
     before = probe.count("sal_recorder", "recorded")
@@ -259,6 +260,7 @@ def test_recorded_frames_feed_pseudolabel_and_ctrl_c_ends_everything_cleanly(run
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ten launches of a CPU model on a shared machine; each wait follows progress
 def test_ctrl_c_ends_launch_and_every_node_cleanly_ten_times_with_a_frame_in_the_model(installed, kitti,
                                                                                        tmp_path):
     """The model is made slow on purpose (40 decoder rounds attending down to stride 1: seconds per scan), so
