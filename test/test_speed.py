@@ -144,3 +144,40 @@ def test_bench_codec_times_sensor_msgs_py_side_by_side(capsys):
                                                           rel=0.05, abs=0.01)
     env = out["environment"]
     assert env["cpu_model"] and len(env["load_average_start"]) == 3 and len(env["load_average_end"]) == 3
+
+
+def _bench_gpu(*args, env=None) -> tuple[dict, str]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sal_ros.cli", "bench", "gpu", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_bench_gpu_without_cuda_says_what_it_skipped():
+    out, err = _bench_gpu(env={"CUDA_VISIBLE_DEVICES": ""})  # as on a machine without a GPU
+    assert out["cuda"] is False and "CUDA is not available" in out["skipped"] and "CUDA is not available" in err
+    assert not any(section in out for section in ("parity", "latency", "node", "train_step"))
+    assert out["environment"]["torch"] and out["threads"] >= 1
+
+
+@pytest.mark.slow
+def test_bench_gpu_sections_run_on_cpu():
+    """Every section of the GPU run on the CPU at a small size: the code a GPU day runs, minus CUDA."""
+    scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
+    out, _ = _bench_gpu("--device", "cpu", "--scan", str(scan), "--points", "5000", "--presets", "tiny",
+                        "--parity-preset", "tiny", "--train-preset", "tiny", "--repeats", "2", "--replay-frames", "3",
+                        "--threads", "1", env={"OMP_NUM_THREADS": "1"})
+    assert out["parity"]["fp32"]["label_differs_share"] == 0.0  # CPU against CPU: the same numbers
+    tiny = out["latency"]["tiny"]["fp32"]
+    assert tiny["total_ms"]["n"] == 2 and tiny["total_ms"]["p99"] >= tiny["total_ms"]["p50"] > 0
+    assert out["latency"]["tiny"]["torch_compile"]["used"] is False
+    node = out["node"]
+    assert node["clouds_sent"] == 3 and node["clouds_answered"] >= 1 and node["end_to_end_ms"]["p50"] > 0
+    step = out["train_step"]
+    assert step["instances"] > 0 and step["step_ms"] > 0 and np.isfinite(step["loss"])
+    assert "CUDA graph" in out["cuda_graphs"]
