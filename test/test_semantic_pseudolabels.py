@@ -205,3 +205,19 @@ def test_bad_files_are_named_errors(tmp_path):
     np.savez(path, label=np.zeros(3, np.uint16))
     with pytest.raises(SensorDataError, match="not a semantic pseudo-label file"):
         load_semantic(path)
+
+
+@pytest.mark.slow
+def test_ray_backend_writes_the_local_backends_labels(tmp_path, semantickitti_dir):
+    """Ray workers (a private loopback instance) run the semantic labeler like local workers: same files."""
+    from sal_ros.pseudolabel.engine import run
+    from sal_ros.pseudolabel.semantic import SemanticConfig
+
+    cfg = SemanticConfig(scores="oracle", score_options={"noise": 1.0}, filter=FilterConfig(min_margin=0.1,
+                                                                                            frame_agreement=1))
+    local = run(semantickitti_dir, cfg, tmp_path / "local", progress=False)
+    ray = run(semantickitti_dir, cfg, tmp_path / "ray", backend="ray", workers=1, progress=False)
+    assert (local.done, ray.done, ray.workers, ray.failed) == (2, 2, 1, {})
+    for key in ("00_000000", "00_000001"):
+        a, b = load_semantic(tmp_path / "local" / f"{key}.npz"), load_semantic(tmp_path / "ray" / f"{key}.npz")
+        assert np.array_equal(a.label, b.label) and np.array_equal(a.filtered, b.filtered)
