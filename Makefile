@@ -35,6 +35,7 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile setup.py
 # Idempotent (about 1 s when nothing changed; 75-120 s the first time on 2 cores).
 ros2-tools: $(STAMP)
 ifeq ($(APT_ROS),)
+	@test -x $(SHARED)/ros2/build.sh || { echo "no ROS 2 apt install and no bundle at $(SHARED)/ros2: give SHARED=<the shared folder>"; exit 1; }
 	VENV=$(VENV) $(SHARED)/ros2/build.sh
 endif
 
