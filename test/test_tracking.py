@@ -175,3 +175,37 @@ def test_eval_tracking_command_writes_lstq_and_id_switches(tmp_path):
     assert (report["lstq"], report["id_switches"], report["frames"]) == (1.0, 0, 2)
     assert report["meta"]["tracking_frame"] == "world (poses.txt)"
     assert "LSTQ 100.0" in (tmp_path / "tracking.md").read_text()
+
+
+def test_instances_carry_their_querys_ranked_classes():
+    """Query tokens against three class embeddings: softmax(100 x cosine) ranks each instance's classes."""
+    import torch
+
+    from sal_ros.model.inference import class_similarity, panoptic_from_queries, rank_classes
+
+    emb = torch.eye(3)
+    tokens = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.2, 1.0]])  # query 0 ~ class 0, query 1 ~ class 2
+    per_class = class_similarity(tokens, emb, torch.arange(3), 3)
+    top, prob = rank_classes(per_class, k=2)
+    assert top.tolist() == [[0, 1], [2, 1]]
+    cos = torch.nn.functional.normalize(tokens, dim=-1)
+    assert prob[0, 0] == pytest.approx(float((100 * cos[0]).softmax(0)[0]), rel=1e-5)
+    query = np.array([0, 0, 1, 1, 1])
+    points = np.arange(15, dtype=np.float32).reshape(5, 3)
+    seg = panoptic_from_queries(query, np.ones(5, np.float32), per_class.argmax(1).numpy(), np.ones(3, bool), points,
+                                ("car", "truck", "bus"), query_rank=(top, prob))
+    assert [(i.label, [c for c, _ in i.class_scores]) for i in seg.instances] == [(1, [1, 2]), (3, [3, 2])]
+
+
+def test_class_distribution_smoothed_over_a_track():
+    """Votes are the instance's normalized top-class probabilities, blended with memory 0.5."""
+    tracker = Tracker(TrackerConfig(class_memory=0.5))
+    first = inst(1, 0.0, 0.0, label=1)
+    first.class_scores = ((1, 0.6), (2, 0.2))  # -> votes car 0.75, truck 0.25
+    tracker.update([first], 0)
+    second = inst(1, 0.0, 0.0, label=2)
+    second.class_scores = ((2, 0.9), (1, 0.1))  # -> car 0.1, truck 0.9; blended: car 0.425, truck 0.575
+    tracked = tracker.update([second], 100_000_000).by_instance[1]
+    assert tracked.label == 2
+    assert [c for c, _ in tracked.classes] == [2, 1]
+    assert [s for _, s in tracked.classes] == pytest.approx([0.575, 0.425])

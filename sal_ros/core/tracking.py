@@ -134,8 +134,7 @@ class Tracker:
         for d, inst in enumerate(instances):
             if d in matched_dets:
                 continue
-            track = Track(self._next_id, centers[d], sizes[d], yaws[d], stamp_ns,
-                          votes={int(inst.label): 1.0} if inst.label > 0 else {})
+            track = Track(self._next_id, centers[d], sizes[d], yaws[d], stamp_ns, votes=class_votes(inst))
             self._next_id += 1
             self.tracks.append(track)
             result.by_instance[inst.instance_id] = self._report(track, new=True)
@@ -175,15 +174,25 @@ class Tracker:
         track.center, track.size, track.yaw, track.stamp_ns = center, size, yaw, stamp_ns
         track.hits += 1
         track.misses = 0
-        keep = cfg.class_memory
+        keep = cfg.class_memory if track.votes else 0.0
         votes = {label: keep * share for label, share in track.votes.items()}
-        if inst.label > 0:
-            votes[int(inst.label)] = votes.get(int(inst.label), 0.0) + (1 - keep if track.votes else 1.0)
+        for label, share in class_votes(inst).items():
+            votes[label] = votes.get(label, 0.0) + (1 - keep) * share
         total = sum(votes.values())
         track.votes = {k: v / total for k, v in votes.items() if v / total > 1e-4} if total > 0 else {}
 
     def _report(self, track: Track, new: bool) -> TrackedInstance:
         return TrackedInstance(track.track_id, track.label, track.top(self.config.top_classes), new)
+
+
+def class_votes(inst: InstanceSummary) -> dict[int, float]:
+    """One frame's class vote of an instance: its top classes' probabilities (``class_scores``) normalized to
+    sum 1, or all on its label when the segmentation gives none."""
+    scores = {int(c): float(p) for c, p in inst.class_scores if c > 0 and p > 0}
+    total = sum(scores.values())
+    if total > 0:
+        return {c: p / total for c, p in scores.items()}
+    return {int(inst.label): 1.0} if inst.label > 0 else {}
 
 
 # ------------------------------------------------------------------------------------------------- geometry
@@ -278,7 +287,8 @@ def apply_tracks(seg: Segmentation, result: TrackingResult) -> Segmentation:
         new_label[inst.instance_id] = label
         name = seg.class_names[label - 1] if 0 < label <= len(seg.class_names) else inst.class_name
         instances.append(InstanceSummary(tracked.track_id, label, name, inst.score, inst.num_points,
-                                         OrientedBox(inst.box.center, inst.box.size, inst.box.yaw)))
+                                         OrientedBox(inst.box.center, inst.box.size, inst.box.yaw),
+                                         inst.class_scores))
     inside = seg.instance > 0  # instance points are few: mask first, then look up
     ids = seg.instance[inside]
     relabel = new_label[ids]

@@ -74,6 +74,8 @@ class InstanceSummary:
     score: float
     num_points: int
     box: OrientedBox
+    # top classes of the instance, best first: (label, probability over the vocabulary); empty when unknown
+    class_scores: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass

@@ -17,14 +17,27 @@ from sal_ros.core.types import InstanceSummary, OrientedBox, Segmentation
 from sal_ros.model.decoder import OBJECT
 
 
-def classify(tokens: Tensor, embeddings: Tensor, row_class: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Class index and cosine similarity per query: ``tokens (Q, D)``, ``embeddings (R, D)`` unit rows of class
-    ``row_class (R,)``; a class scores the max over its rows."""
+def class_similarity(tokens: Tensor, embeddings: Tensor, row_class: Tensor, num_classes: int) -> Tensor:
+    """``(Q, K)`` cosine similarity of each query token to each class: ``tokens (Q, D)``, ``embeddings (R, D)``
+    unit rows of class ``row_class (R,)``; a class scores the max over its rows."""
     sim = torch.nn.functional.normalize(tokens.float(), dim=-1) @ embeddings.float().T  # (Q, R)
     per_class = sim.new_full((sim.shape[0], num_classes), float("-inf"))
     per_class.scatter_reduce_(1, row_class[None].expand(sim.shape[0], -1), sim, "amax")
-    best, cls = per_class.max(1)
+    return per_class
+
+
+def classify(tokens: Tensor, embeddings: Tensor, row_class: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Class index and cosine similarity per query (the best of :func:`class_similarity`)."""
+    best, cls = class_similarity(tokens, embeddings, row_class, num_classes).max(1)
     return cls, best
+
+
+def rank_classes(per_class: Tensor, k: int = 3, logit_scale: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` classes per query (indices ``(Q, k)``) and their probabilities: softmax over the vocabulary of
+    the cosine similarities times CLIP's logit scale, as CLIP's zero-shot classifier reads them."""
+    probs = (per_class.float() * logit_scale).softmax(-1)
+    p, idx = probs.topk(min(k, per_class.shape[1]), dim=1)
+    return idx.cpu().numpy(), p.cpu().numpy()
 
 
 def fuse_queries(mask_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,11 +49,13 @@ def fuse_queries(mask_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, Tenso
 
 def panoptic_from_queries(query: np.ndarray, score: np.ndarray, query_class: np.ndarray, thing: np.ndarray,
                           points: np.ndarray, class_names: tuple[str, ...] = (), score_threshold: float = 0.0,
-                          min_points: int = 1, vocabulary_version: int = 0) -> Segmentation:
+                          min_points: int = 1, vocabulary_version: int = 0,
+                          query_rank: tuple[np.ndarray, np.ndarray] | None = None) -> Segmentation:
     """Per-point fusion result -> Segmentation.
 
     ``query (N,)`` best query per point, ``score (N,)`` its fused score, ``query_class (Q,)`` class index per
-    query, ``thing (K,)`` thing flag per class, ``points (N, 3)`` for the instance boxes.
+    query, ``thing (K,)`` thing flag per class, ``points (N, 3)`` for the instance boxes, ``query_rank``
+    (:func:`rank_classes` of the queries) the top classes each instance reports.
     """
     n, q_count = len(query), len(query_class)
     query = np.asarray(query, np.int64)
@@ -62,6 +77,10 @@ def panoptic_from_queries(query: np.ndarray, score: np.ndarray, query_class: np.
     seg = Segmentation(label=label, instance=instance, score=np.where(keep, score, 0).astype(np.float32),
                        class_names=tuple(class_names), vocabulary_version=vocabulary_version)
     seg.instances = instance_summaries(points, instance, label, seg.score, class_names)
+    if query_rank is not None:
+        top, prob = query_rank
+        for inst, q in zip(seg.instances, ids):  # instance j + 1 is thing query ids[j], both ascending
+            inst.class_scores = tuple((int(c) + 1, float(p)) for c, p in zip(top[q], prob[q]))
     return seg
 
 
@@ -111,4 +130,5 @@ def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarr
     return out
 
 
-__all__ = ["classify", "fuse_queries", "panoptic_from_queries", "instance_summaries"]
+__all__ = ["class_similarity", "classify", "rank_classes", "fuse_queries", "panoptic_from_queries",
+           "instance_summaries"]

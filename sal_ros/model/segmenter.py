@@ -22,7 +22,7 @@ import torch
 
 from sal_ros.core.types import Segmentation
 from sal_ros.model.checkpoint import ModelError, load_checkpoint, read_checkpoint
-from sal_ros.model.inference import classify, fuse_queries, panoptic_from_queries
+from sal_ros.model.inference import class_similarity, fuse_queries, panoptic_from_queries, rank_classes
 from sal_ros.model.runtime import cpu_bf16
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.vocabulary import TextEmbeddings, TextEncoder, Vocabulary
@@ -139,12 +139,12 @@ class Segmenter:
         if valid.size == 0:
             return out
         run = _subset(valid, self.max_points) if self.max_points and valid.size > self.max_points else valid
-        run, query, score, query_class, timings = self._run_with_retries(points, intensity, run, active)
+        run, query, score, query_class, query_rank, timings = self._run_with_retries(points, intensity, run, active)
         t0 = time.perf_counter()
         if run.size < valid.size:
             query, score = _spread_nearest(points, valid, run, query, score)
         part = panoptic_from_queries(query, score, query_class, te.thing, points[valid], te.class_names, threshold,
-                                     min_points, te.version)
+                                     min_points, te.version, query_rank)
         out.label[valid], out.instance[valid], out.score[valid] = part.label, part.instance, part.score
         out.instances = part.instances
         timings["postprocess"] += (time.perf_counter() - t0) * 1e3
@@ -175,7 +175,8 @@ class Segmenter:
         return time.perf_counter()
 
     def _run(self, points: np.ndarray, intensity: np.ndarray | None, active):
-        """Per point its best query and fused score, the class of each query, and the stage timings."""
+        """Per point its best query and fused score, the class of each query, its top classes
+        (:func:`rank_classes`), and the stage timings."""
         te, emb, rows = active
         model = self.model
         with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
@@ -189,14 +190,16 @@ class Segmenter:
             pred = model.decode(feats, 1, all_layers=False)[-1]
             t3 = self._sync()
             query_v, score_v = fuse_queries(pred.masks[0], pred.objectness[0])
-            query_class, _ = classify(pred.tokens[0], emb, rows, te.num_classes)
+            per_class = class_similarity(pred.tokens[0], emb, rows, te.num_classes)
+            query_class = per_class.argmax(1)
+            query_rank = rank_classes(per_class)
             p2v = vin.point_to_voxel[0]
             query, score = query_v[p2v].cpu().numpy(), score_v[p2v].cpu().numpy()
             query_class = query_class.cpu().numpy()
         t4 = time.perf_counter()
         timings = {"voxelize": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "decoder": (t3 - t2) * 1e3,
                    "postprocess": (t4 - t3) * 1e3}
-        return query, score, query_class, timings
+        return query, score, query_class, query_rank, timings
 
 
 def _subset(index: np.ndarray, size: int) -> np.ndarray:
