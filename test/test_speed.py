@@ -181,3 +181,19 @@ def test_bench_gpu_sections_run_on_cpu():
     step = out["train_step"]
     assert step["instances"] > 0 and step["step_ms"] > 0 and np.isfinite(step["loss"])
     assert "CUDA graph" in out["cuda_graphs"]
+
+
+def test_bench_node_records_its_threads_and_machine(semantickitti_dir):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sal_ros.cli", "bench", "node", "--repeats", "2", "--points", "20000",
+                           "--typed-outputs", "off", "--threads", "1",
+                           "--data", str(semantickitti_dir / "sequences" / "00")],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    env = out["environment"]
+    assert out["threads"] == env["torch_threads"] == 1 and env["cpu_model"] and env["torch"]
+    assert len(env["load_average_start"]) == 3 and out["overhead_ms"] > 0

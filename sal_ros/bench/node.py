@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
 from sal_ros.bench.timing import median_ms
 
 GOAL_MS = 3.0
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--typed-outputs", choices=("both", "on", "off"), default="both",
                         help="also time the tracker + ~/detections + ~/frame_summary beside the JSON-era outputs "
                              "(both: side by side in one run)")
+    add_thread_argument(parser)
 
 
 def scan_and_segmentation(data: Path, n: int) -> tuple[np.ndarray, np.ndarray, Any, str]:
@@ -67,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     from sal_ros.env import apply_ros_env_defaults
 
     apply_ros_env_defaults(domain_id=args.domain_id)
+    threads = apply_threads(args.threads)  # the node's policy unless --threads
+    env = environment()
     import rclpy
 
     from sal_ros.bench.codec import make_driver_cloud
@@ -131,6 +135,8 @@ def main(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "threads": threads,
+        "environment": finish(env),
     }
     print(json.dumps(result, indent=1))
     return 0
