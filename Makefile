@@ -13,6 +13,8 @@ APT_ROS := $(wildcard /opt/ros/*/setup.bash)
 COLCON_VENV := .colcon-venv
 COLCON_PREFIX := build/colcon
 COLCON_PATHS := . $(wildcard sal_ros_msgs)
+# ament index and `ros2` of the bundle in .venv (an apt ROS 2 is sourced by the user instead).
+ROS_ENV := $(if $(APT_ROS),,. $(SHARED)/ros2/env.sh $(VENV) &&)
 # Localhost-only DDS and a private domain for everything started from here.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
 export ROS_DOMAIN_ID ?= 42
@@ -54,7 +56,7 @@ $(COLCON_VENV)/.done: requirements-colcon.txt
 # Every time (about 2 s): the install must hold the current sources. Use it with
 #   . $(SHARED)/ros2/env.sh .venv && . build/colcon/install/setup.sh && ros2 launch sal_ros segment.launch.py
 colcon-install: ros2-tools $(COLCON_VENV)/.done
-	. $(SHARED)/ros2/env.sh $(VENV) && PYTHONPATH=$$(echo $(CURDIR)/$(COLCON_VENV)/lib/python3*/site-packages) \
+	$(ROS_ENV) PYTHONPATH=$$(echo $(CURDIR)/$(COLCON_VENV)/lib/python3*/site-packages) \
 	  $(PY) $(COLCON_VENV)/bin/colcon --log-base $(COLCON_PREFIX)/log build --base-paths $(COLCON_PATHS) \
 	  --build-base $(COLCON_PREFIX)/build --install-base $(COLCON_PREFIX)/install
 
