@@ -106,3 +106,16 @@ def test_bench_node_times_typed_outputs_beside_the_json_era_ones(capsys):
     assert typed["publish_off_ms"] > 0 and typed["track_and_publish_on_ms"] > 0
     assert set(typed["parts_median_ms"]) == {"tracker", "detections", "frame_summary"}
     assert typed["added_ms"] == pytest.approx(typed["track_and_publish_on_ms"] - typed["publish_off_ms"], abs=2e-3)
+
+
+def test_a_tracker_fault_is_counted_and_the_frame_goes_out_untracked(nodes):
+    node = nodes.fixed
+    frame = Frame(stamp_ns=T0 + 100 * STEP_NS, frame_id="lidar", points=np.zeros((4, 3)))
+    seg = segmentation(0)
+    broken = seg.instances[0]
+    broken.box = OrientedBox(np.array([np.nan, 0.0]), np.array([4.0, 1.8, 1.5]), 0.0)  # a 2-vector centre
+    before = node.stats.get("error.tracking")
+    assert node._track(frame, seg) is None
+    assert node.stats.get("error.tracking") == before + 1
+    assert node.health.window()["errors"].get("tracking") == 1
+    assert [i.instance_id for i in seg.instances] == [1, 2]  # per-frame ids stay

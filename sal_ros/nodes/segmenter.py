@@ -429,7 +429,16 @@ class SegmenterNode(Node):
         """Track ids and smoothed classes into ``seg`` (in place); None when tracking is off."""
         if not self.values["tracking.enable"]:
             return None
-        result = self.tracker.update(seg.instances, frame.stamp_ns, self._tracking_pose(frame), seg.vocabulary_version)
+        try:
+            result = self.tracker.update(seg.instances, frame.stamp_ns, self._tracking_pose(frame),
+                                         seg.vocabulary_version)
+        except Exception as exc:  # noqa: BLE001 - a tracker fault must not cost the frame: publish it untracked
+            self.stats.count("error.tracking")
+            self.health.error("tracking")
+            self.tracker.reset()
+            self._warn("tracking", f"tracking failed, frame published with per-frame ids, tracks reset: "
+                       f"{type(exc).__name__}: {exc}")
+            return None
         apply_tracks(seg, result)
         return result
 
