@@ -200,3 +200,19 @@ def test_segmenter_node_publishes_a_semantic_checkpoints_labels(trained, tmp_pat
     offline = Segmenter.from_files(ckpt, prompts, text_encoder=TextEncoder("sal-tiny-text")).segment(
         sensors.xyz, sensors.intensity)
     assert np.array_equal(label, offline.label) and label.max() <= len(prompts)
+
+
+def test_semantic_head_on_waffleiron(tmp_path):
+    """model.preset waffleiron_tiny: the same objective trains a WaffleIron backbone, and its checkpoint runs."""
+    from conftest import require_data
+    from sal_ros.model.semantic import load_semantic_checkpoint
+    from sal_ros.model.waffleiron import WaffleIron
+
+    frames = require_data("semantickitti", "sequences", "00")
+    cfg = write_config(tmp_path / "wi.yaml", frames, steps=2)
+    cfg.write_text(cfg.read_text().replace("preset: tiny", "preset: waffleiron_tiny"))
+    sal_ros("train", "--config", cfg, "--out", tmp_path / "run", "--no-progress")
+    model, meta = load_semantic_checkpoint(tmp_path / "run" / "model_last.pt")
+    assert isinstance(model.backbone, WaffleIron) and len(meta["class_names"]) == 19
+    logits = model(torch.from_numpy(np.random.default_rng(0).uniform(-20, 20, (500, 3)).astype(np.float32)))[0]
+    assert logits.shape == (500, 19) and torch.isfinite(logits).all()
