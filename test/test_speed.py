@@ -197,3 +197,17 @@ def test_bench_node_records_its_threads_and_machine(semantickitti_dir):
     env = out["environment"]
     assert out["threads"] == env["torch_threads"] == 1 and env["cpu_model"] and env["torch"]
     assert len(env["load_average_start"]) == 3 and out["overhead_ms"] > 0
+
+
+def test_bench_spconv_reference_is_optional_and_says_why(scan, tmp_path):
+    """spconv is a measurement reference only: without it in the given folder the bench says so and goes on."""
+    import sys
+
+    from sal_ros.bench.model import bench_spconv
+
+    before = list(sys.path)
+    try:
+        out = bench_spconv(scan[:2000], tmp_path, 0.05, 8, 1)
+    finally:
+        sys.path[:] = before
+    assert "spconv does not import" in out["error"] and str(tmp_path) in out["error"]

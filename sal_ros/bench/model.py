@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metres of the dense-convolution crop ahead of the sensor (default 6.4 6.4 3.2)")
     parser.add_argument("--conv-channels", type=int, default=32, help="channels of the compared layer (default 32)")
     parser.add_argument("--no-reference", action="store_true", help="skip the float32 reference path (no ratios)")
+    parser.add_argument("--spconv-path", type=Path, default=None,
+                        help="folder holding spconv 2.x (e.g. pip install --target DIR spconv cumm ...): also time "
+                             "spconv's CPU convs on the same layers, weights copied (reference only, not a dependency)")
     add_thread_argument(parser)
 
 
@@ -79,6 +82,9 @@ def main(args: argparse.Namespace) -> int:
                                             ModelConfig().voxel_size, max(args.repeats, 3))
         result["strided_conv"][device] = bench_strided_conv(scan, device, ModelConfig().voxel_size,
                                                             args.conv_channels, max(args.repeats, 3))
+        if args.spconv_path is not None and device == "cpu":
+            result["spconv"] = bench_spconv(scan, args.spconv_path, ModelConfig().voxel_size, args.conv_channels,
+                                            max(args.repeats, 3))
     finish(result["environment"])
     json.dump(result, sys.stdout, indent=2)
     print()
@@ -249,3 +255,63 @@ def bench_strided_conv(scan: np.ndarray, device: str, voxel_size: float, channel
             "voxels_out": a.n_out, "conv_ms": round(conv_ms, 2), "parent_map_ms": round(parent_ms, 2),
             "searched_map_ms": round(searched_ms, 2), "map_speedup": round(searched_ms / parent_ms, 2),
             "maps_identical": same}
+
+
+def bench_spconv(scan: np.ndarray, path: Path, voxel_size: float, channels: int, repeats: int) -> dict:
+    """Our 2x2x2 stride-2 and 3x3x3 submanifold convs against spconv's CPU ones on the whole scan's voxels, the same
+    weights, kernel maps built in every call by both; the outputs are compared before timing."""
+    import torch
+
+    sys.path.insert(0, str(path))
+    try:
+        import spconv.pytorch as spconv
+    except Exception as exc:  # not there, or its extension does not load here
+        return {"error": f"spconv does not import from {path}: {type(exc).__name__}: {exc}"}
+    from sal_ros.model.sparse import Conv3d, SparseTensor, kernel_offsets, voxelize
+
+    gen = torch.Generator().manual_seed(0)
+    pts = torch.from_numpy(np.ascontiguousarray(scan[:, :3]))
+    x, _ = voxelize(pts, None, voxel_size, torch.randn(len(pts), channels, generator=gen))
+    lo = x.coords[:, 1:].min(0).values
+    shift = -lo + lo % 2  # non-negative for spconv, even so that stride-2 cells stay the same cells
+    idx = x.coords.clone()
+    idx[:, 1:] += shift
+    shape = (idx[:, 1:].max(0).values + 2).tolist()
+    out: dict = {"voxels": len(x), "channels": channels, "spconv": getattr(spconv, "__version__", "2.x")}
+    for name, k, s in (("strided_2x2x2", 2, 2), ("submanifold_3x3x3", 3, 1)):
+        ours = Conv3d(channels, channels, k, s, backend="torch").eval()
+        cls = spconv.SubMConv3d if s == 1 else spconv.SparseConv3d
+        theirs = cls(channels, channels, k, s, bias=False, algo=spconv.ConvAlgo.Native).eval()
+        with torch.no_grad():
+            weight = torch.zeros_like(theirs.weight)  # (out, kx, ky, kz, in)
+            centre = (k - 1) // 2
+            for j, (dx, dy, dz) in enumerate(kernel_offsets(k).tolist()):
+                weight[:, dx + centre, dy + centre, dz + centre, :] = ours.kernel[j].T
+            theirs.weight.copy_(weight)
+
+        def run_ours():
+            return ours(SparseTensor(x.feats, x.coords, 1))
+
+        def run_theirs():
+            return theirs(spconv.SparseConvTensor(x.feats, idx.int(), shape, 1))
+
+        with torch.inference_mode():
+            a, b = run_ours(), run_theirs()
+            rows = {tuple(c): i for i, c in enumerate(((a.coords[:, 1:].long() + shift) // s).tolist())}
+            order = torch.tensor([rows[tuple(c)] for c in b.indices[:, 1:].tolist()])
+            diff = float((a.feats[order] - b.features).abs().max())
+            ours_ms, theirs_ms = _median_ms(run_ours, repeats), _median_ms(run_theirs, repeats)
+        out[name] = {"ours_ms": round(ours_ms, 2), "spconv_ms": round(theirs_ms, 2),
+                     "ours_over_spconv": round(ours_ms / theirs_ms, 2), "max_abs_diff": diff,
+                     "output_voxels": len(a.coords)}
+    return out
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
