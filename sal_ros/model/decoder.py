@@ -224,15 +224,21 @@ class QueryDecoder(nn.Module):
         return LayerPrediction(masks, self.objectness(qn), F.normalize(self.token_head(qn).float(), dim=-1))
 
 
+POOL_BLOCK_ROWS = 4096  # 4096 x 300 queries x 2 bytes = 2.4 MB of logits per block
+
+
 def _allowed_pooled(emb: Tensor, mask_feats: Tensor, parents: Tensor, n_level: int) -> Tensor:
     """``QueryDecoder._allowed`` of the masks ``emb @ mask_feats.T`` without materializing them as (Q, V), as the
     additive (Q, V_level) attention mask (0 = attend, -inf = not) that scaled_dot_product_attention uses as is."""
-    logits = mask_feats @ emb.T.to(mask_feats.dtype)  # (V, Q)
-    pooled = logits.new_full((n_level, logits.shape[1]), float("-inf"))
+    weight = emb.T.to(mask_feats.dtype)
+    pooled = mask_feats.new_full((n_level, emb.shape[0]), float("-inf"))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "beta" notice
-        pooled.index_reduce_(0, parents, logits, "amax")
-    additive = torch.where(pooled > 0, 0.0, float("-inf")).to(logits.dtype)  # (L, Q): rows contiguous
+        # in row blocks whose (rows, Q) logits stay in cache between the matmul and the pooling
+        for start in range(0, len(mask_feats), POOL_BLOCK_ROWS):
+            rows = slice(start, start + POOL_BLOCK_ROWS)
+            pooled.index_reduce_(0, parents[rows], mask_feats[rows] @ weight, "amax")
+    additive = torch.where(pooled > 0, 0.0, float("-inf")).to(pooled.dtype)  # (L, Q): rows contiguous
     empty = pooled.amax(0) <= 0  # a query whose mask is empty attends everywhere
     if bool(empty.any()):
         additive[:, empty] = 0.0
