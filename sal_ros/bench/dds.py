@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from sal_ros.env import claim_free_ros_domain, fastdds_profile_path
 PROFILE_ENV = ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE")
 TOPIC = "/sal_bench/points"
 SEED = 7
+LINGER_S = 60.0  # longest a publisher outlives its last sample, waiting for the subscriber to finish
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +128,9 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
             msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(now, 1_000_000_000)
             pub.publish(msg)
             publish_ms.append((time.time_ns() - now) / 1e6)
-        time.sleep(0.5)  # best effort: keep the writer alive while the last samples are in flight
+        # Best effort: the writer must outlive the samples in flight (a shared-memory sample dies with its writer's
+        # segment), and a 48 MB cloud takes a while to read; the subscriber closes our stdin when it is done.
+        select.select([sys.stdin], [], [], LINGER_S)
         return {"sent": args.count, "publish_call_ms_median": round(float(np.median(publish_ms)), 3)}
     finally:
         node.destroy_node()
@@ -160,9 +164,16 @@ def subscribe(args: argparse.Namespace, publisher: subprocess.Popen) -> dict[str
     try:
         node.create_subscription(rclpy_types().PointCloud2, TOPIC, on_cloud, qos_profile_sensor_data)
         hard_deadline = time.monotonic() + _deadline_s(args)
+        first = None  # arrival of the first cloud: the last is due (count - 1) / rate later
         while len(stamps) < args.count and time.monotonic() < hard_deadline:
             rclpy.spin_once(node, timeout_sec=0.05)
-            if publisher.poll() is not None:  # publisher done: drain what is still in flight, then stop
+            if stamps and first is None:
+                first = time.monotonic()
+            if first is not None:  # lost clouds: stop once the last one is well overdue
+                overdue = max(2.0, 5e-3 * float(np.median(latencies)))
+                if time.monotonic() > first + (args.count - 1) / args.rate + overdue:
+                    break
+            if publisher.poll() is not None:  # publisher failed: drain what is still in flight, then stop
                 end = time.monotonic() + 1.0
                 while len(stamps) < args.count and time.monotonic() < end:
                     rclpy.spin_once(node, timeout_sec=0.05)
@@ -209,7 +220,8 @@ def _spawn(args: argparse.Namespace, role: str, profile: Path | None, domain_id:
            "--discovery-timeout", str(args.discovery_timeout)]
     if profile is not None:
         cmd += ["--profile", str(profile)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _deadline_s(args: argparse.Namespace) -> float:
