@@ -96,7 +96,7 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "speckle out of the markers. 1: keep every instance.", range=(1, 1_000_000), dynamic=True),
     ParamSpec("max_points", "int", 300000,
               "Largest cloud the model sees (finite points); bigger clouds follow max_points_policy. 0: no limit.",
-              range=(0, 2_000_000), dynamic=True),  # what the shipped Fast DDS profile carries (docs/ros.md)
+              range=(0, 10_000_000), dynamic=True),  # the shipped Fast DDS profile carries them (docs/ros.md)
     ParamSpec("max_points_policy", "string", "subsample",
               "subsample: run the model on a random subset and label the rest by nearest neighbour; "
               "reject: drop the frame with a warning.", choices=("subsample", "reject"), dynamic=True),
