@@ -209,3 +209,19 @@ def test_class_distribution_smoothed_over_a_track():
     assert tracked.label == 2
     assert [c for c, _ in tracked.classes] == [2, 1]
     assert [s for _, s in tracked.classes] == pytest.approx([0.575, 0.425])
+
+
+def test_eval_tracking_with_a_checkpoint(tmp_path):
+    """The same evaluation on a model's segmentation (tiny random-weight checkpoint: plumbing, not quality)."""
+    import json
+
+    from conftest import REPO, save_tiny_checkpoint
+    from sal_ros.cli import main
+
+    seq = require_data("semantickitti", "sequences", "00")
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    assert main(["eval", "tracking", "--dataset", str(seq), "--checkpoint", str(checkpoint), "--vocabulary",
+                 str(REPO / "config" / "vocabulary_semantickitti_names.yaml"), "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "tracking.json").read_text())
+    assert report["frames"] == 2 and report["gt_tubes"] == 14 and 0.0 <= report["lstq"] < 1.0
+    assert report["meta"]["segmentation"] == str(checkpoint)
