@@ -91,17 +91,36 @@ def test_waffleiron_mixes_points_through_the_grid():
     assert torch.allclose(a, far)
 
 
-def test_waffleiron_checkpoint_records_the_family(tmp_path):
+def test_neighbour_pairs_are_the_3x3x3_voxel_neighbourhood_per_scan():
+    from sal_ros.model.waffleiron import neighbour_pairs
+
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [0, 1, 1, 1], [0, -1, -1, -1]])
+    i, j = neighbour_pairs(coords)
+    got = sorted(zip(i.tolist(), j.tolist()))
+    want = sorted((a, b) for a in range(6) for b in range(6)
+                  if coords[a, 0] == coords[b, 0] and int((coords[a, 1:] - coords[b, 1:]).abs().max()) <= 1)
+    assert got == want and (3, 1) not in got and (0, 5) in got
+
+
+def test_waffleiron_checkpoint_records_the_family_and_the_segmenter_runs_it(tmp_path, frame):
     from sal_ros.model.checkpoint import load_checkpoint, save_checkpoint
     from sal_ros.model.sal import ModelConfig, SALModel
+    from sal_ros.model.segmenter import Segmenter
+    from sal_ros.model.vocabulary import tiny_text_encoder
 
     torch.manual_seed(0)
     model = SALModel(ModelConfig.preset("waffleiron_tiny")).eval()
-    loaded, meta = load_checkpoint(save_checkpoint(tmp_path / "wi.pt", model))
+    encoder = tiny_text_encoder()
+    path = save_checkpoint(tmp_path / "wi.pt", model, text_encoder_identity=encoder)
+    loaded, meta = load_checkpoint(path)
     assert meta["model_config"].backbone == "waffleiron" and type(loaded.backbone).__name__ == "WaffleIron"
     p = torch.randn(500, 3) * 10
     with torch.no_grad():
         assert torch.equal(model(p)[-1]["masks"][0], loaded(p)[-1]["masks"][0])
+    # the node's path: Segmenter from the checkpoint file, on the full scan
+    segmenter = Segmenter.from_files(path, ["car", "road", "building"], text_encoder=encoder)
+    seg = segmenter.segment(frame.points, frame.intensity)
+    assert len(seg.label) == frame.num_points and seg.label.max() <= 3 and "backbone" in seg.timings_ms
     with pytest.raises(ValueError, match="unknown backbone"):
         ModelConfig(backbone="pointnet")
 
