@@ -117,3 +117,18 @@ def test_track_colours_stay_and_differ():
     colours = [outputs.track_color(i) for i in range(1, 30)]
     assert outputs.track_color(5) == colours[4]
     assert all(colours[i] != colours[i + 1] for i in range(len(colours) - 1))
+
+
+def test_tracked_markers_take_the_track_colour_and_id():
+    require_rclpy()
+    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes import outputs
+
+    box = OrientedBox(np.zeros(3), np.array([4.0, 2.0, 1.5]), 0.0)
+    instances = [InstanceSummary(12, 1, "car", 0.5, 40, box), InstanceSummary(13, 1, "car", 0.5, 40, box)]
+    msg = outputs.instance_markers(instances, "lidar", 0, outputs.class_colors(1), rclpy_types(), tracked=True)
+    boxes = [m for m in msg.markers if m.ns == "boxes"]
+    assert [m.id for m in boxes] == [12, 13]
+    got = [tuple(round(c * 255) for c in (m.color.r, m.color.g, m.color.b)) for m in boxes]
+    assert got == [outputs.track_color(12), outputs.track_color(13)] and got[0] != got[1]  # same class, own colours
+    assert [m.text for m in msg.markers if m.ns == "labels"] == ["car 0.50 #12", "car 0.50 #13"]

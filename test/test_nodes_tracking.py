@@ -119,3 +119,15 @@ def test_a_tracker_fault_is_counted_and_the_frame_goes_out_untracked(nodes):
     assert node.stats.get("error.tracking") == before + 1
     assert node.health.window()["errors"].get("tracking") == 1
     assert [i.instance_id for i in seg.instances] == [1, 2]  # per-frame ids stay
+
+
+def test_tracking_parameters_change_at_run_time(nodes):
+    from rclpy.parameter import Parameter
+
+    node = nodes.fixed
+    result = node.set_parameters([Parameter("tracking.max_misses", Parameter.Type.INTEGER, 7),
+                                  Parameter("tracking.max_distance", Parameter.Type.DOUBLE, 3.5)])
+    assert all(r.successful for r in result)
+    assert (node.tracker.config.max_misses, node.tracker.config.max_distance) == (7, 3.5)
+    refused = node.set_parameters([Parameter("tracking.max_distance", Parameter.Type.DOUBLE, -1.0)])[0]
+    assert not refused.successful and node.tracker.config.max_distance == 3.5
