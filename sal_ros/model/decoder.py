@@ -231,13 +231,16 @@ def _allowed_pooled(emb: Tensor, mask_feats: Tensor, parents: Tensor, n_level: i
     """``QueryDecoder._allowed`` of the masks ``emb @ mask_feats.T`` without materializing them as (Q, V), as the
     additive (Q, V_level) attention mask (0 = attend, -inf = not) that scaled_dot_product_attention uses as is."""
     weight = emb.T.to(mask_feats.dtype)
-    pooled = mask_feats.new_full((n_level, emb.shape[0]), float("-inf"))
+    pooled = None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "beta" notice
         # in row blocks whose (rows, Q) logits stay in cache between the matmul and the pooling
         for start in range(0, len(mask_feats), POOL_BLOCK_ROWS):
             rows = slice(start, start + POOL_BLOCK_ROWS)
-            pooled.index_reduce_(0, parents[rows], mask_feats[rows] @ weight, "amax")
+            logits = mask_feats[rows] @ weight  # autocast's dtype when it is on
+            if pooled is None:
+                pooled = logits.new_full((n_level, emb.shape[0]), float("-inf"))
+            pooled.index_reduce_(0, parents[rows], logits, "amax")
     additive = torch.where(pooled > 0, 0.0, float("-inf")).to(pooled.dtype)  # (L, Q): rows contiguous
     empty = pooled.amax(0) <= 0  # a query whose mask is empty attends everywhere
     if bool(empty.any()):
