@@ -175,6 +175,7 @@ def test_eval_tracking_command_writes_lstq_and_id_switches(tmp_path):
     assert (report["lstq"], report["id_switches"], report["frames"]) == (1.0, 0, 2)
     assert report["meta"]["tracking_frame"] == "world (poses.txt)"
     assert "LSTQ 100.0" in (tmp_path / "tracking.md").read_text()
+    assert (tmp_path / "tracks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_instances_carry_their_querys_ranked_classes():

@@ -162,9 +162,10 @@ def oracle_segmentation(frame, label_set):
 
 
 def track_and_evaluate(frames, segment, label_set, poses=None, config=None, class_map=None,
-                       progress: bool = False) -> LSTQResult:
+                       progress: bool = False, trajectories: dict | None = None) -> LSTQResult:
     """Segment each frame (``segment(frame) -> Segmentation``), track (in the poses' fixed frame when given,
-    one 4x4 per frame), and score LSTQ and id switches against the frames' ground truth."""
+    one 4x4 per frame), and score LSTQ and id switches against the frames' ground truth. ``trajectories``
+    (a dict) receives per track id its box centres in the tracking frame, frame by frame."""
     from tqdm import tqdm
 
     from sal_ros.core.tracking import Tracker, apply_tracks
@@ -180,6 +181,11 @@ def track_and_evaluate(frames, segment, label_set, poses=None, config=None, clas
         seg = segment(frame)
         pose = None if poses is None else poses[i]
         apply_tracks(seg, tracker.update(seg.instances, frame.stamp_ns, pose, seg.vocabulary_version))
+        if trajectories is not None:
+            for inst in seg.instances:
+                c = np.asarray(inst.box.center, np.float64)
+                c = c if pose is None else pose[:3, :3] @ c + pose[:3, 3]
+                trajectories.setdefault(inst.instance_id, []).append((i, float(c[0]), float(c[1])))
         if lut is None:
             lut = vocabulary_lut(seg.class_names, label_set, class_map)
         pred_sem, pred_inst = to_dataset_classes(seg, label_set, lut)
@@ -228,8 +234,9 @@ def main(args: argparse.Namespace) -> int:
         segmenter = build_segmenter(args.checkpoint, args.vocabulary, args.device)
         segment = lambda f: segmenter.segment(f.points, f.intensity)  # noqa: E731
     config = TrackerConfig(max_distance=args.max_distance, max_misses=args.max_misses)
+    trajectories: dict = {}
     result = track_and_evaluate(frames, segment, label_set, poses, config, _load_class_map(args.class_map),
-                                progress=True)
+                                progress=True, trajectories=trajectories)
     summary = {**result.to_dict(), "meta": {
         "dataset": str(args.dataset), "segmentation": "ground truth (oracle)" if args.oracle else str(args.checkpoint),
         "tracking_frame": "sensor" if poses is None else "world (poses.txt)", "max_distance": args.max_distance,
@@ -239,8 +246,35 @@ def main(args: argparse.Namespace) -> int:
     headline = (f"LSTQ {100 * result.lstq:.1f} (S_assoc {100 * result.s_assoc:.1f}, S_cls {100 * result.s_cls:.1f}), "
                 f"{result.id_switches} id switches, {result.gt_tubes} ground-truth tubes, {result.pred_tubes} "
                 f"predicted, {result.frames} frames")
+    plot_tracks(trajectories, args.out / "tracks.png", headline)
     atomic_write(args.out / "tracking.md", "# Tracking evaluation\n\n" + "\n".join(
-        f"- {k}: {v}" for k, v in summary["meta"].items()) + f"\n\n{headline}\n")
+        f"- {k}: {v}" for k, v in summary["meta"].items()) + f"\n\n{headline}\n\n![tracks](tracks.png)\n")
     print(f"{headline} -> {args.out / 'tracking.json'}")
     return 0
 
+
+
+def plot_tracks(trajectories: dict, path: Path, title: str) -> Path:
+    """Bird's-eye PNG of the tracks: each track's centres over the frames, one colour per track id, labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sal_ros.eval.report import atomic_savefig
+    from sal_ros.nodes.outputs import track_color
+
+    fig, ax = plt.subplots(figsize=(7, 7))
+    for track_id, steps in sorted(trajectories.items()):
+        xy = np.array([(x, y) for _, x, y in steps])
+        color = np.array(track_color(track_id)) / 255.0
+        ax.plot(xy[:, 0], xy[:, 1], "-o", color=color, markersize=3, linewidth=1)
+        ax.annotate(f"#{track_id}", xy[-1], fontsize=7, color=color)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("y (m)")
+    ax.set_title(title, fontsize=8)
+    try:
+        return atomic_savefig(fig, path)
+    finally:
+        plt.close(fig)
