@@ -232,8 +232,15 @@ class SegmenterNode(Node):
 
     def _make_publishers(self, cameras: list) -> None:
         from diagnostic_msgs.msg import DiagnosticArray
-        from sal_ros_msgs.msg import FrameSummary, Vocabulary
         from sensor_msgs.msg import Image, PointCloud2
+
+        try:
+            from sal_ros_msgs.msg import FrameSummary, Vocabulary
+        except ImportError as exc:
+            raise ImportError(f"{exc}: the sal_ros_msgs interfaces are not built. Build them with the package "
+                              "(colcon build --base-paths src/sal_ros src/sal_ros/sal_ros_msgs, then source "
+                              "install/setup.bash) or, without an apt ROS, `make setup` "
+                              "(sal_ros_msgs/build_venv.sh)") from exc
         from std_msgs.msg import String
         from vision_msgs.msg import Detection3DArray
         from visualization_msgs.msg import MarkerArray
