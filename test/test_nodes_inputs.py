@@ -1,6 +1,7 @@
 """Sensor inputs through real DDS: a SemanticKITTI cloud, image and camera_info are synced and decoded into a
 Frame with the camera's model and static extrinsics; a silent camera gives a partial frame after the timeout;
 a camera frame without calibration is left out and counted."""
+import itertools
 import threading
 import time
 
@@ -19,6 +20,15 @@ from sal_ros.core.pointcloud2 import encode_cloud  # noqa: E402
 T0 = 1_700_000_000_000_000_000
 WAIT_S = 30.0
 NS_PER_S = 1_000_000_000
+
+
+_STARTS = itertools.count(1)
+
+
+def fresh_t0() -> int:
+    """A base stamp later than any a test of this module used before: the shared synchronizer drops a cloud
+    older than the last it emitted, so stamps must grow in the order tests run, not in file order."""
+    return T0 + next(_STARTS) * 10 * NS_PER_S
 
 
 def wait_for(predicate, timeout=WAIT_S, what="condition"):
@@ -102,42 +112,47 @@ def rig(tmp_path_factory):
 
 
 def test_synced_frame_decodes_with_camera_model_and_extrinsics(rig):
+    # Stamps, counters and the list of sets are relative to this test's start: the module's tests share the rig
+    # and pass in any order.
     sensors, inputs, (pub_cloud, pub_image, pub_info), got, stats = rig
-    pub_info.publish(sensors.info(T0))
-    time.sleep(0.1)  # camera_info is not synced: it only has to be there before the frame is decoded
-    pub_image.publish(sensors.image_msg(T0 + 5_000_000))  # within the 30 ms match threshold
-    pub_cloud.publish(sensors.cloud(T0))
-    synced = wait_for(lambda: got[0] if got else None, what="synced set")
-    assert synced.missing == () and synced.images["image_0"][0] == T0 + 5_000_000
+    t0, n, matched = fresh_t0(), len(got), stats.get("matched")
+    pub_info.publish(sensors.info(t0))
+    # camera_info is not synced: it only has to be there before the frame is decoded
+    wait_for(lambda: inputs._infos.get("image_0") is not None, what="camera info")
+    pub_image.publish(sensors.image_msg(t0 + 5_000_000))  # within the 30 ms match threshold
+    pub_cloud.publish(sensors.cloud(t0))
+    synced = wait_for(lambda: got[n] if len(got) > n else None, what="synced set")
+    assert synced.missing == () and synced.images["image_0"][0] == t0 + 5_000_000
     decoded = inputs.decode(synced)
     frame = decoded.frame
-    assert frame.stamp_ns == T0 and frame.frame_id == "velodyne" and frame.missing_cameras == ()
+    assert frame.stamp_ns == t0 and frame.frame_id == "velodyne" and frame.missing_cameras == ()
     assert np.array_equal(frame.points, sensors.xyz) and np.array_equal(frame.intensity, sensors.intensity)
     view = frame.cameras["image_0"]
     assert np.array_equal(view.image, sensors.image)
     assert np.allclose(view.T_cam_lidar, sensors.calib["image_0"].T_cam_lidar)
     assert np.allclose(view.camera.K, sensors.calib["image_0"].camera.K)
-    assert (view.stamp_ns, view.frame_id) == (T0 + 5_000_000, "cam0")
-    assert stats.get("matched") == 1
+    assert (view.stamp_ns, view.frame_id) == (t0 + 5_000_000, "cam0")
+    assert stats.get("matched") == matched + 1
 
 
 def test_silent_camera_gives_partial_frame_and_unknown_frame_is_left_out(rig):
     sensors, inputs, (pub_cloud, pub_image, _), got, stats = rig
-    n = len(got)
-    pub_cloud.publish(sensors.cloud(T0 + 100_000_000))  # no image: partial after the timeout
+    n, partial, missing_tf = len(got), stats.get("partial"), stats.get("error.missing_transform")
+    t0 = fresh_t0()
+    pub_cloud.publish(sensors.cloud(t0 + 100_000_000))  # no image: partial after the timeout
     synced = wait_for(lambda: got[n] if len(got) > n else None, what="partial set")
-    assert synced.missing == ("image_0",) and stats.get("partial") == 1
+    assert synced.missing == ("image_0",) and stats.get("partial") == partial + 1
     assert inputs.decode(synced).frame.missing_cameras == ("image_0",)
 
-    image = sensors.image_msg(T0 + 200_000_000)
+    image = sensors.image_msg(t0 + 200_000_000)
     image.header.frame_id = "uncalibrated_cam"
     pub_image.publish(image)
-    pub_cloud.publish(sensors.cloud(T0 + 200_000_000))
+    pub_cloud.publish(sensors.cloud(t0 + 200_000_000))
     synced = wait_for(lambda: got[n + 1] if len(got) > n + 1 else None, what="set with image")
     decoded = inputs.decode(synced)
     assert decoded.problems == {"image_0": "missing_transform"}
     assert decoded.frame.missing_cameras == ("image_0",) and not decoded.frame.cameras
-    assert stats.get("error.missing_transform") == 1
+    assert stats.get("error.missing_transform") == missing_tf + 1
 
 
 def test_sync_timeout_runs_on_sim_time_in_a_slowed_replay(tmp_path):

@@ -2,7 +2,9 @@
 process (its own rclpy context) over real DDS on localhost with the SemanticKITTI bag from `sal-ros convert`.
 Checked from outside: labeled clouds (same points, order, stamps), markers and overlay; prompt changes through
 the node's SetParameters service; a malformed cloud logged by the child and survived; a model slower than the
-input keeps latency one frame deep and counts its drops in ~/stats. One node process serves every test."""
+input keeps latency one frame deep and counts its drops in ~/stats. One node process serves every test; the
+tests pass in any order (each reads the vocabulary it finds and leaves the prompts as it found them), and every
+wait follows the node's progress (its CPU time, the messages coming back), never a fixed budget."""
 import json
 import os
 import re
@@ -14,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, require_data, require_rclpy, save_tiny_checkpoint
+from conftest import REPO, cpu_seconds, require_data, require_rclpy, save_tiny_checkpoint, wait_until
 
 rclpy = require_rclpy()
 from rclpy.parameter import Parameter  # noqa: E402
@@ -26,21 +28,29 @@ from sal_ros.core.pointcloud2 import read_fields  # noqa: E402
 NODE = "/sal_segmenter"
 CAMERA = "image_0"
 PROMPTS = ["car", "road", "tree"]
-WAIT_S = 60.0
+STALL_S = 120.0  # a wait fails only after this long without progress of the node or of its outputs
 LABELED_FIELDS = ["x", "y", "z", "intensity", "label", "vocabulary_version", "instance", "score", "rgb"]
 
 
-def wait_for(predicate, what, timeout=WAIT_S, child=None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
+_PROBE = []  # the module's Probe, whose message counts are progress too
+
+
+def wait_for(predicate, what, child=None):
+    """Until ``predicate()`` is truthy, for as long as the node keeps working (CPU time) or messages keep coming."""
+    def progress():
+        probe = _PROBE[0] if _PROBE else None
+        counts = probe.received() if probe else 0
+        return (round(cpu_seconds(child.proc.pid), 1) if child else 0.0), counts
+
+    def check():
         if child is not None and child.proc.poll() is not None:
             raise AssertionError(f"node exited ({child.proc.returncode}) waiting for {what}:\n{child.log()[-3000:]}")
-        time.sleep(0.01)
-    tail = f":\n{child.log()[-3000:]}" if child else ""
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
+
+    try:
+        return wait_until(predicate, what, progress=progress, check=check, stall_s=STALL_S)
+    except AssertionError as exc:
+        tail = f":\n{child.log()[-3000:]}" if child else ""
+        raise AssertionError(f"{exc}{tail}") from None
 
 
 class Child:
@@ -120,6 +130,10 @@ class Probe:
         self.executor.add_node(node)
         self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
         self._spinner.start()
+        _PROBE[:] = [self]
+
+    def received(self) -> int:
+        return len(self.clouds) + len(self.markers) + len(self.overlays) + len(self.info) + len(self.stats)
 
     @staticmethod
     def _marker_stamp(msg):
@@ -156,7 +170,7 @@ class Probe:
         return sent
 
     def call(self, client, request):
-        assert client.wait_for_service(timeout_sec=WAIT_S), client.srv_name
+        wait_for(client.service_is_ready, f"service {client.srv_name}")
         future = client.call_async(request)
         wait_for(future.done, f"{client.srv_name} response")
         return future.result()
@@ -204,7 +218,7 @@ def rig(tmp_path_factory):
     child = Child(args, root / "node.log")
     probe = Probe(CLOUD_TOPIC)
     try:
-        wait_for(lambda: probe.vocabulary, "the node's vocabulary (model loaded)", timeout=120, child=child)
+        wait_for(lambda: probe.vocabulary, "the node's vocabulary (model loaded)", child=child)
         wait_for(lambda: all(p.get_subscription_count() for p in probe.pub.values()), "input matching", child=child)
         wait_for(lambda: probe.node.count_publishers(f"{NODE}/labeled_points"), "output matching", child=child)
         rig = type("Rig", (), {"child": child, "probe": probe, "frames": bag_frames(bag)})()
@@ -228,10 +242,11 @@ def answer(rig, stamp, store="clouds"):
 def test_bag_clouds_come_back_labeled_in_order_with_markers_and_overlay(rig):
     from visualization_msgs.msg import Marker
 
+    version = rig.probe.vocabulary[-1]["version"]  # 1, or more after the prompt test (which restores PROMPTS)
     for frame in rig.frames:
         cloud, image, _ = frame
-        stamp = stamp_to_ns(cloud.header.stamp)
-        rig.probe.publish(frame, stamp)  # the bag's own stamps
+        stamp = next_stamp(rig)
+        rig.probe.publish(frame, stamp)
         out = answer(rig, stamp)
         assert [f.name for f in out.fields] == LABELED_FIELDS
         assert out.header.frame_id == cloud.header.frame_id
@@ -241,14 +256,14 @@ def test_bag_clouds_come_back_labeled_in_order_with_markers_and_overlay(rig):
             assert np.array_equal(got[axis], sent[axis]), axis  # same points, same order
         assert got["label"].max() <= len(PROMPTS)
         info = answer(rig, stamp, "info")
-        assert info["vocabulary_version"] == 1 and info["classes"] == PROMPTS
+        assert info["vocabulary_version"] == version and info["classes"] == PROMPTS
         ids, counts = np.unique(got["instance"][got["instance"] > 0], return_counts=True)
         assert {i["id"]: i["num_points"] for i in info["instances"]} == dict(zip(ids.tolist(), counts.tolist()))
         markers = answer(rig, stamp, "markers").markers
         assert markers[0].action == Marker.DELETEALL and markers[0].ns == ""  # clears every namespace
         boxes = [m for m in markers[1:] if m.ns == "boxes"]
         assert len(boxes) == sum(i["num_points"] >= 5 for i in info["instances"]) > 0
-        assert_recorded_outputs_name_the_vocabulary(rig, stamp, 1)
+        assert_recorded_outputs_name_the_vocabulary(rig, stamp, version)
         overlay = answer(rig, stamp, "overlays")
         assert (overlay.width, overlay.height, overlay.encoding) == (image.width, image.height, "rgb8")
         assert overlay.header.frame_id == image.header.frame_id
@@ -256,28 +271,39 @@ def test_bag_clouds_come_back_labeled_in_order_with_markers_and_overlay(rig):
 
 def test_prompts_changed_through_the_service_of_the_other_process(rig):
     probe = rig.probe
-    assert (probe.vocabulary[0]["version"], probe.vocabulary[0]["classes"]) == (1, PROMPTS)
+    start = probe.vocabulary[-1]["version"]
+    assert probe.vocabulary[-1]["classes"] == PROMPTS
+    try:
+        check_prompt_changes(rig, start)
+    finally:  # the other tests find the prompts they know
+        assert probe.set_prompts(PROMPTS).successful
+        wait_for(lambda: probe.vocabulary[-1]["version"] == start + 2, "the prompts restored")
+
+
+def check_prompt_changes(rig, start):
+    probe = rig.probe
     result = probe.set_prompts(["car", "car"])
     assert not result.successful and "duplicate" in result.reason.lower(), result.reason
     assert probe.get_prompts() == PROMPTS
     stamp = next_stamp(rig)
     probe.publish(rig.frames[0], stamp)
     info = answer(rig, stamp, "info")
-    assert (info["vocabulary_version"], info["classes"]) == (1, PROMPTS)  # the old vocabulary stays
+    assert (info["vocabulary_version"], info["classes"]) == (start, PROMPTS)  # the old vocabulary stays
 
     new = ["person", "building"]
     result = probe.set_prompts(new)
     assert result.successful, result.reason
-    vocab = wait_for(lambda: next((v for v in probe.vocabulary if v["version"] == 2), None), "vocabulary v2")
+    vocab = wait_for(lambda: next((v for v in probe.vocabulary if v["version"] == start + 1), None), "vocabulary v+1")
     assert vocab["classes"] == new and probe.get_prompts() == new
     stamp = next_stamp(rig)
     probe.publish(rig.frames[1], stamp)
     info = answer(rig, stamp, "info")
-    assert (info["vocabulary_version"], info["classes"]) == (2, new)
+    assert (info["vocabulary_version"], info["classes"]) == (start + 1, new)
     assert {i["class"] for i in info["instances"]} <= set(new)
     assert read_fields(answer(rig, stamp), ["label"])["label"].max() <= len(new)
-    assert_recorded_outputs_name_the_vocabulary(rig, stamp, 2)
-    assert [v["version"] for v in late_vocabulary(probe)] == [2]  # transient local: a late joiner gets v2 only
+    assert_recorded_outputs_name_the_vocabulary(rig, stamp, start + 1)
+    # transient local: a late joiner gets the newest only
+    assert [v["version"] for v in late_vocabulary(probe)] == [start + 1]
 
 
 def late_vocabulary(probe):
@@ -323,7 +349,10 @@ def test_malformed_cloud_is_logged_and_the_next_cloud_processed(rig):
 
 
 def test_slow_model_keeps_latency_one_frame_deep_and_counts_drops(rig):
-    probe, period_s, n = rig.probe, 0.1, 40  # 10 Hz for 4 s; the tiny model takes > 100 ms per full scan here
+    # Clouds at 100 Hz: slower than the input on any machine, since no CPU model segments a full 120k-point scan
+    # in 10 ms (here the tiny one takes 100-500 ms). A test that counted on the model being slower than 10 Hz failed
+    # on a fast machine.
+    probe, period_s, n = rig.probe, 0.01, 40
     before = probe.fresh_stats(rig.child)["counts"]
     sent = {}
     start = time.monotonic()
@@ -344,9 +373,10 @@ def test_slow_model_keeps_latency_one_frame_deep_and_counts_drops(rig):
     assert delta["dropped"] > 0 and delta["processed"] == len(answered) >= 2
     assert delta["matched"] + delta["partial"] == delta["processed"] + delta["dropped"]  # every handed-over set
     # While clouds keep coming, the one a free worker takes arrived at most one period earlier: latency stays
-    # one model time + one period (a backlog would grow by model - period per frame). The burst's last cloud
-    # may wait for a whole frame in progress.
-    slack_s = 0.5  # DDS both ways, scheduling on a shared machine
+    # about one model time + one period, where a backlog would grow by model - period per frame (here 39 frames
+    # of it). The burst's last cloud may wait for a whole frame in progress. The bounds scale with the node's own
+    # measured work time, so a loaded machine makes them wider, not red; the slack is for DDS and scheduling.
+    slack_s = 0.5 + model_s
     steady = {s: t for s, t in latency.items() if s != stamp}
     assert max(steady.values()) < model_s + period_s + slack_s, steady
     assert latency[stamp] < 2 * model_s + slack_s, latency[stamp]
