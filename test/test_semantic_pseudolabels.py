@@ -221,3 +221,11 @@ def test_ray_backend_writes_the_local_backends_labels(tmp_path, semantickitti_di
     for key in ("00_000000", "00_000001"):
         a, b = load_semantic(tmp_path / "local" / f"{key}.npz"), load_semantic(tmp_path / "ray" / f"{key}.npz")
         assert np.array_equal(a.label, b.label) and np.array_equal(a.filtered, b.filtered)
+
+
+def test_bad_filter_settings_are_refused_by_name(tmp_path, semantickitti_dir):
+    with pytest.raises(ValueError, match="min_margin"):
+        FilterConfig(min_margin=1.5)
+    proc = sal_ros("pseudolabel", semantickitti_dir, "--semantic", "--scores", "oracle", "--frame-agreement", "-1",
+                   "--out", tmp_path / "x", check=False)
+    assert proc.returncode == 1 and "frame_agreement must be >= 0" in proc.stderr

@@ -50,6 +50,14 @@ class FilterConfig:
     frame_radius: float = 0.2  # metres: a neighbour frame's point this close (after alignment) votes
     frame_min_agree: float = 0.5  # share of the votes a point's class needs to be kept
 
+    def __post_init__(self) -> None:
+        for name in ("min_score", "min_margin", "frame_min_agree"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if self.frame_agreement < 0 or not self.frame_radius > 0:
+            raise ValueError(f"frame_agreement must be >= 0 and frame_radius > 0, got {self.frame_agreement}, "
+                             f"{self.frame_radius}")
+
 
 @dataclass
 class SemanticConfig:
