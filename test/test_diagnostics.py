@@ -132,3 +132,43 @@ def test_tracked_markers_take_the_track_colour_and_id():
     got = [tuple(round(c * 255) for c in (m.color.r, m.color.g, m.color.b)) for m in boxes]
     assert got == [outputs.track_color(12), outputs.track_color(13)] and got[0] != got[1]  # same class, own colours
     assert [m.text for m in msg.markers if m.ns == "labels"] == ["car 0.50 #12", "car 0.50 #13"]
+
+
+def test_diagnostics_keep_coming_while_sim_time_stands_still(tmp_path):
+    """use_sim_time with no /clock (a paused replay): the ROS clock stands at 0, /diagnostics still ticks."""
+    import threading
+    import time
+
+    rclpy = require_rclpy()
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.recorder import RecorderNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    values = {"output_dir": str(tmp_path / "frames"), "diagnostics_period": 0.2, "input_timeout": 0.5}
+    node = RecorderNode(context=ctx, parameter_overrides=P.overrides(P.RECORDER_NODE, values)
+                        + [Parameter("use_sim_time", Parameter.Type.BOOL, True)])
+    probe = rclpy.create_node("diagnostics_probe", context=ctx)
+    got = []
+    probe.create_subscription(DiagnosticArray, "/diagnostics", got.append, 10)
+    executor = MultiThreadedExecutor(num_threads=2, context=ctx)
+    executor.add_node(node)
+    executor.add_node(probe)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(got) < 5 or not any(s.level == D.ERROR.to_bytes(1, "little") for m in got for s in m.status):
+            assert time.monotonic() < deadline, f"{len(got)} DiagnosticArrays in 60 s"
+            time.sleep(0.05)
+        assert node.get_clock().now().nanoseconds == 0  # the ROS clock never moved
+        names = {s.name for s in got[-1].status}
+        assert names == {"sal_recorder: input", "sal_recorder: recording"}
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        probe.destroy_node()
+        rclpy.try_shutdown(context=ctx)
