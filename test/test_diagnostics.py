@@ -172,3 +172,13 @@ def test_diagnostics_keep_coming_while_sim_time_stands_still(tmp_path):
         node.destroy_node()
         probe.destroy_node()
         rclpy.try_shutdown(context=ctx)
+
+
+def test_cameras_left_out_at_decoding_count_as_missing():
+    mon, clock = monitor(("cam0", "cam1"))
+    for _ in range(4):
+        clock.t += 0.1
+        mon.frame_in(())
+        mon.left_out(["cam1"])  # e.g. no transform for it yet
+    status = D.input_status("n", mon.window(), "/points", 2.0)
+    assert status.level == D.WARN and dict(status.values)["camera cam1 missing (share)"] == "1"

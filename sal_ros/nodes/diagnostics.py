@@ -72,6 +72,11 @@ class HealthMonitor:
         """A synced frame reached the node (``missing``: cameras without an image)."""
         self._add("input", tuple(missing))
 
+    def left_out(self, cameras: Sequence[str]) -> None:
+        """Cameras of a synced frame left out at decoding (no CameraInfo, no transform, bad image)."""
+        if cameras:
+            self._add("left_out", tuple(cameras))
+
     def dropped(self) -> None:
         self._add("dropped")
 
@@ -90,7 +95,7 @@ class HealthMonitor:
             events = list(self._events)
             last_input = self.last_input
         inputs = [t for t, k, _ in events if k == "input"]
-        missing = {c: sum(1 for _, k, m in events if k == "input" and c in m) for c in self.cameras}
+        missing = {c: sum(1 for _, k, m in events if k in ("input", "left_out") and c in m) for c in self.cameras}
         latencies = [p[0] for _, k, p in events if k == "processed" and p[0] is not None]
         errors: dict[str, int] = {}
         for _, k, p in events:
@@ -106,7 +111,7 @@ class HealthMonitor:
             "drop_rate": dropped / n_in if n_in else 0.0,
             "input_period_s": period,
             "input_rate_hz": (1.0 / period) if period else None,
-            "missing": {c: (m / n_in if n_in else 0.0) for c, m in missing.items()},
+            "missing": {c: (min(1.0, m / n_in) if n_in else 0.0) for c, m in missing.items()},
             "latency_median_ms": float(np.median(latencies)) if latencies else None,
             "errors": errors,
             "since_input_s": None if last_input is None else now - last_input,

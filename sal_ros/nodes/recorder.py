@@ -89,6 +89,7 @@ class RecorderNode(Node):
             if self.throttle.ready("malformed"):
                 self.get_logger().warning(f"dropped a malformed cloud: {exc}")
             return
+        self.health.left_out(list(decoded.problems))
         try:
             written = self.store.append(decoded.frame)
         except RuntimeError as exc:  # another process holds the store

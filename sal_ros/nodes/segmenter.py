@@ -299,6 +299,7 @@ class SegmenterNode(Node):
             self.health.error("malformed_cloud")
             self._warn("malformed_cloud", f"dropped a malformed cloud: {exc}")
             return
+        self.health.left_out(list(decoded.problems))
         frame = decoded.frame
         t1 = time.perf_counter()
         seg = self.segment_frame(frame)
