@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--points", type=int, default=120_000, help="points per cloud (default 120000)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--domain-id", type=int, default=97, help="private ROS domain of the bench node")
-    parser.add_argument("--typed-outputs", choices=("both", "on", "off"), default="both",
-                        help="also time the tracker + ~/detections + ~/frame_summary beside the JSON-era outputs "
-                             "(both: side by side in one run)")
+    parser.add_argument("--typed-outputs", choices=("on", "off"), default="on",
+                        help="on: also time the tracker + ~/detections + ~/frame_summary beside the JSON-era "
+                             "outputs, side by side in the same run")
     add_thread_argument(parser)
 
 
