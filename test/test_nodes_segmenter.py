@@ -1,6 +1,8 @@
 """The segmenter node end to end with real rclpy and DDS: a real SemanticKITTI scan + image + camera_info in,
 labeled points (same points, same order), markers, overlay, info out; prompts changed through the
-SetParameters service; bad input never kills it; the latest-only slot drops and counts."""
+SetParameters service; bad input never kills it; the latest-only slot drops and counts. The tests share one
+node and pass in any order: stamps grow in run order, counts are read relative, prompts are put back."""
+import itertools
 import json
 import threading
 
@@ -22,6 +24,13 @@ from test_nodes_inputs import Sensors, wait_for  # noqa: E402
 
 T0 = 1_700_000_000_000_000_000
 NODE = "/sal_segmenter"
+PROMPTS = ["car", "road", "tree"]
+_STARTS = itertools.count(1)
+
+
+def fresh_t0() -> int:
+    """A base stamp later than any an earlier test used: the node drops a cloud older than the last it took."""
+    return T0 + next(_STARTS) * 10_000_000_000
 # A text encoder small enough for CPU tests; must be a name sal_ros.model.vocabulary.TextEncoder accepts.
 TINY_TEXT_ENCODER = "sal-tiny-text"
 
@@ -44,7 +53,7 @@ def rig(tmp_path_factory):
         "cloud_topic": "/kitti/points", "cameras": ["cam0"],
         "camera.cam0.image_topic": "/kitti/image", "camera.cam0.info_topic": "/kitti/camera_info",
         "sync.timeout": 0.3, "calibration.source": "static", "calibration.file": str(sensors.calib_file),
-        "model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": ["car", "road", "tree"],
+        "model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": PROMPTS,
         "score_threshold": 0.0, "stats_period": 0.2, "qos.outputs.depth": 5,
     }
     node = SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE, values))
@@ -56,12 +65,26 @@ def rig(tmp_path_factory):
     rig.pub_cloud = test.create_publisher(PointCloud2, "/kitti/points", qos_profile_sensor_data)
     rig.pub_image = test.create_publisher(Image, "/kitti/image", qos_profile_sensor_data)
     rig.pub_info = test.create_publisher(CameraInfo, "/kitti/camera_info", qos_profile_sensor_data)
-    rig.subscribe = lambda: [
-        test.create_subscription(PointCloud2, f"{NODE}/labeled_points", got["cloud"].append, qos),
-        test.create_subscription(MarkerArray, f"{NODE}/markers", got["markers"].append, qos),
-        test.create_subscription(String, f"{NODE}/info", lambda m: got["info"].append(json.loads(m.data)), qos),
-        test.create_subscription(Image, f"{NODE}/overlay/cam0", got["overlay"].append, qos),
-    ]
+    rig.outputs = []
+
+    def subscribe():  # the outputs, once; the idle test takes them away and the next test back
+        if not rig.outputs:
+            rig.outputs = [
+                test.create_subscription(PointCloud2, f"{NODE}/labeled_points", got["cloud"].append, qos),
+                test.create_subscription(MarkerArray, f"{NODE}/markers", got["markers"].append, qos),
+                test.create_subscription(String, f"{NODE}/info", lambda m: got["info"].append(json.loads(m.data)),
+                                         qos),
+                test.create_subscription(Image, f"{NODE}/overlay/cam0", got["overlay"].append, qos),
+            ]
+        wait_for(lambda: node._pub_cloud.get_subscription_count() > 0, what="output subscription")
+
+    def unsubscribe():
+        for sub in rig.outputs:
+            test.destroy_subscription(sub)
+        rig.outputs = []
+        wait_for(lambda: node._pub_cloud.get_subscription_count() == 0, what="no output subscription")
+
+    rig.subscribe, rig.unsubscribe = subscribe, unsubscribe
     test.create_subscription(String, f"{NODE}/debug/vocabulary", lambda m: got["vocabulary"].append(json.loads(m.data)),
                              latched())
     test.create_subscription(String, f"{NODE}/stats", lambda m: got["stats"].append(json.loads(m.data)), qos)
@@ -105,19 +128,26 @@ def set_prompts(rig, value, type_=Parameter.Type.STRING_ARRAY):
     return future.result().results[0]
 
 
-# Tests run in file order: the first checks the idle path before anything subscribes to the outputs.
+def restore_prompts(rig):
+    """Put the module's prompts back, so the next test (in any order) finds them."""
+    if rig.node.get_parameter("prompts").value != PROMPTS or list(rig.node.active.class_names) != PROMPTS:
+        before = rig.node.active.version
+        assert set_prompts(rig, PROMPTS).successful
+        wait_for(lambda: rig.node.active.version > before, what="the module's prompts back")
 
 
 def test_no_model_work_without_subscribers(rig):
-    publish_frame(rig, T0)
-    wait_for(lambda: count(rig, "idle") >= 1, what="idle frame")
-    assert count(rig, "processed") == 0
+    rig.unsubscribe()
+    idle, processed = count(rig, "idle"), count(rig, "processed")
+    publish_frame(rig, fresh_t0())
+    wait_for(lambda: count(rig, "idle") > idle, what="idle frame")
+    assert count(rig, "processed") == processed
 
 
 def test_labeled_points_same_points_same_order_with_markers_overlay_info(rig):
     rig.subscribe()
-    wait_for(lambda: rig.node._pub_cloud.get_subscription_count() > 0, what="output subscription")
-    stamp = T0 + 100_000_000
+    version = rig.node.active.version
+    stamp = fresh_t0()
     publish_frame(rig, stamp)
     cloud = cloud_at(rig, stamp)
     assert cloud.header.frame_id == "velodyne"
@@ -127,17 +157,17 @@ def test_labeled_points_same_points_same_order_with_markers_overlay_info(rig):
     assert np.array_equal(np.stack([fields["x"], fields["y"], fields["z"]], 1), rig.sensors.xyz)
     assert np.array_equal(fields["intensity"], rig.sensors.intensity)
     assert fields["label"].dtype == np.uint16 and fields["instance"].dtype == np.uint32
-    assert (fields["vocabulary_version"] == 1).all()
+    assert (fields["vocabulary_version"] == version).all()
     assert fields["label"].max() <= 3 and np.all((fields["score"] >= 0) & (fields["score"] <= 1))
     info = wait_for(lambda: next((i for i in rig.got["info"] if i["stamp_ns"] == stamp), None), what="info")
-    assert info["classes"] == ["car", "road", "tree"] and info["vocabulary_version"] == 1
+    assert info["classes"] == PROMPTS and info["vocabulary_version"] == version
     assert info["missing_cameras"] == [] and info["num_points"] == len(rig.sensors.xyz)
     markers = wait_for(lambda: next((m for m in rig.got["markers"] if m.markers
                                      and stamp_to_ns(m.markers[0].header.stamp) == stamp), None), what="markers")
     from visualization_msgs.msg import Marker
 
     assert markers.markers[0].action == Marker.DELETEALL
-    assert (markers.markers[1].ns, markers.markers[1].id) == ("vocabulary", 1)
+    assert (markers.markers[1].ns, markers.markers[1].id) == ("vocabulary", version)
     assert len(markers.markers) == 2 + 2 * sum(i["num_points"] >= 5 for i in info["instances"])
     overlay = wait_for(lambda: next((o for o in rig.got["overlay"] if stamp_to_ns(o.header.stamp) == stamp), None),
                        what="overlay")
@@ -148,64 +178,78 @@ def test_labeled_points_same_points_same_order_with_markers_overlay_info(rig):
 
 
 def test_prompts_set_through_service_valid_and_rejected(rig):
+    rig.subscribe()
     wait_for(lambda: rig.got["vocabulary"], what="latched vocabulary")
-    first = rig.got["vocabulary"][0]
-    assert (first["version"], first["classes"]) == (1, ["car", "road", "tree"])
+    try:
+        check_prompt_changes(rig)
+    finally:
+        restore_prompts(rig)
+
+
+def check_prompt_changes(rig):
+    first = rig.got["vocabulary"][-1]
+    start = first["version"]
+    assert first["classes"] == PROMPTS and start == rig.node.active.version
     for bad, why in ((["car", "car"], "duplicate"), ([], "empty"), (["car", ""], "empty")):
         result = set_prompts(rig, bad)
         assert not result.successful and result.reason, bad
     result = set_prompts(rig, [1, 2], Parameter.Type.INTEGER_ARRAY)  # not strings
     assert not result.successful and "type" in result.reason.lower()
-    assert rig.node.get_parameter("prompts").value == ["car", "road", "tree"]
+    assert rig.node.get_parameter("prompts").value == PROMPTS
     result = set_prompts(rig, ["car", "person", "building", "vegetation"])
     assert result.successful, result.reason
-    vocab = wait_for(lambda: next((v for v in rig.got["vocabulary"] if v["version"] == 2), None), what="v2")
+    vocab = wait_for(lambda: next((v for v in rig.got["vocabulary"] if v["version"] == start + 1), None),
+                     what="the new vocabulary")
     assert vocab["classes"] == ["car", "person", "building", "vegetation"]
-    stamp = T0 + 200_000_000
+    stamp = fresh_t0()
     publish_frame(rig, stamp)
     info = wait_for(lambda: next((i for i in rig.got["info"] if i["stamp_ns"] == stamp), None), what="info v2")
-    assert info["vocabulary_version"] == 2 and info["classes"] == vocab["classes"]
+    assert info["vocabulary_version"] == start + 1 and info["classes"] == vocab["classes"]
     fields = read_fields(cloud_at(rig, stamp), ["label", "vocabulary_version"])
-    assert fields["label"].max() <= 4 and (fields["vocabulary_version"] == 2).all()  # the cloud alone says v2
+    assert fields["label"].max() <= 4 and (fields["vocabulary_version"] == start + 1).all()  # the cloud alone says
     markers = wait_for(lambda: next((m for m in rig.got["markers"] if m.markers
                                      and stamp_to_ns(m.markers[0].header.stamp) == stamp), None), what="markers v2")
-    assert [m.id for m in markers.markers if m.ns == "vocabulary"] == [2]
+    assert [m.id for m in markers.markers if m.ns == "vocabulary"] == [start + 1]
 
 
 def test_bad_clouds_keep_the_node_alive(rig):
     from sensor_msgs.msg import PointCloud2
 
+    rig.subscribe()
+    base = fresh_t0()
     types = rig.sensors.types
-    malformed = rig.sensors.cloud(T0 + 300_000_000)
+    malformed = rig.sensors.cloud(base + 300_000_000)
     malformed.width += 10  # claims more points than the data holds
     before = count(rig, "error.malformed_cloud")
     publish_frame(rig, 0, cloud=malformed, camera=False)
     wait_for(lambda: count(rig, "error.malformed_cloud") > before, what="malformed counted")
 
-    empty = encode_cloud({"xyz": np.zeros((0, 3), np.float32)}, "velodyne", T0 + 400_000_000, types)
+    empty = encode_cloud({"xyz": np.zeros((0, 3), np.float32)}, "velodyne", base + 400_000_000, types)
     publish_frame(rig, 0, cloud=empty, camera=False)
-    cloud_empty = cloud_at(rig, T0 + 400_000_000)
+    cloud_empty = cloud_at(rig, base + 400_000_000)
     assert cloud_empty.width == 0
 
     xyz = rig.sensors.xyz[:2000].copy()
     xyz[::7] = np.nan
-    stamp = T0 + 500_000_000
+    stamp = base + 500_000_000
     publish_frame(rig, 0, cloud=rig.sensors.cloud(stamp, xyz, rig.sensors.intensity[:2000]), camera=False)
     fields = read_fields(cloud_at(rig, stamp))
     assert fields["x"].shape == (2000,)
     assert np.all(fields["label"][::7] == 0) and np.all(fields["score"][::7] == 0)
     assert np.isnan(fields["x"][::7]).all()
 
-    no_xyz = PointCloud2(header=make_header("velodyne", T0, types), height=1, width=0)
+    no_xyz = PointCloud2(header=make_header("velodyne", base + 550_000_000, types), height=1, width=0)
     publish_frame(rig, 0, cloud=no_xyz, camera=False)
-    good = T0 + 600_000_000
+    good = base + 600_000_000
     publish_frame(rig, good)
     assert cloud_at(rig, good).width == len(rig.sensors.xyz)  # still alive and processing
 
 
 def test_latest_only_slot_drops_and_counts_while_busy(rig):
+    rig.subscribe()
     processed, dropped = count(rig, "processed"), count(rig, "dropped")
-    stamps = [T0 + (700 + i) * 1_000_000 for i in range(5)]
+    base = fresh_t0()
+    stamps = [base + (700 + i) * 1_000_000 for i in range(5)]
     small = rig.sensors.xyz[:500]
     wait_for(lambda: not rig.node.worker.busy.is_set() and not rig.node.worker.slot._full, what="worker idle")
     with rig.node._model_lock:  # the worker blocks inside the first frame
@@ -224,7 +268,7 @@ def test_latest_only_slot_drops_and_counts_while_busy(rig):
     assert not received & set(stamps[1:4])
     stats = wait_for(lambda: next((s for s in reversed(rig.got["stats"])
                                    if s["counts"].get("dropped", 0) >= dropped + 3), None), what="stats")
-    assert stats["counts"]["error.malformed_cloud"] >= 1 and "total" in stats["timings"]
+    assert "total" in stats["timings"]
 
 
 def test_intensity_scale_maps_another_lidars_intensity_to_the_trained_scale(rig):
@@ -269,18 +313,21 @@ def test_vocabulary_file_set_at_run_time(rig, tmp_path):
         wait_for(future.done, what="set_parameters response")
         return future.result().results[0]
 
-    before = max(v["version"] for v in rig.got["vocabulary"])
+    before = rig.node.active.version
     bad = tmp_path / "bad.yaml"
     bad.write_text("classes: [{name: car, thing: maybe}]\n")
     for path in (tmp_path / "missing.yaml", bad):
         result = set_file(path)
         assert not result.successful and result.reason, path
-    result = set_file(REPO / "config" / "vocabulary_semantickitti.yaml")
-    assert result.successful, result.reason
-    vocab = wait_for(lambda: next((v for v in rig.got["vocabulary"] if v["version"] == before + 1), None),
-                     what="vocabulary from the file")
-    assert len(vocab["classes"]) == 19 and vocab["classes"][0] == "car"
-    assert rig.node.active.version == before + 1
+    try:
+        result = set_file(REPO / "config" / "vocabulary_semantickitti.yaml")
+        assert result.successful, result.reason
+        vocab = wait_for(lambda: next((v for v in rig.got["vocabulary"] if v["version"] == before + 1), None),
+                         what="vocabulary from the file")
+        assert len(vocab["classes"]) == 19 and vocab["classes"][0] == "car"
+        assert rig.node.active.version == before + 1
+    finally:
+        restore_prompts(rig)
 
 
 def set_param(rig, name, type_, value):
@@ -319,6 +366,13 @@ def test_score_threshold_and_max_points_are_applied_by_the_segmenter_to_what_is_
 def test_min_instance_points_set_at_run_time_drops_small_instances(rig):
     """Instances smaller than min_instance_points vanish from what is published (points back to label 0,
     instance 0) and from the summaries; the larger ones are untouched."""
+    try:
+        check_min_instance_points(rig)
+    finally:
+        restore_prompts(rig)
+
+
+def check_min_instance_points(rig):
     from sal_ros.core.types import Frame
     from test_inference import assert_summaries_describe_the_labels
 
