@@ -159,8 +159,28 @@ def test_random_and_dinov2_teachers(frame, tmp_path):
     save_file({k: v.contiguous() for k, v in t.net.state_dict().items()}, str(path))
     loaded = DinoV2Teacher("vit_small_patch14_dinov2", weights=str(path), short_side=56, seed=5)
     assert np.allclose(loaded.feature_map(frame, "image_0").feats, f.feats, atol=1e-5)
+    meta_layout = tmp_path / "dinov2_vits14_pretrain.pth"  # Meta's release layout carries a mask_token
+    torch.save({**t.net.state_dict(), "mask_token": torch.zeros(1, 384)}, meta_layout)
+    loaded = DinoV2Teacher("vit_small_patch14_dinov2", weights=str(meta_layout), short_side=56, seed=5)
+    assert np.allclose(loaded.feature_map(frame, "image_0").feats, f.feats, atol=1e-5)
     with pytest.raises(FileNotFoundError):
         DinoV2Teacher("vit_small_patch14_dinov2", weights=str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.slow
+def test_clip_teacher_is_the_dense_maskclip_path(frame):
+    from sal_ros.pretrain.teachers import ClipTeacher
+    from sal_ros.pseudolabel.masks import Masks
+
+    teacher = ClipTeacher("ViT-B-16", None, short_side=64)
+    fmap = teacher.feature_map(frame, "image_0")
+    h, w = teacher.encoder.grid_for(376, 1241)
+    assert fmap.feats.shape == (h, w, 512)
+    # the mean over all patches is MaskCLIP's dense token of a whole-image mask (same encoder, method "dense")
+    whole = Masks(np.ones((1, 376, 1241), bool), np.ones(1, np.float32))
+    token = teacher.encoder.encode(frame.cameras["image_0"].image, whole)[0]
+    mean = fmap.feats.reshape(-1, 512).mean(0)
+    assert np.allclose(mean / np.linalg.norm(mean), token, atol=1e-4)
 
 
 def test_cache_is_written_once_and_redone_on_other_settings(seq, tmp_path):
@@ -184,6 +204,22 @@ def test_cache_is_written_once_and_redone_on_other_settings(seq, tmp_path):
     assert np.allclose(entry["meta"]["pose"], poses[keys[0]])
     assert build_cache(source, keys, tmp_path, teacher, {"t": 1}, SlicMasks(40), progress=False)["computed"] == 0
     assert build_cache(source, keys, tmp_path, teacher, {"t": 2}, SlicMasks(40), progress=False)["computed"] == 2
+
+
+def test_cache_covers_every_camera_of_a_nuscenes_frame(tmp_path):
+    from conftest import require_data
+
+    from sal_ros.pretrain.cache import build_cache, load_entry
+    from sal_ros.pretrain.teachers import RandomTeacher
+    from sal_ros.pseudolabel.engine import FrameSource
+
+    source = FrameSource(require_data("nuscenes_mini"))
+    (key,) = source.keys()
+    build_cache(source, [key], tmp_path, RandomTeacher(dim=4, patch=16), {"t": 1}, progress=False)
+    entry = load_entry(tmp_path / f"{key}.npz")
+    assert len(entry["meta"]["cameras"]) == 6 and entry["meta"]["pose"] is None
+    seen = np.concatenate([c["index"] for c in entry["cameras"]])
+    assert all(len(c["index"]) > 500 for c in entry["cameras"]) and len(np.unique(seen)) > 0.3 * 34_688
 
 
 # ------------------------------------------------------------------------------------------------ losses

@@ -125,8 +125,10 @@ class DinoV2Teacher(_ViTTeacher):
 
         torch.manual_seed(seed)  # random weights (no file) are then reproducible
         self.net = timm.create_model(model, pretrained=False, num_classes=0, dynamic_img_size=True).eval().to(device)
-        if weights:
-            _load_weights(self.net, Path(weights))
+        if weights:  # timm's or Meta's layout (timm's filter converts the latter: mask_token, registers, ...)
+            from timm.models.vision_transformer import checkpoint_filter_fn
+
+            _load_weights(self.net, Path(weights), lambda state: checkpoint_filter_fn(state, self.net))
         else:
             log.warning("DINOv2 teacher %s without a weights file: seeded random weights, features mean nothing", model)
         self.device, self.patch = torch.device(device), int(self.net.patch_embed.patch_size[0])
@@ -172,8 +174,9 @@ class ClipTeacher:
         return FeatureMap(feats.float().reshape(grid[0], grid[1], -1).cpu().numpy(), image.shape[:2])
 
 
-def _load_weights(net, path: Path) -> None:
-    """A local state dict (.safetensors, or .pt / .pth read with weights_only=True) into ``net``, strictly."""
+def _load_weights(net, path: Path, convert=None) -> None:
+    """A local state dict (.safetensors, or .pt / .pth read with weights_only=True) into ``net``, strictly
+    (after ``convert(state)`` when given)."""
     import torch
 
     if not path.is_file():
@@ -186,6 +189,8 @@ def _load_weights(net, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    if convert is not None:
+        state = convert(state)
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head")]
     if missing or unexpected:
