@@ -48,7 +48,8 @@ def how_to_read(runs: dict) -> str:
             "its pseudo-labels. The oracle column replaces the 2D masks by the ground-truth segments rendered into "
             "the camera image (everything else is the same: CLIP tokens, lifting with the occlusion test, camera "
             "fusion, DBSCAN replace, training): it stands in for SAM and shows what lifting and distillation make "
-            "of object-level masks.")
+            "of object-level masks. The students learn only inside the camera frustums (the only labelled points), "
+            "so the full-scan row shows how far that carries to the 360-degree sweep.")
     if masks == "slic":
         text += (" The SLIC column is the run that needs no weights at all: superpixels are image regions, not "
                  "objects, so they match few ground-truth segments and score near 0 against ground truth, while "
