@@ -9,6 +9,16 @@ from sal_ros.model.decoder import OBJECT, parent_rows
 from sal_ros.model.sal import SALModel
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: with torch's default team on a loaded 2-core machine the two-cluster test took 274 s
+    (user time 107 s) against 8 s here; OpenMP barriers crawl when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def scan():
     path = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
