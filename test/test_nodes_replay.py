@@ -1,11 +1,10 @@
 """`sal-ros replay`: a rosbag2 written with rosbags comes out through rclpy, in order, with /clock."""
 import threading
-import time
 
 import numpy as np
 import pytest
 
-from conftest import require_data, require_rclpy
+from conftest import require_data, require_rclpy, wait_until
 from sal_ros.core.msgtypes import rosbags_types
 from sal_ros.core.pointcloud2 import encode_cloud, read_xyz
 
@@ -59,13 +58,10 @@ def test_replay_publishes_bag_in_order_with_clock(tmp_path, storage):
         spinner.start()
         player = BagPlayer(player_node, bag, rate=4.0, topics=["/points", "/absent"])
         assert sorted(player.publishers) == ["/points"]
-        deadline = time.monotonic() + 5
-        while player.publishers["/points"].get_subscription_count() == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        # waits that follow progress (a loaded machine is slower, not red): no subscriber for 60 s is a failure
+        wait_until(lambda: player.publishers["/points"].get_subscription_count(), "the listener", stall_s=60)
         assert player.play() == 3
-        deadline = time.monotonic() + 5
-        while len(clouds) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: len(clouds) >= 3, "3 clouds", progress=lambda: len(clouds), stall_s=60)
         executor.shutdown()
     finally:
         rclpy.shutdown(context=ctx)

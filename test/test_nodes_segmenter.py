@@ -121,7 +121,7 @@ def count(rig, name):
 def set_prompts(rig, value, type_=Parameter.Type.STRING_ARRAY):
     from rcl_interfaces.srv import SetParameters
 
-    assert rig.set_params.wait_for_service(timeout_sec=10)
+    wait_for(rig.set_params.service_is_ready, what="the set_parameters service")
     request = SetParameters.Request(parameters=[Parameter("prompts", type_, value).to_parameter_msg()])
     future = rig.set_params.call_async(request)
     wait_for(future.done, what="set_parameters response")
