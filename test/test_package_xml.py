@@ -12,10 +12,10 @@ KEYS = {"tf2_ros": "tf2_ros_py", "numpy": "python3-numpy", "scipy": "python3-sci
         "transforms3d": "python3-transforms3d", "tqdm": "python3-tqdm", "PIL": "python3-pil",
         "matplotlib": "python3-matplotlib", "skimage": "python3-skimage", "rosbags": "python3-rosbags-pip",
         "torch": "python3-pytorch-pip"}
-# No rosdep key: pip only, from requirements.txt (module -> requirement name); torchsparse is an optional
-# accelerator the code falls back from.
+# No rosdep key: pip only, from requirements.txt (module -> requirement name, None: optional, imported only when
+# asked for); torchsparse is an accelerator the code falls back from, spconv a bench reference.
 PIP_ONLY = {"open_clip": "open_clip_torch", "sam2": None, "segment_anything": "segment-anything", "ray": "ray",
-            "timm": None, "safetensors": None, "torchvision": "torchvision", "torchsparse": None}
+            "timm": None, "safetensors": None, "torchvision": "torchvision", "torchsparse": None, "spconv": None}
 
 
 def used_modules() -> set[str]:
