@@ -102,6 +102,23 @@ def test_neighbour_pairs_are_the_3x3x3_voxel_neighbourhood_per_scan():
     assert got == want and (3, 1) not in got and (0, 5) in got
 
 
+def test_pool_to_stride_is_the_mean_over_coarse_cells():
+    from sal_ros.model.sparse import SparseTensor
+    from sal_ros.model.waffleiron import pool_to_stride
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.unique(torch.cat([torch.randint(0, 2, (500, 1), generator=g),
+                                torch.randint(-40, 40, (500, 3), generator=g)], 1), dim=0)
+    x = SparseTensor(torch.randn(len(c), 3, generator=g), c.int())
+    pooled = pool_to_stride(x, 8)
+    coarse = c.clone()
+    coarse[:, 1:] = torch.div(coarse[:, 1:], 8, rounding_mode="floor") * 8
+    cells, inverse = torch.unique(coarse, dim=0, return_inverse=True)  # sorted [b, x, y, z]
+    assert pooled.stride == 8 and torch.equal(pooled.coords.long(), cells)
+    mean = torch.zeros(len(cells), 3).index_add_(0, inverse, x.feats) / torch.bincount(inverse)[:, None]
+    assert torch.allclose(pooled.feats, mean)
+
+
 def test_waffleiron_checkpoint_records_the_family_and_the_segmenter_runs_it(tmp_path, frame):
     from sal_ros.model.checkpoint import load_checkpoint, save_checkpoint
     from sal_ros.model.sal import ModelConfig, SALModel
@@ -292,6 +309,23 @@ def test_linear_probe_separates_informative_features():
     noise = rng.normal(size=(3000, 3))
     predict, _ = linear_probe(noise, y, 3, 200, 0.05, 0)
     assert (predict(noise) == y).mean() < 0.5
+
+
+@pytest.mark.slow
+def test_probe_takes_the_backbone_of_a_sal_checkpoint(seq, tmp_path, capsys):
+    import json
+
+    from conftest import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    assert cli_main(["eval", "probe", "--backbone", str(ckpt), "--dataset", str(seq), "--train-scans", "0",
+                     "--eval-scans", "1", "--steps", "5", "--out", str(tmp_path / "p")]) == 0
+    result = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert result["kind"] == "SAL checkpoint backbone" and result["family"] == "minkunet"
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert cli_main(["eval", "probe", "--backbone", str(tmp_path / "junk.pt"), "--dataset", str(seq),
+                     "--train-scans", "0", "--eval-scans", "1", "--out", str(tmp_path / "q")]) == 1
+    assert "not a readable" in capsys.readouterr().err
 
 
 def test_probe_command_and_train_from_pretrained_backbone(seq, tmp_path):
