@@ -23,7 +23,7 @@ from torch import nn
 from sal_ros.core.files import atomic_write
 from sal_ros.pretrain.losses import info_nce, point_to_segment, scalr_loss, segment_mean, subsample
 from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
-                                   batch_indices, config_diff, init_distributed, lr_factor, plot_curves,
+                                   batch_indices, config_diff, init_distributed, lr_factor, read_metrics,
                                    resolve_device)
 
 STATE_FILE = "pretrain_state.pt"
@@ -320,6 +320,37 @@ class PretrainTrainer:
                     plot_curves(log, self.out / "curves.png")
         bar.close()
         return records
+
+
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Loss terms (a term is drawn only at the steps it ran: Seal's temporal term needs a frame t+n) and the
+    learning rate against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sal_ros.eval.report import atomic_savefig
+
+    recs = read_metrics(metrics_path)
+    if not recs:
+        return
+    fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in [k for k in recs[-1] if k.startswith("loss")]:
+        pts = [(r["step"], r[key]) for r in recs if r.get(key, 0) > 0]
+        if pts:
+            ax.plot(*zip(*pts), label=key, lw=2 if key == "loss" else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("pretraining loss terms")
+    ax.legend(fontsize=8)
+    ax_lr.plot([r["step"] for r in recs], [r["lr"] for r in recs])
+    ax_lr.set_xlabel("step")
+    ax_lr.set_title("learning rate")
+    try:
+        atomic_savefig(fig, png_path)
+    finally:
+        plt.close(fig)
 
 
 __all__ = ["PretrainConfig", "SealConfig", "PretrainModel", "PretrainTrainer", "OBJECTIVES", "STATE_FILE"]
