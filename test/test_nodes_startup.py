@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
-from conftest import REPO, require_rclpy
+from conftest import REPO, cpu_seconds, require_rclpy, wait_until
 
 
 
@@ -20,16 +20,24 @@ def _start(*args):
                             text=True, env=env)
 
 
-def _wait_for(proc, text, timeout=60.0):
-    lines, deadline = [], time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    raise AssertionError(f"no {text!r} within {timeout} s:\n" + "".join(lines))
+def _wait_for(proc, text, stall_s=60.0):
+    """The child's output up to the line holding ``text``. The wait follows progress (lines printed, the child's CPU
+    time): it fails only after ``stall_s`` s of neither, or when the child ends without printing it."""
+    lines, done = [], threading.Event()
+
+    def read():  # readline blocks: a thread reads, the wait below watches
+        for line in iter(proc.stdout.readline, ""):
+            lines.append(line)
+            if text in line:
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    wait_until(done.is_set, f"{text!r} from the child", progress=lambda: (len(lines), int(cpu_seconds(proc.pid))),
+               stall_s=stall_s)
+    if not any(text in line for line in lines):
+        raise AssertionError(f"the child ended without {text!r}:\n" + "".join(lines))
+    return "".join(lines)
 
 
 def _ctrl_c_after(proc, text) -> str:
