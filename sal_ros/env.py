@@ -94,6 +94,10 @@ def claim_free_ros_domain(candidates=FREE_DOMAIN_RANGE, lock_dir: str | Path | N
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:  # another user's file we may not open: theirs
             continue
+        try:  # other users' runs lock it too (the umask took write permission away)
+            os.fchmod(fd, 0o666)
+        except OSError:
+            pass
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
