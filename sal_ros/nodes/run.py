@@ -152,7 +152,7 @@ def _teardown(executor: Any, spinner: threading.Thread | None, nodes: list, stop
     import rclpy
 
     executor.shutdown(timeout_sec=stop_timeout_s)
-    if spinner is not None:
+    if spinner is not None and spinner.ident is not None:  # a Ctrl-C may land between Thread() and start()
         spinner.join(stop_timeout_s)
     stopped = True
     for node in nodes:
