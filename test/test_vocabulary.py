@@ -154,3 +154,20 @@ def test_local_weights_file_is_loaded(tmp_path, encoder):
     with torch.no_grad():
         expected = torch.nn.functional.normalize(ref.encode_text(tokens), dim=-1).numpy()
     np.testing.assert_allclose(loaded.embed_texts(["a photo of a car."]), expected, atol=1e-5)
+
+
+def test_tiny_text_encoder_leaves_no_folder_behind(tmp_path):
+    """Registering the tiny encoder's open_clip config used to leave a sal_ros_clip_* folder in the temp dir of
+    every process that built it (hundreds after a suite run)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    code = ("from sal_ros.model.vocabulary import tiny_text_encoder, Vocabulary\n"
+            "enc = tiny_text_encoder()\n"
+            "print(enc.encode(Vocabulary.from_prompts(['car', 'tree'])).embeddings.shape)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(2, " in proc.stdout
+    assert list(tmp_path.glob("sal_ros_clip_*")) == []

@@ -248,9 +248,12 @@ def _tiny_config_dir() -> str:
     import open_clip
 
     if TINY_TEXT_ENCODER not in open_clip.list_models():
-        folder = Path(tempfile.mkdtemp(prefix="sal_ros_clip_"))
-        (folder / f"{TINY_TEXT_ENCODER}.json").write_text(json.dumps(_TINY_CONFIG))
-        open_clip.add_model_config(folder)
+        # open_clip reads the file when it is added and keeps the config, so the folder can go at once (one was
+        # left in /tmp by every process before).
+        with tempfile.TemporaryDirectory(prefix="sal_ros_clip_") as folder:
+            config = Path(folder) / f"{TINY_TEXT_ENCODER}.json"
+            config.write_text(json.dumps(_TINY_CONFIG))
+            open_clip.add_model_config(config)
     return TINY_TEXT_ENCODER
 
 
