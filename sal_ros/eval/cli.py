@@ -54,8 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
               lambda module: module.main)
     _add_lazy(sub, "probe", "linear probe of a frozen (pretrained) backbone vs a random one: mIoU",
               "sal_ros.eval.probe", lambda module: module.main)
-    _add_lazy(sub, "probe", "linear probe of a frozen (pretrained) backbone vs a random one: mIoU",
-              "sal_ros.eval.probe", lambda module: module.main)
     _add_lazy(sub, "semantic", "a semantic checkpoint vs real labels, its training labels and unlabelled points",
               "sal_ros.eval.semantic_model", lambda module: module.main)
     _add_lazy(sub, "online", "replay a bag into `sal-ros run`: answered clouds, drop rate, latency",
