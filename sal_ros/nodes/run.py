@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -166,7 +166,7 @@ def _teardown(executor: Any, spinner: threading.Thread | None, nodes: list, stop
 
 
 def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None,
-                   stop_timeout_s: float = 1.5) -> int:
+                   stop_timeout_s: float = 1.5) -> NoReturn:
     """Build the nodes (rclpy initialized without its signal handlers) and spin them on one
     MultiThreadedExecutor in a background thread until SIGINT / SIGTERM or an external shutdown.
 
@@ -175,8 +175,8 @@ def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = N
     SIGTERM 5 s after SIGINT). The signals raise KeyboardInterrupt in the main thread, which only waits: rclpy's
     own handler would shut the context down under running callbacks and raise KeyboardInterrupt wherever the main
     thread happened to be (in destroy_node, say). A worker still inside the model when the rest is torn down is
-    not joined: the process ends with os._exit so that interpreter finalization never runs under a torch
-    thread (its static destructors would race the running op)."""
+    not joined. The process always ends here with os._exit(exit code) after the ordered teardown, so that
+    interpreter finalization never runs (C++ static destructors racing a torch op or a joinable thread)."""
     import signal
 
     import rclpy
@@ -212,10 +212,13 @@ def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = N
     stray = [t for t in threading.enumerate() if t.daemon and t.is_alive() and t.name.startswith("sal_")]
     if not stopped or stray:  # e.g. Ctrl-C while a node was loading its model on its worker thread
         log.info("stopped while a frame was in the model; not waiting for it")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)
-    return rc
+    # Everything that matters is done (workers stopped or abandoned, files written atomically, nodes destroyed,
+    # rclpy shut down). Interpreter finalization would now run C++ static destructors of rclpy / Fast DDS / torch
+    # in an unspecified order; a joinable thread met there aborts the process ("terminate called without an
+    # active exception", exit -6: seen in about 1 of 10 Ctrl-C'd recorders). A node process ends here instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def ros_node_main(node_class, name: str, argv: list[str] | None) -> int:
