@@ -24,8 +24,8 @@ setup(
     entry_points={
         "console_scripts": [
             "sal-ros = sal_ros.cli:main",
-            "segmenter = sal_ros.nodes.segmenter:main",
-            "recorder = sal_ros.nodes.recorder:main",
+            "segmenter = sal_ros.tools.run:segmenter_main",
+            "recorder = sal_ros.tools.run:recorder_main",
         ],
     },
 )

@@ -11,8 +11,8 @@ import sys
 
 COMMANDS = {
     "demo": ("sal_ros.demo", "whole SAL loop in miniature on real frames"),
-    "run": ("sal_ros.nodes.run", "run the segmenter (and recorder) nodes in one process"),
-    "replay": ("sal_ros.nodes.replay", "publish a rosbag2 through rclpy with /clock"),
+    "run": ("sal_ros.tools.run", "run the segmenter (and recorder) nodes in one process"),
+    "replay": ("sal_ros.tools.replay", "publish a rosbag2 through rclpy with /clock"),
     "convert": ("sal_ros.data.convert", "convert a dataset in ../shared/data form into a rosbag2 (mcap)"),
     "pseudolabel": ("sal_ros.pseudolabel.cli", "lift 2D masks and CLIP tokens onto recorded lidar frames"),
     "train": ("sal_ros.train.cli", "distill the SAL model on pseudo-labels"),

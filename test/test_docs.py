@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from sal_ros import cli
-from sal_ros.nodes import docs
+from sal_ros.tools import docs
 from sal_ros.nodes import params as P
 from sal_ros.nodes.outputs import LABELED_FIELDS, UNLABELED_COLOR
 
@@ -28,7 +28,7 @@ RVIZ_TYPES = {"rviz_default_plugins/PointCloud2": "PointCloud2", "rviz_default_p
 
 def test_parameters_md_is_generated_from_the_specs():
     assert (REPO / "docs" / "parameters.md").read_text() == docs.parameters_markdown(), \
-        "docs/parameters.md is stale: run `python -m sal_ros.nodes.docs`"
+        "docs/parameters.md is stale: run `python -m sal_ros.tools.docs`"
 
 
 def test_parameters_md_names_every_parameter_once():

@@ -11,7 +11,7 @@ from test_eval_online_cli import rig, run_eval  # noqa: F401 - the module fixtur
 
 from sal_ros.core.msgtypes import rclpy_types
 from sal_ros.core.pointcloud2 import encode_cloud
-from sal_ros.eval.online import OnlineResult, match_answers
+from sal_ros.tools.online import OnlineResult, match_answers
 
 
 class Foreign:

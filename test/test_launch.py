@@ -53,7 +53,7 @@ def test_launch_file_arguments_and_defaults(launch_file):
     setup = (REPO / "setup.py").read_text()
     for node in nodes:
         assert node["package"] == "sal_ros"
-        assert f'"{node["executable"]} = sal_ros.nodes.' in setup
+        assert f'"{node["executable"]} = sal_ros.tools.run:{node["executable"]}_main"' in setup
         assert node["name"] in (params.SEGMENTER_NODE, params.RECORDER_NODE)
 
 

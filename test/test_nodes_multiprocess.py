@@ -85,7 +85,7 @@ def bag_frames(bag):
     from rosbags.highlevel import AnyReader
 
     from sal_ros.data.convert import CLOUD_TOPIC, image_topic, info_topic
-    from sal_ros.nodes.replay import message_class
+    from sal_ros.tools.replay import message_class
 
     topics = {CLOUD_TOPIC: [], image_topic(CAMERA): [], info_topic(CAMERA): []}
     with AnyReader([bag]) as reader:

@@ -119,7 +119,7 @@ def test_empty_list_override_keeps_the_empty_default(context):
 
 
 def _run_args(**kw):
-    from sal_ros.nodes import run
+    from sal_ros.tools import run
 
     parser = argparse.ArgumentParser()
     run.add_arguments(parser)
@@ -132,7 +132,7 @@ def _run_args(**kw):
 
 
 def test_run_overrides_from_params_file_set_and_record(tmp_path):
-    from sal_ros.nodes.run import node_overrides
+    from sal_ros.tools.run import node_overrides
 
     args = _run_args(params=REPO / "config" / "segment.yaml", record=tmp_path / "frames",
                      set=["model.device=cpu", "every_nth=4", "score_threshold=1"], use_sim_time=True)
@@ -149,7 +149,7 @@ def test_run_overrides_from_params_file_set_and_record(tmp_path):
 
 
 def test_list_params_prints_every_parameter(capsys):
-    from sal_ros.nodes import docs, run
+    from sal_ros.tools import docs, run
 
     assert run.main(_run_args(list_params=True)) == 0
     text = capsys.readouterr().out

@@ -34,7 +34,7 @@ def test_replay_publishes_bag_in_order_with_clock(tmp_path, storage):
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import PointCloud2
 
-    from sal_ros.nodes.replay import BagPlayer
+    from sal_ros.tools.replay import BagPlayer
 
     scan = np.fromfile(require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin"),
                        np.float32).reshape(-1, 4)[:, :3]

@@ -51,7 +51,7 @@ def test_shutdown_between_context_check_and_wait_ends_the_spin_quietly(executor_
     from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 
-    from sal_ros.nodes.run import spin_until_shutdown
+    from sal_ros.tools.run import spin_until_shutdown
 
     def spin(guarded: bool):
         context = rclpy.Context()
@@ -92,7 +92,7 @@ def test_spin_until_shutdown_raises_when_the_context_is_still_up():
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 
-    from sal_ros.nodes.run import spin_until_shutdown
+    from sal_ros.tools.run import spin_until_shutdown
 
     context = rclpy.Context()
     rclpy.init(context=context)

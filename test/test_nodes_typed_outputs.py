@@ -49,9 +49,9 @@ class Probe:
         from sensor_msgs.msg import PointCloud2
         from vision_msgs.msg import Detection3DArray
 
-        from sal_ros.eval.online import playable_topics
+        from sal_ros.tools.online import playable_topics
         from sal_ros.nodes.qos import latched
-        from sal_ros.nodes.replay import BagPlayer
+        from sal_ros.tools.replay import BagPlayer
 
         self.context = rclpy.Context()
         rclpy.init(context=self.context)
@@ -120,7 +120,7 @@ def values(status):
 def rig(tmp_path_factory):
     seq = require_data("semantickitti", "sequences", "00")
     from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert
-    from sal_ros.eval.online import NodeProcess, bag_topics
+    from sal_ros.tools.online import NodeProcess, bag_topics
     from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
 
     root = tmp_path_factory.mktemp("typed")

@@ -37,7 +37,7 @@ def test_replay_exits_zero_after_the_bag(kitti_bag):
     assert proc.returncode == 0, out + err
     assert "terminate called" not in err
     # 2 clouds + 2 images + 2 camera infos, + the /tf_static message where tf2_msgs imports (it is skipped elsewhere)
-    from sal_ros.nodes.replay import message_class
+    from sal_ros.tools.replay import message_class
 
     expected = 6 + (message_class("tf2_msgs/msg/TFMessage") is not None)
     assert f"published {expected} messages" in err

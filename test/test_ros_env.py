@@ -17,7 +17,7 @@ class Stop(Exception):
 
 def run_main_until_init(monkeypatch, tmp_path, *flags):
     rclpy = require_rclpy()
-    from sal_ros.nodes import run
+    from sal_ros.tools import run
 
     seen = {}
 

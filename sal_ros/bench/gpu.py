@@ -265,7 +265,7 @@ def bench_node(args: argparse.Namespace, scan: np.ndarray) -> dict:
     """The node in its own process answering a 10 Hz replay of the scan; end-to-end latency from the topics."""
     import torch
 
-    from sal_ros.eval import online
+    from sal_ros.tools import online
     from sal_ros.model.checkpoint import save_checkpoint
     from sal_ros.model.vocabulary import TINY_TEXT_ENCODER, tiny_text_encoder
 

@@ -6,6 +6,8 @@ ids differ strongly and a class keeps its colour when classes are appended to th
 """
 from __future__ import annotations
 
+import colorsys
+
 import numpy as np
 
 UNLABELED_COLOR = (110, 110, 110)
@@ -60,3 +62,11 @@ def segment_colors(segment: np.ndarray, none: np.ndarray | None = None) -> np.nd
     if none is not None:
         rank = np.where(none, 0, rank)
     return id_colors(rank)
+
+
+def track_color(track_id: int) -> tuple[int, int, int]:
+    """RGB of a track: hue by golden-ratio steps of its id, so neighbouring ids differ and an id keeps its colour."""
+    hue = (0.05 + int(track_id) * GOLDEN) % 1.0
+    value = 1.0 if int(track_id) % 3 else 0.75
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, value)
+    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))

@@ -3,7 +3,7 @@ segmenter node (online).
 
     sal-ros eval model --checkpoint C (--bag B | --dataset D) --vocabulary V --out DIR
     sal-ros eval pseudolabels ...        (sal_ros.pseudolabel.evaluate)
-    sal-ros eval online BAG --params P --out DIR [--rate R] [--set NAME=VALUE ...]   (sal_ros.eval.online)
+    sal-ros eval online BAG --params P --out DIR [--rate R] [--set NAME=VALUE ...]   (sal_ros.tools.online)
     sal-ros eval tracking --dataset SEQ (--oracle | --checkpoint C --vocabulary V) --out DIR   (sal_ros.eval.tracking)
 
 ``eval model`` runs frames through the same synchronizer (sal_ros.data.bag) and the same Segmenter as the
@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_lazy(sub, "probe", "linear probe of a frozen (pretrained) backbone vs a random one: mIoU",
               "sal_ros.eval.probe", lambda module: module.main)
     _add_lazy(sub, "semantic", "a semantic checkpoint vs real labels, its training labels and unlabelled points",
-              "sal_ros.eval.semantic_model", lambda module: module.main)
+              "sal_ros.train.evaluate", lambda module: module.main)
     _add_lazy(sub, "online", "replay a bag into `sal-ros run`: answered clouds, drop rate, latency",
-              "sal_ros.eval.online", lambda module: main_online)
+              "sal_ros.tools.online", lambda module: module.main)
     _add_lazy(sub, "tracking", "instances over time: LSTQ and id switches of the tracker on a sequence",
               "sal_ros.eval.tracking", lambda module: module.main)
 
@@ -163,69 +163,4 @@ def main_model(args) -> int:
           f"class-agnostic PQ {100 * s['agnostic_pq']:.1f}  ({stats['frames']} frames; absent classes score 0; "
           f"over the {int(s['classes_present'])} classes present: PQ {100 * s['pq_present']:.1f}, "
           f"mIoU {100 * s['miou_present']:.1f}) -> {paths['markdown']}")
-    return 0
-
-
-def _ms(value) -> str:
-    return "–" if value is None else f"{value:.1f} ms"
-
-
-def online_headline(summary: dict) -> str:
-    lat = summary["end_to_end_ms"]
-    drop = summary["drop_rate"]
-    return (f"{summary['clouds_answered']}/{summary['clouds_sent']} clouds answered, drop rate "
-            f"{'–' if drop is None else f'{100 * drop:.1f} %'}, end-to-end latency median {_ms(lat['median'])}, "
-            f"p90 {_ms(lat['p90'])}")
-
-
-def online_markdown(summary: dict) -> str:
-    """online.md: the headline, end-to-end latency and the node's per-stage timings as tables."""
-    lat = summary["end_to_end_ms"]
-    lines = ["# Online evaluation", ""]
-    lines += [f"- {key}: {value}" for key, value in summary.get("meta", {}).items()]
-    lines += ["", online_headline(summary), "",
-              "| clouds sent | answered | dropped | drop rate | latency median (ms) | p90 (ms) | max (ms) |",
-              "|---|---|---|---|---|---|---|",
-              f"| {summary['clouds_sent']} | {summary['clouds_answered']} | {summary['dropped']} | "
-              f"{summary['drop_rate']} | {lat['median']} | {lat['p90']} | {lat['max']} |", ""]
-    timings = summary.get("node_timings_ms") or {}
-    if timings:
-        lines += ["Node timings (its last ~/stats record):", "", "| stage | median (ms) | p90 (ms) | max (ms) |",
-                  "|---|---|---|---|"]
-        lines += [f"| {name} | {t['median']} | {t['p90']} | {t['max']} |" for name, t in timings.items()]
-        lines.append("")
-    counts = summary.get("node_counts") or {}
-    if counts:
-        lines += ["Node counters: " + ", ".join(f"{k} {v}" for k, v in counts.items()), ""]
-    return "\n".join(lines)
-
-
-def main_online(args) -> int:
-    from sal_ros.core.files import atomic_write, write_json
-    from sal_ros.eval import online
-    from sal_ros.nodes import params as P
-    from sal_ros.nodes.run import parameter_values, parse_sets
-
-    if not args.bag.exists():
-        raise FileNotFoundError(f"{args.bag} does not exist")
-    if not args.params.is_file():
-        raise FileNotFoundError(f"--params {args.params} does not exist")
-    if args.rate <= 0:
-        raise ValueError(f"--rate must be > 0, got {args.rate}")
-    values = parameter_values(P.SEGMENTER_NODE, args.params, parse_sets(args.set), {})
-    cloud_topic = values.get("cloud_topic", "/points")
-    run_args = ["--params", str(args.params)] + [f"--set={s}" for s in args.set]
-    args.out.mkdir(parents=True, exist_ok=True)
-    log = args.out / "node.log"
-    try:
-        result = online.replay(args.bag, run_args, log, cloud_topic=cloud_topic, rate=args.rate)
-    except (TimeoutError, RuntimeError) as exc:  # the node did not start, died, or never answered
-        print(f"sal-ros eval online: {exc}", file=sys.stderr)
-        return 1
-    summary = result.summary()
-    summary["meta"] = {"bag": str(args.bag), "params": str(args.params), "sets": list(args.set),
-                       "rate": args.rate, "cloud_topic": cloud_topic, "node_log": str(log)}
-    json_path = write_json(args.out / "online.json", summary)
-    md_path = atomic_write(args.out / "online.md", online_markdown(summary))
-    print(f"{online_headline(summary)} -> {json_path}, {md_path}")
     return 0

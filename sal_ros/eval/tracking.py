@@ -262,7 +262,7 @@ def plot_tracks(trajectories: dict, path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     from sal_ros.eval.report import atomic_savefig
-    from sal_ros.nodes.outputs import track_color
+    from sal_ros.core.palette import track_color
 
     fig, ax = plt.subplots(figsize=(7, 7))
     for track_id, steps in sorted(trajectories.items()):

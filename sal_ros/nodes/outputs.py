@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sal_ros.core.msgtypes import MessageTypes, make_header
+from sal_ros.core.palette import track_color
 from sal_ros.core.pointcloud2 import encode_cloud, pack_rgb
 from sal_ros.core.types import InstanceSummary, Segmentation
 
@@ -46,14 +47,6 @@ def class_colors(num_classes: int) -> np.ndarray:
         value = 0.95 if k % 2 == 0 else 0.8
         colors[k + 1] = np.round(np.array(colorsys.hsv_to_rgb(hue, 0.8, value)) * 255)
     return colors
-
-
-def track_color(track_id: int) -> tuple[int, int, int]:
-    """RGB of a track: hue by golden-ratio steps of its id, so neighbouring ids differ and an id keeps its colour."""
-    hue = (0.05 + int(track_id) * 0.618033988749895) % 1.0
-    value = 1.0 if int(track_id) % 3 else 0.75
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, value)
-    return int(round(r * 255)), int(round(g * 255)), int(round(b * 255))
 
 
 def label_colors(label: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ Same threading as the segmenter: callbacks store, a latest-only slot feeds one w
 """
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -132,14 +131,3 @@ class RecorderNode(Node):
         if hasattr(self, "store"):
             self.store.close()
         super().destroy_node()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``ros2 run sal_ros recorder`` (parameters from --ros-args)."""
-    from sal_ros.nodes.run import ros_node_main
-
-    return ros_node_main(RecorderNode, P.RECORDER_NODE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

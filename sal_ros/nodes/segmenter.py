@@ -27,7 +27,6 @@ background thread and swapped in between two frames; frames keep flowing with th
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -530,14 +529,3 @@ def _leave_a_core_for_callbacks() -> None:
     from sal_ros.model.runtime import apply_node_thread_policy
 
     apply_node_thread_policy()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``ros2 run sal_ros segmenter`` (parameters from --ros-args)."""
-    from sal_ros.nodes.run import ros_node_main
-
-    return ros_node_main(SegmenterNode, P.SEGMENTER_NODE, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -43,7 +43,7 @@ def prepare(cfg, dist_rank: int = 0, dist_world: int = 1, progress: bool = True)
     from sal_ros.pretrain.teachers import build_teacher
     from sal_ros.pseudolabel.engine import FrameSource
     from sal_ros.pseudolabel.lifting import LiftConfig, lidar_spacing_for
-    from sal_ros.pseudolabel.masks import build_mask_source, mask_source_identity
+    from sal_ros.pseudolabel.mask_sources import build_mask_source, mask_source_identity
 
     if not cfg.sources:
         raise ValueError("the config names no sources (sources: [{frames: PATH}])")

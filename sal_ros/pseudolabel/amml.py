@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
-from sal_ros.pseudolabel.masks import Masks, as_rgb
+from sal_ros.pseudolabel.masks import Masks, as_rgb, pairwise_intersections
 
 DROP_BORDER, DROP_BOUNDARY = 1, 2
 
@@ -94,8 +94,6 @@ def fuse_masks(masks: np.ndarray, scores: np.ndarray, iou_threshold: float = 0.5
     m = len(masks)
     if m <= 1:
         return Masks(masks.reshape(m, *masks.shape[1:]), np.asarray(scores, np.float32))
-    from sal_ros.pseudolabel.masks import pairwise_intersections
-
     inter = pairwise_intersections(Masks(masks, scores)).astype(np.float64)  # bounding boxes first: cheap
     area = np.diag(inter)
     iou = inter / np.maximum(area[:, None] + area[None, :] - inter, 1)

@@ -31,9 +31,11 @@ import numpy as np
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
+from sal_ros.pseudolabel import ray_backend  # imports ray only when a Ray run connects
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
-from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks, mask_source_identity
+from sal_ros.pseudolabel.mask_sources import build_mask_source, mask_source_identity
+from sal_ros.pseudolabel.masks import Masks, flatten_masks
 from sal_ros.pseudolabel.refine import RefineConfig, compact, dbscan_refine
 
 log = logging.getLogger(__name__)
@@ -432,6 +434,4 @@ def _run_local(todo: list[str], args: tuple, workers: int, summary: RunSummary):
 
 
 def _run_ray(todo: list[str], args: tuple, workers: int, address: str | None, summary: RunSummary):
-    from sal_ros.pseudolabel import ray_backend
-
-    yield from ray_backend.label(todo, args, workers, address, summary)
+    yield from ray_backend.label(todo, args, workers, address, summary, _init_worker, _label_key)

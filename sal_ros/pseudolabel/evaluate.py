@@ -33,7 +33,8 @@ from sal_ros.core.files import atomic_write
 from sal_ros.eval.panoptic import SegmentCounts, match_segments
 from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
-from sal_ros.pseudolabel.masks import Masks, build_mask_source, flatten_masks
+from sal_ros.pseudolabel.mask_sources import build_mask_source
+from sal_ros.pseudolabel.masks import Masks, flatten_masks
 from sal_ros.pseudolabel.refine import RefineConfig
 
 log = logging.getLogger(__name__)

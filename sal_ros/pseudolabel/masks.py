@@ -278,23 +278,3 @@ def _build_sam_at(model_type: str, image_size: int):
                           transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256)
     return Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder,
                pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])
-
-
-def build_mask_source(kind: str, **kwargs) -> MaskSource:
-    """``kind`` slic | sam | sam2; keyword arguments go to the source (None values are dropped)."""
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    sources = {"slic": SlicMasks, "sam": SamMasks, "sam2": Sam2Masks}
-    if kind == "sam2_lidar":  # SAM2-AMML: prompts at projected lidar clusters (pseudolabel/amml.py)
-        from sal_ros.pseudolabel.amml import Sam2LidarMasks
-
-        return Sam2LidarMasks(**kwargs)
-    if kind not in sources:
-        raise ValueError(f"unknown mask source {kind!r}; known: {', '.join(sources)}")
-    return sources[kind](**kwargs)
-
-
-def mask_source_identity(source) -> dict:
-    ident = getattr(source, "identity", None)
-    if ident is None:
-        ident = {"source": source.name, **{k: v for k, v in vars(source).items() if isinstance(v, (int, float, str))}}
-    return ident

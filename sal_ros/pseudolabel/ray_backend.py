@@ -15,9 +15,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
-from sal_ros.pseudolabel import engine
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +83,27 @@ def check_fits(ray, cpus: int, gpus: int, address: str) -> None:
 
 
 class PseudoLabelWorker:
-    """One actor: builds the 2D models once, then labels the frames it is handed."""
+    """One actor: builds the 2D models once (``init_worker``), then labels the frames it is handed (``label_key``).
 
-    def __init__(self, source_path: str, config: dict, out_dir: str, threads: int) -> None:
+    The engine hands both in, the same functions its local process pool runs, so this module needs no engine."""
+
+    def __init__(self, init_worker: Callable, label_key: Callable, source_path: str, config: dict, out_dir: str,
+                 threads: int) -> None:
         if config.get("device", "cpu").startswith("cuda"):
             # Ray makes the reserved GPU the only visible one: it is cuda:0 whatever index was asked for.
             config = {**config, "device": "cuda"}
-        engine._init_worker(source_path, config, out_dir, threads)
+        init_worker(source_path, config, out_dir, threads)
+        self._label_key = label_key
 
     def ready(self) -> bool:
         return True
 
     def label(self, key: str) -> tuple[str, str | None]:
-        return engine._label_key(key)
+        return self._label_key(key)
 
 
-def label(todo: list[str], args: tuple, workers: int, address: str | None, summary) -> Iterator[tuple]:
+def label(todo: list[str], args: tuple, workers: int, address: str | None, summary, init_worker: Callable,
+          label_key: Callable) -> Iterator[tuple]:
     """Yield (key, error) per frame from Ray workers; ``summary.workers`` counts the workers that started."""
     address = resolve_address(address)
     cpus, gpus = worker_resources(address, workers, args[1].get("device", "cpu"))
@@ -108,7 +112,7 @@ def label(todo: list[str], args: tuple, workers: int, address: str | None, summa
     try:
         check_fits(ray, cpus, gpus, address)
         actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(PseudoLabelWorker)
-        actors = [actor.remote(*args, cpus) for _ in range(max(workers, 1))]
+        actors = [actor.remote(init_worker, label_key, *args, cpus) for _ in range(max(workers, 1))]
         yield from _dispatch(ray, actors, todo, summary)
     finally:
         for a in actors:  # also the ones never placed, which would otherwise wait in the cluster's queue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from sal_ros.env import apply_ros_env_defaults
 from sal_ros.nodes import params as P
+from sal_ros.tools.docs import parameter_tables
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +87,7 @@ def make_nodes(overrides: dict[str, list]) -> list:
     nodes = []
     try:
         for node_name, params in overrides.items():
-            if node_name == P.SEGMENTER_NODE:
+            if node_name == P.SEGMENTER_NODE:  # node modules load rclpy (and torch): not for --list-params
                 from sal_ros.nodes.segmenter import SegmenterNode
 
                 nodes.append(SegmenterNode(parameter_overrides=params))
@@ -128,8 +131,6 @@ def _ignore_shutdown_signals() -> None:
     """From here on a further Ctrl-C (a terminal sends one to the whole process group; launch may send its own)
     cannot cut the teardown short. A KeyboardInterrupt already pending lands on this loop, which retries; once
     SIG_IGN is installed, a tripped-but-undelivered signal is dropped by Python."""
-    import signal
-
     while True:
         try:
             for name in SHUTDOWN_SIGNALS:
@@ -177,7 +178,6 @@ def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = N
     thread happened to be (in destroy_node, say). A worker still inside the model when the rest is torn down is
     not joined. The process always ends here with os._exit(exit code) after the ordered teardown, so that
     interpreter finalization never runs (C++ static destructors racing a torch op or a joinable thread)."""
-    import signal
 
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
@@ -234,10 +234,22 @@ def ros_node_main(node_class, name: str, argv: list[str] | None) -> int:
     return start_and_spin(lambda: [node_class()], name)
 
 
+def segmenter_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run sal_ros segmenter`` (parameters from --ros-args)."""
+    from sal_ros.nodes.segmenter import SegmenterNode  # rclpy and torch load only for this command
+
+    return ros_node_main(SegmenterNode, P.SEGMENTER_NODE, argv)
+
+
+def recorder_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run sal_ros recorder`` (parameters from --ros-args)."""
+    from sal_ros.nodes.recorder import RecorderNode  # rclpy loads only for this command
+
+    return ros_node_main(RecorderNode, P.RECORDER_NODE, argv)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.list_params:
-        from sal_ros.nodes.docs import parameter_tables
-
         print(parameter_tables(), end="")  # the tables of docs/parameters.md
         return 0
     try:
@@ -246,8 +258,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"sal-ros run: {exc}")
         return 2
     if args.localhost:
-        from sal_ros.env import apply_ros_env_defaults
-
         apply_ros_env_defaults()
     import rclpy
     from rclpy.signals import SignalHandlerOptions

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from sal_ros.tools.run import spin_until_shutdown
+
 CLOCK_PERIOD_S = 0.02  # /clock at 50 Hz while waiting between messages
 
 
@@ -156,8 +158,6 @@ def main(args: argparse.Namespace) -> int:
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
-
-    from sal_ros.nodes.run import spin_until_shutdown
 
     if not args.bag.exists():
         print(f"sal-ros replay: {args.bag} does not exist")

@@ -23,6 +23,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sal_ros.core.files import atomic_write, write_json
+from sal_ros.core.msgtypes import stamp_to_ns
+from sal_ros.core.pointcloud2 import read_fields
+from sal_ros.env import apply_ros_env_defaults, claim_free_ros_domain
+from sal_ros.nodes import params as P
+from sal_ros.tools.replay import BagPlayer, message_class
+from sal_ros.tools.run import parameter_values, parse_sets, spin_until_shutdown
+
 SEGMENTER = "/sal_segmenter"
 # The node's stamp_age (ROS now - cloud stamp) describes a live sensor; replaying an old bag without /clock it
 # reads the bag's age (57 years for KITTI's), so it is reported only below this.
@@ -68,8 +76,6 @@ class NodeProcess:
     """``sal-ros run ARGS`` in a child process (its output to ``log_path``); ``stop()`` sends Ctrl-C."""
 
     def __init__(self, run_args: list[str], log_path: str | Path, domain_id: int | None = None) -> None:
-        from sal_ros.env import apply_ros_env_defaults
-
         apply_ros_env_defaults()  # the child inherits localhost-only discovery, domain and Fast DDS profile
         self.log_path = Path(log_path)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,10 +123,7 @@ class BagProbe:
         from sensor_msgs.msg import PointCloud2
         from std_msgs.msg import String
 
-        from sal_ros.core.msgtypes import stamp_to_ns
-        from sal_ros.nodes.qos import latched
-        from sal_ros.nodes.replay import BagPlayer
-        from sal_ros.nodes.run import spin_until_shutdown
+        from sal_ros.nodes.qos import latched  # rclpy loads only when a probe runs
 
         self._stamp_to_ns = stamp_to_ns
         self.context = rclpy.Context()
@@ -195,7 +198,6 @@ def playable_topics(bag: str | Path) -> list[str]:
     """Topics of ``bag`` whose message types rclpy can import here."""
     from rosbags.highlevel import AnyReader
 
-    from sal_ros.nodes.replay import message_class
 
     with AnyReader([Path(bag)]) as reader:
         return sorted({c.topic for c in reader.connections if message_class(c.msgtype) is not None})
@@ -209,7 +211,6 @@ def replay(bag: str | Path, run_args: list[str], log_path: str | Path, *, cloud_
 
     Without ``segmenter`` (a recorder run) nothing is collected and ``done`` says when the node has finished.
     """
-    from sal_ros.env import claim_free_ros_domain
 
     topics = bag_topics(bag)
     if cloud_topic not in topics:
@@ -254,7 +255,6 @@ def replay(bag: str | Path, run_args: list[str], log_path: str | Path, *, cloud_
 def match_answers(result: OnlineResult, outputs: dict[int, tuple[float, Any]], received: dict[int, float],
                   sent_stamps: set[int]) -> OnlineResult:
     """Only a labeled cloud stamped like a cloud of the bag answers it; any other is counted as ignored."""
-    from sal_ros.core.pointcloud2 import read_fields
 
     for stamp, (t_out, msg) in sorted(outputs.items()):
         if stamp not in sent_stamps:
@@ -270,7 +270,6 @@ def bag_stamps(bag: str | Path, topic: str) -> set[int]:
     """header.stamp (ns) of every message on ``topic`` in the bag: the clouds this replay sends."""
     from rosbags.highlevel import AnyReader
 
-    from sal_ros.core.msgtypes import stamp_to_ns
 
     with AnyReader([Path(bag)]) as reader:
         conns = [c for c in reader.connections if c.topic == topic]
@@ -288,3 +287,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="passed to `sal-ros run`")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
     parser.add_argument("--out", type=Path, required=True, help="folder for online.json, online.md and node.log")
+
+
+def _ms(value) -> str:
+    return "–" if value is None else f"{value:.1f} ms"
+
+
+def online_headline(summary: dict) -> str:
+    lat = summary["end_to_end_ms"]
+    drop = summary["drop_rate"]
+    return (f"{summary['clouds_answered']}/{summary['clouds_sent']} clouds answered, drop rate "
+            f"{'–' if drop is None else f'{100 * drop:.1f} %'}, end-to-end latency median {_ms(lat['median'])}, "
+            f"p90 {_ms(lat['p90'])}")
+
+
+def online_markdown(summary: dict) -> str:
+    """online.md: the headline, end-to-end latency and the node's per-stage timings as tables."""
+    lat = summary["end_to_end_ms"]
+    lines = ["# Online evaluation", ""]
+    lines += [f"- {key}: {value}" for key, value in summary.get("meta", {}).items()]
+    lines += ["", online_headline(summary), "",
+              "| clouds sent | answered | dropped | drop rate | latency median (ms) | p90 (ms) | max (ms) |",
+              "|---|---|---|---|---|---|---|",
+              f"| {summary['clouds_sent']} | {summary['clouds_answered']} | {summary['dropped']} | "
+              f"{summary['drop_rate']} | {lat['median']} | {lat['p90']} | {lat['max']} |", ""]
+    timings = summary.get("node_timings_ms") or {}
+    if timings:
+        lines += ["Node timings (its last ~/stats record):", "", "| stage | median (ms) | p90 (ms) | max (ms) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {t['median']} | {t['p90']} | {t['max']} |" for name, t in timings.items()]
+        lines.append("")
+    counts = summary.get("node_counts") or {}
+    if counts:
+        lines += ["Node counters: " + ", ".join(f"{k} {v}" for k, v in counts.items()), ""]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``sal-ros eval online``: errors raise (the eval command prints them), a node that fails returns 1."""
+    if not args.bag.exists():
+        raise FileNotFoundError(f"{args.bag} does not exist")
+    if not args.params.is_file():
+        raise FileNotFoundError(f"--params {args.params} does not exist")
+    if args.rate <= 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    values = parameter_values(P.SEGMENTER_NODE, args.params, parse_sets(args.set), {})
+    cloud_topic = values.get("cloud_topic", "/points")
+    run_args = ["--params", str(args.params)] + [f"--set={s}" for s in args.set]
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "node.log"
+    try:
+        result = replay(args.bag, run_args, log, cloud_topic=cloud_topic, rate=args.rate)
+    except (TimeoutError, RuntimeError) as exc:  # the node did not start, died, or never answered
+        print(f"sal-ros eval online: {exc}", file=sys.stderr)
+        return 1
+    summary = result.summary()
+    summary["meta"] = {"bag": str(args.bag), "params": str(args.params), "sets": list(args.set),
+                       "rate": args.rate, "cloud_topic": cloud_topic, "node_log": str(log)}
+    json_path = write_json(args.out / "online.json", summary)
+    md_path = atomic_write(args.out / "online.md", online_markdown(summary))
+    print(f"{online_headline(summary)} -> {json_path}, {md_path}")
+    return 0
