@@ -79,3 +79,18 @@ def test_only_the_chosen_command_module_is_imported():
     assert done.returncode == 0, done.stderr
     assert "--points" in done.stdout
     assert json.loads(done.stderr.strip().splitlines()[-1]) == ["sal_ros.bench.codec"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--no-segmenter"], "sal-ros run: nothing to run"),
+    (["replay", "/nonexistent/bag"], "sal-ros replay: /nonexistent/bag does not exist"),
+])
+def test_run_and_replay_report_a_bad_invocation_on_stderr_with_exit_1(argv, message, capsys):
+    """Like every other command: the reason on stderr, exit status 1 (2 is argparse's own usage error)."""
+    if argv[0] == "replay":
+        from conftest import require_rclpy
+
+        require_rclpy()  # replay imports rclpy before it looks at the bag
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert message in err and message not in out

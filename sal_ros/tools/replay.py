@@ -160,8 +160,8 @@ def main(args: argparse.Namespace) -> int:
     from rclpy.signals import SignalHandlerOptions
 
     if not args.bag.exists():
-        print(f"sal-ros replay: {args.bag} does not exist")
-        return 2
+        print(f"sal-ros replay: {args.bag} does not exist", file=sys.stderr)
+        return 1
     signals = (signal.SIGINT, signal.SIGTERM)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, _interrupt) for sig in signals} if main_thread else {}

@@ -255,8 +255,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         overrides = node_overrides(args)
     except ValueError as exc:
-        print(f"sal-ros run: {exc}")
-        return 2
+        print(f"sal-ros run: {exc}", file=sys.stderr)
+        return 1
     if args.localhost:
         apply_ros_env_defaults()
     import rclpy
