@@ -9,14 +9,14 @@ from conftest import require_data
 from sal_ros.core.camera import project_points
 from sal_ros.core.errors import SensorDataError
 from sal_ros.data.datasets import (
-    find_dataset,
-    iter_frames,
+    iter_semantickitti,
     load_kitti_frustum,
     load_kitti_object,
     load_nuscenes,
     load_semantickitti,
     read_semantickitti_config,
 )
+from sal_ros.data.sources import iter_source_frames, source_kind
 
 
 def _kitti_txt(path):
@@ -141,17 +141,17 @@ def test_kitti_frustum_frame():
     assert project_points(frame.points, view.T_cam_lidar, view.camera).valid.mean() > 0.9
 
 
-def test_find_dataset_and_iter_frames(data_dir, tmp_path):
+def test_dataset_layouts_are_recognised_and_read_lazily(data_dir, tmp_path):
     cases = {"semantickitti": "semantickitti", "semantickitti/sequences/00": "semantickitti",
              "kitti_object": "kitti_object", "kitti_object/training": "kitti_object",
              "nuscenes_mini": "nuscenes", "kitti_frustum_000008": "kitti_frustum"}
     for folder, kind in cases.items():
-        assert find_dataset(data_dir / folder) == kind, folder
-    assert [f.key for f in iter_frames(data_dir / "kitti_object")] == ["000000", "000001"]
-    it = iter_frames(data_dir / "semantickitti", images=False)
+        assert source_kind(data_dir / folder) == kind, folder
+    assert [f.key for f in iter_source_frames(data_dir / "kitti_object")] == ["000000", "000001"]
+    it = iter_semantickitti(data_dir / "semantickitti", images=False)
     assert next(it).key == "00_000000"  # lazy: one frame at a time
     with pytest.raises(SensorDataError, match="not a dataset folder"):
-        find_dataset(tmp_path)
+        source_kind(tmp_path)
 
 
 def test_malformed_files_raise(tmp_path):

@@ -33,6 +33,7 @@ import numpy as np
 from sal_ros.core.calibration import CameraCalibration, write_static_extrinsics
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.types import CameraView, Frame
+from sal_ros.data.sources import detect_source
 
 CLOUD_TOPIC = "/lidar/points"
 TF_STATIC_TOPIC = "/tf_static"
@@ -112,17 +113,18 @@ def convert(
     progress: bool = True,
 ) -> ConvertSummary:
     """Write the bag (see the module docstring); returns what was written."""
-    from sal_ros.data.datasets import find_dataset, iter_frames
-
     dataset, out = Path(dataset), Path(out)
     if not dataset.exists():
         raise FileNotFoundError(f"dataset {dataset} does not exist")
     _refuse_overlap(dataset, out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (use --overwrite to replace it)")
-    kind = find_dataset(dataset)
+    source_kind = detect_source(dataset)
+    if source_kind.recording:
+        raise SensorDataError(f"{dataset}: a {source_kind.name}, not a dataset folder")
+    kind = source_kind.name
     summary = ConvertSummary(path=out, kind=kind, time_shift_ns=time_base_ns if kind in RELATIVE_TIME_KINDS else 0)
-    source = _select(iter_frames(dataset), frames, max_frames)
+    source = _select(source_kind.frames(dataset), frames, max_frames)
     # the bag is built in a hidden sibling folder under its final name (rosbag2 names its data files after it)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Readers of the raw datasets (SemanticKITTI, KITTI object, nuScenes samples, KITTI frustum) into ``Frame``s.
 
 ``iter_*`` functions read one frame at a time (a full SemanticKITTI sequence does not fit in memory with
-images); ``load_*`` are the list forms. ``iter_frames(path)`` recognizes the dataset with ``find_dataset``.
+images); ``load_*`` are the list forms. sal_ros.data.sources recognises the layouts (``is_*``) and opens them.
 
 Layouts (as in ../shared/data):
 - semantickitti: ``sequences/<seq>/{velodyne/*.bin, labels/*.label, image_k/*.png, calib.txt, times.txt}``;
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import yaml
@@ -37,7 +37,6 @@ from sal_ros.core.types import CameraView, Frame
 KITTI_PERIOD_NS = 100_000_000  # 10 Hz
 SEMANTICKITTI_THINGS = ("car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist",
                         "motorcyclist")
-DATASET_KINDS = ("semantickitti", "kitti_object", "nuscenes", "kitti_frustum")
 
 
 # --------------------------------------------------------------------------------------------- file readers
@@ -290,31 +289,52 @@ def load_kitti_frustum(root: str | os.PathLike) -> list[Frame]:
     return list(iter_kitti_frustum(root))
 
 
-# ------------------------------------------------------------------------------------------------ dispatch
+# ------------------------------------------------------------------------------------------------ layouts
+# How each layout is recognised; sal_ros.data.sources registers them as frame-source kinds.
 
 
-def find_dataset(path: str | os.PathLike) -> str:
-    """Which dataset layout ``path`` holds: one of DATASET_KINDS (SensorDataError when none)."""
-    path = Path(path)
+def _semantickitti_sequences(path: Path) -> list[Path]:
+    if (path / "velodyne").is_dir():
+        return [path]
+    return sorted(p for p in (path / "sequences").iterdir() if (p / "velodyne").is_dir())
+
+
+def is_semantickitti(path: Path) -> bool:
     if (path / "velodyne").is_dir() and (path / "calib.txt").is_file():
-        return "semantickitti"
-    if (path / "sequences").is_dir() and any((p / "velodyne").is_dir() for p in (path / "sequences").iterdir()):
-        return "semantickitti"
-    for base in (path, path / "training"):
-        if (base / "velodyne").is_dir() and (base / "calib").is_dir():
-            return "kitti_object"
+        return True
+    return (path / "sequences").is_dir() and bool(_semantickitti_sequences(path))
+
+
+def is_kitti_object(path: Path) -> bool:
+    return any((base / "velodyne").is_dir() and (base / "calib").is_dir() for base in (path, path / "training"))
+
+
+def _calib_json_has(path: Path, *names: str) -> bool:
     calib = path / "calib.json"
-    if calib.is_file():
-        data = load_calibration_json(calib)
-        if "cams" in data and "lidar_path" in data:
-            return "nuscenes"
-        if "lidar2img" in data and "P2" in data:
-            return "kitti_frustum"
-    raise SensorDataError(f"{path}: not a dataset folder sal_ros reads ({', '.join(DATASET_KINDS)})")
+    return calib.is_file() and all(name in load_calibration_json(calib) for name in names)
 
 
-def iter_frames(path: str | os.PathLike, **kwargs: Any) -> Iterator[Frame]:
-    """Frames of any supported dataset folder, read lazily one at a time."""
-    readers = {"semantickitti": iter_semantickitti, "kitti_object": iter_kitti_object,
-               "nuscenes": iter_nuscenes, "kitti_frustum": iter_kitti_frustum}
-    return readers[find_dataset(path)](path, **kwargs)
+def is_nuscenes(path: Path) -> bool:
+    return _calib_json_has(path, "cams", "lidar_path")
+
+
+def is_kitti_frustum(path: Path) -> bool:
+    return _calib_json_has(path, "lidar2img", "P2")
+
+
+class SemanticKittiScans:
+    """Scans of a SemanticKITTI folder by key ``<seq>_<scan>``, read one at a time (a sequence does not fit in
+    memory with images)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._sequences = {seq.name: seq for seq in _semantickitti_sequences(self.path)}
+
+    def keys(self) -> list[str]:
+        return [f"{name}_{p.stem}" for name, seq in self._sequences.items() for p in sorted(seq.glob("velodyne/*.bin"))]
+
+    def load(self, key: str) -> Frame:
+        seq, _, scan = key.rpartition("_")
+        if seq not in self._sequences:
+            raise KeyError(f"{self.path}: no sequence for frame key {key!r}")
+        return next(iter(iter_semantickitti(self._sequences[seq], scans=[scan])))

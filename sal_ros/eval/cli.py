@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--checkpoint", required=True, type=Path)
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--bag", type=Path, help="rosbag2 with lidar (+ ground-truth) topics, read through the synchronizer")
-    src.add_argument("--dataset", type=Path, help="SemanticKITTI sequence folder (velodyne/, labels/, calib.txt)")
+    src.add_argument("--dataset", type=Path, help="frames with ground truth, any kind sal_ros.data.sources knows "
+                     "(e.g. a SemanticKITTI sequence: velodyne/, labels/, calib.txt)")
     m.add_argument("--vocabulary", required=True, type=Path, help="vocabulary yaml (prompts per class)")
     m.add_argument("--out", required=True, type=Path)
     m.add_argument("--label-set", default="semantickitti", choices=["semantickitti", "nuscenes"])
@@ -101,14 +102,12 @@ def _load_class_map(path: Path | None) -> dict | None:
 
 
 def iter_frames(args):
-    """Frames with ground truth, from a dataset folder or a bag (through the node's synchronizer)."""
+    """Frames with ground truth, from any registered frame source or a bag (through the node's synchronizer)."""
+    from sal_ros.data.sources import iter_source_frames
+
     if args.dataset is not None:
-        from sal_ros.data.datasets import load_semantickitti
-
-        return load_semantickitti(args.dataset)
-    from sal_ros.data.bag import iter_bag_frames
-
-    return iter_bag_frames(args.bag, config=args.config)
+        return iter_source_frames(args.dataset)
+    return iter_source_frames(args.bag, bag_config=args.config, kind="bag")
 
 
 def node_score_threshold() -> float:

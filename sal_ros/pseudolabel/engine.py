@@ -31,6 +31,7 @@ import numpy as np
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
+from sal_ros.data.sources import detect_source
 from sal_ros.pseudolabel import ray_backend  # imports ray only when a Ray run connects
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
@@ -199,57 +200,41 @@ def usable_cameras(frame):
 # --- frame sources -----------------------------------------------------------------------------------------------
 
 class FrameSource:
-    """Keys and frames of any source sal_ros.data.sources opens: a dataset folder, a FrameStore or a rosbag2.
+    """Keys and frames of any kind the sal_ros.data.sources registry knows.
 
-    SemanticKITTI scans are read one at a time by key (workers never load a whole sequence); a bag is streamed
-    in recording order (each process keeps its place, so in-order keys read it once); the small sample layouts
-    (nuScenes, KITTI object, frustum) are read once per process and cached.
+    Keyed kinds (a FrameStore, SemanticKITTI scans) are read one frame at a time by key (workers never load a
+    whole sequence); streamed kinds (a bag) in recording order (each process keeps its place, so in-order keys
+    read it once); the others (small sample layouts) are read once per process and cached.
     """
 
     def __init__(self, path: str | Path) -> None:
-        from sal_ros.data.sources import source_kind
-
         self.path = Path(path)
-        self.kind = source_kind(self.path)  # FileNotFoundError / SensorDataError naming the layouts it knows
+        self.source = detect_source(self.path)  # FileNotFoundError / SensorDataError naming the kinds it knows
+        self.kind = self.source.name
+        self._index = self.source.keyed(self.path) if self.source.keyed else None
         self._frames: dict | None = None
-        self._store = None
-        self._bag_keys: list[str] | None = None
-        self._bag_cursor = None  # (iterator over the bag's frames, keys it has passed)
+        self._stream_keys: list[str] | None = None
+        self._stream_cursor = None  # (iterator over the source's frames, keys it has passed, its finalizer)
 
     @property
     def default_out(self) -> Path | None:
-        """Where pseudo-labels go without --out: inside a FrameStore; raw dataset folders stay untouched."""
-        return self.path / "pseudolabels" if self.kind == "framestore" else None
-
-    def _sequences(self) -> list[Path]:
-        if (self.path / "velodyne").is_dir():
-            return [self.path]
-        return sorted(p for p in (self.path / "sequences").iterdir() if (p / "velodyne").is_dir())
+        """Where pseudo-labels go without --out: inside a writable source; raw dataset folders stay untouched."""
+        return self.path / "pseudolabels" if self.source.writable else None
 
     def keys(self) -> list[str]:
-        if self.kind == "framestore":
-            return list(self._framestore().keys())
-        if self.kind == "bag":
-            if self._bag_keys is None:
-                self._bag_keys = [frame.key for frame in self._bag_frames()]
-            return list(self._bag_keys)
-        if self.kind == "semantickitti":
-            return [f"{seq.name}_{p.stem}" for seq in self._sequences() for p in sorted(seq.glob("velodyne/*.bin"))]
+        if self._index is not None:
+            return list(self._index.keys())
+        if self.source.streamed:
+            if self._stream_keys is None:
+                self._stream_keys = [frame.key for frame in self.source.frames(self.path)]
+            return list(self._stream_keys)
         return list(self._cached())
 
     def load(self, key: str):
-        if self.kind == "framestore":
-            return self._framestore().load(key)
-        if self.kind == "bag":
-            return self._load_from_bag(key)
-        if self.kind == "semantickitti":
-            from sal_ros.data.datasets import iter_semantickitti
-
-            seq, _, scan = key.rpartition("_")
-            seq_dir = {s.name: s for s in self._sequences()}.get(seq)
-            if seq_dir is None:
-                raise KeyError(f"{self.path}: no sequence for frame key {key!r}")
-            return next(iter(iter_semantickitti(seq_dir, scans=[scan])))
+        if self._index is not None:
+            return self._index.load(key)
+        if self.source.streamed:
+            return self._load_streamed(key)
         try:
             return self._cached()[key]
         except KeyError:
@@ -257,36 +242,22 @@ class FrameSource:
 
     def _cached(self) -> dict:
         if self._frames is None:
-            from sal_ros.data.datasets import iter_frames
-
-            self._frames = {f.key: f for f in iter_frames(self.path)}
+            self._frames = {f.key: f for f in self.source.frames(self.path)}
         return self._frames
 
-    def _bag_frames(self):
-        from sal_ros.data.sources import iter_source_frames
-
-        return iter_source_frames(self.path)
-
-    def _load_from_bag(self, key: str):
-        if self._bag_cursor is None or key in self._bag_cursor[1]:  # first call, or a key behind us: rewind
-            if self._bag_cursor is not None:
-                self._bag_cursor[2]()
-            frames = self._bag_frames()
-            # Closes the bag reader of an unfinished pass at the latest at exit, while imports still work.
-            self._bag_cursor = (frames, set(), weakref.finalize(self, frames.close))
-        frames, passed, _ = self._bag_cursor
+    def _load_streamed(self, key: str):
+        if self._stream_cursor is None or key in self._stream_cursor[1]:  # first call, or a key behind us: rewind
+            if self._stream_cursor is not None:
+                self._stream_cursor[2]()
+            frames = self.source.frames(self.path)
+            # Closes the reader of an unfinished pass at the latest at exit, while imports still work.
+            self._stream_cursor = (frames, set(), weakref.finalize(self, frames.close))
+        frames, passed, _ = self._stream_cursor
         for frame in frames:
             passed.add(frame.key)
             if frame.key == key:
                 return frame
         raise KeyError(f"{self.path}: no frame {key!r}")
-
-    def _framestore(self):
-        if self._store is None:
-            from sal_ros.data.framestore import FrameStore
-
-            self._store = FrameStore(self.path)
-        return self._store
 
 
 # --- runs --------------------------------------------------------------------------------------------------------

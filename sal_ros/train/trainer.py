@@ -74,9 +74,7 @@ class TrainConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
-        data = dict(d.pop("data", {}) or {})
-        d["sources"] = d.get("sources") or data.pop("sources", [])
-        d["data"] = DataConfig.from_dict(data)
+        d["data"] = DataConfig.from_dict(d.get("data"))
         d["loss"] = LossWeights.from_dict(d.get("loss"))
         optim = dict(d.get("optim") or {})
         unknown = set(optim) - set(OptimConfig.__dataclass_fields__)
