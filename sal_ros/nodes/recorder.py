@@ -12,45 +12,30 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rclpy.node import Node
-
 from sal_ros.core.errors import SensorDataError
 from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import params as P
-from sal_ros.nodes.inputs import SensorInputs, declare_inputs
-from sal_ros.nodes.qos import profile
-from sal_ros.nodes.stats import NodeStats, Throttle
+from sal_ros.nodes.base import SensorNode
+from sal_ros.nodes.stats import throttled
 from sal_ros.nodes.worker import Worker
 
 
-class RecorderNode(Node):
+class RecorderNode(SensorNode):
+    WORK = "recording a frame"
+    SUMMARY = ("recorded", "matched", "partial", "dropped")
+    SUMMARY_WHEN = ("matched", "partial")
+
     def __init__(self, **node_kwargs: Any) -> None:
-        super().__init__(P.RECORDER_NODE, **node_kwargs)
-        self.stats = NodeStats()
-        self.throttle = Throttle()
-        self.values, cameras = declare_inputs(self)
-        self.values.update(P.declare(self, P.RECORDER_PARAMS))
+        super().__init__(P.RECORDER_NODE, P.RECORDER_PARAMS, **node_kwargs)
         self.store = self._open_store()
         self._full = False
         self._stopped = ""  # why recording stopped: "limit" or the error
-        self.health = D.HealthMonitor([c.name for c in cameras])
-        self.worker = Worker("sal_recorder_writer", self._record, self._on_worker_error).start()
-        self.inputs = SensorInputs(self, self.values, cameras, self._on_synced, self.stats, self.throttle)
-        from std_msgs.msg import String
-
-        self._String = String
-        self._pub_stats = self.create_publisher(String, "~/stats", profile("reliable", 5))
-        self._stats_timer = self.create_timer(self.values["stats_period"], self._publish_stats,
-                                              callback_group=self.inputs.timer_group)
-        from diagnostic_msgs.msg import DiagnosticArray
-
-        self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", profile("reliable", 10))
-        self._diagnostics_timer = self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics,
-                                                    callback_group=self.inputs.timer_group, clock=D.steady_clock())
-        if not cameras:
+        self.start(Worker("sal_recorder_writer", self._record, self._on_worker_error))
+        names = [c.name for c in self.cameras]
+        if not names:
             self.get_logger().warning("no cameras configured: frames are recorded lidar-only; "
                                       "pseudo-labels need camera images")
-        self.get_logger().info(f"recording {self.values['cloud_topic']} + cameras {[c.name for c in cameras]} "
+        self.get_logger().info(f"recording {self.values['cloud_topic']} + cameras {names} "
                                f"into {self.values['output_dir']} ({len(self.store)} frames there already)")
 
     def _open_store(self) -> Any:
@@ -64,17 +49,6 @@ class RecorderNode(Node):
             max_bytes=int(v["max_gb"] * 1e9) or None,
         )
 
-    def _on_synced(self, synced: Any) -> None:
-        self.health.frame_in(synced.missing)
-        if self.worker.submit(synced):
-            self.stats.count("dropped")
-            self.health.dropped()
-
-    def _on_worker_error(self, exc: BaseException) -> None:
-        self.stats.count("error.unexpected")
-        self.health.error("unexpected")
-        self.get_logger().error(f"recording a frame failed: {type(exc).__name__}: {exc}")
-
     def _record(self, synced: Any) -> None:
         if self._full:
             self.stats.count("skipped_store_full")
@@ -85,8 +59,7 @@ class RecorderNode(Node):
         except SensorDataError as exc:
             self.stats.count("error.malformed_cloud")
             self.health.error("malformed_cloud")
-            if self.throttle.ready("malformed"):
-                self.get_logger().warning(f"dropped a malformed cloud: {exc}")
+            self.get_logger().warning(f"dropped a malformed cloud: {exc}", **throttled())
             return
         self.health.left_out(list(decoded.problems))
         try:
@@ -110,24 +83,16 @@ class RecorderNode(Node):
         self.stats.time("write", (time.perf_counter() - t0) * 1e3)
         self.health.processed()
 
-    def _publish_stats(self) -> None:
-        extra = {"frames_in_store": len(self.store), "sync": self.inputs.sync_stats()}
-        self._pub_stats.publish(self._String(data=self.stats.to_json(**extra)))
-        if self.stats.get("matched") or self.stats.get("partial"):
-            self.get_logger().info(self.stats.summary_line(("recorded", "matched", "partial", "dropped")))
+    def stats_extra(self) -> dict[str, Any]:
+        return {"frames_in_store": len(self.store)}
 
-    def _publish_diagnostics(self) -> None:
-        window, v, name = self.health.window(), self.values, self.get_name()
-        statuses = [D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
-                    D.recording_status(name, window, v["output_dir"], len(self.store), self._stopped,
-                                       self.stats.snapshot()["timings"])]
-        self._pub_diagnostics.publish(D.diagnostic_array(statuses, self.get_clock().now().to_msg(),
-                                                         self.get_fully_qualified_name()))
+    def diagnostic_statuses(self, window: Any) -> list:
+        v, name = self.values, self.get_name()
+        return [D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
+                D.recording_status(name, window, v["output_dir"], len(self.store), self._stopped,
+                                   self.stats.snapshot()["timings"])]
 
     def destroy_node(self) -> None:
-        # Also called by rclpy at shutdown on a node whose __init__ failed part-way.
-        if hasattr(self, "worker"):
-            self.worker.stop()
+        super().destroy_node()  # stops the writer before the store closes
         if hasattr(self, "store"):
             self.store.close()
-        super().destroy_node()

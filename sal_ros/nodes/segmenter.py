@@ -34,8 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from rclpy.node import Node
-
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.msgtypes import rclpy_types
 from sal_ros.core.pointcloud2 import finite_mask
@@ -44,9 +42,9 @@ from sal_ros.core.types import Frame, Segmentation
 from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import outputs
 from sal_ros.nodes import params as P
-from sal_ros.nodes.inputs import SensorInputs, declare_inputs
+from sal_ros.nodes.base import SensorNode
 from sal_ros.nodes.qos import latched, profile
-from sal_ros.nodes.stats import NodeStats, Throttle
+from sal_ros.nodes.stats import throttled
 from sal_ros.nodes.worker import Worker
 
 OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary")
@@ -60,13 +58,9 @@ class ActiveVocabulary:
     palette: np.ndarray
 
 
-class SegmenterNode(Node):
+class SegmenterNode(SensorNode):
     def __init__(self, **node_kwargs: Any) -> None:
-        super().__init__(P.SEGMENTER_NODE, **node_kwargs)
-        self.stats = NodeStats()
-        self.throttle = Throttle()
-        self.values, cameras = declare_inputs(self)
-        self.values.update(P.declare(self, P.SEGMENTER_PARAMS))
+        super().__init__(P.SEGMENTER_NODE, P.SEGMENTER_PARAMS, **node_kwargs)
         self._specs = {s.name: s for s in P.node_specs(P.SEGMENTER_NODE)}
         self._types = rclpy_types()
         self._model_lock = threading.Lock()  # one model call at a time; vocabulary swaps happen between frames
@@ -76,25 +70,18 @@ class SegmenterNode(Node):
                                             initializer=_one_torch_thread)
 
         self.device = self._choose_device(self.values["model.device"])
-        self.health = D.HealthMonitor([c.name for c in cameras])
         self.tracker = Tracker(self._tracker_config())
         self._poses, self._last_pose = self._pose_source(), None
-        self._make_publishers(cameras)
+        self._make_publishers(self.cameras)
         # All CPU model work, loading included, happens on the worker thread: PyTorch's OpenMP pool serves the
         # thread that first used it; parallel ops of a second thread ran ~6x slower here (tiny backbone 55 ->
         # 340 ms on 2 cores). The vocabulary thread uses one torch thread for the same reason.
-        self.worker = Worker("sal_segmenter_worker", self._process, self._on_worker_error,
-                             setup=self._setup_model).start()
+        self.start(Worker("sal_segmenter_worker", self._process, self._on_worker_error, setup=self._setup_model))
         self._publish_vocabulary(self.active)
-        self.inputs = SensorInputs(self, self.values, cameras, self._on_synced, self.stats, self.throttle)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
-        self._stats_timer = self.create_timer(self.values["stats_period"], self._publish_stats,
-                                              callback_group=self.inputs.timer_group)
-        self._diagnostics_timer = self.create_timer(self.values["diagnostics_period"], self._publish_diagnostics,
-                                                    callback_group=self.inputs.timer_group, clock=D.steady_clock())
         self.get_logger().info(
-            f"listening on {self.values['cloud_topic']} with cameras {[c.name for c in cameras]}; "
+            f"listening on {self.values['cloud_topic']} with cameras {[c.name for c in self.cameras]}; "
             f"model on {self.device}, torch threads: {self._torch_threads}; "
             f"vocabulary v{self.active.version}: {list(self.active.class_names)}")
 
@@ -230,7 +217,6 @@ class SegmenterNode(Node):
     # ------------------------------------------------------------------------------------------------ output
 
     def _make_publishers(self, cameras: list) -> None:
-        from diagnostic_msgs.msg import DiagnosticArray
         from sensor_msgs.msg import Image, PointCloud2
 
         try:
@@ -253,8 +239,6 @@ class SegmenterNode(Node):
         self._pub_summary = self.create_publisher(FrameSummary, "~/frame_summary", qos)
         self._pub_vocabulary = self.create_publisher(Vocabulary, "~/vocabulary", latched())
         self._pub_vocabulary_json = self.create_publisher(String, "~/debug/vocabulary", latched())
-        self._pub_stats = self.create_publisher(String, "~/stats", profile("reliable", 5))
-        self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", profile("reliable", 10))
 
     def wanted_outputs(self) -> dict[str, Any]:
         """Which outputs are enabled and subscribed; overlays as the set of camera names."""
@@ -271,32 +255,20 @@ class SegmenterNode(Node):
 
     # ------------------------------------------------------------------------------------------------ frames
 
-    def _on_synced(self, synced: Any) -> None:
-        self.health.frame_in(synced.missing)
-        if self.worker.submit(synced):
-            self.stats.count("dropped")
-            self.health.dropped()
-
-    def _on_worker_error(self, exc: BaseException) -> None:
-        self.stats.count("error.unexpected")
-        self.health.error("unexpected")
-        self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}")
-
     def _process(self, synced: Any) -> None:
         t0 = time.perf_counter()
         wanted = self.wanted_outputs()
         if not any(wanted.values()):
             self.stats.count("idle")  # nobody listens: no decode, no model work
-            if self.throttle.ready("idle", 30.0):
-                self.get_logger().info("frames arrive but nothing subscribes to the outputs: the model runs once "
-                                       "something does (RViz, ros2 topic echo ~/labeled_points)")
+            self.get_logger().info("frames arrive but nothing subscribes to the outputs: the model runs once "
+                                   "something does (RViz, ros2 topic echo ~/labeled_points)", **throttled(30.0))
             return
         try:
             decoded = self.inputs.decode(synced, with_cameras=bool(wanted["overlays"]))
         except SensorDataError as exc:
             self.stats.count("error.malformed_cloud")
             self.health.error("malformed_cloud")
-            self._warn("malformed_cloud", f"dropped a malformed cloud: {exc}")
+            self.get_logger().warning(f"dropped a malformed cloud: {exc}", **throttled())
             return
         self.health.left_out(list(decoded.problems))
         frame = decoded.frame
@@ -336,7 +308,8 @@ class SegmenterNode(Node):
         if finite == 0:
             active = self.active
             self.stats.count("error.empty_cloud")
-            self._warn("empty", f"cloud at {frame.stamp_ns} has no finite points; publishing it unlabeled")
+            self.get_logger().warning(f"cloud at {frame.stamp_ns} has no finite points; publishing it unlabeled",
+                                      **throttled())
             return Segmentation.empty(n, active.class_names, active.version)
         if not self._admit_size(finite):
             return None
@@ -347,17 +320,16 @@ class SegmenterNode(Node):
         except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
             self.stats.count("error.model")
             self.health.error("model")
-            if self.throttle.ready("model_error"):
-                self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
-                                        f"{type(exc).__name__}: {exc}")
+            self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
+                                    f"{type(exc).__name__}: {exc}", **throttled())
             return None
         far = seg.dropped_points.get("out_of_range", 0)
         if far:  # labeled 0 like non-finite points; the rest of the cloud is segmented
             from sal_ros.model.segmenter import MAX_COORDINATE
 
             self.stats.count("out_of_range_points", far)
-            self._warn("out_of_range", f"{far} points beyond {MAX_COORDINATE:g} m in the cloud at {frame.stamp_ns} "
-                       "left out (label 0)")
+            self.get_logger().warning(f"{far} points beyond {MAX_COORDINATE:g} m in the cloud at {frame.stamp_ns} "
+                                      "left out (label 0)", **throttled())
         return seg
 
     def _configure_segmenter(self) -> None:
@@ -371,7 +343,8 @@ class SegmenterNode(Node):
         model fed another scale than it learned on sees a different input; the mismatch is warned about."""
         trained = float(self._segmenter.model.config.intensity_scale)
         if frame.intensity is None:
-            self._warn("no_intensity", "the cloud has no intensity field: the model sees zero intensity")
+            self.get_logger().warning("the cloud has no intensity field: the model sees zero intensity",
+                                      **throttled())
             return None
         intensity = np.nan_to_num(frame.intensity, nan=0.0, posinf=0.0, neginf=0.0)
         sensor = self.values["model.intensity_scale"] or trained
@@ -379,8 +352,9 @@ class SegmenterNode(Node):
             intensity = intensity * np.float32(trained / sensor)
         peak = float(intensity.max(initial=0.0))
         if peak > 1.5 * trained:
-            self._warn("intensity_scale", f"intensity reaches {peak:g} on the model's scale, which ends at "
-                       f"{trained:g}: set model.intensity_scale to this lidar's full scale (e.g. 255 or 65535)")
+            self.get_logger().warning(f"intensity reaches {peak:g} on the model's scale, which ends at {trained:g}: "
+                                      "set model.intensity_scale to this lidar's full scale (e.g. 255 or 65535)",
+                                      **throttled())
         return intensity
 
     def _admit_size(self, finite: int) -> bool:
@@ -390,11 +364,12 @@ class SegmenterNode(Node):
             return True
         if self.values["max_points_policy"] == "reject":
             self.stats.count("error.too_many_points")
-            self._warn("too_many", f"cloud with {finite} points exceeds max_points={limit}: frame rejected")
+            self.get_logger().warning(f"cloud with {finite} points exceeds max_points={limit}: frame rejected",
+                                      **throttled())
             return False
         self.stats.count("subsampled")
-        self._warn("subsample", f"cloud with {finite} points exceeds max_points={limit}: the model sees a "
-                   "random subset, the rest take their nearest neighbour's label")
+        self.get_logger().warning(f"cloud with {finite} points exceeds max_points={limit}: the model sees a "
+                                  "random subset, the rest take their nearest neighbour's label", **throttled())
         return True
 
     # ---------------------------------------------------------------------------------------------- tracking
@@ -426,8 +401,8 @@ class SegmenterNode(Node):
         if pose is None:
             self.stats.count("tracking_pose_missing")
             why = getattr(self._poses, "last_error", {}).get((fixed, frame.frame_id), "no transform")
-            self._warn("tracking_pose", f"no transform {frame.frame_id} -> {fixed} at the cloud stamp ({why}); "
-                       "tracking with the last known pose")
+            self.get_logger().warning(f"no transform {frame.frame_id} -> {fixed} at the cloud stamp ({why}); "
+                                      "tracking with the last known pose", **throttled())
             return self._last_pose
         self._last_pose = pose
         return pose
@@ -443,8 +418,8 @@ class SegmenterNode(Node):
             self.stats.count("error.tracking")
             self.health.error("tracking")
             self.tracker.reset()
-            self._warn("tracking", f"tracking failed, frame published with per-frame ids, tracks reset: "
-                       f"{type(exc).__name__}: {exc}")
+            self.get_logger().warning(f"tracking failed, frame published with per-frame ids, tracks reset: "
+                                      f"{type(exc).__name__}: {exc}", **throttled())
             return None
         apply_tracks(seg, result)
         return result
@@ -481,38 +456,23 @@ class SegmenterNode(Node):
 
     # ------------------------------------------------------------------------------------------------- stats
 
-    def _publish_stats(self) -> None:
-        from std_msgs.msg import String
+    def stats_extra(self) -> dict[str, Any]:
+        return {"vocabulary_version": self.active.version,
+                "slot": {"accepted": self.worker.slot.accepted, "replaced": self.worker.slot.replaced}}
 
-        extra = {"vocabulary_version": self.active.version, "sync": self.inputs.sync_stats(),
-                 "slot": {"accepted": self.worker.slot.accepted, "replaced": self.worker.slot.replaced}}
-        self._pub_stats.publish(String(data=self.stats.to_json(**extra)))
-        if self.stats.get("processed") or self.stats.get("matched"):
-            self.get_logger().info(self.stats.summary_line())
-
-    def _publish_diagnostics(self) -> None:
-        window = self.health.window()
+    def diagnostic_statuses(self, window: Any) -> list:
         v, name = self.values, self.get_name()
         subscribed = any(self.wanted_outputs().values())
-        statuses = [
+        return [
             D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
             D.processing_status(name, window, self.stats.snapshot()["timings"], subscribed),
             D.model_status(name, v["model.device"], self.device, self.active.version, len(self.active.class_names),
                            getattr(self, "_torch_threads", None),
                            len(self.tracker.tracks) if v["tracking.enable"] else None),
         ]
-        self._pub_diagnostics.publish(D.diagnostic_array(statuses, self.get_clock().now().to_msg(),
-                                                         self.get_fully_qualified_name()))
-
-    def _warn(self, key: str, text: str) -> None:
-        if self.throttle.ready(key):
-            self.get_logger().warning(text)
 
     def destroy_node(self) -> None:
-        # Also called by rclpy at shutdown on a node whose __init__ failed part-way.
-        if hasattr(self, "worker"):
-            self.worker.stop()
-        if hasattr(self, "_embedder"):
+        if hasattr(self, "_embedder"):  # absent when __init__ failed early
             self._embedder.shutdown(wait=False, cancel_futures=True)
         super().destroy_node()
 

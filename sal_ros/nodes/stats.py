@@ -8,6 +8,16 @@ from collections import defaultdict, deque
 from typing import Any
 
 import numpy as np
+from rclpy.clock import Clock, ClockType
+
+# rclpy's logger compares the throttle clock between calls by identity, so every call site shares this one.
+_STEADY = Clock(clock_type=ClockType.STEADY_TIME)
+
+
+def throttled(period_s: float = 5.0) -> dict[str, Any]:
+    """Keyword arguments for rclpy's logger: at most one message per call site per ``period_s`` of wall time
+    (whatever the sim clock). rclpy throttles per call site, so call the logger directly, not via a helper."""
+    return {"throttle_duration_sec": period_s, "throttle_time_source_type": _STEADY}
 
 
 class NodeStats:
@@ -61,7 +71,9 @@ class NodeStats:
 
 
 class Throttle:
-    """Per-key rate limit on wall-clock (monotonic) time: one message per key per period, whatever the sim clock."""
+    """Per-key rate limit on wall-clock (monotonic) time: one message per key per period, whatever the sim clock.
+    Only for warnings whose key varies at one call site (per topic, per camera), which rclpy's per-call-site
+    :func:`throttled` would merge; fixed messages use :func:`throttled`."""
 
     def __init__(self, period_s: float = 5.0) -> None:
         self.period_s = period_s
