@@ -40,9 +40,9 @@ import yaml
 from sal_ros.core.camera import CameraModel
 from sal_ros.core.errors import CalibrationError
 from sal_ros.core.files import atomic_write
+from sal_ros.core.msgtypes import NS_PER_S
 from sal_ros.core.transforms import is_rigid
 
-NS_PER_S = 1_000_000_000
 NUSCENES_IMAGE_SIZE = (1600, 900)
 NUSCENES_CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
 RIGID_TOL = 1e-4  # dataset and hand-written rotations carry ~1e-7..1e-5 of rounding

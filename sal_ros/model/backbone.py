@@ -7,11 +7,12 @@ decoder can cross-attend to several scales and predict masks on the stride-1 fea
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
 
+from sal_ros.core.settings import known_settings
 from sal_ros.model.sparse import Conv3d, SparseTensor, cat_feats
 
 ENCODER_STRIDES = (2, 4, 8, 16)
@@ -91,10 +92,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown model settings {sorted(unknown)}")
-        return cls(**d)
+        return cls(**known_settings(cls, d, "model"))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from sal_ros.model.backbone import ModelConfig
 from sal_ros.model.sparse import SparseTensor
 
-OBJECT = 0  # objectness logits are (object, no-object)
+OBJECT = 0  # objectness logits are (object, no-object), as in Mask2Former's "last class is no-object"
 
 
 @dataclass

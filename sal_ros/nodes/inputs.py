@@ -14,13 +14,11 @@ from typing import Any, Callable
 import numpy as np
 
 from sal_ros.core.errors import CalibrationError, SensorDataError
-from sal_ros.core.msgtypes import stamp_to_ns
+from sal_ros.core.msgtypes import NS_PER_S, stamp_to_ns
 from sal_ros.core.types import CameraView, Frame
 from sal_ros.nodes import params as P
 from sal_ros.nodes.qos import input_profile
 from sal_ros.nodes.stats import NodeStats, Throttle
-
-NS = 1_000_000_000
 
 
 @dataclass
@@ -58,7 +56,7 @@ def declare_inputs(node: Any) -> tuple[dict[str, Any], list[CameraConfig]]:
             image_topic=cam[prefix + "image_topic"],
             info_topic=cam[prefix + "info_topic"],
             compressed=cam[prefix + "compressed"],
-            time_offset_ns=int(round(cam[prefix + "time_offset"] * NS)),
+            time_offset_ns=int(round(cam[prefix + "time_offset"] * NS_PER_S)),
             rectified=cam[prefix + "rectified"],
         ))
     return values, cameras
@@ -102,8 +100,8 @@ class SensorInputs:
         self._sync = LidarAnchoredSynchronizer(
             cameras=[c.name for c in cameras],
             offsets_ns={c.name: c.time_offset_ns for c in cameras},
-            match_threshold_ns=int(round(values["sync.match_threshold"] * NS)),
-            timeout_ns=int(round(values["sync.timeout"] * NS)),
+            match_threshold_ns=int(round(values["sync.match_threshold"] * NS_PER_S)),
+            timeout_ns=int(round(values["sync.timeout"] * NS_PER_S)),
         )
         self._allow_partial = values["sync.allow_partial"]
         self._wall_received: dict[int, int] = {}  # cloud stamp -> monotonic ns it arrived (latency is wall time)
@@ -180,7 +178,7 @@ class SensorInputs:
                 self._sync.reset()
                 self._wall_received.clear()
             self._stats.count("time_jump_back")
-            self._log.warning(f"ROS time jumped back {-jump.delta.nanoseconds / NS:.3f} s (a replay restarted?): "
+            self._log.warning(f"ROS time jumped back {-jump.delta.nanoseconds / NS_PER_S:.3f} s (a replay restarted?): "
                               "synchronizer reset, the new clouds are processed")
 
         threshold = JumpThreshold(min_forward=None, min_backward=Duration(nanoseconds=-1), on_clock_change=False)

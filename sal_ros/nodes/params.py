@@ -145,8 +145,6 @@ RECORDER_PARAMS: list[ParamSpec] = [
               range=(0.0, 100000.0)),
 ]
 
-CAMERA_PARAM_NAMES = ("image_topic", "info_topic", "compressed", "time_offset")
-
 
 def camera_specs(name: str) -> list[ParamSpec]:
     """The ``camera.<name>.*`` parameters of one configured camera."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sal_ros.core.files import atomic_write
+from sal_ros.core.settings import known_settings
 from sal_ros.pretrain.losses import info_nce, point_to_segment, scalr_loss, segment_mean, subsample
 from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
                                    batch_indices, config_diff, init_distributed, lr_factor, read_metrics,
@@ -63,15 +64,9 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PretrainConfig":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown pretraining settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        d = known_settings(cls, d, "pretraining")
         for name, sub in (("seal", SealConfig), ("optim", OptimConfig)):
-            values = dict(d.get(name) or {})
-            bad = set(values) - set(sub.__dataclass_fields__)
-            if bad:
-                raise ValueError(f"unknown {name} settings {sorted(bad)}")
+            values = known_settings(sub, d.get(name), name)
             if "betas" in values:
                 values["betas"] = tuple(values["betas"])
             d[name] = sub(**values) if name == "seal" else sub(**{"amp": False, **values})

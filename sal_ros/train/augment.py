@@ -1,9 +1,11 @@
 """Point-cloud augmentations for distillation. All take an explicit ``np.random.Generator`` (determinism)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
+
+from sal_ros.core.settings import known_settings
 
 
 def rotate_z(points: np.ndarray, angle: float) -> np.ndarray:
@@ -31,11 +33,7 @@ class AugmentConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AugmentConfig":
-        known = set(asdict(cls()))
-        unknown = set(d or {}) - known
-        if unknown:
-            raise ValueError(f"unknown augmentation settings {sorted(unknown)}; known: {sorted(known)}")
-        d = dict(d or {})
+        d = known_settings(cls, d, "augmentation")
         if "scale" in d:
             d["scale"] = tuple(d["scale"])
         return cls(**d)

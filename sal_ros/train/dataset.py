@@ -14,13 +14,14 @@ number of workers or DDP ranks.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sal_ros.core.camera import in_camera_frustum
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.settings import known_settings
 from sal_ros.train.augment import AugmentConfig, augment, azimuth_center, rotate_z
 
 
@@ -87,11 +88,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "DataConfig":
-        d = dict(d or {})
-        known = set(asdict(cls())) | {"augment"}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown data settings {sorted(unknown)}; known: {sorted(known)}")
+        d = known_settings(cls, d, "data")
         d["augment"] = AugmentConfig.from_dict(d.get("augment"))
         return cls(**d)
 

@@ -6,12 +6,14 @@ token weight is not published and defaults to 2 (same scale as Dice: both are in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from sal_ros.train.matching import OBJECT, match
+from sal_ros.core.settings import known_settings
+from sal_ros.model.decoder import OBJECT
+from sal_ros.train.matching import match
 
 
 @dataclass
@@ -25,11 +27,7 @@ class LossWeights:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "LossWeights":
-        known = set(asdict(cls()))
-        unknown = set(d or {}) - known
-        if unknown:
-            raise ValueError(f"unknown loss settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**(d or {}))
+        return cls(**known_settings(cls, d, "loss"))
 
 
 @dataclass

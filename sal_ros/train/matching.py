@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-OBJECT = 0  # objectness logits are (object, no-object), as in Mask2Former's "last class is no-object"
+from sal_ros.model.decoder import OBJECT
 
 
 def sigmoid_bce_cost(mask_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from sal_ros.core.files import atomic_write
+from sal_ros.core.settings import known_settings
 from sal_ros.train.dataset import DataConfig, DistillDataset, Sample
 from sal_ros.train.losses import LossWeights, Target, sal_loss
 
@@ -69,17 +70,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        d = known_settings(cls, d, "training")
         d["data"] = DataConfig.from_dict(d.get("data"))
         d["loss"] = LossWeights.from_dict(d.get("loss"))
-        optim = dict(d.get("optim") or {})
-        unknown = set(optim) - set(OptimConfig.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown optim settings {sorted(unknown)}")
+        optim = known_settings(OptimConfig, d.get("optim"), "optim")
         if "betas" in optim:
             optim["betas"] = tuple(optim["betas"])
         d["optim"] = OptimConfig(**optim)
