@@ -1,10 +1,12 @@
 """sal-ros convert -> rosbag2 -> iter_bag_frames (the node's synchronizer) reproduces the dataset frames exactly."""
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from conftest import require_data
+from sal_ros.core.calibration import read_static_extrinsics
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.transforms import make_transform, quaternion_to_matrix
 from sal_ros.data import bag as B
@@ -110,6 +112,22 @@ def test_node_params_file_drives_topics_offsets_and_sync(nuscenes_bag, tmp_path)
     (got,) = list(B.iter_bag_frames(out, config=config))
     assert list(got.cameras) == ["CAM_FRONT_LEFT", "CAM_BACK"] and got.missing_cameras == ()
     assert got.cameras["CAM_FRONT_LEFT"].stamp_ns == src.cameras["CAM_FRONT_LEFT"].stamp_ns
+
+
+def test_a_camera_without_transform_is_left_out_and_the_bag_reads_on(semantickitti_bag, nuscenes_bag, tmp_path):
+    # The node's rule: the camera is left out of that frame and listed; before, the reader raised and the
+    # iteration ended at the first frame.
+    root, out = nuscenes_bag
+    (src,) = load_nuscenes(root)
+    cams = [(n, C.image_topic(n), C.info_topic(n), v.stamp_ns - src.stamp_ns) for n, v in src.cameras.items()]
+    calibs = read_static_extrinsics(out / B.EXTRINSICS_FILE)
+    del calibs["CAM_BACK"]
+    (got,) = list(B.iter_bag_frames(out, C.CLOUD_TOPIC, cams, extrinsics=calibs))
+    assert got.missing_cameras == ("CAM_BACK",) and set(got.cameras) == set(src.cameras) - {"CAM_BACK"}
+    _, out = semantickitti_bag
+    calibs = {n: replace(c, lidar_frame_id="radar") for n, c in read_static_extrinsics(out / B.EXTRINSICS_FILE).items()}
+    frames = list(B.iter_bag_frames(out, extrinsics=calibs))
+    assert len(frames) == 2 and all(f.missing_cameras == ("image_0",) and not f.cameras for f in frames)
 
 
 def test_static_tree_chains_transforms():

@@ -19,6 +19,7 @@ comes from where the nodes (segmenter, recorder) take it: ``tf`` reads the bag's
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections import deque
@@ -31,6 +32,8 @@ import numpy as np
 from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
 from sal_ros.core.errors import CalibrationError, SensorDataError
 from sal_ros.core.types import CameraView, Frame
+
+log = logging.getLogger(__name__)
 
 CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
@@ -69,7 +72,8 @@ def iter_bag_frames(
     """Synced Frames of the bag, in cloud stamp order (see the module docstring for the defaults).
 
     ``extrinsics``: a static-extrinsics YAML path, calibrations by camera name, or None (the bag's own).
-    Frames whose cameras did not all match list them in ``missing_cameras``; ``allow_partial=False`` skips them.
+    Frames whose cameras did not all match, or lack a transform to the lidar, list them in ``missing_cameras``
+    (the node's rule); ``allow_partial=False`` skips them.
     """
     from rosbags.highlevel import AnyReader
 
@@ -124,6 +128,7 @@ class _Assembler:
         self.infos: dict[str, tuple[Any, bytes]] = {}
         self._models: dict[str, tuple[bytes, Any]] = {}
         self._rectified = {c.name: c.rectified for c in cams}
+        self._warned: set[str] = set()
 
     def frames(self, ready: list, allow_partial: bool) -> Iterator[Frame]:
         for synced in ready:
@@ -150,9 +155,12 @@ class _Assembler:
             model, rectification = model_and_rect
             image_msg = self._decode(conn, raw)
             camera_frame = str(image_msg.header.frame_id)
+            T = self._extrinsics(name, camera_frame, frame.frame_id)
+            if T is None:  # no transform: left out and listed, as the node does; the bag reads on
+                missing.append(name)
+                continue
             frame.cameras[name] = CameraView(
-                name=name, image=read_image(image_msg), camera=model,
-                T_cam_lidar=rectification @ self._extrinsics(name, camera_frame, frame.frame_id), stamp_ns=stamp,
+                name=name, image=read_image(image_msg), camera=model, T_cam_lidar=rectification @ T, stamp_ns=stamp,
                 frame_id=camera_frame)
         frame.missing_cameras = tuple(c.name for c in self.cams if c.name in missing)
         return frame
@@ -185,20 +193,26 @@ class _Assembler:
         calib = (self.calibs or {}).get(name)
         return None if calib is None else (calib.camera, np.eye(4))
 
-    def _extrinsics(self, name: str, camera_frame: str, lidar_frame: str) -> np.ndarray:
+    def _extrinsics(self, name: str, camera_frame: str, lidar_frame: str) -> np.ndarray | None:
         if self.calibs is not None:
             calib = self.calibs.get(name)
             if calib is None:
-                raise CalibrationError(f"camera {name}: not in the extrinsics YAML (cameras: {sorted(self.calibs)})")
+                return self._no_transform(name, f"not in the extrinsics YAML (cameras: {sorted(self.calibs)})")
             if calib.lidar_frame_id != lidar_frame:
-                raise CalibrationError(f"camera {name}: the extrinsics are for lidar frame '{calib.lidar_frame_id}', "
-                                       f"the clouds are in '{lidar_frame}'")
+                return self._no_transform(name, f"the extrinsics are for lidar frame '{calib.lidar_frame_id}', "
+                                                f"the clouds are in '{lidar_frame}'")
             return calib.T_cam_lidar
         T = self.tf_tree.lookup(camera_frame, lidar_frame)
         if T is None:
-            raise CalibrationError(f"camera {name}: no /tf_static chain from lidar frame '{lidar_frame}' to camera "
-                                   f"frame '{camera_frame}' (frames: {sorted(self.tf_tree.frames)})")
+            return self._no_transform(name, f"no /tf_static chain from lidar frame '{lidar_frame}' to camera frame "
+                                            f"'{camera_frame}' (frames: {sorted(self.tf_tree.frames)})")
         return T
+
+    def _no_transform(self, name: str, why: str) -> None:
+        if name not in self._warned:  # once per camera: every frame of the bag would repeat it
+            self._warned.add(name)
+            log.warning("camera %s: %s; left out of the frames (listed in missing_cameras)", name, why)
+        return None
 
 
 def _header_stamp(raw: bytes) -> int:
