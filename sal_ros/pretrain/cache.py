@@ -26,6 +26,8 @@ import numpy as np
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import atomic_write
+from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
+from sal_ros.pseudolabel.masks import flatten_masks, label_image
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,6 @@ def cache_path(folder: str | Path, key: str) -> Path:
 
 def frame_entry(frame, teacher, superpixels=None, lift=None, pose: np.ndarray | None = None) -> dict:
     """The arrays of one frame's cache file (see module doc)."""
-    from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
-    from sal_ros.pseudolabel.masks import flatten_masks, label_image
-
     lift = lift or LiftConfig()
     arrays, cameras = {}, []
     for j, (name, view) in enumerate(frame.cameras.items()):

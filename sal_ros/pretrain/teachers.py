@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sal_ros.core.errors import SensorDataError
+from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
+from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
 from sal_ros.pseudolabel.masks import as_rgb
 
 log = logging.getLogger(__name__)
@@ -66,17 +69,12 @@ class OracleTeacher:
     nearest point winning; cells no point reaches stay zero. ``stride`` pixels per cell."""
 
     def __init__(self, label_lut: np.ndarray, num_classes: int, stride: int = 4, lift=None) -> None:
-        from sal_ros.pseudolabel.lifting import LiftConfig
-
         self.lut, self.num_classes, self.stride = np.asarray(label_lut), int(num_classes), int(stride)
         self.lift = lift or LiftConfig()
         self.dim = self.num_classes + 1
         self.identity = {"teacher": "oracle", "dim": self.dim, "stride": self.stride}
 
     def feature_map(self, frame, camera: str) -> FeatureMap:
-        from sal_ros.core.errors import SensorDataError
-        from sal_ros.pseudolabel.lifting import point_pixels
-
         if frame.gt_labels is None:
             raise SensorDataError(f"frame {frame.key}: the oracle teacher needs ground-truth labels")
         view = frame.cameras[camera]
@@ -152,8 +150,6 @@ class ClipTeacher:
 
     def __init__(self, model: str = "ViT-B-16", pretrained: str | None = None, short_side: int | None = None,
                  device: str = "cpu") -> None:
-        from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
-
         self.encoder = ClipTokenEncoder(model, pretrained, device=device, method="dense", short_side=short_side)
         self.dim = self.encoder.dim
         self.identity = {"teacher": "clip", **self.encoder.identity}

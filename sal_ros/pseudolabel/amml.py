@@ -24,6 +24,7 @@ import numpy as np
 
 from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
 from sal_ros.pseudolabel.masks import Masks, as_rgb, pairwise_intersections
+from sal_ros.pseudolabel.refine import dbscan
 
 DROP_BORDER, DROP_BOUNDARY = 1, 2
 
@@ -41,8 +42,6 @@ class PromptConfig:
 def lidar_prompts(points: np.ndarray, view, cfg: PromptConfig = PromptConfig(),
                   lift: LiftConfig = LiftConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(prompts (K, 2) u v, prompt cluster (K,), projected uv (P, 2) of the clustered points, their cluster (P,))."""
-    from sal_ros.pseudolabel.refine import dbscan
-
     px = point_pixels(points, view, lift)
     idx = px.index[px.visible]
     uv = np.stack([px.u[px.visible], px.v[px.visible]], 1).astype(np.float64)

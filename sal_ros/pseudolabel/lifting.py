@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sal_ros.core.camera import project_points
 from sal_ros.core.errors import CalibrationError
 
 
@@ -61,8 +62,6 @@ class PointPixels:
 
 def project_view(points: np.ndarray, view, min_depth: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index, uv (P, 2) float, depth (P,)) of the points in front of the camera and inside its image."""
-    from sal_ros.core.camera import project_points
-
     T = np.asarray(view.T_cam_lidar, np.float64)
     if T.shape != (4, 4) or not np.all(np.isfinite(T)):
         raise CalibrationError(f"camera {view.name}: T_cam_lidar must be a finite 4x4 matrix, got {T.shape}")

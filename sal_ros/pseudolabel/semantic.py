@@ -32,7 +32,11 @@ import numpy as np
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import atomic_write
-from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
+from sal_ros.eval.labels import get_label_set
+from sal_ros.model.vocabulary import TextEncoder, Vocabulary
+from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
+from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels, project_view
+from sal_ros.pseudolabel.masks import as_rgb
 
 FORMAT = "sal_ros.semantic_pseudolabels"
 FORMAT_VERSION = 1
@@ -305,8 +309,6 @@ def render_point_values(points: np.ndarray, view, values: np.ndarray, min_depth:
                         splat: tuple[int, int] = (2, 3)) -> np.ndarray:
     """(H, W) int64 image of per-point ``values``: each projected point paints a (2 sx + 1) x (2 sy + 1) splat and
     the nearest point wins a pixel (z-buffer), as a camera would show the scene; 0 where no point paints."""
-    from sal_ros.pseudolabel.lifting import project_view
-
     idx, uv, depth = project_view(points, view, min_depth)
     h, w = view.image.shape[:2]
     du, dv = np.meshgrid(np.arange(-splat[0], splat[0] + 1), np.arange(-splat[1], splat[1] + 1))
@@ -332,8 +334,6 @@ class OracleScores:
 
     def __init__(self, label_set: str = "semantickitti", noise: float = 1.0, strength: float = 2.0,
                  splat: tuple[int, int] = (2, 3), seed: int = 0, min_depth: float = 1.0) -> None:
-        from sal_ros.eval.labels import get_label_set
-
         self.label_set = get_label_set(label_set)
         self.class_names = list(self.label_set.class_names)
         self.noise, self.strength, self.splat, self.seed, self.min_depth = noise, strength, tuple(splat), seed, min_depth
@@ -408,8 +408,6 @@ class TorchScriptScores:
         self.model = torch.jit.load(str(path), map_location=self.device).eval()
 
     def scores(self, frame, view) -> np.ndarray:
-        from sal_ros.pseudolabel.masks import as_rgb
-
         rgb = as_rgb(view.image)
         x = self.torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None].float().to(self.device) / 255.0
         with self.torch.inference_mode():
@@ -429,9 +427,6 @@ class ClipDenseScores:
 
     def __init__(self, vocabulary, clip_model: str = "ViT-B-16", pretrained: str | None = None, device: str = "cpu",
                  logit_scale: float = 100.0, short_side: int | None = None) -> None:
-        from sal_ros.model.vocabulary import TextEncoder, Vocabulary
-        from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
-
         if isinstance(vocabulary, (str, Path)):
             vocabulary = Vocabulary.from_yaml(vocabulary)
         elif not isinstance(vocabulary, Vocabulary):
@@ -444,8 +439,6 @@ class ClipDenseScores:
         self.logit_scale = float(logit_scale)
 
     def scores(self, frame, view) -> np.ndarray:
-        from sal_ros.pseudolabel.masks import as_rgb
-
         enc, torch = self.encoder, self.encoder.torch
         rgb = as_rgb(view.image)
         grid = enc.grid_for(*rgb.shape[:2])

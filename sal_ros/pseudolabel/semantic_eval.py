@@ -23,10 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.files import atomic_write
+from sal_ros.data.pseudolabels import pseudolabel_path
+from sal_ros.eval.labels import semantickitti, vocabulary_lut
+from sal_ros.eval.report import atomic_savefig
 from sal_ros.eval.semantic import ConfusionMatrix
+from sal_ros.pseudolabel.engine import FrameSource
 from sal_ros.pseudolabel.lifting import LiftConfig
-from sal_ros.pseudolabel.semantic import (FilterConfig, OracleScores, SemanticConfig, SemanticLabeler,
-                                          apply_frame_agreement, label_from_scores, load_semantic)
+from sal_ros.pseudolabel.semantic import (LOW_MARGIN, LOW_SCORE, FilterConfig, OracleScores, SemanticConfig,
+                                          SemanticLabeler, SemanticLabels, apply_frame_agreement, label_from_scores,
+                                          load_semantic)
 
 # Oracle study rows: name -> filter settings (frame agreement uses 1 neighbour each side)
 STUDY_FILTERS = {
@@ -85,10 +90,6 @@ def _scored(frame, label_set):
 
 
 def evaluate_files(dataset, pseudolabels, label_set, class_map: dict | None = None, max_frames=None) -> dict:
-    from sal_ros.data.pseudolabels import pseudolabel_path
-    from sal_ros.eval.labels import vocabulary_lut
-    from sal_ros.pseudolabel.engine import FrameSource
-
     source = FrameSource(dataset)
     keys = source.keys()[:max_frames] if max_frames else source.keys()
     score, names = SemanticScore(label_set.num_classes), None
@@ -109,8 +110,6 @@ def evaluate_files(dataset, pseudolabels, label_set, class_map: dict | None = No
 def oracle_study(dataset, label_set_name: str = "semantickitti", noise: float = 1.0, strength: float = 2.0,
                  filters: dict | None = None, lift: LiftConfig = LiftConfig(), max_frames=None, seed: int = 0) -> dict:
     """Every filter row on the same noisy oracle maps, and the occlusion study (noise-free maps)."""
-    from sal_ros.pseudolabel.engine import FrameSource
-
     filters = filters or STUDY_FILTERS
     source = FrameSource(dataset)
     keys = source.keys()[:max_frames] if max_frames else source.keys()
@@ -144,8 +143,6 @@ def oracle_study(dataset, label_set_name: str = "semantickitti", noise: float = 
 
 def _filtered(labeler, frame, raw, filt: FilterConfig):
     """``raw``'s labels under another filter (the per-frame filters recomputed from the stored scores)."""
-    from sal_ros.pseudolabel.semantic import LOW_MARGIN, LOW_SCORE, SemanticLabels
-
     seen = raw.raw_label > 0
     filtered = np.zeros(raw.label.size, np.uint8)
     filtered[seen & (raw.confidence.astype(np.float32) < filt.min_score)] |= LOW_SCORE
@@ -205,7 +202,6 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sal_ros.eval.report import atomic_savefig
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -234,8 +230,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sal_ros.eval.labels import semantickitti
-
     label_set = semantickitti(str(args.label_config) if args.label_config else None)
     if args.pseudolabels is not None:
         class_map = None
