@@ -20,6 +20,16 @@ import numpy as np
 
 NS_PER_S = 1_000_000_000
 
+
+def image_topic(camera: str) -> str:
+    """A camera's default image topic (node parameter camera.<name>.image_topic, bag reader, convert)."""
+    return f"/{camera}/image_raw"
+
+
+def info_topic(camera: str) -> str:
+    """A camera's default CameraInfo topic (camera.<name>.info_topic)."""
+    return f"/{camera}/camera_info"
+
 # (attribute name, ROS type name); TFMessage is optional (tf2_msgs is not always installed for rclpy).
 _MESSAGES = (
     ("PointCloud2", "sensor_msgs/msg/PointCloud2"),

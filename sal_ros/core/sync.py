@@ -24,6 +24,8 @@ import bisect
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+MATCH_THRESHOLD_NS = 30_000_000  # node parameter sync.match_threshold and the bag reader's default
+SYNC_TIMEOUT_NS = 50_000_000  # sync.timeout
 CLOUD_STREAM = ""  # stream key of the lidar in the per-stream bookkeeping (camera names are never empty)
 
 
@@ -120,8 +122,8 @@ class LidarAnchoredSynchronizer:
         self,
         cameras: list[str],
         offsets_ns: dict[str, int] | None = None,
-        match_threshold_ns: int = 30_000_000,
-        timeout_ns: int = 50_000_000,
+        match_threshold_ns: int = MATCH_THRESHOLD_NS,
+        timeout_ns: int = SYNC_TIMEOUT_NS,
         buffer_size: int = 16,
         jump_threshold_ns: int = 100_000_000,
     ) -> None:

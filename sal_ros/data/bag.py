@@ -31,6 +31,8 @@ import numpy as np
 
 from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
 from sal_ros.core.errors import CalibrationError, SensorDataError
+from sal_ros.core.msgtypes import image_topic, info_topic
+from sal_ros.core.sync import MATCH_THRESHOLD_NS, SYNC_TIMEOUT_NS
 from sal_ros.core.types import CameraView, Frame
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,6 @@ TF_STATIC_TOPIC = "/tf_static"
 DEFAULT_CLOUD_TOPIC = "/lidar/points"
 EXTRINSICS_FILE = "extrinsics.yaml"
 LABELS_FILE = "labels.npz"
-MS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ def iter_bag_frames(
     cameras: Iterable[CameraSpec] | None = None,
     extrinsics: str | os.PathLike | Mapping[str, CameraCalibration] | None = None,
     *,
-    match_threshold_ns: int = 30 * MS,
-    timeout_ns: int = 50 * MS,
+    match_threshold_ns: int = MATCH_THRESHOLD_NS,
+    timeout_ns: int = SYNC_TIMEOUT_NS,
     allow_partial: bool = True,
     config: str | os.PathLike | None = None,
     labels: bool = True,
@@ -268,11 +269,11 @@ def _image_namespaces(topics: dict[str, str]) -> list[str]:
 
 
 def _default_camera(name: str, topics: dict[str, str], calibs: dict[str, CameraCalibration] | None) -> BagCamera | None:
-    raw = f"/{name}/image_raw"
+    raw = image_topic(name)
     image = raw if topics.get(raw) in IMAGE_TYPES else f"{raw}/compressed"
     if topics.get(image) not in IMAGE_TYPES:
         return None  # a calibrated camera that was not recorded
-    info = f"/{name}/camera_info"
+    info = info_topic(name)
     offset = calibs[name].time_offset_ns if calibs and name in calibs else 0
     return BagCamera(name, image, info if topics.get(info) == INFO_TYPE else None, offset)
 
@@ -388,7 +389,7 @@ def _config_cameras(settings: dict[str, Any]) -> list[BagCamera] | None:
     names = settings.get("cameras") or []
     if not names:
         return None
-    return [BagCamera(str(n), settings.get(f"camera.{n}.image_topic", f"/{n}/image_raw"),
-                      settings.get(f"camera.{n}.info_topic", f"/{n}/camera_info"),
+    return [BagCamera(str(n), settings.get(f"camera.{n}.image_topic", image_topic(n)),
+                      settings.get(f"camera.{n}.info_topic", info_topic(n)),
                       int(round(float(settings.get(f"camera.{n}.time_offset", 0.0)) * 1e9)),
                       bool(settings.get(f"camera.{n}.rectified", False))) for n in names]

@@ -32,7 +32,7 @@ import numpy as np
 
 from sal_ros.core.calibration import CameraCalibration, write_static_extrinsics
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.msgtypes import NS_PER_S
+from sal_ros.core.msgtypes import NS_PER_S, image_topic, info_topic
 from sal_ros.core.types import CameraView, Frame
 from sal_ros.data.sources import detect_source
 
@@ -43,14 +43,6 @@ EXTRINSICS_FILE = "extrinsics.yaml"
 LABELS_FILE = "labels.npz"
 RELATIVE_TIME_KINDS = ("semantickitti", "kitti_object", "kitti_frustum")  # times.txt / frame index from zero
 T_TOLERANCE = 1e-9  # a bag holds one static calibration per camera; frames must agree to this
-
-
-def image_topic(camera: str) -> str:
-    return f"/{camera}/image_raw"
-
-
-def info_topic(camera: str) -> str:
-    return f"/{camera}/camera_info"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

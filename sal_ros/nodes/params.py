@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sal_ros.core.cloud_input import MAX_POINTS_POLICIES, SCORE_THRESHOLD
+from sal_ros.core.msgtypes import NS_PER_S, image_topic, info_topic
+from sal_ros.core.sync import MATCH_THRESHOLD_NS, SYNC_TIMEOUT_NS
+
 SEGMENTER_NODE = "sal_segmenter"
 RECORDER_NODE = "sal_recorder"
 
@@ -47,9 +51,9 @@ INPUT_PARAMS: list[ParamSpec] = [
     ParamSpec("cloud_topic", "string", "/points", "sensor_msgs/PointCloud2 lidar input; it anchors every frame."),
     ParamSpec("cameras", "string_array", [],
               "Camera names; each has camera.<name>.image_topic, .info_topic, .compressed, .time_offset."),
-    ParamSpec("sync.match_threshold", "double", 0.03,
+    ParamSpec("sync.match_threshold", "double", MATCH_THRESHOLD_NS / NS_PER_S,
               "Largest |image stamp - (cloud stamp + time_offset)| (s) for an image to match a cloud.", range=(0.0, 1.0)),
-    ParamSpec("sync.timeout", "double", 0.05,
+    ParamSpec("sync.timeout", "double", SYNC_TIMEOUT_NS / NS_PER_S,
               "How long (s) a cloud waits, after its matching window closed, for late camera images before it goes "
               "on as a partial frame.",
               range=(0.0, 5.0)),
@@ -89,7 +93,7 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "ignored at start when vocabulary_file is set.", dynamic=True),
     ParamSpec("vocabulary_file", "string", "",
               "Vocabulary YAML (classes with descriptions and thing/stuff); overrides prompts at start.", dynamic=True),
-    ParamSpec("score_threshold", "double", 0.3,
+    ParamSpec("score_threshold", "double", SCORE_THRESHOLD,
               "Points whose segment score is below this get label 0 and instance 0.", range=(0.0, 1.0), dynamic=True),
     ParamSpec("min_instance_points", "int", 1,
               "Instances with fewer points are dropped (their points get label 0, instance 0); e.g. 15-50 to keep "
@@ -99,7 +103,7 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               range=(0, 10_000_000), dynamic=True),  # the shipped Fast DDS profile carries them (docs/ros.md)
     ParamSpec("max_points_policy", "string", "subsample",
               "subsample: run the model on a random subset and label the rest by nearest neighbour; "
-              "reject: drop the frame with a warning.", choices=("subsample", "reject"), dynamic=True),
+              "reject: drop the frame with a warning.", choices=MAX_POINTS_POLICIES, dynamic=True),
     ParamSpec("publish.labeled_points", "bool", True, "Publish ~/labeled_points (PointCloud2).", dynamic=True),
     ParamSpec("publish.markers", "bool", True, "Publish ~/markers (boxes and class labels per instance).", dynamic=True),
     ParamSpec("publish.overlays", "bool", True, "Publish ~/overlay/<camera> label overlay images.", dynamic=True),
@@ -152,8 +156,8 @@ def camera_specs(name: str) -> list[ParamSpec]:
         raise ValueError(f"camera name {name!r}: use letters, digits and '_' (it becomes part of parameter names)")
     p = f"camera.{name}."
     return [
-        ParamSpec(p + "image_topic", "string", f"/{name}/image_raw", f"Image topic of camera {name}."),
-        ParamSpec(p + "info_topic", "string", f"/{name}/camera_info", f"sensor_msgs/CameraInfo topic of camera {name}."),
+        ParamSpec(p + "image_topic", "string", image_topic(name), f"Image topic of camera {name}."),
+        ParamSpec(p + "info_topic", "string", info_topic(name), f"sensor_msgs/CameraInfo topic of camera {name}."),
         ParamSpec(p + "compressed", "bool", False,
                   f"Camera {name} publishes sensor_msgs/CompressedImage (jpeg/png) instead of Image."),
         ParamSpec(p + "rectified", "bool", False,
