@@ -1,14 +1,17 @@
 """Panoptic fusion and classification on hand-built predictions; the Segmenter facade on the real scan."""
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import require_data
+from sal_ros.core.cloud_input import CloudRejected, SegmenterConfig
+from sal_ros.core.panoptic import instance_summaries, panoptic_from_queries
 from sal_ros.model.checkpoint import ModelError
 from sal_ros.model.decoder import OBJECT
-from sal_ros.model.inference import classify, fuse_queries, instance_summaries, panoptic_from_queries
+from sal_ros.model.inference import classify, fuse_queries
 from sal_ros.model.segmenter import Segmenter
 from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
 
@@ -105,7 +108,7 @@ def encoder():
 
 
 def test_segmenter_aligns_with_input_and_skips_nonfinite(scan, encoder):
-    seg = Segmenter.from_checkpoint(None, "cpu", encoder)
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder, config=SegmenterConfig(score_threshold=0.0))
     with pytest.raises(ModelError, match="no vocabulary"):
         seg.segment(scan[:100, :3])
     seg.set_embeddings(encoder.encode(Vocabulary.from_prompts(["car", "road", "tree"]), version=3))
@@ -121,7 +124,7 @@ def test_segmenter_aligns_with_input_and_skips_nonfinite(scan, encoder):
     assert (out.label[valid] > 0).all() and (out.label <= 3).all()  # no threshold, no minimum: all assigned
     assert set(out.timings_ms) == {"voxelize", "backbone", "decoder", "postprocess"}
     # a point budget: the model sees a subset, every other finite point takes its nearest neighbour's result
-    seg.max_points = 40_000
+    seg.configure(replace(seg.config, max_points=40_000))
     sub = seg.segment(pts, scan[:, 3])
     assert (sub.label[bad] == 0).all() and (sub.label[valid] > 0).all()
     assert sum(i.num_points for i in sub.instances) == int((sub.instance > 0).sum())
@@ -182,6 +185,66 @@ def test_vocabulary_swaps_atomically_while_segmenting(scan, encoder):
         assert out.class_names == names and int(out.label.max()) <= len(names)
 
 
+def test_settings_swap_atomically_while_segmenting(scan, encoder):
+    """A configure() that lands inside a call (from the backbone's forward) leaves that call on every setting it
+    started with; the next call takes all the new ones. Settings set one by one, or read again after the model,
+    give a result that matches neither."""
+    old = SegmenterConfig(score_threshold=0.0, min_points=1, max_points=15_000)
+    new = SegmenterConfig(score_threshold=0.5, min_points=200, max_points=0)
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder, config=old)
+    seg.set_embeddings(encoder.encode(["car", "road", "tree"]))
+    points = scan[:20000, :3]
+    before = seg.segment(points)
+    landed = []
+
+    def configure_mid_call(module, args):
+        if not landed:
+            seg.configure(new)
+            landed.append(seg.config)
+
+    handle = seg.model.backbone.register_forward_pre_hook(configure_mid_call)
+    try:
+        during = seg.segment(points)
+    finally:
+        handle.remove()
+    assert landed == [new], "no configure landed during the call"
+    np.testing.assert_array_equal(during.label, before.label)
+    np.testing.assert_array_equal(during.score, before.score)
+    after = seg.segment(points)
+    assert not np.array_equal(after.label, before.label)
+    assert (after.score[after.label > 0] >= 0.5).all()
+    assert all(i.num_points >= 200 for i in after.instances)
+
+
+def test_max_points_reject_policy_refuses_the_cloud(scan, encoder):
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder,
+                                    config=SegmenterConfig(max_points=1000, max_points_policy="reject"))
+    seg.set_embeddings(encoder.encode(["car", "road"]))
+    assert seg.admit(scan[:1000, :3]).rejected is False
+    cloud = seg.admit(scan[:1001, :3])
+    assert cloud.rejected and not cloud.subsampled
+    with pytest.raises(CloudRejected, match="max_points=1000"):
+        seg.segment(scan[:1001, :3])
+
+
+def test_intensity_on_the_sensors_scale_is_rescaled_to_the_checkpoints(scan, encoder):
+    """An 8-bit lidar with intensity_scale 255 gives the model what a 0..1 lidar gives it; NaN intensity is 0."""
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder)
+    seg.set_embeddings(encoder.encode(["car", "road", "tree"]))
+    points, intensity = scan[:20000, :3], scan[:20000, 3]
+    reference = seg.segment(points, intensity)
+    eight_bit = intensity * np.float32(255)
+    assert seg.admit(points, eight_bit).intensity_overshoot() is not None  # the wrong scale is detectable
+    seg.configure(replace(seg.config, intensity_scale=255.0))
+    cloud = seg.admit(points, eight_bit)
+    assert cloud.intensity_overshoot() is None
+    np.testing.assert_allclose(cloud.intensity, intensity, rtol=1e-6)
+    np.testing.assert_allclose(seg.run(cloud).score, reference.score, atol=1e-4)
+    nan = eight_bit.copy()
+    nan[:10] = np.nan
+    assert (seg.admit(points, nan).intensity[:10] == 0).all()
+
+
 def segment_sizes(out):
     """Points per published segment: a thing instance by its id, a stuff class (instance 0) by its label."""
     labeled = out.label > 0
@@ -208,11 +271,12 @@ def assert_summaries_describe_the_labels(points, out):
 def test_threshold_and_min_points_count_the_published_points_of_a_subsampled_cloud(scan, encoder):
     """Over max_points the model sees a subset; the threshold and min_points then apply to the whole cloud after
     the nearest-neighbour spread, so a segment's size is the size it is published with."""
-    seg = Segmenter.from_checkpoint(None, "cpu", encoder, max_points=30_000)
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder,
+                                    config=SegmenterConfig(score_threshold=0.0, max_points=30_000))
     seg.set_embeddings(encoder.encode(["car", "road", "tree"]))
     pts, intensity = scan[:, :3], scan[:, 3]
     loose = seg.segment(pts, intensity)  # no threshold, no minimum
-    seg.score_threshold = 0.3
+    seg.configure(replace(seg.config, score_threshold=0.3))
     thresholded = seg.segment(pts, intensity)
     low = loose.score < 0.3
     assert low.any() and (~low).any()
@@ -222,10 +286,11 @@ def test_threshold_and_min_points_count_the_published_points_of_a_subsampled_clo
     smallest = min(sizes.values())
     assert smallest > 1
 
-    seg.min_points = smallest  # every segment has that many published points (on the subset: ~1/4 of them)
+    # every segment has that many published points (on the subset: ~1/4 of them)
+    seg.configure(replace(seg.config, min_points=smallest))
     kept = seg.segment(pts, intensity)
     assert np.array_equal(kept.label, thresholded.label)
-    seg.min_points = smallest + 1
+    seg.configure(replace(seg.config, min_points=smallest + 1))
     dropped = seg.segment(pts, intensity)
     gone = np.isin(np.where(kept.instance > 0, kept.instance.astype(np.int64), -kept.label.astype(np.int64)),
                    [k for k, size in segment_sizes(kept).items() if size == smallest]) & (kept.label > 0)

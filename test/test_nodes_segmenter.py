@@ -301,6 +301,29 @@ def test_intensity_scale_maps_another_lidars_intensity_to_the_trained_scale(rig)
     assert np.mean(scaled.label == reference.label) > 0.999
 
 
+def test_eval_model_feeds_the_model_what_the_node_does_for_a_0_255_lidar(rig, tmp_path):
+    """`sal-ros eval model`'s Segmenter (build_segmenter on the node's weights saved as a checkpoint) with
+    --intensity-scale 255 and the node with model.intensity_scale 255 label an 8-bit cloud alike."""
+    from sal_ros.core.cloud_input import SegmenterConfig
+    from sal_ros.core.types import Frame
+    from sal_ros.eval.cli import build_segmenter
+    from sal_ros.model.checkpoint import save_checkpoint
+
+    xyz, eight_bit = rig.sensors.xyz[:20000], rig.sensors.intensity[:20000] * np.float32(255)
+    path = save_checkpoint(tmp_path / "node.pt", rig.node._segmenter.model,
+                           text_encoder_identity=rig.node._text_encoder)
+    offline = build_segmenter(path, PROMPTS, "cpu", SegmenterConfig(score_threshold=0.0, intensity_scale=255.0))
+    set_param(rig, "model.intensity_scale", Parameter.Type.DOUBLE, 255.0)
+    try:
+        node = rig.node.segment_frame(Frame(T0, "velodyne", xyz, eight_bit))
+    finally:
+        set_param(rig, "model.intensity_scale", Parameter.Type.DOUBLE, 0.0)
+    evaluated = offline.segment(xyz, eight_bit)
+    assert node.label.any()
+    np.testing.assert_array_equal(evaluated.label, node.label)
+    np.testing.assert_array_equal(evaluated.instance, node.instance)
+
+
 def test_vocabulary_file_set_at_run_time(rig, tmp_path):
     from rcl_interfaces.srv import SetParameters
 

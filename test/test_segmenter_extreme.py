@@ -11,12 +11,13 @@ from conftest import require_data
 def segmenter():
     from sal_ros.model.backbone import ModelConfig
     from sal_ros.model.sal import SALModel
+    from sal_ros.core.cloud_input import SegmenterConfig
     from sal_ros.model.segmenter import Segmenter
     from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    seg = Segmenter(SALModel(ModelConfig.preset("tiny")).eval(), "cpu", score_threshold=0.0)
+    seg = Segmenter(SALModel(ModelConfig.preset("tiny")).eval(), "cpu", config=SegmenterConfig(score_threshold=0.0))
     seg.set_embeddings(tiny_text_encoder().encode(Vocabulary.from_prompts(["car", "road", "tree"])))
     return seg
 

@@ -115,6 +115,7 @@ def test_eval_semantic_reports_real_training_and_unlabelled_splits(trained):
 
 
 def test_segmenter_runs_a_semantic_checkpoint_and_the_vocabulary_selects_classes(trained, semantickitti_dir):
+    from sal_ros.core.cloud_input import SegmenterConfig
     from sal_ros.model.segmenter import Segmenter
     from sal_ros.model.semantic import SemanticSegmenter
     from sal_ros.model.vocabulary import TextEncoder
@@ -124,7 +125,8 @@ def test_segmenter_runs_a_semantic_checkpoint_and_the_vocabulary_selects_classes
     frame = FrameSource(semantickitti_dir).load("00_000000")
     frame.points, frame.intensity = frame.points[::8], frame.intensity[::8]  # a quarter of a scan's rings: faster
     enc = TextEncoder("sal-tiny-text")
-    seg = Segmenter.from_files(base / "full" / "model_last.pt", ["car", "road", "vegetation"], text_encoder=enc)
+    seg = Segmenter.from_files(base / "full" / "model_last.pt", ["car", "road", "vegetation"], text_encoder=enc,
+                               config=SegmenterConfig(score_threshold=0.0))
     assert isinstance(seg, SemanticSegmenter)
     out = seg.segment(frame.points, frame.intensity)
     cls, prob = seg.predict(frame.points, frame.intensity)
@@ -138,7 +140,7 @@ def test_segmenter_runs_a_semantic_checkpoint_and_the_vocabulary_selects_classes
     seg.set_embeddings(enc.encode(["road"]))  # a prompt change: only road is published, as label 1
     road_only = seg.segment(frame.points, frame.intensity)
     assert np.array_equal(road_only.label, (cls == names.index("road")).astype(np.uint16))
-    seg.score_threshold = 0.99
+    seg.configure(SegmenterConfig(score_threshold=0.99))
     assert (seg.segment(frame.points, frame.intensity).label > 0).sum() < (road_only.label > 0).sum() or \
         (prob[road_only.label > 0] >= 0.99).all()
 
@@ -154,6 +156,7 @@ def test_segmenter_node_publishes_a_semantic_checkpoints_labels(trained, tmp_pat
     from rclpy.qos import QoSProfile, qos_profile_sensor_data
     from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 
+    from sal_ros.core.cloud_input import SegmenterConfig
     from sal_ros.core.msgtypes import stamp_to_ns
     from sal_ros.core.pointcloud2 import read_fields
     from sal_ros.model.segmenter import Segmenter
@@ -197,7 +200,8 @@ def test_segmenter_node_publishes_a_semantic_checkpoints_labels(trained, tmp_pat
         node.destroy_node()
         test.destroy_node()
         rclpy.shutdown(context=ctx)
-    offline = Segmenter.from_files(ckpt, prompts, text_encoder=TextEncoder("sal-tiny-text")).segment(
+    offline = Segmenter.from_files(ckpt, prompts, text_encoder=TextEncoder("sal-tiny-text"),
+                                   config=SegmenterConfig(score_threshold=0.0)).segment(
         sensors.xyz, sensors.intensity)
     assert np.array_equal(label, offline.label) and label.max() <= len(prompts)
 

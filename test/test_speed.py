@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import require_data
+from sal_ros.core.cloud_input import SegmenterConfig
 from sal_ros.model import runtime
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.segmenter import Segmenter
@@ -102,7 +103,9 @@ def test_bf16_labels_match_float32_on_the_real_scan_except_boundary_points(scan,
     # thing classes only: every query that wins points is an instance, so instances show which query won
     names = Vocabulary.from_yaml(REPO / "config" / "vocabulary_semantickitti.yaml").class_names
     embeddings = tiny_text_encoder().encode(Vocabulary.from_prompts(names))
-    fast, reference = Segmenter(model, "cpu", embeddings), Segmenter(model, "cpu", embeddings, amp=False)
+    whole = SegmenterConfig(score_threshold=0.0)  # every point keeps its best query: compare all of them
+    fast = Segmenter(model, "cpu", embeddings, whole)
+    reference = Segmenter(model, "cpu", embeddings, whole, amp=False)
     assert fast.amp and not reference.amp
     pts, inten = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
     model.decoder.pooled_masks = False

@@ -182,7 +182,8 @@ def test_instances_carry_their_querys_ranked_classes():
     """Query tokens against three class embeddings: softmax(100 x cosine) ranks each instance's classes."""
     import torch
 
-    from sal_ros.model.inference import class_similarity, panoptic_from_queries, rank_classes
+    from sal_ros.core.panoptic import panoptic_from_queries
+    from sal_ros.model.inference import class_similarity, rank_classes
 
     emb = torch.eye(3)
     tokens = torch.tensor([[1.0, 0.1, 0.0], [0.0, 0.2, 1.0]])  # query 0 ~ class 0, query 1 ~ class 2

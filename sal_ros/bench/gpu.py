@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
-from sal_ros.bench.model import DEFAULT_SCAN, REPO, parity
+from sal_ros.bench.model import DEFAULT_SCAN, REPO, UNTHRESHOLDED, parity
 
 SECTIONS = ("parity", "latency", "node", "train_step")
 CUDA_GRAPHS_NOTE = ("not used: kernel maps and voxel counts change with every scan (data-dependent shapes), "
@@ -179,11 +179,11 @@ def bench_parity(args: argparse.Namespace, scan: np.ndarray) -> dict:
     model = _model(args.parity_preset, args.checkpoint)
     emb = _embeddings(model.token_dim)
     pts, inten = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
-    cpu = Segmenter(model, "cpu", emb, amp=False).segment(pts, inten)
+    cpu = Segmenter(model, "cpu", emb, UNTHRESHOLDED, amp=False).segment(pts, inten)
     out = {"model": str(args.checkpoint) if args.checkpoint else f"{args.parity_preset} (seeded random weights)",
            "points": len(pts)}
     for amp in (False, True):
-        seg = Segmenter(model, args.device, emb, amp=amp)
+        seg = Segmenter(model, args.device, emb, UNTHRESHOLDED, amp=amp)
         key = "bf16" if seg.amp else "fp32"
         if key not in out:  # a model the CPU keeps in float32 has no bf16 row
             out[key] = parity(cpu, seg.segment(pts, inten))
@@ -201,7 +201,7 @@ def bench_latency(preset: str, scan: np.ndarray, args: argparse.Namespace) -> di
     pts, inten = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
     out: dict[str, Any] = {}
     for amp in (False, True):
-        seg = Segmenter(model, device, emb, amp=amp)
+        seg = Segmenter(model, device, emb, UNTHRESHOLDED, amp=amp)
         key = "bf16" if seg.amp else "fp32"
         if key in out:  # a CPU without native bf16 for this model: the bf16 row would repeat fp32
             continue
@@ -243,7 +243,7 @@ def _try_compile(model, emb, pts: np.ndarray, inten: np.ndarray, repeats: int, e
     try:
         for layer in model.decoder.layers:
             layer.compile(dynamic=True)
-        seg = Segmenter(model, "cuda", emb, amp=True)
+        seg = Segmenter(model, "cuda", emb, UNTHRESHOLDED, amp=True)
         t0 = time.perf_counter()
         seg.segment(pts, inten)  # compiles
         compile_s = time.perf_counter() - t0

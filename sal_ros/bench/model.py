@@ -27,10 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
+from sal_ros.core.cloud_input import SegmenterConfig
 
 DEFAULT_SCAN = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "semantickitti" / "sequences" / "00"
                 / "velodyne" / "000000.bin")
 REPO = Path(__file__).resolve().parents[2]
+
+# Every point keeps its best query (no score_threshold): speed and parity compare the model's whole output.
+UNTHRESHOLDED = SegmenterConfig(score_threshold=0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,9 +113,9 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
     vocab = Vocabulary.from_yaml(REPO / "config" / "vocabulary_semantickitti.yaml")
     model = SALModel(config)
     embeddings = encoder.encode(vocab)
-    paths = {"fast": (Segmenter(model, device, embeddings), True)}
+    paths = {"fast": (Segmenter(model, device, embeddings, UNTHRESHOLDED), True)}
     if reference:
-        paths["fp32"] = (Segmenter(model, device, embeddings, amp=False), False)
+        paths["fp32"] = (Segmenter(model, device, embeddings, UNTHRESHOLDED, amp=False), False)
     points, intensity = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
 
     def run(path: str):

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def scan_and_segmentation(data: Path, n: int) -> tuple[np.ndarray, np.ndarray, Any, str]:
     """``n`` points of a real scan (tiled / cut), intensities, a Segmentation of its ground truth, and the source."""
     from sal_ros.core.types import Segmentation
-    from sal_ros.model.inference import instance_summaries
+    from sal_ros.core.panoptic import instance_summaries
 
     rng = np.random.default_rng(0)
     velodyne = sorted((data / "velodyne").glob("*.bin")) if data.is_dir() else []

@@ -22,6 +22,7 @@ import importlib
 import sys
 from pathlib import Path
 
+from sal_ros.core.cloud_input import SCORE_THRESHOLD, SegmenterConfig
 from sal_ros.core.errors import SensorDataError
 
 
@@ -40,9 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--class-map", type=Path,
                    help="yaml {vocabulary class: dataset class}; unnamed classes match by name, null = not scored")
     m.add_argument("--min-points", type=int, help="min segment size (default: 50 SemanticKITTI, 15 nuScenes)")
-    m.add_argument("--score-threshold", type=float, default=node_score_threshold(),
+    m.add_argument("--score-threshold", type=float, default=SCORE_THRESHOLD,
                    help="points scoring below get no class, as in the node (default: the node's score_threshold, "
                         "%(default)s)")
+    m.add_argument("--intensity-scale", type=float, default=0.0,
+                   help="the lidar's full-scale intensity (e.g. 255), rescaled to the checkpoint's as the node's "
+                        "model.intensity_scale does (default 0: the checkpoint's own scale)")
     m.add_argument("--max-frames", type=int)
     m.add_argument("--device", default="cpu")
     m.add_argument("--frustum-only", action="store_true",
@@ -110,26 +114,15 @@ def iter_frames(args):
     return iter_source_frames(args.bag, bag_config=args.config, kind="bag")
 
 
-def node_score_threshold() -> float:
-    """The segmenter node's default score_threshold: evaluation scores what the node would publish."""
-    from sal_ros.nodes import params as P
-
-    return next(s.default for s in P.SEGMENTER_PARAMS if s.name == "score_threshold")
-
-
-def build_segmenter(checkpoint: Path, vocabulary: Path, device: str, score_threshold: float | None = None):
-    """The node's Segmenter on a checkpoint and a vocabulary file, deterministic, with the node's threshold."""
+def build_segmenter(checkpoint: Path, vocabulary: Path, device: str, config: SegmenterConfig | None = None):
+    """The node's Segmenter on a checkpoint and a vocabulary file, deterministic, with the node's defaults."""
     import torch
 
     from sal_ros.model.segmenter import Segmenter
 
-    if score_threshold is None:
-        score_threshold = node_score_threshold()
-    if not 0.0 <= score_threshold <= 1.0:
-        raise ValueError(f"--score-threshold must be in [0, 1], got {score_threshold}")
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return Segmenter.from_files(checkpoint, vocabulary, device=device, score_threshold=score_threshold)
+    return Segmenter.from_files(checkpoint, vocabulary, device=device, config=config)
 
 
 def main_model(args) -> int:
@@ -141,7 +134,10 @@ def main_model(args) -> int:
     if args.min_points is not None:
         kwargs["min_points"] = args.min_points
     label_set = get_label_set(args.label_set, **kwargs)
-    segmenter = build_segmenter(args.checkpoint, args.vocabulary, args.device, args.score_threshold)
+    if not 0.0 <= args.score_threshold <= 1.0:
+        raise ValueError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    config = SegmenterConfig(score_threshold=args.score_threshold, intensity_scale=args.intensity_scale)
+    segmenter = build_segmenter(args.checkpoint, args.vocabulary, args.device, config)
     evaluator, stats = evaluate_frames(lambda f: segmenter.segment(f.points, f.intensity), iter_frames(args),
                                        label_set, _load_class_map(args.class_map), progress=not args.no_progress,
                                        max_frames=args.max_frames, frustum_only=args.frustum_only)
@@ -152,7 +148,7 @@ def main_model(args) -> int:
         print(f"sal-ros eval model: the checkpoint's text encoder is {encoder}", file=sys.stderr)
     meta = {"checkpoint": str(args.checkpoint), "text_encoder": encoder, "source": str(args.dataset or args.bag),
             "vocabulary": str(args.vocabulary), "label_set": label_set.name, "min_points": label_set.min_points,
-            "score_threshold": segmenter.score_threshold,
+            "score_threshold": config.score_threshold, "intensity_scale": config.intensity_scale,
             "points": "camera frustum" if args.frustum_only else "whole scan",
             **{k: v for k, v in stats.items() if k != "vocabulary_to_dataset"}}
     paths = write_report(args.out, result, evaluator.confusion, title="Zero-shot panoptic evaluation",

@@ -143,7 +143,7 @@ def oracle_segmentation(frame, label_set):
     """The frame's ground truth as a Segmentation (dataset classes as the vocabulary, instances numbered 1..K
     in a per-frame order), for evaluating the tracker alone."""
     from sal_ros.core.types import Segmentation
-    from sal_ros.model.inference import instance_summaries
+    from sal_ros.core.panoptic import instance_summaries
 
     sem, _ = label_set.split(frame.gt_labels)
     raw_inst = np.asarray(frame.gt_labels, np.int64) >> 16

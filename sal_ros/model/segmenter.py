@@ -1,13 +1,14 @@
 """The one inference path: points in, Segmentation out (the ROS node, evaluation and benches all use it).
 
-``Segmenter.segment(points, intensity)`` drops non-finite points, runs voxelize -> backbone -> decoder (last layer
-only) -> fusion and classification, and returns arrays aligned with the input (label 0 for dropped points), with
-per-stage timings. The vocabulary's text embeddings swap atomically (``set_embeddings``) between two calls; a call
-in flight finishes with the embeddings it started with. Clouds over ``max_points`` finite points run on a fixed
-random subset, and when CUDA runs out of memory the cloud is retried on a random half of its points (twice at
-most); the other points take the fusion result of their nearest point that ran. ``score_threshold`` and
-``min_points`` are applied after that, once, to every point: the node and evaluation apply no threshold of their
-own.
+``Segmenter.segment(points, intensity)`` admits the cloud under its SegmenterConfig (sal_ros.core.cloud_input:
+non-finite and far points left out, intensity rescaled to the checkpoint's scale, clouds over ``max_points`` on a
+fixed random subset or rejected), runs voxelize -> backbone -> decoder (last layer only) -> fusion and
+classification, and returns arrays aligned with the input (label 0 for dropped points), with per-stage timings.
+The vocabulary's text embeddings (``set_embeddings``) and the settings (``configure``) each swap atomically
+between two calls; a call in flight finishes with those it started with. When CUDA runs out of memory the cloud
+is retried on a random half of its points (twice at most); points that did not run take the fusion result of
+their nearest point that ran. ``score_threshold`` and ``min_points`` are applied after that, once, to every
+point: the node and evaluation apply no threshold of their own.
 """
 from __future__ import annotations
 
@@ -20,18 +21,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from sal_ros.core.cloud_input import (CloudInput, ConfiguredSegmenter, SegmenterConfig, fixed_subset,
+                                      spread_nearest)
+from sal_ros.core.panoptic import panoptic_from_queries
 from sal_ros.core.types import Segmentation
 from sal_ros.model.checkpoint import ModelError, load_checkpoint, read_checkpoint
-from sal_ros.model.inference import class_similarity, fuse_queries, panoptic_from_queries, rank_classes
+from sal_ros.model.inference import class_similarity, fuse_queries, rank_classes
 from sal_ros.model.runtime import cpu_bf16
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.vocabulary import TextEmbeddings, TextEncoder, Vocabulary
 
 log = logging.getLogger(__name__)
 
-# Points farther than this (m) on any axis are left out (label 0, counted as out_of_range): no lidar reaches them,
-# and one point at 1e15 made the voxel key range too large to hash, costing the whole frame.
-MAX_COORDINATE = 1e4
 OOM_RETRIES = 2
 
 
@@ -39,16 +40,16 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-class Segmenter:
+class Segmenter(ConfiguredSegmenter):
     def __init__(self, model: SALModel, device: str = "cpu", text_embeddings: TextEmbeddings | None = None,
-                 score_threshold: float = 0.0, min_points: int = 1, max_points: int = 0, amp: bool = True) -> None:
-        """``max_points``: larger clouds run on a random subset (0 = no limit). ``amp``: bfloat16 autocast on
+                 config: SegmenterConfig | None = None, amp: bool = True) -> None:
+        """``config``: the per-frame settings (default: SegmenterConfig()). ``amp``: bfloat16 autocast on
         CUDA, and on a CPU with native bf16 (AMX / AVX512-BF16) for models wide enough to gain from it
         (sal_ros.model.runtime.cpu_bf16; float32 elsewhere); the sparse conv still sums in float32. Both paths are
         deterministic."""
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.score_threshold, self.min_points, self.max_points = float(score_threshold), int(min_points), int(max_points)
+        self._config = config or SegmenterConfig()
         self.amp = amp and (self.device.type == "cuda" or (self.device.type == "cpu" and cpu_bf16(model.config)))
         self._lock = threading.Lock()
         self._active: tuple[TextEmbeddings, torch.Tensor, torch.Tensor] | None = None
@@ -110,41 +111,28 @@ class Segmenter:
         return None if self._active is None else self._active[0]
 
     # ------------------------------------------------------------------------------------------ inference
-    def segment(self, points: np.ndarray, intensity: np.ndarray | None = None) -> Segmentation:
-        """Panoptic segmentation of one cloud; arrays follow the input's points and order.
+    def run(self, cloud: CloudInput) -> Segmentation:
+        """The model on an admitted cloud (``admit``), under the settings it was admitted with.
 
         ``score_threshold`` and ``min_points`` apply here and only here, to the whole cloud: a subsampled run's
-        fusion result is first spread to every finite point, so the instances' point counts and boxes describe
+        fusion result is first spread to every valid point, so the instances' point counts and boxes describe
         exactly the points that carry their label."""
         with self._lock:
             active = self._active
         if active is None:
             raise ModelError("no vocabulary: call set_embeddings(text_encoder.encode(vocabulary)) first")
-        threshold, min_points = self.score_threshold, self.min_points  # one setting per call, changed or not
-        te = active[0]
-        points = np.asarray(points, np.float32)
-        if points.ndim != 2 or points.shape[1] != 3:
-            raise ValueError(f"points must be (N, 3), got {points.shape}")
-        n = len(points)
-        if intensity is not None:
-            intensity = np.asarray(intensity, np.float32).reshape(-1)
-            if len(intensity) != n:
-                raise ValueError(f"{n} points but {len(intensity)} intensities")
-        finite = np.isfinite(points).all(1)
-        with np.errstate(invalid="ignore"):
-            in_range = finite & (np.abs(points) <= MAX_COORDINATE).all(1)
-        valid = np.flatnonzero(in_range)
-        out = Segmentation.empty(n, te.class_names, te.version)
-        out.dropped_points = {"nonfinite": int(n - finite.sum()), "out_of_range": int(finite.sum() - valid.size)}
+        te, points, valid, config = active[0], cloud.points, cloud.valid, cloud.config
+        out = Segmentation.empty(len(points), te.class_names, te.version)
+        out.dropped_points = cloud.dropped_points
         if valid.size == 0:
             return out
-        run = _subset(valid, self.max_points) if self.max_points and valid.size > self.max_points else valid
-        run, query, score, query_class, query_rank, timings = self._run_with_retries(points, intensity, run, active)
+        run, query, score, query_class, query_rank, timings = self._run_with_retries(
+            points, cloud.intensity, cloud.run, active)
         t0 = time.perf_counter()
         if run.size < valid.size:
-            query, score = _spread_nearest(points, valid, run, query, score)
-        part = panoptic_from_queries(query, score, query_class, te.thing, points[valid], te.class_names, threshold,
-                                     min_points, te.version, query_rank)
+            query, score = spread_nearest(points, valid, run, query, score)
+        part = panoptic_from_queries(query, score, query_class, te.thing, points[valid], te.class_names,
+                                     config.score_threshold, config.min_points, te.version, query_rank)
         out.label[valid], out.instance[valid], out.score[valid] = part.label, part.instance, part.score
         out.instances = part.instances
         timings["postprocess"] += (time.perf_counter() - t0) * 1e3
@@ -167,7 +155,7 @@ class Segmenter:
                                      f"points; lower max_points or use a larger voxel_size") from exc
                 attempt += 1
                 log.warning("out of GPU memory on %d points, retrying on half of them", run.size)
-                run = _subset(run, run.size // 2)
+                run = fixed_subset(run, run.size // 2)
 
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -200,25 +188,6 @@ class Segmenter:
         timings = {"voxelize": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "decoder": (t3 - t2) * 1e3,
                    "postprocess": (t4 - t3) * 1e3}
         return query, score, query_class, query_rank, timings
-
-
-def _subset(index: np.ndarray, size: int) -> np.ndarray:
-    """A fixed random subset (same cloud -> same subset), in input order."""
-    return np.sort(np.random.default_rng(0).choice(index, size=size, replace=False))
-
-
-def _spread_nearest(points: np.ndarray, valid: np.ndarray, run: np.ndarray, query: np.ndarray,
-                    score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Query and score for every ``valid`` point: the run's own, or those of the nearest point that ran
-    (``run`` is a sorted subset of the sorted ``valid``)."""
-    from scipy.spatial import cKDTree
-
-    ran = np.isin(valid, run, assume_unique=True)
-    _, nearest = cKDTree(points[run]).query(points[valid[~ran]], k=1, workers=-1)
-    all_query, all_score = np.empty(valid.size, query.dtype), np.empty(valid.size, score.dtype)
-    all_query[ran], all_score[ran] = query, score
-    all_query[~ran], all_score[~ran] = query[nearest], score[nearest]
-    return all_query, all_score
 
 
 __all__ = ["Segmenter"]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sal_ros.core.cloud_input import CloudInput, ConfiguredSegmenter, SegmenterConfig, spread_nearest
 from sal_ros.core.types import Segmentation
 from sal_ros.model import backbone as _backbone
 from sal_ros.model.backbone import ModelConfig
@@ -91,14 +92,15 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", " ").replace("-", " ").strip()
 
 
-class SemanticSegmenter:
-    """The Segmenter's interface (``set_embeddings``, ``segment``, thresholds) for a semantic checkpoint."""
+class SemanticSegmenter(ConfiguredSegmenter):
+    """The Segmenter's interface (``set_embeddings``, ``configure``, ``segment``) for a semantic checkpoint;
+    ``score_threshold`` applies to the class probability, ``min_points`` does not apply (no instances)."""
 
-    def __init__(self, model: SemanticModel, device: str = "cpu", score_threshold: float = 0.0, min_points: int = 1,
-                 max_points: int = 0, amp: bool = True) -> None:
+    def __init__(self, model: SemanticModel, device: str = "cpu", config: SegmenterConfig | None = None,
+                 amp: bool = True) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.score_threshold, self.min_points, self.max_points = float(score_threshold), int(min_points), int(max_points)
+        self._config = config or SegmenterConfig()
         self.amp = amp and self.device.type == "cuda"
         self._lock = threading.Lock()
         self._active = None  # (TextEmbeddings, lut: model class -> vocabulary label)
@@ -121,30 +123,25 @@ class SemanticSegmenter:
     def text_embeddings(self):
         return None if self._active is None else self._active[0]
 
-    def segment(self, points: np.ndarray, intensity: np.ndarray | None = None) -> Segmentation:
+    def run(self, cloud: CloudInput) -> Segmentation:
+        """The model on an admitted cloud (``admit``), under the settings it was admitted with."""
         with self._lock:
             active = self._active
         if active is None:
             raise ModelError("no vocabulary: call set_embeddings(text_encoder.encode(vocabulary)) first")
         te, lut = active
-        points = np.asarray(points, np.float32)
-        if points.ndim != 2 or points.shape[1] != 3:
-            raise ValueError(f"points must be (N, 3), got {points.shape}")
-        n = len(points)
-        out = Segmentation.empty(n, te.class_names, te.version)
-        valid = np.flatnonzero(np.isfinite(points).all(1))
+        points, valid, run = cloud.points, cloud.valid, cloud.run
+        out = Segmentation.empty(len(points), te.class_names, te.version)
+        out.dropped_points = cloud.dropped_points
         if valid.size == 0:
             return out
-        from sal_ros.model.segmenter import _spread_nearest, _subset
-
-        run = _subset(valid, self.max_points) if self.max_points and valid.size > self.max_points else valid
         t0 = time.perf_counter()
-        cls, prob = self.predict(points[run], None if intensity is None else np.asarray(intensity, np.float32)[run])
+        cls, prob = self.predict(points[run], None if cloud.intensity is None else cloud.intensity[run])
         t1 = time.perf_counter()
         if run.size < valid.size:
-            cls, prob = _spread_nearest(points, valid, run, cls, prob)
+            cls, prob = spread_nearest(points, valid, run, cls, prob)
         label = lut[cls + 1]
-        label[prob < self.score_threshold] = 0
+        label[prob < cloud.config.score_threshold] = 0
         out.label[valid], out.score[valid] = label, np.where(label > 0, prob, 0.0)
         out.timings_ms = {"model": (t1 - t0) * 1e3, "postprocess": (time.perf_counter() - t1) * 1e3}
         return out

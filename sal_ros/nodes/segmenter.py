@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.msgtypes import rclpy_types
-from sal_ros.core.pointcloud2 import finite_mask
 from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
 from sal_ros.core.types import Frame, Segmentation
 from sal_ros.nodes import diagnostics as D
@@ -48,6 +47,9 @@ from sal_ros.nodes.stats import throttled
 from sal_ros.nodes.worker import Worker
 
 OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary")
+# The parameters that make the Segmenter's configuration (_segmenter_config).
+SEGMENTER_CONFIG_PARAMS = ("score_threshold", "min_instance_points", "max_points", "max_points_policy",
+                           "model.intensity_scale")
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,7 @@ class SegmenterNode(SensorNode):
                 "model.checkpoint is empty: running a TINY RANDOM-WEIGHT model to try the plumbing; "
                 "segments and labels are meaningless. Set model.checkpoint to a trained SAL checkpoint.")
         segmenter = Segmenter.from_checkpoint(v["model.checkpoint"] or None, self.device, encoder,
-                                              score_threshold=v["score_threshold"], max_points=v["max_points"],
-                                              min_points=v["min_instance_points"])
+                                              config=self._segmenter_config())
         return encoder, segmenter
 
     # -------------------------------------------------------------------------------------------- vocabulary
@@ -209,7 +210,7 @@ class SegmenterNode(SensorNode):
             self.values[param.name] = value
             if param.name == "prompts" or (param.name == "vocabulary_file" and value):
                 self._request_vocabulary(param.name, value)
-            elif param.name in ("score_threshold", "max_points", "min_instance_points"):
+            elif param.name in SEGMENTER_CONFIG_PARAMS:
                 self._configure_segmenter()
             elif param.name.startswith("tracking."):
                 self.tracker.config = self._tracker_config()
@@ -298,79 +299,60 @@ class SegmenterNode(SensorNode):
             self.stats.time("stamp_age", (now_ns - frame.stamp_ns) / 1e6)
 
     def segment_frame(self, frame: Frame) -> Segmentation | None:
-        """The model on the cloud's finite points; non-finite points get label 0. The Segmenter applies
-        score_threshold and runs clouds over max_points on a subset. None when the frame is rejected or the
-        model failed."""
-        n = frame.num_points
-        finite = int(np.count_nonzero(finite_mask(frame.points)))
-        if finite < n:
-            self.stats.count("nonfinite_points", n - finite)
-        if finite == 0:
-            active = self.active
-            self.stats.count("error.empty_cloud")
-            self.get_logger().warning(f"cloud at {frame.stamp_ns} has no finite points; publishing it unlabeled",
-                                      **throttled())
-            return Segmentation.empty(n, active.class_names, active.version)
-        if not self._admit_size(finite):
+        """The Segmenter on one frame, with what it left out counted and warned about. None when the frame is
+        rejected (max_points_policy reject) or the model failed."""
+        cloud = self._segmenter.admit(frame.points, frame.intensity)
+        self._report_input(frame, cloud)
+        if cloud.rejected:
             return None
-        intensity = self._model_intensity(frame)
         try:
             with self._model_lock:
-                seg = self._segmenter.segment(frame.points, intensity)
+                return self._segmenter.run(cloud)
         except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
             self.stats.count("error.model")
             self.health.error("model")
             self.get_logger().error(f"model failed on the frame at {frame.stamp_ns}, skipped: "
                                     f"{type(exc).__name__}: {exc}", **throttled())
             return None
-        far = seg.dropped_points.get("out_of_range", 0)
-        if far:  # labeled 0 like non-finite points; the rest of the cloud is segmented
-            from sal_ros.model.segmenter import MAX_COORDINATE
 
-            self.stats.count("out_of_range_points", far)
-            self.get_logger().warning(f"{far} points beyond {MAX_COORDINATE:g} m in the cloud at {frame.stamp_ns} "
-                                      "left out (label 0)", **throttled())
-        return seg
+    def _report_input(self, frame: Frame, cloud: Any) -> None:
+        """Counters and throttled warnings for the points the Segmenter leaves out, subsamples or rescales."""
+        from sal_ros.core.cloud_input import MAX_COORDINATE
+
+        log, limit = self.get_logger(), cloud.config.max_points
+        if cloud.nonfinite:
+            self.stats.count("nonfinite_points", cloud.nonfinite)
+        if cloud.nonfinite == frame.num_points:
+            self.stats.count("error.empty_cloud")
+            log.warning(f"cloud at {frame.stamp_ns} has no finite points; publishing it unlabeled", **throttled())
+        if cloud.out_of_range:  # labeled 0 like non-finite points; the rest of the cloud is segmented
+            self.stats.count("out_of_range_points", cloud.out_of_range)
+            log.warning(f"{cloud.out_of_range} points beyond {MAX_COORDINATE:g} m in the cloud at {frame.stamp_ns} "
+                        "left out (label 0)", **throttled())
+        if cloud.rejected:
+            self.stats.count("error.too_many_points")
+            log.warning(f"cloud with {cloud.valid.size} points exceeds max_points={limit}: frame rejected",
+                        **throttled())
+        elif cloud.subsampled:
+            self.stats.count("subsampled")
+            log.warning(f"cloud with {cloud.valid.size} points exceeds max_points={limit}: the model sees a random "
+                        "subset, the rest take their nearest neighbour's label", **throttled())
+        if cloud.intensity is None:
+            log.warning("the cloud has no intensity field: the model sees zero intensity", **throttled())
+        elif (peak := cloud.intensity_overshoot()) is not None:
+            log.warning(f"intensity reaches {peak:g} on the model's scale, which ends at {cloud.trained_scale:g}: "
+                        "set model.intensity_scale to this lidar's full scale (e.g. 255 or 65535)", **throttled())
+
+    def _segmenter_config(self) -> Any:
+        from sal_ros.core.cloud_input import SegmenterConfig
+
+        v = self.values
+        return SegmenterConfig(float(v["score_threshold"]), int(v["min_instance_points"]), int(v["max_points"]),
+                               v["max_points_policy"], float(v["model.intensity_scale"]))
 
     def _configure_segmenter(self) -> None:
-        """Hand the node's parameters to the Segmenter, the one place that applies them (from the next frame)."""
-        self._segmenter.score_threshold = float(self.values["score_threshold"])
-        self._segmenter.max_points = int(self.values["max_points"])
-        self._segmenter.min_points = int(self.values["min_instance_points"])
-
-    def _model_intensity(self, frame: Frame) -> np.ndarray | None:
-        """The points' intensity on the checkpoint's scale. Lidars disagree on it (0..1, 0..255, 0..65535), and a
-        model fed another scale than it learned on sees a different input; the mismatch is warned about."""
-        trained = float(self._segmenter.model.config.intensity_scale)
-        if frame.intensity is None:
-            self.get_logger().warning("the cloud has no intensity field: the model sees zero intensity",
-                                      **throttled())
-            return None
-        intensity = np.nan_to_num(frame.intensity, nan=0.0, posinf=0.0, neginf=0.0)
-        sensor = self.values["model.intensity_scale"] or trained
-        if sensor != trained:
-            intensity = intensity * np.float32(trained / sensor)
-        peak = float(intensity.max(initial=0.0))
-        if peak > 1.5 * trained:
-            self.get_logger().warning(f"intensity reaches {peak:g} on the model's scale, which ends at {trained:g}: "
-                                      "set model.intensity_scale to this lidar's full scale (e.g. 255 or 65535)",
-                                      **throttled())
-        return intensity
-
-    def _admit_size(self, finite: int) -> bool:
-        """False for a cloud over max_points under the reject policy; subsampling itself is the Segmenter's."""
-        limit = self.values["max_points"]
-        if not limit or finite <= limit:
-            return True
-        if self.values["max_points_policy"] == "reject":
-            self.stats.count("error.too_many_points")
-            self.get_logger().warning(f"cloud with {finite} points exceeds max_points={limit}: frame rejected",
-                                      **throttled())
-            return False
-        self.stats.count("subsampled")
-        self.get_logger().warning(f"cloud with {finite} points exceeds max_points={limit}: the model sees a "
-                                  "random subset, the rest take their nearest neighbour's label", **throttled())
-        return True
+        """Hand the node's parameters to the Segmenter as one value, swapped atomically (from the next frame)."""
+        self._segmenter.configure(self._segmenter_config())
 
     # ---------------------------------------------------------------------------------------------- tracking
 

@@ -1,0 +1,99 @@
+"""Panoptic fusion of per-point query results into a Segmentation, and the instances' summaries (numpy only:
+evaluation, tracking and benches use them without importing torch).
+
+Per point: it joins its best query when that query's fused score reaches ``score_threshold``. Thing queries are
+instances; all points of one stuff class merge into one segment with instance 0. Segments with fewer than
+``min_points`` points are dropped (label 0). The score of a point is its query's fused score; an instance's score
+is the mean over its points.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sal_ros.core.types import InstanceSummary, OrientedBox, Segmentation
+
+
+def panoptic_from_queries(query: np.ndarray, score: np.ndarray, query_class: np.ndarray, thing: np.ndarray,
+                          points: np.ndarray, class_names: tuple[str, ...] = (), score_threshold: float = 0.0,
+                          min_points: int = 1, vocabulary_version: int = 0,
+                          query_rank: tuple[np.ndarray, np.ndarray] | None = None) -> Segmentation:
+    """Per-point fusion result -> Segmentation.
+
+    ``query (N,)`` best query per point, ``score (N,)`` its fused score, ``query_class (Q,)`` class index per
+    query, ``thing (K,)`` thing flag per class, ``points (N, 3)`` for the instance boxes, ``query_rank``
+    (:func:`rank_classes` of the queries) the top classes each instance reports.
+    """
+    n, q_count = len(query), len(query_class)
+    query = np.asarray(query, np.int64)
+    score = np.asarray(score, np.float32)
+    cls = np.asarray(query_class, np.int64)[query]
+    is_thing = np.asarray(thing, bool)[cls]
+    # segment key: a thing query is its own segment; all queries of one stuff class share one
+    segment = np.where(is_thing, query, q_count + cls)
+    keep = score >= score_threshold
+    counts = np.bincount(segment[keep], minlength=q_count + len(thing))
+    keep &= counts[segment] >= max(int(min_points), 1)
+
+    label = np.zeros(n, np.uint16)
+    label[keep] = (cls[keep] + 1).astype(np.uint16)
+    instance = np.zeros(n, np.uint32)
+    thing_points = keep & is_thing
+    ids, inst_of_point = np.unique(query[thing_points], return_inverse=True)  # queries in ascending order
+    instance[thing_points] = (inst_of_point.reshape(-1) + 1).astype(np.uint32)
+    seg = Segmentation(label=label, instance=instance, score=np.where(keep, score, 0).astype(np.float32),
+                       class_names=tuple(class_names), vocabulary_version=vocabulary_version)
+    seg.instances = instance_summaries(points, instance, label, seg.score, class_names)
+    if query_rank is not None:
+        top, prob = query_rank
+        for inst, q in zip(seg.instances, ids):  # instance j + 1 is thing query ids[j], both ascending
+            inst.class_scores = tuple((int(c) + 1, float(p)) for c, p in zip(top[q], prob[q]))
+    return seg
+
+
+def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarray, score: np.ndarray,
+                       class_names: tuple[str, ...] = ()) -> list[InstanceSummary]:
+    """One summary per instance id > 0: class, mean score, point count and a yaw-oriented box.
+
+    Yaw is the principal axis of the points' xy covariance (length along it, width across), z spans the
+    points' range; all instances at once with bincount moments and per-instance min/max.
+    """
+    inside = instance > 0
+    if not inside.any():
+        return []
+    ids, inv = np.unique(instance[inside], return_inverse=True)
+    inv = inv.reshape(-1)
+    k = len(ids)
+    p = np.asarray(points, np.float64)[inside]
+    count = np.bincount(inv, minlength=k).astype(np.float64)
+
+    def mean(v: np.ndarray) -> np.ndarray:
+        return np.bincount(inv, weights=v, minlength=k) / count
+
+    mx, my = mean(p[:, 0]), mean(p[:, 1])
+    dx, dy = p[:, 0] - mx[inv], p[:, 1] - my[inv]
+    cxx, cyy, cxy = mean(dx * dx), mean(dy * dy), mean(dx * dy)
+    yaw = 0.5 * np.arctan2(2 * cxy, cxx - cyy)  # direction of the larger eigenvector
+    c, s = np.cos(yaw)[inv], np.sin(yaw)[inv]
+    local = np.stack([c * dx + s * dy, -s * dx + c * dy, p[:, 2]], axis=1)
+    lo = np.full((k, 3), np.inf)
+    hi = np.full((k, 3), -np.inf)
+    np.minimum.at(lo, inv, local)
+    np.maximum.at(hi, inv, local)
+    mid = (lo + hi) / 2
+    cy, sy = np.cos(yaw), np.sin(yaw)
+    centers = np.stack([mx + cy * mid[:, 0] - sy * mid[:, 1], my + sy * mid[:, 0] + cy * mid[:, 1], mid[:, 2]], 1)
+    sizes = hi - lo
+    first = np.flatnonzero(inside)[np.unique(inv, return_index=True)[1]]  # one point per instance, for its label
+    labels = np.asarray(label)[first].astype(np.int64)
+    scores = mean(np.asarray(score, np.float64)[inside])
+    out = []
+    for j in range(k):
+        lab = int(labels[j])
+        name = class_names[lab - 1] if 0 < lab <= len(class_names) else ""
+        out.append(InstanceSummary(int(ids[j]), lab, name, float(scores[j]), int(count[j]),
+                                   OrientedBox(centers[j].astype(np.float32), sizes[j].astype(np.float32),
+                                               float(yaw[j]))))
+    return out
+
+
+__all__ = ["panoptic_from_queries", "instance_summaries"]
