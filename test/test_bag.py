@@ -8,6 +8,7 @@ import pytest
 from conftest import require_data
 from sal_ros.core.calibration import read_static_extrinsics
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.tf import ExtrinsicsSource, StaticTfTree
 from sal_ros.core.transforms import make_transform, quaternion_to_matrix
 from sal_ros.data import bag as B
 from sal_ros.data import convert as C
@@ -134,7 +135,8 @@ def test_static_tree_chains_transforms():
     R = quaternion_to_matrix([0.1, -0.2, 0.3, 0.9] / np.linalg.norm([0.1, -0.2, 0.3, 0.9]))
     T_base_lidar = make_transform(np.eye(3), [0.5, 0.0, 1.8])
     T_base_cam = make_transform(R, [1.2, 0.1, 1.4])
-    tree = B._TfTree({("base_link", "lidar"): T_base_lidar, ("base_link", "cam"): T_base_cam})
+    tree = StaticTfTree({("base_link", "lidar"): T_base_lidar, ("base_link", "cam"): T_base_cam})
+    assert isinstance(tree, ExtrinsicsSource)
     np.testing.assert_allclose(tree.lookup("cam", "lidar"), np.linalg.inv(T_base_cam) @ T_base_lidar, atol=1e-12)
     np.testing.assert_allclose(tree.lookup("lidar", "cam"), np.linalg.inv(T_base_lidar) @ T_base_cam, atol=1e-12)
     assert tree.lookup("cam", "radar") is None

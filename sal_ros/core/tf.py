@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
 from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
-from sal_ros.core.transforms import transform_msg_to_matrix
+from sal_ros.core.transforms import invert_transform, transform_msg_to_matrix
 
 _EARLIEST = 1  # ns; only a static chain has a transform this early (a dynamic one would extrapolate)
 
@@ -45,6 +46,39 @@ class StaticExtrinsics:
 
     def lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int = 0) -> np.ndarray | None:
         return self._by_frame.get((camera_frame, lidar_frame))
+
+
+class StaticTfTree:
+    """A tree of static transforms (a bag's /tf_static); ``lookup`` chains them in either direction."""
+
+    def __init__(self, edges: Mapping[tuple[str, str], np.ndarray]) -> None:
+        self._edges: dict[str, list[tuple[str, np.ndarray]]] = {}
+        for (parent, child), T_parent_child in edges.items():
+            self._edges.setdefault(parent, []).append((child, T_parent_child))
+            self._edges.setdefault(child, []).append((parent, invert_transform(T_parent_child)))
+
+    @classmethod
+    def from_transforms(cls, transforms: Iterable[Any]) -> "StaticTfTree":
+        """From TransformStamped messages (rclpy or rosbags); a later one of a parent/child pair wins."""
+        return cls({(str(tf.header.frame_id), str(tf.child_frame_id)): transform_msg_to_matrix(tf)
+                    for tf in transforms})
+
+    @property
+    def frames(self) -> set[str]:
+        return set(self._edges)
+
+    def lookup(self, camera_frame: str, lidar_frame: str, stamp_ns: int = 0) -> np.ndarray | None:
+        """T_camera_lidar (maps lidar coordinates into the camera frame), breadth first over the tree."""
+        seen, queue = {lidar_frame}, deque([(lidar_frame, np.eye(4))])
+        while queue:
+            frame, T_frame_lidar = queue.popleft()
+            if frame == camera_frame:
+                return T_frame_lidar
+            for other, T_frame_other in self._edges.get(frame, []):
+                if other not in seen:  # T_frame_other maps other into frame; we need T_other_lidar
+                    seen.add(other)
+                    queue.append((other, invert_transform(T_frame_other) @ T_frame_lidar))
+        return None
 
 
 class Tf2Unavailable(ImportError):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import struct
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -33,6 +32,7 @@ from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
 from sal_ros.core.errors import CalibrationError, SensorDataError
 from sal_ros.core.msgtypes import image_topic, info_topic
 from sal_ros.core.sync import MATCH_THRESHOLD_NS, SYNC_TIMEOUT_NS
+from sal_ros.core.tf import StaticTfTree
 from sal_ros.core.types import CameraView, Frame
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def iter_bag_frames(
         calibs = None if bag_tf else _static_calibrations(bag_path, extrinsics)
         cloud_conn = _cloud_connection(reader, cloud_topic, bag_path)
         cams = _cameras(reader, cameras, calibs, bag_path)
-        tf_tree = None if calibs is not None else _TfTree.from_bag(reader)
+        tf_tree = None if calibs is not None else _tf_static(reader)
         sync = LidarAnchoredSynchronizer([c.name for c in cams], {c.name: c.time_offset_ns for c in cams},
                                          match_threshold_ns=match_threshold_ns, timeout_ns=timeout_ns)
         assembler = _Assembler(reader, cams, calibs, tf_tree, _open_labels(bag_path) if labels else None)
@@ -124,7 +124,7 @@ class _Assembler:
     """Synced sets -> Frames: decodes the cloud and matched images, adds intrinsics, extrinsics and labels."""
 
     def __init__(self, reader: Any, cams: list[BagCamera], calibs: dict[str, CameraCalibration] | None,
-                 tf_tree: "_TfTree | None", labels: Any) -> None:
+                 tf_tree: StaticTfTree | None, labels: Any) -> None:
         self.reader, self.cams, self.calibs, self.tf_tree, self.labels = reader, cams, calibs, tf_tree, labels
         self.infos: dict[str, tuple[Any, bytes]] = {}
         self._models: dict[str, tuple[bytes, Any]] = {}
@@ -307,48 +307,10 @@ def _static_calibrations(bag: Path, extrinsics: Any) -> dict[str, CameraCalibrat
     return read_static_extrinsics(beside) if beside.is_file() else None
 
 
-class _TfTree:
-    """Static transforms of a bag's /tf_static; ``lookup`` chains them in either direction."""
-
-    def __init__(self, edges: dict[tuple[str, str], np.ndarray]) -> None:
-        self._edges: dict[str, list[tuple[str, np.ndarray]]] = {}
-        for (parent, child), T_parent_child in edges.items():
-            self._edges.setdefault(parent, []).append((child, T_parent_child))
-            self._edges.setdefault(child, []).append((parent, _invert(T_parent_child)))
-
-    @property
-    def frames(self) -> set[str]:
-        return set(self._edges)
-
-    @classmethod
-    def from_bag(cls, reader: Any) -> "_TfTree":
-        from sal_ros.core.transforms import transform_msg_to_matrix
-
-        edges = {}
-        conns = [c for c in reader.connections if c.topic == TF_STATIC_TOPIC]
-        for conn, _, raw in reader.messages(connections=conns):
-            for tf in reader.deserialize(raw, conn.msgtype).transforms:
-                edges[(str(tf.header.frame_id), str(tf.child_frame_id))] = transform_msg_to_matrix(tf)
-        return cls(edges)
-
-    def lookup(self, target: str, source: str) -> np.ndarray | None:
-        """T_target_source (maps source coordinates into target), breadth first over the static tree."""
-        seen, queue = {source}, deque([(source, np.eye(4))])
-        while queue:
-            frame, T_frame_source = queue.popleft()
-            if frame == target:
-                return T_frame_source
-            for other, T_frame_other in self._edges.get(frame, []):
-                if other not in seen:  # T_frame_other maps other into frame; we need T_other_source
-                    seen.add(other)
-                    queue.append((other, _invert(T_frame_other) @ T_frame_source))
-        return None
-
-
-def _invert(T: np.ndarray) -> np.ndarray:
-    from sal_ros.core.transforms import invert_transform
-
-    return invert_transform(T)
+def _tf_static(reader: Any) -> StaticTfTree:
+    conns = [c for c in reader.connections if c.topic == TF_STATIC_TOPIC]
+    return StaticTfTree.from_transforms(tf for conn, _, raw in reader.messages(connections=conns)
+                                        for tf in reader.deserialize(raw, conn.msgtype).transforms)
 
 
 # ------------------------------------------------------------------------------------------ labels, config
