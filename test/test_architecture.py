@@ -1,0 +1,171 @@
+"""The import graph of sal_ros goes one way, in the layer order docs/architecture.md draws, and has no cycles.
+
+Every import counts, at module level or inside a function (parsed with ast, nothing is imported): a lazy import
+keeps a module from loading early, it does not make a dependency on a higher layer right. The order is read from
+the table under "## Layer order" in docs/architecture.md, so the picture and this test cannot drift apart.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARCHITECTURE_MD = REPO / "docs" / "architecture.md"
+PACKAGE = "sal_ros"
+
+
+def layer_order(markdown: str) -> dict[str, int]:
+    """Room -> layer number from the doc's table rows ``| N | room, room | ... |`` under "## Layer order"."""
+    section = markdown.split("## Layer order", 1)[1].split("\n## ", 1)[0]
+    order = {}
+    for number, rooms in re.findall(r"^\|\s*(\d+)\s*\|([^|]+)\|", section, flags=re.MULTILINE):
+        for room in re.findall(r"[a-z_]+", rooms):
+            order[room] = int(number)
+    return order
+
+
+def module_files(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py under ``root/sal_ros``."""
+    modules = {}
+    for path in sorted((root / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The sal_ros modules ``name`` imports anywhere in its file (``from pkg import mod`` names the module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t.split(".")[0] == PACKAGE and t in known)
+    return found - {name}
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    files = module_files(root)
+    return {name: imported_modules(name, path, set(files)) for name, path in files.items()}
+
+
+def room(module: str) -> str | None:
+    """``sal_ros.<room>...``; None for the package's own __init__ (a docstring and the version)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def upward_imports(graph: dict[str, set[str]], order: dict[str, int]) -> list[str]:
+    """Imports of a room from a room of a higher layer, or of another room in the same layer."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            src, dst = room(module), room(target)
+            if src is None or dst is None or src == dst:
+                continue
+            if src not in order or dst not in order:
+                bad.append(f"{module} -> {target}: room {src if src not in order else dst} has no layer")
+            elif order[dst] >= order[src]:
+                bad.append(f"{module} (layer {order[src]}) -> {target} (layer {order[dst]})")
+    return bad
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_doc_orders_every_room():
+    order = layer_order(ARCHITECTURE_MD.read_text())
+    rooms = {room(m) for m in module_files(REPO)} - {None}
+    assert rooms <= set(order), f"rooms missing from docs/architecture.md's layer order: {sorted(rooms - set(order))}"
+    assert order["core"] < order["model"] < order["nodes"] < order["tools"] < order["cli"]
+
+
+def test_imports_go_down_the_layers():
+    bad = upward_imports(import_graph(REPO), layer_order(ARCHITECTURE_MD.read_text()))
+    assert not bad, "imports against docs/architecture.md's layer order:\n" + "\n".join(bad)
+
+
+def test_no_import_cycles():
+    found = cycles(import_graph(REPO))
+    assert not found, "import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+# --- the checks themselves fail on a bad tree --------------------------------------------------------------------
+
+ORDER = {"core": 1, "model": 2, "nodes": 3, "tools": 4}
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in {"sal_ros/__init__.py": "", **files}.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        init = path.parent / "__init__.py"
+        if not init.exists():
+            init.write_text("")
+    return root
+
+
+@pytest.mark.parametrize("source", [
+    "from sal_ros.nodes.node import Node\n",  # module level
+    "def f():\n    from sal_ros.nodes import node\n    return node\n",  # hidden in a function
+    "def f():\n    import sal_ros.tools.run\n",
+    "from ..nodes import node\n",  # relative
+])
+def test_an_upward_import_fails(tmp_path, source):
+    root = _tree(tmp_path, {"sal_ros/core/low.py": source, "sal_ros/nodes/node.py": "", "sal_ros/tools/run.py": ""})
+    bad = upward_imports(import_graph(root), ORDER)
+    assert len(bad) == 1 and bad[0].startswith("sal_ros.core.low (layer 1) -> sal_ros.")
+
+
+def test_a_downward_import_passes_and_an_unordered_room_fails(tmp_path):
+    root = _tree(tmp_path, {"sal_ros/nodes/node.py": "from sal_ros.core import low\n", "sal_ros/core/low.py": "",
+                            "sal_ros/extra/x.py": "from sal_ros.core.low import f\n"})
+    assert upward_imports(import_graph(root), ORDER) == [
+        "sal_ros.extra.x -> sal_ros.core.low: room extra has no layer"]
+
+
+def test_a_cycle_fails_even_through_a_function(tmp_path):
+    root = _tree(tmp_path, {"sal_ros/model/a.py": "from sal_ros.model import b\n",
+                            "sal_ros/model/b.py": "def f():\n    from sal_ros.model.a import g\n",
+                            "sal_ros/model/c.py": "from sal_ros.model import a\n"})
+    assert cycles(import_graph(root)) == [["sal_ros.model.a", "sal_ros.model.b"]]
