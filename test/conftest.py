@@ -108,3 +108,97 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
+    """``wait_until`` for a node running in this process: its CPU time is the progress, so the wait fails only
+    after ``timeout`` s in which this process used less than a second of CPU (stuck, not slow)."""
+    return wait_until(predicate, what, progress=lambda: int(cpu_seconds(os.getpid())), stall_s=timeout)
+
+
+class Sensors:
+    """Real KITTI frame 000000 as ROS messages: cloud, mono image, camera_info, and its static calibration."""
+
+    def __init__(self, tmp_path):
+        import numpy as np
+        from PIL import Image
+
+        from sal_ros.core.calibration import read_semantickitti_calib, write_static_extrinsics
+        from sal_ros.core.msgtypes import rclpy_types
+
+        seq = require_data("semantickitti", "sequences", "00")
+        scan = np.fromfile(seq / "velodyne" / "000000.bin", np.float32).reshape(-1, 4)
+        self.xyz, self.intensity = scan[:, :3].copy(), scan[:, 3].copy()
+        self.image = np.asarray(Image.open(seq / "image_0" / "000000.png").convert("L"))
+        self.calib = read_semantickitti_calib(seq / "calib.txt", image_size=self.image.shape[::-1])
+        self.calib_file = tmp_path / "extrinsics.yaml"
+        write_static_extrinsics(self.calib_file, self.calib, "velodyne")
+        self.types = rclpy_types()
+
+    def cloud(self, stamp_ns, xyz=None, intensity=None):
+        from sal_ros.core.pointcloud2 import encode_cloud
+
+        xyz = self.xyz if xyz is None else xyz
+        intensity = self.intensity if intensity is None else intensity
+        return encode_cloud({"xyz": xyz, "intensity": intensity}, "velodyne", stamp_ns, self.types)
+
+    def image_msg(self, stamp_ns, image=None):
+        from sal_ros.core.image import encode_image
+
+        return encode_image(self.image if image is None else image, "mono8", "cam0", stamp_ns, self.types)
+
+    def info(self, stamp_ns):
+        from sensor_msgs.msg import CameraInfo
+
+        from sal_ros.core.msgtypes import make_header
+
+        msg = CameraInfo(**self.calib["image_0"].camera.to_camera_info_fields())
+        msg.header = make_header("cam0", stamp_ns, self.types)
+        return msg
+
+
+def kitti_sequence(tmp_path: Path, n: int) -> Path:
+    """A SemanticKITTI sequence of n scans: symlinks to the two real scans (no data copied)."""
+    src = require_data("semantickitti", "sequences", "00")
+    seq = tmp_path / "sequences" / "00"
+    for sub in ("velodyne", "labels", "image_0"):
+        (seq / sub).mkdir(parents=True)
+    ext = {"velodyne": ".bin", "labels": ".label", "image_0": ".png"}
+    for i in range(n):
+        for sub, e in ext.items():
+            (seq / sub / f"{i:06d}{e}").symlink_to(src / sub / f"{i % 2:06d}{e}")
+    (seq / "calib.txt").symlink_to(src / "calib.txt")
+    (seq / "times.txt").write_text("".join(f"{0.1 * i:.6e}\n" for i in range(n)))
+    return seq
+
+
+# A Ray head (the private instance too) probes the cloud metadata address 169.254.169.254 and posts a "usage stats
+# disabled" note over HTTP even with usage stats off (Ray 2.60, usage_stats_head); through a dead loopback proxy
+# those requests fail without leaving the machine. Ray's own gRPC ignores proxies; loopback is exempt.
+RAY_LOOPBACK_ENV = {**{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+                    "NO_PROXY": "127.0.0.1,localhost,::1", "no_proxy": "127.0.0.1,localhost,::1",
+                    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def ray_loopback(monkeypatch) -> None:
+    """In-process Ray on loopback only (RAY_LOOPBACK_ENV), and a private instance whatever RAY_ADDRESS says."""
+    for key, value in RAY_LOOPBACK_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def assert_summaries_describe_the_labels(points, out):
+    """Each instance summary of a Segmentation counts, scores and boxes exactly the points that carry its id."""
+    import numpy as np
+
+    ids = np.unique(out.instance[out.instance > 0])
+    assert sorted(i.instance_id for i in out.instances) == ids.tolist()
+    for inst in out.instances:
+        mine = out.instance == inst.instance_id
+        assert inst.num_points == int(mine.sum())
+        assert (out.label[mine] == inst.label).all()
+        assert inst.score == pytest.approx(float(out.score[mine].mean()), rel=1e-5)
+        z = points[mine, 2]
+        half = inst.box.size[2] / 2
+        np.testing.assert_allclose([inst.box.center[2] - half, inst.box.center[2] + half], [z.min(), z.max()],
+                                   atol=1e-3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_data
+from conftest import assert_summaries_describe_the_labels, require_data
 from sal_ros.core.cloud_input import CloudRejected, SegmenterConfig
 from sal_ros.core.panoptic import instance_summaries, panoptic_from_queries
 from sal_ros.model.checkpoint import ModelError
@@ -251,21 +251,6 @@ def segment_sizes(out):
     key = np.where(out.instance > 0, out.instance.astype(np.int64), -out.label.astype(np.int64))[labeled]
     keys, counts = np.unique(key, return_counts=True)
     return dict(zip(keys.tolist(), counts.tolist()))
-
-
-def assert_summaries_describe_the_labels(points, out):
-    """Each instance summary counts, scores and boxes exactly the points that carry its id."""
-    ids = np.unique(out.instance[out.instance > 0])
-    assert sorted(i.instance_id for i in out.instances) == ids.tolist()
-    for inst in out.instances:
-        mine = out.instance == inst.instance_id
-        assert inst.num_points == int(mine.sum())
-        assert (out.label[mine] == inst.label).all()
-        assert inst.score == pytest.approx(float(out.score[mine].mean()), rel=1e-5)
-        z = points[mine, 2]
-        half = inst.box.size[2] / 2
-        np.testing.assert_allclose([inst.box.center[2] - half, inst.box.center[2] + half], [z.min(), z.max()],
-                                   atol=1e-3)
 
 
 def test_threshold_and_min_points_count_the_published_points_of_a_subsampled_cloud(scan, encoder):

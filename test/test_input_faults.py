@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import require_data, require_rclpy, wait_until
+from conftest import Sensors, require_data, require_rclpy, wait_until
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.msgtypes import rclpy_types
@@ -86,7 +86,6 @@ def node_rig(tmp_path):
     from sal_ros.nodes import params as P
     from sal_ros.nodes.inputs import SensorInputs, declare_inputs
     from sal_ros.nodes.stats import NodeStats, Throttle
-    from test_nodes_inputs import Sensors
 
     sensors = Sensors(tmp_path)
     ctx = rclpy.Context()
@@ -142,12 +141,12 @@ def _frame(rig, stamp, image=None):
 def test_node_leaves_out_images_whose_size_disagrees_with_the_camera_info(node_rig):
     rig = node_rig
     rig.set_clock(T0)
-    small = rig.sensors._encode_image(np.zeros((10, 10), np.uint8), "mono8", "cam0", T0, rig.sensors.types)
+    small = rig.sensors.image_msg(T0, np.zeros((10, 10), np.uint8))
     decoded = rig.inputs.decode(_frame(rig, T0, small))
     assert decoded.problems == {"image_0": "image_size_mismatch"} and not decoded.frame.cameras
     assert rig.stats.get("error.image_size_mismatch") == 1
     assert any("10x10" in w and "1241x376" in w for w in rig.warnings)
-    empty = rig.sensors._encode_image(np.zeros((0, 0), np.uint8), "mono8", "cam0", T0 + 10**8, rig.sensors.types)
+    empty = rig.sensors.image_msg(T0 + 10**8, np.zeros((0, 0), np.uint8))
     decoded = rig.inputs.decode(_frame(rig, T0 + 10**8, empty))
     assert decoded.problems == {"image_0": "empty_image"} and rig.stats.get("error.empty_image") == 1
     decoded = rig.inputs.decode(_frame(rig, T0 + 2 * 10**8))  # a good frame after them

@@ -2,26 +2,21 @@
 Frame with the camera's model and static extrinsics; a silent camera gives a partial frame after the timeout;
 a camera frame without calibration is left out and counted."""
 import itertools
-import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import cpu_seconds, require_data, require_rclpy, wait_until
+from conftest import Sensors, require_rclpy, wait_for
 
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
-from sal_ros.core.msgtypes import make_header, rclpy_types  # noqa: E402
-from sal_ros.core.pointcloud2 import encode_cloud  # noqa: E402
+from sal_ros.core.msgtypes import NS_PER_S  # noqa: E402
 
 T0 = 1_700_000_000_000_000_000
-WAIT_S = 60.0  # seconds without progress before a wait fails
-NS_PER_S = 1_000_000_000
-
 
 _STARTS = itertools.count(1)
 
@@ -30,48 +25,6 @@ def fresh_t0() -> int:
     """A base stamp later than any a test of this module used before: the shared synchronizer drops a cloud
     older than the last it emitted, so stamps must grow in the order tests run, not in file order."""
     return T0 + next(_STARTS) * 10 * NS_PER_S
-
-
-def wait_for(predicate, timeout=WAIT_S, what="condition"):
-    """Until ``predicate()`` is truthy. The node under test runs in this process, so its CPU time is the progress:
-    the wait fails only after ``timeout`` s in which this process used less than a second of CPU (stuck, not
-    slow), and a loaded machine makes it slower, never red."""
-    return wait_until(predicate, what, progress=lambda: int(cpu_seconds(os.getpid())), stall_s=timeout)
-
-
-class Sensors:
-    """Real KITTI frame 000000 as ROS messages: cloud, mono image, camera_info, and its static calibration."""
-
-    def __init__(self, tmp_path):
-        from PIL import Image
-
-        from sal_ros.core.calibration import read_semantickitti_calib, write_static_extrinsics
-        from sal_ros.core.image import encode_image
-
-        seq = require_data("semantickitti", "sequences", "00")
-        scan = np.fromfile(seq / "velodyne" / "000000.bin", np.float32).reshape(-1, 4)
-        self.xyz, self.intensity = scan[:, :3].copy(), scan[:, 3].copy()
-        self.image = np.asarray(Image.open(seq / "image_0" / "000000.png").convert("L"))
-        self.calib = read_semantickitti_calib(seq / "calib.txt", image_size=self.image.shape[::-1])
-        self.calib_file = tmp_path / "extrinsics.yaml"
-        write_static_extrinsics(self.calib_file, self.calib, "velodyne")
-        self.types = rclpy_types()
-        self._encode_image = encode_image
-
-    def cloud(self, stamp_ns, xyz=None, intensity=None):
-        xyz = self.xyz if xyz is None else xyz
-        intensity = self.intensity if intensity is None else intensity
-        return encode_cloud({"xyz": xyz, "intensity": intensity}, "velodyne", stamp_ns, self.types)
-
-    def image_msg(self, stamp_ns):
-        return self._encode_image(self.image, "mono8", "cam0", stamp_ns, self.types)
-
-    def info(self, stamp_ns):
-        from sensor_msgs.msg import CameraInfo
-
-        msg = CameraInfo(**self.calib["image_0"].camera.to_camera_info_fields())
-        msg.header = make_header("cam0", stamp_ns, self.types)
-        return msg
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import require_rclpy
+from conftest import Sensors, require_rclpy, wait_for
 
 rclpy = require_rclpy()
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
-from test_nodes_inputs import Sensors, wait_for  # noqa: E402
 
 T0 = 1_700_000_000_000_000_000
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import require_rclpy
+from conftest import Sensors, require_rclpy, wait_for
 
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
@@ -19,7 +19,6 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
 from sal_ros.core.msgtypes import make_header, stamp_to_ns  # noqa: E402
 from sal_ros.core.pointcloud2 import encode_cloud, read_fields  # noqa: E402
 from sal_ros.nodes.qos import latched  # noqa: E402
-from test_nodes_inputs import Sensors, wait_for  # noqa: E402
 
 
 T0 = 1_700_000_000_000_000_000
@@ -368,7 +367,7 @@ def test_score_threshold_and_max_points_are_applied_by_the_segmenter_to_what_is_
     and the summaries (~/info, markers) count and box exactly the published points of the whole subsampled
     cloud, not the model's subset nor points that were zeroed."""
     from sal_ros.core.types import Frame
-    from test_inference import assert_summaries_describe_the_labels
+    from conftest import assert_summaries_describe_the_labels
 
     xyz, intensity = rig.sensors.xyz, rig.sensors.intensity
     set_param(rig, "score_threshold", Parameter.Type.DOUBLE, 0.3)
@@ -397,7 +396,7 @@ def test_min_instance_points_set_at_run_time_drops_small_instances(rig):
 
 def check_min_instance_points(rig):
     from sal_ros.core.types import Frame
-    from test_inference import assert_summaries_describe_the_labels
+    from conftest import assert_summaries_describe_the_labels
 
     before = rig.node.active.version
     assert set_prompts(rig, ["car", "person", "bicycle", "truck"]).successful  # things only: no stuff merging

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import require_rclpy
+from conftest import require_rclpy, wait_until
 
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
@@ -67,17 +67,13 @@ def nodes():
 
 
 def test_fixed_frame_from_tf_keeps_ids_of_still_objects_under_ego_motion(nodes):
-    import time
-
     from sal_ros.core.tracking import Tracker
 
     frames = [Frame(stamp_ns=T0 + k * STEP_NS, frame_id="lidar", points=np.zeros((4, 3))) for k in range(5)]
     for k in range(5):
         nodes.send(k)
-    deadline = time.monotonic() + 30
-    while nodes.fixed._poses.lookup("odom", "lidar", frames[-1].stamp_ns) is None:  # the listener has them all
-        assert time.monotonic() < deadline, "transforms never reached the node's tf2 buffer"
-        time.sleep(0.05)
+    wait_until(lambda: nodes.fixed._poses.lookup("odom", "lidar", frames[-1].stamp_ns) is not None,
+               "the transforms in the node's tf2 buffer (the listener has them all)", stall_s=30)
     tracked_ids, sensor_ids, sensor_tracker = [], set(), Tracker()
     for k, frame in enumerate(frames):
         pose = nodes.fixed._tracking_pose(frame)

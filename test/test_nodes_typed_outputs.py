@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import require_data, require_rclpy, save_tiny_checkpoint
+from conftest import cpu_seconds, require_data, require_rclpy, save_tiny_checkpoint, wait_until
 
 rclpy = require_rclpy()
 from rclpy.parameter import Parameter  # noqa: E402
@@ -28,14 +28,12 @@ WAIT_S = 90.0
 
 
 def wait_for(predicate, what, child, timeout=WAIT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        child.check_alive()
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{child.log_tail(40)}")
+    """Until ``predicate()`` is truthy; fails after ``timeout`` s in which the node process used no CPU."""
+    try:
+        return wait_until(predicate, what, progress=lambda: round(cpu_seconds(child.proc.pid), 1),
+                          check=child.check_alive, stall_s=timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{child.log_tail(40)}") from None
 
 
 class Probe:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, require_data
+from conftest import REPO, kitti_sequence, ray_loopback, require_data
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import TMP_PREFIX, atomic_open
@@ -22,12 +22,6 @@ from sal_ros.pseudolabel.evaluate import oracle_masks
 from sal_ros.pseudolabel.lifting import LIDAR_SPACING_DEG, LiftConfig, project_view
 
 FUSION_IOU = 0.3
-# A Ray head (the private instance too) probes the cloud metadata address 169.254.169.254 and posts a "usage stats
-# disabled" note over HTTP even with usage stats off (Ray 2.60, usage_stats_head); through a dead loopback proxy
-# those requests fail without leaving the machine. Ray's own gRPC ignores proxies; loopback is exempt.
-RAY_LOOPBACK_ENV = {**{k: "http://127.0.0.1:9" for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
-                    "NO_PROXY": "127.0.0.1,localhost,::1", "no_proxy": "127.0.0.1,localhost,::1",
-                    "RAY_USAGE_STATS_REPORT_URL": "http://127.0.0.1:9/", "RAY_USAGE_STATS_ENABLED": "0"}
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,
                                              "head_width": 32},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
@@ -108,28 +102,13 @@ def test_full_pipeline_six_cameras(nuscenes_frame, tiny_clip, tmp_path):
         labeler.label_frame(empty)
 
 
-def _kitti_sequence(tmp_path: Path, n: int) -> Path:
-    """A SemanticKITTI sequence of n scans: symlinks to the two real scans (no data copied)."""
-    src = require_data("semantickitti", "sequences", "00")
-    seq = tmp_path / "sequences" / "00"
-    for sub in ("velodyne", "labels", "image_0"):
-        (seq / sub).mkdir(parents=True)
-    ext = {"velodyne": ".bin", "labels": ".label", "image_0": ".png"}
-    for i in range(n):
-        for sub, e in ext.items():
-            (seq / sub / f"{i:06d}{e}").symlink_to(src / sub / f"{i % 2:06d}{e}")
-    (seq / "calib.txt").symlink_to(src / "calib.txt")
-    (seq / "times.txt").write_text("".join(f"{0.1 * i:.6e}\n" for i in range(n)))
-    return seq
-
-
 def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "sal_ros.cli", "pseudolabel", *map(str, args)]
 
 
 def test_killed_run_resumes_without_redoing_frames(tmp_path, tiny_clip):
     n = 8
-    seq = _kitti_sequence(tmp_path, n)
+    seq = kitti_sequence(tmp_path, n)
     out = tmp_path / "pl"
     args = _cli(seq, "--masks", "slic", "--slic-segments", 60, "--clip-model", "sal-tiny-engine-test",
                 "--clip-model-config", tiny_clip, "--random-weights", "--out", out, "--no-progress", "--workers", 2)
@@ -178,7 +157,7 @@ def _stale_temp_file(out: Path, key: str) -> Path:
 def test_a_run_removes_only_stale_temp_files(tmp_path):
     """Another run (or node) writing into the same folder keeps its temporary file through this run's start and
     end clean-ups, so its write completes; a file untouched for longer than STALE_TEMP_S is removed."""
-    seq = _kitti_sequence(tmp_path, 1)
+    seq = kitti_sequence(tmp_path, 1)
     out = tmp_path / "pl"
     out.mkdir()
     stale = _stale_temp_file(out, "00_000005")
@@ -194,7 +173,7 @@ def test_a_run_removes_only_stale_temp_files(tmp_path):
 
 
 def test_rerun_with_other_config_is_refused(tmp_path):
-    seq = _kitti_sequence(tmp_path, 1)
+    seq = kitti_sequence(tmp_path, 1)
     out = tmp_path / "pl"
     cfg = EngineConfig(masks="slic", mask_options={"n_segments": 30}, tokens=False)
     s = run(seq, cfg, out, progress=False)
@@ -208,16 +187,9 @@ def test_rerun_with_other_config_is_refused(tmp_path):
         run(seq, cfg, None, progress=False)  # raw dataset folders are never written into
 
 
-def ray_loopback(monkeypatch) -> None:
-    """In-process Ray on loopback only (RAY_LOOPBACK_ENV), and a private instance whatever RAY_ADDRESS says."""
-    for key, value in RAY_LOOPBACK_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-
-
 def test_ray_backend(tmp_path, monkeypatch):
     ray_loopback(monkeypatch)
-    seq = _kitti_sequence(tmp_path, 2)
+    seq = kitti_sequence(tmp_path, 2)
     cfg = EngineConfig(masks="slic", mask_options={"n_segments": 30}, tokens=False, refine=None)
     s = run(seq, cfg, tmp_path / "pl", workers=2, backend="ray", progress=False)
     assert (s.done, s.failed, s.workers) == (2, {}, 2)

@@ -10,13 +10,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
-from test_pseudolabel_engine import RAY_LOOPBACK_ENV, _kitti_sequence, ray_loopback
+from conftest import RAY_LOOPBACK_ENV, REPO, cpu_seconds, kitti_sequence, ray_loopback, wait_until
 
 from sal_ros.data.pseudolabels import load_pseudolabels
 from sal_ros.pseudolabel.engine import EngineConfig, run
@@ -39,12 +37,12 @@ def _ray_env() -> dict:
             "RAY_AUTH_TOKEN": secrets.token_hex(32), "OMP_NUM_THREADS": "1"}
 
 
-def _wait_for_head(proc, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while "Ray runtime started" not in log.read_text():
+def _wait_for_head(proc, log: Path, stall_s: float = 120) -> None:
+    def check():
         assert proc.poll() is None, f"ray start exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"ray start not up after {timeout} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
+
+    wait_until(lambda: "Ray runtime started" in log.read_text(), "ray start", check=check, stall_s=stall_s,
+               progress=lambda: round(cpu_seconds(proc.pid), 1), poll_s=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +89,7 @@ def scans(tmp_path_factory):
     """Two real scans and the local backend's labels of them; paths relative to the returned folder, as a user
     in it would type them (the cluster's workers run elsewhere, in another working directory)."""
     root = tmp_path_factory.mktemp("ray")
-    _kitti_sequence(root, 2)
+    kitti_sequence(root, 2)
     summary = _pseudolabel(root, {**os.environ, "OMP_NUM_THREADS": "1"}, "sequences/00", "--out", "local", *SMALL)
     assert (summary["done"], summary["failed"]) == (2, {})
     return root
@@ -123,7 +121,7 @@ def test_a_worker_no_node_can_host_is_refused(tmp_path, monkeypatch):
     written, instead of waiting for a GPU forever."""
     ray_loopback(monkeypatch)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    seq = _kitti_sequence(tmp_path, 1)
+    seq = kitti_sequence(tmp_path, 1)
     cfg = EngineConfig(masks="slic", mask_options={"n_segments": 30}, tokens=False, refine=None, device="cuda")
     with pytest.raises(RuntimeError, match=r"can host a worker with \d+ CPU and 1 GPU .*0 GPU.*needs a GPU node"):
         run(seq, cfg, tmp_path / "pl", backend="ray", progress=False)
@@ -133,7 +131,7 @@ def test_a_worker_no_node_can_host_is_refused(tmp_path, monkeypatch):
 def test_ray_address_needs_the_ray_backend(tmp_path, capsys):
     from sal_ros import cli
 
-    seq = _kitti_sequence(tmp_path, 1)
+    seq = kitti_sequence(tmp_path, 1)
     code = cli.main(["pseudolabel", str(seq), "--out", str(tmp_path / "pl"), *map(str, SMALL),
                      "--ray-address", "auto"])
     assert code == 1 and "--ray-address needs --backend ray" in capsys.readouterr().err

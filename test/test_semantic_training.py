@@ -163,7 +163,7 @@ def test_segmenter_node_publishes_a_semantic_checkpoints_labels(trained, tmp_pat
     from sal_ros.model.vocabulary import TextEncoder
     from sal_ros.nodes import params as P
     from sal_ros.nodes.segmenter import SegmenterNode
-    from test_nodes_inputs import Sensors, wait_for
+    from conftest import Sensors, wait_for
 
     base, _ = trained
     ckpt = base / "full" / "model_last.pt"
