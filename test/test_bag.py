@@ -131,6 +131,18 @@ def test_a_camera_without_transform_is_left_out_and_the_bag_reads_on(semantickit
     assert len(frames) == 2 and all(f.missing_cameras == ("image_0",) and not f.cameras for f in frames)
 
 
+def test_node_params_file_is_read_as_the_node_reads_it(semantickitti_bag, tmp_path):
+    # one reader (core.params_file) for `sal-ros run` and the bag reader: its checks apply to both
+    _, out = semantickitti_bag
+    cases = {"/**: [1]\n": "needs a 'ros__parameters' mapping",
+             "/**:\n  ros__parameters:\n    cameras: []\n": "cannot hold an empty list"}
+    for text, why in cases.items():
+        config = tmp_path / "params.yaml"
+        config.write_text(text)
+        with pytest.raises(SensorDataError, match=why):
+            next(B.iter_bag_frames(out, config=config))
+
+
 def test_static_tree_chains_transforms():
     R = quaternion_to_matrix([0.1, -0.2, 0.3, 0.9] / np.linalg.norm([0.1, -0.2, 0.3, 0.9]))
     T_base_lidar = make_transform(np.eye(3), [0.5, 0.0, 1.8])

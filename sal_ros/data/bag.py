@@ -31,6 +31,7 @@ import numpy as np
 from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
 from sal_ros.core.errors import CalibrationError, SensorDataError
 from sal_ros.core.msgtypes import image_topic, info_topic
+from sal_ros.core.params_file import RECORDER_NODE, SEGMENTER_NODE, load_params_file
 from sal_ros.core.sync import MATCH_THRESHOLD_NS, SYNC_TIMEOUT_NS
 from sal_ros.core.tf import StaticTfTree
 from sal_ros.core.types import CameraView, Frame
@@ -322,29 +323,11 @@ def _open_labels(bag: Path) -> Any:
 
 
 def _read_node_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Flat parameters of a node params YAML: the ``/**`` section, then any sal_ros node section on top."""
-    import yaml
-
+    """Flat parameters of a node params YAML: the ``/**`` section, then the segmenter's and recorder's on top."""
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise SensorDataError(f"cannot read node config {path}: {exc}") from exc
-    flat: dict[str, Any] = {}
-    for section in ("/**", "sal_segmenter", "/sal_segmenter", "sal_recorder", "/sal_recorder"):
-        params = (doc.get(section) or {}).get("ros__parameters") if isinstance(doc, dict) else None
-        if isinstance(params, dict):
-            flat.update(_flatten(params))
-    return flat
-
-
-def _flatten(params: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+        return load_params_file(path, SEGMENTER_NODE, RECORDER_NODE)
+    except ValueError as exc:
+        raise SensorDataError(f"node config: {exc}") from None
 
 
 def _config_cameras(settings: dict[str, Any]) -> list[BagCamera] | None:

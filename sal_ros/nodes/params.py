@@ -1,9 +1,9 @@
 """Every ROS parameter of the sal_ros nodes, in one table: types, defaults, ranges, descriptions.
 
-The nodes declare from these tables (:func:`declare`), ``sal-ros run`` checks a params file against them
-(:func:`load_params_file`, :func:`unknown_names`), and the parameter docs are generated from them
-(:func:`markdown_table`). ROS parameters cannot be nested lists, so cameras are a name list plus one group of
-``camera.<name>.*`` parameters per name (:func:`camera_specs`).
+The nodes declare from these tables (:func:`declare`), ``sal-ros run`` checks a params file (read by
+sal_ros.core.params_file, as the bag reader reads it) against them (:func:`unknown_names`), and the parameter
+docs are generated from them (:func:`markdown_table`). ROS parameters cannot be nested lists, so cameras are a
+name list plus one group of ``camera.<name>.*`` parameters per name (:func:`camera_specs`).
 
 Parameters marked ``dynamic`` may change at run time (``ros2 param set``); the others are read-only.
 """
@@ -12,15 +12,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sal_ros.core.cloud_input import MAX_POINTS_POLICIES, SCORE_THRESHOLD
 from sal_ros.core.msgtypes import NS_PER_S, image_topic, info_topic
+from sal_ros.core.params_file import RECORDER_NODE, SEGMENTER_NODE, load_params_file  # noqa: F401 (re-exported)
 from sal_ros.core.sync import MATCH_THRESHOLD_NS, SYNC_TIMEOUT_NS
-
-SEGMENTER_NODE = "sal_segmenter"
-RECORDER_NODE = "sal_recorder"
 
 RELIABILITY = ("best_effort", "reliable")
 
@@ -275,44 +272,6 @@ def declare(node: Any, specs: Iterable[ParamSpec]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- params files
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
-def load_params_file(path: str | Path, node_name: str) -> dict[str, Any]:
-    """Flat ``{name: value}`` for ``node_name`` from a ROS 2 params YAML: the ``/**`` section, then the node's
-    own (``node_name`` or ``/node_name``) on top, as ``--params-file`` applies them."""
-    import yaml
-
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read params file {path}: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise ValueError(f"params file {path}: expected a mapping of node names, got {type(doc).__name__}")
-    values: dict[str, Any] = {}
-    for section in ("/**", node_name, "/" + node_name):
-        body = doc.get(section)
-        if body is None:
-            continue
-        if not isinstance(body, dict) or not isinstance(body.get("ros__parameters", {}), dict):
-            raise ValueError(f"params file {path}: section {section!r} needs a 'ros__parameters' mapping")
-        values.update(_flatten(body.get("ros__parameters") or {}))
-    empty = sorted(name for name, value in values.items() if value == [])
-    if empty:  # rcl's parser rejects them too, so the same file would break `ros2 launch`
-        raise ValueError(f"params file {path}: {empty} set to []: a ROS 2 params file cannot hold an empty list "
-                         "(its type is unknown); leave the line out to keep the default")
-    return values
 
 
 def all_specs(node_name: str, values: dict[str, Any]) -> list[ParamSpec]:

@@ -1,0 +1,47 @@
+"""The one reader of ROS 2 params YAML files, shared by the nodes (``sal-ros run``) and the bag reader, which
+takes a robot's params file to replay with its topics, cameras, sync and calibration settings."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+
+SEGMENTER_NODE = "sal_segmenter"
+RECORDER_NODE = "sal_recorder"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def load_params_file(path: str | os.PathLike, *node_names: str) -> dict[str, Any]:
+    """Flat ``{name: value}`` from a ROS 2 params YAML: the ``/**`` section, then each node's own (``name`` or
+    ``/name``) on top in the order given, as ``--params-file`` applies them (ValueError on a malformed file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read params file {path}: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise ValueError(f"params file {path}: expected a mapping of node names, got {type(doc).__name__}")
+    values: dict[str, Any] = {}
+    for section in ("/**", *(s for name in node_names for s in (name, "/" + name))):
+        body = doc.get(section)
+        if body is None:
+            continue
+        if not isinstance(body, dict) or not isinstance(body.get("ros__parameters", {}), dict):
+            raise ValueError(f"params file {path}: section {section!r} needs a 'ros__parameters' mapping")
+        values.update(_flatten(body.get("ros__parameters") or {}))
+    empty = sorted(name for name, value in values.items() if value == [])
+    if empty:  # rcl's parser rejects them too, so the same file would break `ros2 launch`
+        raise ValueError(f"params file {path}: {empty} set to []: a ROS 2 params file cannot hold an empty list "
+                         "(its type is unknown); leave the line out to keep the default")
+    return values
