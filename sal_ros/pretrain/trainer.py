@@ -26,6 +26,10 @@ from sal_ros.pretrain.losses import info_nce, point_to_segment, scalr_loss, segm
 from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
                                    batch_indices, config_diff, init_distributed, lr_factor, read_metrics,
                                    resolve_device)
+from sal_ros.eval.report import atomic_savefig
+from sal_ros.model.backbone import ModelConfig, build_backbone
+from sal_ros.model.pretrained import read_backbone, save_backbone
+from sal_ros.model.sal import SALModel
 
 STATE_FILE = "pretrain_state.pt"
 OBJECTIVES = ("scalr", "seal")
@@ -88,8 +92,6 @@ class PretrainConfig:
         return json.loads(json.dumps(asdict(self)))
 
     def model_config(self):
-        from sal_ros.model.backbone import ModelConfig
-
         cfg = dict(self.model or {})
         preset = cfg.pop("preset", None)
         return ModelConfig.preset(preset, **cfg) if preset else ModelConfig(**cfg)
@@ -100,8 +102,6 @@ class PretrainModel(nn.Module):
     """Backbone + linear projection to the teacher's width; ``forward`` gives per-point unit features."""
 
     def __init__(self, config, out_dim: int) -> None:
-        from sal_ros.model.backbone import build_backbone
-
         super().__init__()
         self.config = config
         self.backbone = build_backbone(config)
@@ -109,15 +109,12 @@ class PretrainModel(nn.Module):
 
     def point_backbone_features(self, points, intensity) -> list[torch.Tensor]:
         """Per cloud (N_b, C) stride-1 backbone features of each point (its voxel's)."""
-        from sal_ros.model.sal import SALModel
-
         vin = SALModel.prepare(self, points, intensity)
         fine = self.backbone(vin.voxels)[1].feats
         offsets = np.cumsum([0] + vin.num_voxels[:-1])
         return [fine[int(off) + p2v] for off, p2v in zip(offsets, vin.point_to_voxel)]
 
     def point_features(self, points, intensity):  # SALModel.prepare calls this name for the input features
-        from sal_ros.model.sal import SALModel
 
         return SALModel.point_features(self, points, intensity)
 
@@ -160,8 +157,6 @@ class PretrainTrainer:
 
     def save(self) -> None:
         """Backbone file (rank 0), then the training state naming it; ``backbone_last.pt`` links to the newest."""
-        from sal_ros.model.pretrained import save_backbone
-
         if not self.dist.main:
             return
         path = self.out / f"backbone_step{self.step:07d}.pt"
@@ -177,8 +172,6 @@ class PretrainTrainer:
         os.replace(tmp, self.out / "backbone_last.pt")
 
     def resume(self) -> int:
-        from sal_ros.model.pretrained import read_backbone
-
         if not self.state_path.exists():
             return 0
         state = torch.load(self.state_path, map_location="cpu", weights_only=True)
@@ -325,7 +318,6 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sal_ros.eval.report import atomic_savefig
 
     recs = read_metrics(metrics_path)
     if not recs:

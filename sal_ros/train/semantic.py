@@ -28,7 +28,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sal_ros.core.camera import in_camera_frustum
 from sal_ros.core.errors import SensorDataError
+from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
+from sal_ros.data.sources import iter_source_frames
+from sal_ros.eval.labels import get_label_set, vocabulary_lut
+from sal_ros.eval.semantic import ConfusionMatrix
+from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.semantic import SemanticModel
+from sal_ros.pseudolabel.semantic import load_semantic
 from sal_ros.train.augment import augment
 from sal_ros.train.trainer import Trainer, all_reduce_sum, batch_indices
 
@@ -64,12 +72,6 @@ def _oracle_masks(frame, label_set) -> np.ndarray:
 
 def load_semantic_scans(sources: list[dict], base: str | Path = ".", class_names=None,
                         seed: int = 0) -> tuple[list[SemanticScan], list[str]]:
-    from sal_ros.core.camera import in_camera_frustum
-    from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
-    from sal_ros.data.sources import iter_source_frames
-    from sal_ros.eval.labels import get_label_set, vocabulary_lut
-    from sal_ros.pseudolabel.semantic import load_semantic
-
     scans: list[SemanticScan] = []
     names = list(class_names) if class_names else None
     for src in sources:
@@ -195,9 +197,6 @@ class SemanticTrainer(Trainer):
 
 def build_trainer(cfg, base: Path, progress: bool = True) -> SemanticTrainer:
     """Scans, class names (recorded in the config, so checkpoints carry them) and the trainer."""
-    from sal_ros.model.backbone import ModelConfig
-    from sal_ros.model.semantic import SemanticModel
-
     s = settings(cfg)
     scans, names = load_semantic_scans(cfg.sources, base, s["class_names"], cfg.seed)
     cfg.semantic = {**s, "class_names": list(names)}
@@ -213,9 +212,6 @@ def build_trainer(cfg, base: Path, progress: bool = True) -> SemanticTrainer:
 def evaluate(model, scans: list[SemanticScan], label_set, frustum_only: bool = True) -> dict:
     """mIoU of a semantic model against the real labels and against its training labels (pseudo-labels, or the
     labelled fraction), and on the points that had no training label (SAM2-AMML's split)."""
-    from sal_ros.eval.labels import vocabulary_lut
-    from sal_ros.eval.semantic import ConfusionMatrix
-
     lut = vocabulary_lut(model.class_names, label_set)
     c = label_set.num_classes
     real, pseudo, unlabelled = ConfusionMatrix(c), ConfusionMatrix(c), ConfusionMatrix(c)

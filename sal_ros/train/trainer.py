@@ -23,6 +23,10 @@ import torch
 
 from sal_ros.core.files import atomic_write
 from sal_ros.core.settings import known_settings
+from sal_ros.eval.report import atomic_savefig
+from sal_ros.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sal_ros.model.pretrained import backbone_config, check_compatible, load_backbone_into, read_backbone
+from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.train.dataset import DataConfig, DistillDataset, Sample
 from sal_ros.train.losses import LossWeights, Target, sal_loss
 
@@ -188,8 +192,6 @@ def load_train_state(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------- model seam
 def build_model(model_cfg: dict, token_dim: int | None = None):
     """SALModel from ``{"preset": name, **overrides}``; the token dimension follows the pseudo-labels."""
-    from sal_ros.model.sal import ModelConfig, SALModel
-
     cfg = dict(model_cfg or {})
     preset = cfg.pop("preset", None)
     pretrained = cfg.pop("pretrained_backbone", None)
@@ -199,7 +201,6 @@ def build_model(model_cfg: dict, token_dim: int | None = None):
                          f"set model.token_dim or use the text encoder the pseudo-labels were made with")
     model = SALModel(config)
     if pretrained:  # a `sal-ros pretrain` backbone (ScaLR / Seal); the decoder starts from scratch
-        from sal_ros.model.pretrained import load_backbone_into
 
         load_backbone_into(pretrained, model.backbone, config)
     return model
@@ -209,9 +210,6 @@ def _resolve_pretrained(model_cfg: dict, base: Path) -> None:
     """``model.pretrained_backbone`` relative to the config's folder, checked to be a backbone file that fits."""
     if not (model_cfg or {}).get("pretrained_backbone"):
         return
-    from sal_ros.model.checkpoint import CheckpointError
-    from sal_ros.model.pretrained import backbone_config, check_compatible, read_backbone
-    from sal_ros.model.sal import ModelConfig
 
     path = base / model_cfg["pretrained_backbone"]
     model_cfg["pretrained_backbone"] = str(path)
@@ -235,14 +233,10 @@ def targets_of(samples: list[Sample], device: torch.device) -> list[Target]:
 
 
 def save_model(path: Path, model, extra: dict, text_encoder: dict | None = None) -> None:
-    from sal_ros.model.checkpoint import save_checkpoint
-
     save_checkpoint(path, model, text_encoder_identity=text_encoder, extra=extra)
 
 
 def load_model_weights(path: Path, model) -> dict:
-    from sal_ros.model.checkpoint import load_checkpoint
-
     return load_checkpoint(path, model=model)[1]
 
 
@@ -427,7 +421,6 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sal_ros.eval.report import atomic_savefig
 
     recs = read_metrics(metrics_path)
     if not recs:
