@@ -202,3 +202,48 @@ def assert_summaries_describe_the_labels(points, out):
         half = inst.box.size[2] / 2
         np.testing.assert_allclose([inst.box.center[2] - half, inst.box.center[2] + half], [z.min(), z.max()],
                                    atol=1e-3)
+
+
+TRAIN_STEPS, TRAIN_WARMUP = 6, 2  # the tiny distillation runs of the training tests
+
+
+@pytest.fixture(scope="module")
+def pseudolabel_dir(tmp_path_factory):
+    """(sequence, pseudo-label folder) for the training tests: the real SemanticKITTI frames with their ground-truth
+    instances in the camera frustum as pseudo-labels and random unit tokens (the engine's CLIP tokens would cost
+    minutes on CPU, and the trainer does not care where tokens come from)."""
+    import numpy as np
+
+    from sal_ros.data.datasets import load_semantickitti
+    from sal_ros.data.pseudolabels import PseudoLabels, pseudolabel_path, save_pseudolabels
+    from sal_ros.eval.labels import semantickitti
+    from sal_ros.model.sal import ModelConfig
+    from sal_ros.train.dataset import ground_truth_scan
+
+    seq = require_data("semantickitti", "sequences", "00")
+    out = tmp_path_factory.mktemp("pl")
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(19, ModelConfig.preset("tiny").token_dim)).astype(np.float32)
+    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
+    for frame in load_semantickitti(seq):
+        scan = ground_truth_scan(frame, semantickitti(), tokens)
+        k = len(scan.tokens)
+        save_pseudolabels(pseudolabel_path(out, frame.key), PseudoLabels(
+            scan.instance.astype(np.uint32), scan.tokens, np.ones(k, np.float32), np.ones(k, np.uint32),
+            scan.in_frustum, {"camera_names": ["image_0"], "source": "ground truth (test)"}))
+    return seq, out
+
+
+def train_config(tmp_path: Path, pl, out: str, batch_size: int, steps: int = TRAIN_STEPS) -> Path:
+    """A config/train_tiny.yaml run on ``pseudolabel_dir`` on the CPU, written to ``tmp_path/<out>.yaml``."""
+    import yaml
+
+    seq, pl_dir = pl
+    cfg = yaml.safe_load((REPO / "config" / "train_tiny.yaml").read_text())
+    cfg.update(out_dir=out, device="cpu", checkpoint_every=2,
+               sources=[{"frames": str(seq), "pseudolabels": str(pl_dir)}])
+    cfg["data"]["max_points"] = 4000
+    cfg["optim"].update(steps=steps, warmup_steps=TRAIN_WARMUP, batch_size=batch_size)
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from sal_ros.cli import main as cli_main
-from test_train_trainer import _config, pseudolabel_dir  # noqa: F401 - the module fixture, built here once
+from conftest import train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,9 @@ class _Planted:
         return (open, (self.marker, "w"))
 
 
-def test_a_planted_train_state_runs_no_code_and_a_real_one_resumes(tmp_path, pseudolabel_dir, capsys):  # noqa: F811
+def test_a_planted_train_state_runs_no_code_and_a_real_one_resumes(tmp_path, pseudolabel_dir, capsys):
     torch.set_num_threads(1)
-    cfg = _config(tmp_path, pseudolabel_dir, "run", 2, steps=2)
+    cfg = train_config(tmp_path, pseudolabel_dir, "run", 2, steps=2)
     assert cli_main(["train", "--config", str(cfg), "--stop-at", "1", "--no-progress"]) == 0
     state_path = tmp_path / "run" / "train_state.pt"
     # what the trainer writes loads with weights_only (optimizer, scheduler, RNG states, config)

@@ -15,54 +15,14 @@ import pytest
 import yaml
 
 import torch  # noqa: E402
+from conftest import TRAIN_STEPS, TRAIN_WARMUP, train_config
 
 from sal_ros.cli import main as cli_main  # noqa: E402
 from sal_ros.train.trainer import read_metrics  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-STEPS, WARMUP, STOP_AT = 6, 2, 4  # stop well past warm-up: the cosine decay's end must not move
+STOP_AT = 4  # well past warm-up (TRAIN_WARMUP): the cosine decay's end must not move
 # BatchNorm statistics are per process under DDP (SyncBatchNorm needs CUDA), so the curves drift apart slowly
 DDP_STEPS = 4
-
-
-def _token_dim() -> int:
-    from sal_ros.model.sal import ModelConfig
-
-    return ModelConfig.preset("tiny").token_dim
-
-
-@pytest.fixture(scope="module")
-def pseudolabel_dir(tmp_path_factory):
-    from conftest import require_data
-
-    from sal_ros.data.datasets import load_semantickitti
-    from sal_ros.data.pseudolabels import PseudoLabels, pseudolabel_path, save_pseudolabels
-    from sal_ros.eval.labels import semantickitti
-    from sal_ros.train.dataset import ground_truth_scan
-
-    seq = require_data("semantickitti", "sequences", "00")
-    out = tmp_path_factory.mktemp("pl")
-    rng = np.random.default_rng(0)
-    tokens = rng.normal(size=(19, _token_dim())).astype(np.float32)
-    tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
-    for frame in load_semantickitti(seq):
-        scan = ground_truth_scan(frame, semantickitti(), tokens)
-        k = len(scan.tokens)
-        save_pseudolabels(pseudolabel_path(out, frame.key), PseudoLabels(
-            scan.instance.astype(np.uint32), scan.tokens, np.ones(k, np.float32), np.ones(k, np.uint32),
-            scan.in_frustum, {"camera_names": ["image_0"], "source": "ground truth (test)"}))
-    return seq, out
-
-
-def _config(tmp_path: Path, pl, out: str, batch_size: int, steps: int = STEPS) -> Path:
-    seq, pl_dir = pl
-    cfg = yaml.safe_load((REPO / "config" / "train_tiny.yaml").read_text())
-    cfg.update(out_dir=out, device="cpu", checkpoint_every=2, sources=[{"frames": str(seq), "pseudolabels": str(pl_dir)}])
-    cfg["data"]["max_points"] = 4000
-    cfg["optim"].update(steps=steps, warmup_steps=WARMUP, batch_size=batch_size)
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _weights(path: Path) -> dict:
@@ -76,19 +36,19 @@ def _without_time(recs: list[dict]) -> list[dict]:
 
 def test_cli_run_and_exact_resume(tmp_path, pseudolabel_dir):
     torch.set_num_threads(1)
-    full = _config(tmp_path, pseudolabel_dir, "full", 2)
+    full = train_config(tmp_path, pseudolabel_dir, "full", 2)
     assert cli_main(["train", "--config", str(full), "--no-progress"]) == 0
     run = tmp_path / "full"
     assert {"model_last.pt", "model_step0000002.pt", "model_step0000006.pt", "train_state.pt", "metrics.jsonl",
             "curves.png"} <= {p.name for p in run.iterdir()}
     recs = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in recs] == list(range(1, STEPS + 1)) and all(np.isfinite(r["loss"]) for r in recs)
+    assert [r["step"] for r in recs] == list(range(1, TRAIN_STEPS + 1)) and all(np.isfinite(r["loss"]) for r in recs)
     lrs = [r["lr"] for r in recs]
-    assert lrs[0] < lrs[1] and all(a > b for a, b in zip(lrs[WARMUP:], lrs[WARMUP + 1:]))  # warm-up, decay
+    assert lrs[0] < lrs[1] and all(a > b for a, b in zip(lrs[TRAIN_WARMUP:], lrs[TRAIN_WARMUP + 1:]))  # warm-up, decay
     # a second run into the same folder without --resume is refused
     assert cli_main(["train", "--config", str(full), "--no-progress"]) == 1
 
-    part = _config(tmp_path, pseudolabel_dir, "part", 2)
+    part = train_config(tmp_path, pseudolabel_dir, "part", 2)
     assert cli_main(["train", "--config", str(part), "--stop-at", str(STOP_AT), "--no-progress"]) == 0
     assert len(read_metrics(tmp_path / "part" / "metrics.jsonl")) == STOP_AT
     assert cli_main(["train", "--config", str(part), "--resume", "--no-progress"]) == 0
@@ -102,7 +62,7 @@ def test_cli_run_and_exact_resume(tmp_path, pseudolabel_dir):
 
 def test_resume_with_another_schedule_or_config_is_refused(tmp_path, pseudolabel_dir, capsys):
     torch.set_num_threads(1)
-    cfg = _config(tmp_path, pseudolabel_dir, "run", 2, steps=3)
+    cfg = train_config(tmp_path, pseudolabel_dir, "run", 2, steps=3)
     assert cli_main(["train", "--config", str(cfg), "--stop-at", "1", "--no-progress"]) == 0
     state = (tmp_path / "run" / "train_state.pt").read_bytes()
     capsys.readouterr()
@@ -127,8 +87,8 @@ def test_resume_with_another_schedule_or_config_is_refused(tmp_path, pseudolabel
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(tmp_path, pseudolabel_dir):
     """torchrun, 2 CPU processes (gloo) with 1 sample each == 1 process with the same 2 samples."""
-    single = _config(tmp_path, pseudolabel_dir, "single", 2, steps=DDP_STEPS)
-    ddp = _config(tmp_path, pseudolabel_dir, "ddp", 1, steps=DDP_STEPS)
+    single = train_config(tmp_path, pseudolabel_dir, "single", 2, steps=DDP_STEPS)
+    ddp = train_config(tmp_path, pseudolabel_dir, "ddp", 1, steps=DDP_STEPS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert cli_main(["train", "--config", str(single), "--no-progress"]) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
