@@ -247,3 +247,47 @@ def train_config(tmp_path: Path, pl, out: str, batch_size: int, steps: int = TRA
     path = tmp_path / f"{out}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def eval_online(*args, timeout=240):
+    """`sal-ros eval online ARGS` as a child process on localhost DDS; the CompletedProcess."""
+    import subprocess
+
+    env = dict(os.environ, ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST")
+    return subprocess.run([sys.executable, "-m", "sal_ros.cli", "eval", "online", *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def eval_online_rig(tmp_path_factory):
+    """For `sal-ros eval online`: the converted 2-frame bag, a tiny random-weight checkpoint and node params
+    naming both."""
+    import yaml
+
+    seq = require_data("semantickitti", "sequences", "00")
+    require_rclpy()
+    from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert, image_topic, info_topic
+    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+
+    root = tmp_path_factory.mktemp("eval_online")
+    bag = root / "bag"
+    convert(seq, bag, progress=False)
+    checkpoint = save_tiny_checkpoint(root / "tiny.pt")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump({
+        "/**": {"ros__parameters": {
+            "cloud_topic": CLOUD_TOPIC, "cameras": ["image_0"],
+            "camera": {"image_0": {"image_topic": image_topic("image_0"), "info_topic": info_topic("image_0")}},
+            "calibration": {"source": "static", "file": str(bag / EXTRINSICS_FILE)},
+            "sync": {"match_threshold": 0.03, "timeout": 0.5},
+            "stats_period": 1.0,
+        }},
+        "sal_segmenter": {"ros__parameters": {
+            "model": {"checkpoint": str(checkpoint), "device": "cpu"},
+            "text_encoder": {"model": TINY_TEXT_ENCODER, "pretrained": ""},
+            "prompts": ["car", "road", "tree"],
+            "score_threshold": 0.0,
+            "qos": {"outputs": {"reliability": "reliable", "depth": 5}},
+        }},
+    }))
+    return type("Rig", (), {"root": root, "bag": bag, "params": params})

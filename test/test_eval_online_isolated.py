@@ -6,8 +6,7 @@ import threading
 
 import numpy as np
 
-from conftest import require_rclpy, wait_until
-from test_eval_online_cli import rig, run_eval  # noqa: F401 - the module fixture, built here once
+from conftest import eval_online, require_rclpy, wait_until
 
 from sal_ros.core.msgtypes import rclpy_types
 from sal_ros.core.pointcloud2 import encode_cloud
@@ -50,12 +49,13 @@ class Foreign:
         self.rclpy.try_shutdown(context=self.context)
 
 
-def test_a_foreign_node_of_the_same_name_neither_answers_nor_reports(rig):  # noqa: F811
+def test_a_foreign_node_of_the_same_name_neither_answers_nor_reports(eval_online_rig):
     foreign = Foreign()
     try:
         wait_until(lambda: foreign.sent >= 5, "the foreign node publishing", stall_s=60)
-        out = rig.root / "foreign"
-        proc = run_eval(rig.bag, "--params", rig.params, "--out", out, "--rate", "1", "--set", "stats_period=0.5")
+        out = eval_online_rig.root / "foreign"
+        proc = eval_online(eval_online_rig.bag, "--params", eval_online_rig.params, "--out", out, "--rate", "1",
+                       "--set", "stats_period=0.5")
         assert foreign.sent > 20  # it went on through the whole evaluation
     finally:
         foreign.close()
