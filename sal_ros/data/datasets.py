@@ -293,7 +293,8 @@ def load_kitti_frustum(root: str | os.PathLike) -> list[Frame]:
 # How each layout is recognised; sal_ros.data.sources registers them as frame-source kinds.
 
 
-def _semantickitti_sequences(path: Path) -> list[Path]:
+def semantickitti_sequences(path: Path) -> list[Path]:
+    """A SemanticKITTI sequence folder itself, or the sequences under its sequences/ folder."""
     if (path / "velodyne").is_dir():
         return [path]
     return sorted(p for p in (path / "sequences").iterdir() if (p / "velodyne").is_dir())
@@ -302,7 +303,7 @@ def _semantickitti_sequences(path: Path) -> list[Path]:
 def is_semantickitti(path: Path) -> bool:
     if (path / "velodyne").is_dir() and (path / "calib.txt").is_file():
         return True
-    return (path / "sequences").is_dir() and bool(_semantickitti_sequences(path))
+    return (path / "sequences").is_dir() and bool(semantickitti_sequences(path))
 
 
 def is_kitti_object(path: Path) -> bool:
@@ -328,7 +329,7 @@ class SemanticKittiScans:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._sequences = {seq.name: seq for seq in _semantickitti_sequences(self.path)}
+        self._sequences = {seq.name: seq for seq in semantickitti_sequences(self.path)}
 
     def keys(self) -> list[str]:
         return [f"{name}_{p.stem}" for name, seq in self._sequences.items() for p in sorted(seq.glob("velodyne/*.bin"))]

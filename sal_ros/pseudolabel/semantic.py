@@ -32,6 +32,7 @@ import numpy as np
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import atomic_write
+from sal_ros.data.datasets import semantickitti_sequences
 from sal_ros.eval.labels import get_label_set
 from sal_ros.model.vocabulary import TextEncoder, Vocabulary
 from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
@@ -513,7 +514,7 @@ class SemanticLabeler:
                 raise SensorDataError(f"frame agreement needs poses; {self.source.kind} sources have none here "
                                       "(SemanticKITTI sequences: poses.txt)")
             self._poses = {}
-            for seq in self.source._sequences():
+            for seq in semantickitti_sequences(self.source.path):
                 self._poses.update(semantickitti_lidar_poses(seq))
         keys = self.source.keys()
         if frame.key not in self._poses or frame.key not in keys:
