@@ -33,8 +33,9 @@ from sal_ros.core.errors import CalibrationError, SensorDataError
 from sal_ros.core.msgtypes import image_topic, info_topic
 from sal_ros.core.params_file import RECORDER_NODE, SEGMENTER_NODE, load_params_file
 from sal_ros.core.sync import MATCH_THRESHOLD_NS, SYNC_TIMEOUT_NS
-from sal_ros.core.tf import StaticTfTree
-from sal_ros.core.types import CameraView, Frame
+from sal_ros.core.frame_builder import FrameBuilder
+from sal_ros.core.tf import ExtrinsicsSource, StaticExtrinsics, StaticTfTree
+from sal_ros.core.types import Frame
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +99,16 @@ def iter_bag_frames(
         calibs = None if bag_tf else _static_calibrations(bag_path, extrinsics)
         cloud_conn = _cloud_connection(reader, cloud_topic, bag_path)
         cams = _cameras(reader, cameras, calibs, bag_path)
-        tf_tree = None if calibs is not None else _tf_static(reader)
+        source = _tf_static(reader) if calibs is None else StaticExtrinsics(calibs)
         sync = LidarAnchoredSynchronizer([c.name for c in cams], {c.name: c.time_offset_ns for c in cams},
                                          match_threshold_ns=match_threshold_ns, timeout_ns=timeout_ns)
-        assembler = _Assembler(reader, cams, calibs, tf_tree, _open_labels(bag_path) if labels else None)
+        assembler = _Assembler(reader, cams, source, _open_labels(bag_path) if labels else None)
         by_topic = {c.image_topic: c.name for c in cams}
         infos = {c.info_topic: c.name for c in cams if c.info_topic}
         wanted = [cloud_conn] + [c for c in reader.connections if c.topic in by_topic or c.topic in infos]
         for conn, _, raw in reader.messages(connections=wanted):
             if conn.topic in infos:
-                assembler.infos[infos[conn.topic]] = (conn, raw)  # the latest, as a node keeps it
+                assembler.builder.infos[infos[conn.topic]] = assembler.decode(conn, raw)  # the latest, as a node
                 continue
             stamp = _header_stamp(raw)
             if conn is cloud_conn:
@@ -122,15 +123,12 @@ def iter_bag_frames(
 
 
 class _Assembler:
-    """Synced sets -> Frames: decodes the cloud and matched images, adds intrinsics, extrinsics and labels."""
+    """Synced sets -> Frames: decodes the cloud, adds labels and the cameras core.frame_builder admits."""
 
-    def __init__(self, reader: Any, cams: list[BagCamera], calibs: dict[str, CameraCalibration] | None,
-                 tf_tree: StaticTfTree | None, labels: Any) -> None:
-        self.reader, self.cams, self.calibs, self.tf_tree, self.labels = reader, cams, calibs, tf_tree, labels
-        self.infos: dict[str, tuple[Any, bytes]] = {}
-        self._models: dict[str, tuple[bytes, Any]] = {}
-        self._rectified = {c.name: c.rectified for c in cams}
-        self._warned: set[str] = set()
+    def __init__(self, reader: Any, cams: list[BagCamera], extrinsics: ExtrinsicsSource, labels: Any) -> None:
+        self.reader, self.cams, self.labels = reader, cams, labels
+        self.builder = FrameBuilder({c.name: c for c in cams}, extrinsics)
+        self._warned: set[tuple[str, str]] = set()
 
     def frames(self, ready: list, allow_partial: bool) -> Iterator[Frame]:
         for synced in ready:
@@ -139,35 +137,26 @@ class _Assembler:
                 yield frame
 
     def frame(self, synced: Any) -> Frame:
-        from sal_ros.core.image import read_image
         from sal_ros.core.pointcloud2 import read_xyz_intensity
 
-        cloud = self._decode(*synced.cloud)
+        cloud = self.decode(*synced.cloud)
         xyz, intensity = read_xyz_intensity(cloud)
         frame = Frame(stamp_ns=synced.stamp_ns, frame_id=str(cloud.header.frame_id), points=xyz,
                       intensity=intensity, key=str(synced.stamp_ns))
         if self.labels is not None and frame.key in self.labels:
             frame.gt_labels = self._labels(frame)
         missing = list(synced.missing)
-        for name, (stamp, (conn, raw)) in synced.images.items():
-            model_and_rect = self._camera_model(name)
-            if model_and_rect is None:  # no CameraInfo yet: left out, as the node does
+        for name, (_, (conn, raw)) in synced.images.items():
+            view, reason, text = self.builder.camera_view(name, self.decode(conn, raw), frame)
+            if view is None:  # left out and listed, as the node does; the bag reads on
+                self._left_out(name, reason, text)
                 missing.append(name)
                 continue
-            model, rectification = model_and_rect
-            image_msg = self._decode(conn, raw)
-            camera_frame = str(image_msg.header.frame_id)
-            T = self._extrinsics(name, camera_frame, frame.frame_id)
-            if T is None:  # no transform: left out and listed, as the node does; the bag reads on
-                missing.append(name)
-                continue
-            frame.cameras[name] = CameraView(
-                name=name, image=read_image(image_msg), camera=model, T_cam_lidar=rectification @ T, stamp_ns=stamp,
-                frame_id=camera_frame)
+            frame.cameras[name] = view
         frame.missing_cameras = tuple(c.name for c in self.cams if c.name in missing)
         return frame
 
-    def _decode(self, conn: Any, raw: bytes) -> Any:
+    def decode(self, conn: Any, raw: bytes) -> Any:
         return self.reader.deserialize(raw, conn.msgtype)
 
     def _labels(self, frame: Frame) -> np.ndarray:
@@ -177,44 +166,10 @@ class _Assembler:
                                   f"cloud at {frame.key}")
         return labels
 
-    def _camera_model(self, name: str) -> tuple[Any, np.ndarray] | None:
-        """(model, optical -> projection frame 4x4) from the latest CameraInfo (decoded once per distinct
-        message), else the YAML's intrinsics, else None; as the node's ``SensorInputs.camera_model``."""
-        from sal_ros.core.camera import CameraModel
-
-        info = self.infos.get(name)
-        if info is not None:
-            cached = self._models.get(name)
-            if cached is None or cached[0] is not info[1]:
-                msg = self._decode(*info)
-                rectified = self._rectified[name]
-                cached = (info[1], (CameraModel.from_camera_info(msg, rectified=rectified),
-                                    CameraModel.rectification(msg) if rectified else np.eye(4)))
-                self._models[name] = cached
-            return cached[1]
-        calib = (self.calibs or {}).get(name)
-        return None if calib is None else (calib.camera, np.eye(4))
-
-    def _extrinsics(self, name: str, camera_frame: str, lidar_frame: str) -> np.ndarray | None:
-        if self.calibs is not None:
-            calib = self.calibs.get(name)
-            if calib is None:
-                return self._no_transform(name, f"not in the extrinsics YAML (cameras: {sorted(self.calibs)})")
-            if calib.lidar_frame_id != lidar_frame:
-                return self._no_transform(name, f"the extrinsics are for lidar frame '{calib.lidar_frame_id}', "
-                                                f"the clouds are in '{lidar_frame}'")
-            return calib.T_cam_lidar
-        T = self.tf_tree.lookup(camera_frame, lidar_frame)
-        if T is None:
-            return self._no_transform(name, f"no /tf_static chain from lidar frame '{lidar_frame}' to camera frame "
-                                            f"'{camera_frame}' (frames: {sorted(self.tf_tree.frames)})")
-        return T
-
-    def _no_transform(self, name: str, why: str) -> None:
-        if name not in self._warned:  # once per camera: every frame of the bag would repeat it
-            self._warned.add(name)
-            log.warning("camera %s: %s; left out of the frames (listed in missing_cameras)", name, why)
-        return None
+    def _left_out(self, name: str, reason: str, text: str) -> None:
+        if (name, reason) not in self._warned:  # once per camera and reason: every frame would repeat it
+            self._warned.add((name, reason))
+            log.warning("%s; left out of the frames (listed in missing_cameras)", text)
 
 
 def _header_stamp(raw: bytes) -> int:

@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import numpy as np
-
 from sal_ros.core.errors import CalibrationError, SensorDataError
+from sal_ros.core.frame_builder import FrameBuilder
 from sal_ros.core.msgtypes import NS_PER_S, stamp_to_ns
 from sal_ros.core.types import CameraView, Frame
 from sal_ros.nodes import params as P
@@ -106,7 +105,6 @@ class SensorInputs:
         self._allow_partial = values["sync.allow_partial"]
         self._wall_received: dict[int, int] = {}  # cloud stamp -> monotonic ns it arrived (latency is wall time)
         self._infos: dict[str, Any] = {}
-        self._models: dict[str, tuple[Any, Any]] = {}  # camera -> (info msg, CameraModel)
         self._last_seen: dict[str, float] = {}
         self._input_timeout = values["input_timeout"]
         self._started = time.monotonic()
@@ -118,6 +116,7 @@ class SensorInputs:
             # No calibration: lidar-only outputs go on; overlays and recorded camera views are left out.
             self._extrinsics_error = str(exc)
             self._log.error(f"calibration unavailable, camera views will be left out: {exc}")
+        self._builder = FrameBuilder(self.cameras, self._extrinsics, self._extrinsics_error, self._infos)
 
         group = ReentrantCallbackGroup()  # callbacks only store; they may run concurrently
         self.subscriptions = [node.create_subscription(
@@ -247,29 +246,6 @@ class SensorInputs:
         with self._lock:
             return self._sync.stats.as_dict()
 
-    def camera_model(self, name: str) -> tuple[Any, np.ndarray] | None:
-        """The CameraModel of the latest CameraInfo of camera ``name`` and the 4x4 from the camera's TF frame to
-        the frame the model projects from (identity unless the topic is rectified); cached per info message."""
-        from sal_ros.core.camera import CameraModel
-
-        info = self._infos.get(name)
-        if info is None:  # static calibration files may carry intrinsics
-            calib = getattr(self._extrinsics, "calibrations", {}).get(name)
-            return None if getattr(calib, "camera", None) is None else (calib.camera, np.eye(4))
-        cached = self._models.get(name)
-        if cached is not None and cached[0] is info:
-            return cached[1]
-        rectified = self.cameras[name].rectified
-        model = (CameraModel.from_camera_info(info, rectified=rectified),
-                 CameraModel.rectification(info) if rectified else np.eye(4))
-        self._models[name] = (info, model)
-        return model
-
-    def extrinsics(self, camera_frame: str, lidar_frame: str, stamp_ns: int) -> np.ndarray | None:
-        if self._extrinsics is None:
-            return None
-        return self._extrinsics.lookup(camera_frame, lidar_frame, stamp_ns)
-
     def decode_cloud(self, msg: Any) -> Frame:
         """Cloud message -> Frame without cameras (MalformedMessageError on a bad cloud)."""
         from sal_ros.core.pointcloud2 import intensity_problem, read_xyz_intensity
@@ -284,37 +260,10 @@ class SensorInputs:
                      intensity=intensity, key=str(stamp_to_ns(msg.header.stamp)))
 
     def decode_camera(self, name: str, image_msg: Any, frame: Frame) -> tuple[CameraView | None, str]:
-        """One synced image -> CameraView (decoded image, camera model, lidar->camera transform at the cloud
-        stamp), or None and the reason it was left out (counted and warned, throttled)."""
-        from sal_ros.core.camera import image_size_problem
-        from sal_ros.core.image import read_image
-
-        try:
-            model_and_rect = self.camera_model(name)
-        except SensorDataError as exc:
-            return self._left_out(name, "bad_camera_info", f"camera {name}: {exc}")
-        if model_and_rect is None:
-            return self._left_out(name, "no_camera_info",
-                                  f"camera {name}: no CameraInfo yet on {self.cameras[name].info_topic}")
-        model, rectification = model_and_rect
-        camera_frame = str(image_msg.header.frame_id)
-        T = self.extrinsics(camera_frame, frame.frame_id, frame.stamp_ns)
-        if T is None:
-            errors = getattr(self._extrinsics, "last_error", {})
-            why = self._extrinsics_error or errors.get((camera_frame, frame.frame_id), "no transform")
-            return self._left_out(name, "missing_transform", f"camera {name}: {why} (lidar frame "
-                                  f"'{frame.frame_id}' -> camera frame '{camera_frame}' at the cloud stamp)")
-        try:
-            image = read_image(image_msg)
-        except SensorDataError as exc:
-            return self._left_out(name, "malformed_image", f"camera {name}: {exc}")
-        size_problem = image_size_problem(image, model)
-        if size_problem is not None:
-            return self._left_out(name, size_problem[0], f"camera {name}: {size_problem[1]}")
-        # A rectified view's extrinsics end in the rectified frame, so every consumer projects it with plain K.
-        view = CameraView(name=name, image=image, camera=model, T_cam_lidar=rectification @ np.asarray(T, np.float64),
-                          stamp_ns=stamp_to_ns(image_msg.header.stamp), frame_id=camera_frame)
-        return view, ""
+        """One synced image -> CameraView (core.frame_builder's rules), or None and the reason it was left out
+        (counted and warned, throttled)."""
+        view, reason, text = self._builder.camera_view(name, image_msg, frame)
+        return (view, "") if view is not None else self._left_out(name, reason, text)
 
     def _left_out(self, name: str, reason: str, text: str) -> tuple[None, str]:
         self._stats.count(f"error.{reason}")
