@@ -300,10 +300,13 @@ def semantickitti_sequences(path: Path) -> list[Path]:
     return sorted(p for p in (path / "sequences").iterdir() if (p / "velodyne").is_dir())
 
 
+def is_semantickitti_sequence(path: Path) -> bool:
+    return (path / "velodyne").is_dir() and (path / "calib.txt").is_file()
+
+
 def is_semantickitti(path: Path) -> bool:
-    if (path / "velodyne").is_dir() and (path / "calib.txt").is_file():
-        return True
-    return (path / "sequences").is_dir() and bool(semantickitti_sequences(path))
+    """One sequence folder, or a dataset root holding sequences."""
+    return is_semantickitti_sequence(path) or ((path / "sequences").is_dir() and bool(semantickitti_sequences(path)))
 
 
 def is_kitti_object(path: Path) -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sal_ros.core.files import write_json
+from sal_ros.data.datasets import is_semantickitti_sequence
 
 REPO_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LABEL_MIN_POINTS = 50  # SemanticKITTI's minimum segment size for PQ
@@ -60,7 +61,7 @@ def find_sequence(data: Path | None) -> Path:
         tried = [Path.cwd().parent / "shared" / "data", REPO_DATA]
     for root in tried:
         for candidate in (root, root / "sequences" / "00", root / "semantickitti" / "sequences" / "00"):
-            if (candidate / "velodyne").is_dir() and (candidate / "calib.txt").is_file():
+            if is_semantickitti_sequence(candidate):
                 return candidate.resolve()
     where = ", ".join(str(p) for p in dict.fromkeys(tried))
     raise DemoDataError(
