@@ -72,15 +72,17 @@ def test_ctrl_c_while_the_model_loads_ends_quietly():
     assert "Traceback" not in rest and "cannot start" not in rest, rest
 
 
-@pytest.mark.parametrize("module, ros_args, reason", [
-    ("sal_ros.nodes.segmenter", ["-p", "model.checkpoint:=/nonexistent/model.pt", "-p", "model.device:=cpu"],
+@pytest.mark.parametrize("entry, ros_args, reason", [
+    ("segmenter_main", ["-p", "model.checkpoint:=/nonexistent/model.pt", "-p", "model.device:=cpu"],
      "cannot start: checkpoint not found: /nonexistent/model.pt"),
-    ("sal_ros.nodes.recorder", ["-p", "output_dir:={tmp}/a_file/frames"], "cannot start: "),
+    ("recorder_main", ["-p", "output_dir:={tmp}/a_file/frames"], "cannot start: "),
 ], ids=["segmenter", "recorder"])
-def test_node_that_cannot_start_exits_1_with_the_reason(tmp_path, module, ros_args, reason):
+def test_node_that_cannot_start_exits_1_with_the_reason(tmp_path, entry, ros_args, reason):
+    """Started through the console-script entry that `ros2 run sal_ros segmenter|recorder` calls."""
     require_rclpy()
     (tmp_path / "a_file").write_text("not a folder")
-    proc = _start("-m", module, "--ros-args", *[a.format(tmp=tmp_path) for a in ros_args])
+    code = f"import sys; from sal_ros.tools.run import {entry}; sys.exit({entry}())"
+    proc = _start("-c", code, "--ros-args", *[a.format(tmp=tmp_path) for a in ros_args])
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1, out
     assert reason in out and "Traceback" not in out, out  # a partly built node is destroyed quietly
