@@ -17,7 +17,7 @@ COMMANDS = {
     "pseudolabel": ("sal_ros.pseudolabel.cli", "lift 2D masks and CLIP tokens onto recorded lidar frames"),
     "train": ("sal_ros.train.cli", "distill the SAL model on pseudo-labels"),
     "pretrain": ("sal_ros.pretrain.cli", "label-free backbone pretraining from a 2D teacher (ScaLR, Seal)"),
-    "eval": ("sal_ros.eval.cli", "evaluate a checkpoint or pseudo-labels"),
+    "eval": ("sal_ros.tools.eval_cli", "evaluate a checkpoint or pseudo-labels"),
 }
 
 BENCHES = {

@@ -40,7 +40,9 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The sal_ros modules ``name`` imports anywhere in its file (``from pkg import mod`` names the module)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    processes = _subprocess_modules(tree)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -49,10 +51,24 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        elif isinstance(node, ast.Constant) and node.value in known and id(node) not in processes:
+            targets = [node.value]  # a module named as a string, for importlib (lazy dispatch tables)
         else:
             continue
         found.update(t for t in targets if t.split(".")[0] == PACKAGE and t in known)
     return found - {name}
+
+
+def _subprocess_modules(tree: ast.AST) -> set[int]:
+    """Module names that follow ``"-m"`` in a list or tuple: a new process (``python -m sal_ros.cli run``), not
+    an import."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            for before, item in zip(node.elts, node.elts[1:]):
+                if isinstance(before, ast.Constant) and before.value == "-m":
+                    out.add(id(item))
+    return out
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
@@ -150,6 +166,8 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
     "def f():\n    from sal_ros.nodes import node\n    return node\n",  # hidden in a function
     "def f():\n    import sal_ros.tools.run\n",
     "from ..nodes import node\n",  # relative
+    "import importlib\nMODES = {'run': 'sal_ros.tools.run'}\n",  # named for importlib.import_module
+    "CMD = ['python', '-m', 'sal_ros.tools.run']\nfrom sal_ros.nodes import node\n",  # a process is no import
 ])
 def test_an_upward_import_fails(tmp_path, source):
     root = _tree(tmp_path, {"sal_ros/core/low.py": source, "sal_ros/nodes/node.py": "", "sal_ros/tools/run.py": ""})

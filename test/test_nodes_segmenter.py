@@ -305,7 +305,7 @@ def test_eval_model_feeds_the_model_what_the_node_does_for_a_0_255_lidar(rig, tm
     --intensity-scale 255 and the node with model.intensity_scale 255 label an 8-bit cloud alike."""
     from sal_ros.core.cloud_input import SegmenterConfig
     from sal_ros.core.types import Frame
-    from sal_ros.eval.cli import build_segmenter
+    from sal_ros.eval.model import build_segmenter
     from sal_ros.model.checkpoint import save_checkpoint
 
     xyz, eight_bit = rig.sensors.xyz[:20000], rig.sensors.intensity[:20000] * np.float32(255)

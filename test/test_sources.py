@@ -11,7 +11,7 @@ from sal_ros.data.convert import convert
 from sal_ros.data.datasets import iter_kitti_object
 from sal_ros.data.framestore import FrameStore
 from sal_ros.data.sources import SOURCES, SourceKind, detect_source, get_source, iter_source_frames, register_source
-from sal_ros.eval.cli import iter_frames as eval_frames
+from sal_ros.eval.model import iter_frames as eval_frames
 from sal_ros.pseudolabel.engine import EngineConfig, FrameSource, run
 
 

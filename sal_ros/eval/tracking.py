@@ -218,7 +218,7 @@ def main(args: argparse.Namespace) -> int:
     from sal_ros.core.files import atomic_write, write_json
     from sal_ros.core.tracking import TrackerConfig
     from sal_ros.data.datasets import load_semantickitti
-    from sal_ros.eval.cli import _load_class_map, build_segmenter
+    from sal_ros.eval.model import _load_class_map, build_segmenter
     from sal_ros.eval.labels import get_label_set
 
     if args.checkpoint is not None and args.vocabulary is None:

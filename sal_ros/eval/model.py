@@ -1,34 +1,19 @@
-"""``sal-ros eval``: evaluate a checkpoint (zero-shot, offline), pseudo-labels against ground truth, or a running
-segmenter node (online).
+"""``sal-ros eval model``: zero-shot panoptic evaluation of a checkpoint on frames with ground truth.
 
-    sal-ros eval model --checkpoint C (--bag B | --dataset D) --vocabulary V --out DIR
-    sal-ros eval pseudolabels ...        (sal_ros.pseudolabel.evaluate)
-    sal-ros eval online BAG --params P --out DIR [--rate R] [--set NAME=VALUE ...]   (sal_ros.tools.online)
-    sal-ros eval tracking --dataset SEQ (--oracle | --checkpoint C --vocabulary V) --out DIR   (sal_ros.eval.tracking)
-
-``eval model`` runs frames through the same synchronizer (sal_ros.data.bag) and the same Segmenter as the
-segmenter node, with fixed seeds and deterministic kernels, and writes the report (metrics.json, report.md,
-confusion.png, per_class.png) into DIR.
-
-``eval online`` starts ``sal-ros run --params P`` in a child process (real rclpy, DDS on localhost), replays BAG
-into it once at ``--rate`` and measures from the topics: clouds sent / answered, drop rate, end-to-end latency
-(median, p90, max) and the node's own per-stage timings. It writes online.json, online.md and node.log into DIR
-and prints the headline.
+Frames go through the same synchronizer (sal_ros.data.bag) or frame-source registry and the same Segmenter as the
+segmenter node, with fixed seeds and deterministic kernels; the report (metrics.json, report.md, confusion.png,
+per_class.png) goes into --out.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 from sal_ros.core.cloud_input import SCORE_THRESHOLD, SegmenterConfig
-from sal_ros.core.errors import SensorDataError
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="eval_mode", required=True)
-    m = sub.add_parser("model", help="zero-shot panoptic evaluation of a checkpoint on frames with ground truth")
+def add_arguments(m: argparse.ArgumentParser) -> None:
     m.add_argument("--checkpoint", required=True, type=Path)
     src = m.add_mutually_exclusive_group(required=True)
     src.add_argument("--bag", type=Path, help="rosbag2 with lidar (+ ground-truth) topics, read through the synchronizer")
@@ -53,44 +38,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="score only the points some camera sees (where camera pseudo-labels exist)")
     m.add_argument("--config", type=Path, help="node / synchronizer yaml for --bag")
     m.add_argument("--no-progress", action="store_true")
-    m.set_defaults(_eval=main_model)
-    # Imported only when `eval` is the command (online needs rclpy only when it runs).
-    _add_lazy(sub, "pseudolabels", "pseudo-label quality against ground truth", "sal_ros.pseudolabel.evaluate",
-              lambda module: module.main)
-    _add_lazy(sub, "probe", "linear probe of a frozen (pretrained) backbone vs a random one: mIoU",
-              "sal_ros.eval.probe", lambda module: module.main)
-    _add_lazy(sub, "semantic", "a semantic checkpoint vs real labels, its training labels and unlabelled points",
-              "sal_ros.train.evaluate", lambda module: module.main)
-    _add_lazy(sub, "online", "replay a bag into `sal-ros run`: answered clouds, drop rate, latency",
-              "sal_ros.tools.online", lambda module: module.main)
-    _add_lazy(sub, "tracking", "instances over time: LSTQ and id switches of the tracker on a sequence",
-              "sal_ros.eval.tracking", lambda module: module.main)
-
-
-def _add_lazy(sub, mode: str, help_text: str, module_name: str, entry) -> None:
-    """A sub-mode whose module may not import here: listed with the reason, and failing with it when run."""
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        parser = sub.add_parser(mode, help=f"(unavailable: {exc})")
-        parser.set_defaults(_eval=lambda args, _e=exc: _unavailable(mode, _e))
-        return
-    parser = sub.add_parser(mode, help=help_text)
-    module.add_arguments(parser)
-    parser.set_defaults(_eval=entry(module))
-
-
-def _unavailable(mode: str, why) -> int:
-    print(f"sal-ros eval {mode}: {why}", file=sys.stderr)
-    return 2
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        return int(args._eval(args) or 0)
-    except (SensorDataError, FileNotFoundError, KeyError, ValueError) as exc:
-        print(f"sal-ros eval: {exc}", file=sys.stderr)
-        return 1
 
 
 def _load_class_map(path: Path | None) -> dict | None:
@@ -125,7 +72,7 @@ def build_segmenter(checkpoint: Path, vocabulary: Path, device: str, config: Seg
     return Segmenter.from_files(checkpoint, vocabulary, device=device, config=config)
 
 
-def main_model(args) -> int:
+def main(args: argparse.Namespace) -> int:
     from sal_ros.eval.labels import get_label_set
     from sal_ros.eval.offline import evaluate_frames
     from sal_ros.eval.report import write_report
