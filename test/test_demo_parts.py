@@ -17,13 +17,22 @@ from sal_ros.demo.settings import ORACLE, DemoConfig
 # ------------------------------------------------------------------------------------------------ palette
 
 @pytest.mark.parametrize("num_classes", [0, 1, 19, 20, 64, 1000])
-def test_palette_reproduces_the_node_outputs_colours(num_classes):
+def test_palette_gives_the_node_its_class_colours(num_classes):
+    """The node's outputs draw with the one palette, and its vectorised HSV gives exactly the colours the node has
+    always drawn (per class with colorsys: grey for 0, hue 0.12 + k * golden ratio, value 0.95 / 0.8)."""
+    import colorsys
+
     from sal_ros.nodes import outputs
 
-    assert np.array_equal(palette.class_colors(num_classes), outputs.class_colors(num_classes))
+    assert outputs.class_colors is palette.class_colors and outputs.label_colors is palette.label_colors
+    reference = [palette.UNLABELED_COLOR] + [
+        tuple(np.round(np.array(colorsys.hsv_to_rgb((0.12 + k * 0.618033988749895) % 1.0, 0.8,
+                                                    0.95 if k % 2 == 0 else 0.8)) * 255).astype(np.uint8))
+        for k in range(num_classes)]
+    assert np.array_equal(palette.class_colors(num_classes), np.array(reference, np.uint8).reshape(-1, 3))
     label = np.arange(num_classes + 5)  # beyond the palette too: drawn as label 0
-    table = outputs.class_colors(num_classes)
-    assert np.array_equal(palette.label_colors(label, table), outputs.label_colors(label, table))
+    drawn = palette.label_colors(label, palette.class_colors(num_classes))
+    assert (drawn[num_classes + 1:] == palette.UNLABELED_COLOR).all()
 
 
 def test_segment_colors_one_colour_per_segment_and_grey_for_none():

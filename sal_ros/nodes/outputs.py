@@ -10,18 +10,15 @@ the class names, even if the vocabulary changed mid-recording.
 """
 from __future__ import annotations
 
-import colorsys
 import json
 from typing import Any, Sequence
 
 import numpy as np
 
 from sal_ros.core.msgtypes import MessageTypes, make_header
-from sal_ros.core.palette import track_color
+from sal_ros.core.palette import UNLABELED_COLOR, class_colors, label_colors, track_color  # noqa: F401 - the one palette, re-exported for the node
 from sal_ros.core.pointcloud2 import encode_cloud, pack_rgb
 from sal_ros.core.types import InstanceSummary, Segmentation
-
-UNLABELED_COLOR = (110, 110, 110)
 
 # PointCloud2 layout of ~/labeled_points (name, dtype), in order.
 LABELED_FIELDS = (
@@ -30,32 +27,6 @@ LABELED_FIELDS = (
     ("rgb", np.float32),
 )
 VOCABULARY_NS = "vocabulary"  # marker namespace of the vocabulary legend; its id is the version
-
-
-# --------------------------------------------------------------------------------------------------- colours
-
-
-def class_colors(num_classes: int) -> np.ndarray:
-    """``(num_classes + 1, 3)`` uint8 RGB indexed by label: grey for label 0, then well-separated hues.
-
-    Hues step by the golden ratio, so a class keeps its colour when classes are appended to the vocabulary.
-    """
-    colors = np.empty((num_classes + 1, 3), np.uint8)
-    colors[0] = UNLABELED_COLOR
-    for k in range(num_classes):
-        hue = (0.12 + k * 0.618033988749895) % 1.0
-        value = 0.95 if k % 2 == 0 else 0.8
-        colors[k + 1] = np.round(np.array(colorsys.hsv_to_rgb(hue, 0.8, value)) * 255)
-    return colors
-
-
-def label_colors(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Per-point colours from ``palette`` rows (``(K, 3)`` uint8 or packed ``(K,)``); labels beyond the palette
-    (a stale vocabulary) are drawn as label 0."""
-    label = np.asarray(label)
-    if label.size and label.max() >= len(palette):
-        label = np.where(label < len(palette), label, 0)
-    return palette[label]
 
 
 # ---------------------------------------------------------------------------------------------- point cloud
