@@ -24,8 +24,8 @@ from sal_ros.core.files import atomic_write
 from sal_ros.core.settings import known_settings
 from sal_ros.pretrain.losses import info_nce, point_to_segment, scalr_loss, segment_mean, subsample
 from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
-                                   batch_indices, config_diff, init_distributed, lr_factor, read_metrics,
-                                   resolve_device)
+                                   apply_gradients, batch_indices, config_diff, distributed, init_distributed,
+                                   optimizer_and_schedule, read_metrics, resolve_device)
 from sal_ros.eval.report import atomic_savefig
 from sal_ros.model.backbone import ModelConfig, build_backbone
 from sal_ros.model.pretrained import read_backbone, save_backbone
@@ -137,17 +137,9 @@ class PretrainTrainer:
         torch.manual_seed(cfg.seed)
         self.model_config = cfg.model_config()
         self.module = PretrainModel(self.model_config, teacher_dim).to(self.device)
-        self.model = self.module
-        if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.min_lr_ratio))
-        self.amp = o.amp and self.device.type == "cuda"
+        self.model = distributed(self.module, self.dist, self.device)
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.module, cfg.optim)
+        self.amp = cfg.optim.amp and self.device.type == "cuda"
         self.step = 0
 
     # -- files
@@ -206,13 +198,7 @@ class PretrainTrainer:
         feats = [f.float() for f in feats]
         terms = self.losses(samples, frames, feats, gen)
         loss = sum(terms.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr, grad_norm = apply_gradients(self.module, self.optimizer, self.scheduler, loss, cfg.optim.grad_clip)
         self.step += 1
         stats = all_reduce_sum(torch.tensor([float(loss.detach()), *[float(v.detach()) for v in terms.values()]],
                                             device=self.device), dist) / dist.world

@@ -38,7 +38,7 @@ from sal_ros.model.backbone import ModelConfig
 from sal_ros.model.semantic import SemanticModel
 from sal_ros.pseudolabel.semantic import load_semantic
 from sal_ros.train.augment import augment
-from sal_ros.train.trainer import Trainer, all_reduce_sum, batch_indices
+from sal_ros.train.trainer import Trainer, all_reduce_sum, apply_gradients, batch_indices
 
 SEMANTIC_DEFAULTS = {"class_names": None, "consistency": 0.0, "min_mask_points": 2}
 
@@ -181,13 +181,7 @@ class SemanticTrainer(Trainer):
                                         float(s["consistency"]), int(s["min_mask_points"]))
             total = total + loss / len(samples)
             terms = {k: terms[k] + float(v) / len(samples) for k, v in parts.items()}
-        self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr, grad_norm = apply_gradients(self.module, self.optimizer, self.scheduler, total, cfg.optim.grad_clip)
         self.step += 1
         stats = all_reduce_sum(torch.tensor([float(total.detach()), terms["ce"], terms["consistency"]]), dist) / dist.world
         return {"step": self.step, "loss": float(stats[0]), "loss_ce": float(stats[1]),

@@ -138,6 +138,34 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def distributed(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel when more than one process trains, else itself."""
+    if dist.world <= 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def optimizer_and_schedule(module: torch.nn.Module, o: "OptimConfig"):
+    """AdamW and its warm-up + cosine schedule (one factor per step)."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.min_lr_ratio))
+
+
+def apply_gradients(module: torch.nn.Module, optimizer, scheduler, loss: torch.Tensor,
+                    grad_clip: float) -> tuple[float, float]:
+    """One optimizer step on ``loss`` with gradient clipping; returns (the step's learning rate, gradient norm)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    return lr, float(grad_norm)
+
+
 def batch_indices(step: int, batch_size: int, dist: Dist, n: int, seed: int) -> list[tuple[int, int]]:
     """(epoch, index) pairs for this rank at ``step``: a seeded permutation per epoch, split across ranks."""
     global_bs = batch_size * dist.world
@@ -260,16 +288,9 @@ class Trainer:
         token_dim = next((s.tokens.shape[1] for s in dataset.scans if len(s.tokens)), None)
         self.model = (model if model is not None else build_model(cfg.model, token_dim)).to(self.device)
         self.module = self.model
-        if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.model, device_ids=ids)
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, o.warmup_steps, o.steps, o.min_lr_ratio))
-        self.amp = o.amp and self.device.type == "cuda"
+        self.model = distributed(self.module, self.dist, self.device)
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.module, cfg.optim)
+        self.amp = cfg.optim.amp and self.device.type == "cuda"
         self.step = 0
 
     # -- files
@@ -339,13 +360,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             layers = forward_layers(self.model, samples, self.device)
         loss, terms = sal_loss(layers, targets, cfg.loss, num_masks=num_masks, generator=gen)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        lr, grad_norm = apply_gradients(self.module, self.optimizer, self.scheduler, loss, cfg.optim.grad_clip)
         self.step += 1
         stats = torch.tensor([float(loss.detach()), *terms.values(), float(local)], device=self.device)
         stats = all_reduce_sum(stats, dist) / dist.world
