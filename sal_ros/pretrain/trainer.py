@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from sal_ros.core.files import atomic_write
 from sal_ros.core.settings import known_settings
 from sal_ros.pretrain.losses import info_nce, point_to_segment, scalr_loss, segment_mean, subsample
 from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
-                                   apply_gradients, batch_indices, config_diff, distributed, init_distributed,
+                                   apply_gradients, batch_indices, config_diff, distributed, fit_steps, init_distributed,
                                    optimizer_and_schedule, read_metrics, resolve_device)
 from sal_ros.eval.report import atomic_savefig
 from sal_ros.model.backbone import ModelConfig, build_backbone
@@ -271,29 +270,8 @@ class PretrainTrainer:
         return terms
 
     def fit(self, stop_at: int | None = None) -> list[dict]:
-        from tqdm import tqdm
-
-        end = self.cfg.optim.steps if stop_at is None else min(stop_at, self.cfg.optim.steps)
-        log = self.out / METRICS_FILE
-        records = []
-        bar = tqdm(total=end, initial=self.step, desc=f"pretrain {self.cfg.objective}", unit="step",
-                   disable=not (self.progress and self.dist.main))
-        t0 = time.perf_counter()
-        while self.step < end:
-            rec = self.train_step()
-            rec["time_s"] = time.perf_counter() - t0
-            records.append(rec)
-            if self.dist.main and (self.step % self.cfg.log_every == 0 or self.step == end):
-                with open(log, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
-            bar.update(1)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
-                self.save()
-                if self.dist.main:
-                    plot_curves(log, self.out / "curves.png")
-        bar.close()
-        return records
+        """Pretrain until step ``stop_at`` of the schedule (default: its end), as ``train`` does."""
+        return fit_steps(self, stop_at, f"pretrain {self.cfg.objective}", plot_curves)
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:

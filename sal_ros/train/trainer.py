@@ -373,28 +373,36 @@ class Trainer:
     def fit(self, stop_at: int | None = None) -> list[dict]:
         """Train until step ``stop_at`` of the configured schedule (default: its end); checkpoints every N
         steps and where it stops. The schedule is not changed: resuming later continues it exactly."""
-        from tqdm import tqdm
+        return fit_steps(self, stop_at, "train", plot_curves)
 
-        end = self.cfg.optim.steps if stop_at is None else min(stop_at, self.cfg.optim.steps)
-        log = self.out / METRICS_FILE
-        records = []
-        bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=not (self.progress and self.dist.main))
-        t0 = time.perf_counter()
-        while self.step < end:
-            rec = self.train_step()
-            rec["time_s"] = time.perf_counter() - t0
-            records.append(rec)
-            if self.dist.main and (self.step % self.cfg.log_every == 0 or self.step == end):
-                with open(log, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
-            bar.update(1)
-            if self.step % self.cfg.checkpoint_every == 0 or self.step == end:
-                self.save()
-                if self.dist.main:
-                    plot_curves(log, self.out / "curves.png")
-        bar.close()
-        return records
+
+def fit_steps(trainer, stop_at: int | None, desc: str, plot) -> list[dict]:
+    """The step loop of a trainer (``train``, the semantic student, ``pretrain``): ``train_step`` until
+    ``stop_at`` (default: the schedule's end), metrics.jsonl every ``log_every`` steps, ``save`` and curves every
+    ``checkpoint_every`` steps and where it stops; tqdm on the main process."""
+    from tqdm import tqdm
+
+    cfg, main = trainer.cfg, trainer.dist.main
+    end = cfg.optim.steps if stop_at is None else min(stop_at, cfg.optim.steps)
+    log = trainer.out / METRICS_FILE
+    records = []
+    bar = tqdm(total=end, initial=trainer.step, desc=desc, unit="step", disable=not (trainer.progress and main))
+    t0 = time.perf_counter()
+    while trainer.step < end:
+        rec = trainer.train_step()
+        rec["time_s"] = time.perf_counter() - t0
+        records.append(rec)
+        if main and (trainer.step % cfg.log_every == 0 or trainer.step == end):
+            with open(log, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+        bar.update(1)
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == end:
+            trainer.save()
+            if main:
+                plot(log, trainer.out / "curves.png")
+    bar.close()
+    return records
 
 
 def resolve_device(name: str) -> torch.device:
