@@ -60,6 +60,19 @@ def test_cli_run_and_exact_resume(tmp_path, pseudolabel_dir):
     assert _without_time(resumed) == _without_time(recs)  # losses, lr, grad norms, batches: bit for bit
 
 
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_a_clean_log(tmp_path, pseudolabel_dir):
+    """Killed before any checkpoint, a run leaves metrics.jsonl lines but no train_state.pt; the restart begins at
+    step 0 and used to append to those lines, so steps appeared twice and the curves were drawn over each other."""
+    torch.set_num_threads(1)
+    cfg = train_config(tmp_path, pseudolabel_dir, "killed", 2)
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(f'{{"step": {k}, "loss": 9.0, "lr": 0.0}}\n' for k in (1, 2, 3)))
+    assert cli_main(["train", "--config", str(cfg), "--stop-at", "2", "--no-progress"]) == 0
+    recs = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2] and all(r["loss"] != 9.0 for r in recs)
+
+
 def test_resume_with_another_schedule_or_config_is_refused(tmp_path, pseudolabel_dir, capsys):
     torch.set_num_threads(1)
     cfg = train_config(tmp_path, pseudolabel_dir, "run", 2, steps=3)

@@ -385,6 +385,8 @@ def fit_steps(trainer, stop_at: int | None, desc: str, plot) -> list[dict]:
     cfg, main = trainer.cfg, trainer.dist.main
     end = cfg.optim.steps if stop_at is None else min(stop_at, cfg.optim.steps)
     log = trainer.out / METRICS_FILE
+    if main:  # lines past the start step are from a run killed before its next checkpoint: they are redone
+        _truncate_metrics(log, trainer.step)
     records = []
     bar = tqdm(total=end, initial=trainer.step, desc=desc, unit="step", disable=not (trainer.progress and main))
     t0 = time.perf_counter()
