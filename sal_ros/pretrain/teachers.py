@@ -157,16 +157,9 @@ class ClipTeacher:
     def feature_map(self, frame, camera: str) -> FeatureMap:
         import torch
 
-        enc = self.encoder
         image = frame.cameras[camera].image
-        rgb = as_rgb(image)
-        grid = enc.grid_for(*rgb.shape[:2])
         with torch.inference_mode():
-            x = enc._embeds(rgb, grid)
-            blocks = list(enc.visual.transformer.resblocks)
-            for blk in blocks[:-1]:
-                x = blk(x)
-            feats = enc._value_path(blocks[-1], x)[0, 1:]
+            feats, grid = self.encoder.patch_features(as_rgb(image))
         return FeatureMap(feats.float().reshape(grid[0], grid[1], -1).cpu().numpy(), image.shape[:2])
 
 

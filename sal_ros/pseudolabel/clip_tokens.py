@@ -134,18 +134,27 @@ class ClipTokenEncoder:
         cov = np.stack([np.bincount(patch_of[f], minlength=p) for f in flat]).astype(np.float32)
         return cov / np.maximum(per_patch, 1)
 
+    def patch_features(self, rgb: np.ndarray):
+        """MaskCLIP-style dense features: ``((P, D) patch tokens in CLIP's joint space, (rows, cols) grid)``, the last
+        block's value path instead of its attention (call under inference mode)."""
+        grid = self.grid_for(*rgb.shape[:2])
+        x = self._embeds(rgb, grid)
+        blocks = list(self.visual.transformer.resblocks)
+        for blk in blocks[:-1]:
+            x = blk(x)
+        return self._value_path(blocks[-1], x)[0, 1:], grid
+
     def _encode_dense(self, rgb: np.ndarray, masks: Masks):
         torch = self.torch
+        if self.method == "dense":
+            feats, grid = self.patch_features(rgb)
+            cov = torch.from_numpy(self.coverage(masks, grid)).to(self.device)
+            weights = cov / cov.sum(1, keepdim=True).clamp(min=1e-6)
+            return weights @ feats
         grid = self.grid_for(*rgb.shape[:2])
         cov = torch.from_numpy(self.coverage(masks, grid)).to(self.device)
         x = self._embeds(rgb, grid)
         blocks = list(self.visual.transformer.resblocks)
-        if self.method == "dense":
-            for blk in blocks[:-1]:
-                x = blk(x)
-            feats = self._value_path(blocks[-1], x)[0, 1:]  # (P, D)
-            weights = cov / cov.sum(1, keepdim=True).clamp(min=1e-6)
-            return weights @ feats
         n_mask_blocks = len(blocks) if self.mask_layers is None else max(1, min(self.mask_layers, len(blocks)))
         split = len(blocks) - n_mask_blocks
         for blk in blocks[:split]:

@@ -421,7 +421,7 @@ class TorchScriptScores:
 
 class ClipDenseScores:
     """Open vocabulary, MaskCLIP-style (Zhou et al., ECCV 2022): per patch, the last ViT block's value path
-    (``ClipTokenEncoder._value_path``) in CLIP's joint space, cosine against the vocabulary's text embeddings
+    (``ClipTokenEncoder.patch_features``) in CLIP's joint space, cosine against the vocabulary's text embeddings
     (a class with several descriptions takes its best), softmax at CLIP's logit scale. Maps are patch-grid sized."""
 
     name = "clip"
@@ -441,14 +441,9 @@ class ClipDenseScores:
 
     def scores(self, frame, view) -> np.ndarray:
         enc, torch = self.encoder, self.encoder.torch
-        rgb = as_rgb(view.image)
-        grid = enc.grid_for(*rgb.shape[:2])
         with torch.inference_mode():
-            x = enc._embeds(rgb, grid)
-            blocks = list(enc.visual.transformer.resblocks)
-            for blk in blocks[:-1]:
-                x = blk(x)
-            feats = torch.nn.functional.normalize(enc._value_path(blocks[-1], x)[0, 1:].float(), dim=-1)
+            feats, grid = enc.patch_features(as_rgb(view.image))
+            feats = torch.nn.functional.normalize(feats.float(), dim=-1)
             sims = (feats @ self.text.float().T).cpu().numpy()  # (P, rows)
         per_class = np.full((sims.shape[0], len(self.class_names)), -np.inf, np.float32)
         np.maximum.at(per_class.T, self.row_class, sims.T)
