@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
+from sal_ros.bench.timing import median_ms
 from sal_ros.core.cloud_input import SegmenterConfig
 
 DEFAULT_SCAN = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "semantickitti" / "sequences" / "00"
@@ -189,15 +190,8 @@ def bench_conv(scan: np.ndarray, device: str, crop: tuple[float, float, float], 
         return F.conv3d(to_dense(x, shape), weight, padding=1)
 
     def timed(fn):
-        fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return out, float(np.median(times))
+        out = _synced(fn, sync)()  # the warm-up call's output is the one compared
+        return out, median_ms(_synced(fn, sync), repeats, warmup=0)
 
     with torch.inference_mode():
         sparse_out, sparse_ms = timed(sparse)
@@ -239,15 +233,7 @@ def bench_strided_conv(scan: np.ndarray, device: str, voxel_size: float, channel
         return conv(SparseTensor(x.feats, x.coords, 1)).feats  # fresh cache: the map is built every call
 
     def timed(fn):
-        fn()
-        sync()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(np.median(times))
+        return median_ms(_synced(fn, sync), repeats, warmup=1)
 
     with torch.inference_mode():
         a, b = parent_map(), searched_map()
@@ -304,18 +290,17 @@ def bench_spconv(scan: np.ndarray, path: Path, voxel_size: float, channels: int,
             rows = {tuple(c): i for i, c in enumerate(((a.coords[:, 1:].long() + shift) // s).tolist())}
             order = torch.tensor([rows[tuple(c)] for c in b.indices[:, 1:].tolist()])
             diff = float((a.feats[order] - b.features).abs().max())
-            ours_ms, theirs_ms = _median_ms(run_ours, repeats), _median_ms(run_theirs, repeats)
+            ours_ms, theirs_ms = median_ms(run_ours, repeats, warmup=1), median_ms(run_theirs, repeats, warmup=1)
         out[name] = {"ours_ms": round(ours_ms, 2), "spconv_ms": round(theirs_ms, 2),
                      "ours_over_spconv": round(ours_ms / theirs_ms, 2), "max_abs_diff": diff,
                      "output_voxels": len(a.coords)}
     return out
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+def _synced(fn, sync):
+    """``fn`` followed by a device sync, returning ``fn``'s result: what a timing must include on CUDA."""
+    def call():
+        out = fn()
+        sync()
+        return out
+    return call
