@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sal_ros.core.cloud_input import MAX_COORDINATE, SegmenterConfig
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.msgtypes import rclpy_types
 from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
@@ -317,8 +318,6 @@ class SegmenterNode(SensorNode):
 
     def _report_input(self, frame: Frame, cloud: Any) -> None:
         """Counters and throttled warnings for the points the Segmenter leaves out, subsamples or rescales."""
-        from sal_ros.core.cloud_input import MAX_COORDINATE
-
         log, limit = self.get_logger(), cloud.config.max_points
         if cloud.nonfinite:
             self.stats.count("nonfinite_points", cloud.nonfinite)
@@ -343,9 +342,7 @@ class SegmenterNode(SensorNode):
             log.warning(f"intensity reaches {peak:g} on the model's scale, which ends at {cloud.trained_scale:g}: "
                         "set model.intensity_scale to this lidar's full scale (e.g. 255 or 65535)", **throttled())
 
-    def _segmenter_config(self) -> Any:
-        from sal_ros.core.cloud_input import SegmenterConfig
-
+    def _segmenter_config(self) -> SegmenterConfig:
         v = self.values
         return SegmenterConfig(float(v["score_threshold"]), int(v["min_instance_points"]), int(v["max_points"]),
                                v["max_points_policy"], float(v["model.intensity_scale"]))
