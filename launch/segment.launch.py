@@ -11,13 +11,17 @@ UDP on loopback only).
 import os
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, SetEnvironmentVariable
 from launch.conditions import IfCondition, LaunchConfigurationNotEquals
+from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
 from ament_index_python.packages import get_package_share_directory
+
+# Arguments handed to record.launch.py when record:=true.
+RECORDER_ARGS = ("params_file", "record_dir", "use_sim_time", "log_level", "discovery_range", "fastdds_profile")
 
 
 def generate_launch_description():
@@ -51,15 +55,10 @@ def generate_launch_description():
             output="screen",
             emulate_tty=True,
         ),
-        Node(
-            package="sal_ros",
-            executable="recorder",
-            name="sal_recorder",
+        # The recorder is record.launch.py itself (one definition of its node), given this launch's arguments.
+        IncludeLaunchDescription(
+            PythonLaunchDescriptionSource(os.path.join(share, "launch", "record.launch.py")),
+            launch_arguments={name: LaunchConfiguration(name) for name in RECORDER_ARGS}.items(),
             condition=IfCondition(LaunchConfiguration("record")),
-            parameters=[params_file, {"use_sim_time": use_sim_time,
-                                      "output_dir": LaunchConfiguration("record_dir")}],
-            ros_arguments=log_args,
-            output="screen",
-            emulate_tty=True,
         ),
     ])

@@ -55,6 +55,13 @@ def test_launch_file_arguments_and_defaults(launch_file):
         assert node["package"] == "sal_ros"
         assert f'"{node["executable"]} = sal_ros.tools.run:{node["executable"]}_main"' in setup
         assert node["name"] in (params.SEGMENTER_NODE, params.RECORDER_NODE)
+    # Each node is defined in one launch file: segment.launch.py runs the recorder by including record.launch.py.
+    assert sorted(node["executable"] for node in nodes) == (["segmenter"] if launch_file == "segment.launch.py"
+                                                           else ["recorder"])
+    included = [c.value for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", None) == "IncludeLaunchDescription"
+                for c in ast.walk(n) if isinstance(c, ast.Constant) and str(c.value).endswith(".launch.py")]
+    assert included == (["record.launch.py"] if launch_file == "segment.launch.py" else [])
 
 
 @pytest.fixture(scope="module")
