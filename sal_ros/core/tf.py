@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from sal_ros.core.calibration import CameraCalibration, read_static_extrinsics
-from sal_ros.core.transforms import invert_transform, transform_msg_to_matrix
+from sal_ros.core.transforms import (invert_transform, make_transform, matrix_to_quaternion, quaternion_to_matrix,
+                                     transform_msg_to_matrix)
 
 _EARLIEST = 1  # ns; only a static chain has a transform this early (a dynamic one would extrapolate)
 
@@ -79,6 +80,67 @@ class StaticTfTree:
                     seen.add(other)
                     queue.append((other, invert_transform(T_frame_other) @ T_frame_lidar))
         return None
+
+
+class TfHistory:
+    """/tf over time plus /tf_static, as a bag holds them; ``lookup`` chains the tree at a stamp as tf2 does: each
+    moving edge interpolated between its messages around the stamp (translation linear, rotation slerp), never
+    extrapolated past its first or last message."""
+
+    def __init__(self) -> None:
+        self.static: dict[tuple[str, str], np.ndarray] = {}
+        self.moving: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
+        self._series: dict[tuple[str, str], tuple[np.ndarray, list[np.ndarray]]] | None = None
+
+    def add(self, transforms: Iterable[Any], static: bool) -> None:
+        """TransformStamped messages (rclpy or rosbags) of /tf (``static`` False) or /tf_static."""
+        for tf in transforms:
+            pair, T = (str(tf.header.frame_id), str(tf.child_frame_id)), transform_msg_to_matrix(tf)
+            if static:
+                self.static[pair] = T
+            else:
+                stamp = int(tf.header.stamp.sec) * 1_000_000_000 + int(tf.header.stamp.nanosec)
+                self.moving.setdefault(pair, []).append((stamp, T))
+        self._series = None
+
+    def at(self, stamp_ns: int) -> StaticTfTree:
+        """The tree at ``stamp_ns``: static edges and the moving edges whose messages span the stamp."""
+        if self._series is None:
+            self._series = {pair: (np.array([s for s, _ in items], np.int64), [T for _, T in items])
+                            for pair, items in ((p, sorted(v, key=lambda m: m[0])) for p, v in self.moving.items())}
+        edges = dict(self.static)
+        for pair, (stamps, Ts) in self._series.items():
+            T = _interpolate(stamps, Ts, stamp_ns)
+            if T is not None:
+                edges[pair] = T
+        return StaticTfTree(edges)
+
+    def lookup(self, target_frame: str, source_frame: str, stamp_ns: int) -> np.ndarray | None:
+        """T_target_source at ``stamp_ns`` (maps source coordinates into the target frame), or None."""
+        return self.at(stamp_ns).lookup(target_frame, source_frame)
+
+
+def _interpolate(stamps: np.ndarray, Ts: list[np.ndarray], t: int) -> np.ndarray | None:
+    i = int(np.searchsorted(stamps, t))  # first message at or after t
+    if i < len(stamps) and stamps[i] == t:
+        return Ts[i]
+    if i == 0 or i == len(stamps):
+        return None
+    a = float(t - stamps[i - 1]) / float(stamps[i] - stamps[i - 1])
+    T0, T1 = Ts[i - 1], Ts[i]
+    q = _slerp(matrix_to_quaternion(T0), matrix_to_quaternion(T1), a)
+    return make_transform(quaternion_to_matrix(q), (1 - a) * T0[:3, 3] + a * T1[:3, 3])
+
+
+def _slerp(q0: np.ndarray, q1: np.ndarray, a: float) -> np.ndarray:
+    d = float(np.dot(q0, q1))
+    if d < 0:  # the shorter arc
+        q1, d = -q1, -d
+    if d > 0.9995:  # nearly equal: linear is exact enough and avoids dividing by sin(~0)
+        q = q0 + a * (q1 - q0)
+        return q / np.linalg.norm(q)
+    theta = np.arccos(d)
+    return (np.sin((1 - a) * theta) * q0 + np.sin(a * theta) * q1) / np.sin(theta)
 
 
 class Tf2Unavailable(ImportError):

@@ -34,7 +34,7 @@ from sal_ros.core.msgtypes import image_topic, info_topic
 from sal_ros.core.params_file import RECORDER_NODE, SEGMENTER_NODE, load_params_file
 from sal_ros.core.sync import MATCH_THRESHOLD_NS, SYNC_TIMEOUT_NS
 from sal_ros.core.frame_builder import FrameBuilder
-from sal_ros.core.tf import ExtrinsicsSource, StaticExtrinsics, StaticTfTree
+from sal_ros.core.tf import ExtrinsicsSource, StaticExtrinsics, StaticTfTree, TfHistory
 from sal_ros.core.types import Frame
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ CLOUD_TYPE = "sensor_msgs/msg/PointCloud2"
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 INFO_TYPE = "sensor_msgs/msg/CameraInfo"
 TF_STATIC_TOPIC = "/tf_static"
+TF_TOPIC = "/tf"
 DEFAULT_CLOUD_TOPIC = "/lidar/points"
 EXTRINSICS_FILE = "extrinsics.yaml"
 LABELS_FILE = "labels.npz"
@@ -119,6 +120,37 @@ def iter_bag_frames(
         yield from assembler.frames(sync.flush(), allow_partial)
 
 
+def bag_poses(bag_path: str | os.PathLike, fixed_frame: str, cloud_topic: str | None = None
+              ) -> tuple[dict[str, np.ndarray], str | None]:
+    """The lidar's pose in ``fixed_frame`` (T_fixed_lidar, 4x4) at each cloud's stamp, from the bag's /tf and
+    /tf_static (sal_ros.core.tf.TfHistory: interpolated, never extrapolated), keyed as iter_bag_frames keys its
+    frames (the cloud stamp in ns). Returns (poses, None) or (the poses found, why the other clouds have none)."""
+    from rosbags.highlevel import AnyReader
+
+    bag_path = Path(bag_path)
+    history, clouds = TfHistory(), {}
+    with AnyReader([bag_path]) as reader:
+        cloud_conn = _cloud_connection(reader, cloud_topic, bag_path)
+        tf_conns = [c for c in reader.connections if c.topic in (TF_TOPIC, TF_STATIC_TOPIC)]
+        for conn, _, raw in reader.messages(connections=[cloud_conn, *tf_conns]):
+            if conn is cloud_conn:
+                clouds[_header_stamp(raw)] = _header_frame_id(raw)
+            else:
+                history.add(reader.deserialize(raw, conn.msgtype).transforms, static=conn.topic == TF_STATIC_TOPIC)
+    poses = {}
+    for stamp, lidar_frame in clouds.items():
+        T = history.lookup(fixed_frame, lidar_frame, stamp)
+        if T is not None:
+            poses[str(stamp)] = T
+    if len(poses) == len(clouds):
+        return poses, None
+    lidar_frames = sorted(set(clouds.values()))
+    why = (f"the bag has no {TF_TOPIC}" if not history.moving else
+           f"{TF_TOPIC} links no {fixed_frame!r} to {', '.join(map(repr, lidar_frames))} at their stamps "
+           f"(moving frames: {', '.join(sorted({f for pair in history.moving for f in pair}))})")
+    return poses, f"{len(clouds) - len(poses)} of {len(clouds)} clouds have no pose in {fixed_frame!r}: {why}"
+
+
 # ------------------------------------------------------------------------------------------------ decoding
 
 
@@ -177,6 +209,13 @@ def _header_stamp(raw: bytes) -> int:
     int32 sec, uint32 nanosec), little- or big-endian per the encapsulation id."""
     sec, nanosec = struct.unpack_from("<iI" if raw[1] & 1 else ">iI", raw, 4)
     return sec * 1_000_000_000 + nanosec
+
+
+def _header_frame_id(raw: bytes) -> str:
+    """The header's frame id without decoding the payload: the CDR string after the stamp (uint32 length with
+    the terminating NUL, then the bytes)."""
+    (size,) = struct.unpack_from("<I" if raw[1] & 1 else ">I", raw, 12)
+    return raw[16:16 + max(size - 1, 0)].decode()
 
 
 # -------------------------------------------------------------------------------------- topics and cameras

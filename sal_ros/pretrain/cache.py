@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,31 +102,165 @@ def load_entry(path: str | Path) -> dict:
     return {"meta": meta, "cameras": cams}
 
 
+def load_meta(path: str | Path) -> dict:
+    """Only the ``meta`` of a cache file (settings, pose); SensorDataError if the file is unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(bytes(z["meta"]).decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise SensorDataError(f"{path}: not a readable teacher cache file ({exc})") from exc
+
+
 def read_hash(path: Path) -> str | None:
     try:
-        return load_entry(path)["meta"].get("settings_hash")
+        return load_meta(path).get("settings_hash")
     except SensorDataError as exc:
         log.warning("redoing %s: %s", path.name, exc)
         return None
 
 
+def pending(keys: list[str], folder: Path, settings: dict) -> list[str]:
+    """Keys without a cache file made with ``settings`` (unreadable files are redone too)."""
+    want = settings_hash(settings)
+    return [k for k in keys if not cache_path(folder, k).exists() or read_hash(cache_path(folder, k)) != want]
+
+
+def write_frame(source, key: str, folder: Path, tools: "CacheTools", pose=None) -> Path:
+    """Compute and write one frame's cache file."""
+    frame = source.load(key)
+    if not frame.cameras:
+        raise SensorDataError(f"frame {key}: no camera images to distill from")
+    entry = frame_entry(frame, tools.teacher, tools.superpixels, tools.lift, pose)
+    return save_entry(cache_path(folder, key), entry, tools.settings)
+
+
 def build_cache(source, keys: list[str], folder: str | Path, teacher, settings: dict, superpixels=None, lift=None,
                 poses: dict | None = None, progress: bool = True) -> dict:
-    """Write the missing cache files of ``keys`` (FrameSource ``source``); returns counts. Files made with other
-    settings are redone; unreadable ones too."""
+    """Write the missing cache files of ``keys`` (FrameSource ``source``) in this process; returns counts. Files
+    made with other settings are redone; unreadable ones too."""
     from tqdm import tqdm
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    want = settings_hash(settings)
-    todo = [k for k in keys if not cache_path(folder, k).exists() or read_hash(cache_path(folder, k)) != want]
+    tools = CacheTools(teacher, superpixels, lift, settings)
+    todo = pending(keys, folder, settings)
     for key in tqdm(todo, desc="teacher cache", unit="frame", disable=not progress):
-        frame = source.load(key)
-        if not frame.cameras:
-            raise SensorDataError(f"frame {key}: no camera images to distill from")
-        entry = frame_entry(frame, teacher, superpixels, lift, (poses or {}).get(key))
-        save_entry(cache_path(folder, key), entry, settings)
+        write_frame(source, key, folder, tools, (poses or {}).get(key))
     return {"frames": len(keys), "computed": len(todo), "reused": len(keys) - len(todo)}
+
+
+# --- the same work on Ray actors (sal_ros.pseudolabel.ray_backend, the pseudo-label engine's machinery) ----------
+
+@dataclass
+class CacheTools:
+    """What writes a frame's cache file: the teacher, the superpixel source, the lift settings, the settings
+    recorded in (and hashed into) every file."""
+    teacher: object
+    superpixels: object
+    lift: object
+    settings: dict
+
+
+def cache_tools(spec: dict, source_kind: str) -> CacheTools:
+    """The tools of a cache ``spec`` (JSON: teacher, superpixels, lift, label_set, pose_frame) for frames of
+    ``source_kind``; the driver and every worker build them from the same spec, so their settings agree."""
+    from dataclasses import fields
+
+    from sal_ros.pretrain.teachers import build_teacher
+    from sal_ros.pseudolabel.lifting import LiftConfig, lidar_spacing_for
+    from sal_ros.pseudolabel.mask_sources import build_mask_source, mask_source_identity
+
+    opts = {k: v for k, v in (spec.get("lift") or {}).items() if k in {f.name for f in fields(LiftConfig)}}
+    lift = LiftConfig(**{**opts, "lidar_spacing_deg": tuple(opts.get("lidar_spacing_deg",
+                                                                    lidar_spacing_for(source_kind)))})
+    label_lut, num_classes = None, 0
+    if (spec.get("teacher") or {}).get("kind") == "oracle":
+        from sal_ros.eval.labels import get_label_set
+
+        labels = get_label_set(spec.get("label_set", "semantickitti"))
+        label_lut, num_classes = labels.lut, labels.num_classes
+    teacher = build_teacher(spec.get("teacher"), label_lut, num_classes, lift)
+    superpixels = None
+    if spec.get("superpixels"):
+        sp = dict(spec["superpixels"])
+        superpixels = build_mask_source(sp.pop("kind"), **sp)
+    settings = {"teacher": teacher.identity, "lift": vars(lift),
+                "superpixels": mask_source_identity(superpixels) if superpixels else None}
+    if spec.get("pose_frame"):  # bags: poses read from /tf in this frame; another frame redoes the files
+        settings["pose_frame"] = spec["pose_frame"]
+    return CacheTools(teacher, superpixels, lift, settings)
+
+
+_WORKER: dict = {}  # per Ray actor: the source and the tools, built once
+
+
+def _init_worker(source_path: str, spec: dict, out_dir: str, threads: int) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from sal_ros.pseudolabel.engine import FrameSource
+
+    source = FrameSource(source_path)
+    _WORKER.update(source=source, tools=cache_tools(spec, source.kind), poses=spec.get("poses") or {},
+                   out=Path(out_dir))
+
+
+def _cache_key(key: str) -> tuple[str, str | None]:
+    try:
+        pose = _WORKER["poses"].get(key)
+        write_frame(_WORKER["source"], key, _WORKER["out"], _WORKER["tools"], None if pose is None else np.array(pose))
+        return key, None
+    except (SensorDataError, ValueError, KeyError, OSError) as exc:
+        return key, f"{type(exc).__name__}: {exc}"
+
+
+@dataclass
+class _Workers:
+    workers: int = 0  # actors the cluster placed (ray_backend counts them)
+
+
+def build_cache_ray(source, keys: list[str], folder: str | Path, spec: dict, settings: dict, poses: dict | None,
+                    workers: int = 1, address: str | None = None, progress: bool = True) -> dict:
+    """``build_cache`` on Ray actors (a private local instance, or the cluster at ``address``); the folder and the
+    source must be on a filesystem every node mounts at the same path. Raises SensorDataError naming the frames
+    that failed, after the others are written."""
+    from tqdm import tqdm
+
+    from sal_ros.pseudolabel import ray_backend
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    todo = pending(keys, folder, settings)
+    poses = poses or {}
+    job = {**spec, "device": (spec.get("teacher") or {}).get("device", "cpu"),  # the GPU a worker reserves
+           "poses": {k: np.asarray(poses[k]).tolist() for k in todo if k in poses}}
+    placed, failed = _Workers(), {}
+    if todo:
+        args = (str(Path(source.path).resolve()), job, str(folder.resolve()))
+        results = ray_backend.label(todo, args, workers, address, placed, _init_worker, _cache_key)
+        for key, error in tqdm(results, total=len(todo), desc="teacher cache (ray)", unit="frame",
+                               disable=not progress):
+            if error is not None:
+                failed[key] = error
+                log.error("frame %s failed: %s", key, error)
+    if failed:
+        raise SensorDataError(f"teacher cache: {len(failed)} frames failed ({'; '.join(failed.values())})")
+    return {"frames": len(keys), "computed": len(todo), "reused": len(keys) - len(todo), "workers": placed.workers}
+
+
+def frame_poses(source, pose_frame: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """Lidar-to-world pose per frame key of a FrameSource, for Seal's temporal term: SemanticKITTI's poses.txt, a
+    bag's /tf in ``pose_frame`` at each cloud stamp. Returns (poses, None) or (the poses found, why others have
+    none): a missing pose is said, never skipped silently."""
+    if source.kind == "semantickitti":
+        poses = semantickitti_poses(source.path)
+        return poses, None if poses else "no poses.txt in the sequence folder"
+    if source.kind == "bag":
+        from sal_ros.data.bag import bag_poses
+
+        return bag_poses(source.path, pose_frame)
+    return {}, f"{source.kind} frames carry no poses (only SemanticKITTI's poses.txt and a bag's /tf do)"
 
 
 def semantickitti_poses(seq_dir: str | Path) -> dict[str, np.ndarray]:
@@ -157,4 +292,5 @@ def _read_tr(calib: Path) -> np.ndarray:
     raise SensorDataError(f"{calib}: no Tr line")
 
 
-__all__ = ["build_cache", "load_entry", "cache_path", "frame_entry", "semantickitti_poses", "settings_hash"]
+__all__ = ["build_cache", "build_cache_ray", "cache_tools", "CacheTools", "load_entry", "cache_path", "frame_entry", "semantickitti_poses",
+           "frame_poses", "settings_hash", "load_meta"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sal_ros.pretrain.cache import cache_path, load_entry
+from sal_ros.pretrain.cache import cache_path, load_entry, load_meta
 
 
 @dataclass
@@ -39,7 +39,7 @@ class PretrainData:
         self.cache_dir = Path(cache_dir)
         self.augment = augment
         self.match_radius = match_radius
-        self.partners = _partners([k for _, k in items], temporal_gap) if temporal_gap > 0 else {}
+        self.partners = _partners(items, temporal_gap) if temporal_gap > 0 else {}
         self._load = lru_cache(maxsize=cache_size)(self._load_raw)
         self._matches: dict[tuple[str, str], np.ndarray] = {}
 
@@ -68,6 +68,16 @@ class PretrainData:
         partner = self.frame(partner_index, rot, flip)
         return Sample(item, partner, self.matches(index, partner_index))
 
+    def temporal_pairs(self) -> dict:
+        """How many scans Seal's temporal term can use: with a frame t+n and both poses, without a frame t+n
+        (the end of a recording), without a pose (theirs or their partner's)."""
+        def has_pose(i: int) -> bool:
+            return load_meta(cache_path(self.cache_dir, self.items[i][1])).get("pose") is not None
+
+        paired = sum(has_pose(i) and has_pose(j) for i, j in self.partners.items())
+        return {"scans": len(self), "paired": paired, "no_partner": len(self) - len(self.partners),
+                "no_pose": len(self.partners) - paired}
+
     def matches(self, i: int, j: int) -> np.ndarray:
         """Nearest point of frame j to each point of frame i after moving i into j's frame with the poses."""
         key = (self.items[i][1], self.items[j][1])
@@ -95,16 +105,20 @@ def _augment(points: np.ndarray, rot: float, flip: bool) -> np.ndarray:
     return out
 
 
-def _partners(keys: list[str], gap: int) -> dict[int, int]:
-    """Index of frame t+gap (same sequence: key prefix before the last '_', scan number + gap)."""
-    where = {k: i for i, k in enumerate(keys)}
+def _partners(items: list[tuple[object, str]], gap: int) -> dict[int, int]:
+    """Index of frame t+gap: the scan ``gap`` places later in its source's recording order (``source.keys()``:
+    a sequence's scan numbers, a bag's cloud stamps), when that scan is among the items."""
+    where = {(id(source), key): i for i, (source, key) in enumerate(items)}
+    orders: dict[int, tuple[list[str], dict[str, int]]] = {}
     out = {}
-    for i, key in enumerate(keys):
-        seq, _, scan = key.rpartition("_")
-        if scan.isdigit():
-            other = f"{seq}_{int(scan) + gap:0{len(scan)}d}"
-            if other in where:
-                out[i] = where[other]
+    for i, (source, key) in enumerate(items):
+        if id(source) not in orders:
+            keys = list(source.keys())
+            orders[id(source)] = keys, {k: n for n, k in enumerate(keys)}
+        keys, position = orders[id(source)]
+        n = position.get(key, len(keys)) + gap
+        if n < len(keys) and (id(source), keys[n]) in where:
+            out[i] = where[(id(source), keys[n])]
     return out
 
 

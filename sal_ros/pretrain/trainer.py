@@ -41,6 +41,7 @@ class SealConfig:
     temporal_weight: float = 1.0  # superpoint at t vs its points' nearest neighbours at t+n (poses)
     temporal_gap: int = 1  # n
     match_radius: float = 0.3  # metres: farther neighbours at t+n are no match
+    pose_frame: str = "odom"  # bags: the lidar pose at each cloud stamp in this frame of /tf (odom, map)
     segment_weight: float = 0.1  # point-to-segment regularisation
     max_segments: int = 1024  # per batch, for the contrast (random subset above)
 
@@ -201,9 +202,13 @@ class PretrainTrainer:
         self.step += 1
         stats = all_reduce_sum(torch.tensor([float(loss.detach()), *[float(v.detach()) for v in terms.values()]],
                                             device=self.device), dist) / dist.world
-        return {"step": self.step, "loss": float(stats[0]),
-                **{f"loss_{k}": float(v) for k, v in zip(terms, stats[1:])},
-                "lr": lr, "grad_norm": float(grad_norm), "points": int(sum(len(f.points) for f in frames))}
+        rec = {"step": self.step, "loss": float(stats[0]),
+               **{f"loss_{k}": float(v) for k, v in zip(terms, stats[1:])},
+               "lr": lr, "grad_norm": float(grad_norm), "points": int(sum(len(f.points) for f in frames))}
+        if cfg.objective == "seal" and cfg.seal.temporal_weight > 0:  # scans without frame t+n or poses: counted
+            unpaired = torch.tensor([float(sum(s.partner is None for s in samples))], device=self.device)
+            rec["temporal_unpaired"] = int(all_reduce_sum(unpaired, dist)[0])
+        return rec
 
     def losses(self, samples, frames, feats, gen) -> dict:
         if self.cfg.objective == "scalr":
