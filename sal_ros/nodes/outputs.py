@@ -17,7 +17,7 @@ import numpy as np
 
 from sal_ros.core.msgtypes import MessageTypes, make_header
 from sal_ros.core.palette import UNLABELED_COLOR, class_colors, label_colors, track_color  # noqa: F401 - the one palette, re-exported for the node
-from sal_ros.core.pointcloud2 import encode_cloud, pack_rgb
+from sal_ros.core.pointcloud2 import CloudEncoder, pack_rgb
 from sal_ros.core.types import InstanceSummary, Segmentation
 
 # PointCloud2 layout of ~/labeled_points (name, dtype), in order.
@@ -40,11 +40,14 @@ def labeled_cloud(
     stamp_ns: int,
     types: MessageTypes,
     palette: np.ndarray | None = None,
+    encoder: CloudEncoder | None = None,
 ) -> Any:
     """PointCloud2 with x y z intensity label vocabulary_version instance score rgb: the input's points in the
     input's order. ``vocabulary_version`` is ``seg.vocabulary_version`` mod 65536 on every point.
 
-    ``intensity`` None (a cloud without one) is written as zeros, so the layout never changes.
+    ``intensity`` None (a cloud without one) is written as zeros, so the layout never changes. ``encoder``: a
+    publisher's :class:`CloudEncoder` (reused buffer: the message is valid until its next cloud); default a
+    fresh buffer.
     """
     n = xyz.shape[0]
     if seg.label.shape[0] != n:
@@ -53,15 +56,16 @@ def labeled_cloud(
         palette = class_colors(len(seg.class_names))
     fields = {
         "xyz": xyz,
-        "intensity": np.zeros(n, np.float32) if intensity is None else np.asarray(intensity, np.float32),
+        # constants as read-only broadcasts: written into the cloud without an N-sized array first
+        "intensity": np.broadcast_to(np.float32(0), (n,)) if intensity is None else np.asarray(intensity, np.float32),
         "label": np.asarray(seg.label, np.uint16),
-        "vocabulary_version": np.full(n, int(seg.vocabulary_version) & 0xFFFF, np.uint16),
+        "vocabulary_version": np.broadcast_to(np.uint16(int(seg.vocabulary_version) & 0xFFFF), (n,)),
         "instance": np.asarray(seg.instance, np.uint32),
         "score": np.asarray(seg.score, np.float32),
         # one 4-byte gather per point from the packed palette (packing per point costs ~4x more)
         "rgb": label_colors(seg.label, pack_rgb(palette)),
     }
-    return encode_cloud(fields, frame_id, stamp_ns, types)
+    return (encoder or CloudEncoder(types, reuse=False)).encode(fields, frame_id, stamp_ns)
 
 
 # -------------------------------------------------------------------------------------------------- markers

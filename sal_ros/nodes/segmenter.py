@@ -37,6 +37,7 @@ import numpy as np
 from sal_ros.core.cloud_input import MAX_COORDINATE, SegmenterConfig
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.msgtypes import rclpy_types
+from sal_ros.core.pointcloud2 import CloudEncoder
 from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
 from sal_ros.core.types import Frame, Segmentation
 from sal_ros.nodes import diagnostics as D
@@ -234,6 +235,8 @@ class SegmenterNode(SensorNode):
 
         qos = profile(self.values["qos.outputs.reliability"], self.values["qos.outputs.depth"])
         self._pub_cloud = self.create_publisher(PointCloud2, "~/labeled_points", qos)
+        # one buffer for every labeled cloud: only the worker thread publishes, each cloud before the next is encoded
+        self._cloud_encoder = CloudEncoder(self._types)
         self._pub_markers = self.create_publisher(MarkerArray, "~/markers", qos)
         self._pub_info = self.create_publisher(String, "~/info", qos)
         self._pub_overlays = {c.name: self.create_publisher(Image, f"~/overlay/{c.name}", qos) for c in cameras}
@@ -419,7 +422,8 @@ class SegmenterNode(SensorNode):
                 timings_ms, tracking, self.values["tracking.fixed_frame"] if used_fixed else frame.frame_id))
         if wanted["labeled_points"]:
             self._pub_cloud.publish(outputs.labeled_cloud(
-                frame.points, frame.intensity, seg, frame.frame_id, frame.stamp_ns, self._types, palette))
+                frame.points, frame.intensity, seg, frame.frame_id, frame.stamp_ns, self._types, palette,
+                self._cloud_encoder))
         if wanted["info"]:
             record = outputs.frame_record(frame.stamp_ns, frame.frame_id, seg, frame.num_points, frame.missing_cameras)
             self._pub_info.publish(String(data=record))
