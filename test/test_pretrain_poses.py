@@ -39,13 +39,14 @@ def _bag_with_motion(src, out, poses: dict[str, np.ndarray]):
     with AnyReader([src]) as reader:
         for conn, t, raw in reader.messages():
             messages.append((t, conn.topic, conn.msgtype, bytes(raw)))
+    tf_type = "tf2_msgs/msg/TFMessage"
     first = min(int(k) for k in poses)
     static = types.TFMessage(transforms=[_tf(types, "base_link", "lidar", T_BASE_LIDAR, first)])
-    messages.append((first, "/tf_static", "tf2_msgs/msg/TFMessage", store.serialize_cdr(static, "tf2_msgs/msg/TFMessage")))
+    messages.append((first, "/tf_static", tf_type, store.serialize_cdr(static, tf_type)))
     for key, T_odom_lidar in poses.items():
-        msg = types.TFMessage(transforms=[_tf(types, "odom", "base_link", T_odom_lidar @ invert_transform(T_BASE_LIDAR),
-                                              int(key))])
-        messages.append((int(key), "/tf", "tf2_msgs/msg/TFMessage", store.serialize_cdr(msg, "tf2_msgs/msg/TFMessage")))
+        T_odom_base = T_odom_lidar @ invert_transform(T_BASE_LIDAR)
+        msg = types.TFMessage(transforms=[_tf(types, "odom", "base_link", T_odom_base, int(key))])
+        messages.append((int(key), "/tf", tf_type, store.serialize_cdr(msg, tf_type)))
     conns = {}
     with Writer(out, version=9) as writer:
         for t, topic, msgtype, raw in sorted(messages, key=lambda m: m[0]):

@@ -292,5 +292,5 @@ def _read_tr(calib: Path) -> np.ndarray:
     raise SensorDataError(f"{calib}: no Tr line")
 
 
-__all__ = ["build_cache", "build_cache_ray", "cache_tools", "CacheTools", "load_entry", "cache_path", "frame_entry", "semantickitti_poses",
-           "frame_poses", "settings_hash", "load_meta"]
+__all__ = ["build_cache", "build_cache_ray", "cache_tools", "CacheTools", "load_entry", "load_meta", "cache_path",
+           "frame_entry", "frame_poses", "semantickitti_poses", "settings_hash"]
