@@ -85,6 +85,25 @@ def test_markers_deleteall_vocabulary_then_box_and_text_per_instance():
     assert all(m.header.frame_id == "velodyne" for m in msg.markers)
 
 
+def test_markers_of_several_instances_each_their_own_box_text_and_colour():
+    rng = np.random.default_rng(0)
+    boxes = [OrientedBox(center=rng.normal(scale=10, size=3), size=rng.random(3) + 0.5, yaw=float(rng.uniform(-3, 3)))
+             for _ in range(3)]
+    instances = [InstanceSummary(k + 1, k + 1, f"c{k}", 0.5, 10, box) for k, box in enumerate(boxes)]
+    msg = outputs.instance_markers(instances, "lidar", 5, outputs.class_colors(3), rclpy_types())
+    for k, box in enumerate(boxes):  # all boxes in one numpy pass: each still gets its own corners
+        edge, text = msg.markers[1 + 2 * k], msg.markers[2 + 2 * k]
+        c, s = np.cos(box.yaw), np.sin(box.yaw)
+        lo = np.array([[c, -s], [s, c]]) @ (-box.size[:2] / 2)  # corner 2: rear right, in the box frame rotated
+        first = np.array([[p.x, p.y, p.z] for p in edge.points])[3]  # edge 1-2 ends at corner 2
+        assert np.allclose(first, box.center + np.array([lo[0], lo[1], -box.size[2] / 2]))
+        assert np.isclose(text.pose.position.z, box.center[2] + box.size[2] / 2 + 0.4)
+        assert np.allclose([text.pose.position.x, text.pose.position.y], box.center[:2])
+        assert edge.id == text.id == k + 1 and text.text == f"c{k} 0.50"
+    positions = {id(m.pose.position) for m in msg.markers[2::2]}
+    assert len(positions) == 3 and len({id(m.color) for m in msg.markers[1::2]}) == 3  # nothing per-instance shared
+
+
 def test_draw_points_near_over_far_and_clipped_to_image():
     image = np.zeros((10, 10, 3), np.uint8)
     uv = np.array([[5.0, 5.0], [5.2, 4.9], [-3.0, 2.0], [9.4, 9.4]])

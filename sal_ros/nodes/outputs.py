@@ -10,6 +10,7 @@ the class names, even if the vocabulary changed mid-recording.
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Sequence
 
@@ -73,17 +74,20 @@ def labeled_cloud(
 
 def box_corners(center: np.ndarray, size: np.ndarray, yaw: float) -> np.ndarray:
     """``(8, 3)`` corners of an oriented box: bottom face 0-3, top face 4-7, counter-clockwise."""
-    l, w, h = (float(v) for v in size)
-    xs = np.array([1, -1, -1, 1]) * l / 2
-    ys = np.array([1, 1, -1, -1]) * w / 2
-    c, s = np.cos(yaw), np.sin(yaw)
-    x = c * xs - s * ys
-    y = s * xs + c * ys
-    bottom = np.stack([x, y, np.full(4, -h / 2)], axis=1)
-    top = bottom + np.array([0.0, 0.0, h])
-    return np.concatenate([bottom, top]) + np.asarray(center, np.float64)
+    return boxes_corners(np.reshape(center, (1, 3)), np.reshape(size, (1, 3)), np.reshape(yaw, (1,)))[0]
 
 
+def boxes_corners(centers: np.ndarray, sizes: np.ndarray, yaws: np.ndarray) -> np.ndarray:
+    """``(K, 8, 3)`` corners of K oriented boxes (see :func:`box_corners`), in one numpy pass for all of them."""
+    sizes = np.asarray(sizes, np.float64)
+    half_l, half_w, h = sizes[:, :1] * _CORNER_X / 2, sizes[:, 1:2] * _CORNER_Y / 2, sizes[:, 2:]
+    c, s = np.cos(np.asarray(yaws, np.float64))[:, None], np.sin(np.asarray(yaws, np.float64))[:, None]
+    bottom = np.stack([c * half_l - s * half_w, s * half_l + c * half_w, np.broadcast_to(-h / 2, half_l.shape)], 2)
+    top = bottom + np.stack([np.zeros_like(h), np.zeros_like(h), h], 2)
+    return np.concatenate([bottom, top], 1) + np.asarray(centers, np.float64)[:, None, :]
+
+
+_CORNER_X, _CORNER_Y = np.array([1, -1, -1, 1]), np.array([1, 1, -1, -1])  # bottom face, counter-clockwise
 # Edge list of box_corners: bottom ring, top ring, verticals.
 BOX_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4], [0, 4], [1, 5], [2, 6], [3, 7]])
 
@@ -109,29 +113,43 @@ def instance_markers(
     markers = [Marker(header=header, action=Marker.DELETEALL)]  # empty ns: RViz 2 clears every namespace
     if vocabulary_version is not None:
         markers.append(vocabulary_marker(header, vocabulary_version))
-    for inst in instances:
-        if inst.num_points < min_points:
-            continue
+    shown = [inst for inst in instances if inst.num_points >= min_points]
+    if not shown:
+        return MarkerArray(markers=markers)
+    corners = boxes_corners(np.array([i.box.center for i in shown], np.float64),
+                            np.array([i.box.size for i in shown], np.float64), np.array([i.box.yaw for i in shown]))
+    edges = corners[:, BOX_EDGES.reshape(-1)].tolist()  # python floats: a Point per end, no numpy scalars
+    tops = corners[:, 4:].mean(axis=1)
+    tops[:, 2] += 0.4
+    # Per frame, the constant parts are built once and shallow-copied (a Marker's constructor builds ~20
+    # sub-messages); the copies of one array share them, like they share the header.
+    box, text = _marker_templates(header, Marker, ColorRGBA)
+    for inst, ends, top in zip(shown, edges, tops.tolist()):
         rgb = track_color(inst.instance_id) if tracked else palette[inst.label if inst.label < len(palette) else 0]
         r, g, b = (float(v) / 255.0 for v in rgb)
-        color = ColorRGBA(r=r, g=g, b=b, a=1.0)
-        corners = box_corners(inst.box.center, inst.box.size, inst.box.yaw)
-        box = Marker(header=header, ns="boxes", id=int(inst.instance_id), type=Marker.LINE_LIST, action=Marker.ADD)
-        box.pose.orientation.w = 1.0
-        box.scale.x = 0.05
-        box.color = color
-        box.points = [Point(x=float(p[0]), y=float(p[1]), z=float(p[2])) for p in corners[BOX_EDGES.reshape(-1)]]
-        text = Marker(header=header, ns="labels", id=int(inst.instance_id), type=Marker.TEXT_VIEW_FACING,
-                      action=Marker.ADD, text=f"{inst.class_name} {inst.score:.2f}"
-                      + (f" #{inst.instance_id}" if tracked else ""))
-        top = corners[4:].mean(axis=0)
-        text.pose.position.x, text.pose.position.y = float(top[0]), float(top[1])
-        text.pose.position.z = float(top[2]) + 0.4
-        text.pose.orientation.w = 1.0
-        text.scale.z = 0.6
-        text.color = ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0)
-        markers += [box, text]
+        edge = copy.copy(box)
+        edge.id = int(inst.instance_id)
+        edge.color = ColorRGBA(r=r, g=g, b=b, a=1.0)
+        edge.points = [Point(x=x, y=y, z=z) for x, y, z in ends]
+        label = copy.copy(text)
+        label.id = int(inst.instance_id)
+        label.text = f"{inst.class_name} {inst.score:.2f}" + (f" #{inst.instance_id}" if tracked else "")
+        label.pose = copy.copy(text.pose)
+        label.pose.position = Point(x=top[0], y=top[1], z=top[2])
+        markers += [edge, label]
     return MarkerArray(markers=markers)
+
+
+def _marker_templates(header: Any, Marker: Any, ColorRGBA: Any) -> tuple[Any, Any]:  # noqa: N803 - classes
+    """The parts every instance's box (LINE_LIST) and text (TEXT_VIEW_FACING) marker have in common."""
+    box = Marker(header=header, ns="boxes", type=Marker.LINE_LIST, action=Marker.ADD)
+    box.pose.orientation.w = 1.0
+    box.scale.x = 0.05
+    text = Marker(header=header, ns="labels", type=Marker.TEXT_VIEW_FACING, action=Marker.ADD)
+    text.pose.orientation.w = 1.0
+    text.scale.z = 0.6
+    text.color = ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0)
+    return box, text
 
 
 def vocabulary_marker(header: Any, version: int) -> Any:
