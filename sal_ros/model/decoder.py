@@ -225,12 +225,19 @@ class QueryDecoder(nn.Module):
 
 
 POOL_BLOCK_ROWS = 4096  # 4096 x 300 queries x 2 bytes = 2.4 MB of logits per block
+# Logits are pooled scaled by 2**100: exact in float32 and bfloat16 (a power of two, same exponent range; logits
+# stay below 1e8), so clamping the pooled maxima at 0 gives the additive attention mask in one pass: 0 where a
+# child's logit is positive, <= -2**100 * |logit| (softmax weight exactly 0) where none is. where() on bool masks
+# cost 3x more. A pooled maximum of exactly 0.0 (an exact cancellation) is the one case it attends and
+# ``QueryDecoder._allowed`` does not.
+MASK_SCALE = 2.0 ** 100
 
 
 def _allowed_pooled(emb: Tensor, mask_feats: Tensor, parents: Tensor, n_level: int) -> Tensor:
     """``QueryDecoder._allowed`` of the masks ``emb @ mask_feats.T`` without materializing them as (Q, V), as the
-    additive (Q, V_level) attention mask (0 = attend, -inf = not) that scaled_dot_product_attention uses as is."""
-    weight = emb.T.to(mask_feats.dtype)
+    additive (Q, V_level) attention mask (0 = attend, very negative = not) that scaled_dot_product_attention uses
+    as is."""
+    weight = (emb.T * MASK_SCALE).to(mask_feats.dtype)
     pooled = None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)  # "beta" notice
@@ -241,11 +248,11 @@ def _allowed_pooled(emb: Tensor, mask_feats: Tensor, parents: Tensor, n_level: i
             if pooled is None:
                 pooled = logits.new_full((n_level, emb.shape[0]), float("-inf"))
             pooled.index_reduce_(0, parents[rows], logits, "amax")
-    additive = torch.where(pooled > 0, 0.0, float("-inf")).to(pooled.dtype)  # (L, Q): rows contiguous
     empty = pooled.amax(0) <= 0  # a query whose mask is empty attends everywhere
+    additive = pooled.clamp_(max=0).T.contiguous()  # (Q, L) rows contiguous, as the attention reads them
     if bool(empty.any()):
-        additive[:, empty] = 0.0
-    return additive.T.contiguous()
+        additive[empty] = 0.0
+    return additive
 
 
 __all__ = ["OBJECT", "QueryDecoder", "LayerPrediction", "parent_rows", "FourierPositions"]

@@ -37,10 +37,23 @@ def rank_classes(per_class: Tensor, k: int = 3, logit_scale: float = 100.0) -> t
     return idx.cpu().numpy(), p.cpu().numpy()
 
 
+FUSE_BLOCK_VOXELS = 4096  # 4096 voxels x 300 queries x 4 bytes = 4.9 MB of float32 scores per block
+
+
 def fuse_queries(mask_logits: Tensor, obj_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Best query and its fused score per voxel: ``mask_logits (Q, V)``, ``obj_logits (Q, 2)``."""
+    """Best query and its fused score per voxel: ``mask_logits (Q, V)``, ``obj_logits (Q, 2)``.
+
+    Voxel block by voxel block, so the float32 scores never exist at full size (one (V, Q) float32 copy cost more
+    than the sigmoid); the decoder's (Q, V) view of (V, Q) logits is reduced along its contiguous rows."""
     p_obj = obj_logits.float().softmax(-1)[:, OBJECT]
-    score, query = (mask_logits.float().sigmoid() * p_obj[:, None]).max(0)
+    logits = mask_logits.T  # (V, Q)
+    n = logits.shape[0]
+    score = torch.empty(n, device=logits.device)
+    query = torch.empty(n, dtype=torch.int64, device=logits.device)
+    for start in range(0, n, FUSE_BLOCK_VOXELS):
+        rows = slice(start, start + FUSE_BLOCK_VOXELS)
+        block = logits[rows].to(torch.float32, copy=True).sigmoid_().mul_(p_obj)  # copy: never the caller's
+        torch.max(block, 1, out=(score[rows], query[rows]))
     return query, score
 
 

@@ -1,0 +1,52 @@
+"""Issue 17's decoder and postprocess shortcuts compute what the plain versions compute: the attention masks pooled
+block by block (scaled logits clamped at 0) allow exactly the voxels ``QueryDecoder._allowed`` allows, and the
+block-wise query fusion picks the query and score the whole-tensor formula picks, in either mask layout."""
+import torch
+
+from sal_ros.model.decoder import OBJECT, POOL_BLOCK_ROWS, QueryDecoder, _allowed_pooled
+from sal_ros.model.inference import FUSE_BLOCK_VOXELS, fuse_queries
+
+
+def _masks(queries: int, voxels: int, levels: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    emb, feats = torch.randn(queries, 16, generator=gen), torch.randn(voxels, 16, generator=gen)
+    parents = torch.cat([torch.arange(levels), torch.randint(0, levels, (voxels - levels,), generator=gen)])
+    return emb, feats, parents
+
+
+def test_pooled_attention_mask_allows_what_the_full_resolution_mask_allows():
+    emb, feats, parents = _masks(40, 2 * POOL_BLOCK_ROWS + 123, 700)  # three blocks, the last one partial
+    emb[3] = 0.0  # logits exactly 0 everywhere: an empty mask, which attends everywhere
+    emb[5] = -feats.mean(0) * 1e-3  # a query whose mask is positive on a minority of voxels
+    logits = emb @ feats.T
+    assert 0 < (logits[5] > 0).float().mean() < 1
+    expected = QueryDecoder._allowed(logits, parents, 700)
+    additive = _allowed_pooled(emb, feats, parents, 700)
+    assert additive.shape == (40, 700) and additive.is_contiguous()
+    assert torch.equal(additive == 0, expected)
+    assert bool(expected[3].all()) and additive.max() <= 0
+    assert additive[~expected].max() < -1e20  # softmax weight exactly 0 where not allowed
+    # the attention those masks give is the attention the boolean mask gives
+    q, k = torch.randn(1, 40, 16), torch.randn(1, 700, 16)
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, k, additive[None]),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, k, expected[None]))
+
+
+def _fused_whole(mask_logits: torch.Tensor, obj_logits: torch.Tensor):
+    p_obj = obj_logits.float().softmax(-1)[:, OBJECT]
+    score, query = (mask_logits.float().sigmoid() * p_obj[:, None]).max(0)
+    return query, score
+
+
+def test_blockwise_fusion_is_the_whole_tensor_fusion_in_both_layouts():
+    gen = torch.Generator().manual_seed(1)
+    voxels = 2 * FUSE_BLOCK_VOXELS + 77
+    vq = torch.randn(voxels, 30, generator=gen) * 4
+    obj = torch.randn(30, 2, generator=gen)
+    for masks in (vq.T.contiguous(), vq.T, vq.bfloat16().T):  # training layout, decoder's (V, Q) view, bf16
+        before = masks.clone()
+        query, score = fuse_queries(masks, obj)
+        ref_query, ref_score = _fused_whole(masks, obj)
+        assert torch.equal(query, ref_query)
+        torch.testing.assert_close(score, ref_score, rtol=0, atol=0)
+        assert torch.equal(masks, before)  # the caller's logits are left as they were
