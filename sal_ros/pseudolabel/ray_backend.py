@@ -1,4 +1,7 @@
-"""``--backend ray``: pseudo-label workers as Ray actors, on a private local instance or on a running cluster.
+"""``--backend ray``: per-frame workers as Ray actors, on a private local instance or on a running cluster.
+
+Two users hand in their own worker functions: the pseudo-label engine (``sal-ros pseudolabel``) and the teacher
+cache of pretraining (``sal-ros pretrain --cache-only``, sal_ros.pretrain.cache).
 
 Address: ``--ray-address``, else ``RAY_ADDRESS``, else ``"local"``: a private instance on this machine's loopback,
 stopped after the run. ``"local"`` is passed explicitly because Ray's default (None) joins whatever cluster
@@ -82,10 +85,11 @@ def check_fits(ray, cpus: int, gpus: int, address: str) -> None:
                        f"(nodes: {have})" + ("; --device cuda needs a GPU node" if gpus else ""))
 
 
-class PseudoLabelWorker:
-    """One actor: builds the 2D models once (``init_worker``), then labels the frames it is handed (``label_key``).
+class FrameWorker:
+    """One actor: builds the 2D models once (``init_worker``), then does the frames it is handed (``label_key``).
 
-    The engine hands both in, the same functions its local process pool runs, so this module needs no engine."""
+    The caller hands both in (the engine: the same functions its local process pool runs), so this module needs
+    neither the engine nor the cache."""
 
     def __init__(self, init_worker: Callable, label_key: Callable, source_path: str, config: dict, out_dir: str,
                  threads: int) -> None:
@@ -111,7 +115,7 @@ def label(todo: list[str], args: tuple, workers: int, address: str | None, summa
     actors = []
     try:
         check_fits(ray, cpus, gpus, address)
-        actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(PseudoLabelWorker)
+        actor = ray.remote(num_cpus=cpus, num_gpus=gpus)(FrameWorker)
         actors = [actor.remote(init_worker, label_key, *args, cpus) for _ in range(max(workers, 1))]
         yield from _dispatch(ray, actors, todo, summary)
     finally:
