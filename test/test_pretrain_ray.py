@@ -47,4 +47,4 @@ def test_ray_cache_equals_local_and_resumes(tmp_path, monkeypatch, capsys):
             for name in ca:
                 np.testing.assert_array_equal(ca[name], cb[name])
     assert cli_main(["pretrain", "--config", str(local), "--cache-only", "--ray-address", "auto"]) == 1
-    assert "--ray-address needs --backend ray" in capsys.readouterr().err
+    assert "--ray-address and --workers need --backend ray" in capsys.readouterr().err

@@ -118,8 +118,8 @@ def main(args: argparse.Namespace) -> int:
         out = Path(cfg.out_dir)
         if not args.resume and not args.cache_only and (out / "pretrain_state.pt").exists():
             raise ValueError(f"{out} already holds a run; pass --resume or choose another --out")
-        if args.ray_address and args.backend != "ray":
-            raise ValueError("--ray-address needs --backend ray")
+        if (args.ray_address or args.workers != 1) and args.backend != "ray":
+            raise ValueError("--ray-address and --workers need --backend ray (the local cache runs in this process)")
         cache_opts = dict(backend=args.backend, workers=args.workers, ray_address=args.ray_address)
         data, teacher = _prepare_distributed(cfg, not args.no_progress, cache_opts)
         if args.cache_only:
