@@ -201,6 +201,8 @@ def _init_worker(source_path: str, spec: dict, out_dir: str, threads: int) -> No
         torch.set_num_threads(threads)
     from sal_ros.pseudolabel.engine import FrameSource
 
+    if spec.get("device", "cpu").startswith("cuda"):  # the one GPU Ray made visible, whatever index was asked
+        spec = {**spec, "teacher": {**spec["teacher"], "device": spec["device"]}}
     source = FrameSource(source_path)
     _WORKER.update(source=source, tools=cache_tools(spec, source.kind), poses=spec.get("poses") or {},
                    out=Path(out_dir))
