@@ -203,6 +203,11 @@ def test_bench_node_records_its_threads_and_machine(semantickitti_dir):
     env = out["environment"]
     assert out["threads"] == env["torch_threads"] == 1 and env["cpu_model"] and env["torch"]
     assert len(env["load_average_start"]) == 3 and out["overhead_ms"] > 0
+    # CPU time beside wall time, and the fresh-buffer encode as the same run's reference for the reused one
+    assert out["overhead_cpu_ms"] == pytest.approx(sum(out["cpu_median_ms"].values()), abs=0.01)
+    parts = out["publish_parts_cpu_median_ms"]
+    assert out["encode_reuse_speedup_cpu"] == pytest.approx(
+        parts["encode_cloud_fresh_buffer"] / parts["encode_cloud"], rel=0.05, abs=0.01)
 
 
 def test_bench_spconv_reference_is_optional_and_says_why(scan, tmp_path):

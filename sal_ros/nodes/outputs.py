@@ -63,8 +63,9 @@ def labeled_cloud(
         "vocabulary_version": np.broadcast_to(np.uint16(int(seg.vocabulary_version) & 0xFFFF), (n,)),
         "instance": np.asarray(seg.instance, np.uint32),
         "score": np.asarray(seg.score, np.float32),
-        # one 4-byte gather per point from the packed palette (packing per point costs ~4x more)
-        "rgb": label_colors(seg.label, pack_rgb(palette)),
+        # one 4-byte gather per point from the packed palette (packing per point costs ~4x more); by intp labels,
+        # since numpy converts a uint16 index array element by element (0.21 vs 0.08 ms for 120k points)
+        "rgb": label_colors(np.asarray(seg.label, np.intp), pack_rgb(palette)),
     }
     return (encoder or CloudEncoder(types, reuse=False)).encode(fields, frame_id, stamp_ns)
 

@@ -410,7 +410,9 @@ class SegmenterNode(SensorNode):
                  timings_ms: dict[str, float] | None = None) -> None:
         from std_msgs.msg import String
 
-        palette = outputs.class_colors(len(seg.class_names))
+        active = self.active  # class_colors depends on the class count only: reuse the active vocabulary's
+        same = len(active.class_names) == len(seg.class_names)
+        palette = active.palette if same else outputs.class_colors(len(seg.class_names))
         if wanted.get("detections"):
             classes = None if tracking is None else {t.track_id: t.classes for t in tracking.by_instance.values()}
             self._pub_detections.publish(outputs.detections_message(
