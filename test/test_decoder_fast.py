@@ -1,7 +1,11 @@
 """Issue 17's decoder and postprocess shortcuts compute what the plain versions compute: the attention masks pooled
-block by block (scaled logits clamped at 0) allow exactly the voxels ``QueryDecoder._allowed`` allows, and the
-block-wise query fusion picks the query and score the whole-tensor formula picks, in either mask layout."""
+block by block (scaled logits clamped at 0) allow exactly the voxels ``QueryDecoder._allowed`` allows, the
+block-wise query fusion picks the query and score the whole-tensor formula picks, in either mask layout, and the
+instance summaries found through a lookup table describe the instances the sorting path (large ids) finds."""
+import numpy as np
 import torch
+
+from sal_ros.core.panoptic import instance_summaries
 
 from sal_ros.model.decoder import OBJECT, POOL_BLOCK_ROWS, QueryDecoder, _allowed_pooled
 from sal_ros.model.inference import FUSE_BLOCK_VOXELS, fuse_queries
@@ -50,3 +54,20 @@ def test_blockwise_fusion_is_the_whole_tensor_fusion_in_both_layouts():
         assert torch.equal(query, ref_query)
         torch.testing.assert_close(score, ref_score, rtol=0, atol=0)
         assert torch.equal(masks, before)  # the caller's logits are left as they were
+
+
+def test_instance_summaries_are_the_same_through_the_lookup_and_through_sorting():
+    rng = np.random.default_rng(2)
+    points = rng.normal(size=(5000, 3)) * 10
+    small = rng.choice([0, 3, 4, 9], size=5000)  # 0: no instance; ids below the lookup bound
+    label = (small % 5 + 1).astype(np.uint16)
+    label[rng.random(5000) < 0.1] = 7  # an instance's label is its first point's
+    score = rng.random(5000).astype(np.float32)
+    large = np.where(small > 0, small.astype(np.int64) * 10**9, 0)  # ids far above the bound: np.unique
+    fast, sorted_ = instance_summaries(points, small, label, score), instance_summaries(points, large, label, score)
+    assert [s.instance_id for s in fast] == [3, 4, 9] and [s.instance_id for s in sorted_] == [3e9, 4e9, 9e9]
+    for a, b in zip(fast, sorted_):
+        assert (a.label, a.num_points, a.score, a.box.yaw) == (b.label, b.num_points, b.score, b.box.yaw)
+        assert np.array_equal(a.box.center, b.box.center) and np.array_equal(a.box.size, b.box.size)
+        first = np.flatnonzero(small == a.instance_id)[0]
+        assert a.label == label[first] and a.num_points == np.count_nonzero(small == a.instance_id)

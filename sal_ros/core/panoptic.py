@@ -38,8 +38,8 @@ def panoptic_from_queries(query: np.ndarray, score: np.ndarray, query_class: np.
     label[keep] = (cls[keep] + 1).astype(np.uint16)
     instance = np.zeros(n, np.uint32)
     thing_points = keep & is_thing
-    ids, inst_of_point = np.unique(query[thing_points], return_inverse=True)  # queries in ascending order
-    instance[thing_points] = (inst_of_point.reshape(-1) + 1).astype(np.uint32)
+    ids, inst_of_point = _dense_ids(query[thing_points], q_count)  # queries in ascending order
+    instance[thing_points] = (inst_of_point + 1).astype(np.uint32)
     seg = Segmentation(label=label, instance=instance, score=np.where(keep, score, 0).astype(np.float32),
                        class_names=tuple(class_names), vocabulary_version=vocabulary_version)
     seg.instances = instance_summaries(points, instance, label, seg.score, class_names)
@@ -60,8 +60,7 @@ def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarr
     inside = instance > 0
     if not inside.any():
         return []
-    ids, inv = np.unique(instance[inside], return_inverse=True)
-    inv = inv.reshape(-1)
+    ids, inv = _dense_ids(instance[inside])
     k = len(ids)
     p = np.asarray(points, np.float64)[inside]
     count = np.bincount(inv, minlength=k).astype(np.float64)
@@ -75,15 +74,19 @@ def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarr
     yaw = 0.5 * np.arctan2(2 * cxy, cxx - cyy)  # direction of the larger eigenvector
     c, s = np.cos(yaw)[inv], np.sin(yaw)[inv]
     local = np.stack([c * dx + s * dy, -s * dx + c * dy, p[:, 2]], axis=1)
-    lo = np.full((k, 3), np.inf)
-    hi = np.full((k, 3), -np.inf)
-    np.minimum.at(lo, inv, local)
-    np.maximum.at(hi, inv, local)
+    lo, hi = np.full((3, k), np.inf), np.full((3, k), -np.inf)
+    for axis in range(3):  # ufunc.at is 5x faster on 1-D contiguous operands than on (k, 3) rows
+        column = np.ascontiguousarray(local[:, axis])
+        np.minimum.at(lo[axis], inv, column)
+        np.maximum.at(hi[axis], inv, column)
+    lo, hi = lo.T, hi.T
     mid = (lo + hi) / 2
     cy, sy = np.cos(yaw), np.sin(yaw)
     centers = np.stack([mx + cy * mid[:, 0] - sy * mid[:, 1], my + sy * mid[:, 0] + cy * mid[:, 1], mid[:, 2]], 1)
     sizes = hi - lo
-    first = np.flatnonzero(inside)[np.unique(inv, return_index=True)[1]]  # one point per instance, for its label
+    first_row = np.full(k, len(inv))
+    np.minimum.at(first_row, inv, np.arange(len(inv)))
+    first = np.flatnonzero(inside)[first_row]  # one point per instance (its first), for its label
     labels = np.asarray(label)[first].astype(np.int64)
     scores = mean(np.asarray(score, np.float64)[inside])
     out = []
@@ -94,6 +97,20 @@ def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarr
                                    OrientedBox(centers[j].astype(np.float32), sizes[j].astype(np.float32),
                                                float(yaw[j]))))
     return out
+
+
+def _dense_ids(values: np.ndarray, bound: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)`` for non-negative integer ids, through a lookup table (no sort)
+    when the ids are below ``bound`` (default: a few times the number of values)."""
+    values = np.asarray(values).reshape(-1)
+    limit = bound if bound is not None else 4 * len(values) + 1024
+    if values.size == 0 or int(values.max()) >= limit:
+        ids, inv = np.unique(values, return_inverse=True)
+        return ids, inv.reshape(-1)
+    present = np.bincount(values, minlength=int(values.max()) + 1) > 0
+    ids = np.flatnonzero(present).astype(values.dtype)
+    rank = np.cumsum(present) - 1
+    return ids, rank[values]
 
 
 __all__ = ["panoptic_from_queries", "instance_summaries"]
