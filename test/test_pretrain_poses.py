@@ -154,3 +154,18 @@ def test_a_missing_pose_is_said_once_and_counted_per_step(bag, tmp_path, capsys,
     assert "0 of 2 scans pair with scan t+1 (1 have no such scan, 1 no pose)" in capsys.readouterr().out
     (rec,) = read_metrics(tmp_path / "nopose" / "metrics.jsonl")
     assert rec["temporal_unpaired"] == 1 and rec["loss_temporal"] == 0
+
+
+def test_a_framestore_has_no_poses_and_says_why(bag, tmp_path):
+    from sal_ros.data.datasets import load_semantickitti
+    from sal_ros.data.framestore import FrameStore
+    from sal_ros.pretrain.cache import frame_poses
+    from sal_ros.pseudolabel.engine import FrameSource
+
+    seq, _, _ = bag
+    store = FrameStore(tmp_path / "store")
+    for frame in load_semantickitti(seq, [0, 1]):
+        store.append(frame)
+    store.close()
+    poses, why = frame_poses(FrameSource(tmp_path / "store"), "odom")
+    assert poses == {} and "framestore frames carry no poses" in why
