@@ -1,6 +1,7 @@
 """CloudEncoder (issue 17): the labeled cloud's data buffer is reused from frame to frame. Every cloud it encodes
 is byte-identical to a fresh encode_cloud, padding stays zero when the point count or layout changes, and clouds
-published back to back through rclpy reach a real subscriber intact although they share one buffer."""
+(and pooled markers) published back to back through rclpy reach a real subscriber intact although they share one
+buffer (one set of markers)."""
 import numpy as np
 import pytest
 
@@ -90,6 +91,7 @@ def test_clouds_published_back_to_back_from_one_buffer_arrive_intact():
                    "the three clouds arriving", progress=lambda: len(got), stall_s=30)
         for k, fields in enumerate(frames):
             _same(got[k], encode_cloud(fields, "lidar", k, types))
+        _markers_back_to_back(node, executor, qos, types)
         node.destroy_node()
     finally:
         rclpy.try_shutdown(context=context)
@@ -108,3 +110,27 @@ def test_xyz_decoded_as_records_is_a_copy_equal_to_the_fields():
     np.testing.assert_array_equal(got, xyz)
     got[:] = 0  # its own memory: the message is untouched
     np.testing.assert_array_equal(read_xyz(msg), xyz)
+
+
+def _markers_back_to_back(node, executor, qos, types):
+    from rclpy.serialization import deserialize_message, serialize_message
+    from visualization_msgs.msg import MarkerArray
+
+    from sal_ros.core.types import InstanceSummary, OrientedBox
+    from sal_ros.nodes import outputs
+
+    got = []
+    node.create_subscription(MarkerArray, "markers", got.append, qos)
+    pub = node.create_publisher(MarkerArray, "markers", qos)
+    wait_until(lambda: executor.spin_once(timeout_sec=0.05) or pub.get_subscription_count() > 0,
+               "the marker subscriber matching", stall_s=30)
+    frames = [[InstanceSummary(k, 1, "car", 0.5, 10, OrientedBox(np.full(3, float(f)), np.ones(3), 0.1 * k))
+               for k in range(3 + f)] for f in range(3)]
+    pool, palette = outputs.MarkerPool(), outputs.class_colors(1)
+    for f, instances in enumerate(frames):
+        pub.publish(outputs.instance_markers(instances, "lidar", f, palette, types, pool=pool))
+    wait_until(lambda: executor.spin_once(timeout_sec=0.05) or len(got) >= len(frames),
+               "the three marker arrays arriving", progress=lambda: len(got), stall_s=30)
+    for f, instances in enumerate(frames):  # through the wire, as a fresh array would arrive (colours are float32)
+        fresh = outputs.instance_markers(instances, "lidar", f, palette, types)
+        assert got[f] == deserialize_message(serialize_message(fresh), MarkerArray)

@@ -104,6 +104,19 @@ def test_markers_of_several_instances_each_their_own_box_text_and_colour():
     assert len(positions) == 3 and len({id(m.color) for m in msg.markers[1::2]}) == 3  # nothing per-instance shared
 
 
+def test_pooled_markers_equal_new_ones_as_the_instance_count_changes():
+    rng = np.random.default_rng(1)
+    instances = [InstanceSummary(k, k % 3, f"c{k}", float(rng.random()), 10,
+                                 OrientedBox(rng.normal(size=3), rng.random(3) + 0.1, float(rng.uniform(-3, 3))))
+                 for k in range(12)]
+    pool, palette = outputs.MarkerPool(), outputs.class_colors(2)
+    for count, tracked in ((5, False), (12, True), (2, False), (0, False), (7, True)):
+        args = (instances[:count], "lidar", count, palette, rclpy_types(), 1, count, tracked)
+        pooled = outputs.instance_markers(*args, pool=pool)
+        assert pooled == outputs.instance_markers(*args)
+    assert len(pool.pairs) == 12  # markers made only when more instances than ever before are shown
+
+
 def test_draw_points_near_over_far_and_clipped_to_image():
     image = np.zeros((10, 10, 3), np.uint8)
     uv = np.array([[5.0, 5.0], [5.2, 4.9], [-3.0, 2.0], [9.4, 9.4]])

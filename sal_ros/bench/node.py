@@ -113,7 +113,8 @@ def main(args: argparse.Namespace) -> int:
             "encode_cloud": lambda: outputs.labeled_cloud(frame.points, frame.intensity, seg, "lidar", stamp, types,
                                                           palette, node._cloud_encoder),  # the node's: reused buffer
             "markers": lambda: outputs.instance_markers(seg.instances, "lidar", stamp, palette, types, 5,
-                                                        vocabulary_version=seg.vocabulary_version),
+                                                        vocabulary_version=seg.vocabulary_version,
+                                                        pool=node._marker_pool),  # the node's: reused markers
             "info_record": lambda: outputs.frame_record(stamp, "lidar", seg, frame.num_points, ()),
             # reference, same run: the same cloud into a fresh buffer each frame (what encode_cloud does)
             "encode_cloud_fresh_buffer": lambda: outputs.labeled_cloud(frame.points, frame.intensity, seg, "lidar",

@@ -11,6 +11,7 @@ the class names, even if the vocabulary changed mid-recording.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from typing import Any, Sequence
 
@@ -93,6 +94,21 @@ _CORNER_X, _CORNER_Y = np.array([1, -1, -1, 1]), np.array([1, 1, -1, -1])  # bot
 BOX_EDGES = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [4, 5], [5, 6], [6, 7], [7, 4], [0, 4], [1, 5], [2, 6], [3, 7]])
 
 
+class MarkerPool:
+    """The box and text markers (with their points) of one publisher, kept from one :func:`instance_markers` call
+    to the next, which only sets their values: a frame builds no Marker or Point. The array built with a pool is
+    valid until the pool's next use; publish it first (rclpy copies a message inside ``publish``, as for
+    :class:`~sal_ros.core.pointcloud2.CloudEncoder`)."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[Any, Any]] = []
+
+    def take(self, count: int, make: Any) -> list[tuple[Any, Any]]:
+        while len(self.pairs) < count:
+            self.pairs.append(make())
+        return self.pairs[:count]
+
+
 def instance_markers(
     instances: Sequence[InstanceSummary],
     frame_id: str,
@@ -102,11 +118,12 @@ def instance_markers(
     min_points: int = 1,
     vocabulary_version: int | None = None,
     tracked: bool = False,
+    pool: MarkerPool | None = None,
 ) -> Any:
     """MarkerArray: DELETEALL, the vocabulary legend (when ``vocabulary_version`` is given), then per instance
     an oriented box (LINE_LIST) and a facing text "class score". ``tracked``: instance ids are track ids, so each
-    box takes its track's colour (the same in every frame) and the text ends in "#id"."""
-    from geometry_msgs.msg import Point
+    box takes its track's colour (the same in every frame) and the text ends in "#id". ``pool``: a publisher's
+    :class:`MarkerPool` (markers reused); default new markers."""
     from std_msgs.msg import ColorRGBA
     from visualization_msgs.msg import Marker, MarkerArray
 
@@ -119,25 +136,23 @@ def instance_markers(
         return MarkerArray(markers=markers)
     corners = boxes_corners(np.array([i.box.center for i in shown], np.float64),
                             np.array([i.box.size for i in shown], np.float64), np.array([i.box.yaw for i in shown]))
-    edges = corners[:, BOX_EDGES.reshape(-1)].tolist()  # python floats: a Point per end, no numpy scalars
+    edges = corners[:, BOX_EDGES.reshape(-1)].tolist()  # python floats: no numpy scalars in the messages
     tops = corners[:, 4:].mean(axis=1)
     tops[:, 2] += 0.4
-    # Per frame, the constant parts are built once and shallow-copied (a Marker's constructor builds ~20
-    # sub-messages); the copies of one array share them, like they share the header.
-    box, text = _marker_templates(header, Marker, ColorRGBA)
-    for inst, ends, top in zip(shown, edges, tops.tolist()):
+    make = functools.partial(_marker_pair, *_marker_templates(header, Marker, ColorRGBA))
+    pairs = (pool or MarkerPool()).take(len(shown), make)
+    for (box, text), inst, ends, top in zip(pairs, shown, edges, tops.tolist()):
         rgb = track_color(inst.instance_id) if tracked else palette[inst.label if inst.label < len(palette) else 0]
-        r, g, b = (float(v) / 255.0 for v in rgb)
-        edge = copy.copy(box)
-        edge.id = int(inst.instance_id)
-        edge.color = ColorRGBA(r=r, g=g, b=b, a=1.0)
-        edge.points = [Point(x=x, y=y, z=z) for x, y, z in ends]
-        label = copy.copy(text)
-        label.id = int(inst.instance_id)
-        label.text = f"{inst.class_name} {inst.score:.2f}" + (f" #{inst.instance_id}" if tracked else "")
-        label.pose = copy.copy(text.pose)
-        label.pose.position = Point(x=top[0], y=top[1], z=top[2])
-        markers += [edge, label]
+        box.header = text.header = header
+        box.id = text.id = int(inst.instance_id)
+        color = box.color
+        color.r, color.g, color.b = (float(v) / 255.0 for v in rgb)
+        for point, (x, y, z) in zip(box.points, ends):
+            point.x, point.y, point.z = x, y, z
+        text.text = f"{inst.class_name} {inst.score:.2f}" + (f" #{inst.instance_id}" if tracked else "")
+        position = text.pose.position
+        position.x, position.y, position.z = top
+        markers += [box, text]
     return MarkerArray(markers=markers)
 
 
@@ -150,6 +165,20 @@ def _marker_templates(header: Any, Marker: Any, ColorRGBA: Any) -> tuple[Any, An
     text.pose.orientation.w = 1.0
     text.scale.z = 0.6
     text.color = ColorRGBA(r=1.0, g=1.0, b=1.0, a=1.0)
+    return box, text
+
+
+def _marker_pair(box: Any, text: Any) -> tuple[Any, Any]:
+    """A box and a text marker of their own, from the templates: shallow copies (a Marker's constructor builds ~20
+    sub-messages) that share only the constant parts, with their own colour, points and text position."""
+    from geometry_msgs.msg import Point
+    from std_msgs.msg import ColorRGBA
+
+    box, text = copy.copy(box), copy.copy(text)
+    box.color = ColorRGBA(a=1.0)
+    box.points = [Point() for _ in range(BOX_EDGES.size)]
+    text.pose = copy.copy(text.pose)
+    text.pose.position = Point()
     return box, text
 
 

@@ -235,9 +235,11 @@ class SegmenterNode(SensorNode):
 
         qos = profile(self.values["qos.outputs.reliability"], self.values["qos.outputs.depth"])
         self._pub_cloud = self.create_publisher(PointCloud2, "~/labeled_points", qos)
-        # one buffer for every labeled cloud: only the worker thread publishes, each cloud before the next is encoded
+        # one buffer for every labeled cloud, one set of markers: only the worker thread publishes, each frame's
+        # messages before the next frame's are built
         self._cloud_encoder = CloudEncoder(self._types)
         self._pub_markers = self.create_publisher(MarkerArray, "~/markers", qos)
+        self._marker_pool = outputs.MarkerPool()
         self._pub_info = self.create_publisher(String, "~/info", qos)
         self._pub_overlays = {c.name: self.create_publisher(Image, f"~/overlay/{c.name}", qos) for c in cameras}
         self._pub_detections = self.create_publisher(Detection3DArray, "~/detections", qos)
@@ -432,7 +434,7 @@ class SegmenterNode(SensorNode):
         if wanted["markers"]:
             self._pub_markers.publish(outputs.instance_markers(
                 seg.instances, frame.frame_id, frame.stamp_ns, palette, self._types, self.values["markers.min_points"],
-                vocabulary_version=seg.vocabulary_version, tracked=tracking is not None))
+                vocabulary_version=seg.vocabulary_version, tracked=tracking is not None, pool=self._marker_pool))
         for name in wanted["overlays"]:
             view = frame.cameras.get(name)
             if view is not None:
