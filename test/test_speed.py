@@ -143,7 +143,10 @@ def test_bench_codec_times_sensor_msgs_py_side_by_side(capsys):
     out = json.loads(capsys.readouterr().out)
     ros = out["sensor_msgs_py"]
     ms = ros["alternating_median_ms"]
-    assert set(ms) == {"encode", "create_cloud_packed", "create_cloud_from_columns", "decode", "read_points"}
+    assert set(ms) == {"encode", "encode_reused_buffer", "create_cloud_packed", "create_cloud_from_columns", "decode",
+                       "read_points"}
+    assert ros["encode_reused_buffer_vs_create_cloud"] == pytest.approx(
+        ms["encode_reused_buffer"] / ms["create_cloud_packed"], rel=0.05, abs=0.01)
     assert all(v > 0 for v in ms.values())
     assert ros["encode_vs_create_cloud"] == pytest.approx(ms["encode"] / ms["create_cloud_packed"], rel=0.05, abs=0.01)
     assert ros["encode_vs_create_cloud_from_columns"] == pytest.approx(

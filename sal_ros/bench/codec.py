@@ -6,7 +6,8 @@ Prints JSON with medians in ms, the reference medians measured in the same proce
 Uses rclpy message objects when rclpy imports (what the nodes handle), else rosbags dataclasses. With rclpy, the
 ROS library codec runs side by side too: sensor_msgs_py's ``create_cloud`` given the same points already packed
 in a structured array of the same layout (its fastest input), and ``read_points`` for x y z intensity;
-``encode.vs_create_cloud`` is our time over its time (goal <= 1). The codec is numpy only (one thread).
+``encode_vs_create_cloud`` is our time over its time (goal <= 1), ``encode_reused_buffer_vs_create_cloud`` the
+same for the node's CloudEncoder (its buffer reused from cloud to cloud). The codec is numpy only (one thread).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 from sal_ros.bench.env import environment, finish
 from sal_ros.bench.timing import median_ms
 from sal_ros.core.msgtypes import MessageTypes, make_header, rclpy_types, rosbags_types
-from sal_ros.core.pointcloud2 import encode_cloud, pack_rgb, read_xyz_intensity
+from sal_ros.core.pointcloud2 import CloudEncoder, encode_cloud, pack_rgb, read_xyz_intensity
 
 GOAL_MS = 1.0
 
@@ -207,8 +208,12 @@ def bench_sensor_msgs_py(driver_cloud: Any, seg: dict[str, np.ndarray], encoded:
     xyz, intensity = read_xyz_intensity(driver_cloud)
     if not (np.array_equal(got["x"], xyz[:, 0]) and np.array_equal(got["intensity"], intensity)):
         raise AssertionError("read_points disagrees with read_xyz_intensity")
+    encoder = CloudEncoder(types)  # a publisher's: one reused buffer
+    if bytes(encoder.encode(seg, "lidar", 0).data) != bytes(encoded.data):
+        raise AssertionError("CloudEncoder disagrees with encode_cloud")
     ms = alternating_median_ms({
         "encode": lambda: encode_cloud(seg, "lidar", 0, types),
+        "encode_reused_buffer": lambda: encoder.encode(seg, "lidar", 0),
         "create_cloud_packed": lambda: pc2.create_cloud(header, fields, packed),
         "create_cloud_from_columns": from_columns,
         "decode": lambda: read_xyz_intensity(driver_cloud),
@@ -216,6 +221,8 @@ def bench_sensor_msgs_py(driver_cloud: Any, seg: dict[str, np.ndarray], encoded:
     }, repeats)
     return {"alternating_median_ms": {k: round(v, 4) for k, v in ms.items()},
             "encode_vs_create_cloud": round(ms["encode"] / ms["create_cloud_packed"], 2),
+            # what the segmenter node runs (its CloudEncoder reuses the buffer; create_cloud allocates each call)
+            "encode_reused_buffer_vs_create_cloud": round(ms["encode_reused_buffer"] / ms["create_cloud_packed"], 2),
             "encode_vs_create_cloud_from_columns": round(ms["encode"] / ms["create_cloud_from_columns"], 2),
             "create_cloud_packed_input": "structured array already in the output layout (packing not counted)",
             "decode_vs_read_points": round(ms["decode"] / ms["read_points"], 2),
