@@ -1,13 +1,14 @@
 """Issue 17's decoder and postprocess shortcuts compute what the plain versions compute: the attention masks pooled
 block by block (scaled logits clamped at 0) allow exactly the voxels ``QueryDecoder._allowed`` allows, the
-block-wise query fusion picks the query and score the whole-tensor formula picks, in either mask layout, and the
+block-wise query fusion picks the query and score the whole-tensor formula picks, in either mask layout, the
+positional features from per-axis tables are those of the voxel centres (and train the same weights), and the
 instance summaries found through a lookup table describe the instances the sorting path (large ids) finds."""
 import numpy as np
 import torch
 
 from sal_ros.core.panoptic import instance_summaries
 
-from sal_ros.model.decoder import OBJECT, POOL_BLOCK_ROWS, QueryDecoder, _allowed_pooled
+from sal_ros.model.decoder import OBJECT, POOL_BLOCK_ROWS, FourierPositions, QueryDecoder, _allowed_pooled
 from sal_ros.model.inference import FUSE_BLOCK_VOXELS, fuse_queries
 
 
@@ -71,3 +72,18 @@ def test_instance_summaries_are_the_same_through_the_lookup_and_through_sorting(
         assert np.array_equal(a.box.center, b.box.center) and np.array_equal(a.box.size, b.box.size)
         first = np.flatnonzero(small == a.instance_id)[0]
         assert a.label == label[first] and a.num_points == np.count_nonzero(small == a.instance_id)
+
+
+def test_positions_from_per_axis_tables_are_the_positions_of_the_centres():
+    torch.manual_seed(3)
+    positions = FourierPositions(24, min_wavelength=0.1)
+    coords = torch.randint(-1500, 1500, (4000, 3), dtype=torch.int32) * 4  # a stride-4 level, metres up to 300
+    centres = (coords.float() + 2) * 0.05
+    torch.testing.assert_close(positions.of_cells(coords, 2, 0.05), positions(centres), rtol=0, atol=1e-5)
+    grads = []
+    for features in (lambda: positions.of_cells(coords, 2, 0.05), lambda: positions(centres)):
+        positions.zero_grad()
+        (features() ** 2).sum().backward()  # the same training signal reaches the projection
+        grads.append([p.grad.clone() for p in positions.parameters()])
+    for table_grad, grad in zip(*grads):
+        torch.testing.assert_close(table_grad, grad, rtol=1e-4, atol=1e-3)

@@ -62,6 +62,27 @@ class FourierPositions(nn.Module):
         angles = (xyz[:, :, None] * self.freqs.to(xyz.dtype)).flatten(1)  # (N, 3F)
         return self.proj(torch.cat([angles.sin(), angles.cos()], dim=1))
 
+    def of_cells(self, coords: Tensor, offset: float, voxel_size: float) -> Tensor:
+        """``forward`` of the centres ``(coords + offset) * voxel_size`` of integer voxel coords ``(N, 3)``, float32.
+
+        The projection is linear, so it splits into one table per axis: the projected sin/cos of each cell index
+        along that axis (a scan spans a few thousand, not ~10^5 voxels), summed per voxel by one embedding_bag.
+        Same features as ``forward`` up to float32 rounding (autocast off: more exact than its bf16 linear)."""
+        if len(coords) == 0:
+            return self.proj.weight.new_zeros(0, self.proj.out_features)
+        lo = coords.min(0).values
+        rows = (coords - lo).long()  # (N, 3) rows of the axes' tables
+        span = int(rows.max()) + 1
+        cells = torch.arange(span, device=coords.device)[:, None] + lo  # (R, 3) integer cells
+        with torch.autocast(coords.device.type, enabled=False):
+            angles = ((cells.float() + offset) * voxel_size)[:, :, None] * self.freqs  # (R, 3, F)
+            # proj's inputs are [sin x, sin y, sin z, cos x, cos y, cos z], F each
+            weight = self.proj.weight.float().view(-1, 2, coords.shape[1], len(self.freqs))
+            tables = torch.cat([angles[:, a].sin() @ weight[:, 0, a].T + angles[:, a].cos() @ weight[:, 1, a].T
+                                for a in range(coords.shape[1])])  # (3R, dim)
+            axis_offsets = torch.arange(coords.shape[1], device=coords.device) * span
+            return F.embedding_bag(rows + axis_offsets, tables, mode="sum") + self.proj.bias.float()
+
 
 class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention; ``allowed`` (B|1, Lq, Lk) bool, True = attend
@@ -152,9 +173,8 @@ class QueryDecoder(nn.Module):
         cfg = self.cfg
         fine = feats[1]
         fine_split = batch_splits(fine, batch_size)
-        fine_centres = (fine.coords[:, 1:].float() + 0.5) * cfg.voxel_size
-        mask_feats = (self.mask_features(fine.feats)
-                      + self.mask_positions(fine_centres).to(fine.feats.dtype)).split(fine_split)
+        mask_feats = (self.mask_features(fine.feats) + self.mask_positions.of_cells(
+            fine.coords[:, 1:], 0.5, cfg.voxel_size).to(fine.feats.dtype)).split(fine_split)
         levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
         q = self.query_feat.weight[None].expand(batch_size, -1, -1)
         qpos = self.query_pos.weight[None].expand(batch_size, -1, -1)
@@ -201,8 +221,7 @@ class QueryDecoder(nn.Module):
     def _level(self, index: int, x: SparseTensor, fine: SparseTensor, batch_size: int):
         """Per batch element: projected features, keys (features + position), parent row of each fine voxel."""
         values = self.level_proj[index](x.feats) + self.level_embed.weight[index]
-        centres = (x.coords[:, 1:].float() + x.stride / 2) * self.cfg.voxel_size  # fp32 even under autocast
-        keys = values + self.positions(centres).to(values.dtype)
+        keys = values + self.positions.of_cells(x.coords[:, 1:], x.stride / 2, self.cfg.voxel_size).to(values.dtype)
         split = batch_splits(x, batch_size)
         parents = parent_rows(fine.coords, x.coords, x.stride)
         offsets = torch.tensor([0] + split[:-1], device=parents.device).cumsum(0)
