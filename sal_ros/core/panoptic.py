@@ -73,10 +73,9 @@ def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarr
     cxx, cyy, cxy = mean(dx * dx), mean(dy * dy), mean(dx * dy)
     yaw = 0.5 * np.arctan2(2 * cxy, cxx - cyy)  # direction of the larger eigenvector
     c, s = np.cos(yaw)[inv], np.sin(yaw)[inv]
-    local = np.stack([c * dx + s * dy, -s * dx + c * dy, p[:, 2]], axis=1)
+    local = (c * dx + s * dy, -s * dx + c * dy, np.ascontiguousarray(p[:, 2]))  # along, across, up
     lo, hi = np.full((3, k), np.inf), np.full((3, k), -np.inf)
-    for axis in range(3):  # ufunc.at is 5x faster on 1-D contiguous operands than on (k, 3) rows
-        column = np.ascontiguousarray(local[:, axis])
+    for axis, column in enumerate(local):  # ufunc.at is 5x faster on 1-D contiguous operands than on (k, 3) rows
         np.minimum.at(lo[axis], inv, column)
         np.maximum.at(hi[axis], inv, column)
     lo, hi = lo.T, hi.T
