@@ -7,7 +7,11 @@ Topics (log time = header stamp):
 - ``/lidar/points``: sensor_msgs/PointCloud2, x y z intensity float32, frame ``lidar`` (``--lidar-frame``);
 - ``/<camera>/image_raw`` + ``/<camera>/camera_info``: sensor_msgs/Image (mono8/mono16/rgb8, as the files) and
   CameraInfo, stamped with each camera's own capture time (nuScenes cameras fire up to ~45 ms before the sweep);
-- ``/tf_static``: tf2_msgs/TFMessage, lidar frame -> each camera optical frame (recorded transient-local).
+- ``/tf_static``: tf2_msgs/TFMessage, lidar frame -> each camera optical frame (recorded transient-local);
+- ``/tf``: tf2_msgs/TFMessage, ``odom`` (``--pose-frame``; empty: none) -> lidar frame at each cloud stamp, when
+  the dataset has the sequence's motion (SemanticKITTI poses.txt, as the velodyne's pose ``inv(Tr) @ pose @ Tr``),
+  so the bag carries it to whatever reads /tf (Seal's temporal term through sal_ros.data.bag.bag_poses, rviz, a
+  replay).
 
 In the bag folder, beside its data files:
 
@@ -34,11 +38,14 @@ from sal_ros.core.calibration import CameraCalibration, write_static_extrinsics
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.msgtypes import NS_PER_S, image_topic, info_topic
 from sal_ros.core.types import CameraView, Frame
+from sal_ros.data.datasets import semantickitti_poses
 from sal_ros.data.sources import detect_source
 
 CLOUD_TOPIC = "/lidar/points"
 TF_STATIC_TOPIC = "/tf_static"
+TF_TOPIC = "/tf"
 LIDAR_FRAME = "lidar"
+POSE_FRAME = "odom"  # REP 105's world-fixed frame of continuous motion; bag_poses' and seal.pose_frame's default
 EXTRINSICS_FILE = "extrinsics.yaml"
 LABELS_FILE = "labels.npz"
 RELATIVE_TIME_KINDS = ("semantickitti", "kitti_object", "kitti_frustum")  # times.txt / frame index from zero
@@ -53,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these frames, by key or scan name (e.g. 000001 or 00_000001)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     parser.add_argument("--lidar-frame", default=LIDAR_FRAME, help=f"frame_id of the clouds (default {LIDAR_FRAME})")
+    parser.add_argument("--pose-frame", default=POSE_FRAME,
+                        help=f"parent frame of the lidar's motion on /tf, when the dataset has poses (default "
+                             f"{POSE_FRAME}; '' writes no /tf)")
     parser.add_argument("--time-base", type=float, default=1.0,
                         help="seconds added to datasets whose times start at zero (KITTI; default 1.0)")
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage (mcap)")
@@ -64,13 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         summary = convert(args.dataset, args.out, frames=args.frames, max_frames=args.max_frames,
-                          lidar_frame=args.lidar_frame, time_base_ns=int(round(args.time_base * NS_PER_S)),
+                          lidar_frame=args.lidar_frame, pose_frame=args.pose_frame, time_base_ns=int(round(args.time_base * NS_PER_S)),
                           storage=args.storage, overwrite=args.overwrite)
     except (SensorDataError, FileExistsError, FileNotFoundError, OutputOverlapsInput) as exc:
         print(f"sal-ros convert: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {summary.path}: {summary.frames} frames, cameras {list(summary.cameras)}, "
-          f"{summary.labelled} with ground truth, {len(summary.problems)} with a camera left out")
+          f"{summary.labelled} with ground truth, {summary.posed} with a pose on {TF_TOPIC}, "
+          f"{len(summary.problems)} with a camera left out")
     for key, cameras in summary.problems.items():
         for camera, why in cameras.items():
             print(f"sal-ros convert: frame {key}: camera {camera} left out: {why}", file=sys.stderr)
@@ -87,6 +98,7 @@ class ConvertSummary:
     kind: str
     frames: int = 0
     labelled: int = 0
+    posed: int = 0  # frames whose pose went to /tf
     time_shift_ns: int = 0
     cameras: dict[str, CameraCalibration] = field(default_factory=dict)
     problems: dict[str, dict[str, str]] = field(default_factory=dict)  # frame key -> {camera left out: why}
@@ -99,6 +111,7 @@ def convert(
     frames: Iterable[str] | None = None,
     max_frames: int | None = None,
     lidar_frame: str = LIDAR_FRAME,
+    pose_frame: str = POSE_FRAME,
     time_base_ns: int = NS_PER_S,
     storage: str = "mcap",
     overwrite: bool = False,
@@ -122,7 +135,8 @@ def convert(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_bag(tmp / out.name, source, summary, lidar_frame, storage, progress)
+        poses = semantickitti_poses(dataset) if kind == "semantickitti" and pose_frame else {}
+        _write_bag(tmp / out.name, source, summary, lidar_frame, storage, progress, (pose_frame, poses))
         if summary.frames == 0:
             chosen = f" (--frames {list(frames)})" if frames else ""
             raise SensorDataError(f"{dataset}: no frames to convert{chosen}")
@@ -211,9 +225,11 @@ def _latched_qos() -> Any:
 
 
 def _write_bag(path: Path, source: Iterator[Frame], summary: ConvertSummary, lidar_frame: str, storage: str,
-               progress: bool) -> None:
+               progress: bool, motion: tuple[str, dict[str, np.ndarray]] = (POSE_FRAME, {})) -> None:
+    """``motion``: the pose frame and the lidar's pose in it per frame key (a frame without one has no /tf)."""
     from tqdm import tqdm
 
+    pose_frame, poses = motion
     shift = summary.time_shift_ns
     labels: dict[str, np.ndarray] = {}
     with _BagWriter(path, storage) as bag:
@@ -227,6 +243,10 @@ def _write_bag(path: Path, source: Iterator[Frame], summary: ConvertSummary, lid
             if first and summary.cameras:
                 bag.write(TF_STATIC_TOPIC, _tf_static(summary.cameras.values(), stamp, bag.types),
                           _first_stamp(frame, shift), latched=True)
+            if frame.key in poses:
+                tf = _transform(pose_frame, lidar_frame, poses[frame.key], stamp, bag.types)
+                bag.write(TF_TOPIC, bag.types.TFMessage(transforms=[tf]), stamp)
+                summary.posed += 1
             for topic, msg, t in sorted(_frame_messages(frame, lidar_frame, shift, bag.types), key=lambda m: m[2]):
                 bag.write(topic, msg, t)
             if frame.gt_labels is not None:
@@ -299,14 +319,18 @@ def _camera_info(view: CameraView, stamp: int, types: Any) -> Any:
 
 def _tf_static(calibs: Iterable[CameraCalibration], stamp: int, types: Any) -> Any:
     """Lidar (parent) -> camera optical frame (child): the transform maps camera coordinates into the lidar frame."""
-    from sal_ros.core.msgtypes import make_header
-    from sal_ros.core.transforms import invert_transform, matrix_to_transform_fields
+    from sal_ros.core.transforms import invert_transform
 
-    transforms = []
-    for c in calibs:
-        (x, y, z), (qx, qy, qz, qw) = matrix_to_transform_fields(invert_transform(c.T_cam_lidar))
-        transforms.append(types.TransformStamped(
-            header=make_header(c.lidar_frame_id, stamp, types), child_frame_id=c.frame_id,
-            transform=types.Transform(translation=types.Vector3(x=x, y=y, z=z),
-                                      rotation=types.Quaternion(x=qx, y=qy, z=qz, w=qw))))
-    return types.TFMessage(transforms=transforms)
+    return types.TFMessage(transforms=[_transform(c.lidar_frame_id, c.frame_id, invert_transform(c.T_cam_lidar),
+                                                  stamp, types) for c in calibs])
+
+
+def _transform(parent: str, child: str, T_parent_child: np.ndarray, stamp: int, types: Any) -> Any:
+    """A TransformStamped parent -> child: ``T_parent_child`` maps child coordinates into the parent frame."""
+    from sal_ros.core.msgtypes import make_header
+    from sal_ros.core.transforms import matrix_to_transform_fields
+
+    (x, y, z), (qx, qy, qz, qw) = matrix_to_transform_fields(T_parent_child)
+    return types.TransformStamped(header=make_header(parent, stamp, types), child_frame_id=child,
+                                  transform=types.Transform(translation=types.Vector3(x=x, y=y, z=z),
+                                                            rotation=types.Quaternion(x=qx, y=qy, z=qz, w=qw)))

@@ -28,6 +28,7 @@ from sal_ros.core.calibration import (
     nuscenes_stamp_ns,
     read_kitti_frustum_calib,
     read_kitti_object_calib,
+    read_kitti_txt,
     read_nuscenes_calib,
     read_semantickitti_calib,
 )
@@ -146,6 +147,28 @@ def iter_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | 
 def load_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | None = None,
                        images: bool = True) -> list[Frame]:
     return list(iter_semantickitti(seq_dir, scans, images))
+
+
+def semantickitti_poses(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The lidar's pose per frame key of a SemanticKITTI sequence (or of each sequence under a root): poses.txt
+    gives camera 0 in the first camera 0 frame, so the velodyne's is ``inv(Tr) @ pose @ Tr``. A sequence without
+    poses.txt adds nothing."""
+    out = {}
+    for seq_dir in semantickitti_sequences(Path(path)):
+        if not (seq_dir / "poses.txt").exists():
+            continue
+        calib = read_kitti_txt(seq_dir / "calib.txt")
+        if "Tr" not in calib:
+            raise SensorDataError(f"{seq_dir / 'calib.txt'}: no Tr line (lidar -> camera 0)")
+        tr = np.eye(4)
+        tr[:3] = calib["Tr"].reshape(3, 4)
+        poses = np.loadtxt(seq_dir / "poses.txt", dtype=np.float64, ndmin=2).reshape(-1, 3, 4)
+        for name in sorted(p.stem for p in (seq_dir / "velodyne").glob("*.bin")):
+            if int(name) < len(poses):
+                pose = np.eye(4)
+                pose[:3] = poses[int(name)]
+                out[f"{seq_dir.name}_{name}"] = np.linalg.inv(tr) @ pose @ tr
+    return out
 
 
 def _semantickitti_times(path: Path) -> np.ndarray | None:

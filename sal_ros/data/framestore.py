@@ -2,8 +2,13 @@
 
 Layout::
 
-    ROOT/frames/<key>.npz   one Frame: points, intensity, ground truth, each camera's image, intrinsics, T, stamps
-    ROOT/index.jsonl        one JSON line per stored frame, in recording order (the list readers see)
+    ROOT/frames/<key>.npz   one Frame: points, intensity, ground truth, each camera's image, intrinsics, T, stamps,
+                            and the lidar's pose in a fixed frame when the recorder had one (``pose``, 4x4)
+    ROOT/index.jsonl        one JSON line per stored frame, in recording order (the list readers see); ``pose``
+                            (16 numbers, row-major) and ``pose_frame`` repeat the frame file's pose, so readers of
+                            poses (Seal's temporal term) need not open the frames
+
+Stores written before poses existed have neither member and still load (their frames have no pose).
 
 Crash safety (``kill -9`` at any moment): a frame file is written under a temporary name, fsynced and renamed
 into place; only then its index line is appended (one write, flushed and fsynced). Readers list frames from the
@@ -110,8 +115,16 @@ class FrameStore:
 
     # ----------------------------------------------------------------------------------------------- writing
 
-    def append(self, frame: Frame) -> str | None | bool:
-        """Store ``frame``; returns its key, None when ``every_nth`` skips it, False when a limit is reached.
+    def pose(self, key: str) -> tuple[np.ndarray, str] | None:
+        """The lidar's pose stored with ``key`` (T_fixed_lidar, 4x4) and its fixed frame, or None."""
+        entry = self.entry(key)
+        if entry.get("pose") is None:
+            return None
+        return np.array(entry["pose"], np.float64).reshape(4, 4), entry["pose_frame"]
+
+    def append(self, frame: Frame, pose: tuple[np.ndarray, str] | None = None) -> str | None | bool:
+        """Store ``frame`` with the lidar's ``pose`` (T_fixed_lidar, the fixed frame's name) when known; returns
+        its key, None when ``every_nth`` skips it, False when a limit is reached.
 
         A frame whose key is already stored (a replayed bag, a resumed run) is not written again; its key is
         returned.
@@ -126,12 +139,12 @@ class FrameStore:
         if self._full(0):
             return False
         buf = io.BytesIO()  # encoded first: the byte limit is checked before anything is written
-        (np.savez_compressed if self.compress else np.savez)(buf, **_frame_arrays(frame))
+        (np.savez_compressed if self.compress else np.savez)(buf, **_frame_arrays(frame, pose))
         size = buf.getbuffer().nbytes
         if self._full(size):
             return False
         final = atomic_write(self.root / FRAMES_DIR / f"{key}.npz", buf.getbuffer())
-        self._append_index(_index_entry(frame, key, final.relative_to(self.root).as_posix(), size))
+        self._append_index(_index_entry(frame, key, final.relative_to(self.root).as_posix(), size, pose))
         return key
 
     def _full(self, incoming_bytes: int) -> bool:
@@ -174,8 +187,8 @@ class FrameStore:
             rel = path.relative_to(self.root).as_posix()
             if rel not in indexed:  # renamed into place, killed before its index line: complete, index it
                 with np.load(path, allow_pickle=False) as data:
-                    frame = _frame_from_arrays(data)
-                self._append_index(_index_entry(frame, path.stem, rel, path.stat().st_size))
+                    frame, pose = _frame_from_arrays(data), _pose_from_arrays(data)
+                self._append_index(_index_entry(frame, path.stem, rel, path.stat().st_size, pose))
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -200,9 +213,11 @@ def frame_key(frame: Frame) -> str:
 # -------------------------------------------------------------------------------------------------- format
 
 
-def _frame_arrays(frame: Frame) -> dict[str, np.ndarray]:
+def _frame_arrays(frame: Frame, pose: tuple[np.ndarray, str] | None = None) -> dict[str, np.ndarray]:
     """The npz members of a frame; names and strings live in a JSON ``meta`` (no pickled objects)."""
     arrays = {"points": np.asarray(frame.points, np.float32)}
+    if pose is not None:
+        arrays["pose"] = _checked_pose(pose[0])
     if frame.intensity is not None:
         arrays["intensity"] = np.asarray(frame.intensity, np.float32)
     if frame.gt_labels is not None:
@@ -218,6 +233,8 @@ def _frame_arrays(frame: Frame) -> dict[str, np.ndarray]:
                         "width": model.width, "height": model.height, "distortion_model": model.distortion_model})
     meta = {"format": FORMAT_VERSION, "stamp_ns": int(frame.stamp_ns), "frame_id": frame.frame_id, "key": frame.key,
             "missing_cameras": list(frame.missing_cameras), "cameras": cameras}
+    if pose is not None:
+        meta["pose_frame"] = pose[1]
     arrays["meta"] = np.array(json.dumps(meta))
     return arrays
 
@@ -241,10 +258,43 @@ def _frame_from_arrays(data: Any) -> Frame:
     return frame
 
 
-def _index_entry(frame: Frame, key: str, rel_file: str, size: int) -> dict:
-    return {"key": key, "file": rel_file, "stamp_ns": int(frame.stamp_ns), "num_points": frame.num_points,
-            "cameras": list(frame.cameras), "missing_cameras": list(frame.missing_cameras),
-            "has_gt": frame.gt_labels is not None, "bytes": int(size)}
+def _pose_from_arrays(data: Any) -> tuple[np.ndarray, str] | None:
+    if "pose" not in data:
+        return None
+    return np.array(data["pose"], np.float64), json.loads(str(data["meta"]))["pose_frame"]
+
+
+def _checked_pose(T: np.ndarray) -> np.ndarray:
+    T = np.asarray(T, np.float64)
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        raise ValueError(f"a pose is a finite 4x4 transform, got shape {T.shape}")
+    return T
+
+
+def _index_entry(frame: Frame, key: str, rel_file: str, size: int,
+                 pose: tuple[np.ndarray, str] | None = None) -> dict:
+    entry = {"key": key, "file": rel_file, "stamp_ns": int(frame.stamp_ns), "num_points": frame.num_points,
+             "cameras": list(frame.cameras), "missing_cameras": list(frame.missing_cameras),
+             "has_gt": frame.gt_labels is not None, "bytes": int(size)}
+    if pose is not None:  # floats through JSON round-trip exactly (repr)
+        entry.update(pose=_checked_pose(pose[0]).ravel().tolist(), pose_frame=pose[1])
+    return entry
+
+
+def framestore_poses(root: str | os.PathLike, fixed_frame: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """The lidar's pose in ``fixed_frame`` (T_fixed_lidar, 4x4) per frame key, as the recorder stored them
+    (its ``pose_frame``), the counterpart of sal_ros.data.bag.bag_poses. Returns (poses, None) or (the poses
+    found, why the other frames have none)."""
+    store = FrameStore(root)
+    keys = store.keys()
+    stored = {key: store.pose(key) for key in keys}
+    poses = {key: p[0] for key, p in stored.items() if p is not None and p[1] == fixed_frame}
+    if len(poses) == len(keys):
+        return poses, None
+    others = sorted({p[1] for p in stored.values() if p is not None and p[1] != fixed_frame})
+    why = (f"poses in {', '.join(map(repr, others))} only (set seal.pose_frame to match)" if others else
+           "the recorder had none (pose_frame empty, or no transform to the cloud frame at their stamps)")
+    return poses, f"{len(keys) - len(poses)} of {len(keys)} frames have no pose in {fixed_frame!r}: {why}"
 
 
 def _read_index(path: Path) -> list[dict]:

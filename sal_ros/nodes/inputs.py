@@ -117,6 +117,8 @@ class SensorInputs:
             self._extrinsics_error = str(exc)
             self._log.error(f"calibration unavailable, camera views will be left out: {exc}")
         self._builder = FrameBuilder(self.cameras, self._extrinsics, self._extrinsics_error, self._infos)
+        self._tf_wait_s = values["sync.timeout"]
+        self._tf: Any = None
 
         group = ReentrantCallbackGroup()  # callbacks only store; they may run concurrently
         self.subscriptions = [node.create_subscription(
@@ -141,6 +143,19 @@ class SensorInputs:
                                               clock=Clock(clock_type=ClockType.STEADY_TIME))
         self._jump_handle = self._on_clock_jumps(node)
         self.topics = {"cloud": values["cloud_topic"], **{c.name: c.image_topic for c in cameras}}
+
+    def tf_buffer(self) -> Any:
+        """The node's one tf2 buffer (core.tf.Tf2Extrinsics: T_target_source at a stamp, waiting up to sync.timeout
+        past it; call lookups on the worker thread): the camera extrinsics' own when calibration.source is tf,
+        else one made on the first call (make it in the node's constructor, before the node spins). Raises
+        Tf2Unavailable without tf2_ros."""
+        from sal_ros.core.tf import Tf2Extrinsics, make_extrinsics_source
+
+        if isinstance(self._extrinsics, Tf2Extrinsics):
+            return self._extrinsics
+        if self._tf is None:
+            self._tf = make_extrinsics_source("tf", node=self.node, wait_s=self._tf_wait_s)
+        return self._tf
 
     # ---------------------------------------------------------------------------------- callbacks (store only)
 

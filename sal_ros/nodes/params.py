@@ -144,6 +144,10 @@ RECORDER_PARAMS: list[ParamSpec] = [
               range=(0, 100_000_000)),
     ParamSpec("max_gb", "double", 0.0, "Stop recording when the store reaches this size (GB). 0: no limit.",
               range=(0.0, 100000.0)),
+    ParamSpec("pose_frame", "string", "odom",
+              "Fixed frame of the lidar pose stored with each frame (tf2 pose_frame -> cloud frame at the cloud "
+              "stamp, waiting up to sync.timeout), for Seal's temporal term (sal-ros pretrain, seal.pose_frame). "
+              "A frame without one is recorded anyway, counted as pose_missing in ~/stats. Empty: no poses."),
 ]
 
 

@@ -1,7 +1,9 @@
 """``sal_recorder``: synced lidar + camera frames into a FrameStore directory for the pseudo-label engine.
 
 Each recorded frame holds the cloud (xyz, intensity), every synced camera's image, camera model (from its
-CameraInfo) and lidar->camera transform at the cloud stamp, and the stamps. Frames are appended atomically by
+CameraInfo) and lidar->camera transform at the cloud stamp, the stamps, and the lidar's pose in ``pose_frame``
+(default ``odom``; tf2 at the cloud stamp through the node's one buffer, for Seal's temporal term; a frame without
+one is recorded all the same, the miss counted as ``pose_missing`` in ~/stats and warned). Frames are appended atomically by
 the FrameStore, so a ``kill -9`` loses at most the frame being written, never a completed one; restarting on the
 same ``output_dir`` resumes the store. ``every_nth``, ``max_frames`` and ``max_gb`` bound what is kept.
 
@@ -12,7 +14,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
+
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.types import Frame
 from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import params as P
 from sal_ros.nodes.base import SensorNode
@@ -30,7 +35,9 @@ class RecorderNode(SensorNode):
         self.store = self._open_store()
         self._full = False
         self._stopped = ""  # why recording stopped: "limit" or the error
+        self._tf = None  # the tf2 buffer poses come from; None: no poses (pose_frame empty, or no tf2_ros)
         self.start(Worker("sal_recorder_writer", self._record, self._on_worker_error))
+        self._tf = self._pose_source()
         names = [c.name for c in self.cameras]
         if not names:
             self.get_logger().warning("no cameras configured: frames are recorded lidar-only; "
@@ -49,6 +56,31 @@ class RecorderNode(SensorNode):
             max_bytes=int(v["max_gb"] * 1e9) or None,
         )
 
+    def _pose_source(self) -> Any:
+        if not self.values["pose_frame"]:
+            return None
+        try:
+            return self.inputs.tf_buffer()
+        except ImportError as exc:
+            self.get_logger().error(f"frames are recorded without poses (pose_frame "
+                                    f"{self.values['pose_frame']!r}): {exc}")
+            return None
+
+    def _pose(self, frame: Frame) -> tuple[np.ndarray, str] | None:
+        """(T_fixed_lidar at the cloud stamp, the fixed frame), or None; waits up to sync.timeout for late /tf."""
+        if self._tf is None:
+            return None
+        fixed = self.values["pose_frame"]
+        T = self._tf.lookup(fixed, frame.frame_id, frame.stamp_ns)
+        return None if T is None else (T, fixed)
+
+    def _count_pose_miss(self, frame: Frame) -> None:
+        fixed = self.values["pose_frame"]
+        self.stats.count("pose_missing")
+        why = self._tf.last_error.get((fixed, frame.frame_id), "nothing received")
+        self.get_logger().warning(f"frame {frame.key} recorded without a pose: no transform {fixed} -> "
+                                  f"{frame.frame_id!r} at its stamp ({why})", **throttled())
+
     def _record(self, synced: Any) -> None:
         if self._full:
             self.stats.count("skipped_store_full")
@@ -62,8 +94,9 @@ class RecorderNode(SensorNode):
             self.get_logger().warning(f"dropped a malformed cloud: {exc}", **throttled())
             return
         self.health.left_out(list(decoded.problems))
+        pose = self._pose(decoded.frame)
         try:
-            written = self.store.append(decoded.frame)
+            written = self.store.append(decoded.frame, pose)
         except RuntimeError as exc:  # another process holds the store
             self._full = True
             self._stopped = str(exc)
@@ -80,6 +113,8 @@ class RecorderNode(SensorNode):
                                       "recording stops")
             return
         self.stats.count("recorded")
+        if pose is None and self._tf is not None:
+            self._count_pose_miss(decoded.frame)
         self.stats.time("write", (time.perf_counter() - t0) * 1e3)
         self.health.processed()
 

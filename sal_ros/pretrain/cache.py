@@ -27,6 +27,7 @@ import numpy as np
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import atomic_write
+from sal_ros.data.datasets import semantickitti_poses
 from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
 from sal_ros.pseudolabel.masks import flatten_masks, label_image
 
@@ -253,8 +254,9 @@ def build_cache_ray(source, keys: list[str], folder: str | Path, spec: dict, set
 
 def frame_poses(source, pose_frame: str) -> tuple[dict[str, np.ndarray], str | None]:
     """Lidar-to-world pose per frame key of a FrameSource, for Seal's temporal term: SemanticKITTI's poses.txt, a
-    bag's /tf in ``pose_frame`` at each cloud stamp. Returns (poses, None) or (the poses found, why others have
-    none): a missing pose is said, never skipped silently."""
+    bag's /tf in ``pose_frame`` at each cloud stamp, the poses a FrameStore's recorder stored in ``pose_frame``.
+    Returns (poses, None) or (the poses found, why others have none): a missing pose is said, never skipped
+    silently."""
     if source.kind == "semantickitti":
         poses = semantickitti_poses(source.path)
         return poses, None if poses else "no poses.txt in the sequence folder"
@@ -262,36 +264,12 @@ def frame_poses(source, pose_frame: str) -> tuple[dict[str, np.ndarray], str | N
         from sal_ros.data.bag import bag_poses
 
         return bag_poses(source.path, pose_frame)
-    return {}, f"{source.kind} frames carry no poses (only SemanticKITTI's poses.txt and a bag's /tf do)"
+    if source.kind == "framestore":
+        from sal_ros.data.framestore import framestore_poses
 
-
-def semantickitti_poses(seq_dir: str | Path) -> dict[str, np.ndarray]:
-    """Lidar-to-world pose per frame key of a SemanticKITTI sequence (``inv(Tr) @ pose_cam0 @ Tr``), {} without
-    poses.txt."""
-    seq_dir = Path(seq_dir)
-    path = seq_dir / "poses.txt"
-    if not path.exists():
-        return {}
-    tr = _read_tr(seq_dir / "calib.txt")
-    poses = np.loadtxt(path, dtype=np.float64, ndmin=2).reshape(-1, 3, 4)
-    out = {}
-    names = sorted(p.stem for p in (seq_dir / "velodyne").glob("*.bin"))
-    for name in names:
-        i = int(name)
-        if i < len(poses):
-            pose = np.eye(4)
-            pose[:3] = poses[i]
-            out[f"{seq_dir.name}_{name}"] = np.linalg.inv(tr) @ pose @ tr
-    return out
-
-
-def _read_tr(calib: Path) -> np.ndarray:
-    for line in calib.read_text().splitlines():
-        if line.startswith("Tr:"):
-            tr = np.eye(4)
-            tr[:3] = np.array(line.split()[1:], np.float64).reshape(3, 4)
-            return tr
-    raise SensorDataError(f"{calib}: no Tr line")
+        return framestore_poses(source.path, pose_frame)
+    return {}, (f"{source.kind} frames carry no poses (only SemanticKITTI's poses.txt, a bag's /tf and a "
+                "recorder's FrameStore do)")
 
 
 __all__ = ["build_cache", "build_cache_ray", "cache_tools", "CacheTools", "load_entry", "load_meta", "cache_path",
