@@ -35,6 +35,9 @@ _DATATYPE_OF = {dt: code for code, dt in DATATYPES.items()}
 
 XYZ = ("x", "y", "z")
 _XYZ_RECORD = np.dtype("V12")  # x y z as one 12-byte record: one copy per point instead of three strided floats
+# Points per block when copying fields between a cloud and columns: a 16k-point block (512 KB at 32 B a point)
+# stays in the L2 cache while every field is copied; whole-column passes over a 3.8 MB cloud ran 1.6-1.8x slower.
+PACK_CHUNK = 16_384
 # The per-point return strength is "intensity" in every common driver; converted KITTI data may say "reflectance".
 INTENSITY_FIELDS = ("intensity", "reflectance")
 
@@ -154,18 +157,37 @@ def read_fields(msg: Any, names: list[str] | tuple[str, ...] | None = None) -> d
 
 def read_xyz(msg: Any) -> np.ndarray:
     """``(N, 3)`` float32 contiguous x, y, z (NaN/inf points kept; see :func:`finite_mask`)."""
-    fields = read_fields(msg, XYZ)
-    for name in XYZ:
-        if fields[name].ndim != 1:
-            raise MalformedMessageError(f"PointCloud2 field {name!r} has count {fields[name].shape[1]}, expected 1")
+    return _read_float32(msg, read_fields(msg, XYZ), None)[0]
+
+
+def _read_float32(msg: Any, fields: dict[str, np.ndarray], name: str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Contiguous float32 copies of x y z ``(N, 3)`` and of field ``name`` ``(N,)`` (None without a name), copied
+    block by block: the second copy reads the block the first one brought into cache (one pass over the cloud)."""
+    for c in XYZ:
+        if fields[c].ndim != 1:
+            raise MalformedMessageError(f"PointCloud2 field {c!r} has count {fields[c].shape[1]}, expected 1")
+    n = fields["x"].shape[0]
+    xyz = np.empty((n, 3), np.float32)
     records = _xyz_records(msg, fields)
     if records is not None:
-        return records.copy().view(np.float32).reshape(-1, 3)
-    xyz = np.empty((fields["x"].shape[0], 3), np.float32)
-    with np.errstate(over="ignore"):  # float64 coordinates beyond float32 range become inf, like NaN points
-        for i, name in enumerate(XYZ):
-            xyz[:, i] = fields[name]
-    return xyz
+        pairs = [(xyz.view(_XYZ_RECORD).reshape(n), records)]
+    else:
+        pairs = [(xyz[:, i], fields[c]) for i, c in enumerate(XYZ)]
+    extra = None if name is None else np.empty(n, np.float32)
+    if extra is not None:
+        pairs.append((extra, fields[name]))
+    with np.errstate(over="ignore"):  # float64 values beyond float32 range become inf, like NaN points
+        _copy_blocks(pairs, n)
+    return xyz, extra
+
+
+def _copy_blocks(pairs: list[tuple[np.ndarray, np.ndarray]], n: int) -> None:
+    """``dst[:] = src`` for every pair, :data:`PACK_CHUNK` points at a time: each block of a multi-MB cloud stays in
+    the L2 cache while every pair reads or writes it, instead of one pass over the whole cloud per pair."""
+    for lo in range(0, n, PACK_CHUNK):
+        hi = lo + PACK_CHUNK
+        for dst, src in pairs:
+            dst[lo:hi] = src[lo:hi]
 
 
 def _xyz_records(msg: Any, fields: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -194,11 +216,10 @@ def read_xyz_intensity(msg: Any) -> tuple[np.ndarray, np.ndarray | None]:
     """``(N, 3)`` float32 xyz and ``(N,)`` float32 intensity (None when the cloud has no usable intensity field:
     none, or one with ``count != 1``, which :func:`intensity_problem` names). Intensity is optional, so an odd
     one never costs the cloud."""
-    xyz = read_xyz(msg)
     name = intensity_field(msg)
-    if name is None or intensity_problem(msg):
-        return xyz, None
-    return xyz, np.array(read_fields(msg, (name,))[name], np.float32)
+    usable = name is not None and not intensity_problem(msg)
+    fields = read_fields(msg, XYZ + ((name,) if usable else ()))  # one validated view for both
+    return _read_float32(msg, fields, name if usable else None)
 
 
 def intensity_problem(msg: Any) -> str | None:
@@ -217,9 +238,6 @@ def finite_mask(xyz: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------- encoding
 
-# Points packed per pass: every field is written into one block of 16k points (512 KB at 32 B a point) while it
-# stays in the L2 cache; whole-column passes over a 3.8 MB cloud ran 1.8x slower (docs/performance.md).
-PACK_CHUNK = 16_384
 
 
 def encode_cloud(
@@ -323,10 +341,7 @@ def _pack(raw: np.ndarray, dtype: np.dtype, columns: dict[str, np.ndarray], xyz:
     if as_records:  # _packed_layout puts x y z side by side, 4-byte aligned
         records = np.ndarray((n,), _XYZ_RECORD, buffer=raw, offset=dtype.fields["x"][1], strides=(dtype.itemsize,))
         pairs.append((records, xyz.view(_XYZ_RECORD).reshape(n)))
-    for lo in range(0, n, PACK_CHUNK):
-        hi = lo + PACK_CHUNK
-        for field, values in pairs:
-            field[lo:hi] = values[lo:hi]
+    _copy_blocks(pairs, n)
 
 
 def _all_finite(columns: dict[str, np.ndarray], xyz: np.ndarray | None) -> bool:
