@@ -80,6 +80,8 @@ def test_positions_from_per_axis_tables_are_the_positions_of_the_centres():
     coords = torch.randint(-1500, 1500, (4000, 3), dtype=torch.int32) * 4  # a stride-4 level, metres up to 300
     centres = (coords.float() + 2) * 0.05
     torch.testing.assert_close(positions.of_cells(coords, 2, 0.05), positions(centres), rtol=0, atol=1e-5)
+    bias = torch.randn(24)  # a caller's bias (the mask features' linear) is added once per voxel
+    torch.testing.assert_close(positions.of_cells(coords, 2, 0.05, bias), positions(centres) + bias, rtol=0, atol=1e-5)
     grads = []
     for features in (lambda: positions.of_cells(coords, 2, 0.05), lambda: positions(centres)):
         positions.zero_grad()

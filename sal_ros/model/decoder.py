@@ -62,8 +62,9 @@ class FourierPositions(nn.Module):
         angles = (xyz[:, :, None] * self.freqs.to(xyz.dtype)).flatten(1)  # (N, 3F)
         return self.proj(torch.cat([angles.sin(), angles.cos()], dim=1))
 
-    def of_cells(self, coords: Tensor, offset: float, voxel_size: float) -> Tensor:
-        """``forward`` of the centres ``(coords + offset) * voxel_size`` of integer voxel coords ``(N, 3)``, float32.
+    def of_cells(self, coords: Tensor, offset: float, voxel_size: float, bias: Tensor | None = None) -> Tensor:
+        """``forward`` of the centres ``(coords + offset) * voxel_size`` of integer voxel coords ``(N, 3)``, float32,
+        plus ``bias`` (a caller's own bias, folded in here for free).
 
         The projection is linear, so it splits into one table per axis: the projected sin/cos of each cell index
         along that axis (a scan spans a few thousand, not ~10^5 voxels), summed per voxel by one embedding_bag.
@@ -78,10 +79,11 @@ class FourierPositions(nn.Module):
             angles = ((cells.float() + offset) * voxel_size)[:, :, None] * self.freqs  # (R, 3, F)
             # proj's inputs are [sin x, sin y, sin z, cos x, cos y, cos z], F each
             weight = self.proj.weight.float().view(-1, 2, coords.shape[1], len(self.freqs))
-            tables = torch.cat([angles[:, a].sin() @ weight[:, 0, a].T + angles[:, a].cos() @ weight[:, 1, a].T
-                                for a in range(coords.shape[1])])  # (3R, dim)
+            tables = [angles[:, a].sin() @ weight[:, 0, a].T + angles[:, a].cos() @ weight[:, 1, a].T
+                      for a in range(coords.shape[1])]  # (R, dim) each
+            tables[0] = tables[0] + self.proj.bias.float() + (0.0 if bias is None else bias.float())  # once per voxel
             axis_offsets = torch.arange(coords.shape[1], device=coords.device) * span
-            return F.embedding_bag(rows + axis_offsets, tables, mode="sum") + self.proj.bias.float()
+            return F.embedding_bag(rows + axis_offsets, torch.cat(tables), mode="sum")
 
 
 class Attention(nn.Module):
@@ -173,8 +175,10 @@ class QueryDecoder(nn.Module):
         cfg = self.cfg
         fine = feats[1]
         fine_split = batch_splits(fine, batch_size)
-        mask_feats = (self.mask_features(fine.feats) + self.mask_positions.of_cells(
-            fine.coords[:, 1:], 0.5, cfg.voxel_size).to(fine.feats.dtype)).split(fine_split)
+        # mask_features(fine.feats) + positions in one addmm, the linear's bias inside the positions' tables
+        positions = self.mask_positions.of_cells(fine.coords[:, 1:], 0.5, cfg.voxel_size, self.mask_features.bias)
+        mask_feats = torch.addmm(positions.to(fine.feats.dtype), fine.feats,
+                                 self.mask_features.weight.T).split(fine_split)
         levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
         q = self.query_feat.weight[None].expand(batch_size, -1, -1)
         qpos = self.query_pos.weight[None].expand(batch_size, -1, -1)
