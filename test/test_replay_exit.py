@@ -36,10 +36,11 @@ def test_replay_exits_zero_after_the_bag(kitti_bag):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, out + err
     assert "terminate called" not in err
-    # 2 clouds + 2 images + 2 camera infos, + the /tf_static message where tf2_msgs imports (it is skipped elsewhere)
+    # 2 clouds + 2 images + 2 camera infos, + where tf2_msgs imports (skipped elsewhere) the /tf_static message and
+    # the 2 /tf messages of the sequence's motion (poses.txt)
     from sal_ros.tools.replay import message_class
 
-    expected = 6 + (message_class("tf2_msgs/msg/TFMessage") is not None)
+    expected = 6 + 3 * (message_class("tf2_msgs/msg/TFMessage") is not None)
     assert f"published {expected} messages" in err
     assert "no subscriber on" in err and "playing anyway" in err  # nothing listened during the 0.5 s wait
 
