@@ -386,7 +386,7 @@ def class_names_of(vocabulary: Any) -> Sequence[str]:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
-        return [round(float(v), 4) for v in value.reshape(-1)] if value.dtype.kind == "f" else value.tolist()
+        return [round(v, 4) for v in value.reshape(-1).tolist()] if value.dtype.kind == "f" else value.tolist()
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, np.generic):
