@@ -11,7 +11,6 @@ the class names, even if the vocabulary changed mid-recording.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 from typing import Any, Sequence
 
@@ -103,9 +102,11 @@ class MarkerPool:
     def __init__(self) -> None:
         self.pairs: list[tuple[Any, Any]] = []
 
-    def take(self, count: int, make: Any) -> list[tuple[Any, Any]]:
-        while len(self.pairs) < count:
-            self.pairs.append(make())
+    def take(self, count: int, templates: Any) -> list[tuple[Any, Any]]:
+        """``count`` (box, text) pairs; new ones are copied from ``templates()``, called only when needed."""
+        if len(self.pairs) < count:
+            box, text = templates()
+            self.pairs += [_marker_pair(box, text) for _ in range(count - len(self.pairs))]
         return self.pairs[:count]
 
 
@@ -139,8 +140,7 @@ def instance_markers(
     edges = corners[:, BOX_EDGES.reshape(-1)].tolist()  # python floats: no numpy scalars in the messages
     tops = corners[:, 4:].mean(axis=1)
     tops[:, 2] += 0.4
-    make = functools.partial(_marker_pair, *_marker_templates(header, Marker, ColorRGBA))
-    pairs = (pool or MarkerPool()).take(len(shown), make)
+    pairs = (pool or MarkerPool()).take(len(shown), lambda: _marker_templates(header, Marker, ColorRGBA))
     for (box, text), inst, ends, top in zip(pairs, shown, edges, tops.tolist()):
         rgb = track_color(inst.instance_id) if tracked else palette[inst.label if inst.label < len(palette) else 0]
         box.header = text.header = header
