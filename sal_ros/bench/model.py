@@ -8,6 +8,9 @@ issue 17). ``speedup_vs_fp32`` is the ratio of their median totals; ``parity`` c
 instance differ between the two. Weights are random (timings do not depend on them); the vocabulary is the 19
 SemanticKITTI classes from the tiny text encoder.
 
+Backbone (``backbone``): MinkUNet alone, fused inference against the modules one by one, same dtype, interleaved;
+``submanifold_map``: the stride-1 3x3x3 kernel map walked along z columns against the searched one.
+
 Convolutions: one 3x3x3 submanifold layer of the stem's width on the scan's voxels inside a crop small enough for a
 dense grid, through sal_ros.model.sparse.Conv3d and through F.conv3d with the same weights (time and the largest
 absolute difference at the active voxels); and MinkUNet's 2x2x2 stride-2 downsampling conv on the whole scan, its
@@ -71,18 +74,23 @@ def main(args: argparse.Namespace) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     result = {"bench": "model", "scan": str(args.scan), "points": len(scan), "threads": threads,
-              "repeats": args.repeats, "environment": environment(), "models": {}, "conv": {}, "strided_conv": {}}
+              "repeats": args.repeats, "environment": environment(), "models": {}, "backbone": {}, "conv": {},
+              "strided_conv": {}, "submanifold_map": {}}
     for device in devices:
         if device == "cuda":
             result["gpu"] = torch.cuda.get_device_name(0)
-        result["models"][device] = {}
+        result["models"][device], result["backbone"][device] = {}, {}
         for name in presets:
             overrides = {"voxel_size": args.voxel_size} if args.voxel_size else {}
-            row = bench_preset(ModelConfig.preset(name, **overrides), scan, device, args.repeats,
-                               reference=not args.no_reference)
+            config = ModelConfig.preset(name, **overrides)
+            row = bench_preset(config, scan, device, args.repeats, reference=not args.no_reference)
             result["models"][device][name] = row
             print(f"{device} {name}: {row['median_ms']} speedup_vs_fp32 {row.get('speedup_vs_fp32')}",
                   file=sys.stderr)
+            if config.backbone == "minkunet":
+                result["backbone"][device][name] = bench_backbone(config, scan, device, max(args.repeats, 3))
+        result["submanifold_map"][device] = bench_submanifold_map(scan, device, ModelConfig().voxel_size,
+                                                                  max(args.repeats, 3))
         result["conv"][device] = bench_conv(scan, device, tuple(args.conv_crop), args.conv_channels,
                                             ModelConfig().voxel_size, max(args.repeats, 3))
         result["strided_conv"][device] = bench_strided_conv(scan, device, ModelConfig().voxel_size,
@@ -122,6 +130,7 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
     def run(path: str):
         segmenter, pooled = paths[path]
         model.decoder.pooled_masks = pooled
+        model.backbone.fused_inference = pooled  # the reference runs the backbone module by module, searched maps
         t0 = time.perf_counter()
         seg = segmenter.segment(points, intensity)
         return seg, {**seg.timings_ms, "total": (time.perf_counter() - t0) * 1e3}
@@ -135,7 +144,7 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
                 for stage, ms in timings.items():
                     stages[path].setdefault(stage, []).append(ms)
     finally:
-        model.decoder.pooled_masks = True
+        model.decoder.pooled_masks = model.backbone.fused_inference = True
     with torch.inference_mode():
         voxels = model.prepare(torch.from_numpy(points).to(device)).num_voxels[0]
     params = model.num_parameters()
@@ -147,6 +156,71 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
         row["speedup_vs_fp32"] = round(float(np.median(stages["fp32"]["total"]) / np.median(stages["fast"]["total"])), 2)
         row["parity"] = parity(outputs["fp32"], outputs["fast"])
     return row
+
+
+def bench_backbone(config, scan: np.ndarray, device: str, repeats: int) -> dict:
+    """MinkUNet alone in the Segmenter's compute dtype: fused inference (BatchNorm folded, float32 epilogues, walked
+    kernel maps) against the modules one by one on searched maps, interleaved call by call, this thread's CPU time
+    (a busy machine inflates it less than wall time); and the largest difference relative to each level's range."""
+    import torch
+
+    from sal_ros.model.runtime import cpu_bf16
+    from sal_ros.model.sal import SALModel
+    from sal_ros.model.sparse import SparseTensor
+
+    torch.manual_seed(0)
+    model = SALModel(config).to(device).eval()
+    amp = device == "cuda" or cpu_bf16(config)
+    with torch.inference_mode():
+        voxels = model.prepare(torch.from_numpy(np.ascontiguousarray(scan[:, :3])).to(device),
+                               torch.from_numpy(np.ascontiguousarray(scan[:, 3])).to(device)).voxels
+
+    def run(fused: bool):
+        model.backbone.fused_inference = fused
+        with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=amp):
+            out = model.backbone(SparseTensor(voxels.feats, voxels.coords, 1))  # fresh cache: maps built too
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    try:
+        fused, modules = run(True), run(False)
+        diff = max(float((fused[s].feats.float() - modules[s].feats.float()).abs().max()
+                         / modules[s].feats.float().abs().max().clamp(min=1e-12)) for s in modules)
+        del fused, modules
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(repeats):
+            for path in times:
+                times[path].append(median_ms(lambda: run(path), 1, warmup=0, clock=time.thread_time_ns))
+    finally:
+        model.backbone.fused_inference = True
+    fused_ms, modules_ms = float(np.median(times[True])), float(np.median(times[False]))
+    return {"bf16": amp, "voxels": len(voxels), "fused_ms": round(fused_ms, 1), "modules_ms": round(modules_ms, 1),
+            "fused_speedup": round(modules_ms / fused_ms, 3), "max_rel_diff": float(f"{diff:.3g}"),
+            "clock": "thread CPU time"}
+
+
+def bench_submanifold_map(scan: np.ndarray, device: str, voxel_size: float, repeats: int) -> dict:
+    """The 3x3x3 submanifold kernel map on the whole scan's stride-1 voxels, walked along z columns (what Conv3d
+    does) against the searched one, same run, and whether their pairs are identical."""
+    import torch
+
+    from sal_ros.model.sparse import build_kernel_map, kernel_offsets, voxelize
+
+    pts = torch.from_numpy(np.ascontiguousarray(scan[:, :3])).to(device)
+    x, _ = voxelize(pts, None, voxel_size, pts)
+    offsets = kernel_offsets(3, x.device)
+
+    def build(walk: bool):
+        return build_kernel_map(x.coords, x.coords, offsets, True, walk_columns=walk)
+
+    with torch.inference_mode():
+        a, b = build(True), build(False)
+        same = all(torch.equal(i, j) and torch.equal(o, p) for i, o, j, p in zip(a.in_idx, a.out_idx, b.in_idx, b.out_idx))
+        walked = median_ms(lambda: build(True), repeats, warmup=1, clock=time.thread_time_ns)
+        searched = median_ms(lambda: build(False), repeats, warmup=1, clock=time.thread_time_ns)
+    return {"voxels": len(x), "pairs": sum(len(i) for i in a.in_idx) + len(x), "walked_ms": round(walked, 2),
+            "searched_ms": round(searched, 2), "map_speedup": round(searched / walked, 2), "maps_identical": same}
 
 
 def parity(reference, fast) -> dict:

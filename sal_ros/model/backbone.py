@@ -8,9 +8,10 @@ decoder can cross-attend to several scales and predict masks on the stride-1 fea
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, Optional
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from sal_ros.core.settings import known_settings
 from sal_ros.model.sparse import Conv3d, SparseTensor, cat_feats
@@ -161,10 +162,18 @@ def _blocks(cin: int, cout: int, n: int) -> nn.Sequential:
 
 
 class MinkUNet(nn.Module):
-    """Returns ``{stride: SparseTensor}`` for strides 16 (bottleneck) and 8, 4, 2, 1 (decoder outputs)."""
+    """Returns ``{stride: SparseTensor}`` for strides 16 (bottleneck) and 8, 4, 2, 1 (decoder outputs).
+
+    ``fused_inference`` (default on): in eval mode without autograd, every BatchNorm is folded into the conv
+    before it (folded weights kept until a parameter or running statistic changes), ReLU and residual sums run in
+    place, and features stay in the compute dtype (autocast's, else the input's) from layer to layer; convs use
+    ``sparse_conv_inference``; submanifold kernel maps are walked along z (exact, also in training). Off, the
+    modules run one by one on searched maps (the reference path of ``sal-ros bench model``), as when training."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.fused_inference = True
+        self._folded: dict[int, tuple[tuple, Tensor, Optional[Tensor]]] = {}
         self.stem = nn.Sequential(conv_bn_relu(cfg.in_channels, cfg.stem_width), conv_bn_relu(cfg.stem_width, cfg.stem_width))
         self.down = nn.ModuleList()
         cin = cfg.stem_width
@@ -183,6 +192,10 @@ class MinkUNet(nn.Module):
         self.out_widths = {16: cfg.widths[-1], **{s: w for s, w in zip((8, 4, 2, 1), cfg.decoder_widths)}}
 
     def forward(self, x: SparseTensor) -> dict[int, SparseTensor]:
+        x.cache.walk_columns = self.fused_inference
+        if self.fused_inference and not self.training and not torch.is_grad_enabled() \
+                and not self.stem[0][0]._uses_torchsparse(x):
+            return self._forward_fused(x)
         skips = [self.stem(x)]
         for stage in self.down:
             skips.append(stage(skips[-1]))
@@ -192,6 +205,53 @@ class MinkUNet(nn.Module):
             y = blocks(cat_feats(up(y), skips[-2 - i]))
             out[y.stride] = y
         return out
+
+
+    # -------------------------------------------------------------------------------- fused inference
+    def _forward_fused(self, x: SparseTensor) -> dict[int, SparseTensor]:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.feats.dtype
+        with torch.autocast(device, enabled=False):
+            y = x.replace_feats(x.feats.to(dtype))
+            for layer in self.stem:
+                y = self._conv_bn(layer, y, relu=True)
+            skips = [y]
+            for down, blocks in self.down:
+                y = self._blocks(blocks, self._conv_bn(down, y, relu=True))
+                skips.append(y)
+            out = {16: y}
+            for i, (up, blocks) in enumerate(zip(self.up_conv, self.up_blocks)):
+                y = self._blocks(blocks, cat_feats(self._conv_bn(up, y, relu=True), skips[-2 - i]))
+                out[y.stride] = y
+        return out
+
+    def _blocks(self, blocks: nn.Sequential, x: SparseTensor) -> SparseTensor:
+        for block in blocks:
+            shortcut = x.feats if isinstance(block.shortcut, nn.Identity) else \
+                self._conv_bn(block.shortcut, x, relu=False).feats
+            y = self._conv_bn(block.body[0:3], x, relu=True)
+            x = self._conv_bn(block.body[3:5], y, relu=True, residual=shortcut)
+        return x
+
+    def _conv_bn(self, layers: nn.Sequential, x: SparseTensor, relu: bool, residual=None) -> SparseTensor:
+        """``Conv3d, BatchNorm[, + residual][, ReLU]`` as one conv with the norm folded into its weight and bias."""
+        conv = layers[0]
+        weight, bias = self._folded_weights(conv, layers[1], x.feats.dtype)
+        return conv.forward_inference(x, weight, bias, residual, relu)
+
+    def _folded_weights(self, conv: Conv3d, bn: nn.BatchNorm1d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        tensors = (conv.kernel, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = (dtype,) + tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+        cached = self._folded.get(id(conv))
+        if cached is None or cached[0] != key:
+            exact = torch.promote_types(conv.kernel.dtype, torch.float32)  # fold in float32 at least
+            scale = bn.weight.to(exact) * torch.rsqrt(bn.running_var.to(exact) + bn.eps)
+            shift = bn.bias.to(exact) - bn.running_mean.to(exact) * scale
+            if conv.bias is not None:
+                shift = shift + conv.bias.to(exact) * scale
+            weight = (conv.kernel.to(exact) * scale).to(dtype)
+            cached = self._folded[id(conv)] = (key, weight, shift.to(dtype))
+        return cached[1], cached[2]
 
 
 def count_parameters(module: nn.Module) -> int:

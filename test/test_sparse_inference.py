@@ -1,0 +1,147 @@
+"""Inference fast paths of the sparse backbone (issue 17) against the autograd path they replace: the walked
+kernel map equals the searched one, sparse_conv_inference equals Conv3d for every kind of conv (float64, 1e-9), and the
+fused MinkUNet (BatchNorm folded, epilogues in place) equals the module-by-module forward."""
+import pytest
+import torch
+
+import sal_ros.model.sparse as sparse
+from sal_ros.model.backbone import MinkUNet, ModelConfig
+from sal_ros.model.sparse import Conv3d, SparseTensor, build_kernel_map, kernel_offsets, sparse_conv_inference
+
+TOL = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, as the node runs: two threads on a loaded 2-core machine made these tests 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_voxels(n_side, channels, stride=1, density=0.3, seed=0, batch=2):
+    g = torch.Generator().manual_seed(seed)
+    idx = (torch.rand(batch, n_side, n_side, n_side, generator=g) < density).nonzero()
+    coords = idx.clone()
+    coords[:, 1:] = idx[:, 1:] * stride - 3 * stride  # negative coordinates too
+    return SparseTensor(torch.randn(len(idx), channels, generator=g, dtype=torch.float64), coords.int(), stride)
+
+
+def same_map(a, b):
+    return all(torch.equal(i, j) and torch.equal(o, p) for i, o, j, p in zip(a.in_idx, a.out_idx, b.in_idx, b.out_idx))
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (3, 4), (5, 2)])
+def test_walked_map_equals_searched(monkeypatch, k, stride):
+    x = random_voxels(7, 1, stride=stride, seed=k + stride)
+    offsets = kernel_offsets(k) * stride
+    assert sparse._columns_walkable(x.coords.long(), offsets)
+    walked = build_kernel_map(x.coords, x.coords, offsets, submanifold=True)
+    monkeypatch.setattr(sparse, "_columns_walkable", lambda *a: False)
+    searched = build_kernel_map(x.coords, x.coords, offsets, submanifold=True)
+    assert same_map(walked, searched) and walked.identity == searched.identity
+
+
+def test_unaligned_z_is_searched():
+    """Coordinates that do not share a residue modulo the z step (dilation 2 on stride-1 voxels) cannot be
+    walked: a voxel may lie between two steps."""
+    x = random_voxels(6, 1, seed=3)
+    assert not sparse._columns_walkable(x.coords.long(), kernel_offsets(3) * 2)
+
+
+def reference(conv, x, bias, residual, relu):
+    with torch.no_grad():
+        out = conv(x)
+        feats = out.feats + bias + (0 if residual is None else residual)
+    return out, feats.relu() if relu else feats
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_submanifold_matches_conv(relu):
+    torch.manual_seed(0)
+    x = random_voxels(6, 4, seed=1)
+    conv = Conv3d(4, 5, 3, backend="torch").double()
+    bias, residual = torch.randn(5, dtype=torch.float64), torch.randn(len(x), 5, dtype=torch.float64)
+    out, ref = reference(conv, x, bias, residual, relu)
+    kmap = x.cache.kmaps[(1, 3, 1, 1)]
+    got = sparse_conv_inference(x.feats, conv.kernel.detach(), kmap, bias, residual.clone(), relu)
+    assert (got - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("kind", ["strided", "transposed", "pointwise", "strided3"])
+def test_other_convs_match_conv(kind):
+    torch.manual_seed(0)
+    x = random_voxels(6, 3, seed=2)
+    if kind == "transposed":
+        x = Conv3d(3, 3, 2, 2, backend="torch").double()(x)  # coarse voxels; the map comes from the parents
+        conv = Conv3d(3, 4, 2, 2, transposed=True, backend="torch").double()
+    else:
+        k, s = {"strided": (2, 2), "pointwise": (1, 1), "strided3": (3, 2)}[kind]
+        conv = Conv3d(3, 4, k, s, backend="torch").double()
+    bias = torch.randn(4, dtype=torch.float64)
+    out, ref = reference(conv, x, bias, None, True)
+    fresh = SparseTensor(x.feats, x.coords, x.stride, x.cache)
+    got = conv.forward_inference(fresh, conv.kernel.detach(), bias, relu=True)
+    assert got.coords is out.coords and got.stride == out.stride
+    assert (got.feats - ref).abs().max() <= TOL
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    net = MinkUNet(ModelConfig.preset("tiny", in_channels=4)).double().eval()
+    for m in net.modules():  # running statistics and affine terms away from the identity
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net
+
+
+def unet_input(dtype=torch.float64):
+    x = random_voxels(16, 4, density=0.2, seed=5)
+    return lambda: SparseTensor(x.feats.to(dtype), x.coords, 1)
+
+
+def run(net, x, fused):
+    net.fused_inference = fused
+    with torch.no_grad():
+        return {s: t.feats for s, t in net(x()).items()}
+
+
+def test_fused_unet_matches_modules():
+    net, x = tiny_unet(), unet_input()
+    ref, got = run(net, x, False), run(net, x, True)
+    assert ref.keys() == got.keys()
+    for s in ref:
+        assert (got[s] - ref[s]).abs().max() <= TOL * max(1.0, float(ref[s].abs().max()))
+    # Folded weights follow a changed statistic (load_state_dict, a training step) instead of going stale.
+    net.stem[0][1].running_mean.add_(0.5)
+    ref, got = run(net, x, False), run(net, x, True)
+    assert (got[1] - ref[1]).abs().max() <= TOL * float(ref[1].abs().max())
+
+
+def test_training_and_autograd_use_the_modules():
+    net, x = tiny_unet(), unet_input()
+    net.train()
+    out = net(x())
+    out[1].feats.sum().backward()  # the fused path has no backward; training never reaches it
+    assert net.stem[0][0].kernel.grad is not None
+    net.eval()
+    with torch.enable_grad():
+        assert net(x())[1].feats.requires_grad
+
+
+def test_bfloat16_fused_unet_stays_close_to_float32():
+    """Under bfloat16 autocast the fused path (bfloat16 features between layers) stays within a few percent of
+    the float32 module path (relative to each level's largest feature)."""
+    net = tiny_unet().float()
+    x = unet_input(torch.float32)
+    ref = run(net, x, False)
+    net.fused_inference = True
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = {s: t.feats for s, t in net(x()).items()}
+    for s in ref:
+        assert got[s].dtype == torch.bfloat16
+        assert float((got[s].float() - ref[s]).abs().max() / ref[s].abs().max()) < 0.05
