@@ -255,12 +255,34 @@ def test_losses_fall_when_features_agree():
     assert float(point_to_segment(f, seg, segment_mean(f, seg, 2))) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_rarity_weights_keep_rare_teacher_content_from_drowning():
+    """One-hot teacher, 990 pairs of one class and 10 of another, the student wrong only on the rare ten: the plain
+    per-pair mean barely sees it; power 1 gives both classes the same total weight, so it counts half the loss."""
+    import torch.nn.functional as F
+
+    from sal_ros.pretrain.losses import rarity_weights, scalr_loss
+
+    targets = torch.zeros(1000, 4)
+    targets[:990, 1] = 1.0
+    targets[990:, 2] = 1.0
+    w = rarity_weights(targets, 1.0)
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert float(w[990:].sum()) == pytest.approx(float(w[:990].sum()), rel=1e-4)
+    assert torch.allclose(rarity_weights(targets, 0.0), torch.ones(1000))
+    assert float(rarity_weights(targets, 0.5)[995] / rarity_weights(targets, 0.5)[0]) == pytest.approx(99 ** 0.5, rel=1e-3)
+    feats = targets.clone()
+    feats[990:] = F.normalize(torch.tensor([0.0, 1.0, 0.0, 0.0]), dim=0)  # the rare ones taken for the common class
+    assert float(scalr_loss(feats, targets)) == pytest.approx(0.01 * 2 ** 0.5, rel=1e-4)
+    assert float(scalr_loss(feats, targets, w)) == pytest.approx(0.5 * 2 ** 0.5, rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------ pretrain CLI
 @pytest.mark.parametrize("objective", ["scalr", "seal"])
 def test_pretrain_stop_and_resume_equals_uninterrupted(seq, tmp_path, objective):
     from sal_ros.train.trainer import read_metrics
 
-    full = _config(tmp_path, seq, "full", objective)
+    balance = {"pair_balance": 1.0} if objective == "scalr" else {}  # the weighted ScaLR path resumes exactly too
+    full = _config(tmp_path, seq, "full", objective, **balance)
     assert cli_main(["pretrain", "--config", str(full), "--no-progress"]) == 0
     run = tmp_path / "full"
     assert {"backbone_last.pt", "backbone_step0000002.pt", "pretrain_state.pt", "metrics.jsonl", "curves.png"} <= \
@@ -273,7 +295,7 @@ def test_pretrain_stop_and_resume_equals_uninterrupted(seq, tmp_path, objective)
         assert any(r["loss_temporal"] > 0 for r in recs)  # scan 0 pairs with scan 1 through the poses
     assert cli_main(["pretrain", "--config", str(full), "--no-progress"]) == 1  # a run is there: refused
 
-    part = _config(tmp_path, seq, "part", objective)
+    part = _config(tmp_path, seq, "part", objective, **balance)
     assert cli_main(["pretrain", "--config", str(part), "--stop-at", "2", "--no-progress"]) == 0
     assert cli_main(["pretrain", "--config", str(part), "--resume", "--no-progress"]) == 0
     a, b = _weights(run / "backbone_last.pt"), _weights(tmp_path / "part" / "backbone_last.pt")
@@ -304,11 +326,29 @@ def test_linear_probe_separates_informative_features():
     rng = np.random.default_rng(0)
     y = rng.integers(1, 4, 3000)
     informative = np.eye(4)[y][:, 1:] + 0.1 * rng.normal(size=(3000, 3))
-    predict, _ = linear_probe(informative, y, 3, 200, 0.05, 0)
+    predict, _ = linear_probe(informative, y, 3, 200, 1e-4, 0)
     assert (predict(informative) == y).mean() > 0.99
     noise = rng.normal(size=(3000, 3))
-    predict, _ = linear_probe(noise, y, 3, 200, 0.05, 0)
+    predict, _ = linear_probe(noise, y, 3, 200, 1e-4, 0)
     assert (predict(noise) == y).mean() < 0.5
+
+
+def test_linear_probe_is_solved_to_convergence_and_learns_a_rare_class():
+    """A class of 20 points among 4000: the converged probe finds it, and two seeds reach the same optimum (the
+    problem is convex: the probe is solved, not stopped at a step count); the L2 is chosen on held-out points."""
+    from sal_ros.eval.probe import L2_GRID, linear_probe, select_l2
+
+    rng = np.random.default_rng(1)
+    y = np.where(np.arange(4000) < 20, 3, rng.integers(1, 3, 4000))
+    x = rng.normal(size=(4000, 6)) + np.eye(6)[y] * 3.0
+    recall, losses = [], []
+    for seed in (0, 1):
+        predict, loss = linear_probe(x, y, 3, 1000, 1e-5, seed)
+        recall.append((predict(x[y == 3]) == 3).mean())
+        losses.append(loss)
+    assert min(recall) > 0.8 and losses[0] == pytest.approx(losses[1], abs=1e-5)
+    l2, scores = select_l2(x, y, 3, 1000, 0)
+    assert set(scores) == set(L2_GRID) and l2 in L2_GRID and scores[l2] == max(scores.values())
 
 
 @pytest.mark.slow

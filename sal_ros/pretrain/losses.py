@@ -9,11 +9,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def scalr_loss(feats: Tensor, targets: Tensor) -> Tensor:
-    """Mean Euclidean distance between normalised point features (P, D) and their pixels' teacher features."""
+def scalr_loss(feats: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean Euclidean distance between normalised point features (P, D) and their pixels' teacher features
+    (ScaLR), optionally a weighted mean (``rarity_weights``)."""
     if len(feats) == 0:
         return feats.sum() * 0.0
-    return (feats - F.normalize(targets.float(), dim=1)).norm(dim=1).mean()
+    dist = (feats - F.normalize(targets.float(), dim=1)).norm(dim=1)
+    return dist.mean() if weights is None else (weights * dist).sum() / weights.sum()
+
+
+def rarity_weights(targets: Tensor, power: float, floor: float = 1e-3) -> Tensor:
+    """(P,) pair weights, mean 1, that keep rare teacher content from drowning in a per-pair mean.
+
+    A scan's pairs are dominated by what covers most of the image (road, buildings): with the plain mean a thin
+    or small object's few pairs move the student so little that it is still unlearnt when the schedule ends.
+    Each pair is weighted by ``density ** -power``, its teacher feature's density among the scan's pairs =
+    its mean cosine to them (``t_i . mean_j t_j`` of unit features, linear cost; clamped at ``floor``). Power 1
+    gives every kind of content the same total weight (for one-hot features: every class), 0 the plain mean.
+    Teacher-agnostic: it needs no classes, only the frozen features.
+    """
+    unit = F.normalize(targets.float(), dim=1)
+    density = (unit @ unit.mean(0)).clamp_min(floor)
+    w = density.pow(-float(power))
+    return w / w.mean()
 
 
 def segment_mean(feats: Tensor, segment: Tensor, num: int) -> Tensor:
@@ -47,4 +65,4 @@ def subsample(n: int, limit: int, generator: torch.Generator) -> Tensor:
     return torch.randperm(n, generator=generator)[:limit].sort().values
 
 
-__all__ = ["scalr_loss", "segment_mean", "info_nce", "point_to_segment", "subsample"]
+__all__ = ["scalr_loss", "rarity_weights", "segment_mean", "info_nce", "point_to_segment", "subsample"]

@@ -21,7 +21,8 @@ from torch import nn
 
 from sal_ros.core.files import atomic_write
 from sal_ros.core.settings import known_settings
-from sal_ros.pretrain.losses import info_nce, point_to_segment, scalr_loss, segment_mean, subsample
+from sal_ros.pretrain.losses import (info_nce, point_to_segment, rarity_weights, scalr_loss, segment_mean,
+                                     subsample)
 from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
                                    apply_gradients, batch_indices, config_diff, distributed, fit_steps, init_distributed,
                                    optimizer_and_schedule, read_metrics, resolve_device)
@@ -60,6 +61,7 @@ class PretrainConfig:
     label_set: str = "semantickitti"  # the oracle teacher's classes
     augment: bool = True
     max_pairs: int = 0  # scalr: point-pixel pairs per cloud (random subset; 0 = all)
+    pair_balance: float = 0.0  # scalr: pair weight density**-power per scan (losses.rarity_weights); 0 = plain mean
     seal: SealConfig = field(default_factory=SealConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(amp=False))
     checkpoint_every: int = 50
@@ -216,15 +218,20 @@ class PretrainTrainer:
         return self._seal(samples, frames, feats, gen)
 
     def _scalr(self, frames, feats, gen) -> torch.Tensor:
-        point_rows, targets = [], []
+        point_rows, targets, weights = [], [], []
         for f, x in zip(frames, feats):
+            scan_targets = []
             for cam in f.cameras:
                 keep = subsample(len(cam["index"]), self.cfg.max_pairs, gen).numpy()
                 point_rows.append(x[torch.from_numpy(cam["index"][keep].astype(np.int64)).to(x.device)])
-                targets.append(torch.from_numpy(cam["fmap"][cam["cell"][keep]].astype(np.float32)))
+                scan_targets.append(torch.from_numpy(cam["fmap"][cam["cell"][keep]].astype(np.float32)))
+            if scan_targets and self.cfg.pair_balance > 0:  # densities per scan, over all its cameras
+                weights.append(rarity_weights(torch.cat(scan_targets), self.cfg.pair_balance))
+            targets += scan_targets
         if not point_rows:
             return feats[0].sum() * 0.0
-        return scalr_loss(torch.cat(point_rows), torch.cat(targets).to(self.device))
+        w = torch.cat(weights).to(self.device) if weights else None
+        return scalr_loss(torch.cat(point_rows), torch.cat(targets).to(self.device), w)
 
     def _seal(self, samples, frames, feats, gen) -> dict:
         sc = self.cfg.seal
