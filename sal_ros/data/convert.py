@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         summary = convert(args.dataset, args.out, frames=args.frames, max_frames=args.max_frames,
-                          lidar_frame=args.lidar_frame, pose_frame=args.pose_frame, time_base_ns=int(round(args.time_base * NS_PER_S)),
+                          lidar_frame=args.lidar_frame, pose_frame=args.pose_frame,
+                          time_base_ns=int(round(args.time_base * NS_PER_S)),
                           storage=args.storage, overwrite=args.overwrite)
     except (SensorDataError, FileExistsError, FileNotFoundError, OutputOverlapsInput) as exc:
         print(f"sal-ros convert: {exc}", file=sys.stderr)

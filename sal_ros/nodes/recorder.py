@@ -3,9 +3,10 @@
 Each recorded frame holds the cloud (xyz, intensity), every synced camera's image, camera model (from its
 CameraInfo) and lidar->camera transform at the cloud stamp, the stamps, and the lidar's pose in ``pose_frame``
 (default ``odom``; tf2 at the cloud stamp through the node's one buffer, for Seal's temporal term; a frame without
-one is recorded all the same, the miss counted as ``pose_missing`` in ~/stats and warned). Frames are appended atomically by
-the FrameStore, so a ``kill -9`` loses at most the frame being written, never a completed one; restarting on the
-same ``output_dir`` resumes the store. ``every_nth``, ``max_frames`` and ``max_gb`` bound what is kept.
+one is recorded all the same, the miss counted as ``pose_missing`` in ~/stats and warned). Frames are appended
+atomically by the FrameStore, so a ``kill -9`` loses at most the frame being written, never a completed one;
+restarting on the same ``output_dir`` resumes the store. ``every_nth``, ``max_frames`` and ``max_gb`` bound what
+is kept.
 
 Same threading as the segmenter: callbacks store, a latest-only slot feeds one writer thread.
 """
