@@ -122,6 +122,19 @@ def test_fused_unet_matches_modules():
     assert (got[1] - ref[1]).abs().max() <= TOL * float(ref[1].abs().max())
 
 
+def test_model_built_in_inference_mode_refolds():
+    """Parameters made under inference_mode have no version counter: folded weights are not kept, so an in-place
+    change there still shows."""
+    x = unet_input()
+    with torch.inference_mode():
+        net = tiny_unet()
+        first = run(net, x, True)[1]
+        net.stem[0][1].running_mean.add_(0.5)
+        ref, got = run(net, x, False)[1], run(net, x, True)[1]
+    assert not torch.equal(first, got)
+    assert (got - ref).abs().max() <= TOL * float(ref.abs().max())
+
+
 def test_training_and_autograd_use_the_modules():
     net, x = tiny_unet(), unet_input()
     net.train()

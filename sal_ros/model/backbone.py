@@ -240,10 +240,14 @@ class MinkUNet(nn.Module):
         return conv.forward_inference(x, weight, bias, residual, relu)
 
     def _folded_weights(self, conv: Conv3d, bn: nn.BatchNorm1d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        tensors = (conv.kernel, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = (dtype,) + tuple(None if t is None else (t.data_ptr(), t._version) for t in tensors)
+        """Kept per conv until a tensor is replaced or changed in place (its version counter moves); tensors made
+        under ``torch.inference_mode`` have no version counter, so a model built there refolds every call."""
+        tensors = [t for t in (conv.kernel, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+                   if t is not None]
+        trackable = not any(t.is_inference() for t in tensors)
+        key = (dtype,) + tuple((t.data_ptr(), t._version if trackable else None) for t in tensors)
         cached = self._folded.get(id(conv))
-        if cached is None or cached[0] != key:
+        if not trackable or cached is None or cached[0] != key:
             exact = torch.promote_types(conv.kernel.dtype, torch.float32)  # fold in float32 at least
             scale = bn.weight.to(exact) * torch.rsqrt(bn.running_var.to(exact) + bn.eps)
             shift = bn.bias.to(exact) - bn.running_mean.to(exact) * scale
