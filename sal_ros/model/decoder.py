@@ -252,7 +252,7 @@ POOL_BLOCK_ROWS = 4096  # 4096 x 300 queries x 2 bytes = 2.4 MB of logits per bl
 # stay below 1e8), so clamping the pooled maxima at 0 gives the additive attention mask in one pass: 0 where a
 # child's logit is positive, <= -2**100 * |logit| (softmax weight exactly 0) where none is. where() on bool masks
 # cost 3x more. A pooled maximum of exactly 0.0 (an exact cancellation) is the one case it attends and
-# ``QueryDecoder._allowed`` does not.
+# ``QueryDecoder._allowed`` does not. float16 (max 65504) cannot hold the scale: inference runs in float32 or bf16.
 MASK_SCALE = 2.0 ** 100
 
 
