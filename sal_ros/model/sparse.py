@@ -377,7 +377,9 @@ def sparse_conv_inference(feats: Tensor, weight: Tensor, kmap: KernelMap, bias: 
     ``_GatherMatmulScatter``'s sum: per offset gather, matmul and ``index_add_`` into a float32 accumulator,
     which also takes the bias (in the centre offset's ``addmm``), the residual and the ReLU before the one cast
     back (float32 element-wise passes ran twice as fast per element as bfloat16 ones here; operands are cast
-    first because a float32 += bfloat16 in place ran 10x slower than a cast and an add).
+    first because a float32 += bfloat16 in place ran 10x slower than a cast and an add). Half-precision matmuls
+    on the CPU get bucketed row counts (:func:`_rows_matmul`): on fresh scans the minkunet34 backbone ran 1.16x
+    faster with them, on one scan repeated 0.97x.
 
     Measured against it and dropped (whole backbone, one thread, same run): an output-stationary "implicit
     GEMM" (per output its 27 neighbours side by side, zero rows where absent, one matmul with the
@@ -388,19 +390,48 @@ def sparse_conv_inference(feats: Tensor, weight: Tensor, kmap: KernelMap, bias: 
     """
     acc = _accumulation_dtype(feats.dtype)
     c_out = weight.shape[-1]
+    bucket = feats.device.type == "cpu" and feats.dtype in (torch.bfloat16, torch.float16)
     if kmap.identity is not None:
-        centre = weight[kmap.identity]
-        out = (feats @ centre if bias is None else torch.addmm(bias, feats, centre)).to(acc)
+        out = _rows_matmul(feats, None, weight[kmap.identity], bias, bucket).to(acc)
     elif bias is not None:
         out = bias.to(acc).expand(kmap.n_out, c_out).clone()
     else:
         out = torch.zeros(kmap.n_out, c_out, dtype=acc, device=feats.device)
     for k, (i, o) in enumerate(zip(kmap.in_idx, kmap.out_idx)):
         if len(i):
-            out.index_add_(0, o, (feats.index_select(0, i) @ weight[k]).to(acc))
+            out.index_add_(0, o, _rows_matmul(feats, i, weight[k], None, bucket).to(acc))
     if residual is not None:
         out += residual.to(acc)
     return (out.relu_() if relu else out).to(feats.dtype)
+
+
+def _bucket_step(n: int) -> int:
+    """Row counts are rounded up to multiples of this: 8 sizes per power of two, at most 1/8 more rows."""
+    return 1 << max(0, n.bit_length() - 4)
+
+
+def _rows_matmul(feats: Tensor, rows: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
+                 bucket: bool) -> Tensor:
+    """``feats[rows] @ weight (+ bias)``, all rows when ``rows`` is None. With ``bucket`` every matmul gets one of
+    a few row counts: oneDNN compiles a half-precision kernel per shape on first use (~2.4 ms, against 0.4 ms for
+    the cached 20,000 x 96 x 96 product), and each new scan brings new pair counts in every layer."""
+    def mm(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        if bias is None:
+            return torch.mm(x, weight, out=out)
+        return torch.addmm(bias, x, weight, out=out)
+
+    n = len(feats) if rows is None else len(rows)
+    step = _bucket_step(n)
+    if not bucket or n % step == 0:
+        return mm(feats if rows is None else feats.index_select(0, rows))
+    if rows is None:  # a bucket-sized head as a view, the tail gathered and padded
+        head = n // step * step
+        out = feats.new_empty(n, weight.shape[-1])
+        mm(feats[:head], out[:head])
+        out[head:] = _rows_matmul(feats, torch.arange(head, n, device=feats.device), weight, bias, True)
+        return out
+    padded = torch.cat([rows, rows[:1].expand(-n % step)])
+    return mm(feats.index_select(0, padded))[:n]
 
 
 # --------------------------------------------------------------------------------------- convolution
