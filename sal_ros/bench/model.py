@@ -231,7 +231,8 @@ def bench_submanifold_map(scan: np.ndarray, device: str, voxel_size: float, repe
 
     with torch.inference_mode():
         a, b = build(True), build(False)
-        same = all(torch.equal(i, j) and torch.equal(o, p) for i, o, j, p in zip(a.in_idx, a.out_idx, b.in_idx, b.out_idx))
+        same = all(torch.equal(i, j) and torch.equal(o, p)
+                   for i, o, j, p in zip(a.in_idx, a.out_idx, b.in_idx, b.out_idx))
         walked = median_ms(lambda: build(True), repeats, warmup=1, clock=time.thread_time_ns)
         searched = median_ms(lambda: build(False), repeats, warmup=1, clock=time.thread_time_ns)
     return {"voxels": len(x), "pairs": sum(len(i) for i in a.in_idx) + len(x), "walked_ms": round(walked, 2),
