@@ -205,7 +205,6 @@ class MinkUNet(nn.Module):
             out[y.stride] = y
         return out
 
-
     # -------------------------------------------------------------------------------- fused inference
     def _forward_fused(self, x: SparseTensor) -> dict[int, SparseTensor]:
         device = x.device.type
