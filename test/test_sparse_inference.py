@@ -174,3 +174,28 @@ def test_bfloat16_fused_unet_stays_close_to_float32():
     for s in ref:
         assert got[s].dtype == torch.bfloat16
         assert float((got[s].float() - ref[s]).abs().max() / ref[s].abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("kind", ["submanifold", "strided", "transposed"])
+def test_csr_scatter_equals_index_add(monkeypatch, kind):
+    """The products summed by the map's CSR scatter matrix (one sparse matmul) equal one index_add_ per offset."""
+    x = random_voxels(8, 6, seed=3)
+    conv = Conv3d(6, 7, 3, backend="torch") if kind == "submanifold" else Conv3d(6, 7, 2, 2, backend="torch")
+    coords, _, kmap = conv._output_and_map(x)
+    if kind == "transposed":
+        kmap = kmap.transposed()
+        assert kmap is conv._output_and_map(x)[2].transposed()  # one object: its scatter matrix is kept
+        x = SparseTensor(torch.randn(kmap.n_in, 6, dtype=torch.float64), coords, 2, x.cache)
+    weight, bias = conv.kernel.detach().double(), torch.randn(7, dtype=torch.float64)
+    assert sparse._sparse_scatter(x.feats.new_empty(1, 7))
+    got = sparse_conv_inference(x.feats, weight, kmap, bias, relu=True)
+    monkeypatch.setattr(sparse, "_sparse_scatter", lambda out: False)
+    ref = sparse_conv_inference(x.feats, weight, kmap, bias, relu=True)
+    assert got.shape == (kmap.n_out, 7) and (got - ref).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("n", [1000, 70_000, 300_000])
+def test_stable_order_is_a_stable_argsort(n):
+    """The radix-sorted pair order (one 16-bit pass below 65,536 outputs, two above) is torch's stable argsort."""
+    keys = torch.randint(0, n, (5 * n // 4,), generator=torch.Generator().manual_seed(n))
+    assert torch.equal(sparse._stable_order(keys, n), torch.argsort(keys, stable=True))
