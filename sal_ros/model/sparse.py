@@ -416,11 +416,11 @@ def sparse_conv_inference(feats: Tensor, weight: Tensor, kmap: KernelMap, bias: 
     """``relu(conv + bias + residual)`` without autograd, for inference, in the dtype of ``feats``; the conv is
     ``_GatherMatmulScatter``'s sum: per offset gather and matmul, on the CPU summed into a float32 accumulator by
     one sparse matmul per buffer of products (:func:`_scatter_products`; tiny's backbone 1.2x), elsewhere by
-    ``index_add_``; the accumulator also takes the bias (in the centre offset's ``addmm``), the residual and the ReLU before the one cast
-    back (float32 element-wise passes ran twice as fast per element as bfloat16 ones here; operands are cast
-    first because a float32 += bfloat16 in place ran 10x slower than a cast and an add). Half-precision matmuls
-    on the CPU get bucketed row counts (:func:`_rows_matmul`): on fresh scans the minkunet34 backbone ran 1.16x
-    faster with them, on one scan repeated 0.97x.
+    ``index_add_``; the accumulator also takes the bias (in the centre offset's ``addmm``), the residual and the
+    ReLU before the one cast back (float32 element-wise passes ran twice as fast per element as bfloat16 ones
+    here; operands are cast first because a float32 += bfloat16 in place ran 10x slower than a cast and an add).
+    Half-precision matmuls on the CPU get bucketed row counts (:func:`_rows_matmul`): on fresh scans the minkunet34
+    backbone ran 1.16x faster with them, on one scan repeated 0.97x.
 
     Measured against it and dropped (whole backbone, one thread, same run): an output-stationary "implicit
     GEMM" (per output its 27 neighbours side by side, zero rows where absent, one matmul with the
@@ -454,7 +454,8 @@ _SCATTER_CHUNK_BYTES = 16 << 20
 
 def _sparse_scatter(out: Tensor) -> bool:
     """Whether the products go into ``out`` through the map's CSR scatter matrix (MKL on the CPU)."""
-    return out.device.type == "cpu" and out.dtype in (torch.float32, torch.float64) and torch.backends.mkl.is_available()
+    cpu = out.device.type == "cpu" and torch.backends.mkl.is_available()
+    return cpu and out.dtype in (torch.float32, torch.float64)
 
 
 def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tensor, bucket: bool) -> None:
