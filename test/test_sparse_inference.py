@@ -199,3 +199,25 @@ def test_stable_order_is_a_stable_argsort(n):
     """The radix-sorted pair order (one 16-bit pass below 65,536 outputs, two above) is torch's stable argsort."""
     keys = torch.randint(0, n, (5 * n // 4,), generator=torch.Generator().manual_seed(n))
     assert torch.equal(sparse._stable_order(keys, n), torch.argsort(keys, stable=True))
+
+
+@pytest.mark.parametrize("batches", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_voxelize_equals_generic(monkeypatch, batches, dtype):
+    """The CPU voxelize (radix-sorted float64 keys, CSR means) gives the generic path's voxels, order and bits."""
+    g = torch.Generator().manual_seed(7)
+    pts = (torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([20.0, 20.0, 2.0]) - 5).to(dtype)
+    feats = torch.randn(20000, 5, generator=g, dtype=dtype)
+    batch = None if batches is None else torch.randint(0, batches, (20000,), generator=g)
+    assert sparse._voxelize_cpu_applies(pts, batch, feats)
+    got, got_p2v = sparse.voxelize(pts, batch, 0.3, feats)
+    monkeypatch.setattr(sparse, "_voxelize_cpu_applies", lambda *args: False)
+    ref, ref_p2v = sparse.voxelize(pts, batch, 0.3, feats)
+    assert torch.equal(got.coords, ref.coords) and got.coords.dtype == torch.int32
+    assert torch.equal(got.feats, ref.feats) and torch.equal(got_p2v, ref_p2v)
+    assert got.batch_size == ref.batch_size and len(got) < 20000
+
+
+def test_cpu_voxelize_rejects_non_finite():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sparse.voxelize(torch.tensor([[0.0, 1.0, float("inf")]]), None, 0.1, torch.zeros(1, 1))
