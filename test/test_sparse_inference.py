@@ -33,13 +33,12 @@ def same_map(a, b):
 
 
 @pytest.mark.parametrize("k,stride", [(3, 1), (3, 4), (5, 2)])
-def test_walked_map_equals_searched(monkeypatch, k, stride):
+def test_walked_map_equals_searched(k, stride):
     x = random_voxels(7, 1, stride=stride, seed=k + stride)
     offsets = kernel_offsets(k) * stride
     assert sparse._columns_walkable(x.coords.long(), offsets)
     walked = build_kernel_map(x.coords, x.coords, offsets, submanifold=True)
-    monkeypatch.setattr(sparse, "_columns_walkable", lambda *a: False)
-    searched = build_kernel_map(x.coords, x.coords, offsets, submanifold=True)
+    searched = build_kernel_map(x.coords, x.coords, offsets, submanifold=True, walk_columns=False)
     assert same_map(walked, searched) and walked.identity == searched.identity
 
 
@@ -221,3 +220,20 @@ def test_cpu_voxelize_equals_generic(monkeypatch, batches, dtype):
 def test_cpu_voxelize_rejects_non_finite():
     with pytest.raises(ValueError, match="NaN or inf"):
         sparse.voxelize(torch.tensor([[0.0, 1.0, float("inf")]]), None, 0.1, torch.zeros(1, 1))
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_numpy_walk_equals_torch_walk(monkeypatch, stride, shuffle):
+    """The CPU walk in numpy gives the torch walk's pairs in the same order (sorted and unsorted voxels), and on
+    sorted voxels the searched map's (unsorted, the walk mirrors other offsets than the search: same pairs)."""
+    x = random_voxels(12, 1, stride=stride, density=0.25, seed=9)
+    coords = x.coords[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))] if shuffle else x.coords
+    offsets = kernel_offsets(3) * stride
+    got = build_kernel_map(coords, coords, offsets, True)
+    monkeypatch.setattr(sparse, "_walk_on_numpy", False)
+    assert same_map(got, build_kernel_map(coords, coords, offsets, True))
+    searched = build_kernel_map(coords, coords, offsets, True, walk_columns=False)
+    assert shuffle or same_map(got, searched)
+    assert all(torch.equal(torch.sort(i * len(x) + o).values, torch.sort(j * len(x) + p).values)
+               for i, o, j, p in zip(got.in_idx, got.out_idx, searched.in_idx, searched.out_idx))

@@ -298,6 +298,10 @@ def build_kernel_map(in_coords: Tensor, out_coords: Tensor, offsets: Tensor, sub
     # On one voxel set an odd kernel is point-symmetric (offset K-1-k = -offset k), so the second half of
     # the map is the first half with inputs and outputs swapped: search only offsets before the centre.
     mirror = centre is not None and (in_coords is out_coords or torch.equal(in_coords, out_coords))
+    if mirror and walk_columns and in_coords.device.type == "cpu" and _walk_on_numpy:
+        kmap = _walk_columns_cpu(in_coords, offsets, centre)
+        if kmap is not None:
+            return kmap
     cin, cout = in_coords.long(), out_coords.long()
     box = _Box.around(cin, cout, margin=int(offsets.abs().max()))
     sorted_keys, order = torch.sort(box.key(cin))
@@ -358,6 +362,55 @@ def _walk_columns(sorted_keys: Tensor, order: Tensor, out_keys: Tensor, offsets:
         if ins[idx] is None:
             ins[idx], outs[idx] = outs[len(offsets) - 1 - idx], ins[len(offsets) - 1 - idx]
     return KernelMap(ins, outs, n_in, n_out, centre)
+
+
+_walk_on_numpy = True  # False: the torch walk below (tests compare the two)
+
+
+def _walk_columns_cpu(coords: Tensor, offsets: Tensor, centre: int) -> Optional[KernelMap]:
+    """:func:`_walk_columns` for CPU coordinates, same pairs in the same order, in numpy: its searchsorted speeds
+    up on sorted queries (each search starts from the previous answer; voxels come sorted, so the queries are), and
+    its small element-wise steps cost a fraction of torch's per-call overhead. None when z is not walkable or the
+    keys would pass 2**62."""
+    k = round(len(offsets) ** (1 / 3))
+    step = int(offsets[k * k, 2] - offsets[0, 2])
+    c = coords.numpy()
+    if k < 2 or k**3 != len(offsets) or step < 1 or ((c[:, 3] - c[0, 3]) % step).any():
+        return None
+    margin = int(offsets.abs().max())
+    lo = c.min(0).astype(np.int64) - [0, margin, margin, margin]
+    ext = (c.max(0).astype(np.int64) + [0, margin, margin, margin] - lo + 1).tolist()
+    if math.prod(ext) >= _MAX_KEY:
+        return None
+    keys = c[:, 0] - lo[0]
+    for axis in (1, 2, 3):  # row-major [b, x, y, z], as _Box
+        keys = keys * ext[axis] + (c[:, axis] - lo[axis])
+    order = None if (keys[1:] > keys[:-1]).all() else np.argsort(keys, kind="stable")
+    sorted_keys = keys if order is None else keys[order]
+    mult = np.array([ext[2] * ext[3], ext[3], 1])
+    delta = offsets.numpy() @ mult
+    n = len(keys)
+    ins: list[Optional[Tensor]] = [None] * len(offsets)
+    outs: list[Optional[Tensor]] = [None] * len(offsets)
+    for column in range(k * k // 2 + 1):
+        levels = k // 2 if column == k * k // 2 else k  # the centre column stops below the centre
+        query = keys + delta[column]
+        pos = np.searchsorted(sorted_keys, query)
+        for level in range(levels):
+            if level:
+                query += step
+                pos += hit
+            hit = sorted_keys[np.minimum(pos, n - 1)] == query
+            rows = np.flatnonzero(hit)
+            found = pos[rows] if order is None else order[pos[rows]]
+            idx = column + k * k * level
+            ins[idx], outs[idx] = torch.from_numpy(found), torch.from_numpy(rows)
+    empty = torch.zeros(0, dtype=torch.int64)
+    ins[centre], outs[centre] = empty, empty
+    for idx in range(len(offsets)):
+        if ins[idx] is None:
+            ins[idx], outs[idx] = outs[len(offsets) - 1 - idx], ins[len(offsets) - 1 - idx]
+    return KernelMap(ins, outs, n, n, centre)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
