@@ -8,7 +8,8 @@ import torch
 
 from sal_ros.core.panoptic import instance_summaries
 
-from sal_ros.model.decoder import OBJECT, POOL_BLOCK_ROWS, FourierPositions, QueryDecoder, _allowed_pooled
+from sal_ros.model.decoder import (OBJECT, POOL_CHUNK_ROWS, FourierPositions, QueryDecoder, _allowed_pooled,
+                                   _pool_planned, pool_plan)
 from sal_ros.model.inference import FUSE_BLOCK_VOXELS, fuse_queries
 
 
@@ -20,7 +21,7 @@ def _masks(queries: int, voxels: int, levels: int, seed: int = 0):
 
 
 def test_pooled_attention_mask_allows_what_the_full_resolution_mask_allows():
-    emb, feats, parents = _masks(40, 2 * POOL_BLOCK_ROWS + 123, 700)  # three blocks, the last one partial
+    emb, feats, parents = _masks(40, 2 * POOL_CHUNK_ROWS + 123, 700)  # several chunks per cap
     emb[3] = 0.0  # logits exactly 0 everywhere: an empty mask, which attends everywhere
     emb[5] = -feats.mean(0) * 1e-3  # a query whose mask is positive on a minority of voxels
     logits = emb @ feats.T
@@ -35,6 +36,52 @@ def test_pooled_attention_mask_allows_what_the_full_resolution_mask_allows():
     q, k = torch.randn(1, 40, 16), torch.randn(1, 700, 16)
     torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, k, additive[None]),
                                torch.nn.functional.scaled_dot_product_attention(q, k, k, expected[None]))
+
+
+def _skewed_parents(voxels: int, levels: int, seed: int) -> torch.Tensor:
+    """Child counts from 1 to a few hundred (every cap, padded ones included), level row 7 without a child."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(levels, generator=gen) ** 12
+    weights[7] = 0.0
+    rest = torch.multinomial(weights, voxels - levels + 1, replacement=True, generator=gen)
+    return torch.cat([torch.arange(levels)[torch.arange(levels) != 7], rest])[torch.randperm(voxels, generator=gen)]
+
+
+def test_pool_plan_covers_every_child_of_every_column():
+    parents = _skewed_parents(6000, 300, seed=2)
+    counts = torch.bincount(parents, minlength=300)
+    assert counts.max() > 100 and counts[7] == 0
+    plan = pool_plan(parents, 300, chunk_rows=512)
+    assert sorted(plan.order.tolist()) == list(range(300))
+    columns = plan.order
+    seen = torch.zeros(len(parents), dtype=torch.bool)
+    for start, cap, col, n in plan.chunks:
+        rows = plan.fine_rows[start:start + cap * n].view(cap, n)
+        assert cap == 0 or bool((parents[rows] == columns[col:col + n]).all())  # rank-major, one column each
+        assert cap >= int(counts[columns[col:col + n]].max())
+        seen[rows.reshape(-1)] = True
+    assert bool(seen.all())
+    assert len(plan.fine_rows) <= 1.25 * len(parents)  # padding stays below a quarter
+
+
+def test_planned_pooling_allows_what_the_full_resolution_mask_allows():
+    """Skewed child counts (capped, padded and big buckets, several chunks each, a level row without a child),
+    float32 and bf16: the additive mask allows exactly what ``QueryDecoder._allowed`` allows, in plan order."""
+    parents = _skewed_parents(9000, 400, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    emb, feats = torch.randn(24, 16, generator=gen), torch.randn(9000, 16, generator=gen)
+    emb[2] = 0.0  # empty mask: attends everywhere
+    emb[9] = -feats.mean(0) * 1e-3
+    for dtype in (torch.float32, torch.bfloat16):
+        e, f = emb.to(dtype), feats.to(dtype)
+        expected = QueryDecoder._allowed(e @ f.T, parents, 400)
+        plan = pool_plan(parents, 400, chunk_rows=700)
+        additive = _pool_planned(e, f[plan.fine_rows], plan)
+        assert additive.dtype == dtype and additive.shape == (24, 400)
+        assert torch.equal(additive == 0, expected[:, plan.order])
+        assert bool(expected[2].all()) and not bool(expected[9].all()) and bool(expected[9].any())
+        assert float(additive[~expected[:, plan.order]].max()) < -1e20
+        assert torch.equal(_allowed_pooled(e, f, parents, 400) == 0, expected)  # level order
 
 
 def _fused_whole(mask_logits: torch.Tensor, obj_logits: torch.Tensor):
