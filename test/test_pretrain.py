@@ -201,7 +201,8 @@ def test_clip_teacher_is_the_dense_maskclip_path(frame):
 
 
 def test_cache_is_written_once_and_redone_on_other_settings(seq, tmp_path):
-    from sal_ros.pretrain.cache import build_cache, load_entry, semantickitti_poses
+    from sal_ros.data.datasets import semantickitti_poses
+    from sal_ros.pretrain.cache import build_cache, load_entry
     from sal_ros.pretrain.teachers import RandomTeacher
     from sal_ros.pseudolabel.engine import FrameSource
     from sal_ros.pseudolabel.masks import SlicMasks

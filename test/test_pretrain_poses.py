@@ -61,7 +61,7 @@ def _bag_with_motion(src, out, poses: dict[str, np.ndarray]):
 @pytest.fixture(scope="module")
 def bag(tmp_path_factory):
     from sal_ros.data.convert import convert
-    from sal_ros.pretrain.cache import semantickitti_poses
+    from sal_ros.data.datasets import semantickitti_poses
 
     seq = require_data("semantickitti", "sequences", "00")
     tmp = tmp_path_factory.mktemp("poses")

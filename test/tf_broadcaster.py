@@ -2,12 +2,16 @@
 moving odom -> base_link on /tf (20 Hz, stamped with the current time: x = 1 m/s * t, yaw = 0.1 rad/s * t, t from
 the spec's "t0_ns").
 
-    python tf_broadcaster.py '{"static": [[parent, child, T4x4], ...], "moving": true, "t0_ns": 0}'
+    python tf_broadcaster.py '{"static": [[parent, child, T4x4], ...], "moving": true, "t0_ns": 0,
+                               "later": [[parent, child, T4x4], ...]}'
 
-Prints "ready" once everything has been sent once; runs until SIGINT or SIGTERM."""
+Prints "ready" once everything has been sent once; runs until SIGINT or SIGTERM. A line "send N" on stdin sends
+"later" transform N (with the static ones and the later ones sent before) on /tf_static and prints "sent": the
+process and its DDS discovery are up beforehand, so a test can time a late transform without a process start."""
 import json
 import signal
 import sys
+import threading
 
 import numpy as np
 import rclpy
@@ -43,11 +47,21 @@ def main() -> None:
     rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
     node = rclpy.create_node("sal_test_tf_broadcaster")
     now = node.get_clock().now().nanoseconds
+    static = StaticTransformBroadcaster(node) if spec.get("static") or spec.get("later") else None
     if spec.get("static"):
-        StaticTransformBroadcaster(node).sendTransform([stamped(p, c, T, now) for p, c, T in spec["static"]])
+        static.sendTransform([stamped(p, c, T, now) for p, c, T in spec["static"]])
     moving = TransformBroadcaster(node) if spec.get("moving") else None
+    commands: list[str] = []
+    sent: set[int] = set()
+    threading.Thread(target=lambda: commands.extend(line.strip() for line in sys.stdin), daemon=True).start()
     print("ready", flush=True)
     while not stop:
+        while commands:
+            sent.add(int(commands.pop(0).split()[1]))
+            # the latched message holds every static transform sent so far (a late joiner gets only the last one)
+            later = spec.get("static", []) + [spec["later"][i] for i in sorted(sent)]
+            static.sendTransform([stamped(p, c, T, node.get_clock().now().nanoseconds) for p, c, T in later])
+            print("sent", flush=True)
         if moving is not None:
             stamp = node.get_clock().now().nanoseconds
             moving.sendTransform(stamped("odom", "base_link", odom_T_base(stamp, spec["t0_ns"]), stamp))

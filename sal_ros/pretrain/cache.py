@@ -273,4 +273,4 @@ def frame_poses(source, pose_frame: str) -> tuple[dict[str, np.ndarray], str | N
 
 
 __all__ = ["build_cache", "build_cache_ray", "cache_tools", "CacheTools", "load_entry", "load_meta", "cache_path",
-           "frame_entry", "frame_poses", "semantickitti_poses", "settings_hash"]
+           "frame_entry", "frame_poses", "settings_hash"]
