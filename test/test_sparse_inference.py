@@ -237,3 +237,29 @@ def test_numpy_walk_equals_torch_walk(monkeypatch, stride, shuffle):
     assert shuffle or same_map(got, searched)
     assert all(torch.equal(torch.sort(i * len(x) + o).values, torch.sort(j * len(x) + p).values)
                for i, o, j, p in zip(got.in_idx, got.out_idx, searched.in_idx, searched.out_idx))
+
+
+@pytest.mark.parametrize("stride,step", [(1, 2), (2, 4), (1, 3)])
+def test_numpy_downsample_and_parent_map_equal_torch(monkeypatch, stride, step):
+    """Parent cells, their order, each child's parent and the 2x2x2 parent map: numpy (CPU) equals torch."""
+    x = random_voxels(12, 1, stride=stride, density=0.3, seed=11)  # column-major coords, as nonzero gives
+    before = x.coords.clone()
+    got_coords, got_parents = sparse._downsample_with_parents(x.coords, step)
+    assert torch.equal(x.coords, before)  # the input is left alone
+    got_map = sparse.build_parent_map(x.coords, got_coords, got_parents, stride) if step == 2 * stride else None
+    monkeypatch.setattr(sparse, "_downsample_on_numpy", False)
+    ref_coords, ref_parents = sparse._downsample_with_parents(x.coords, step)
+    assert torch.equal(got_coords, ref_coords) and got_coords.dtype == torch.int32
+    assert torch.equal(got_parents, ref_parents)
+    if got_map is not None:
+        assert same_map(got_map, sparse.build_parent_map(x.coords, ref_coords, ref_parents, stride))
+
+
+def test_cpu_voxelize_under_autocast_keeps_float32():
+    """Under bfloat16 autocast (the Segmenter's fast path) the CPU voxelize still averages in float32."""
+    g = torch.Generator().manual_seed(3)
+    pts, feats = torch.randn(5000, 3, generator=g) * 10, torch.randn(5000, 4, generator=g)
+    ref, _ = sparse.voxelize(pts, None, 0.5, feats)
+    with torch.autocast("cpu", torch.bfloat16):
+        got, _ = sparse.voxelize(pts, None, 0.5, feats)
+    assert got.feats.dtype == torch.float32 and torch.equal(got.feats, ref.feats)

@@ -205,6 +205,8 @@ def _downsample_coords(coords: Tensor, step: int) -> Tensor:
 
 def _downsample_with_parents(coords: Tensor, step: int) -> tuple[Tensor, Tensor]:
     """``_downsample_coords`` and, per input row, the row of its parent cell in them."""
+    if coords.device.type == "cpu" and len(coords) and _downsample_on_numpy:
+        return _downsample_cpu(coords, step)
     c = coords.long().clone()
     c[:, 1:] = torch.div(c[:, 1:], step, rounding_mode="floor") * step
     if len(c) == 0:
@@ -214,10 +216,59 @@ def _downsample_with_parents(coords: Tensor, step: int) -> tuple[Tensor, Tensor]
     return box.decode(keys).to(torch.int32), parents
 
 
+_downsample_on_numpy = True  # False: the torch path above (tests compare the two)
+
+
+def _downsample_cpu(coords: Tensor, step: int) -> tuple[Tensor, Tensor]:
+    """:func:`_downsample_with_parents` for CPU coordinates in numpy, same rows and parents: keys over the parent
+    cells' indices (``step`` times fewer per axis), numpy's 16-bit radix sort instead of ``torch.unique``, each
+    parent's coordinates from its first child instead of decoding keys."""
+    c = coords.numpy()
+    cells = c.T.copy()  # (4, N) [b, x, y, z], always a copy: shifted in place below
+    if step & (step - 1):
+        cells[1:] //= step
+    else:  # an arithmetic shift is floor division by a power of two, several times faster
+        cells[1:] >>= step.bit_length() - 1
+    lo, hi = cells.min(1).astype(np.int64), cells.max(1).astype(np.int64)
+    ext = (hi - lo + 1).tolist()
+    if math.prod(ext) >= _MAX_KEY:
+        raise ValueError(f"coordinate range {ext} too large to hash into int64 keys")
+    keys = cells[0] - lo[0]
+    for axis in (1, 2, 3):  # row-major [b, x, y, z]: key order is coordinate order
+        keys = keys * ext[axis] + (cells[axis] - lo[axis])
+    order = _radix_order(keys, int(math.prod(ext) - 1).bit_length())
+    ordered = keys[order]
+    new = np.empty(len(keys), bool)
+    new[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+    parents = np.empty(len(keys), np.int64)
+    parents[order] = np.cumsum(new) - 1
+    out = cells[:, order[np.flatnonzero(new)]].T.astype(np.int32)
+    out[:, 1:] *= step
+    return torch.from_numpy(np.ascontiguousarray(out)), torch.from_numpy(parents)
+
+
+def _parent_map_cpu(in_coords: Tensor, out_coords: Tensor, parents: Tensor, in_stride: int) -> KernelMap:
+    """:func:`build_parent_map` in numpy, same pairs in the same order: an 8-bit key sorts by numpy's radix sort."""
+    p = parents.numpy()
+    rel = in_coords.numpy()[:, 1:] - out_coords.numpy()[p, 1:]
+    if in_stride & (in_stride - 1):
+        rel //= in_stride
+    else:
+        rel >>= in_stride.bit_length() - 1
+    k = (rel @ np.array([4, 2, 1], rel.dtype)).astype(np.uint8)
+    order = np.argsort(k, kind="stable")  # grouped by offset, inputs ascending within each offset
+    sizes = np.bincount(k, minlength=8).tolist()
+    ins, outs = torch.from_numpy(order), torch.from_numpy(p[order])
+    return KernelMap(list(ins.split(sizes)), list(outs.split(sizes)), len(in_coords), len(out_coords))
+
+
 def build_parent_map(in_coords: Tensor, out_coords: Tensor, parents: Tensor, in_stride: int) -> KernelMap:
     """Kernel map of a 2x2x2 stride-2 conv without any search: every input row has exactly one output, its
     parent cell (``parents`` from the downsampling's unique inverse), through the offset given by its position in
     that cell (offsets {0, 1} per axis, z fastest: ``index = iz + 2 * (iy + 2 * ix)``)."""
+    if in_coords.device.type == "cpu" and _downsample_on_numpy:
+        return _parent_map_cpu(in_coords, out_coords, parents, in_stride)
     rel = torch.div(in_coords[:, 1:].long() - out_coords[parents, 1:].long(), in_stride, rounding_mode="floor")
     k = (rel * torch.tensor([4, 2, 1], device=rel.device)).sum(1)
     order = torch.argsort(k, stable=True)  # grouped by offset, inputs ascending within each offset
@@ -539,7 +590,8 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
                 else:
                     dst.copy_(_rows_matmul(feats, kmap.in_idx[k], weight[k], None, bucket))
                 start += n
-        out.addmm_(kmap.scatter_matrix(out.dtype, first, stop), buffer[:rows])
+        with torch.autocast("cpu", enabled=False):  # MKL's sparse matmul is float32 / float64 only
+            out.addmm_(kmap.scatter_matrix(out.dtype, first, stop), buffer[:rows])
 
 
 def _bucket_step(n: int) -> int:
@@ -858,8 +910,10 @@ def _voxelize_cpu(points: Tensor, batch: Optional[Tensor], voxel_size: float,
     if batch_size > 1:
         coords[:, 0] = b[first]
     bounds = torch.from_numpy(np.append(starts, len(keys)))
-    sums = torch.sparse_csr_tensor(bounds, torch.from_numpy(order), feats.new_ones(len(keys)),
-                                   (len(starts), len(keys)), check_invariants=False) @ feats
+    csr = torch.sparse_csr_tensor(bounds, torch.from_numpy(order), feats.new_ones(len(keys)), (len(starts), len(keys)),
+                                  check_invariants=False)
+    with torch.autocast("cpu", enabled=False):  # the means stay in the features' dtype, as index_add_ keeps them
+        sums = csr @ feats
     means = sums.div_(bounds.diff().to(feats.dtype)[:, None])
     return SparseTensor(means, torch.from_numpy(coords), 1, SparseCache(batch_size)), torch.from_numpy(point_to_voxel)
 
