@@ -218,8 +218,8 @@ class QueryDecoder(nn.Module):
         masks_out = [emb.new_empty(emb.shape[1] * n, dtype=planned[0][b][2].dtype) for b, n in enumerate(widest)]
         for i, layer in enumerate(self.layers):
             level = planned[i % len(self.levels)]
-            memory = [(values, keys, _pool_planned(emb[b], rows, plan, masks_out[b]))
-                      for b, (values, keys, rows, plan) in enumerate(level)]
+            memory = [(values, keys, _pool_planned(emb[b], mf, plan, masks_out[b]))
+                      for b, (values, keys, mf, plan) in enumerate(level)]
             q = layer(q, qpos, memory)
             emb = self.mask_embed(self.out_norm(q))
         qn = self.out_norm(q)
@@ -254,10 +254,10 @@ class QueryDecoder(nn.Module):
 
 POOL_CHUNK_ROWS = 4096  # fine rows per chunk: 300 queries x 4096 x 2 bytes = 2.4 MB of logits, kept in cache
 # Logits are pooled scaled by 2**100: exact in float32 and bfloat16 (a power of two, same exponent range; logits
-# stay below 1e8), so clamping the pooled maxima at 0 gives the additive attention mask in one pass: 0 where a
-# child's logit is positive, <= -2**100 * |logit| (softmax weight exactly 0) where none is. where() on bool masks
-# cost 3x more. A pooled maximum of exactly 0.0 (an exact cancellation) is the one case it attends and
-# ``QueryDecoder._allowed`` does not. float16 (max 65504) cannot hold the scale: inference runs in float32 or bf16.
+# stay below 1e8), so clamping the pooled values at 0 gives the additive attention mask in one pass: 0 where a
+# child's logit is positive, 2**100 x the most negative child logit (softmax weight exactly 0) where none is.
+# A maximum of exactly 0.0 (an exact cancellation) is the one case it attends and ``QueryDecoder._allowed`` does
+# not. float16 (max 65504) cannot hold the scale: inference runs in float32 or bf16.
 MASK_SCALE = 2.0 ** 100
 
 
@@ -315,14 +315,14 @@ def _logit_dtype(mask_feats: Tensor) -> torch.dtype:
 
 def _planned_level(values: tuple[Tensor, ...], keys: tuple[Tensor, ...], parents: list[Tensor],
                    mask_feats: tuple[Tensor, ...]) -> list[tuple[Tensor, Tensor, Tensor, PoolPlan]]:
-    """Per batch element: values and keys in plan order, the mask features of the plan's fine rows in the dtype
-    the logits are computed in (autocast's when it is on), the plan."""
+    """Per batch element: values and keys in plan order, the mask features in the dtype the logits are computed
+    in (autocast's when it is on), the plan."""
     out = []
     for v, k, p, mf in zip(values, keys, parents, mask_feats):
         plan = pool_plan(p, len(v))
         dtype = _logit_dtype(mf)  # the attention's projections cast keys and values to it anyway
-        out.append(tuple(t.to(dtype).index_select(0, rows) for t, rows in ((v, plan.order), (k, plan.order),
-                                                                           (mf, plan.fine_rows))) + (plan,))
+        out.append((v.to(dtype).index_select(0, plan.order), k.to(dtype).index_select(0, plan.order), mf.to(dtype),
+                    plan))
     return out
 
 
@@ -341,26 +341,31 @@ def _max_over_ranks(logits: Tensor) -> Tensor:
     return logits[0]
 
 
-def _pool_planned(emb: Tensor, rows: Tensor, plan: PoolPlan, out: Tensor | None = None) -> Tensor:
+def _pool_planned(emb: Tensor, mask_feats: Tensor, plan: PoolPlan, out: Tensor | None = None) -> Tensor:
     """The additive (Q, L) attention mask (0 = attend, very negative = not) of the masks ``emb @ mask_feats.T``,
-    its columns in plan order; ``rows``: the mask features of ``plan.fine_rows``; ``out``: a buffer for it.
+    its columns in plan order; ``mask_feats`` in the logits' dtype; ``out``: a buffer for the mask.
 
-    Chunk by chunk the (cap * n, Q) logits (rows first: that matmul runs 2x faster than (Q, rows)) are reduced
-    over their cap rank-major (n, Q) slabs, all in cache, and written transposed into the mask's columns."""
+    Chunk by chunk the plan's fine rows are gathered, their (cap * n, Q) logits (rows first: that matmul runs 2x
+    faster than (Q, rows)) reduced over the cap rank-major (n, Q) slabs, all in cache, and written transposed
+    into the mask's columns. The reduction runs on the logits' bits read as signed integers (integer maxima
+    run 2-4x faster than bfloat16 ones): by sign and magnitude, a float (not NaN) is > 0 iff its bits are > 0, so
+    the bits' maximum is > 0 iff some child's logit is, and <= 0 otherwise, where it is the bits of the most
+    negative child logit (-0.0 reads as the smallest integer); clamped at 0 that is the additive mask."""
     q, n_level = emb.shape[0], len(plan.order)
-    weight = (emb * MASK_SCALE).to(rows.dtype).T
-    pooled = (rows.new_empty(q * n_level) if out is None else out[: q * n_level]).view(q, n_level)
-    scratch = rows.new_empty(q * max((c * n for _, c, _, n in plan.chunks), default=0))
-    int_type = _SAME_WIDTH_INT[rows.element_size()]
+    weight = (emb * MASK_SCALE).to(mask_feats.dtype).T
+    pooled = (mask_feats.new_empty(q * n_level) if out is None else out[: q * n_level]).view(q, n_level)
+    most = max((c * n for _, c, _, n in plan.chunks), default=0)
+    scratch, rows = mask_feats.new_empty(q * most), mask_feats.new_empty(most * mask_feats.shape[1])
+    int_type = _SAME_WIDTH_INT[mask_feats.element_size()]
     bits = pooled.view(int_type)
     for start, c, col, n in plan.chunks:
         if c == 0:  # level rows without a child: never allowed
             pooled[:, col:col + n] = float("-inf")
             continue
-        logits = torch.mm(rows[start:start + c * n], weight, out=scratch[: q * c * n].view(c * n, q))
+        chunk = torch.index_select(mask_feats, 0, plan.fine_rows[start:start + c * n],
+                                   out=rows[: c * n * mask_feats.shape[1]].view(c * n, -1))
+        logits = torch.mm(chunk, weight, out=scratch[: q * c * n].view(c * n, q))
         bits[:, col:col + n].copy_(_max_over_ranks(logits.view(int_type).view(c, n, q)).T)
-    # Sign and magnitude: for floats (not NaN) x > 0 iff its bits read as a signed integer are > 0, and
-    # min(x, 0) is min(bits, 0) (negatives and -0.0 read negative, +0.0 is bits 0): integer passes run 4x faster
     empty = bits.amax(1) <= 0  # a query whose mask is empty attends everywhere
     bits.clamp_(max=0)
     if bool(empty.any()):
@@ -373,7 +378,7 @@ def _allowed_pooled(emb: Tensor, mask_feats: Tensor, parents: Tensor, n_level: i
     additive (Q, V_level) attention mask (0 = attend, very negative = not) that scaled_dot_product_attention uses
     as is, in level order (the decoder keeps the plan's order instead)."""
     plan = pool_plan(parents, n_level)
-    pooled = _pool_planned(emb, mask_feats[plan.fine_rows].to(_logit_dtype(mask_feats)), plan)
+    pooled = _pool_planned(emb, mask_feats.to(_logit_dtype(mask_feats)), plan)
     out = torch.empty_like(pooled)
     out[:, plan.order] = pooled
     return out
