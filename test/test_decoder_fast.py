@@ -8,8 +8,10 @@ import torch
 
 from sal_ros.core.panoptic import instance_summaries
 
-from sal_ros.model.decoder import (OBJECT, POOL_CHUNK_ROWS, FourierPositions, QueryDecoder, _allowed_pooled,
-                                   _pool_planned, pool_plan)
+from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.decoder import (OBJECT, POOL_CHUNK_ROWS, FourierPositions, QueryDecoder, _add_linear,
+                                   _allowed_pooled, _pool_planned, pool_plan)
+from sal_ros.model.sparse import SparseTensor
 from sal_ros.model.inference import FUSE_BLOCK_VOXELS, fuse_queries
 
 
@@ -136,3 +138,34 @@ def test_positions_from_per_axis_tables_are_the_positions_of_the_centres():
         grads.append([p.grad.clone() for p in positions.parameters()])
     for table_grad, grad in zip(*grads):
         torch.testing.assert_close(table_grad, grad, rtol=1e-4, atol=1e-3)
+
+
+def test_inference_sums_are_the_bits_of_the_training_formulas():
+    """Without autograd the mask features' addmm runs in place and a level's keys are summed straight into
+    autocast's dtype: the same bits as the plain formulas cast the way autocast and the attention cast them."""
+    gen = torch.Generator().manual_seed(5)
+    for feat_dtype, amp in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
+        base, w = torch.randn(3000, 32, generator=gen), torch.randn(32, 24, generator=gen)
+        x = torch.randn(3000, 24, generator=gen).to(feat_dtype)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            expected = torch.addmm(base.to(x.dtype), x, w.T)
+            with torch.no_grad():
+                got = _add_linear(base.clone(), x, w)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+    config = ModelConfig.preset("tiny")
+    decoder = QueryDecoder(config, {s: 16 for s in (1, *config.attention_strides)}).eval()
+    stride = config.attention_strides[0]
+    fine = SparseTensor(torch.randn(500, 16, generator=gen), torch.cat(
+        [torch.zeros(500, 1, dtype=torch.int32), torch.randint(0, 40, (500, 3), generator=gen, dtype=torch.int32)], 1))
+    coarse_coords = torch.unique(torch.div(fine.coords, torch.tensor([1, stride, stride, stride]),
+                                           rounding_mode="floor") * torch.tensor([1, stride, stride, stride]), dim=0)
+    coarse = SparseTensor(torch.randn(len(coarse_coords), 16, generator=gen), coarse_coords, stride)
+    for amp in (True, False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            values, keys, parents = decoder._level(0, coarse, fine, 1)
+            with torch.no_grad():
+                fast_values, fast_keys, fast_parents = decoder._level(0, coarse, fine, 1)
+        dtype = torch.bfloat16 if amp else torch.float32
+        assert fast_keys[0].dtype == fast_values[0].dtype == dtype
+        assert torch.equal(fast_keys[0], keys[0].to(dtype)) and torch.equal(fast_values[0], values[0].to(dtype))
+        assert torch.equal(fast_parents[0], parents[0])

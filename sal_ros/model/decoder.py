@@ -85,6 +85,16 @@ class FourierPositions(nn.Module):
             return F.embedding_bag(rows + axis_offsets, torch.cat(tables), mode="sum")
 
 
+def _add_linear(base: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """``base + x @ weight.T`` as ``torch.addmm(base.to(x.dtype), x, weight.T)`` computes it (autocast included).
+    Without autograd in place on the cast ``base``: addmm copies its input into a fresh output and then runs the
+    same in-place product, so this skips one (V, d) copy and its page faults, same bits."""
+    if torch.is_grad_enabled():
+        return torch.addmm(base.to(x.dtype), x, weight.T)
+    dtype = _logit_dtype(x)
+    return base.to(dtype).addmm_(x.to(dtype), weight.T.to(dtype))
+
+
 class Attention(nn.Module):
     """Multi-head attention through F.scaled_dot_product_attention; ``allowed`` (B|1, Lq, Lk) bool, True = attend
     (or an additive float mask, 0 = attend, -inf = not)."""
@@ -176,8 +186,7 @@ class QueryDecoder(nn.Module):
         fine_split = batch_splits(fine, batch_size)
         # mask_features(fine.feats) + positions in one addmm, the linear's bias inside the positions' tables
         positions = self.mask_positions.of_cells(fine.coords[:, 1:], 0.5, cfg.voxel_size, self.mask_features.bias)
-        mask_feats = torch.addmm(positions.to(fine.feats.dtype), fine.feats,
-                                 self.mask_features.weight.T).split(fine_split)
+        mask_feats = _add_linear(positions, fine.feats, self.mask_features.weight).split(fine_split)
         levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
         q = self.query_feat.weight[None].expand(batch_size, -1, -1)
         qpos = self.query_pos.weight[None].expand(batch_size, -1, -1)
@@ -230,7 +239,13 @@ class QueryDecoder(nn.Module):
     def _level(self, index: int, x: SparseTensor, fine: SparseTensor, batch_size: int):
         """Per batch element: projected features, keys (features + position), parent row of each fine voxel."""
         values = self.level_proj[index](x.feats) + self.level_embed.weight[index]
-        keys = values + self.positions.of_cells(x.coords[:, 1:], x.stride / 2, self.cfg.voxel_size).to(values.dtype)
+        positions = self.positions.of_cells(x.coords[:, 1:], x.stride / 2, self.cfg.voxel_size).to(values.dtype)
+        if torch.is_grad_enabled():
+            keys = values + positions
+        else:  # the attention casts both to autocast's dtype: sum straight into it (same bits, a pass less)
+            dtype = _logit_dtype(values)
+            keys = torch.add(values, positions, out=values.new_empty(values.shape, dtype=dtype))
+            values = values.to(dtype)
         split = batch_splits(x, batch_size)
         parents = parent_rows(fine.coords, x.coords, x.stride)
         offsets = torch.tensor([0] + split[:-1], device=parents.device).cumsum(0)
