@@ -263,3 +263,24 @@ def test_cpu_voxelize_under_autocast_keeps_float32():
     with torch.autocast("cpu", torch.bfloat16):
         got, _ = sparse.voxelize(pts, None, 0.5, feats)
     assert got.feats.dtype == torch.float32 and torch.equal(got.feats, ref.feats)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), 2e4])
+def test_admit_fast_path_matches_per_point_test(bad):
+    """A clean cloud is admitted by two whole-array reductions; one bad value sends it to the per-point test,
+    and both give the same valid set and counts."""
+    import numpy as np
+
+    from sal_ros.core.cloud_input import MAX_COORDINATE, SegmenterConfig, admit_cloud
+
+    pts = np.random.default_rng(0).normal(0, 30, (1000, 3)).astype(np.float32)
+    if bad is not None:
+        pts[[3, 500]] = bad
+    got = admit_cloud(pts, None, SegmenterConfig(), 1.0)
+    finite = np.isfinite(pts).all(1)
+    with np.errstate(invalid="ignore"):
+        valid = np.flatnonzero(finite & (np.abs(pts) <= MAX_COORDINATE).all(1))
+    assert np.array_equal(got.valid, valid) and np.array_equal(got.run, valid)
+    assert got.nonfinite == int((~finite).sum()) and got.out_of_range == 1000 - got.nonfinite - valid.size
+    expected = (0, 0) if bad is None else (0, 2) if np.isfinite(bad) else (2, 0)
+    assert (got.nonfinite, got.out_of_range) == expected

@@ -145,7 +145,10 @@ class Segmenter(ConfiguredSegmenter):
         attempt = 0
         while True:
             try:
-                return (run, *self._run(points[run], None if intensity is None else intensity[run], active))
+                whole = run.size == len(points)  # run is sorted and unique: every point, in order (no copy)
+                pts = points if whole else points[run]
+                inten = intensity if whole or intensity is None else intensity[run]
+                return (run, *self._run(pts, inten, active))
             except RuntimeError as exc:
                 if not _is_oom(exc) or self.device.type != "cuda":
                     raise
