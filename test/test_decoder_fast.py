@@ -9,8 +9,8 @@ import torch
 from sal_ros.core.panoptic import instance_summaries
 
 from sal_ros.model.backbone import ModelConfig
-from sal_ros.model.decoder import (OBJECT, POOL_CHUNK_ROWS, FourierPositions, QueryDecoder, _add_linear,
-                                   _allowed_pooled, _pool_planned, pool_plan)
+from sal_ros.model.decoder import (OBJECT, POOL_CHUNK_ROWS, POSITION_BLOCK_ROWS, FourierPositions, QueryDecoder,
+                                   _add_linear, _allowed_pooled, _pool_planned, pool_plan)
 from sal_ros.model.sparse import SparseTensor
 from sal_ros.model.inference import FUSE_BLOCK_VOXELS, fuse_queries
 
@@ -131,6 +131,10 @@ def test_positions_from_per_axis_tables_are_the_positions_of_the_centres():
     torch.testing.assert_close(positions.of_cells(coords, 2, 0.05), positions(centres), rtol=0, atol=1e-5)
     bias = torch.randn(24)  # a caller's bias (the mask features' linear) is added once per voxel
     torch.testing.assert_close(positions.of_cells(coords, 2, 0.05, bias), positions(centres) + bias, rtol=0, atol=1e-5)
+    with torch.no_grad():  # cast block by block: the bits of the float32 features cast whole
+        many = torch.randint(-1500, 1500, (2 * POSITION_BLOCK_ROWS + 5, 3), dtype=torch.int32)
+        assert torch.equal(positions.of_cells(many, 0.5, 0.05, bias, torch.bfloat16),
+                           positions.of_cells(many, 0.5, 0.05, bias).to(torch.bfloat16))
     grads = []
     for features in (lambda: positions.of_cells(coords, 2, 0.05), lambda: positions(centres)):
         positions.zero_grad()

@@ -48,6 +48,9 @@ class MLP(nn.Sequential):
         super().__init__(*mods)
 
 
+POSITION_BLOCK_ROWS = 8192  # 8192 voxels x 128 float32 = 4 MB per block of positions cast to a narrower dtype
+
+
 class FourierPositions(nn.Module):
     """Voxel centres in metres -> ``dim`` features: sin/cos at geometric wavelengths, then a linear layer."""
 
@@ -61,15 +64,17 @@ class FourierPositions(nn.Module):
         angles = (xyz[:, :, None] * self.freqs.to(xyz.dtype)).flatten(1)  # (N, 3F)
         return self.proj(torch.cat([angles.sin(), angles.cos()], dim=1))
 
-    def of_cells(self, coords: Tensor, offset: float, voxel_size: float, bias: Tensor | None = None) -> Tensor:
+    def of_cells(self, coords: Tensor, offset: float, voxel_size: float, bias: Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
         """``forward`` of the centres ``(coords + offset) * voxel_size`` of integer voxel coords ``(N, 3)``, float32,
-        plus ``bias`` (a caller's own bias, folded in here for free).
+        plus ``bias`` (a caller's own bias, folded in here for free); ``dtype``: cast to it (without autograd
+        block by block, never a full-size float32 copy: the same bits as ``.to(dtype)``).
 
         The projection is linear, so it splits into one table per axis: the projected sin/cos of each cell index
         along that axis (a scan spans a few thousand, not ~10^5 voxels), summed per voxel by one embedding_bag.
         Same features as ``forward`` up to float32 rounding (autocast off: more exact than its bf16 linear)."""
         if len(coords) == 0:
-            return self.proj.weight.new_zeros(0, self.proj.out_features)
+            return self.proj.weight.new_zeros(0, self.proj.out_features, dtype=dtype)
         lo = coords.min(0).values
         rows = (coords - lo).long()  # (N, 3) rows of the axes' tables
         span = int(rows.max()) + 1
@@ -81,8 +86,15 @@ class FourierPositions(nn.Module):
             tables = [angles[:, a].sin() @ weight[:, 0, a].T + angles[:, a].cos() @ weight[:, 1, a].T
                       for a in range(coords.shape[1])]  # (R, dim) each
             tables[0] = tables[0] + self.proj.bias.float() + (0.0 if bias is None else bias.float())  # once per voxel
-            axis_offsets = torch.arange(coords.shape[1], device=coords.device) * span
-            return F.embedding_bag(rows + axis_offsets, torch.cat(tables), mode="sum")
+            rows += torch.arange(coords.shape[1], device=coords.device) * span  # the axes' tables stacked
+            table = torch.cat(tables)
+            if dtype == torch.float32 or torch.is_grad_enabled():
+                return F.embedding_bag(rows, table, mode="sum").to(dtype)
+            out = table.new_empty(len(rows), table.shape[1], dtype=dtype)
+            for start in range(0, len(rows), POSITION_BLOCK_ROWS):
+                block = slice(start, start + POSITION_BLOCK_ROWS)
+                out[block] = F.embedding_bag(rows[block], table, mode="sum")
+            return out
 
 
 def _add_linear(base: Tensor, x: Tensor, weight: Tensor) -> Tensor:
@@ -185,7 +197,8 @@ class QueryDecoder(nn.Module):
         fine = feats[1]
         fine_split = batch_splits(fine, batch_size)
         # mask_features(fine.feats) + positions in one addmm, the linear's bias inside the positions' tables
-        positions = self.mask_positions.of_cells(fine.coords[:, 1:], 0.5, cfg.voxel_size, self.mask_features.bias)
+        positions = self.mask_positions.of_cells(fine.coords[:, 1:], 0.5, cfg.voxel_size, self.mask_features.bias,
+                                                 _logit_dtype(fine.feats))
         mask_feats = _add_linear(positions, fine.feats, self.mask_features.weight).split(fine_split)
         levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
         q = self.query_feat.weight[None].expand(batch_size, -1, -1)
