@@ -36,6 +36,20 @@ def test_bench_model_stages_and_sparse_vs_dense_conv():
     assert conv["max_abs_diff"] < 1e-4  # same weights, same layer: the sparse conv is the dense one
 
 
+def test_instance_parity_compares_partitions_not_ids():
+    import numpy as np
+
+    from sal_ros.bench.model import instance_partition_differs
+
+    reference = np.array([0, 1, 1, 2, 2, 2, 3, 3, 0, 0])
+    renumbered = np.array([0, 1, 1, 3, 3, 3, 2, 2, 0, 0])  # instance 1 of one run missing -> later ids shift
+    assert instance_partition_differs(reference, renumbered) == 0.0 and (reference != renumbered).mean() == 0.5
+    merged = np.array([0, 1, 1, 1, 1, 1, 3, 3, 0, 0])  # instances 1 and 2 merged: it is matched to the larger (2),
+    assert abs(instance_partition_differs(reference, merged) - 0.2) < 1e-12  # so instance 1's 2 points differ
+    unassigned = np.array([5, 1, 1, 2, 2, 2, 3, 3, 0, 0])  # a stuff point became an instance of its own
+    assert abs(instance_partition_differs(reference, unassigned) - 0.1) < 1e-12
+
+
 def test_bench_model_says_when_the_conv_crop_is_empty():
     scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
     out = _bench("model", "--scan", str(scan), "--presets", "tiny", "--points", "2000", "--repeats", "1",
