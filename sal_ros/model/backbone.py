@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from sal_ros.core.settings import known_settings
-from sal_ros.model.sparse import Conv3d, SparseTensor, cat_feats
+from sal_ros.model.sparse import Conv3d, SparseTensor, Workspace, cat_feats
 
 ENCODER_STRIDES = (2, 4, 8, 16)
 
@@ -209,7 +209,15 @@ class MinkUNet(nn.Module):
     def _forward_fused(self, x: SparseTensor) -> dict[int, SparseTensor]:
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.feats.dtype
-        with torch.autocast(device, enabled=False):
+        # Scratch shared by the convs of this pass, dropped after it (the outputs keep the cache).
+        x.cache.workspace = Workspace() if device == "cpu" else None
+        try:
+            return self._fused_layers(x, dtype)
+        finally:
+            x.cache.workspace = None
+
+    def _fused_layers(self, x: SparseTensor, dtype: torch.dtype) -> dict[int, SparseTensor]:
+        with torch.autocast(x.device.type, enabled=False):
             y = x.replace_feats(x.feats.to(dtype))
             for layer in self.stem:
                 y = self._conv_bn(layer, y, relu=True)

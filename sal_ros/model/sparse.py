@@ -42,6 +42,7 @@ from torch import Tensor, nn
 __all__ = [
     "SparseTensor",
     "SparseCache",
+    "Workspace",
     "KernelMap",
     "Conv3d",
     "voxelize",
@@ -81,6 +82,23 @@ class SparseCache:
         self.ts_caches = None  # torchsparse's own cache object, when that backend runs
         self.ts_shift: Optional[Tensor] = None  # keeps coordinates non-negative for torchsparse
         self.walk_columns = True  # submanifold maps walked along z (build_kernel_map); False: searched
+        # Scratch tensors reused by the CPU inference convs of one forward pass (see Workspace); None: fresh each.
+        self.workspace: Optional[Workspace] = None
+
+
+class Workspace:
+    """Flat scratch tensors by role, grown on demand and lent out as views: the inference convs' accumulators and
+    temporaries (tens of MB at stride 1) would otherwise be fresh pages from the OS in every conv. A view is only
+    valid until the next request for its role."""
+
+    def __init__(self) -> None:
+        self._flat: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, role: str, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        flat = self._flat.get((role, dtype))
+        if flat is None or flat.numel() < rows * cols:
+            flat = self._flat[(role, dtype)] = torch.empty(rows * cols, dtype=dtype)
+        return flat[:rows * cols].view(rows, cols)
 
 
 class SparseTensor:
@@ -516,7 +534,8 @@ class _GatherMatmulScatter(torch.autograd.Function):
 
 @torch.no_grad()
 def sparse_conv_inference(feats: Tensor, weight: Tensor, kmap: KernelMap, bias: Optional[Tensor] = None,
-                          residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+                          residual: Optional[Tensor] = None, relu: bool = False,
+                          workspace: Optional[Workspace] = None) -> Tensor:
     """``relu(conv + bias + residual)`` without autograd, for inference, in the dtype of ``feats``; the conv is
     ``_GatherMatmulScatter``'s sum: per offset gather and matmul, on the CPU summed into a float32 accumulator by
     one sparse matmul per buffer of products (:func:`_scatter_products`; tiny's backbone 1.2x), elsewhere by
@@ -536,20 +555,25 @@ def sparse_conv_inference(feats: Tensor, weight: Tensor, kmap: KernelMap, bias: 
     acc = _accumulation_dtype(feats.dtype)
     c_out = weight.shape[-1]
     bucket = feats.device.type == "cpu" and feats.dtype in (torch.bfloat16, torch.float16)
+    ws = workspace if feats.device.type == "cpu" else None
+    # The accumulator is scratch only when the result is a fresh cast of it.
+    out = ws.get("acc", kmap.n_out, c_out, acc) if ws is not None and acc != feats.dtype else None
     if kmap.identity is not None:
-        out = _rows_matmul(feats, None, weight[kmap.identity], bias, bucket).to(acc)
+        centre = _rows_matmul(feats, None, weight[kmap.identity], bias, bucket, None if out is None else ws)
+        out = centre.to(acc) if out is None else out.copy_(centre)
     elif bias is not None:
-        out = bias.to(acc).expand(kmap.n_out, c_out).clone()
+        out = bias.to(acc).expand(kmap.n_out, c_out).clone() if out is None else out.copy_(bias.expand_as(out))
     else:
-        out = torch.zeros(kmap.n_out, c_out, dtype=acc, device=feats.device)
+        out = torch.zeros(kmap.n_out, c_out, dtype=acc, device=feats.device) if out is None else out.zero_()
     if _sparse_scatter(out):
-        _scatter_products(feats, weight, kmap, out, bucket)
+        _scatter_products(feats, weight, kmap, out, bucket, ws)
     else:
         for k, (i, o) in enumerate(zip(kmap.in_idx, kmap.out_idx)):
             if len(i):
                 out.index_add_(0, o, _rows_matmul(feats, i, weight[k], None, bucket).to(acc))
     if residual is not None:
-        out += residual.to(acc)
+        out += residual.to(acc) if ws is None or residual.dtype == acc else \
+            ws.get("res", *residual.shape, acc).copy_(residual)
     return (out.relu_() if relu else out).to(feats.dtype)
 
 
@@ -562,7 +586,8 @@ def _sparse_scatter(out: Tensor) -> bool:
     return cpu and out.dtype in (torch.float32, torch.float64)
 
 
-def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tensor, bucket: bool) -> None:
+def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tensor, bucket: bool,
+                      ws: Optional[Workspace] = None) -> None:
     """``out += S @ products``: the offsets' ``feats[in] @ W[k]`` written one after another into a buffer of at
     most ``_SCATTER_CHUNK_BYTES`` (more offsets per buffer at fewer channels), each buffer summed into its outputs
     by one sparse matmul (:meth:`KernelMap.scatter_matrix`). Larger buffers are fresh pages from the OS on every
@@ -576,7 +601,8 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
             first, rows = k, 0
         rows += n
     chunks.append((first, len(sizes), rows))
-    buffer = out.new_empty(max(c[2] for c in chunks), out.shape[1])
+    rows = max(c[2] for c in chunks)
+    buffer = out.new_empty(rows, out.shape[1]) if ws is None else ws.get("products", rows, out.shape[1], out.dtype)
     for first, stop, rows in chunks:
         if not rows:
             continue
@@ -588,7 +614,7 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
                 if feats.dtype == out.dtype and not bucket:
                     torch.mm(feats.index_select(0, kmap.in_idx[k]), weight[k], out=dst)
                 else:
-                    dst.copy_(_rows_matmul(feats, kmap.in_idx[k], weight[k], None, bucket))
+                    dst.copy_(_rows_matmul(feats, kmap.in_idx[k], weight[k], None, bucket, ws))
                 start += n
         with torch.autocast("cpu", enabled=False):  # MKL's sparse matmul is float32 / float64 only
             out.addmm_(kmap.scatter_matrix(out.dtype, first, stop), buffer[:rows])
@@ -600,27 +626,34 @@ def _bucket_step(n: int) -> int:
 
 
 def _rows_matmul(feats: Tensor, rows: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                 bucket: bool) -> Tensor:
+                 bucket: bool, ws: Optional[Workspace] = None) -> Tensor:
     """``feats[rows] @ weight (+ bias)``, all rows when ``rows`` is None. With ``bucket`` every matmul gets one of
     a few row counts: oneDNN compiles a half-precision kernel per shape on first use (~2.4 ms, against 0.4 ms for
-    the cached 20,000 x 96 x 96 product), and each new scan brings new pair counts in every layer."""
+    the cached 20,000 x 96 x 96 product), and each new scan brings new pair counts in every layer. With ``ws`` the
+    gathered rows and the product are its views (valid until the next call with it)."""
     def mm(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         if bias is None:
             return torch.mm(x, weight, out=out)
         return torch.addmm(bias, x, weight, out=out)
 
+    def scratch(role: str, n_rows: int, cols: int) -> Optional[Tensor]:
+        return None if ws is None else ws.get(role, n_rows, cols, feats.dtype)
+
+    c_out = weight.shape[-1]
     n = len(feats) if rows is None else len(rows)
     step = _bucket_step(n)
-    if not bucket or n % step == 0:
-        return mm(feats if rows is None else feats.index_select(0, rows))
+    if rows is None and (not bucket or n % step == 0):
+        return mm(feats, scratch("mm", n, c_out))
     if rows is None:  # a bucket-sized head as a view, the tail gathered and padded
         head = n // step * step
-        out = feats.new_empty(n, weight.shape[-1])
+        out = feats.new_empty(n, c_out) if ws is None else scratch("mm", n, c_out)
         mm(feats[:head], out[:head])
         out[head:] = _rows_matmul(feats, torch.arange(head, n, device=feats.device), weight, bias, True)
         return out
-    padded = torch.cat([rows, rows[:1].expand(-n % step)])
-    return mm(feats.index_select(0, padded))[:n]
+    if bucket and n % step:
+        rows = torch.cat([rows, rows[:1].expand(-n % step)])
+    gathered = torch.index_select(feats, 0, rows, out=scratch("gather", len(rows), feats.shape[1]))
+    return mm(gathered, scratch("mm", len(rows), c_out))[:n]
 
 
 # --------------------------------------------------------------------------------------- convolution
@@ -717,7 +750,7 @@ class Conv3d(nn.Module):
                 feats += residual
             return x.replace_feats(feats.relu_() if relu else feats)
         coords, stride, kmap = self._output_and_map(x)
-        feats = sparse_conv_inference(x.feats, weight, kmap, bias, residual, relu)
+        feats = sparse_conv_inference(x.feats, weight, kmap, bias, residual, relu, x.cache.workspace)
         return SparseTensor(feats, coords, stride, x.cache)
 
     def _uses_torchsparse(self, x: SparseTensor) -> bool:

@@ -1,0 +1,62 @@
+"""Scratch reuse of the CPU inference convs (issue 17): a Workspace changes no bit, results never alias it, and the
+fused MinkUNet drops it after the forward pass."""
+import pytest
+import torch
+
+from sal_ros.model.backbone import MinkUNet, ModelConfig
+from sal_ros.model.sparse import Conv3d, SparseTensor, Workspace, sparse_conv_inference
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def voxels(channels, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = (torch.rand(2, 18, 18, 18, generator=g) < 0.25).nonzero()
+    return SparseTensor(torch.randn(len(idx), channels, generator=g).to(dtype), idx.int(), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("centre", [True, False])
+def test_workspace_changes_no_bit(dtype, centre):
+    x = voxels(12, dtype)
+    conv = Conv3d(12, 8, 3 if centre else 2, 1 if centre else 2, backend="torch")
+    kmap = conv._output_and_map(x)[2]
+    assert (kmap.identity is not None) == centre
+    g = torch.Generator().manual_seed(1)
+    weight = conv.kernel.detach().to(dtype)
+    bias = torch.randn(8, generator=g).to(dtype)
+    residual = torch.randn(kmap.n_out, 8, generator=g).to(dtype)
+    ws = Workspace()
+    for b, r, relu in [(bias, residual, True), (None, None, False), (bias, None, False)]:
+        fresh = sparse_conv_inference(x.feats, weight, kmap, b, r, relu)
+        first = sparse_conv_inference(x.feats, weight, kmap, b, r, relu, ws)
+        kept = first.clone()
+        second = sparse_conv_inference(x.feats * 2, weight, kmap, b, r, relu, ws)  # reuses every scratch tensor
+        assert torch.equal(first, fresh) and torch.equal(first, kept)  # not overwritten: no aliasing
+        assert not torch.equal(second, first)
+
+
+def test_fused_minkunet_same_bits_and_drops_workspace(monkeypatch):
+    import sal_ros.model.backbone as backbone
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")
+    net = MinkUNet(cfg).eval()
+    x = voxels(cfg.in_channels, torch.float32, seed=3)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            return net(SparseTensor(x.feats, x.coords, 1))
+
+    with_ws = run()
+    assert next(iter(with_ws.values())).cache.workspace is None
+    monkeypatch.setattr(backbone, "Workspace", lambda: None)
+    without = run()
+    assert all(with_ws[s].feats.dtype == torch.bfloat16 for s in with_ws)
+    assert all(torch.equal(with_ws[s].feats, without[s].feats) for s in with_ws)
