@@ -60,3 +60,34 @@ def test_fused_minkunet_same_bits_and_drops_workspace(monkeypatch):
     without = run()
     assert all(with_ws[s].feats.dtype == torch.bfloat16 for s in with_ws)
     assert all(torch.equal(with_ws[s].feats, without[s].feats) for s in with_ws)
+
+
+@pytest.mark.filterwarnings("error:An output with one or more elements was resized")  # padding must fit
+@pytest.mark.parametrize("channels", [(12, 8), (40, 24), (7, 128)])
+@pytest.mark.parametrize("use_ws", [False, True])
+def test_widened_products_same_bits(monkeypatch, channels, use_ws):
+    """bfloat16 products written as the high halves of float32 words (one matmul with a zero-interleaved weight)
+    equal the matmul-and-cast path bit for bit, negative features and bucket-padded offsets included."""
+    import sal_ros.model.sparse as sparse
+
+    c_in, c_out = channels
+    x = voxels(c_in, torch.bfloat16, seed=4)
+    g = torch.Generator().manual_seed(5)
+    conv = Conv3d(c_in, c_out, 3, backend="torch")
+    kmap = conv._output_and_map(x)[2]
+    assert any(len(i) % sparse._bucket_step(len(i)) for i in kmap.in_idx)  # padding spills somewhere
+    weight = torch.randn(27, c_in, c_out, generator=g).bfloat16()
+    bias = torch.randn(c_out, generator=g).bfloat16()
+    assert sparse._products_as_halves(x.feats, weight, torch.empty(0))
+    ws = Workspace() if use_ws else None
+    wide = sparse_conv_inference(x.feats, weight, kmap, bias, workspace=ws)
+    monkeypatch.setattr(sparse, "_products_as_halves", lambda *a: False)
+    assert torch.equal(wide, sparse_conv_inference(x.feats, weight, kmap, bias, workspace=ws))
+
+
+def test_widened_weight_halves():
+    from sal_ros.model.sparse import _widened
+
+    w = torch.randn(3, 4, 5).bfloat16()
+    halves = _widened(w).view(3, 4, 5, 2)
+    assert torch.equal(halves[..., 1], w) and not halves[..., 0].any()

@@ -31,6 +31,7 @@ forward pass and transposed convs reuse the maps of their strided twins.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -601,7 +602,10 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
             first, rows = k, 0
         rows += n
     chunks.append((first, len(sizes), rows))
-    rows = max(c[2] for c in chunks)
+    wide = _widened(weight) if _products_as_halves(feats, weight, out) else None
+    # Widened products keep their bucket padding: it spills into the next offset's rows (written next) or the tail.
+    spill = max((-n % _bucket_step(n) for n in sizes if n), default=0) if wide is not None and bucket else 0
+    rows = max(c[2] for c in chunks) + spill
     buffer = out.new_empty(rows, out.shape[1]) if ws is None else ws.get("products", rows, out.shape[1], out.dtype)
     for first, stop, rows in chunks:
         if not rows:
@@ -609,7 +613,11 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
         start = 0
         for k in range(first, stop):
             n = sizes[k]
-            if n:
+            if n and wide is not None:
+                gathered = _gather_rows(feats, kmap.in_idx[k], bucket, ws)
+                torch.mm(gathered, wide[k], out=buffer[start:start + len(gathered)].view(feats.dtype))
+                start += n
+            elif n:
                 dst = buffer[start:start + n]
                 if feats.dtype == out.dtype and not bucket:
                     torch.mm(feats.index_select(0, kmap.in_idx[k]), weight[k], out=dst)
@@ -618,6 +626,33 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
                 start += n
         with torch.autocast("cpu", enabled=False):  # MKL's sparse matmul is float32 / float64 only
             out.addmm_(kmap.scatter_matrix(out.dtype, first, stop), buffer[:rows])
+
+
+def _products_as_halves(feats: Tensor, weight: Tensor, out: Tensor) -> bool:
+    """Whether bfloat16 products go straight into the float32 buffer as the high halves of its words
+    (:func:`_widened`): up to 128 channels in and out; wider, the doubled matmul output cost more than the cast
+    (minkunet34 per layer: 32-64 channels 1.1x, 96-128 about even, 192-384 0.9x)."""
+    narrow = weight.shape[-2] <= 128 and weight.shape[-1] <= 128
+    return narrow and feats.dtype == torch.bfloat16 and out.dtype == torch.float32 and sys.byteorder == "little"
+
+
+def _widened(weight: Tensor) -> Tensor:
+    """``(K, C_in, 2 C_out)`` bfloat16 weight with a zero column before each column of ``weight``: a product with it,
+    viewed as float32, is exactly the float32 value of each bfloat16 product (bfloat16 is a float32's high half;
+    the zero columns' sums, started from +0, are +0, the low halves). One matmul with twice the columns replaces a
+    matmul and a bfloat16 -> float32 cast pass, 1.04-1.5x faster on 256-32 channels (AMX)."""
+    wide = weight.new_zeros(*weight.shape, 2)
+    wide[..., 1] = weight
+    return wide.view(*weight.shape[:-1], 2 * weight.shape[-1])
+
+
+def _gather_rows(feats: Tensor, rows: Tensor, bucket: bool, ws: Optional[Workspace] = None) -> Tensor:
+    """``feats[rows]``, with ``bucket`` padded (by repeats of the first row) to a bucketed row count."""
+    n = len(rows)
+    if bucket and n % _bucket_step(n):
+        rows = torch.cat([rows, rows[:1].expand(-n % _bucket_step(n))])
+    scratch = None if ws is None else ws.get("gather", len(rows), feats.shape[1], feats.dtype)
+    return torch.index_select(feats, 0, rows, out=scratch)
 
 
 def _bucket_step(n: int) -> int:
@@ -650,10 +685,8 @@ def _rows_matmul(feats: Tensor, rows: Optional[Tensor], weight: Tensor, bias: Op
         mm(feats[:head], out[:head])
         out[head:] = _rows_matmul(feats, torch.arange(head, n, device=feats.device), weight, bias, True)
         return out
-    if bucket and n % step:
-        rows = torch.cat([rows, rows[:1].expand(-n % step)])
-    gathered = torch.index_select(feats, 0, rows, out=scratch("gather", len(rows), feats.shape[1]))
-    return mm(gathered, scratch("mm", len(rows), c_out))[:n]
+    gathered = _gather_rows(feats, rows, bucket, ws)
+    return mm(gathered, scratch("mm", len(gathered), c_out))[:n]
 
 
 # --------------------------------------------------------------------------------------- convolution
