@@ -559,7 +559,12 @@ def sparse_conv_inference(feats: Tensor, weight: Tensor, kmap: KernelMap, bias: 
     ws = workspace if feats.device.type == "cpu" else None
     # The accumulator is scratch only when the result is a fresh cast of it.
     out = ws.get("acc", kmap.n_out, c_out, acc) if ws is not None and acc != feats.dtype else None
-    if kmap.identity is not None:
+    if kmap.identity is not None and out is not None and _products_as_halves(feats, weight, out):
+        # the centre's bfloat16 products (bias included) land in the accumulator as float32, no cast pass
+        wide_bias = None if bias is None else _widened(bias[None, None])[0, 0]
+        wide = _widened(weight[kmap.identity][None])[0]
+        _rows_matmul(feats, None, wide, wide_bias, bucket, dest=out.view(feats.dtype))
+    elif kmap.identity is not None:
         centre = _rows_matmul(feats, None, weight[kmap.identity], bias, bucket, None if out is None else ws)
         out = centre.to(acc) if out is None else out.copy_(centre)
     elif bias is not None:
@@ -661,11 +666,12 @@ def _bucket_step(n: int) -> int:
 
 
 def _rows_matmul(feats: Tensor, rows: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                 bucket: bool, ws: Optional[Workspace] = None) -> Tensor:
+                 bucket: bool, ws: Optional[Workspace] = None, dest: Optional[Tensor] = None) -> Tensor:
     """``feats[rows] @ weight (+ bias)``, all rows when ``rows`` is None. With ``bucket`` every matmul gets one of
     a few row counts: oneDNN compiles a half-precision kernel per shape on first use (~2.4 ms, against 0.4 ms for
     the cached 20,000 x 96 x 96 product), and each new scan brings new pair counts in every layer. With ``ws`` the
-    gathered rows and the product are its views (valid until the next call with it)."""
+    gathered rows and the product are its views (valid until the next call with it); all rows can also be written
+    into ``dest``."""
     def mm(x: Tensor, out: Optional[Tensor] = None) -> Tensor:
         if bias is None:
             return torch.mm(x, weight, out=out)
@@ -678,10 +684,10 @@ def _rows_matmul(feats: Tensor, rows: Optional[Tensor], weight: Tensor, bias: Op
     n = len(feats) if rows is None else len(rows)
     step = _bucket_step(n)
     if rows is None and (not bucket or n % step == 0):
-        return mm(feats, scratch("mm", n, c_out))
+        return mm(feats, scratch("mm", n, c_out) if dest is None else dest)
     if rows is None:  # a bucket-sized head as a view, the tail gathered and padded
         head = n // step * step
-        out = feats.new_empty(n, c_out) if ws is None else scratch("mm", n, c_out)
+        out = dest if dest is not None else feats.new_empty(n, c_out) if ws is None else scratch("mm", n, c_out)
         mm(feats[:head], out[:head])
         out[head:] = _rows_matmul(feats, torch.arange(head, n, device=feats.device), weight, bias, True)
         return out
