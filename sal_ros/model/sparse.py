@@ -321,6 +321,14 @@ class KernelMap:
             self._transposed = KernelMap(self.out_idx, self.in_idx, self.n_out, self.n_in, self.identity)
         return self._transposed
 
+    def padded_in_idx(self, k: int) -> Tensor:
+        """``in_idx[k]`` padded to a bucketed length (:func:`_gather_rows`), kept: every conv on this map pads it."""
+        key = ("padded", k, _bucket_step(len(self.in_idx[k])))
+        rows = self._scatter.get(key)
+        if rows is None:
+            rows = self._scatter[key] = _padded_rows(self.in_idx[k])
+        return rows
+
     def scatter_matrix(self, dtype: torch.dtype, first: int = 0, stop: Optional[int] = None) -> Tensor:
         """CSR ``(n_out, pairs)`` of ones over the pairs of offsets ``first:stop``: row ``o`` holds the positions, in
         those offsets' concatenated pair order, of the pairs whose output is ``o``. ``out.addmm_(S, products)`` then
@@ -619,7 +627,7 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
         for k in range(first, stop):
             n = sizes[k]
             if n and wide is not None:
-                gathered = _gather_rows(feats, kmap.in_idx[k], bucket, ws)
+                gathered = _gather_rows(feats, kmap.padded_in_idx(k) if bucket else kmap.in_idx[k], bucket, ws)
                 torch.mm(gathered, wide[k], out=buffer[start:start + len(gathered)].view(feats.dtype))
                 start += n
             elif n:
@@ -627,7 +635,8 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
                 if feats.dtype == out.dtype and not bucket:
                     torch.mm(feats.index_select(0, kmap.in_idx[k]), weight[k], out=dst)
                 else:
-                    dst.copy_(_rows_matmul(feats, kmap.in_idx[k], weight[k], None, bucket, ws))
+                    rows_k = kmap.padded_in_idx(k) if bucket else kmap.in_idx[k]
+                    dst.copy_(_rows_matmul(feats, rows_k, weight[k], None, bucket, ws)[:n])
                 start += n
         with torch.autocast("cpu", enabled=False):  # MKL's sparse matmul is float32 / float64 only
             out.addmm_(kmap.scatter_matrix(out.dtype, first, stop), buffer[:rows])
@@ -653,11 +662,15 @@ def _widened(weight: Tensor) -> Tensor:
 
 def _gather_rows(feats: Tensor, rows: Tensor, bucket: bool, ws: Optional[Workspace] = None) -> Tensor:
     """``feats[rows]``, with ``bucket`` padded (by repeats of the first row) to a bucketed row count."""
-    n = len(rows)
-    if bucket and n % _bucket_step(n):
-        rows = torch.cat([rows, rows[:1].expand(-n % _bucket_step(n))])
+    rows = _padded_rows(rows) if bucket else rows
     scratch = None if ws is None else ws.get("gather", len(rows), feats.shape[1], feats.dtype)
     return torch.index_select(feats, 0, rows, out=scratch)
+
+
+def _padded_rows(rows: Tensor) -> Tensor:
+    """``rows`` and repeats of its first row up to a bucketed length (padding a padded list changes nothing)."""
+    n = len(rows)
+    return torch.cat([rows, rows[:1].expand(-n % _bucket_step(n))]) if n % _bucket_step(n) else rows
 
 
 def _bucket_step(n: int) -> int:
