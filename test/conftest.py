@@ -291,3 +291,14 @@ def eval_online_rig(tmp_path_factory):
         }},
     }))
     return type("Rig", (), {"root": root, "bag": bag, "params": params})
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread, as the node runs: two threads on a loaded 2-core machine made model tests 100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

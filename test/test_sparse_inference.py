@@ -11,13 +11,7 @@ from sal_ros.model.sparse import Conv3d, SparseTensor, build_kernel_map, kernel_
 TOL = 1e-9
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, as the node runs: two threads on a loaded 2-core machine made these tests 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_voxels(n_side, channels, stride=1, density=0.3, seed=0, batch=2):

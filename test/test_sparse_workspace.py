@@ -7,12 +7,7 @@ from sal_ros.model.backbone import MinkUNet, ModelConfig
 from sal_ros.model.sparse import Conv3d, SparseTensor, Workspace, sparse_conv_inference
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def voxels(channels, dtype, seed=0):
