@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from sal_ros.core.calibration import (
@@ -36,6 +35,7 @@ from sal_ros.core.calibration import (
 )
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.types import CameraView, Frame
+from sal_ros.core.yamlfile import load_yaml
 
 KITTI_PERIOD_NS = 100_000_000  # 10 Hz
 SEMANTICKITTI_THINGS = ("car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist",
@@ -244,14 +244,13 @@ class SemanticKittiConfig:
 
 def read_semantickitti_config(yaml_path: str | os.PathLike) -> SemanticKittiConfig:
     try:
-        with open(yaml_path) as f:
-            data = yaml.safe_load(f)
+        data = load_yaml(yaml_path, "SemanticKITTI config")
         labels = {int(k): str(v) for k, v in data["labels"].items()}
         learning_map = {int(k): int(v) for k, v in data["learning_map"].items()}
         inv = {int(k): int(v) for k, v in data["learning_map_inv"].items()}
         colors = {int(k): (int(v[2]), int(v[1]), int(v[0])) for k, v in data["color_map"].items()}
         ignore = {int(k): bool(v) for k, v in data.get("learning_ignore", {}).items()}
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise SensorDataError(f"cannot read SemanticKITTI config {yaml_path}: {exc!r}") from exc
     class_names = tuple(labels[inv[k]] for k in sorted(inv) if k > 0)
     return SemanticKittiConfig(labels=labels, learning_map=learning_map, learning_map_inv=inv, colors=colors,

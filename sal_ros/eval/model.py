@@ -45,10 +45,9 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
 def _load_class_map(path: Path | None) -> dict | None:
     if path is None:
         return None
-    import yaml
+    from sal_ros.core.yamlfile import load_yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = load_yaml(path, "class map") or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping vocabulary class -> dataset class")
     return {str(k): (None if v is None else str(v)) for k, v in data.items()}
