@@ -35,6 +35,7 @@ from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
 from sal_ros.pseudolabel.mask_sources import build_mask_source
 from sal_ros.pseudolabel.masks import Masks, flatten_masks
+from sal_ros.pseudolabel.oracle import OracleMasks, oracle_masks  # noqa: F401 - oracle_masks: this module's API
 from sal_ros.pseudolabel.refine import RefineConfig
 
 log = logging.getLogger(__name__)
@@ -103,35 +104,10 @@ def scored_points(frame, label_set, min_depth: float) -> tuple[np.ndarray, np.nd
     return keep, cls[keep], seg[keep], label_set.thing_mask[cls[keep]]
 
 
-def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat: tuple[int, int] = (2, 3)) -> Masks:
-    """Ground-truth segments rendered into the image: each point paints a (2*sx+1) x (2*sy+1) splat, the
-    nearest point wins each pixel (z-buffer); one mask per segment (segment 0 = paints nothing)."""
-    idx, uv, depth = project_view(frame.points, view, min_depth)
-    h, w = view.image.shape[:2]
-    sx, sy = splat
-    du, dv = np.meshgrid(np.arange(-sx, sx + 1), np.arange(-sy, sy + 1))
-    u = (uv[:, 0].astype(np.int64)[:, None] + du.reshape(1, -1)).ravel()
-    v = (uv[:, 1].astype(np.int64)[:, None] + dv.reshape(1, -1)).ravel()
-    d = np.repeat(depth, du.size)
-    s = np.repeat(segment[idx], du.size)
-    ok = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    pix, d, s = v[ok] * w + u[ok], d[ok], s[ok]
-    order = np.lexsort((d, pix))
-    first = np.r_[True, pix[order][1:] != pix[order][:-1]]
-    pix, s = pix[order][first], s[order][first]
-    pix, s = pix[s > 0], s[s > 0]
-    ids, inv = np.unique(s, return_inverse=True)
-    masks = np.zeros((ids.size, h * w), bool)
-    masks[inv, pix] = True
-    return Masks(masks.reshape(ids.size, h, w), np.ones(ids.size, np.float32))
-
-
 def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, min_depth: float,
                  splat: tuple[int, int]) -> dict[str, Masks]:
     if kind == "oracle":
-        cls, seg = label_set.split(frame.gt_labels)
-        seg = np.where(cls > 0, seg + 1, 0)  # +1: raw label 0 of an unlabeled thing must not vanish
-        return {n: oracle_masks(frame, v, seg, min_depth, splat) for n, v in frame.cameras.items()}
+        return OracleMasks(splat, label_set.name, min_depth).frame_masks(frame, frame.gt_labels)
     return {n: flatten_masks(source.generate(v.image), flatten_overlap) for n, v in frame.cameras.items()}
 
 
