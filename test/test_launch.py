@@ -11,10 +11,10 @@ from sal_ros.nodes import params
 REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED_ARGS = {
-    "segment.launch.py": {"params_file": "segment.yaml", "record": "false", "record_dir": "sal_frames",
+    "segment.launch.py": {"params_file": "segment.yaml", "record": "false", "record_dir": "",
                           "use_sim_time": "false", "log_level": "info", "discovery_range": "",
                           "fastdds_profile": ""},
-    "record.launch.py": {"params_file": "record.yaml", "record_dir": "sal_frames", "use_sim_time": "false",
+    "record.launch.py": {"params_file": "record.yaml", "record_dir": "", "use_sim_time": "false",
                          "log_level": "info", "discovery_range": "", "fastdds_profile": ""},
 }
 

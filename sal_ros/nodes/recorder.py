@@ -43,7 +43,7 @@ class RecorderNode(SensorNode):
         if not names:
             self.get_logger().warning("no cameras configured: frames are recorded lidar-only; "
                                       "pseudo-labels need camera images")
-        self.get_logger().info(f"recording {self.values['cloud_topic']} + cameras {names} "
+        self.get_logger().info(f"recording {self.inputs.topics['cloud']} + cameras {names} "
                                f"into {self.values['output_dir']} ({len(self.store)} frames there already)")
 
     def _open_store(self) -> Any:
@@ -124,7 +124,7 @@ class RecorderNode(SensorNode):
 
     def diagnostic_statuses(self, window: Any) -> list:
         v, name = self.values, self.get_name()
-        return [D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
+        return [D.input_status(name, window, self.inputs.topics["cloud"], v["input_timeout"]),
                 D.recording_status(name, window, v["output_dir"], len(self.store), self._stopped,
                                    self.stats.snapshot()["timings"])]
 
