@@ -1,6 +1,7 @@
 """Launch the frame recorder alone: synced lidar + camera frames into a FrameStore for pseudo-labelling.
 
     ros2 launch sal_ros record.launch.py record_dir:=frames [params_file:=my.yaml] [use_sim_time:=true]
+                                         [managed:=true]
 
 record_dir and use_sim_time win over the params file, its node-scoped ``sal_recorder:`` section included;
 record_dir empty keeps the file's ``output_dir``. DDS settings as in segment.launch.py.
@@ -13,13 +14,13 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from ament_index_python.packages import get_package_share_directory
-from sal_ros.tools.launch_args import node_overrides, when_given
+from sal_ros.tools.launch_args import executable, node_overrides, when_given
 
 
 def recorder(context):
     return [Node(
         package="sal_ros",
-        executable="recorder",
+        executable=executable(context, "recorder"),  # or "recorder_managed" (managed:=true)
         name="sal_recorder",
         namespace="",  # the node's full name is known: its overrides are node-scoped (node_overrides)
         parameters=[LaunchConfiguration("params_file"), node_overrides(context, output_dir="record_dir")],
@@ -38,6 +39,8 @@ def generate_launch_description():
                               description="FrameStore directory; empty: output_dir of the params file"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
+        DeclareLaunchArgument("managed", default_value="false",
+                              description="lifecycle nodes, unconfigured at start: ros2 lifecycle set configure, activate"),
         DeclareLaunchArgument("discovery_range", default_value="",
                               description="ROS_AUTOMATIC_DISCOVERY_RANGE for the node (LOCALHOST, SUBNET, ...); "
                                           "empty: as in the environment"),

@@ -1,7 +1,10 @@
 """Launch the SAL segmenter (and optionally the frame recorder) with the shipped parameters.
 
     ros2 launch sal_ros segment.launch.py [params_file:=my.yaml] [record:=true record_dir:=frames]
-                                          [use_sim_time:=true] [log_level:=info]
+                                          [use_sim_time:=true] [log_level:=info] [managed:=true]
+
+managed:=true starts the lifecycle variants (unconfigured; `ros2 lifecycle set /sal_segmenter configure`, then
+`activate`). record_dir and use_sim_time win over the params file, its node-scoped sections included.
 
 DDS: the nodes keep the environment's RMW_IMPLEMENTATION, ROS_AUTOMATIC_DISCOVERY_RANGE and Fast DDS profile, so
 a lidar driver on another host stays visible. discovery_range:=LOCALHOST and fastdds_profile:=<path> set them for
@@ -18,16 +21,17 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from ament_index_python.packages import get_package_share_directory
-from sal_ros.tools.launch_args import node_overrides, when_given
+from sal_ros.tools.launch_args import executable, node_overrides, when_given
 
 # Arguments handed to record.launch.py when record:=true.
-RECORDER_ARGS = ("params_file", "record_dir", "use_sim_time", "log_level", "discovery_range", "fastdds_profile")
+RECORDER_ARGS = ("params_file", "record_dir", "use_sim_time", "log_level", "managed", "discovery_range",
+                 "fastdds_profile")
 
 
 def segmenter(context):
     return [Node(
         package="sal_ros",
-        executable="segmenter",
+        executable=executable(context, "segmenter"),  # or "segmenter_managed" (managed:=true)
         name="sal_segmenter",
         namespace="",  # the node's full name is known: its overrides are node-scoped (node_overrides)
         parameters=[LaunchConfiguration("params_file"), node_overrides(context)],
@@ -47,6 +51,8 @@ def generate_launch_description():
                               description="recorder FrameStore directory; empty: output_dir of the params file"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
+        DeclareLaunchArgument("managed", default_value="false",
+                              description="lifecycle nodes, unconfigured at start: ros2 lifecycle set configure, activate"),
         DeclareLaunchArgument("discovery_range", default_value="",
                               description="ROS_AUTOMATIC_DISCOVERY_RANGE for the nodes (LOCALHOST, SUBNET, ...); "
                                           "empty: as in the environment"),

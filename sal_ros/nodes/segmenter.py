@@ -67,20 +67,45 @@ class SegmenterNode(SensorNode):
         self.tracker = Tracker(self._tracker_config())
         self._poses, self._last_pose = self._pose_source(), None
         self._make_publishers(self.cameras)
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        self.bring_up()
+
+    # --------------------------------------------------------------------------------------------- lifecycle
+
+    def configure(self) -> None:
+        """Model and vocabulary loaded, on the worker thread, which then waits for frames."""
         # All CPU model work, loading included, happens on the worker thread: PyTorch's OpenMP pool serves the
         # thread that first used it; parallel ops of a second thread ran ~6x slower here (tiny backbone 55 ->
         # 340 ms on 2 cores). The vocabulary thread uses one torch thread for the same reason.
-        self.start(Worker("sal_segmenter_worker", self._process, self._on_worker_error, setup=self._setup_model))
+        self.start_worker(Worker("sal_segmenter_worker", self._process, self._on_worker_error,
+                                 setup=self._setup_model))
         self._publish_vocabulary(self.active)
         problem = self._unknown_filter_classes(self.values["filter.classes"])
         if problem:
             raise ValueError(problem)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+
+    def activate(self) -> None:
+        self.start_inputs()
         self.get_logger().info(
             f"listening on {self.inputs.topics['cloud']} with cameras {[c.name for c in self.cameras]}; "
             f"model on {self.device}, torch threads: {self._torch_threads}; "
             f"vocabulary v{self.active.version}: {list(self.active.class_names)}")
+
+    def cleanup(self) -> None:
+        """Worker stopped, model and text encoder freed (GPU memory back to the device)."""
+        super().cleanup()
+        with self._model_lock:
+            self._text_encoder = self._segmenter = None
+            self.vocabulary.active = None
+        import gc
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        self.get_logger().info("model freed")
 
     # ------------------------------------------------------------------------------------------------- model
 
@@ -177,6 +202,8 @@ class SegmenterNode(SensorNode):
 
     def _unknown_filter_classes(self, names: list[str]) -> str | None:
         """Why ``filter.classes`` cannot be ``names``: a name the active vocabulary does not have."""
+        if self.active is None:
+            return None  # not configured: checked at configure
         unknown = [n for n in names if n not in self.active.class_names]
         if unknown:
             return (f"filter.classes: {unknown} not in the vocabulary (v{self.active.version}: "
@@ -190,9 +217,11 @@ class SegmenterNode(SensorNode):
                 continue
             value = list(param.value) if isinstance(param.value, (list, tuple)) else param.value
             self.values[param.name] = value
+            loaded = self.configured  # a managed node not configured yet takes model values at configure
             if param.name == "prompts" or (param.name == "vocabulary_file" and value):
-                self.vocabulary.request(param.name, value)
-            elif param.name in SEGMENTER_CONFIG_PARAMS:
+                if loaded:
+                    self.vocabulary.request(param.name, value)
+            elif param.name in SEGMENTER_CONFIG_PARAMS and loaded:
                 self._configure_segmenter()
             elif param.name.startswith("tracking."):
                 self.tracker.config = self._tracker_config()

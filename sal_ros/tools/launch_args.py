@@ -29,3 +29,12 @@ def node_overrides(context: Any, **params_from_args: str) -> dict[str, Any]:
         if text:
             out[param] = text
     return out
+
+
+def executable(context: Any, name: str) -> str:
+    """``name``, or its lifecycle variant ``<name>_managed`` with ``managed:=true``."""
+    from launch.substitutions import LaunchConfiguration
+
+    managed = LaunchConfiguration("managed").perform(context).strip().lower() in ("true", "1", "yes")
+    return f"{name}_managed" if managed else name
+

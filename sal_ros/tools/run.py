@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sal_ros.core.yamlfile import load_yaml_text
+from sal_ros.core.yamlfile import load_yaml, load_yaml_text
 
 from sal_ros.env import apply_ros_env_defaults
 from sal_ros.nodes import params as P
@@ -251,6 +251,22 @@ def recorder_main(argv: list[str] | None = None) -> int:
     return ros_node_main(RecorderNode, P.RECORDER_NODE, argv)
 
 
+def segmenter_managed_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run sal_ros segmenter_managed``: the lifecycle segmenter, unconfigured at start."""
+    from sal_ros.nodes.base import managed
+    from sal_ros.nodes.segmenter import SegmenterNode
+
+    return ros_node_main(managed(SegmenterNode), P.SEGMENTER_NODE, argv)
+
+
+def recorder_managed_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run sal_ros recorder_managed``: the lifecycle recorder, unconfigured at start."""
+    from sal_ros.nodes.base import managed
+    from sal_ros.nodes.recorder import RecorderNode
+
+    return ros_node_main(managed(RecorderNode), P.RECORDER_NODE, argv)
+
+
 def overlay_display(camera: str) -> dict[str, Any]:
     """An RViz Image display of the segmenter's ``~/overlay/<camera>``, with the outputs' QoS."""
     return {"Class": "rviz_default_plugins/Image", "Enabled": True, "Max Value": 1, "Median window": 5,
@@ -264,7 +280,9 @@ def rviz_config(cameras: list[str]) -> str:
     ``cameras``: the camera names are the robot's, so the shipped file cannot name them."""
     from sal_ros.env import config_file
 
-    config = yaml.safe_load(config_file("sal_ros.rviz").read_text())
+    import yaml
+
+    config = load_yaml(config_file("sal_ros.rviz"), "RViz config")
     config["Visualization Manager"]["Displays"] += [overlay_display(name) for name in cameras]
     return yaml.safe_dump(config, sort_keys=False)
 
