@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import yaml
+from sal_ros.core.yamlfile import load_yaml
 
 SEGMENTER_NODE = "sal_segmenter"
 RECORDER_NODE = "sal_recorder"
@@ -26,9 +26,8 @@ def load_params_file(path: str | os.PathLike, *node_names: str) -> dict[str, Any
     """Flat ``{name: value}`` from a ROS 2 params YAML: the ``/**`` section, then each node's own (``name`` or
     ``/name``) on top in the order given, as ``--params-file`` applies them (ValueError on a malformed file)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        doc = load_yaml(path, "params file") or {}
+    except OSError as exc:
         raise ValueError(f"cannot read params file {path}: {exc}") from exc
     if not isinstance(doc, dict):
         raise ValueError(f"params file {path}: expected a mapping of node names, got {type(doc).__name__}")

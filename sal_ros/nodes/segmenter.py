@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,6 +44,7 @@ from sal_ros.nodes import params as P
 from sal_ros.nodes.base import SensorNode
 from sal_ros.nodes.qos import latched, profile
 from sal_ros.nodes.stats import throttled
+from sal_ros.nodes.vocabulary import ActiveVocabulary, VocabularyChanges, initial_vocabulary
 from sal_ros.nodes.worker import Worker
 
 OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary")
@@ -54,25 +53,14 @@ SEGMENTER_CONFIG_PARAMS = ("score_threshold", "min_instance_points", "max_points
                            "model.intensity_scale")
 
 
-@dataclass(frozen=True)
-class ActiveVocabulary:
-    version: int
-    vocabulary: Any
-    class_names: tuple[str, ...]
-    palette: np.ndarray
-
-
 class SegmenterNode(SensorNode):
     def __init__(self, **node_kwargs: Any) -> None:
         super().__init__(P.SEGMENTER_NODE, P.SEGMENTER_PARAMS, **node_kwargs)
         self._specs = {s.name: s for s in P.node_specs(P.SEGMENTER_NODE)}
         self._types = rclpy_types()
         self._model_lock = threading.Lock()  # one model call at a time; vocabulary swaps happen between frames
-        self._vocab_lock = threading.Lock()
-        self._vocab_request = 0
-        self._embedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sal_vocabulary",
-                                            initializer=_one_torch_thread)
-
+        self.vocabulary = VocabularyChanges(self._encode_vocabulary, self._install_vocabulary, self._model_lock,
+                                            self._announce_vocabulary, self._vocabulary_failed)
         self.device = self._choose_device(self.values["model.device"])
         self.tracker = Tracker(self._tracker_config())
         self._poses, self._last_pose = self._pose_source(), None
@@ -106,7 +94,7 @@ class SegmenterNode(SensorNode):
             _leave_a_core_for_callbacks()
         self._torch_threads = torch.get_num_threads()
         self._text_encoder, self._segmenter = self._load_model()
-        self.active = self._embed(self._initial_vocabulary(), version=1)
+        self.vocabulary.start(initial_vocabulary(self.values))
 
     def _load_model(self) -> tuple[Any, Any]:
         from sal_ros.model.segmenter import Segmenter
@@ -128,46 +116,25 @@ class SegmenterNode(SensorNode):
 
     # -------------------------------------------------------------------------------------------- vocabulary
 
-    def _initial_vocabulary(self) -> Any:
-        from sal_ros.model.vocabulary import Vocabulary
+    @property
+    def active(self) -> ActiveVocabulary:
+        """The vocabulary the model runs with."""
+        return self.vocabulary.active
 
-        if self.values["vocabulary_file"]:
-            return Vocabulary.from_yaml(self.values["vocabulary_file"])
-        return Vocabulary.from_prompts(self.values["prompts"])
+    def _encode_vocabulary(self, vocabulary: Any, version: int) -> Any:
+        return self._text_encoder.encode(vocabulary, version=version)
 
-    def _embed(self, vocabulary: Any, version: int) -> ActiveVocabulary:
-        """Embed ``vocabulary`` and swap it into the model between two frames."""
-        embeddings = self._text_encoder.encode(vocabulary, version=version)
-        names = tuple(outputs.class_names_of(vocabulary))
-        active = ActiveVocabulary(version, vocabulary, names, outputs.class_colors(len(names)))
-        with self._model_lock:
-            self._segmenter.set_embeddings(embeddings)
-            self.active = active
-        return active
+    def _install_vocabulary(self, embeddings: Any) -> None:
+        self._segmenter.set_embeddings(embeddings)
 
-    def _request_vocabulary(self, source: str, value: Any) -> None:
-        with self._vocab_lock:
-            self._vocab_request += 1
-            request = self._vocab_request
-        self._embedder.submit(self._reembed, request, source, value)
-
-    def _reembed(self, request: int, source: str, value: Any) -> None:
-        from sal_ros.model.vocabulary import Vocabulary
-
-        try:
-            vocabulary = Vocabulary.from_yaml(value) if source == "vocabulary_file" else Vocabulary.from_prompts(value)
-            with self._vocab_lock:
-                if request != self._vocab_request:
-                    return  # a newer change is queued behind this one
-            t0 = time.perf_counter()
-            active = self._embed(vocabulary, version=self.active.version + 1)
-        except Exception as exc:  # noqa: BLE001 - a failed change keeps the old vocabulary running
-            self.stats.count("error.vocabulary")
-            self.get_logger().error(f"vocabulary change from {source} failed, keeping v{self.active.version}: {exc}")
-            return
-        self.stats.time("embed", (time.perf_counter() - t0) * 1e3)
+    def _announce_vocabulary(self, active: ActiveVocabulary, ms: float) -> None:
+        self.stats.time("embed", ms)
         self._publish_vocabulary(active)
         self.get_logger().info(f"vocabulary v{active.version} active: {list(active.class_names)}")
+
+    def _vocabulary_failed(self, source: str, exc: BaseException) -> None:
+        self.stats.count("error.vocabulary")
+        self.get_logger().error(f"vocabulary change from {source} failed, keeping v{self.active.version}: {exc}")
 
     def _publish_vocabulary(self, active: ActiveVocabulary) -> None:
         from std_msgs.msg import String
@@ -184,7 +151,7 @@ class SegmenterNode(SensorNode):
         """On-set callback: reject bad values with a reason before they are stored."""
         from rcl_interfaces.msg import SetParametersResult
 
-        from sal_ros.model.vocabulary import Vocabulary, VocabularyError, validate_prompts
+        from sal_ros.model.vocabulary import VocabularyError
 
         for param in parameters:
             spec = self._specs.get(param.name)
@@ -192,10 +159,8 @@ class SegmenterNode(SensorNode):
                 continue
             problem = P.check_value(spec, param.value)
             try:
-                if param.name == "prompts":
-                    validate_prompts(list(param.value))
-                elif param.name == "vocabulary_file" and param.value:
-                    Vocabulary.from_yaml(param.value)
+                if not problem and (param.name == "prompts" or (param.name == "vocabulary_file" and param.value)):
+                    self.vocabulary.check(param.name, param.value)
             except (VocabularyError, OSError, ValueError) as exc:
                 problem = f"{param.name}: {exc}"
             if problem:
@@ -211,7 +176,7 @@ class SegmenterNode(SensorNode):
             value = list(param.value) if isinstance(param.value, (list, tuple)) else param.value
             self.values[param.name] = value
             if param.name == "prompts" or (param.name == "vocabulary_file" and value):
-                self._request_vocabulary(param.name, value)
+                self.vocabulary.request(param.name, value)
             elif param.name in SEGMENTER_CONFIG_PARAMS:
                 self._configure_segmenter()
             elif param.name.startswith("tracking."):
@@ -459,15 +424,9 @@ class SegmenterNode(SensorNode):
         ]
 
     def destroy_node(self) -> None:
-        if hasattr(self, "_embedder"):  # absent when __init__ failed early
-            self._embedder.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "vocabulary"):  # absent when __init__ failed early
+            self.vocabulary.shutdown()
         super().destroy_node()
-
-
-def _one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _leave_a_core_for_callbacks() -> None:

@@ -85,10 +85,9 @@ class PretrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "PretrainConfig":
-        import yaml
+        from sal_ros.core.yamlfile import load_yaml
 
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+        return cls.from_dict(load_yaml(path, "pretrain config") or {})
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))

@@ -23,6 +23,7 @@ from sal_ros.core.errors import SensorDataError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--out", type=Path, help="output folder (default DATASET/pseudolabels for a FrameStore)")
+    parser.add_argument("--select", help="sequences and scans of a dataset with sequences, e.g. 00,05:0-4")
     m = parser.add_argument_group("2D masks")
     m.add_argument("--masks", choices=["slic", "sam", "sam2", "sam2_lidar"], default="sam2",
                    help="sam2_lidar: SAM2-AMML, SAM 2 prompted at projected lidar clusters (--sam2-* options)")
@@ -140,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
             args.out = args.dataset / "semantic_pseudolabels"  # a FrameStore keeps its instance labels apart
         summary = run(args.dataset, config, args.out, workers=args.workers, backend=args.backend,
                       overwrite=args.overwrite, max_frames=args.max_frames, progress=not args.no_progress,
-                      ray_address=args.ray_address)
+                      ray_address=args.ray_address, select=args.select)
     except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"sal-ros pseudolabel: {exc}", file=sys.stderr)
         return 1

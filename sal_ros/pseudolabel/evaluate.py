@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.files import atomic_write
+from sal_ros.core.files import atomic_write, json_safe, write_json
 from sal_ros.eval.panoptic import SegmentCounts, match_segments
 from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
@@ -215,11 +215,17 @@ def markdown_table(result: dict) -> str:
     head = ("| masks | lifting | PQ all | SQ all | RQ all | PQ things | SQ things | RQ things | coverage % "
             "| thing coverage % | instances/scan |")
     lines = [head, "|" + "---|" * 11]
+    columns = ("pq_all", "sq_all", "rq_all", "pq_things", "sq_things", "rq_things", "coverage", "thing_coverage",
+               "instances_per_scan")
     for r in result["rows"]:
-        lines.append(f"| {r['masks']} | {r['lifting']} | {r['pq_all']:.1f} | {r['sq_all']:.1f} | {r['rq_all']:.1f} "
-                     f"| {r['pq_things']:.1f} | {r['sq_things']:.1f} | {r['rq_things']:.1f} | {r['coverage']:.1f} "
-                     f"| {r['thing_coverage']:.1f} | {r['instances_per_scan']:.1f} |")
+        values = (_cell(r[c]) for c in columns)
+        lines.append(f"| {r['masks']} | {r['lifting']} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A score as the table shows it; n/a where there was nothing to score (NaN, or null in metrics.json)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1f}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -233,7 +239,7 @@ def plot(result: dict, path: Path) -> None:
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
     for k, (key, name) in enumerate((("pq_all", "PQ all"), ("pq_things", "PQ things"), ("coverage", "coverage"))):
-        ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], 0.27, label=name)
+        ax.bar(x + (k - 1) * 0.27, [np.nan if r[key] is None else r[key] for r in rows], 0.27, label=name)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("%")
     ax.set_title(f"Pseudo-labels vs ground truth ({result['meta']['frames']} scans, camera-visible points)")
@@ -283,20 +289,20 @@ def main(args: argparse.Namespace) -> int:
                                    mask_options=opts, min_points=args.min_points,
                                    label_config=str(args.label_config) if args.label_config else None,
                                    max_frames=args.max_frames, progress=not args.no_progress)
+    result = json_safe(result)  # a score over no segments is 0/0: null in JSON, n/a in the table
     table = markdown_table(result)
     print(table)
-    print(json.dumps(result, indent=1, default=float))
+    print(json.dumps(result, indent=1, allow_nan=False))
     skipped = result["meta"]["frames_skipped"]
+    status = 1 if not result["meta"]["frames"] else 3 if skipped else 0
     for key, why in skipped.items():
         print(f"sal-ros eval pseudolabels: frame {key} not scored: {why}", file=sys.stderr)
     if skipped:
         print(f"sal-ros eval pseudolabels: {len(skipped)} frame(s) not scored, {result['meta']['frames']} scored; "
-              "exit status 3", file=sys.stderr)
+              f"exit status {status}", file=sys.stderr)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "metrics.json", json.dumps(result, indent=1, default=float))
+        write_json(args.out / "metrics.json", result)
         atomic_write(args.out / "table.md", table + "\n")
         plot(result, args.out / "pseudolabel_eval.png")
-    if not result["meta"]["frames"]:
-        return 1
-    return 3 if skipped else 0
+    return status

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
+from sal_ros.core.yamlfile import load_yaml_text
 
 from sal_ros.env import apply_ros_env_defaults
 from sal_ros.nodes import params as P
@@ -45,7 +45,7 @@ def parse_sets(sets: list[str]) -> dict[str, Any]:
         name, sep, text = item.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"--set expects NAME=VALUE, got {item!r}")
-        out[name.strip()] = yaml.safe_load(text)
+        out[name.strip()] = load_yaml_text(text, f"--set {name.strip()}")
     return out
 
 

@@ -85,10 +85,9 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        import yaml
+        from sal_ros.core.yamlfile import load_yaml
 
-        with open(path) as f:
-            cfg = cls.from_dict(yaml.safe_load(f) or {})
+        cfg = cls.from_dict(load_yaml(path, "train config") or {})
         _resolve_pretrained(cfg.model, Path(path).parent)
         return cfg
 
