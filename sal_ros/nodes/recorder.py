@@ -117,6 +117,11 @@ class RecorderNode(SensorNode):
             self._stopped = str(exc)
             self.get_logger().error(f"recording stops: {exc}")
             return
+        except OSError as exc:  # full disk, read-only folder: counted; the next frame retries, the log is throttled
+            self.stats.count("error.write_failed")
+            self.health.error("write_failed")
+            self.get_logger().error(f"frame not recorded: {exc}", **throttled())
+            return
         if written is None:
             self.stats.count("skipped_every_nth")
             return

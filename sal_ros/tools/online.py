@@ -189,18 +189,17 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, node: 
 
 def bag_topics(bag: str | Path) -> dict[str, int]:
     """Topic -> message count of a rosbag2."""
-    from rosbags.highlevel import AnyReader
+    from sal_ros.data.bag import open_bag
 
-    with AnyReader([Path(bag)]) as reader:
+    with open_bag(bag) as reader:
         return {c.topic: c.msgcount for c in reader.connections}
 
 
 def playable_topics(bag: str | Path) -> list[str]:
     """Topics of ``bag`` whose message types rclpy can import here."""
-    from rosbags.highlevel import AnyReader
+    from sal_ros.data.bag import open_bag
 
-
-    with AnyReader([Path(bag)]) as reader:
+    with open_bag(bag) as reader:
         return sorted({c.topic for c in reader.connections if message_class(c.msgtype) is not None})
 
 
@@ -269,10 +268,9 @@ def match_answers(result: OnlineResult, outputs: dict[int, tuple[float, Any]], r
 
 def bag_stamps(bag: str | Path, topic: str) -> set[int]:
     """header.stamp (ns) of every message on ``topic`` in the bag: the clouds this replay sends."""
-    from rosbags.highlevel import AnyReader
+    from sal_ros.data.bag import open_bag
 
-
-    with AnyReader([Path(bag)]) as reader:
+    with open_bag(bag) as reader:
         conns = [c for c in reader.connections if c.topic == topic]
         return {stamp_to_ns(reader.deserialize(raw, conn.msgtype).header.stamp)
                 for conn, _, raw in reader.messages(connections=conns)}
