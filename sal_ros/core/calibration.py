@@ -42,6 +42,7 @@ from sal_ros.core.errors import CalibrationError
 from sal_ros.core.files import atomic_write
 from sal_ros.core.msgtypes import NS_PER_S
 from sal_ros.core.transforms import is_rigid
+from sal_ros.core.yamlfile import load_yaml
 
 NUSCENES_IMAGE_SIZE = (1600, 900)
 NUSCENES_CAMERAS = ("CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_FRONT_LEFT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_BACK_RIGHT")
@@ -288,10 +289,11 @@ def write_static_extrinsics(
 def read_static_extrinsics(path: str | os.PathLike) -> dict[str, CameraCalibration]:
     """The static-extrinsics YAML -> calibrations by camera name (CalibrationError naming what is wrong)."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as exc:
+        data = load_yaml(path, "static extrinsics")
+    except OSError as exc:
         raise CalibrationError(f"cannot read static extrinsics {path}: {exc}") from exc
+    except ValueError as exc:  # the text names the file
+        raise CalibrationError(f"cannot read {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("cameras"), list) or not data["cameras"]:
         raise CalibrationError(f"{path}: expected a mapping with a non-empty 'cameras' list")
     default_lidar = data.get("lidar_frame_id")

@@ -4,7 +4,9 @@
 images); ``load_*`` are the list forms. sal_ros.data.sources recognises the layouts (``is_*``) and opens them.
 
 Layouts (as in ../shared/data):
-- semantickitti: ``sequences/<seq>/{velodyne/*.bin, labels/*.label, image_k/*.png, calib.txt, times.txt}``;
+- semantickitti: ``sequences/<seq>/{velodyne/*.bin, labels/*.label, image_k/*.png, calib.txt, times.txt, poses.txt}``
+  (several sequences under one root; any of the cameras image_0..image_3, e.g. the colour image_2 with P2; a
+  ``Selection`` such as ``00,05:0-4`` picks sequences and scan ranges);
 - kitti_object: ``[training/]{velodyne, calib, image_2, label_2}/<id>.*`` (no time stamps: frame ``i`` is stamped
   ``i * 100 ms``, the sensor rate, so replays keep the order);
 - nuscenes: a folder with ``calib.json`` naming the LIDAR_TOP file and the six camera images;
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import yaml
 from PIL import Image
 
 from sal_ros.core.calibration import (
@@ -33,9 +34,13 @@ from sal_ros.core.calibration import (
     read_semantickitti_calib,
 )
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.files import check_regular_file
+from sal_ros.core.image import DEFAULT_MAX_PIXELS, check_pixels, compressed_image_size
 from sal_ros.core.types import CameraView, Frame
+from sal_ros.core.yamlfile import load_yaml
 
 KITTI_PERIOD_NS = 100_000_000  # 10 Hz
+HEADER_BYTES = 1 << 18  # where an image file's size must show up (a JPEG's APP segments come first)
 SEMANTICKITTI_THINGS = ("car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist",
                         "motorcyclist")
 
@@ -52,11 +57,16 @@ def read_points(path: str | os.PathLike, columns: int) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(raw[:, :3]), np.ascontiguousarray(raw[:, 3])
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image file -> (H, W) uint8 mono or (H, W, 3) uint8 RGB (16-bit mono stays uint16). A file PIL cannot
-    decode (corrupt, truncated, not an image) raises SensorDataError naming it."""
+    decode (corrupt, truncated, empty, not an image, not a regular file, a header over ``max_pixels``) raises
+    SensorDataError naming it."""
     try:
+        check_regular_file(path, None, "image")
+        with open(path, "rb") as f:  # PNG / JPEG size from the header, before Pillow sees the file
+            check_pixels(compressed_image_size(f.read(HEADER_BYTES)), max_pixels, "the image")
         with Image.open(path) as im:
+            check_pixels(im.size, max_pixels, "the image")  # other formats: Pillow's header; not decoded yet
             if im.mode in ("L", "I;16", "I;16B", "I;16L"):
                 return np.asarray(im)
             if im.mode == "LA" or (im.mode == "P" and not _palette_has_colour(im)):
@@ -74,6 +84,7 @@ def _palette_has_colour(im: Image.Image) -> bool:
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) from the file header, without decoding."""
     try:
+        check_regular_file(path, None, "image")
         with Image.open(path) as im:
             return im.size
     except Exception as exc:  # noqa: BLE001 - as in read_image
@@ -108,45 +119,64 @@ def _require(path: Path, what: str) -> Path:
 
 
 def iter_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | None = None,
-                       images: bool = True) -> Iterator[Frame]:
+                       images: bool = True, select: "Selection | str | None" = None) -> Iterator[Frame]:
     """Frames of one sequence folder (``.../sequences/00``), or of every sequence under a dataset root.
 
     Points, intensity, ground truth from ``labels/`` when present, stamps from ``times.txt``, and one
     CameraView per ``image_k`` folder (``images=False`` skips them, e.g. for lidar-only evaluation).
+    ``select`` (a Selection or its text, e.g. ``00,05:0-4``) keeps only the sequences and scans it names.
     """
     seq_dir = Path(seq_dir)
+    selection = Selection.parse(select) if isinstance(select, str) else select
     if not (seq_dir / "velodyne").is_dir() and (seq_dir / "sequences").is_dir():
-        for sub in sorted(p for p in (seq_dir / "sequences").iterdir() if (p / "velodyne").is_dir()):
-            yield from iter_semantickitti(sub, scans, images)
+        subs = selected_sequences(seq_dir, selection)
+        for sub in subs:
+            yield from iter_semantickitti(sub, scans, images, selection)
         return
     velodyne = _require(seq_dir / "velodyne", "SemanticKITTI velodyne folder")
-    names = sorted(p.stem for p in velodyne.glob("*.bin"))
+    all_names = sorted(p.stem for p in velodyne.glob("*.bin"))
+    names = all_names
     if scans is not None:
         wanted = {f"{int(s):06d}" for s in scans}
         missing = wanted - set(names)
         if missing:
             raise SensorDataError(f"{velodyne}: no scan(s) {sorted(missing)}")
         names = [n for n in names if n in wanted]
+    if selection is not None:
+        if not selection.names_sequence(seq_dir.name):
+            raise SensorDataError(f"{seq_dir}: selection {selection.text!r} does not name sequence {seq_dir.name}")
+        names = [n for n in names if selection.matches(seq_dir.name, int(n))]
     stamps = _semantickitti_times(seq_dir / "times.txt")
+    rows = scan_rows(len(stamps), all_names, seq_dir / "times.txt") if stamps is not None else {}
     cam_dirs = sorted(p for p in seq_dir.glob("image_[0-3]") if p.is_dir()) if images else []
     calibs = _semantickitti_calibs(seq_dir, cam_dirs)
     for name in names:
-        index = int(name)
-        if stamps is not None and index >= len(stamps):
-            raise SensorDataError(f"{seq_dir / 'times.txt'}: no time for scan {name} ({len(stamps)} lines)")
-        stamp = int(stamps[index]) if stamps is not None else index * KITTI_PERIOD_NS
+        stamp = int(stamps[rows[name]]) if stamps is not None else int(name) * KITTI_PERIOD_NS
         xyz, intensity = read_points(velodyne / f"{name}.bin", 4)
         frame = Frame(stamp_ns=stamp, frame_id="velodyne", points=xyz, intensity=intensity,
                       key=f"{seq_dir.name}_{name}", gt_labels=_semantickitti_labels(seq_dir, name, len(xyz)))
         for cam_dir in cam_dirs:
             image_path = cam_dir / f"{name}.png"
-            _attach(frame, cam_dir.name, image_path, lambda: _view(calibs[cam_dir.name], image_path, stamp))
+            _attach(frame, cam_dir.name, image_path, lambda: _view(_sized(calibs, cam_dir, image_path), image_path, stamp))
         yield frame
 
 
+def scan_rows(n_rows: int, names: list[str], path: Path) -> dict[str, int]:
+    """Line of a per-scan file (times.txt, poses.txt) for each scan name: the scan number, as in the full
+    dataset; or, for a trimmed list with exactly one line per scan present (scans 000100-000109 and ten lines),
+    the scan's place in order. Anything else is ambiguous and an error naming the file."""
+    numbers = [int(n) for n in names]
+    if not numbers or max(numbers) < n_rows:
+        return dict(zip(names, numbers))
+    if n_rows == len(names):
+        return {n: i for i, n in enumerate(names)}
+    raise SensorDataError(f"{path}: {n_rows} lines, but scans run to {max(numbers):06d} and there are {len(names)}: "
+                          "neither one line per scan number nor one per scan present")
+
+
 def load_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | None = None,
-                       images: bool = True) -> list[Frame]:
-    return list(iter_semantickitti(seq_dir, scans, images))
+                       images: bool = True, select: "Selection | str | None" = None) -> list[Frame]:
+    return list(iter_semantickitti(seq_dir, scans, images, select))
 
 
 def semantickitti_poses(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -163,11 +193,11 @@ def semantickitti_poses(path: str | os.PathLike) -> dict[str, np.ndarray]:
         tr = np.eye(4)
         tr[:3] = calib["Tr"].reshape(3, 4)
         poses = np.loadtxt(seq_dir / "poses.txt", dtype=np.float64, ndmin=2).reshape(-1, 3, 4)
-        for name in sorted(p.stem for p in (seq_dir / "velodyne").glob("*.bin")):
-            if int(name) < len(poses):
-                pose = np.eye(4)
-                pose[:3] = poses[int(name)]
-                out[f"{seq_dir.name}_{name}"] = np.linalg.inv(tr) @ pose @ tr
+        names = sorted(p.stem for p in (seq_dir / "velodyne").glob("*.bin"))
+        for name, row in scan_rows(len(poses), names, seq_dir / "poses.txt").items():
+            pose = np.eye(4)
+            pose[:3] = poses[row]
+            out[f"{seq_dir.name}_{name}"] = np.linalg.inv(tr) @ pose @ tr
     return out
 
 
@@ -185,10 +215,28 @@ def _semantickitti_calibs(seq_dir: Path, cam_dirs: list[Path]) -> dict[str, Came
     """Calibration of each camera folder; the image size is fixed per sequence, read from one file header."""
     calibs = {}
     for cam_dir in cam_dirs:
-        sample = next(iter(sorted(cam_dir.glob("*.png"))), None)
-        if sample is not None:
-            calibs.update(read_semantickitti_calib(seq_dir / "calib.txt", image_size(sample), (cam_dir.name,)))
+        size = _first_image_size(sorted(cam_dir.glob("*.png")))
+        if size is not None:
+            calibs.update(read_semantickitti_calib(seq_dir / "calib.txt", size, (cam_dir.name,)))
     return calibs
+
+
+def _sized(calibs: dict[str, CameraCalibration], cam_dir: Path, image_path: Path) -> CameraCalibration:
+    if cam_dir.name not in calibs:
+        image_size(image_path)  # the frame's own file named when it is unreadable, as with a calibration
+        raise SensorDataError(f"{cam_dir}: no readable image to take the camera's size from")
+    return calibs[cam_dir.name]
+
+
+def _first_image_size(paths: list[Path]) -> tuple[int, int] | None:
+    """The size of the first readable image: an empty or corrupt first file costs its own frame, not the
+    camera's calibration (and with it every frame); None when none is readable."""
+    for path in paths:
+        try:
+            return image_size(path)
+        except SensorDataError:
+            continue
+    return None
 
 
 def _semantickitti_labels(seq_dir: Path, name: str, n: int) -> np.ndarray | None:
@@ -223,14 +271,13 @@ class SemanticKittiConfig:
 
 def read_semantickitti_config(yaml_path: str | os.PathLike) -> SemanticKittiConfig:
     try:
-        with open(yaml_path) as f:
-            data = yaml.safe_load(f)
+        data = load_yaml(yaml_path, "SemanticKITTI config")
         labels = {int(k): str(v) for k, v in data["labels"].items()}
         learning_map = {int(k): int(v) for k, v in data["learning_map"].items()}
         inv = {int(k): int(v) for k, v in data["learning_map_inv"].items()}
         colors = {int(k): (int(v[2]), int(v[1]), int(v[0])) for k, v in data["color_map"].items()}
         ignore = {int(k): bool(v) for k, v in data.get("learning_ignore", {}).items()}
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, IndexError) as exc:
+    except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise SensorDataError(f"cannot read SemanticKITTI config {yaml_path}: {exc!r}") from exc
     class_names = tuple(labels[inv[k]] for k in sorted(inv) if k > 0)
     return SemanticKittiConfig(labels=labels, learning_map=learning_map, learning_map_inv=inv, colors=colors,
@@ -312,6 +359,78 @@ def load_kitti_frustum(root: str | os.PathLike) -> list[Frame]:
     return list(iter_kitti_frustum(root))
 
 
+# ----------------------------------------------------------------------------------------------- selection
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which sequences and scans of a SemanticKITTI root to read, from text such as ``00,05:0-4``.
+
+    Groups are separated by ``;``; a group is ``SEQUENCES[:SCANS]``: sequence names separated by commas (``*`` =
+    every sequence) and, after the colon, scan numbers and inclusive ranges separated by commas (``0-4,7``).
+    ``00,05:0-4`` = scans 0 to 4 of sequences 00 and 05; ``00;05:0-4`` = all of 00 and scans 0-4 of 05;
+    ``*:0-1`` = the first two scans of every sequence. Sequence names compare as numbers when both are numbers
+    (``5`` = ``05``). A scan matches when some group names both its sequence and its number.
+    """
+
+    groups: tuple[tuple[tuple[str, ...] | None, tuple[tuple[int, int], ...] | None], ...]
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> "Selection":
+        groups = []
+        for group in (g.strip() for g in str(text).split(";")):
+            if not group:
+                continue
+            seqs, _, ranges = group.partition(":")
+            names = tuple(s.strip() for s in seqs.split(",") if s.strip())
+            if not names:
+                raise ValueError(f"selection {text!r}: group {group!r} names no sequence (use * for all)")
+            groups.append((None if names == ("*",) else names, _parse_ranges(ranges, text) if ranges.strip() else None))
+        if not groups:
+            raise ValueError(f"selection {text!r} selects nothing; e.g. 00,05:0-4")
+        return cls(tuple(groups), str(text))
+
+    def names_sequence(self, seq: str) -> bool:
+        return any(names is None or any(_same_sequence(n, seq) for n in names) for names, _ in self.groups)
+
+    def matches(self, seq: str, scan: int) -> bool:
+        return any((names is None or any(_same_sequence(n, seq) for n in names))
+                   and (ranges is None or any(lo <= scan <= hi for lo, hi in ranges)) for names, ranges in self.groups)
+
+    def named_sequences(self) -> list[str]:
+        return [n for names, _ in self.groups if names is not None for n in names]
+
+
+def _parse_ranges(text: str, whole: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in (p.strip() for p in text.split(",")):
+        lo, dash, hi = part.partition("-")
+        try:
+            pair = (int(lo), int(hi) if dash else int(lo))
+        except ValueError:
+            raise ValueError(f"selection {whole!r}: {part!r} is not a scan number or range a-b") from None
+        if pair[0] < 0 or pair[1] < pair[0]:
+            raise ValueError(f"selection {whole!r}: empty or negative scan range {part!r}")
+        out.append(pair)
+    return tuple(out)
+
+
+def _same_sequence(a: str, b: str) -> bool:
+    return a == b or (a.isdigit() and b.isdigit() and int(a) == int(b))
+
+
+def selected_sequences(root: Path, selection: "Selection | None") -> list[Path]:
+    """The sequence folders of ``root`` the selection names; a named sequence that is not there is an error."""
+    seqs = semantickitti_sequences(root)
+    if selection is None:
+        return seqs
+    missing = [n for n in selection.named_sequences() if not any(_same_sequence(n, s.name) for s in seqs)]
+    if missing:
+        raise SensorDataError(f"{root}: no sequence(s) {missing} (has {[s.name for s in seqs]})")
+    return [s for s in seqs if selection.names_sequence(s.name)]
+
+
 # ------------------------------------------------------------------------------------------------ layouts
 # How each layout is recognised; sal_ros.data.sources registers them as frame-source kinds.
 
@@ -351,14 +470,20 @@ def is_kitti_frustum(path: Path) -> bool:
 
 class SemanticKittiScans:
     """Scans of a SemanticKITTI folder by key ``<seq>_<scan>``, read one at a time (a sequence does not fit in
-    memory with images)."""
+    memory with images); ``select`` (a Selection or its text) limits the keys to the scans it names."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, select: "Selection | str | None" = None) -> None:
         self.path = Path(path)
-        self._sequences = {seq.name: seq for seq in semantickitti_sequences(self.path)}
+        self.selection = Selection.parse(select) if isinstance(select, str) else select
+        if (self.path / "velodyne").is_dir():
+            seqs = semantickitti_sequences(self.path)
+        else:
+            seqs = selected_sequences(self.path, self.selection)
+        self._sequences = {seq.name: seq for seq in seqs}
 
     def keys(self) -> list[str]:
-        return [f"{name}_{p.stem}" for name, seq in self._sequences.items() for p in sorted(seq.glob("velodyne/*.bin"))]
+        return [f"{name}_{p.stem}" for name, seq in self._sequences.items() for p in sorted(seq.glob("velodyne/*.bin"))
+                if self.selection is None or self.selection.matches(name, int(p.stem))]
 
     def load(self, key: str) -> Frame:
         seq, _, scan = key.rpartition("_")

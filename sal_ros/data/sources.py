@@ -33,7 +33,7 @@ class SourceKind:
     streamed: bool = False  # too large to hold: read in order (keep the place) instead of caching
     writable: bool = False  # pseudo-labels go inside it by default (raw dataset folders stay untouched)
     recording: bool = False  # recorded by sal_ros (FrameStore, bag), not a raw dataset `sal-ros convert` reads
-    options: tuple[str, ...] = ()  # keyword options ``frames`` takes (bag_config)
+    options: tuple[str, ...] = ()  # keyword options ``frames`` takes (bag_config, select); ``keyed`` takes select
 
 
 SOURCES: dict[str, SourceKind] = {}  # in detection order
@@ -70,15 +70,28 @@ def source_kind(path: str | os.PathLike) -> str:
 
 
 def iter_source_frames(path: str | os.PathLike, bag_config: str | os.PathLike | None = None,
-                       kind: str | None = None) -> Iterator[Frame]:
+                       kind: str | None = None, select: str | None = None) -> Iterator[Frame]:
     """Frames of ``path`` in recording order (``kind``: skip detection); bags go through the node's synchronizer
-    (``bag_config``: the node params YAML whose topics, cameras and sync settings to use)."""
+    (``bag_config``: the node params YAML whose topics, cameras and sync settings to use); ``select`` picks
+    sequences and scans of a dataset with sequences (``00,05:0-4``, sal_ros.data.datasets.Selection)."""
     source = get_source(kind) if kind else detect_source(path)
-    options = {"bag_config": bag_config} if bag_config else {}
+    options = _options(source, path, bag_config=bag_config, select=select)
+    return source.frames(Path(path), **options)
+
+
+def keyed_frames(path: str | os.PathLike, select: str | None = None) -> KeyedFrames | None:
+    """Random access to the frames of ``path`` (None for kinds read in order), limited to ``select``."""
+    source = detect_source(path)
+    options = _options(source, path, select=select)
+    return source.keyed(Path(path), **options) if source.keyed else None
+
+
+def _options(source: SourceKind, path, **given) -> dict:
+    options = {k: v for k, v in given.items() if v}
     unknown = set(options) - set(source.options)
     if unknown:
         raise SensorDataError(f"{path}: {', '.join(sorted(unknown))} does not apply to {source.name} sources")
-    return source.frames(Path(path), **options)
+    return options
 
 
 def _is_bag(path: Path) -> bool:
@@ -95,7 +108,8 @@ register_source(SourceKind("framestore", lambda p: (p / INDEX_FILE).exists(), la
 register_source(SourceKind("bag", _is_bag, _bag_frames, "a rosbag2: metadata.yaml, .mcap, .db3", streamed=True,
                            recording=True, options=("bag_config",)))
 register_source(SourceKind("semantickitti", datasets.is_semantickitti, datasets.iter_semantickitti,
-                           "sequences/<seq>/velodyne, calib.txt", keyed=datasets.SemanticKittiScans))
+                           "sequences/<seq>/velodyne, calib.txt", keyed=datasets.SemanticKittiScans,
+                           options=("select",)))
 register_source(SourceKind("kitti_object", datasets.is_kitti_object, datasets.iter_kitti_object,
                            "[training/]velodyne, calib"))
 register_source(SourceKind("nuscenes", datasets.is_nuscenes, datasets.iter_nuscenes,

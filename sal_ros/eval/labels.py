@@ -112,10 +112,9 @@ def semantickitti(config_yaml: str | Path | None = None, min_points: int = 50) -
     """SemanticKITTI 19 classes; ``config_yaml`` (semantic-kitti.yaml) overrides the built-in learning_map."""
     mapping, names = _SEMANTICKITTI_LEARNING_MAP, SEMANTICKITTI_CLASSES
     if config_yaml is not None:
-        import yaml
+        from sal_ros.core.yamlfile import load_yaml
 
-        with open(config_yaml) as f:
-            cfg = yaml.safe_load(f)
+        cfg = load_yaml(config_yaml, "label config")
         try:
             mapping = {int(k): int(v) for k, v in cfg["learning_map"].items()}
             inv = {int(k): int(v) for k, v in cfg["learning_map_inv"].items()}

@@ -19,6 +19,8 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
     src.add_argument("--bag", type=Path, help="rosbag2 with lidar (+ ground-truth) topics, read through the synchronizer")
     src.add_argument("--dataset", type=Path, help="frames with ground truth, any kind sal_ros.data.sources knows "
                      "(e.g. a SemanticKITTI sequence: velodyne/, labels/, calib.txt)")
+    m.add_argument("--select", help="sequences and scans of a dataset with sequences, e.g. 00,05:0-4 (scans 0-4 of "
+                   "00 and 05); ';' separates groups: 00;05:0-4")
     m.add_argument("--vocabulary", required=True, type=Path, help="vocabulary yaml (prompts per class)")
     m.add_argument("--out", required=True, type=Path)
     m.add_argument("--label-set", default="semantickitti", choices=["semantickitti", "nuscenes"])
@@ -43,10 +45,9 @@ def add_arguments(m: argparse.ArgumentParser) -> None:
 def _load_class_map(path: Path | None) -> dict | None:
     if path is None:
         return None
-    import yaml
+    from sal_ros.core.yamlfile import load_yaml
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    data = load_yaml(path, "class map") or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping vocabulary class -> dataset class")
     return {str(k): (None if v is None else str(v)) for k, v in data.items()}
@@ -57,7 +58,7 @@ def iter_frames(args):
     from sal_ros.data.sources import iter_source_frames
 
     if args.dataset is not None:
-        return iter_source_frames(args.dataset)
+        return iter_source_frames(args.dataset, select=getattr(args, "select", None))
     return iter_source_frames(args.bag, bag_config=args.config, kind="bag")
 
 

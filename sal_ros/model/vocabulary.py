@@ -174,15 +174,12 @@ class Vocabulary:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Vocabulary":
-        import yaml
+        from sal_ros.core.yamlfile import load_yaml
 
         try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except yaml.YAMLError as exc:
-            raise VocabularyError(f"{path}: not valid YAML: {exc}") from exc
-        except UnicodeDecodeError as exc:  # alone it names neither the file nor the place
-            raise VocabularyError(f"vocabulary file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+            data = load_yaml(path, "vocabulary file")
+        except ValueError as exc:  # not a regular file, too large, not UTF-8, not YAML, an alias bomb
+            raise VocabularyError(str(exc)) from None
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict:

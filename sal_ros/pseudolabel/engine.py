@@ -31,7 +31,7 @@ import numpy as np
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
-from sal_ros.data.sources import detect_source
+from sal_ros.data.sources import detect_source, keyed_frames
 from sal_ros.pseudolabel import ray_backend  # imports ray only when a Ray run connects
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    masks: str = "sam2"  # slic | sam | sam2
+    masks: str = "sam2"  # slic | sam | sam2 | sam2_lidar | geometric (mask_sources.py)
     mask_options: dict = field(default_factory=dict)  # passed to the mask source (checkpoint, config, ...)
     flatten_overlap: float = 0.8  # SAL flatten: drop a mask inside a kept one above this overlap
     tokens: bool = True
@@ -136,6 +136,8 @@ class PseudoLabeler:
             kw.setdefault("device", self.config.device)
         if self.config.masks == "sam2_lidar":
             kw.setdefault("lift", asdict(self.config.lift))
+        if self.config.masks == "geometric":  # renders its clusters where lifting will look for them
+            kw.setdefault("min_depth", self.config.lift.min_depth)
         return kw
 
     @property
@@ -207,11 +209,11 @@ class FrameSource:
     read it once); the others (small sample layouts) are read once per process and cached.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, select: str | None = None) -> None:
         self.path = Path(path)
         self.source = detect_source(self.path)  # FileNotFoundError / SensorDataError naming the kinds it knows
         self.kind = self.source.name
-        self._index = self.source.keyed(self.path) if self.source.keyed else None
+        self._index = keyed_frames(self.path, select)  # select: sequences and scans (``00,05:0-4``)
         self._frames: dict | None = None
         self._stream_keys: list[str] | None = None
         self._stream_cursor = None  # (iterator over the source's frames, keys it has passed, its finalizer)
@@ -346,13 +348,14 @@ def _label_key(key: str) -> tuple[str, str | None]:
 
 def run(source_path: str | Path, config: EngineConfig, out_dir: str | Path | None = None, workers: int = 1,
         backend: str = "local", overwrite: bool = False, max_frames: int | None = None,
-        progress: bool = True, ray_address: str | None = None) -> RunSummary:
-    """Label every frame of a dataset folder that has no finished file yet.
+        progress: bool = True, ray_address: str | None = None, select: str | None = None) -> RunSummary:
+    """Label every frame of a dataset folder that has no finished file yet (of the ``select``ed ones: workers
+    get the keys, so they open the whole source).
 
     ``ray_address`` (backend "ray"): None = $RAY_ADDRESS, else a private local instance; "auto" or HOST:PORT
     joins a running cluster."""
     t0 = time.perf_counter()
-    source = FrameSource(source_path)
+    source = FrameSource(source_path, select)
     out = Path(out_dir) if out_dir is not None else source.default_out
     if out is None:
         raise ValueError(f"{source_path} is a raw {source.kind} folder: pass --out DIR (its folder is left untouched)")

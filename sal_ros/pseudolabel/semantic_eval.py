@@ -234,9 +234,9 @@ def main(args: argparse.Namespace) -> int:
     if args.pseudolabels is not None:
         class_map = None
         if args.class_map is not None:
-            import yaml
+            from sal_ros.core.yamlfile import load_yaml
 
-            class_map = yaml.safe_load(args.class_map.read_text()) or {}
+            class_map = load_yaml(args.class_map, "class map") or {}
         result = evaluate_files(args.dataset, args.pseudolabels, label_set, class_map, args.max_frames)
     else:
         result = oracle_study(args.dataset, noise=args.noise, strength=args.strength, max_frames=args.max_frames,

@@ -217,7 +217,7 @@ def load_scans(sources: list[dict], base: str | Path = ".", text_encoder: dict |
     scans: list[LabeledScan] = []
     for src in sources:
         frames_path = Path(base) / src["frames"]
-        frames = list(iter_source_frames(frames_path, src.get("bag_config")))
+        frames = list(iter_source_frames(frames_path, src.get("bag_config"), select=src.get("select")))
         if src.get("oracle"):
             from sal_ros.eval.labels import get_label_set
 
