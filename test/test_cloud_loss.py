@@ -211,3 +211,19 @@ def test_publisher_sequences_count_gaps_per_publisher():
     assert seqs.gap(info(b"a", 7)) == (2, 0)
     assert seqs.gap(info(b"b", 2)) == (0, 0)
     assert seqs.gap({"publication_sequence_number": None, "publisher_gid": None}) == (0, 0)  # RMW without them
+
+
+def test_every_node_counter_is_a_fate_or_said_not_to_be():
+    """A new early return in a node that counts its own reason would unbalance the ledger silently: each counter
+    the nodes count must be a fate of the cloud (processed, or dropped with a reason) or listed as not one."""
+    import re
+
+    from sal_ros.nodes.stats import DONE, DROP_REASONS, NOT_FATES
+
+    names = set()
+    for path in (REPO / "sal_ros" / "nodes").glob("*.py"):
+        names |= set(re.findall(r'stats\.count\("([a-z_.]+)"', path.read_text()))
+    unclassified = sorted(n for n in names if not n.startswith("clouds.") and n not in DROP_REASONS
+                          and n not in DONE and n not in NOT_FATES)
+    assert not unclassified, f"classify these counters in sal_ros/nodes/stats.py (DROP_REASONS or NOT_FATES): " \
+                             f"{unclassified}"

@@ -84,11 +84,16 @@ DROP_REASONS = {
     "error.too_many_points": "too_many_points",  # max_points_policy reject
     "error.model": "model",
     "error.unexpected": "unexpected",
-    "error.store": "store",  # recorder: the store failed or is held by another process
+    "error.store": "store",  # recorder: the store is held by another process
+    "error.write_failed": "write_failed",  # recorder: full disk, read-only folder
     "skipped_store_full": "store_full",
     "skipped_every_nth": "every_nth",  # recorder: record.every_nth thinning
 }
 DONE = ("processed", "recorded")
+# Counters that say something about a cloud but not its fate (it goes on, or they count points, cameras, events).
+NOT_FATES = ("matched", "partial", "error.empty_cloud", "error.late_cloud", "error.zero_stamp", "error.negative_stamp",
+             "error.tracking", "error.vocabulary", "nonfinite_points", "out_of_range_points", "pose_missing",
+             "subsampled", "time_jump_back", "tracking_pose_missing", "warning.intensity_ignored")
 
 
 def cloud_ledger(counts: dict[str, int], pending: int) -> dict[str, Any]:
