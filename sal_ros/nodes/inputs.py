@@ -142,7 +142,24 @@ class SensorInputs:
         self._watch_timer = node.create_timer(1.0, self._watch_inputs, callback_group=timers,
                                               clock=Clock(clock_type=ClockType.STEADY_TIME))
         self._jump_handle = self._on_clock_jumps(node)
-        self.topics = {"cloud": values["cloud_topic"], **{c.name: c.image_topic for c in cameras}}
+        # As resolved (namespace, remapping: `-r /points:=/velodyne_points`): what logs and diagnostics name.
+        self.topics = {"cloud": self.subscriptions[0].topic_name,
+                       **{c.name: sub.topic_name for c, sub in zip(cameras, self.subscriptions[1::2])}}
+
+    def close(self) -> None:
+        """Stop taking input (a managed node's deactivate): subscriptions, timers, the clock-jump callback and a tf2
+        listener of its own are removed from the node; nothing is decoded after this."""
+        node = self.node
+        for sub in self.subscriptions:
+            node.destroy_subscription(sub)
+        self.subscriptions = []
+        for timer in (self._poll_timer, self._watch_timer):
+            node.destroy_timer(timer)
+        self._jump_handle.unregister()
+        for source in (self._extrinsics, self._tf):
+            listener = getattr(source, "listener", None)
+            if listener is not None:
+                listener.unregister()
 
     def tf_buffer(self) -> Any:
         """The node's one tf2 buffer (core.tf.Tf2Extrinsics: T_target_source at a stamp, waiting up to sync.timeout
