@@ -273,6 +273,11 @@ def image_size_problem(image: np.ndarray, camera: CameraModel) -> tuple[str, str
     one whose size differs from the camera model's (points would be projected into pixels it does not have).
     Node, recorder and pseudo-labeling all leave such a camera out under the same reason."""
     height, width = (np.shape(image) + (0, 0))[:2]
+    return size_problem(width, height, camera)
+
+
+def size_problem(width: int, height: int, camera: CameraModel) -> tuple[str, str] | None:
+    """``image_size_problem`` from a ``width`` x ``height`` (read from a header, before decoding)."""
     if width == 0 or height == 0:
         return "empty_image", f"image is empty ({width}x{height})"
     if (width, height) != (camera.width, camera.height):

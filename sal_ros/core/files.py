@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import secrets
 import stat
@@ -121,6 +122,20 @@ def _check_stat(st: os.stat_result, path: str | os.PathLike, max_bytes: int | No
     if max_bytes is not None and st.st_size > max_bytes:
         raise FileRefusedError("file_too_large",
                                f"{what} {path}: {st.st_size} bytes, more than the limit of {max_bytes}")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / inf float (a score of nothing: 0/0) as None, numpy scalars as Python numbers and
+    tuples as lists, so that it is valid JSON (``null``); ``json.dumps`` would write the invalid ``NaN``."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", None) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def remove_temp_files(folder: str | os.PathLike) -> int:

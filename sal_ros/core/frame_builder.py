@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sal_ros.core.camera import CameraModel, image_size_problem
+from sal_ros.core.camera import CameraModel, image_size_problem, size_problem
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.image import read_image
+from sal_ros.core.image import image_dimensions, read_image
 from sal_ros.core.msgtypes import stamp_to_ns
 from sal_ros.core.tf import ExtrinsicsSource
 from sal_ros.core.types import CameraView, Frame
@@ -64,13 +64,17 @@ class FrameBuilder:
             why = self.extrinsics_error or errors.get((camera_frame, frame.frame_id), "no transform")
             return None, "missing_transform", (f"camera {name}: {why} (lidar frame '{frame.frame_id}' -> camera "
                                                f"frame '{camera_frame}' at the cloud stamp)")
-        try:
+        try:  # the size in the header first: a compressed image that is not the camera's is never decoded
+            header_size = image_dimensions(image_msg)
+            wrong_size = None if header_size is None else size_problem(*header_size, model)
+            if wrong_size is not None:
+                return None, wrong_size[0], f"camera {name}: {wrong_size[1]}"
             image = read_image(image_msg)
         except SensorDataError as exc:
             return None, "malformed_image", f"camera {name}: {exc}"
-        size_problem = image_size_problem(image, model)
-        if size_problem is not None:
-            return None, size_problem[0], f"camera {name}: {size_problem[1]}"
+        wrong_size = image_size_problem(image, model)
+        if wrong_size is not None:
+            return None, wrong_size[0], f"camera {name}: {wrong_size[1]}"
         # A rectified view's extrinsics end in the rectified frame, so every consumer projects it with plain K.
         view = CameraView(name=name, image=image, camera=model, T_cam_lidar=rectification @ np.asarray(T, np.float64),
                           stamp_ns=stamp_to_ns(image_msg.header.stamp), frame_id=camera_frame)

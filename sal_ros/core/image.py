@@ -5,10 +5,17 @@ Decoded images follow :class:`sal_ros.core.types.CameraView`: mono encodings giv
 Row padding (``step``) and ``is_bigendian`` are honoured. Compressed images (jpeg/png, as image_transport writes
 them, and 16-bit ``compressedDepth`` png) are decoded with Pillow. Bad input raises
 :class:`~sal_ros.core.errors.MalformedMessageError` naming the problem.
+
+A compressed image's size is read from its header before anything is decoded (``compressed_image_size``), so a
+0.5 MB PNG that inflates to 13000 x 13000 is refused in microseconds: over ``max_pixels``, or (the node and the
+bag reader, ``image_dimensions``) not the size its calibration describes. Pillow's parsed header is checked
+against ``max_pixels`` again before ``load`` (formats the header reader does not know), and Pillow's own
+decompression-bomb limit stays on behind both.
 """
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,16 +48,57 @@ ENCODABLE = ("mono8", "mono16", "rgb8", "32FC1")
 
 _COMPRESSED_DEPTH_HEADER = 12  # compressed_depth_image_transport: int32 format + float32 depthParam[2]
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DEFAULT_MAX_PIXELS = 64 << 20  # 67 MP: above any camera a robot carries (8K is 33 MP), far below a bomb
+# JPEG start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC share the range
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
 # ----------------------------------------------------------------------------------------------------- decoding
 
 
-def read_image(msg: Any) -> np.ndarray:
+def read_image(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an Image or a CompressedImage (told apart by their fields)."""
     if hasattr(msg, "encoding"):
         return decode_image(msg)
-    return decode_compressed_image(msg)
+    return decode_compressed_image(msg, max_pixels)
+
+
+def image_dimensions(msg: Any) -> tuple[int, int] | None:
+    """``(width, height)`` of an Image (its fields) or a CompressedImage (its PNG / JPEG header), without
+    decoding; None when a compressed header is not one this reader knows (Pillow then reads it)."""
+    if hasattr(msg, "encoding"):
+        return int(msg.width), int(msg.height)
+    return compressed_image_size(_compressed_bytes(msg)[1])
+
+
+def compressed_image_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG's IHDR or a JPEG's start-of-frame segment; None for anything else."""
+    if data.startswith(_PNG_MAGIC) and len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(data):  # walk the segments: marker, then a big-endian length that includes itself
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # segments without a length
+            pos += 2
+            continue
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker in _JPEG_SOF:
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image / start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
 
 
 def decode_image(msg: Any) -> np.ndarray:
@@ -99,10 +147,8 @@ def _buffer(data: Any) -> np.ndarray:
         return np.asarray(data, np.uint8)
 
 
-def decode_compressed_image(msg: Any) -> np.ndarray:
-    """sensor_msgs/CompressedImage (jpeg, png, 16-bit compressedDepth png) -> same conventions as decode_image."""
-    from PIL import Image as PILImage
-
+def _compressed_bytes(msg: Any) -> tuple[str, bytes]:
+    """(format, the PNG / JPEG bytes): a compressedDepth message's 12-byte header taken off."""
     fmt = str(msg.format)
     raw = _buffer(msg.data).tobytes()
     if "compresseddepth" in fmt.lower():
@@ -110,12 +156,33 @@ def decode_compressed_image(msg: Any) -> np.ndarray:
             raise MalformedMessageError(f"CompressedImage format {fmt!r}: only 16-bit compressedDepth is supported")
         if not raw.startswith(_PNG_MAGIC):
             raw = raw[_COMPRESSED_DEPTH_HEADER:]
+    return fmt, raw
+
+
+def check_pixels(size: tuple[int, int] | None, max_pixels: int, what: str) -> None:
+    """MalformedMessageError when a header's ``(width, height)`` is over ``max_pixels`` (a decompression bomb)."""
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise MalformedMessageError(f"{what} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels, more than the limit "
+                                    f"of {max_pixels}; not decoded")
+
+
+def decode_compressed_image(msg: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg, png, 16-bit compressedDepth png) -> same conventions as decode_image.
+    A header over ``max_pixels`` is refused before decoding."""
+    from PIL import Image as PILImage
+
+    fmt, raw = _compressed_bytes(msg)
+    what = f"CompressedImage (format {fmt!r}, {len(raw)} bytes)"
+    check_pixels(compressed_image_size(raw), max_pixels, what)
     try:
         with PILImage.open(io.BytesIO(raw)) as pil:
+            check_pixels(pil.size, max_pixels, what)  # the second wall: Pillow's header, any format
             pil.load()
             return _from_pil(pil)
     except (OSError, ValueError, SyntaxError, PILImage.DecompressionBombError) as err:  # truncated/unknown/huge
-        raise MalformedMessageError(f"CompressedImage (format {fmt!r}, {len(raw)} bytes) could not be decoded: {err}")
+        if isinstance(err, MalformedMessageError):
+            raise
+        raise MalformedMessageError(f"{what} could not be decoded: {err}")
 
 
 def _from_pil(pil: Any) -> np.ndarray:

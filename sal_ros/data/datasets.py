@@ -34,10 +34,13 @@ from sal_ros.core.calibration import (
     read_semantickitti_calib,
 )
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.files import check_regular_file
+from sal_ros.core.image import DEFAULT_MAX_PIXELS, check_pixels, compressed_image_size
 from sal_ros.core.types import CameraView, Frame
 from sal_ros.core.yamlfile import load_yaml
 
 KITTI_PERIOD_NS = 100_000_000  # 10 Hz
+HEADER_BYTES = 1 << 18  # where an image file's size must show up (a JPEG's APP segments come first)
 SEMANTICKITTI_THINGS = ("car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist",
                         "motorcyclist")
 
@@ -54,11 +57,16 @@ def read_points(path: str | os.PathLike, columns: int) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(raw[:, :3]), np.ascontiguousarray(raw[:, 3])
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image file -> (H, W) uint8 mono or (H, W, 3) uint8 RGB (16-bit mono stays uint16). A file PIL cannot
-    decode (corrupt, truncated, not an image) raises SensorDataError naming it."""
+    decode (corrupt, truncated, empty, not an image, not a regular file, a header over ``max_pixels``) raises
+    SensorDataError naming it."""
     try:
+        check_regular_file(path, None, "image")
+        with open(path, "rb") as f:  # PNG / JPEG size from the header, before Pillow sees the file
+            check_pixels(compressed_image_size(f.read(HEADER_BYTES)), max_pixels, "the image")
         with Image.open(path) as im:
+            check_pixels(im.size, max_pixels, "the image")  # other formats: Pillow's header; not decoded yet
             if im.mode in ("L", "I;16", "I;16B", "I;16L"):
                 return np.asarray(im)
             if im.mode == "LA" or (im.mode == "P" and not _palette_has_colour(im)):
@@ -76,6 +84,7 @@ def _palette_has_colour(im: Image.Image) -> bool:
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) from the file header, without decoding."""
     try:
+        check_regular_file(path, None, "image")
         with Image.open(path) as im:
             return im.size
     except Exception as exc:  # noqa: BLE001 - as in read_image
@@ -148,7 +157,7 @@ def iter_semantickitti(seq_dir: str | os.PathLike, scans: Iterable[int | str] | 
                       key=f"{seq_dir.name}_{name}", gt_labels=_semantickitti_labels(seq_dir, name, len(xyz)))
         for cam_dir in cam_dirs:
             image_path = cam_dir / f"{name}.png"
-            _attach(frame, cam_dir.name, image_path, lambda: _view(calibs[cam_dir.name], image_path, stamp))
+            _attach(frame, cam_dir.name, image_path, lambda: _view(_sized(calibs, cam_dir, image_path), image_path, stamp))
         yield frame
 
 
@@ -206,10 +215,28 @@ def _semantickitti_calibs(seq_dir: Path, cam_dirs: list[Path]) -> dict[str, Came
     """Calibration of each camera folder; the image size is fixed per sequence, read from one file header."""
     calibs = {}
     for cam_dir in cam_dirs:
-        sample = next(iter(sorted(cam_dir.glob("*.png"))), None)
-        if sample is not None:
-            calibs.update(read_semantickitti_calib(seq_dir / "calib.txt", image_size(sample), (cam_dir.name,)))
+        size = _first_image_size(sorted(cam_dir.glob("*.png")))
+        if size is not None:
+            calibs.update(read_semantickitti_calib(seq_dir / "calib.txt", size, (cam_dir.name,)))
     return calibs
+
+
+def _sized(calibs: dict[str, CameraCalibration], cam_dir: Path, image_path: Path) -> CameraCalibration:
+    if cam_dir.name not in calibs:
+        image_size(image_path)  # the frame's own file named when it is unreadable, as with a calibration
+        raise SensorDataError(f"{cam_dir}: no readable image to take the camera's size from")
+    return calibs[cam_dir.name]
+
+
+def _first_image_size(paths: list[Path]) -> tuple[int, int] | None:
+    """The size of the first readable image: an empty or corrupt first file costs its own frame, not the
+    camera's calibration (and with it every frame); None when none is readable."""
+    for path in paths:
+        try:
+            return image_size(path)
+        except SensorDataError:
+            continue
+    return None
 
 
 def _semantickitti_labels(seq_dir: Path, name: str, n: int) -> np.ndarray | None:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,20 +44,15 @@ from sal_ros.nodes import params as P
 from sal_ros.nodes.base import SensorNode
 from sal_ros.nodes.qos import latched, profile
 from sal_ros.nodes.stats import throttled
+from sal_ros.nodes.vocabulary import ActiveVocabulary, VocabularyChanges, initial_vocabulary
 from sal_ros.nodes.worker import Worker
 
-OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary")
+OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary", "filtered")
+# Autoware's per-frame debug figures (ms), on ~/debug/<name>
+DEBUG_TIMES = ("processing_time_ms", "cyclic_time_ms", "pipeline_latency_ms")
 # The parameters that make the Segmenter's configuration (_segmenter_config).
 SEGMENTER_CONFIG_PARAMS = ("score_threshold", "min_instance_points", "max_points", "max_points_policy",
                            "model.intensity_scale")
-
-
-@dataclass(frozen=True)
-class ActiveVocabulary:
-    version: int
-    vocabulary: Any
-    class_names: tuple[str, ...]
-    palette: np.ndarray
 
 
 class SegmenterNode(SensorNode):
@@ -68,26 +61,51 @@ class SegmenterNode(SensorNode):
         self._specs = {s.name: s for s in P.node_specs(P.SEGMENTER_NODE)}
         self._types = rclpy_types()
         self._model_lock = threading.Lock()  # one model call at a time; vocabulary swaps happen between frames
-        self._vocab_lock = threading.Lock()
-        self._vocab_request = 0
-        self._embedder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sal_vocabulary",
-                                            initializer=_one_torch_thread)
-
+        self.vocabulary = VocabularyChanges(self._encode_vocabulary, self._install_vocabulary, self._model_lock,
+                                            self._announce_vocabulary, self._vocabulary_failed)
         self.device = self._choose_device(self.values["model.device"])
         self.tracker = Tracker(self._tracker_config())
         self._poses, self._last_pose = self._pose_source(), None
         self._make_publishers(self.cameras)
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        self.bring_up()
+
+    # --------------------------------------------------------------------------------------------- lifecycle
+
+    def configure(self) -> None:
+        """Model and vocabulary loaded, on the worker thread, which then waits for frames."""
         # All CPU model work, loading included, happens on the worker thread: PyTorch's OpenMP pool serves the
         # thread that first used it; parallel ops of a second thread ran ~6x slower here (tiny backbone 55 ->
         # 340 ms on 2 cores). The vocabulary thread uses one torch thread for the same reason.
-        self.start(Worker("sal_segmenter_worker", self._process, self._on_worker_error, setup=self._setup_model))
+        self.start_worker(Worker("sal_segmenter_worker", self._process, self._on_worker_error,
+                                 setup=self._setup_model))
         self._publish_vocabulary(self.active)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        problem = self._unknown_filter_classes(self.values["filter.classes"])
+        if problem:
+            raise ValueError(problem)
+
+    def activate(self) -> None:
+        self.start_inputs()
         self.get_logger().info(
-            f"listening on {self.values['cloud_topic']} with cameras {[c.name for c in self.cameras]}; "
+            f"listening on {self.inputs.topics['cloud']} with cameras {[c.name for c in self.cameras]}; "
             f"model on {self.device}, torch threads: {self._torch_threads}; "
             f"vocabulary v{self.active.version}: {list(self.active.class_names)}")
+
+    def cleanup(self) -> None:
+        """Worker stopped, model and text encoder freed (GPU memory back to the device)."""
+        super().cleanup()
+        with self._model_lock:
+            self._text_encoder = self._segmenter = None
+            self.vocabulary.active = None
+        import gc
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        self.get_logger().info("model freed")
 
     # ------------------------------------------------------------------------------------------------- model
 
@@ -106,7 +124,7 @@ class SegmenterNode(SensorNode):
             _leave_a_core_for_callbacks()
         self._torch_threads = torch.get_num_threads()
         self._text_encoder, self._segmenter = self._load_model()
-        self.active = self._embed(self._initial_vocabulary(), version=1)
+        self.vocabulary.start(initial_vocabulary(self.values))
 
     def _load_model(self) -> tuple[Any, Any]:
         from sal_ros.model.segmenter import Segmenter
@@ -128,46 +146,25 @@ class SegmenterNode(SensorNode):
 
     # -------------------------------------------------------------------------------------------- vocabulary
 
-    def _initial_vocabulary(self) -> Any:
-        from sal_ros.model.vocabulary import Vocabulary
+    @property
+    def active(self) -> ActiveVocabulary:
+        """The vocabulary the model runs with."""
+        return self.vocabulary.active
 
-        if self.values["vocabulary_file"]:
-            return Vocabulary.from_yaml(self.values["vocabulary_file"])
-        return Vocabulary.from_prompts(self.values["prompts"])
+    def _encode_vocabulary(self, vocabulary: Any, version: int) -> Any:
+        return self._text_encoder.encode(vocabulary, version=version)
 
-    def _embed(self, vocabulary: Any, version: int) -> ActiveVocabulary:
-        """Embed ``vocabulary`` and swap it into the model between two frames."""
-        embeddings = self._text_encoder.encode(vocabulary, version=version)
-        names = tuple(outputs.class_names_of(vocabulary))
-        active = ActiveVocabulary(version, vocabulary, names, outputs.class_colors(len(names)))
-        with self._model_lock:
-            self._segmenter.set_embeddings(embeddings)
-            self.active = active
-        return active
+    def _install_vocabulary(self, embeddings: Any) -> None:
+        self._segmenter.set_embeddings(embeddings)
 
-    def _request_vocabulary(self, source: str, value: Any) -> None:
-        with self._vocab_lock:
-            self._vocab_request += 1
-            request = self._vocab_request
-        self._embedder.submit(self._reembed, request, source, value)
-
-    def _reembed(self, request: int, source: str, value: Any) -> None:
-        from sal_ros.model.vocabulary import Vocabulary
-
-        try:
-            vocabulary = Vocabulary.from_yaml(value) if source == "vocabulary_file" else Vocabulary.from_prompts(value)
-            with self._vocab_lock:
-                if request != self._vocab_request:
-                    return  # a newer change is queued behind this one
-            t0 = time.perf_counter()
-            active = self._embed(vocabulary, version=self.active.version + 1)
-        except Exception as exc:  # noqa: BLE001 - a failed change keeps the old vocabulary running
-            self.stats.count("error.vocabulary")
-            self.get_logger().error(f"vocabulary change from {source} failed, keeping v{self.active.version}: {exc}")
-            return
-        self.stats.time("embed", (time.perf_counter() - t0) * 1e3)
+    def _announce_vocabulary(self, active: ActiveVocabulary, ms: float) -> None:
+        self.stats.time("embed", ms)
         self._publish_vocabulary(active)
         self.get_logger().info(f"vocabulary v{active.version} active: {list(active.class_names)}")
+
+    def _vocabulary_failed(self, source: str, exc: BaseException) -> None:
+        self.stats.count("error.vocabulary")
+        self.get_logger().error(f"vocabulary change from {source} failed, keeping v{self.active.version}: {exc}")
 
     def _publish_vocabulary(self, active: ActiveVocabulary) -> None:
         from std_msgs.msg import String
@@ -184,7 +181,7 @@ class SegmenterNode(SensorNode):
         """On-set callback: reject bad values with a reason before they are stored."""
         from rcl_interfaces.msg import SetParametersResult
 
-        from sal_ros.model.vocabulary import Vocabulary, VocabularyError, validate_prompts
+        from sal_ros.model.vocabulary import VocabularyError
 
         for param in parameters:
             spec = self._specs.get(param.name)
@@ -192,16 +189,26 @@ class SegmenterNode(SensorNode):
                 continue
             problem = P.check_value(spec, param.value)
             try:
-                if param.name == "prompts":
-                    validate_prompts(list(param.value))
-                elif param.name == "vocabulary_file" and param.value:
-                    Vocabulary.from_yaml(param.value)
+                if not problem and (param.name == "prompts" or (param.name == "vocabulary_file" and param.value)):
+                    self.vocabulary.check(param.name, param.value)
+                elif not problem and param.name == "filter.classes":
+                    problem = self._unknown_filter_classes(list(param.value))
             except (VocabularyError, OSError, ValueError) as exc:
                 problem = f"{param.name}: {exc}"
             if problem:
                 self.get_logger().warning(f"rejected parameter change: {problem}")
                 return SetParametersResult(successful=False, reason=problem)
         return SetParametersResult(successful=True)
+
+    def _unknown_filter_classes(self, names: list[str]) -> str | None:
+        """Why ``filter.classes`` cannot be ``names``: a name the active vocabulary does not have."""
+        if self.active is None:
+            return None  # not configured: checked at configure
+        unknown = [n for n in names if n not in self.active.class_names]
+        if unknown:
+            return (f"filter.classes: {unknown} not in the vocabulary (v{self.active.version}: "
+                    f"{list(self.active.class_names)})")
+        return None
 
     def _apply_parameters(self, parameters: list) -> None:
         """Post-set callback: store accepted values; vocabulary changes are embedded in the background."""
@@ -210,9 +217,11 @@ class SegmenterNode(SensorNode):
                 continue
             value = list(param.value) if isinstance(param.value, (list, tuple)) else param.value
             self.values[param.name] = value
+            loaded = self.configured  # a managed node not configured yet takes model values at configure
             if param.name == "prompts" or (param.name == "vocabulary_file" and value):
-                self._request_vocabulary(param.name, value)
-            elif param.name in SEGMENTER_CONFIG_PARAMS:
+                if loaded:
+                    self.vocabulary.request(param.name, value)
+            elif param.name in SEGMENTER_CONFIG_PARAMS and loaded:
                 self._configure_segmenter()
             elif param.name.startswith("tracking."):
                 self.tracker.config = self._tracker_config()
@@ -244,6 +253,11 @@ class SegmenterNode(SensorNode):
         self._pub_overlays = {c.name: self.create_publisher(Image, f"~/overlay/{c.name}", qos) for c in cameras}
         self._pub_detections = self.create_publisher(Detection3DArray, "~/detections", qos)
         self._pub_summary = self.create_publisher(FrameSummary, "~/frame_summary", qos)
+        self._pub_filtered = self.create_publisher(PointCloud2, "~/filtered", qos)
+        from sensor_msgs.msg import Temperature  # the closest standard stamped float (outputs.stamped_ms)
+
+        self._pub_debug = {name: self.create_publisher(Temperature, f"~/debug/{name}", qos) for name in DEBUG_TIMES}
+        self._last_start: float | None = None  # when the previous processed frame started (cyclic time)
         self._pub_vocabulary = self.create_publisher(Vocabulary, "~/vocabulary", latched())
         self._pub_vocabulary_json = self.create_publisher(String, "~/debug/vocabulary", latched())
 
@@ -256,6 +270,7 @@ class SegmenterNode(SensorNode):
             "info": v["publish.info"] and self._pub_info.get_subscription_count() > 0,
             "detections": v["publish.detections"] and self._pub_detections.get_subscription_count() > 0,
             "frame_summary": v["publish.frame_summary"] and self._pub_summary.get_subscription_count() > 0,
+            "filtered": v["publish.filtered"] and self._pub_filtered.get_subscription_count() > 0,
             "overlays": {name for name, pub in self._pub_overlays.items()
                          if v["publish.overlays"] and pub.get_subscription_count() > 0},
         }
@@ -289,6 +304,8 @@ class SegmenterNode(SensorNode):
         stages = {"decode": t1 - t0, "segment": t2 - t1, "track": t3 - t2}
         self._publish(frame, seg, wanted, tracking, {**{k: v * 1e3 for k, v in stages.items()},
                                                      **{"model." + k: v for k, v in seg.timings_ms.items()}})
+        if wanted["filtered"]:
+            self._publish_filtered(decoded.cloud_msg, seg)
         t4 = time.perf_counter()
         self.stats.count("processed")
         for stage, ms in (*stages.items(), ("publish", t4 - t3), ("total", t4 - t0)):
@@ -303,6 +320,28 @@ class SegmenterNode(SensorNode):
         now_ns = self.get_clock().now().nanoseconds
         if frame.stamp_ns and now_ns > frame.stamp_ns:  # includes driver and transport; needs synced clocks
             self.stats.time("stamp_age", (now_ns - frame.stamp_ns) / 1e6)
+        self._publish_debug_times(frame, t0, t4, now_ns)
+
+    def _publish_debug_times(self, frame: Frame, start: float, end: float, now_ns: int) -> None:
+        """Autoware's debug figures of this frame: its work, the time since the previous frame's start, and the
+        time since the sensor stamp (ROS clock; driver and transport included)."""
+        cyclic = None if self._last_start is None else (start - self._last_start) * 1e3
+        self._last_start = start
+        if not self.values["publish.debug"]:
+            return
+        figures = {"processing_time_ms": (end - start) * 1e3, "cyclic_time_ms": cyclic,
+                   "pipeline_latency_ms": (now_ns - frame.stamp_ns) / 1e6}
+        for name, value in figures.items():
+            pub = self._pub_debug[name]
+            if value is not None and pub.get_subscription_count() > 0:
+                pub.publish(outputs.stamped_ms(value, frame.frame_id, frame.stamp_ns, self._types))
+
+    def _publish_filtered(self, cloud_msg: Any, seg: Segmentation) -> None:
+        """~/filtered: the input cloud without the points of ``filter.classes`` (by name, in the vocabulary the
+        frame was segmented with; a name that vocabulary lacks removes nothing)."""
+        removed = outputs.labels_to_remove(seg.class_names, self.values["filter.classes"])
+        keep = ~np.isin(np.asarray(seg.label), removed)
+        self._pub_filtered.publish(outputs.filtered_cloud(cloud_msg, keep, self._types))
 
     def segment_frame(self, frame: Frame) -> Segmentation | None:
         """The Segmenter on one frame, with what it left out counted and warned about. None when the frame is
@@ -451,7 +490,7 @@ class SegmenterNode(SensorNode):
         v, name = self.values, self.get_name()
         subscribed = any(self.wanted_outputs().values())
         return [
-            D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
+            D.input_status(name, window, self.inputs.topics["cloud"], v["input_timeout"]),
             D.processing_status(name, window, self.stats.snapshot()["timings"], subscribed),
             D.model_status(name, v["model.device"], self.device, self.active.version, len(self.active.class_names),
                            getattr(self, "_torch_threads", None),
@@ -459,15 +498,9 @@ class SegmenterNode(SensorNode):
         ]
 
     def destroy_node(self) -> None:
-        if hasattr(self, "_embedder"):  # absent when __init__ failed early
-            self._embedder.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self, "vocabulary"):  # absent when __init__ failed early
+            self.vocabulary.shutdown()
         super().destroy_node()
-
-
-def _one_torch_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _leave_a_core_for_callbacks() -> None:

@@ -29,9 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.files import atomic_write
+from sal_ros.core.files import atomic_write, json_safe, write_json
 from sal_ros.eval.panoptic import SegmentCounts, match_segments
 from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
+from sal_ros.pseudolabel import geometric
+from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores, render_segments
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
 from sal_ros.pseudolabel.mask_sources import build_mask_source
 from sal_ros.pseudolabel.masks import Masks, flatten_masks
@@ -46,6 +48,7 @@ VARIANTS = {  # name: (occlusion test, DBSCAN replace)
     "occlusion": (True, False),
     "occlusion + DBSCAN replace": (True, True),
 }
+LIDAR_ONLY = "lidar only"  # the geometric teacher's own point labels, no camera (a row only for such sources)
 
 
 @dataclass
@@ -92,11 +95,13 @@ class PseudoLabelScore:
         return out
 
 
-def scored_points(frame, label_set, min_depth: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(mask of scored points, GT class, GT segment, thing) for one frame; the last three over scored points."""
+def scored_points(frame, label_set, min_depth: float,
+                  full_scan: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mask of scored points, GT class, GT segment, thing) for one frame; the last three over scored points.
+    Scored: the labelled points the cameras see, or with ``full_scan`` every labelled point."""
     if frame.gt_labels is None:
         raise SensorDataError(f"frame {frame.key}: no ground-truth labels to evaluate against")
-    in_cam = np.zeros(frame.num_points, bool)
+    in_cam = np.full(frame.num_points, full_scan)
     for view in frame.cameras.values():
         in_cam[project_view(frame.points, view, min_depth)[0]] = True
     cls, seg = label_set.split(frame.gt_labels)
@@ -108,7 +113,9 @@ def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, mi
                  splat: tuple[int, int]) -> dict[str, Masks]:
     if kind == "oracle":
         return OracleMasks(splat, label_set.name, min_depth).frame_masks(frame, frame.gt_labels)
-    return {n: flatten_masks(source.generate(v.image), flatten_overlap) for n, v in frame.cameras.items()}
+    gen = getattr(source, "generate_for_view", None)  # sources that need the points (geometric)
+    return {n: flatten_masks(gen(frame.points, v) if gen is not None else source.generate(v.image), flatten_overlap)
+            for n, v in frame.cameras.items()}
 
 
 def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic", "oracle"),
@@ -117,8 +124,10 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                           refine: RefineConfig = RefineConfig(), fusion_iou: float = 0.3, flatten_overlap: float = 0.8,
                           engine_min_points: int = 5, min_points: int | None = None, label_config: str | None = None,
                           splat: tuple[int, int] = (2, 3), max_frames: int | None = None,
-                          progress: bool = True) -> dict:
-    """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}."""
+                          progress: bool = True, full_scan: bool = False) -> dict:
+    """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}.
+    ``full_scan``: score every labelled point, not only those the cameras see (camera pseudo-labels then miss
+    what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan)."""
     from sal_ros.eval.labels import semantickitti
 
     label_set = semantickitti(label_config, **({"min_points": min_points} if min_points is not None else {}))
@@ -127,13 +136,16 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
     if pseudolabels is not None:
         configs = [("files", str(pseudolabels))]
     else:
-        unknown = [v for v in variants if v not in VARIANTS]
+        unknown = [v for v in variants if v not in VARIANTS and v != LIDAR_ONLY]
         if unknown:
-            raise ValueError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-        configs = [(m, v) for m in masks for v in variants]
-    scores = {c: PseudoLabelScore() for c in configs}
+            raise ValueError(f"unknown variants {unknown}; known: {', '.join([*VARIANTS, LIDAR_ONLY])}")
     sources = {m: build_mask_source(m, **(mask_options or {}).get(m, {}))
                for m in masks if m != "oracle" and pseudolabels is None}
+    if pseudolabels is None:  # "lidar only" exists for the sources that label points themselves
+        configs = [(m, v) for m in masks for v in variants
+                   if v != LIDAR_ONLY or hasattr(sources.get(m), "label_points")]
+    scores = {c: PseudoLabelScore() for c in configs}
+    ground = np.zeros(3, np.int64)  # geometric ground vs the ground classes: TP, FP, FN points
     seconds: dict[str, float] = {}
     it = keys
     if progress:
@@ -147,7 +159,7 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
             skipped[key] = why
             log.warning("frame %s not scored: %s", key, why)
             continue
-        keep, gt_cls, gt_seg, thing = scored_points(frame, label_set, lift.min_depth)
+        keep, gt_cls, gt_seg, thing = scored_points(frame, label_set, lift.min_depth, full_scan)
         if pseudolabels is not None:
             from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 
@@ -159,7 +171,14 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
             frame_masks = _frame_masks(frame, sources.get(kind), kind, label_set, flatten_overlap, lift.min_depth,
                                        splat)
             seconds[f"{kind} masks"] = seconds.get(f"{kind} masks", 0.0) + time.perf_counter() - t0
+            if hasattr(sources.get(kind), "ground_of"):
+                ground += ground_scores(sources[kind].ground_of(frame.points), frame.gt_labels, label_set)
             for variant in variants:
+                if variant == LIDAR_ONLY:
+                    if (kind, variant) in scores:
+                        instance = sources[kind].label_points(frame.points)  # computed with the masks above
+                        scores[(kind, variant)].add(instance[keep], gt_cls, gt_seg, thing, label_set.min_points)
+                    continue
                 occlusion, use_refine = VARIANTS[variant]
                 t0 = time.perf_counter()
                 pl = label_from_masks(frame, frame_masks, None, replace(lift, occlusion=occlusion), fusion_iou,
@@ -170,7 +189,11 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
     scored = len(keys) - len(skipped)
     meta = {"dataset": str(dataset), "frames": scored, "frames_skipped": skipped, "min_points": label_set.min_points,
             "lift": vars(lift), "refine": vars(refine), "splat": list(splat), "engine_min_points": engine_min_points,
-            "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}}
+            "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}, "full_scan": full_scan}
+    if "geometric" in sources:
+        tp, fp, fn = (int(x) for x in ground)
+        meta["ground"] = {"precision": 100 * tp / max(tp + fp, 1), "recall": 100 * tp / max(tp + fn, 1),
+                          "tp": tp, "fp": fp, "fn": fn, "classes": list(GROUND_CLASSES)}
     return {"rows": rows, "meta": meta}
 
 
@@ -191,11 +214,17 @@ def markdown_table(result: dict) -> str:
     head = ("| masks | lifting | PQ all | SQ all | RQ all | PQ things | SQ things | RQ things | coverage % "
             "| thing coverage % | instances/scan |")
     lines = [head, "|" + "---|" * 11]
+    columns = ("pq_all", "sq_all", "rq_all", "pq_things", "sq_things", "rq_things", "coverage", "thing_coverage",
+               "instances_per_scan")
     for r in result["rows"]:
-        lines.append(f"| {r['masks']} | {r['lifting']} | {r['pq_all']:.1f} | {r['sq_all']:.1f} | {r['rq_all']:.1f} "
-                     f"| {r['pq_things']:.1f} | {r['sq_things']:.1f} | {r['rq_things']:.1f} | {r['coverage']:.1f} "
-                     f"| {r['thing_coverage']:.1f} | {r['instances_per_scan']:.1f} |")
+        values = (_cell(r[c]) for c in columns)
+        lines.append(f"| {r['masks']} | {r['lifting']} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A score as the table shows it; n/a where there was nothing to score (NaN, or null in metrics.json)."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1f}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -209,7 +238,7 @@ def plot(result: dict, path: Path) -> None:
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
     for k, (key, name) in enumerate((("pq_all", "PQ all"), ("pq_things", "PQ things"), ("coverage", "coverage"))):
-        ax.bar(x + (k - 1) * 0.27, [r[key] for r in rows], 0.27, label=name)
+        ax.bar(x + (k - 1) * 0.27, [np.nan if r[key] is None else r[key] for r in rows], 0.27, label=name)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylabel("%")
     ax.set_title(f"Pseudo-labels vs ground truth ({result['meta']['frames']} scans, camera-visible points)")
@@ -225,9 +254,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="SemanticKITTI sequence folder (velodyne/, labels/, image_0/, "
                                                    "calib.txt) or a FrameStore with ground truth")
     parser.add_argument("--pseudolabels", type=Path, help="score these files instead of running the ablation")
-    parser.add_argument("--masks", nargs="+", default=["slic", "oracle"], choices=["slic", "oracle", "sam", "sam2"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
-                        help=f"lifting variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--masks", nargs="+", default=["slic", "oracle"],
+                        choices=["slic", "oracle", "sam", "sam2", "geometric"])
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LIDAR_ONLY], choices=[*VARIANTS, LIDAR_ONLY],
+                        metavar="VARIANT", help=f"lifting variants: {', '.join(VARIANTS)}; '{LIDAR_ONLY}': the "
+                                                "geometric teacher's point labels without cameras")
+    parser.add_argument("--full-scan", action="store_true",
+                        help="score every labelled point, not only those the cameras see")
     parser.add_argument("--slic-segments", type=int, default=150)
     parser.add_argument("--sam-checkpoint")
     parser.add_argument("--sam-model-type", default="vit_b")
@@ -239,6 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int)
     parser.add_argument("--out", type=Path, help="folder for metrics.json, table.md, pseudolabel_eval.png")
     parser.add_argument("--no-progress", action="store_true")
+    geometric.add_arguments(parser.add_argument_group("geometric teacher (--masks geometric)"))
     from sal_ros.pseudolabel import semantic_eval
 
     semantic_eval.add_arguments(parser)
@@ -251,28 +285,34 @@ def main(args: argparse.Namespace) -> int:
         return semantic_eval.main(args)
     opts = {"slic": {"n_segments": args.slic_segments},
             "sam": {"model_type": args.sam_model_type, "checkpoint": args.sam_checkpoint, "device": args.device},
-            "sam2": {"config": args.sam2_config, "checkpoint": args.sam2_checkpoint, "device": args.device}}
+            "sam2": {"config": args.sam2_config, "checkpoint": args.sam2_checkpoint, "device": args.device},
+            "geometric": geometric.options_from_args(args)}
     for kind, ckpt in (("sam", args.sam_checkpoint), ("sam2", args.sam2_checkpoint)):
         if kind in args.masks and not ckpt and args.pseudolabels is None:
             raise ValueError(f"--masks {kind} needs --{kind}-checkpoint (random weights mean nothing here)")
     result = evaluate_pseudolabels(args.dataset, tuple(args.masks), tuple(args.variants), args.pseudolabels,
                                    mask_options=opts, min_points=args.min_points,
                                    label_config=str(args.label_config) if args.label_config else None,
-                                   max_frames=args.max_frames, progress=not args.no_progress)
+                                   max_frames=args.max_frames, progress=not args.no_progress,
+                                   full_scan=args.full_scan)
+    result = json_safe(result)  # a score over no segments is 0/0: null in JSON, n/a in the table
     table = markdown_table(result)
     print(table)
-    print(json.dumps(result, indent=1, default=float))
+    if "ground" in result["meta"]:
+        g = result["meta"]["ground"]
+        print(f"geometric ground vs {', '.join(g['classes'])}: precision {g['precision']:.1f} %, "
+              f"recall {g['recall']:.1f} %")
+    print(json.dumps(result, indent=1, allow_nan=False))
     skipped = result["meta"]["frames_skipped"]
+    status = 1 if not result["meta"]["frames"] else 3 if skipped else 0
     for key, why in skipped.items():
         print(f"sal-ros eval pseudolabels: frame {key} not scored: {why}", file=sys.stderr)
     if skipped:
         print(f"sal-ros eval pseudolabels: {len(skipped)} frame(s) not scored, {result['meta']['frames']} scored; "
-              "exit status 3", file=sys.stderr)
+              f"exit status {status}", file=sys.stderr)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "metrics.json", json.dumps(result, indent=1, default=float))
+        write_json(args.out / "metrics.json", result)
         atomic_write(args.out / "table.md", table + "\n")
         plot(result, args.out / "pseudolabel_eval.png")
-    if not result["meta"]["frames"]:
-        return 1
-    return 3 if skipped else 0
+    return status

@@ -16,34 +16,15 @@ import numpy as np
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.eval.labels import get_label_set
-from sal_ros.pseudolabel.lifting import project_view
+from sal_ros.pseudolabel.geometric import render_segments
 from sal_ros.pseudolabel.masks import Masks
 
 SPLAT = (2, 3)  # pixels each point paints around its projection (x, y), as `sal-ros eval pseudolabels` does
 
 
-def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat: tuple[int, int] = (2, 3)) -> Masks:
-    """Ground-truth segments rendered into the image: each point paints a (2*sx+1) x (2*sy+1) splat, the
-    nearest point wins each pixel (z-buffer); one mask per segment (segment 0 = paints nothing)."""
-    idx, uv, depth = project_view(frame.points, view, min_depth)
-    h, w = view.image.shape[:2]
-    sx, sy = splat
-    du, dv = np.meshgrid(np.arange(-sx, sx + 1), np.arange(-sy, sy + 1))
-    u = (uv[:, 0].astype(np.int64)[:, None] + du.reshape(1, -1)).ravel()
-    v = (uv[:, 1].astype(np.int64)[:, None] + dv.reshape(1, -1)).ravel()
-    d = np.repeat(depth, du.size)
-    s = np.repeat(segment[idx], du.size)
-    ok = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    pix, d, s = v[ok] * w + u[ok], d[ok], s[ok]
-    order = np.lexsort((d, pix))
-    first = np.r_[True, pix[order][1:] != pix[order][:-1]]
-    pix, s = pix[order][first], s[order][first]
-    pix, s = pix[s > 0], s[s > 0]
-    ids, inv = np.unique(s, return_inverse=True)
-    masks = np.zeros((ids.size, h * w), bool)
-    masks[inv, pix] = True
-    return Masks(masks.reshape(ids.size, h, w), np.ones(ids.size, np.float32))
-
+def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat: tuple[int, int] = SPLAT) -> Masks:
+    """Ground-truth segments rendered into the image (z-buffer splats, ``render_segments``); segment 0 = none."""
+    return render_segments(frame.points, view, segment, min_depth, splat)
 
 
 class OracleMasks:
