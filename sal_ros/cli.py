@@ -25,6 +25,7 @@ BENCHES = {
     "dds": ("sal_ros.bench.dds", "120k-point clouds across two processes with the shipped Fast DDS profile"),
     "model": ("sal_ros.bench.model", "per-stage model timings and sparse vs dense conv"),
     "lift": ("sal_ros.bench.lift", "pseudo-label lifting and fusion on the 6-camera nuScenes frame"),
+    "geometric": ("sal_ros.bench.geometric", "the geometric teacher (ground removal, clustering) per real scan"),
     "node": ("sal_ros.bench.node", "segmenter node overhead besides the model (sync, decode, publish)"),
     "gpu": ("sal_ros.bench.gpu", "GPU run: CUDA vs CPU parity, latency p50/p99, node at 10 Hz, one AMP step"),
 }

@@ -185,3 +185,16 @@ def test_pseudolabel_command_and_eval_of_its_files(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| geometric | lidar only |" in done.stdout and "geometric ground vs road" in done.stdout
     assert (tmp_path / "ev" / "pseudolabel_eval.png").stat().st_size > 0
+
+
+def test_bench_geometric_on_a_real_scan():
+    data = require_data("semantickitti_mini", "sequences", "07")
+    proc = subprocess.run([sys.executable, "-m", "sal_ros.cli", "bench", "geometric", "--data", str(data),
+                           "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert [s["key"] for s in out["scans"]] == ["07_000000"]
+    assert 0 < out["scans"][0]["above_ground"] < out["scans"][0]["points"]
+    for stage in ("ground", "cluster", "teacher", "render", "reference_ransac_plane"):
+        assert out["median_cpu_ms"][stage] > 0, stage
+    assert out["teacher_vs_ransac_plane"] > 0 and out["cpu_model"] and out["load_average_end"]
