@@ -79,18 +79,51 @@ def test_synthetic_sequence_keeps_expected_ids():
 
 
 def test_without_ego_motion_a_fast_sensor_breaks_tracks_and_poses_repair_them():
-    """Static objects seen from a sensor moving 3 m per frame: in the sensor frame they jump past the gate."""
+    """Static objects seen from a sensor driving 3 m per frame that stops for a frame (stop and go): in the sensor
+    frame they move and stop, past the gate of what their tracks predict."""
     world = [(20.0, 5.0), (30.0, -5.0)]
     ids_sensor, ids_fixed = set(), set()
     sensor_tracker, fixed_tracker = Tracker(), Tracker()
     for k in range(5):
         pose = np.eye(4)
-        pose[0, 3] = 3.0 * k  # sensor -> world
-        dets = [inst(j + 1, x - 3.0 * k, y) for j, (x, y) in enumerate(world)]
+        pose[0, 3] = (0.0, 3.0, 6.0, 6.0, 9.0)[k]  # sensor -> world
+        dets = [inst(j + 1, x - pose[0, 3], y) for j, (x, y) in enumerate(world)]
         ids_sensor |= {t.track_id for t in sensor_tracker.update(dets, k * 100_000_000).by_instance.values()}
         ids_fixed |= {t.track_id for t in fixed_tracker.update(dets, k * 100_000_000, pose).by_instance.values()}
     assert ids_fixed == {1, 2}
     assert len(ids_sensor) > 2
+
+
+def test_a_new_track_catches_an_object_faster_than_the_gate():
+    """A car at 25 m/s (2.5 m per 0.1 s frame, beyond the 2 m gate) from the frame it is first seen: the new track
+    has no velocity yet, its gate grows by max_speed x dt, so the car keeps one id; without that (max_speed 0)
+    it starts a new track every frame. A parked car 4 m beside the first position is never taken for it."""
+    def ids(max_speed):
+        tracker = Tracker(TrackerConfig(max_distance=2.0, max_speed=max_speed))
+        got = []
+        for k in range(6):
+            result = tracker.update([inst(1, 2.5 * k, 0.0), inst(2, 0.0, 4.0)], k * 100_000_000)
+            got.append((result.by_instance[1].track_id, result.by_instance[2].track_id))
+        return got
+
+    assert ids(30.0) == [(1, 2)] * 6
+    assert [moving for moving, _ in ids(0.0)] == [1, 3, 4, 5, 6, 7]
+
+
+def test_highway_sequence_tracks_without_switches():
+    """semantickitti_mini 01 (highway), ground truth as the segmentation, ten frames: a car moving 2.2-2.4 m per
+    frame in the world frame kept one id (9 switches with the plain 2 m gate)."""
+    from sal_ros.data.datasets import load_semantickitti, semantickitti_poses
+    from sal_ros.eval.labels import get_label_set
+    from sal_ros.eval.tracking import oracle_segmentation, track_and_evaluate
+
+    seq = require_data("semantickitti_mini", "sequences", "01")
+    label_set = get_label_set("semantickitti")
+    frames = load_semantickitti(seq, images=False)
+    result = track_and_evaluate(frames, lambda f: oracle_segmentation(f, label_set), label_set,
+                                semantickitti_poses(seq))["all"]
+    assert (result.frames, result.gt_tubes, result.id_switches, result.pred_tubes) == (10, 3, 0, 3)
+    assert result.lstq == pytest.approx(1.0, abs=1e-12)
 
 
 def test_vocabulary_change_clears_class_votes_but_keeps_ids():

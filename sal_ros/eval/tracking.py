@@ -278,6 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(the untracked control: ids of one frame unrelated to the next)")
     parser.add_argument("--max-distance", type=float, default=2.0, help="association gate (m), as tracking.max_distance")
     parser.add_argument("--max-misses", type=int, default=3, help="frames a track survives unmatched")
+    parser.add_argument("--max-speed", type=float, default=30.0, help="m/s by which a track seen once widens its "
+                        "gate per second (its velocity is not known yet); 0: the gate alone")
     parser.add_argument("--max-frames", type=int, help="the first N scans of each sequence")
     parser.add_argument("--min-points", type=int, default=MIN_POINTS,
                         help="a tube counts in a frame with more points than this (the benchmark's 50)")
@@ -304,7 +306,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         segmenter = build_segmenter(args.checkpoint, args.vocabulary, args.device)
         segment = lambda f: segmenter.segment(f.points, f.intensity)  # noqa: E731
-    config = TrackerConfig(max_distance=args.max_distance, max_misses=args.max_misses)
+    config = TrackerConfig(max_distance=args.max_distance, max_misses=args.max_misses, max_speed=args.max_speed)
     evaluator = LSTQEvaluator(label_set.num_classes, args.min_points, not args.s_cls_without_class_0)
     trajectories: dict = {}
     results = track_and_evaluate(frames, segment, label_set, poses, config, _load_class_map(args.class_map),
@@ -317,7 +319,7 @@ def main(args: argparse.Namespace) -> int:
         "dataset": str(args.dataset), "segmentation": "ground truth (oracle)" if args.oracle else str(args.checkpoint),
         "tracker": "none (segmentation ids)" if args.no_tracker else "sal_ros Tracker",
         "tracking_frame": " / ".join(sorted(set(frame_of.values()))), "max_distance": args.max_distance,
-        "max_misses": args.max_misses, "min_points": args.min_points,
+        "max_misses": args.max_misses, "max_speed": args.max_speed, "min_points": args.min_points,
         "class0_in_s_cls": not args.s_cls_without_class_0}}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "tracking.json", summary)
