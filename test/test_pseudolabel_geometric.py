@@ -161,6 +161,14 @@ def test_geometric_pseudolabels_beat_slic_on_real_scans(seq):
     assert lidar["pq_all"] > 15 and lidar["pq_all"] > rows[("slic", variants[0])]["pq_all"] + 10
 
 
+def test_eval_selects_scans_of_several_sequences():
+    root = require_data("semantickitti_mini")
+    res = evaluate_pseudolabels(root, masks=("geometric",), variants=("lidar only",), select="05,07:3",
+                                progress=False)
+    assert res["meta"]["frames"] == 2 and res["meta"]["select"] == "05,07:3"
+    assert res["rows"][0]["scans"] == 2 and res["rows"][0]["pq_all"] > 20
+
+
 def test_pseudolabel_command_and_eval_of_its_files(tmp_path):
     """`sal-ros pseudolabel --masks geometric` writes files that score as the same source evaluated on the fly."""
     seq = require_data("semantickitti", "sequences", "00")

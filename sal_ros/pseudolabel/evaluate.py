@@ -130,14 +130,15 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                           refine: RefineConfig = RefineConfig(), fusion_iou: float = 0.3, flatten_overlap: float = 0.8,
                           engine_min_points: int = 5, min_points: int | None = None, label_config: str | None = None,
                           splat: tuple[int, int] = (2, 3), max_frames: int | None = None,
-                          progress: bool = True, full_scan: bool = False) -> dict:
+                          progress: bool = True, full_scan: bool = False, select: str | None = None) -> dict:
     """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}.
     ``full_scan``: score every labelled point, not only those the cameras see (camera pseudo-labels then miss
-    what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan)."""
+    what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan).
+    ``select``: sequences and scans of a SemanticKITTI root (``00,05:0-4``), as in ``sal-ros pseudolabel``."""
     from sal_ros.eval.labels import semantickitti
 
     label_set = semantickitti(label_config, **({"min_points": min_points} if min_points is not None else {}))
-    source = FrameSource(dataset)
+    source = FrameSource(dataset, select)
     keys = source.keys()[:max_frames] if max_frames else source.keys()
     if pseudolabels is not None:
         configs = [("files", str(pseudolabels))]
@@ -193,7 +194,8 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                 scores[(kind, variant)].add(pl.instance[keep], gt_cls, gt_seg, thing, label_set.min_points)
     rows = [{"masks": c[0], "lifting": c[1], **s.summary()} for c, s in scores.items()]
     scored = len(keys) - len(skipped)
-    meta = {"dataset": str(dataset), "frames": scored, "frames_skipped": skipped, "min_points": label_set.min_points,
+    meta = {"dataset": str(dataset), "select": select, "frames": scored, "frames_skipped": skipped,
+            "min_points": label_set.min_points,
             "lift": vars(lift), "refine": vars(refine), "splat": list(splat), "engine_min_points": engine_min_points,
             "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}, "full_scan": full_scan}
     if "geometric" in sources:
@@ -265,6 +267,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LIDAR_ONLY], choices=[*VARIANTS, LIDAR_ONLY],
                         metavar="VARIANT", help=f"lifting variants: {', '.join(VARIANTS)}; '{LIDAR_ONLY}': the "
                                                 "geometric teacher's point labels without cameras")
+    parser.add_argument("--select", help="sequences and scans of a dataset with sequences, e.g. 00,05:0-4")
     parser.add_argument("--full-scan", action="store_true",
                         help="score every labelled point, not only those the cameras see")
     parser.add_argument("--slic-segments", type=int, default=150)
@@ -300,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
                                    mask_options=opts, min_points=args.min_points,
                                    label_config=str(args.label_config) if args.label_config else None,
                                    max_frames=args.max_frames, progress=not args.no_progress,
-                                   full_scan=args.full_scan)
+                                   full_scan=args.full_scan, select=args.select)
     result = json_safe(result)  # a score over no segments is 0/0: null in JSON, n/a in the table
     table = markdown_table(result)
     print(table)
