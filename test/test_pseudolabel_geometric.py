@@ -206,3 +206,16 @@ def test_bench_geometric_on_a_real_scan():
     for stage in ("ground", "cluster", "teacher", "render", "reference_ransac_plane"):
         assert out["median_cpu_ms"][stage] > 0, stage
     assert out["teacher_vs_ransac_plane"] > 0 and out["cpu_model"] and out["load_average_end"]
+
+
+def test_clusters_cut_along_oracle_masks_score_higher():
+    """Ideal image masks split what clustering merged (two parked cars, road and sidewalk): the upper bound of
+    --geometric-intersect with a good 2D source."""
+    seq = require_data("semantickitti_mini", "sequences", "07")
+    variant = "occlusion + DBSCAN replace"
+    res = evaluate_pseudolabels(seq, masks=("geometric", "geometric_oracle"), variants=(variant, "lidar only"),
+                                max_frames=1, progress=False)
+    rows = {(r["masks"], r["lifting"]): r for r in res["rows"]}
+    assert ("geometric_oracle", "lidar only") not in rows
+    assert rows[("geometric_oracle", variant)]["pq_all"] > rows[("geometric", variant)]["pq_all"] + 5
+    assert res["meta"]["ground"]["tp"] > 0
