@@ -38,3 +38,51 @@ def test_convert_beside_the_input_still_works(linked_sequence, tmp_path):
     out = tmp_path / "bag"
     assert cli_main(["convert", str(linked_sequence), str(out), "--max-frames", "1"]) == 0
     assert (out / "metadata.yaml").is_file()
+
+
+def test_overwrite_refuses_an_output_that_a_link_in_the_dataset_points_to(tmp_path, capsys):
+    """Issue 24 item 2: velodyne/ is a link to OUT, so OUT holds the scans (here links to the real ones)."""
+    real = require_data("semantickitti", "sequences", "00")
+    out = tmp_path / "out"
+    out.mkdir()
+    for scan in (real / "velodyne").iterdir():
+        os.symlink(scan, out / scan.name)
+    seq = tmp_path / "data" / "sequences" / "00"
+    seq.mkdir(parents=True)
+    for entry in real.iterdir():
+        os.symlink(out if entry.name == "velodyne" else entry, seq / entry.name)
+    scans = sorted(p.name for p in out.iterdir())
+    assert cli_main(["convert", str(seq), str(out), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert "overlaps the input dataset" in err and "velodyne" in err, err
+    assert sorted(p.name for p in out.iterdir()) == scans  # the scans are still there
+
+
+@pytest.mark.parametrize("what", ["folder", "file", "bag with extras"])
+def test_overwrite_replaces_only_a_bag_convert_wrote(linked_sequence, tmp_path, what, capsys):
+    out = tmp_path / "out"
+    if what == "file":
+        out.write_text("notes\n")
+    else:
+        assert cli_main(["convert", str(linked_sequence), str(out), "--max-frames", "1"]) == 0
+        if what == "folder":
+            for p in out.iterdir():
+                p.unlink()
+            (out / "thesis.tex").write_text("months of work\n")
+        else:
+            (out / "notes.txt").write_text("mine\n")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()
+    capsys.readouterr()
+    assert cli_main(["convert", str(linked_sequence), str(out), "--overwrite", "--max-frames", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "nothing deleted" in err or "not a bag folder" in err, err
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else out.read_text()) == before
+
+
+def test_overwrite_replaces_a_bag_convert_wrote(linked_sequence, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["convert", str(linked_sequence), str(out), "--max-frames", "1"]) == 0
+    assert cli_main(["convert", str(linked_sequence), str(out), "--overwrite", "--max-frames", "2"]) == 0
+    from sal_ros.data.sources import iter_source_frames
+
+    assert len(list(iter_source_frames(out))) == 2

@@ -125,6 +125,8 @@ def convert(
     _refuse_overlap(dataset, out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists (use --overwrite to replace it)")
+    if out.exists() or out.is_symlink():
+        _refuse_replacing_other_things(out)
     source_kind = detect_source(dataset)
     if source_kind.recording:
         raise SensorDataError(f"{dataset}: a {source_kind.name}, not a dataset folder")
@@ -148,16 +150,49 @@ def convert(
 
 
 class OutputOverlapsInput(ValueError):
-    """The bag would be written over, inside or around the dataset it is made from."""
+    """The bag would be written over, inside or around the dataset it is made from, or --overwrite would delete
+    something that is not a bag this command wrote."""
 
 
 def _refuse_overlap(dataset: Path, out: Path) -> None:
     # --overwrite replaces OUT as a whole: OUT == DATASET (or a folder around it) would delete the input, and a
-    # bag inside it would become part of the dataset. Links are followed, so an alias is caught too.
-    src, dst = dataset.resolve(), out.resolve()
-    if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
-        raise OutputOverlapsInput(f"output {out} overlaps the input dataset {dataset} (it is, contains or lies "
-                                  f"inside it); write the bag somewhere else")
+    # bag inside it would become part of the dataset. Links are followed, so an alias is caught too, and so is a
+    # link inside the dataset (velodyne/ -> OUT) whose files --overwrite would delete.
+    dst = out.resolve()
+    for where, src in _dataset_places(dataset):
+        if dst == src or dst.is_relative_to(src) or src.is_relative_to(dst):
+            via = "" if where == dataset else f" (through the link {where})"
+            raise OutputOverlapsInput(f"output {out} overlaps the input dataset {dataset}{via} (it is, contains or "
+                                      f"lies inside it); write the bag somewhere else")
+
+
+def _dataset_places(dataset: Path) -> Iterator[tuple[Path, Path]]:
+    """(path, resolved path) of the dataset folder and of every link inside it: the places its files live."""
+    yield dataset, dataset.resolve()
+    for folder, dirs, files in os.walk(dataset.resolve()):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                yield path, path.resolve()
+
+
+# What a bag `sal-ros convert` wrote holds; --overwrite deletes nothing else.
+BAG_FILES = ("metadata.yaml", EXTRINSICS_FILE, LABELS_FILE)
+BAG_SUFFIXES = (".mcap", ".db3", ".db3-shm", ".db3-wal")
+
+
+def _refuse_replacing_other_things(out: Path) -> None:
+    """--overwrite replaces a bag this command wrote, never a file, a link or another folder."""
+    if out.is_symlink() or not out.is_dir():
+        raise OutputOverlapsInput(f"--overwrite: {out} is {'a link' if out.is_symlink() else 'a file'}, not a bag "
+                                  "folder sal-ros convert wrote; remove it yourself or choose another output")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if not (p.is_file() and not p.is_symlink() and (p.name in BAG_FILES or p.suffix in BAG_SUFFIXES)))
+    if foreign or not (out / "metadata.yaml").is_file():
+        what = f"it holds {', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}" if foreign else \
+            "it has no metadata.yaml"
+        raise OutputOverlapsInput(f"--overwrite: {out} is not a bag sal-ros convert wrote ({what}); nothing "
+                                  "deleted: remove it yourself or choose another output")
 
 
 def _select(source: Iterator[Frame], keys: Iterable[str] | None, max_frames: int | None) -> Iterator[Frame]:

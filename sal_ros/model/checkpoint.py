@@ -8,17 +8,27 @@ Layout (a plain dict, loadable with ``torch.load(weights_only=True)``, so no pic
      "model": state_dict, "extra": {...}, "torch_version": str}
 
 Writes are atomic (``sal_ros.core.files.atomic_write``): a reader never sees half a file.
+
+Loads check the file before any real module is built (``check_state``): the stored config could claim 20M queries
+in a 2 MB file, and building that model first costs gigabytes. The architecture is built on the meta device (no
+memory), under a budget of as many tensors as the file holds, and its tensor names and shapes must be the file's;
+weights with NaN or inf are refused too (the model would label every point 0 and look fine).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from sal_ros.core.files import atomic_write
 from sal_ros.model.errors import CheckpointError, ModelError
 
 FORMAT = "sal_ros.model"
 FORMAT_VERSION = 1
+# The pickled part of a checkpoint (config, names, extra; tensors are stored beside it) is kilobytes; torch's
+# weights-only unpickler reads it in Python at ~1 s per 1.3 MB, so 5M class names would take 20 s just to read.
+MAX_PICKLE_BYTES = 16 << 20
 
 
 def save_checkpoint(path: str | Path, model, config=None, text_encoder_identity: Any = None,
@@ -83,8 +93,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     import torch
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_pickled_size(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated zip, pickle error, disallowed global: all "corrupt"
@@ -98,6 +109,26 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         if key not in payload:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
     return payload
+
+
+def _check_pickled_size(path: Path) -> None:
+    """CheckpointError for a FIFO or device, or a checkpoint whose pickled part is over ``MAX_PICKLE_BYTES``
+    (read from the zip directory, before unpickling); other formats are left to torch.load."""
+    import zipfile
+
+    from sal_ros.core.files import FileRefusedError, check_regular_file
+
+    try:
+        check_regular_file(path, None, "checkpoint")
+        with zipfile.ZipFile(path) as archive:
+            sizes = [i.file_size for i in archive.infolist() if i.filename.endswith("/data.pkl")]
+    except FileRefusedError as exc:
+        raise CheckpointError(str(exc)) from None
+    except (zipfile.BadZipFile, OSError):
+        return  # torch.load names what is wrong with it
+    if sizes and max(sizes) > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{path}: its pickled part (config, names, extra) is {max(sizes)} bytes, more than the "
+                              f"limit of {MAX_PICKLE_BYTES}; not read")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu", model=None, text_encoder=None):
@@ -116,6 +147,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", model=None, tex
                               f"{text_encoder.identity} embeds {text_encoder.embed_dim}-d; use the encoder it was "
                               f"trained with ({(payload.get('text_encoder') or {}).get('identity', 'not recorded')})")
     built = model is None
+    check_state(path, payload["model"], (lambda: SALModel(config)) if built else None)
     if built:
         model = SALModel(config)
     _load_state(model, payload["model"], path)
@@ -126,8 +158,85 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", model=None, tex
     return model, meta
 
 
+def check_state(path, state: Any, build: Callable[[], Any] | None) -> None:
+    """CheckpointError unless ``state`` is a dict of tensors, every floating one finite, and (``build``: the
+    model the stored config describes) the built model's tensor names and shapes are exactly the file's. ``build``
+    runs on the meta device and stops once it creates more tensors than the file holds."""
+    import torch
+
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: the stored weights are not a mapping of names to tensors")
+    if build is not None:
+        with _meta_build(len(state), path):
+            shell = build()
+        _compare(shell.state_dict(), state, path)
+    # a sum is NaN / inf when any element is (and is 5-10x faster than isfinite); suspects are confirmed exactly
+    bad = [name for name, t in state.items() if (t.is_floating_point() or t.is_complex()) and t.numel()
+           and not bool(t.sum().isfinite()) and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); the model would give garbage: retrain or "
+                              "use an earlier checkpoint")
+
+
+def _shapes_only():
+    """A torch function mode in which modules build without memory: tensors made by the allocating factories
+    (``torch.empty`` behind every parameter, ``zeros``, ``ones``, ...) live on the meta device, and in-place ops on
+    meta tensors (weight init: ``normal_``, ``uniform_``) are skipped, as they change no shape. Other ops (small
+    constant buffers: ``logspace``) run as usual; ``torch.device("meta")`` would send them, and ``normal_``, through
+    torch's decompositions, whose first use imports ~900 modules (seconds)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    factories = {torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn, torch.empty_strided}
+
+    class ShapesOnly(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories:
+                return func(*args, **{**kwargs, "device": "meta"})
+            name = getattr(func, "__name__", "")
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes it by keyword
+            if name.endswith("_") and not name.endswith("__") and isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+            return func(*args, **kwargs)
+
+    return ShapesOnly()
+
+
+@contextlib.contextmanager
+def _meta_build(tensors_in_file: int, path) -> Iterator[None]:
+    """Build modules on the meta device, refusing an architecture with far more tensors than the file (a config
+    claiming thousands of layers would take minutes to build even without memory)."""
+    import torch
+    from torch.nn.modules import module as nn_module
+
+    budget = 2 * tensors_in_file + 64  # non-persistent buffers are not in the file
+    me, count = threading.get_ident(), [0]
+
+    def counted(_module, name, value):
+        if threading.get_ident() == me:  # other threads may build their own modules meanwhile
+            count[0] += 1
+            if count[0] > budget:
+                raise CheckpointError(f"{path}: the stored config describes a model with more than {budget} "
+                                      f"tensors, the file holds {tensors_in_file}")
+
+    hooks = [nn_module.register_module_parameter_registration_hook(counted),
+             nn_module.register_module_buffer_registration_hook(counted)]
+    try:
+        with _shapes_only():
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _load_state(model, state: dict, path) -> None:
-    own = model.state_dict()
+    _compare(model.state_dict(), state, path)
+    model.load_state_dict(state, strict=True)
+
+
+def _compare(own: dict, state: dict, path) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
@@ -136,7 +245,6 @@ def _load_state(model, state: dict, path) -> None:
         parts = [f"{name} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
                  for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys]
         raise CheckpointError(f"{path}: weights do not fit the model; " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "CheckpointError", "ModelError", "FORMAT_VERSION"]

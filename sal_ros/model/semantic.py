@@ -22,7 +22,7 @@ from sal_ros.core.cloud_input import CloudInput, ConfiguredSegmenter, SegmenterC
 from sal_ros.core.types import Segmentation
 from sal_ros.model import backbone as _backbone
 from sal_ros.model.backbone import ModelConfig
-from sal_ros.model.checkpoint import CheckpointError, ModelError, _load_state, read_checkpoint
+from sal_ros.model.checkpoint import CheckpointError, ModelError, _load_state, check_state, read_checkpoint
 from sal_ros.model.sal import SALModel
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def load_semantic_checkpoint(path: str | Path, map_location: Any = "cpu") -> tup
         config = ModelConfig.from_dict(dict(payload["model_config"]))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: stored model config is not valid here: {exc}") from exc
+    check_state(path, payload["model"], lambda: SemanticModel(config, names))
     model = SemanticModel(config, names)
     _load_state(model, payload["model"], path)
     return model.eval(), {"class_names": names, "extra": payload.get("extra") or {}, "path": str(path)}
