@@ -432,10 +432,10 @@ class TextEncoder:
     def _embed_cached(self, texts: list[str], per_step: int, progress: Callable[[int, int], None] | None,
                       total: int) -> np.ndarray:
         """Rows of ``texts``: from the text cache, the rest embedded ``per_step`` texts at a time (and cached);
-        ``progress`` after each step with the descriptions done (``per_step`` texts = one description's templates
-        times the descriptions of a step)."""
+        ``progress`` after each step with the share of ``total`` (descriptions) done."""
         rows = [self.texts.get(t) for t in texts]
-        missing = [i for i, r in enumerate(rows) if r is None]
+        # shortest first: a batch runs to its longest text, so texts of one length batch together
+        missing = sorted((i for i, r in enumerate(rows) if r is None), key=lambda i: _token_count(texts[i]))
         done_before = len(texts) - len(missing)
         if progress is not None:
             progress(done_before * total // max(len(texts), 1), total)

@@ -109,6 +109,7 @@ class SegmenterNode(SensorNode):
         what = (f"{namesakes} other node(s) named {self.get_fully_qualified_name()} in the ROS graph: each would "
                 "answer every cloud, and one set_parameters would change them all")
         if not self.values["allow_duplicate"]:
+            self.destroy_node()  # out of the graph at once: a refused node must not count as a namesake itself
             raise DuplicateNodeError(f"{what}; start this one under another name (--ros-args -r __node:=NAME) or "
                                      "allow it (parameter allow_duplicate, sal-ros run --allow-duplicate)")
         self.stats.count("duplicate_name")
