@@ -26,6 +26,8 @@ setup(
             "sal-ros = sal_ros.cli:main",
             "segmenter = sal_ros.tools.run:segmenter_main",
             "recorder = sal_ros.tools.run:recorder_main",
+            "segmenter_managed = sal_ros.tools.run:segmenter_managed_main",
+            "recorder_managed = sal_ros.tools.run:recorder_managed_main",
         ],
     },
 )

@@ -72,6 +72,21 @@ def test_processing_levels():
     assert D.processing_status("n", mon.window(), timings, subscribed=False).level == D.OK
 
 
+def test_every_key_appears_once_with_the_node_timings_of_stats():
+    """~/stats times a stage named latency too: its median must not repeat the window's key ('-' and '275' both
+    under "latency median (ms)" before)."""
+    mon, clock = monitor()
+    feed(mon, clock, 5, latency_ms=275.0)
+    timings = {"latency": {"median_ms": 300.0}, "total": {"median_ms": 90.0}, "write": {"median_ms": 4.0}}
+    for status in (D.processing_status("n", mon.window(), timings),
+                   D.recording_status("n", mon.window(), "frames", 3, "", timings)):
+        keys = [key for key, _ in status.values]
+        assert len(keys) == len(set(keys)), keys
+        assert "total median (ms)" in keys and "write median (ms)" in keys
+    values = dict(D.processing_status("n", mon.window(), timings).values)
+    assert values["latency median (ms)"] == "275"  # the window's figure, the one the level is judged on
+
+
 def test_model_cpu_fallback_warns_and_recorder_levels():
     assert D.model_status("n", "cuda", "cpu", 3, 5, 1, 2).level == D.WARN
     assert D.model_status("n", "cpu", "cpu", 3, 5, 1, 2).level == D.OK
@@ -164,7 +179,7 @@ def test_diagnostics_keep_coming_while_sim_time_stands_still(tmp_path):
                    "5 DiagnosticArrays, one with the input ERROR", progress=lambda: len(got), stall_s=60)
         assert node.get_clock().now().nanoseconds == 0  # the ROS clock never moved
         names = {s.name for s in got[-1].status}
-        assert names == {"sal_recorder: input", "sal_recorder: recording"}
+        assert names == {"sal_recorder: input", "sal_recorder: recording", "sal_recorder: clouds"}
     finally:
         executor.shutdown()
         node.destroy_node()

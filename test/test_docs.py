@@ -97,22 +97,21 @@ def published_topics() -> dict[str, str]:
     return out
 
 
-def rviz_displays() -> list[dict]:
-    config = yaml.safe_load(RVIZ.read_text())
+def rviz_displays(text: str | None = None) -> list[dict]:
+    config = yaml.safe_load(RVIZ.read_text() if text is None else text)
     return config["Visualization Manager"]["Displays"]
 
 
 def test_published_topics_are_found_in_the_source():
     types = sorted(published_topics().values())
-    assert types.count("PointCloud2") == 1 and "MarkerArray" in types and "Image" in types
+    assert types.count("PointCloud2") == 2 and "MarkerArray" in types and "Image" in types  # labeled, filtered
 
 
-def test_rviz_config_parses_and_shows_the_node_outputs():
-    config = yaml.safe_load(RVIZ.read_text())
-    assert config["Visualization Manager"]["Global Options"]["Fixed Frame"] == "velodyne"
+def shown_outputs(displays: list[dict]) -> dict[str, list[dict]]:
+    """Message type -> the displays showing a segmenter output of that type (each checked against the source)."""
     published = published_topics()
     shown = {}
-    for display in rviz_displays():
+    for display in displays:
         if display["Class"] not in RVIZ_TYPES:
             continue
         topic = display["Topic"]["Value"]
@@ -120,7 +119,25 @@ def test_rviz_config_parses_and_shows_the_node_outputs():
         assert matches, f"RViz display {display['Name']!r} shows {topic}, which the segmenter does not publish"
         assert matches == [RVIZ_TYPES[display["Class"]]], f"{topic}: display {display['Class']} for {matches}"
         shown.setdefault(matches[0], []).append(display)
+    return shown
+
+
+def test_rviz_config_parses_and_shows_the_node_outputs_with_the_robots_cameras(tmp_path):
+    """The shipped file names no camera (the camera names are the robot's: it showed `cam0` before); `sal-ros run
+    --rviz-config` adds one overlay per camera of a params file."""
+    config = yaml.safe_load(RVIZ.read_text())
+    assert config["Visualization Manager"]["Global Options"]["Fixed Frame"] == "velodyne"
+    assert set(shown_outputs(rviz_displays())) == {"PointCloud2", "MarkerArray"}
+    assert "/overlay/" not in RVIZ.read_text()
+    params = tmp_path / "robot.yaml"
+    params.write_text("/**:\n  ros__parameters:\n    cameras: [front, rear_left]\n")
+    out = tmp_path / "robot.rviz"
+    assert cli.main(["run", "--params", str(params), "--rviz-config", str(out)]) == 0
+    shown = shown_outputs(rviz_displays(out.read_text()))
     assert set(shown) == {"PointCloud2", "MarkerArray", "Image"}
+    assert [d["Topic"]["Value"] for d in shown["Image"]] == [f"/{P.SEGMENTER_NODE}/overlay/front",
+                                                             f"/{P.SEGMENTER_NODE}/overlay/rear_left"]
+    assert rviz_displays(out.read_text())[:len(rviz_displays())] == rviz_displays()  # the shipped ones, unchanged
 
 
 def test_rviz_cloud_colours_come_from_output_fields():

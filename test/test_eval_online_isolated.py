@@ -1,6 +1,7 @@
-"""`sal-ros eval online` counts only the answers of the node it started (issue 14 item 8): a foreign node on this
-machine publishing labeled clouds and statistics under the segmenter's names neither answers for it nor stands
-in for its statistics; answers match the bag's clouds by stamp; stamp_age is left out when it is meaningless."""
+"""`sal-ros eval online` counts only the answers of the node it started (issue 14 item 8): with `--domain auto` a
+foreign node on this machine publishing labeled clouds and statistics under the segmenter's names neither answers
+for it nor stands in for its statistics; answers match the bag's clouds by stamp; stamp_age is left out when it is
+meaningless. By default it runs in the caller's ROS_DOMAIN_ID, and `--domain N` picks one (issue 26 item 6)."""
 import json
 import threading
 
@@ -55,7 +56,7 @@ def test_a_foreign_node_of_the_same_name_neither_answers_nor_reports(eval_online
         wait_until(lambda: foreign.sent >= 5, "the foreign node publishing", stall_s=60)
         out = eval_online_rig.root / "foreign"
         proc = eval_online(eval_online_rig.bag, "--params", eval_online_rig.params, "--out", out, "--rate", "1",
-                       "--set", "stats_period=0.5")
+                           "--set", "stats_period=0.5", "--domain", "auto")
         assert foreign.sent > 20  # it went on through the whole evaluation
     finally:
         foreign.close()
@@ -84,3 +85,40 @@ def test_stamp_age_is_reported_only_when_meaningful():
 
     assert "stamp_age" not in timings(1.8e12) and "total" in timings(1.8e12)  # 57 years
     assert timings(12.0)["stamp_age"]["median"] == 12.0
+
+
+def _domain_in_node_log(out):
+    log = (out / "node.log").read_text()
+    line = next(line for line in log.splitlines() if "DDS environment:" in line)
+    return int(line.split("ROS_DOMAIN_ID=")[1].split(",")[0])
+
+
+def test_the_callers_ros_domain_is_used_and_domain_chooses_another(eval_online_rig):
+    """The node and the bag player run in ROS_DOMAIN_ID (this session's private domain, from conftest) unless
+    --domain names one (here another free domain, claimed the way conftest claims its own)."""
+    import os
+
+    from sal_ros.env import claim_free_ros_domain
+
+    session = int(os.environ["ROS_DOMAIN_ID"])
+    runs = {}
+    other = claim_free_ros_domain()
+    try:
+        for name, extra in (("env", []), ("chosen", ["--domain", str(other.domain_id)])):
+            out = eval_online_rig.root / f"domain_{name}"
+            proc = eval_online(eval_online_rig.bag, "--params", eval_online_rig.params, "--out", out, "--rate", "1",
+                               *extra)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            runs[name] = (_domain_in_node_log(out), json.loads((out / "online.json").read_text()))
+    finally:
+        other.release()
+    assert other.domain_id != session
+    assert runs["env"][0] == session and runs["env"][1]["meta"]["domain"] == session
+    assert runs["chosen"][0] == other.domain_id and runs["chosen"][1]["meta"]["domain"] == other.domain_id
+    assert all(summary["clouds_answered"] >= 1 for _, summary in runs.values())
+
+
+def test_a_bad_domain_is_refused_with_the_reason(eval_online_rig):
+    proc = eval_online(eval_online_rig.bag, "--params", eval_online_rig.params, "--out",
+                       eval_online_rig.root / "bad", "--domain", "robot")
+    assert proc.returncode != 0 and "--domain must be auto or a domain id" in proc.stderr, proc.stderr[-2000:]

@@ -11,11 +11,11 @@ from sal_ros.nodes import params
 REPO = Path(__file__).resolve().parents[1]
 
 EXPECTED_ARGS = {
-    "segment.launch.py": {"params_file": "segment.yaml", "record": "false", "record_dir": "sal_frames",
-                          "use_sim_time": "false", "log_level": "info", "discovery_range": "",
+    "segment.launch.py": {"params_file": "segment.yaml", "record": "false", "record_dir": "",
+                          "use_sim_time": "false", "log_level": "info", "managed": "false", "discovery_range": "",
                           "fastdds_profile": ""},
-    "record.launch.py": {"params_file": "record.yaml", "record_dir": "sal_frames", "use_sim_time": "false",
-                         "log_level": "info", "discovery_range": "", "fastdds_profile": ""},
+    "record.launch.py": {"params_file": "record.yaml", "record_dir": "", "use_sim_time": "false",
+                         "log_level": "info", "managed": "false", "discovery_range": "", "fastdds_profile": ""},
 }
 
 
@@ -27,6 +27,12 @@ def _declared_args(tree: ast.AST) -> dict[str, ast.AST]:
             name = node.args[0].value
             found[name] = next(kw.value for kw in node.keywords if kw.arg == "default_value")
     return found
+
+
+def _executable(node: ast.Call) -> str:
+    """The executable a launch Node names: a constant, or executable(context, "<name>") (launch_args)."""
+    value = next(kw.value for kw in node.keywords if kw.arg == "executable")
+    return value.value if isinstance(value, ast.Constant) else value.args[1].value
 
 
 @pytest.mark.parametrize("launch_file", sorted(EXPECTED_ARGS))
@@ -49,11 +55,14 @@ def test_launch_file_arguments_and_defaults(launch_file):
                 and getattr(n.func, "id", None) == "SetEnvironmentVariable"}
     assert env_vars == {"ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE"}
     nodes = [{kw.arg: kw.value.value for kw in n.keywords if isinstance(kw.value, ast.Constant)}
+             | {"executable": _executable(n)}
              for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Node"]
     setup = (REPO / "setup.py").read_text()
     for node in nodes:
         assert node["package"] == "sal_ros"
-        assert f'"{node["executable"]} = sal_ros.tools.run:{node["executable"]}_main"' in setup
+        # the plain node and its lifecycle variant (managed:=true) are installed executables
+        for name in (node["executable"], node["executable"] + "_managed"):
+            assert f'"{name} = sal_ros.tools.run:{name}_main"' in setup, name
         assert node["name"] in (params.SEGMENTER_NODE, params.RECORDER_NODE)
     # Each node is defined in one launch file: segment.launch.py runs the recorder by including record.launch.py.
     assert sorted(node["executable"] for node in nodes) == (["segmenter"] if launch_file == "segment.launch.py"

@@ -98,12 +98,11 @@ def test_params_file_sections_merge_and_unknown_names(tmp_path):
         P.load_params_file(bad, P.RECORDER_NODE)
 
 
-def test_params_file_with_an_empty_list_is_refused_with_the_reason(tmp_path):
-    # rcl cannot type an empty list either, so such a file would also break `ros2 launch`
+def test_params_file_with_an_empty_list_leaves_it_unset(tmp_path):
+    # as rcl reads it (NOT_SET, so the default stays): `ros2 param dump` writes `cameras: []`
     path = tmp_path / "p.yaml"
-    path.write_text("/**:\n  ros__parameters:\n    cameras: []\n")
-    with pytest.raises(ValueError, match=r"\['cameras'\] set to \[\].*leave the line out"):
-        P.load_params_file(path, P.SEGMENTER_NODE)
+    path.write_text("/**:\n  ros__parameters:\n    cameras: []\n    cloud_topic: /a\n")
+    assert P.load_params_file(path, P.SEGMENTER_NODE) == {"cloud_topic": "/a"}
 
 
 def test_empty_list_override_keeps_the_empty_default(context):

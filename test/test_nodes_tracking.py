@@ -64,14 +64,16 @@ def nodes():
 
 
 def test_fixed_frame_from_tf_keeps_ids_of_still_objects_under_ego_motion(nodes):
-    from sal_ros.core.tracking import Tracker
+    from sal_ros.core.tracking import Tracker, TrackerConfig
 
     frames = [Frame(stamp_ns=T0 + k * STEP_NS, frame_id="lidar", points=np.zeros((4, 3))) for k in range(5)]
     for k in range(5):
         nodes.send(k)
     wait_until(lambda: nodes.fixed._poses.lookup("odom", "lidar", frames[-1].stamp_ns) is not None,
                "the transforms in the node's tf2 buffer (the listener has them all)", stall_s=30)
-    tracked_ids, sensor_ids, sensor_tracker = [], set(), Tracker()
+    # the control: the sensor frame with the 2 m gate alone (a new track's widened gate would catch this
+    # constant 30 m/s ego motion after its first step)
+    tracked_ids, sensor_ids, sensor_tracker = [], set(), Tracker(TrackerConfig(max_speed=0.0))
     for k, frame in enumerate(frames):
         pose = nodes.fixed._tracking_pose(frame)
         assert pose[0, 3] == pytest.approx(3.0 * k)  # sensor -> odom at the cloud stamp

@@ -48,3 +48,46 @@ def test_no_loader_in_the_package_can_run_code_from_a_file():
     found = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in sorted((REPO / "sal_ros").rglob("*.py"))
              for n, line in enumerate(p.read_text().splitlines(), 1) if unsafe.search(line)]
     assert not found, found
+
+
+def test_a_train_state_naming_a_model_outside_its_run_folder_is_refused(tmp_path, pseudolabel_dir, capsys):
+    """Issue 24 item 13: ``model: ../elsewhere/model.pt`` in train_state.pt would load weights from outside the
+    run (here a genuine checkpoint, so the old code resumed from it)."""
+    import shutil
+
+    torch.set_num_threads(1)
+    cfg = train_config(tmp_path, pseudolabel_dir, "run", 2, steps=2)
+    assert cli_main(["train", "--config", str(cfg), "--stop-at", "1", "--no-progress"]) == 0
+    state_path = tmp_path / "run" / "train_state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "run" / state["model"], tmp_path / "elsewhere" / "model.pt")
+    for planted in ("../elsewhere/model.pt", str(tmp_path / "elsewhere" / "model.pt")):
+        torch.save({**state, "model": planted}, state_path)
+        capsys.readouterr()
+        assert cli_main(["train", "--config", str(cfg), "--resume", "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert "is not a file name in the run folder" in err and planted in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_pretrain_resume_refuses_a_planted_state_in_one_line(tmp_path, capsys):
+    """Issue 24 item 13: `pretrain --resume` refused a planted state with a raw UnpicklingError traceback."""
+    from conftest import require_data
+    from test_pretrain import _config
+
+    torch.set_num_threads(1)
+    cfg = _config(tmp_path, require_data("semantickitti", "sequences", "00"), "run", steps=2)
+    assert cli_main(["pretrain", "--config", str(cfg), "--stop-at", "1", "--no-progress"]) == 0
+    state_path = tmp_path / "run" / "pretrain_state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    marker = tmp_path / "pwned"
+    torch.save({**state, "torch_rng": _Planted(marker)}, state_path)
+    capsys.readouterr()
+    assert cli_main(["pretrain", "--config", str(cfg), "--resume", "--no-progress"]) == 1
+    assert not marker.exists()
+    err = capsys.readouterr().err
+    assert "pretrain_state.pt" in err and "not plain data" in err and len(err.strip().splitlines()) == 1, err
+    torch.save({**state, "model": "../../model.pt"}, state_path)
+    assert cli_main(["pretrain", "--config", str(cfg), "--resume", "--no-progress"]) == 1
+    assert "is not a file name in the run folder" in capsys.readouterr().err

@@ -24,7 +24,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def load_params_file(path: str | os.PathLike, *node_names: str) -> dict[str, Any]:
     """Flat ``{name: value}`` from a ROS 2 params YAML: the ``/**`` section, then each node's own (``name`` or
-    ``/name``) on top in the order given, as ``--params-file`` applies them (ValueError on a malformed file)."""
+    ``/name``) on top in the order given, as ``--params-file`` applies them (ValueError on a malformed file). An
+    empty list is left out, as rcl leaves it unset."""
     try:
         doc = load_yaml(path, "params file") or {}
     except OSError as exc:
@@ -39,8 +40,6 @@ def load_params_file(path: str | os.PathLike, *node_names: str) -> dict[str, Any
         if not isinstance(body, dict) or not isinstance(body.get("ros__parameters", {}), dict):
             raise ValueError(f"params file {path}: section {section!r} needs a 'ros__parameters' mapping")
         values.update(_flatten(body.get("ros__parameters") or {}))
-    empty = sorted(name for name, value in values.items() if value == [])
-    if empty:  # rcl's parser rejects them too, so the same file would break `ros2 launch`
-        raise ValueError(f"params file {path}: {empty} set to []: a ROS 2 params file cannot hold an empty list "
-                         "(its type is unknown); leave the line out to keep the default")
-    return values
+    # rcl reads `[]` as "not set" (its type is unknown), so the parameter keeps its default; `ros2 param dump`
+    # writes `cameras: []` when no cameras are configured.
+    return {name: value for name, value in values.items() if value != []}

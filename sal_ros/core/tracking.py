@@ -7,7 +7,9 @@ forward with its constant velocity, and tracks and instances are associated by t
 
     cost = (1 - IoU_3D) + distance / max_distance + class_mismatch_cost * [classes differ]
 
-over the pairs whose predicted centres lie within ``max_distance`` (the others cannot match). A track that finds
+over the pairs whose predicted centres lie within ``max_distance`` (the others cannot match; a track seen once
+has no velocity yet, so its gate grows by ``max_speed`` x the time since: a car on a highway moves more than
+``max_distance`` between two scans, and would otherwise start a new track every frame). A track that finds
 no instance survives ``max_misses`` frames (its id comes back when the object does) and then ends. Track ids
 start at 1 and are never reused. The class of a track is smoothed: an exponential moving average of its
 instances' class votes (weight ``class_memory`` on the past), so one frame's wrong class does not flip it; the
@@ -36,6 +38,7 @@ _INFEASIBLE = 1e6
 class TrackerConfig:
     max_distance: float = 2.0  # m between a track's predicted centre and an instance's centre to be associated
     max_misses: int = 3  # frames a track may go unmatched before it ends
+    max_speed: float = 30.0  # m/s an object may move before its track knows its velocity (widens a new track's gate)
     class_mismatch_cost: float = 0.5  # added to the cost of a pair whose classes differ (discourages, allows)
     class_memory: float = 0.7  # weight of a track's past class votes against the new frame's (0: no smoothing)
     velocity_memory: float = 0.5  # weight of the past velocity against the one measured from the last step
@@ -154,8 +157,10 @@ class Tracker:
         cfg = self.config
         predicted = np.stack([t.predicted(stamp_ns) for t in self.tracks])
         dist = np.linalg.norm(predicted[:, None, :] - centers[None, :, :], axis=2)
+        gate = np.array([cfg.max_distance + (cfg.max_speed * max(0.0, (stamp_ns - t.stamp_ns) / 1e9)
+                                             if t.hits == 1 else 0.0) for t in self.tracks])
         cost = np.full(dist.shape, _INFEASIBLE)
-        for t, d in zip(*np.nonzero(dist <= cfg.max_distance)):
+        for t, d in zip(*np.nonzero(dist <= gate[:, None])):
             track = self.tracks[t]
             iou = box_iou_3d(predicted[t], track.size, track.yaw, centers[d], sizes[d], yaws[d])
             differ = track.label > 0 and instances[d].label > 0 and track.label != instances[d].label

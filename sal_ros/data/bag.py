@@ -16,6 +16,10 @@ What is read, unless given:
 ``config`` takes a node parameters YAML (``cloud_topic``, ``cameras``, ``camera.<name>.*``, ``sync.*``,
 ``calibration.source`` / ``calibration.file``), so evaluation uses exactly the robot's settings and calibration
 comes from where the nodes (segmenter, recorder) take it: ``tf`` reads the bag's /tf_static, ``static`` the file.
+
+Every reader of bags (this module, replay, eval online) opens them with ``open_bag``: an mcap file with a truncated
+tail (a recorder killed, a copy cut short: no summary, no end magic) is read up to its last complete record, and a
+warning names the file, the bytes lost and the messages kept.
 """
 from __future__ import annotations
 
@@ -61,6 +65,70 @@ class BagCamera:
 CameraSpec = BagCamera | tuple  # (name, image_topic, info_topic, time_offset_ns[, rectified])
 
 
+def open_bag(bag_path: str | os.PathLike) -> Any:
+    """A rosbags ``AnyReader`` for ``bag_path`` (use it as a context manager) that salvages truncated mcap files."""
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag2.storage_mcap import McapReader
+
+    reader = AnyReader([Path(bag_path)])
+    salvaging = _salvaging_mcap_reader()
+    for bag in getattr(reader, "readers", []):
+        storage = getattr(bag, "storage", None)
+        if isinstance(storage, McapReader):  # a bare .mcap file
+            bag.storage = salvaging(storage.path)
+        elif hasattr(storage, "STORAGE_PLUGINS"):  # a bag folder: the class is looked up when it opens
+            storage.STORAGE_PLUGINS = {**storage.STORAGE_PLUGINS, "mcap": salvaging}
+    return reader
+
+
+def _salvaging_mcap_reader() -> type:
+    from rosbags.rosbag2.errors import ReaderError
+    from rosbags.rosbag2.storage_mcap import McapReader
+
+    class SalvagingMcapReader(McapReader):
+        """rosbags' mcap reader; a file whose end (footer, summary) is missing or broken is read by scanning its
+        complete records instead of failing with "File end magic is invalid"."""
+
+        def _open(self) -> None:
+            try:
+                super()._open()
+            except ReaderError as exc:
+                if not self.data_start:  # the start is bad too: not an mcap this can read
+                    raise
+                self._salvage(exc)
+
+        def _salvage(self, why: Exception) -> None:
+            size = self.bio.seek(0, os.SEEK_END)
+            self.data_end = _complete_records_end(self.bio, self.data_start, size)
+            self.schemas, self.channels, self.chunks, self.connections = {}, {}, [], []
+            self.meta_scan()  # schemas, channels and message counts of the complete records
+            stats = self.statistics
+            self.connections = [c._replace(msgcount=stats.channel_message_counts.get(c.id, 0))
+                                for c in self.connections]
+            n = stats.message_count
+            self.metadata = self.metadata._replace(
+                duration=stats.end_time - stats.start_time + 1 if n else 0,
+                start_time=stats.start_time if n else 2**63 - 1, end_time=stats.end_time + 1 if n else 0,
+                message_count=n)
+            log.warning("%s is truncated (%s): read the %d complete messages before byte %d; %d bytes after it "
+                        "are lost", self.path, why, n, self.data_end, size - self.data_end)
+
+    return SalvagingMcapReader
+
+
+def _complete_records_end(bio: Any, start: int, size: int) -> int:
+    """Where the complete records of an mcap data section end: at its DataEnd record, or before the first record
+    that runs past the end of the file (each record: opcode byte, uint64 length, body)."""
+    pos = start
+    while pos + 9 <= size:
+        bio.seek(pos)
+        opcode, length = struct.unpack("<BQ", bio.read(9))
+        if opcode == 0x0F or pos + 9 + length > size:  # DataEnd: the summary follows
+            break
+        pos += 9 + length
+    return pos
+
+
 def iter_bag_frames(
     bag_path: str | os.PathLike,
     cloud_topic: str | None = None,
@@ -79,8 +147,6 @@ def iter_bag_frames(
     Frames whose cameras did not all match, or lack a transform to the lidar, list them in ``missing_cameras``
     (the node's rule); ``allow_partial=False`` skips them.
     """
-    from rosbags.highlevel import AnyReader
-
     from sal_ros.core.sync import LidarAnchoredSynchronizer
 
     bag_path = Path(bag_path)
@@ -96,7 +162,7 @@ def iter_bag_frames(
         allow_partial = bool(settings.get("sync.allow_partial", allow_partial))
     else:
         bag_tf = False
-    with AnyReader([bag_path]) as reader:
+    with open_bag(bag_path) as reader:
         calibs = None if bag_tf else _static_calibrations(bag_path, extrinsics)
         cloud_conn = _cloud_connection(reader, cloud_topic, bag_path)
         cams = _cameras(reader, cameras, calibs, bag_path)
@@ -125,11 +191,9 @@ def bag_poses(bag_path: str | os.PathLike, fixed_frame: str, cloud_topic: str | 
     """The lidar's pose in ``fixed_frame`` (T_fixed_lidar, 4x4) at each cloud's stamp, from the bag's /tf and
     /tf_static (sal_ros.core.tf.TfHistory: interpolated, never extrapolated), keyed as iter_bag_frames keys its
     frames (the cloud stamp in ns). Returns (poses, None) or (the poses found, why the other clouds have none)."""
-    from rosbags.highlevel import AnyReader
-
     bag_path = Path(bag_path)
     history, clouds = TfHistory(), {}
-    with AnyReader([bag_path]) as reader:
+    with open_bag(bag_path) as reader:
         cloud_conn = _cloud_connection(reader, cloud_topic, bag_path)
         tf_conns = [c for c in reader.connections if c.topic in (TF_TOPIC, TF_STATIC_TOPIC)]
         for conn, _, raw in reader.messages(connections=[cloud_conn, *tf_conns]):

@@ -15,14 +15,22 @@ into place; only then its index line is appended (one write, flushed and fsynced
 index, so they never see a partial file, and a completed frame is never lost: on the next ``append`` (a resumed
 recording) a frame file without an index line is indexed, temporary files are removed and a torn last index line
 is cut off. Readers skip a torn last line. One writer at a time (an advisory lock on ``ROOT/.lock``).
+
+Full disk: an index line is written whole or not at all. A short or failed write is cut back to where the line
+began (and the write fails with OSError naming the file); a line is read back after its fsync and compared. Should
+a torn record remain anyway (the cut failed too), the next append cuts it before writing, readers skip it and the
+records glued after it are salvaged (``index_problems`` says which lines, a warning names the file), and the next
+writer rewrites the index without it. An index line whose ``file`` is not a plain path under ``frames/`` (absolute,
+``..``) is skipped the same way: a store never reads outside its folder.
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import numpy as np
@@ -35,6 +43,9 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.jsonl"
 FRAMES_DIR = "frames"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_RECORD_START = b'{"key":'  # every index line starts so (json.dumps keeps the entry's key order)
+
+log = logging.getLogger(__name__)
 
 
 class FrameStore:
@@ -55,6 +66,7 @@ class FrameStore:
         self._index_size = -1  # bytes of index.jsonl already parsed
         self._appends = 0
         self._lock_fd: int | None = None
+        self.index_problems: list[str] = []  # index lines skipped by the last read: torn, not JSON, unsafe path
 
     # ----------------------------------------------------------------------------------------------- reading
 
@@ -107,7 +119,12 @@ class FrameStore:
         if size == self._index_size:
             return
         self._entries, self._by_key = [], {}
-        for entry in _read_index(self.index_path):
+        entries, problems = _read_index(self.index_path)
+        if problems and problems != self.index_problems:
+            log.warning("%s: %d index line(s) skipped (%s); %d frames readable", self.index_path, len(problems),
+                        "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""), len(entries))
+        self.index_problems = problems
+        for entry in entries:
             if entry["key"] not in self._by_key:
                 self._entries.append(entry)
                 self._by_key[entry["key"]] = entry
@@ -154,12 +171,7 @@ class FrameStore:
 
     def _append_index(self, entry: dict) -> None:
         line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
-        fd = os.open(self.index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_record(self.index_path, line)
         self._entries.append(entry)
         self._by_key[entry["key"]] = entry
         self._index_size = self.index_path.stat().st_size
@@ -181,6 +193,12 @@ class FrameStore:
         _cut_torn_line(self.index_path)
         self._index_size = -1
         self._refresh()
+        if self.index_problems:  # rewrite the index without the lines readers skip
+            atomic_write(self.index_path, b"".join((json.dumps(e, separators=(",", ":")) + "\n").encode()
+                                                   for e in self._entries))
+            log.warning("%s: rewritten without %d skipped line(s)", self.index_path, len(self.index_problems))
+            self._index_size = -1
+            self._refresh()
         remove_temp_files(self.root / FRAMES_DIR)
         indexed = {e["file"] for e in self._entries}
         for path in sorted((self.root / FRAMES_DIR).glob("*.npz"), key=lambda p: p.stat().st_mtime_ns):
@@ -297,20 +315,68 @@ def framestore_poses(root: str | os.PathLike, fixed_frame: str) -> tuple[dict[st
     return poses, f"{len(keys) - len(poses)} of {len(keys)} frames have no pose in {fixed_frame!r}: {why}"
 
 
-def _read_index(path: Path) -> list[dict]:
-    """Complete, valid lines of the index; a torn last line (a writer killed mid-write) is skipped."""
+def _append_record(path: Path, line: bytes) -> None:
+    """Append ``line`` whole or not at all: a short or failed write (full disk) is cut back to where it began and
+    raises OSError; after the fsync the line is read back and compared. A torn tail an earlier failure could not
+    cut is cut first, so a record never starts in the middle of a line."""
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            _cut_torn_line(path)
+            start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                raise OSError(f"{path}: short write ({written} of {len(line)} bytes; disk full?)")
+            os.fsync(fd)
+            if os.pread(fd, len(line), start) != line:
+                raise OSError(f"{path}: the index line read back differs from the one written")
+        except OSError:
+            os.ftruncate(fd, start)  # no torn record left behind; raises too where even that fails
+            os.fsync(fd)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _read_index(path: Path) -> tuple[list[dict], list[str]]:
+    """(valid entries, why each skipped line was skipped): a torn last line (a writer killed mid-write), a line
+    that is not a record (a torn record glued to the next: the record after it is kept), an unsafe ``file``."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return []
+        return [], []
     lines = raw.split(b"\n")
-    entries = []
-    for i, line in enumerate(lines[:-1]):  # the part after the last newline is unfinished
+    entries, problems = [], []
+    if lines[-1]:  # the part after the last newline is unfinished
+        problems.append(f"line {len(lines)}: torn ({len(lines[-1])} bytes without an end)")
+    for i, line in enumerate(lines[:-1]):
+        start = line.rfind(_RECORD_START)
+        if start > 0:
+            problems.append(f"line {i + 1}: {start} bytes of a torn record before a complete one")
         try:
-            entries.append(json.loads(line))
-        except ValueError as exc:
-            raise SensorDataError(f"{path}: line {i + 1} is not valid JSON ({exc})") from exc
-    return entries
+            entry = json.loads(line[max(start, 0):])
+        except ValueError:
+            problems.append(f"line {i + 1}: not a JSON record")
+            continue
+        why = _entry_problem(entry)
+        if why:
+            problems.append(f"line {i + 1}: {why}")
+            continue
+        entries.append(entry)
+    return entries, problems
+
+
+def _entry_problem(entry: Any) -> str:
+    """Why an index entry cannot be used ("" if it can): not a record, or a ``file`` outside ``frames/``."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) or not isinstance(entry.get("file"), str):
+        return "not a frame record"
+    file = PurePosixPath(entry["file"])
+    if file.is_absolute() or ".." in file.parts or len(file.parts) != 2 or file.parts[0] != FRAMES_DIR \
+            or "\\" in entry["file"]:
+        return f"file {entry['file']!r} is not a path under {FRAMES_DIR}/ (refused: outside the store)"
+    return ""
 
 
 def _cut_torn_line(path: Path) -> None:

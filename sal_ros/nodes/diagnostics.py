@@ -127,6 +127,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _stage_values(timings: dict[str, dict], taken: set[str]) -> list[tuple[str, str]]:
+    """Per-stage medians since start (~/stats), except a stage whose key the window already gives (``latency``:
+    the window's median is the one the level is judged on; one key, one value)."""
+    rows = [(f"{stage} median (ms)", _fmt(t["median_ms"])) for stage, t in sorted(timings.items())]
+    return [(key, value) for key, value in rows if key not in taken]
+
+
 def input_status(node: str, w: dict[str, Any], cloud_topic: str, input_timeout: float) -> Status:
     since = w["since_input_s"]
     values = [("cloud topic", cloud_topic), ("frames in window", _fmt(w["frames_in"])),
@@ -148,7 +155,7 @@ def processing_status(node: str, w: dict[str, Any], timings: dict[str, dict], su
               ("drop rate", _fmt(w["drop_rate"])), ("latency median (ms)", _fmt(w["latency_median_ms"])),
               ("input period (ms)", _fmt(None if w["input_period_s"] is None else 1e3 * w["input_period_s"]))]
     values += [(f"errors {kind}", str(n)) for kind, n in sorted(w["errors"].items())]
-    values += [(f"{stage} median (ms)", _fmt(t["median_ms"])) for stage, t in sorted(timings.items())]
+    values += _stage_values(timings, {key for key, _ in values})
     name = f"{node}: processing"
     if w["errors"]:
         kinds = ", ".join(f"{k} x{n}" for k, n in sorted(w["errors"].items()))
@@ -206,7 +213,7 @@ def recording_status(node: str, w: dict[str, Any], output_dir: str, frames_in_st
     values = [("output dir", output_dir), ("frames in store", str(frames_in_store)),
               ("recorded in window", _fmt(w["processed"])), ("dropped in window", _fmt(w["dropped"]))]
     values += [(f"errors {kind}", str(n)) for kind, n in sorted(w["errors"].items())]
-    values += [(f"{stage} median (ms)", _fmt(t["median_ms"])) for stage, t in sorted(timings.items())]
+    values += _stage_values(timings, {key for key, _ in values})
     name = f"{node}: recording"
     if stopped and stopped != "limit":
         return Status(name, ERROR, f"recording stopped: {stopped}", values)
@@ -219,3 +226,26 @@ def recording_status(node: str, w: dict[str, Any], output_dir: str, frames_in_st
         return Status(name, WARN, f"{100 * w['drop_rate']:.0f} % of frames dropped (writing slower than input)",
                       values)
     return Status(name, OK, f"{frames_in_store} frames in the store", values)
+
+
+class CloudLoss:
+    """The ``<node>: clouds`` status from the node's cloud ledger (stats.cloud_ledger): every cloud a publisher
+    sent, delivered, seen, processed or dropped by reason, as totals since start. WARN while clouds are being lost
+    before the node (gaps in a publisher's sequence numbers since the previous report): DDS settings or a busy
+    node; ``sal-ros doctor`` checks the settings."""
+
+    def __init__(self, node: str) -> None:
+        self.name = f"{node}: clouds"
+        self._lost = 0
+
+    def update(self, ledger: dict[str, Any]) -> Status:
+        values = [(key, str(ledger[key])) for key in ("lost", "dds_reported", "before_first", "delivered", "seen",
+                                                       "processed", "pending", "balanced")]
+        values += [(f"refused {k}", str(n)) for k, n in sorted(ledger["refused"].items())]
+        values += [(f"dropped {k}", str(n)) for k, n in sorted(ledger["dropped"].items())]
+        new, self._lost = ledger["lost"] - self._lost, ledger["lost"]
+        if new > 0:
+            return Status(self.name, WARN, f"{new} cloud(s) lost before reaching the node since the last report "
+                          f"({ledger['dds_reported']} reported by DDS in all); run `sal-ros doctor`", values)
+        return Status(self.name, OK, f"{ledger['delivered']} delivered, {ledger['processed']} processed, "
+                      f"{sum(ledger['dropped'].values())} dropped, {ledger['lost']} lost", values)

@@ -18,7 +18,7 @@ import numpy as np
 
 from sal_ros.core.msgtypes import MessageTypes, make_header
 from sal_ros.core.palette import UNLABELED_COLOR, class_colors, label_colors, track_color  # noqa: F401 - the one palette, re-exported for the node
-from sal_ros.core.pointcloud2 import CloudEncoder, pack_rgb
+from sal_ros.core.pointcloud2 import CloudEncoder, _keeps_data, pack_rgb
 from sal_ros.core.types import InstanceSummary, Segmentation
 
 # PointCloud2 layout of ~/labeled_points (name, dtype), in order.
@@ -68,6 +68,45 @@ def labeled_cloud(
         "rgb": label_colors(np.asarray(seg.label, np.intp), pack_rgb(palette)),
     }
     return (encoder or CloudEncoder(types, reuse=False)).encode(fields, frame_id, stamp_ns)
+
+
+def filtered_cloud(msg: Any, keep: np.ndarray, types: MessageTypes) -> Any:
+    """The input cloud ``msg`` with only the points where ``keep`` (one bool per point, row-major): its fields,
+    point_step and byte order as they are, the kept points in their order, header unchanged. One row (height 1):
+    removing points breaks an organized cloud's grid; row padding is dropped."""
+    step, width, height = int(msg.point_step), int(msg.width), int(msg.height)
+    keep = np.asarray(keep, bool)
+    if keep.shape != (width * height,):
+        raise ValueError(f"keep has {keep.shape} entries, the cloud {width * height} points")
+    raw = np.frombuffer(memoryview(msg.data).cast("B"), np.uint8)
+    rows = raw[: height * int(msg.row_step)].reshape(height, int(msg.row_step))[:, : width * step]
+    kept = rows.reshape(width * height, step)[keep]
+    data, view = types.byte_buffer(kept.nbytes)
+    view[:] = kept.reshape(-1)
+    out = types.PointCloud2(header=msg.header, height=1, width=int(kept.shape[0]), fields=list(msg.fields),
+                            is_bigendian=msg.is_bigendian, point_step=step, row_step=step * int(kept.shape[0]),
+                            is_dense=msg.is_dense, **_keeps_data(types))
+    out.data = data  # after construction, as CloudEncoder does: the setter keeps the array('B') as is
+    return out
+
+
+def labels_to_remove(class_names: Sequence[str], removed: Sequence[str]) -> np.ndarray:
+    """The label ids (k = class_names[k-1]) of the classes named in ``removed``."""
+    wanted = set(removed)
+    return np.array([k for k, name in enumerate(class_names, start=1) if name in wanted], np.intp)
+
+
+# ---------------------------------------------------------------------------------------------- debug times
+
+
+def stamped_ms(value_ms: float, frame_id: str, stamp_ns: int, types: MessageTypes) -> Any:
+    """One ``~/debug/*_ms`` figure. Autoware publishes these as autoware_internal_debug_msgs/Float64Stamped (ex
+    tier4_debug_msgs: a stamp and a float64); ROS 2's common interfaces have no stamped float, so the closest
+    standard type carries it: sensor_msgs/Temperature (header + one float64 + variance 0 = unknown). The header
+    is the frame's cloud stamp and frame, so a figure lines up with that frame's outputs (docs/ros.md)."""
+    from sensor_msgs.msg import Temperature
+
+    return Temperature(header=make_header(frame_id, stamp_ns, types), temperature=float(value_ms), variance=0.0)
 
 
 # -------------------------------------------------------------------------------------------------- markers

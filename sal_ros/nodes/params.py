@@ -128,6 +128,15 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
     ParamSpec("publish.frame_summary", "bool", True,
               "Publish ~/frame_summary (sal_ros_msgs/FrameSummary: vocabulary version, counts, tracks, timings).",
               dynamic=True),
+    ParamSpec("publish.filtered", "bool", True,
+              "Publish ~/filtered: the input cloud (its fields and point layout) without the points of filter.classes.",
+              dynamic=True),
+    ParamSpec("publish.debug", "bool", True,
+              "Publish ~/debug/processing_time_ms, ~/debug/cyclic_time_ms and ~/debug/pipeline_latency_ms per frame "
+              "(Autoware's debug topics; stamped with the cloud's stamp).", dynamic=True),
+    ParamSpec("filter.classes", "string_array", [],
+              "Class names (of the active vocabulary) whose points ~/filtered leaves out, e.g. [road, vegetation]. "
+              "Empty: ~/filtered is the input cloud.", dynamic=True),
     ParamSpec("markers.min_points", "int", 5, "Instances with fewer points get no marker.", range=(1, 100000),
               dynamic=True),
     ParamSpec("tracking.enable", "bool", True,
@@ -278,9 +287,8 @@ def declare(node: Any, specs: Iterable[ParamSpec]) -> dict[str, Any]:
         except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
             raise ValueError(f"parameter {spec.name}: {exc} (expected {spec.type})") from exc
         if param.type_ == Parameter.Type.NOT_SET:
-            if spec.dynamic:
-                node.set_parameters([to_parameter(spec, spec.default)])
-            value = list(spec.default)  # a read-only list left unset means "none"
+            _assign_empty_list(node, spec)
+            value = list(spec.default)  # a list left unset (or `[]` in a params file) means "none"
         else:
             value = list(param.value) if spec.type == "string_array" else param.value
         problem = check_value(spec, value)
@@ -288,6 +296,17 @@ def declare(node: Any, specs: Iterable[ParamSpec]) -> dict[str, Any]:
             raise ValueError(problem)
         values[spec.name] = value
     return values
+
+
+def _assign_empty_list(node: Any, spec: ParamSpec) -> None:
+    """Give a list parameter declared by type its typed empty value. Left NOT_SET, rclpy's get_parameters fails
+    the whole request it is part of: `ros2 param dump` printed `ros__parameters: {}` and rqt_reconfigure showed
+    nothing. rclpy infers `[]` as a byte array and its public setters refuse read-only parameters, so the value
+    goes in through the setter rclpy's own declare_parameter uses (descriptors given: no read-only check)."""
+    param = to_parameter(spec, spec.default)
+    result = node._set_parameters_atomically_common([param], {spec.name: node.describe_parameter(spec.name)})
+    if not result.successful:
+        raise ValueError(f"parameter {spec.name}: {result.reason}")
 
 
 # --------------------------------------------------------------------------------------------- params files
@@ -302,9 +321,13 @@ def all_specs(node_name: str, values: dict[str, Any]) -> list[ParamSpec]:
     return specs
 
 
+# Parameters every rclpy node declares itself (they are in a `ros2 param dump`).
+RCLPY_PARAMS = ("use_sim_time", "start_type_description_service")
+
+
 def unknown_names(node_name: str, values: dict[str, Any]) -> list[str]:
-    """Parameter names in ``values`` the node does not declare (typos), ``use_sim_time`` excepted."""
-    known = {spec.name for spec in all_specs(node_name, values)} | {"use_sim_time"}
+    """Parameter names in ``values`` the node does not declare (typos), rclpy's own (RCLPY_PARAMS) excepted."""
+    known = {spec.name for spec in all_specs(node_name, values)} | set(RCLPY_PARAMS)
     return sorted(name for name in values if name not in known)
 
 

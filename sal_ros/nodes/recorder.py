@@ -33,18 +33,32 @@ class RecorderNode(SensorNode):
 
     def __init__(self, **node_kwargs: Any) -> None:
         super().__init__(P.RECORDER_NODE, P.RECORDER_PARAMS, **node_kwargs)
+        self.store = None
+        self._tf = None  # the tf2 buffer poses come from; None: no poses (pose_frame empty, or no tf2_ros)
+        self.bring_up()
+
+    def configure(self) -> None:
+        """The store opened (resumed when it exists) and the writer started."""
         self.store = self._open_store()
         self._full = False
         self._stopped = ""  # why recording stopped: "limit" or the error
-        self._tf = None  # the tf2 buffer poses come from; None: no poses (pose_frame empty, or no tf2_ros)
-        self.start(Worker("sal_recorder_writer", self._record, self._on_worker_error))
+        self.start_worker(Worker("sal_recorder_writer", self._record, self._on_worker_error))
+
+    def activate(self) -> None:
+        self.start_inputs()
         self._tf = self._pose_source()
         names = [c.name for c in self.cameras]
         if not names:
             self.get_logger().warning("no cameras configured: frames are recorded lidar-only; "
                                       "pseudo-labels need camera images")
-        self.get_logger().info(f"recording {self.values['cloud_topic']} + cameras {names} "
+        self.get_logger().info(f"recording {self.inputs.topics['cloud']} + cameras {names} "
                                f"into {self.values['output_dir']} ({len(self.store)} frames there already)")
+
+    def cleanup(self) -> None:
+        """Writer stopped (the frame in hand written), store closed."""
+        super().cleanup()
+        self.store.close()
+        self.store = None
 
     def _open_store(self) -> Any:
         from sal_ros.data.framestore import FrameStore
@@ -99,14 +113,21 @@ class RecorderNode(SensorNode):
         try:
             written = self.store.append(decoded.frame, pose)
         except RuntimeError as exc:  # another process holds the store
+            self.stats.count("error.store")
             self._full = True
             self._stopped = str(exc)
             self.get_logger().error(f"recording stops: {exc}")
+            return
+        except OSError as exc:  # full disk, read-only folder: counted; the next frame retries, the log is throttled
+            self.stats.count("error.write_failed")
+            self.health.error("write_failed")
+            self.get_logger().error(f"frame not recorded: {exc}", **throttled())
             return
         if written is None:
             self.stats.count("skipped_every_nth")
             return
         if written is False:  # a size or frame limit is reached
+            self.stats.count("skipped_store_full")
             self._full = True
             self._stopped = "limit"
             self.get_logger().warning(f"{self.values['output_dir']}: limit reached "
@@ -124,11 +145,11 @@ class RecorderNode(SensorNode):
 
     def diagnostic_statuses(self, window: Any) -> list:
         v, name = self.values, self.get_name()
-        return [D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
+        return [D.input_status(name, window, self.inputs.topics["cloud"], v["input_timeout"]),
                 D.recording_status(name, window, v["output_dir"], len(self.store), self._stopped,
                                    self.stats.snapshot()["timings"])]
 
     def destroy_node(self) -> None:
         super().destroy_node()  # stops the writer before the store closes
-        if hasattr(self, "store"):
+        if getattr(self, "store", None) is not None:
             self.store.close()

@@ -51,7 +51,9 @@ from sal_ros.nodes.vocabulary import (ActiveVocabulary, VocabularyChanges, diagn
 from sal_ros.nodes.worker import Worker
 
 DISCOVERY_S = 2.0  # how long after its creation a node has seen the others on localhost DDS
-OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary")
+OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary", "filtered")
+# Autoware's per-frame debug figures (ms), on ~/debug/<name>
+DEBUG_TIMES = ("processing_time_ms", "cyclic_time_ms", "pipeline_latency_ms")
 # The parameters that make the Segmenter's configuration (_segmenter_config).
 SEGMENTER_CONFIG_PARAMS = ("score_threshold", "min_instance_points", "max_points", "max_points_policy",
                            "model.intensity_scale")
@@ -78,19 +80,51 @@ class SegmenterNode(SensorNode):
         self.tracker = Tracker(self._tracker_config())
         self._poses, self._last_pose = self._pose_source(), None
         self._make_publishers(self.cameras)
+        self.add_on_set_parameters_callback(self._validate_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        try:
+            self.bring_up()
+        except BaseException:
+            self.destroy_node()  # out of the ROS graph at once: a node refused at start is no namesake to others
+            raise
+
+    # --------------------------------------------------------------------------------------------- lifecycle
+
+    def configure(self) -> None:
+        """Model and vocabulary loaded, on the worker thread, which then waits for frames."""
         # All CPU model work, loading included, happens on the worker thread: PyTorch's OpenMP pool serves the
         # thread that first used it; parallel ops of a second thread ran ~6x slower here (tiny backbone 55 ->
         # 340 ms on 2 cores). The vocabulary thread uses one torch thread for the same reason.
-        self.start(Worker("sal_segmenter_worker", self._process, self._on_worker_error, setup=self._setup_model))
+        self.start_worker(Worker("sal_segmenter_worker", self._process, self._on_worker_error,
+                                 setup=self._setup_model))
         self._publish_vocabulary(self.active)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
+        problem = self._unknown_filter_classes(self.values["filter.classes"])
+        if problem:
+            raise ValueError(problem)
         self._check_unique_name()
+
+    def activate(self) -> None:
+        self.start_inputs()
         self.startup_events.append("ready")
         self.get_logger().info(
-            f"listening on {self.values['cloud_topic']} with cameras {[c.name for c in self.cameras]}; "
+            f"listening on {self.inputs.topics['cloud']} with cameras {[c.name for c in self.cameras]}; "
             f"model on {self.device}, torch threads: {self._torch_threads}; "
             f"vocabulary v{self.active.version}: {list(self.active.class_names)}")
+
+    def cleanup(self) -> None:
+        """Worker stopped, model and text encoder freed (GPU memory back to the device)."""
+        super().cleanup()
+        with self._model_lock:
+            self._text_encoder = self._segmenter = None
+            self.vocabulary.active = None
+        import gc
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+        self.get_logger().info("model freed")
 
     # ------------------------------------------------------------------------------------------------- model
 
@@ -109,7 +143,6 @@ class SegmenterNode(SensorNode):
         what = (f"{namesakes} other node(s) named {self.get_fully_qualified_name()} in the ROS graph: each would "
                 "answer every cloud, and one set_parameters would change them all")
         if not self.values["allow_duplicate"]:
-            self.destroy_node()  # out of the graph at once: a refused node must not count as a namesake itself
             raise DuplicateNodeError(f"{what}; start this one under another name (--ros-args -r __node:=NAME) or "
                                      "allow it (parameter allow_duplicate, sal-ros run --allow-duplicate)")
         self.stats.count("duplicate_name")
@@ -234,12 +267,24 @@ class SegmenterNode(SensorNode):
             try:
                 if not problem and (param.name == "prompts" or (param.name == "vocabulary_file" and param.value)):
                     self.vocabulary.check(param.name, param.value, limits_of(self.values))
+                elif not problem and param.name == "filter.classes":
+                    problem = self._unknown_filter_classes(list(param.value))
             except (VocabularyError, OSError, ValueError) as exc:
                 problem = f"{param.name}: {exc}"
             if problem:
                 self.get_logger().warning(f"rejected parameter change: {problem}")
                 return SetParametersResult(successful=False, reason=problem)
         return SetParametersResult(successful=True)
+
+    def _unknown_filter_classes(self, names: list[str]) -> str | None:
+        """Why ``filter.classes`` cannot be ``names``: a name the active vocabulary does not have."""
+        if self.active is None:
+            return None  # not configured: checked at configure
+        unknown = [n for n in names if n not in self.active.class_names]
+        if unknown:
+            return (f"filter.classes: {unknown} not in the vocabulary (v{self.active.version}: "
+                    f"{list(self.active.class_names)})")
+        return None
 
     def _apply_parameters(self, parameters: list) -> None:
         """Post-set callback: store accepted values; vocabulary changes are embedded in the background."""
@@ -248,9 +293,11 @@ class SegmenterNode(SensorNode):
                 continue
             value = list(param.value) if isinstance(param.value, (list, tuple)) else param.value
             self.values[param.name] = value
+            loaded = self.configured  # a managed node not configured yet takes model values at configure
             if param.name == "prompts" or (param.name == "vocabulary_file" and value):
-                self.vocabulary.request(param.name, value)
-            elif param.name in SEGMENTER_CONFIG_PARAMS:
+                if loaded:
+                    self.vocabulary.request(param.name, value)
+            elif param.name in SEGMENTER_CONFIG_PARAMS and loaded:
                 self._configure_segmenter()
             elif param.name.startswith("tracking."):
                 self.tracker.config = self._tracker_config()
@@ -282,6 +329,11 @@ class SegmenterNode(SensorNode):
         self._pub_overlays = {c.name: self.create_publisher(Image, f"~/overlay/{c.name}", qos) for c in cameras}
         self._pub_detections = self.create_publisher(Detection3DArray, "~/detections", qos)
         self._pub_summary = self.create_publisher(FrameSummary, "~/frame_summary", qos)
+        self._pub_filtered = self.create_publisher(PointCloud2, "~/filtered", qos)
+        from sensor_msgs.msg import Temperature  # the closest standard stamped float (outputs.stamped_ms)
+
+        self._pub_debug = {name: self.create_publisher(Temperature, f"~/debug/{name}", qos) for name in DEBUG_TIMES}
+        self._last_start: float | None = None  # when the previous processed frame started (cyclic time)
         self._pub_vocabulary = self.create_publisher(Vocabulary, "~/vocabulary", latched())
         self._pub_vocabulary_json = self.create_publisher(String, "~/debug/vocabulary", latched())
 
@@ -294,6 +346,7 @@ class SegmenterNode(SensorNode):
             "info": v["publish.info"] and self._pub_info.get_subscription_count() > 0,
             "detections": v["publish.detections"] and self._pub_detections.get_subscription_count() > 0,
             "frame_summary": v["publish.frame_summary"] and self._pub_summary.get_subscription_count() > 0,
+            "filtered": v["publish.filtered"] and self._pub_filtered.get_subscription_count() > 0,
             "overlays": {name for name, pub in self._pub_overlays.items()
                          if v["publish.overlays"] and pub.get_subscription_count() > 0},
         }
@@ -327,6 +380,8 @@ class SegmenterNode(SensorNode):
         stages = {"decode": t1 - t0, "segment": t2 - t1, "track": t3 - t2}
         self._publish(frame, seg, wanted, tracking, {**{k: v * 1e3 for k, v in stages.items()},
                                                      **{"model." + k: v for k, v in seg.timings_ms.items()}})
+        if wanted["filtered"]:
+            self._publish_filtered(decoded.cloud_msg, seg)
         t4 = time.perf_counter()
         self.stats.count("processed")
         for stage, ms in (*stages.items(), ("publish", t4 - t3), ("total", t4 - t0)):
@@ -344,6 +399,28 @@ class SegmenterNode(SensorNode):
         now_ns = self.get_clock().now().nanoseconds
         if frame.stamp_ns and now_ns > frame.stamp_ns:  # includes driver and transport; needs synced clocks
             self.stats.time("stamp_age", (now_ns - frame.stamp_ns) / 1e6)
+        self._publish_debug_times(frame, t0, t4, now_ns)
+
+    def _publish_debug_times(self, frame: Frame, start: float, end: float, now_ns: int) -> None:
+        """Autoware's debug figures of this frame: its work, the time since the previous frame's start, and the
+        time since the sensor stamp (ROS clock; driver and transport included)."""
+        cyclic = None if self._last_start is None else (start - self._last_start) * 1e3
+        self._last_start = start
+        if not self.values["publish.debug"]:
+            return
+        figures = {"processing_time_ms": (end - start) * 1e3, "cyclic_time_ms": cyclic,
+                   "pipeline_latency_ms": (now_ns - frame.stamp_ns) / 1e6}
+        for name, value in figures.items():
+            pub = self._pub_debug[name]
+            if value is not None and pub.get_subscription_count() > 0:
+                pub.publish(outputs.stamped_ms(value, frame.frame_id, frame.stamp_ns, self._types))
+
+    def _publish_filtered(self, cloud_msg: Any, seg: Segmentation) -> None:
+        """~/filtered: the input cloud without the points of ``filter.classes`` (by name, in the vocabulary the
+        frame was segmented with; a name that vocabulary lacks removes nothing)."""
+        removed = outputs.labels_to_remove(seg.class_names, self.values["filter.classes"])
+        keep = ~np.isin(np.asarray(seg.label), removed)
+        self._pub_filtered.publish(outputs.filtered_cloud(cloud_msg, keep, self._types))
 
     def segment_frame(self, frame: Frame) -> Segmentation | None:
         """The Segmenter on one frame, with what it left out counted and warned about. None when the frame is
@@ -501,7 +578,7 @@ class SegmenterNode(SensorNode):
         v, name = self.values, self.get_name()
         subscribed = any(self.wanted_outputs().values())
         return [
-            D.input_status(name, window, v["cloud_topic"], v["input_timeout"]),
+            D.input_status(name, window, self.inputs.topics["cloud"], v["input_timeout"]),
             D.processing_status(name, window, self.stats.snapshot()["timings"], subscribed),
             D.model_status(name, v["model.device"], self.device, self.active.version, len(self.active.class_names),
                            getattr(self, "_torch_threads", None),

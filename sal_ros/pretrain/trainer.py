@@ -25,9 +25,10 @@ from sal_ros.pretrain.losses import (info_nce, point_to_segment, rarity_weights,
                                      subsample)
 from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
                                    apply_gradients, batch_indices, config_diff, distributed, fit_steps, init_distributed,
-                                   optimizer_and_schedule, read_metrics, resolve_device)
+                                   load_train_state, optimizer_and_schedule, read_metrics, resolve_device, state_file)
 from sal_ros.eval.report import atomic_savefig
 from sal_ros.model.backbone import ModelConfig, build_backbone
+from sal_ros.model.checkpoint import CheckpointError
 from sal_ros.model.pretrained import read_backbone, save_backbone
 from sal_ros.model.sal import SALModel
 
@@ -167,14 +168,17 @@ class PretrainTrainer:
     def resume(self) -> int:
         if not self.state_path.exists():
             return 0
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        state = load_train_state(self.state_path)
         diffs = config_diff(state["config"], self.cfg.to_dict())
         if int(state.get("world", 1)) != self.dist.world:
             diffs.append(f"processes: saved {state.get('world')}, now {self.dist.world}")
         if diffs:
             raise ResumeError(f"cannot resume {self.state_path} (step {state['step']}): the config differs from the "
                               f"saved run ({'; '.join(diffs)}); use --stop-at K to stop early and keep the schedule")
-        payload = read_backbone(self.out / state["model"])
+        try:
+            payload = read_backbone(state_file(self.out, state, self.state_path))
+        except CheckpointError as exc:
+            raise ResumeError(f"cannot resume from {self.state_path}: {exc}") from None
         self.module.backbone.load_state_dict(payload["backbone"])
         self.module.head.load_state_dict(payload["head"])
         self.optimizer.load_state_dict(state["optimizer"])

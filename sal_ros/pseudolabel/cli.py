@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default DATASET/pseudolabels for a FrameStore)")
     parser.add_argument("--select", help="sequences and scans of a dataset with sequences, e.g. 00,05:0-4")
     m = parser.add_argument_group("2D masks")
-    m.add_argument("--masks", choices=["slic", "sam", "sam2", "sam2_lidar"], default="sam2",
-                   help="sam2_lidar: SAM2-AMML, SAM 2 prompted at projected lidar clusters (--sam2-* options)")
+    m.add_argument("--masks", choices=["slic", "sam", "sam2", "sam2_lidar", "geometric"], default="sam2",
+                   help="sam2_lidar: SAM2-AMML, SAM 2 prompted at projected lidar clusters (--sam2-* options); "
+                        "geometric: lidar ground removal + clustering, no weights (--ground-*, --cluster-* options)")
     m.add_argument("--prompt-border-px", type=float, default=8.0, help="sam2_lidar: drop prompts this near the border")
     m.add_argument("--prompt-boundary-px", type=float, default=4.0,
                    help="sam2_lidar: drop prompts this near another cluster's projected points")
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--stability-score-thresh", type=float, default=0.95)
     m.add_argument("--slic-segments", type=int, default=150)
     m.add_argument("--flatten-overlap", type=float, default=0.8, help="drop a mask this much inside a kept one")
+    from sal_ros.pseudolabel import geometric
+
+    geometric.add_arguments(m)
     t = parser.add_argument_group("CLIP tokens")
     t.add_argument("--clip-model", default="ViT-B-16", help="open_clip model name (must match the text encoder)")
     t.add_argument("--clip-pretrained", help="open_clip pretrained tag or weights file")
@@ -83,6 +87,10 @@ def config_from_args(args: argparse.Namespace):
 
     if args.masks == "slic":
         mask_options = {"n_segments": args.slic_segments}
+    elif args.masks == "geometric":
+        from sal_ros.pseudolabel import geometric
+
+        mask_options = geometric.options_from_args(args)
     else:
         sam2 = args.masks in ("sam2", "sam2_lidar")
         ckpt = args.sam2_checkpoint if sam2 else args.sam_checkpoint

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    masks: str = "sam2"  # slic | sam | sam2
+    masks: str = "sam2"  # slic | sam | sam2 | sam2_lidar | geometric (mask_sources.py)
     mask_options: dict = field(default_factory=dict)  # passed to the mask source (checkpoint, config, ...)
     flatten_overlap: float = 0.8  # SAL flatten: drop a mask inside a kept one above this overlap
     tokens: bool = True
@@ -136,6 +136,8 @@ class PseudoLabeler:
             kw.setdefault("device", self.config.device)
         if self.config.masks == "sam2_lidar":
             kw.setdefault("lift", asdict(self.config.lift))
+        if self.config.masks == "geometric":  # renders its clusters where lifting will look for them
+            kw.setdefault("min_depth", self.config.lift.min_depth)
         return kw
 
     @property

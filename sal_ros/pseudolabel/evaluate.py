@@ -32,6 +32,8 @@ from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import atomic_write, json_safe, write_json
 from sal_ros.eval.panoptic import SegmentCounts, match_segments
 from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
+from sal_ros.pseudolabel import geometric
+from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores, render_segments
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
 from sal_ros.pseudolabel.mask_sources import build_mask_source
 from sal_ros.pseudolabel.masks import Masks, flatten_masks
@@ -45,6 +47,7 @@ VARIANTS = {  # name: (occlusion test, DBSCAN replace)
     "occlusion": (True, False),
     "occlusion + DBSCAN replace": (True, True),
 }
+LIDAR_ONLY = "lidar only"  # the geometric teacher's own point labels, no camera (a row only for such sources)
 
 
 @dataclass
@@ -91,11 +94,13 @@ class PseudoLabelScore:
         return out
 
 
-def scored_points(frame, label_set, min_depth: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(mask of scored points, GT class, GT segment, thing) for one frame; the last three over scored points."""
+def scored_points(frame, label_set, min_depth: float,
+                  full_scan: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(mask of scored points, GT class, GT segment, thing) for one frame; the last three over scored points.
+    Scored: the labelled points the cameras see, or with ``full_scan`` every labelled point."""
     if frame.gt_labels is None:
         raise SensorDataError(f"frame {frame.key}: no ground-truth labels to evaluate against")
-    in_cam = np.zeros(frame.num_points, bool)
+    in_cam = np.full(frame.num_points, full_scan)
     for view in frame.cameras.values():
         in_cam[project_view(frame.points, view, min_depth)[0]] = True
     cls, seg = label_set.split(frame.gt_labels)
@@ -104,26 +109,8 @@ def scored_points(frame, label_set, min_depth: float) -> tuple[np.ndarray, np.nd
 
 
 def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat: tuple[int, int] = (2, 3)) -> Masks:
-    """Ground-truth segments rendered into the image: each point paints a (2*sx+1) x (2*sy+1) splat, the
-    nearest point wins each pixel (z-buffer); one mask per segment (segment 0 = paints nothing)."""
-    idx, uv, depth = project_view(frame.points, view, min_depth)
-    h, w = view.image.shape[:2]
-    sx, sy = splat
-    du, dv = np.meshgrid(np.arange(-sx, sx + 1), np.arange(-sy, sy + 1))
-    u = (uv[:, 0].astype(np.int64)[:, None] + du.reshape(1, -1)).ravel()
-    v = (uv[:, 1].astype(np.int64)[:, None] + dv.reshape(1, -1)).ravel()
-    d = np.repeat(depth, du.size)
-    s = np.repeat(segment[idx], du.size)
-    ok = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    pix, d, s = v[ok] * w + u[ok], d[ok], s[ok]
-    order = np.lexsort((d, pix))
-    first = np.r_[True, pix[order][1:] != pix[order][:-1]]
-    pix, s = pix[order][first], s[order][first]
-    pix, s = pix[s > 0], s[s > 0]
-    ids, inv = np.unique(s, return_inverse=True)
-    masks = np.zeros((ids.size, h * w), bool)
-    masks[inv, pix] = True
-    return Masks(masks.reshape(ids.size, h, w), np.ones(ids.size, np.float32))
+    """Ground-truth segments rendered into the image (z-buffer splats, ``render_segments``); segment 0 = none."""
+    return render_segments(frame.points, view, segment, min_depth, splat)
 
 
 def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, min_depth: float,
@@ -132,7 +119,9 @@ def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, mi
         cls, seg = label_set.split(frame.gt_labels)
         seg = np.where(cls > 0, seg + 1, 0)  # +1: raw label 0 of an unlabeled thing must not vanish
         return {n: oracle_masks(frame, v, seg, min_depth, splat) for n, v in frame.cameras.items()}
-    return {n: flatten_masks(source.generate(v.image), flatten_overlap) for n, v in frame.cameras.items()}
+    gen = getattr(source, "generate_for_view", None)  # sources that need the points (geometric)
+    return {n: flatten_masks(gen(frame.points, v) if gen is not None else source.generate(v.image), flatten_overlap)
+            for n, v in frame.cameras.items()}
 
 
 def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic", "oracle"),
@@ -141,8 +130,10 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                           refine: RefineConfig = RefineConfig(), fusion_iou: float = 0.3, flatten_overlap: float = 0.8,
                           engine_min_points: int = 5, min_points: int | None = None, label_config: str | None = None,
                           splat: tuple[int, int] = (2, 3), max_frames: int | None = None,
-                          progress: bool = True) -> dict:
-    """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}."""
+                          progress: bool = True, full_scan: bool = False) -> dict:
+    """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}.
+    ``full_scan``: score every labelled point, not only those the cameras see (camera pseudo-labels then miss
+    what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan)."""
     from sal_ros.eval.labels import semantickitti
 
     label_set = semantickitti(label_config, **({"min_points": min_points} if min_points is not None else {}))
@@ -151,13 +142,16 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
     if pseudolabels is not None:
         configs = [("files", str(pseudolabels))]
     else:
-        unknown = [v for v in variants if v not in VARIANTS]
+        unknown = [v for v in variants if v not in VARIANTS and v != LIDAR_ONLY]
         if unknown:
-            raise ValueError(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
-        configs = [(m, v) for m in masks for v in variants]
-    scores = {c: PseudoLabelScore() for c in configs}
+            raise ValueError(f"unknown variants {unknown}; known: {', '.join([*VARIANTS, LIDAR_ONLY])}")
     sources = {m: build_mask_source(m, **(mask_options or {}).get(m, {}))
                for m in masks if m != "oracle" and pseudolabels is None}
+    if pseudolabels is None:  # "lidar only" exists for the sources that label points themselves
+        configs = [(m, v) for m in masks for v in variants
+                   if v != LIDAR_ONLY or hasattr(sources.get(m), "label_points")]
+    scores = {c: PseudoLabelScore() for c in configs}
+    ground = np.zeros(3, np.int64)  # geometric ground vs the ground classes: TP, FP, FN points
     seconds: dict[str, float] = {}
     it = keys
     if progress:
@@ -171,7 +165,7 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
             skipped[key] = why
             log.warning("frame %s not scored: %s", key, why)
             continue
-        keep, gt_cls, gt_seg, thing = scored_points(frame, label_set, lift.min_depth)
+        keep, gt_cls, gt_seg, thing = scored_points(frame, label_set, lift.min_depth, full_scan)
         if pseudolabels is not None:
             from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 
@@ -183,7 +177,14 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
             frame_masks = _frame_masks(frame, sources.get(kind), kind, label_set, flatten_overlap, lift.min_depth,
                                        splat)
             seconds[f"{kind} masks"] = seconds.get(f"{kind} masks", 0.0) + time.perf_counter() - t0
+            if hasattr(sources.get(kind), "ground_of"):
+                ground += ground_scores(sources[kind].ground_of(frame.points), frame.gt_labels, label_set)
             for variant in variants:
+                if variant == LIDAR_ONLY:
+                    if (kind, variant) in scores:
+                        instance = sources[kind].label_points(frame.points)  # computed with the masks above
+                        scores[(kind, variant)].add(instance[keep], gt_cls, gt_seg, thing, label_set.min_points)
+                    continue
                 occlusion, use_refine = VARIANTS[variant]
                 t0 = time.perf_counter()
                 pl = label_from_masks(frame, frame_masks, None, replace(lift, occlusion=occlusion), fusion_iou,
@@ -194,7 +195,11 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
     scored = len(keys) - len(skipped)
     meta = {"dataset": str(dataset), "frames": scored, "frames_skipped": skipped, "min_points": label_set.min_points,
             "lift": vars(lift), "refine": vars(refine), "splat": list(splat), "engine_min_points": engine_min_points,
-            "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}}
+            "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}, "full_scan": full_scan}
+    if "geometric" in sources:
+        tp, fp, fn = (int(x) for x in ground)
+        meta["ground"] = {"precision": 100 * tp / max(tp + fp, 1), "recall": 100 * tp / max(tp + fn, 1),
+                          "tp": tp, "fp": fp, "fn": fn, "classes": list(GROUND_CLASSES)}
     return {"rows": rows, "meta": meta}
 
 
@@ -255,9 +260,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, help="SemanticKITTI sequence folder (velodyne/, labels/, image_0/, "
                                                    "calib.txt) or a FrameStore with ground truth")
     parser.add_argument("--pseudolabels", type=Path, help="score these files instead of running the ablation")
-    parser.add_argument("--masks", nargs="+", default=["slic", "oracle"], choices=["slic", "oracle", "sam", "sam2"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT",
-                        help=f"lifting variants: {', '.join(VARIANTS)}")
+    parser.add_argument("--masks", nargs="+", default=["slic", "oracle"],
+                        choices=["slic", "oracle", "sam", "sam2", "geometric"])
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LIDAR_ONLY], choices=[*VARIANTS, LIDAR_ONLY],
+                        metavar="VARIANT", help=f"lifting variants: {', '.join(VARIANTS)}; '{LIDAR_ONLY}': the "
+                                                "geometric teacher's point labels without cameras")
+    parser.add_argument("--full-scan", action="store_true",
+                        help="score every labelled point, not only those the cameras see")
     parser.add_argument("--slic-segments", type=int, default=150)
     parser.add_argument("--sam-checkpoint")
     parser.add_argument("--sam-model-type", default="vit_b")
@@ -269,6 +278,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int)
     parser.add_argument("--out", type=Path, help="folder for metrics.json, table.md, pseudolabel_eval.png")
     parser.add_argument("--no-progress", action="store_true")
+    geometric.add_arguments(parser.add_argument_group("geometric teacher (--masks geometric)"))
     from sal_ros.pseudolabel import semantic_eval
 
     semantic_eval.add_arguments(parser)
@@ -281,17 +291,23 @@ def main(args: argparse.Namespace) -> int:
         return semantic_eval.main(args)
     opts = {"slic": {"n_segments": args.slic_segments},
             "sam": {"model_type": args.sam_model_type, "checkpoint": args.sam_checkpoint, "device": args.device},
-            "sam2": {"config": args.sam2_config, "checkpoint": args.sam2_checkpoint, "device": args.device}}
+            "sam2": {"config": args.sam2_config, "checkpoint": args.sam2_checkpoint, "device": args.device},
+            "geometric": geometric.options_from_args(args)}
     for kind, ckpt in (("sam", args.sam_checkpoint), ("sam2", args.sam2_checkpoint)):
         if kind in args.masks and not ckpt and args.pseudolabels is None:
             raise ValueError(f"--masks {kind} needs --{kind}-checkpoint (random weights mean nothing here)")
     result = evaluate_pseudolabels(args.dataset, tuple(args.masks), tuple(args.variants), args.pseudolabels,
                                    mask_options=opts, min_points=args.min_points,
                                    label_config=str(args.label_config) if args.label_config else None,
-                                   max_frames=args.max_frames, progress=not args.no_progress)
+                                   max_frames=args.max_frames, progress=not args.no_progress,
+                                   full_scan=args.full_scan)
     result = json_safe(result)  # a score over no segments is 0/0: null in JSON, n/a in the table
     table = markdown_table(result)
     print(table)
+    if "ground" in result["meta"]:
+        g = result["meta"]["ground"]
+        print(f"geometric ground vs {', '.join(g['classes'])}: precision {g['precision']:.1f} %, "
+              f"recall {g['recall']:.1f} %")
     print(json.dumps(result, indent=1, allow_nan=False))
     skipped = result["meta"]["frames_skipped"]
     status = 1 if not result["meta"]["frames"] else 3 if skipped else 0

@@ -83,6 +83,14 @@ class MaskSource(Protocol):
     def generate(self, image: np.ndarray) -> Masks: ...
 
 
+def mask_source_identity(source) -> dict:
+    """What made a source's masks, for file metadata: its ``identity``, else its name and scalar settings."""
+    ident = getattr(source, "identity", None)
+    if ident is None:
+        ident = {"source": source.name, **{k: v for k, v in vars(source).items() if isinstance(v, (int, float, str))}}
+    return ident
+
+
 def as_rgb(image: np.ndarray) -> np.ndarray:
     """(H, W) or (H, W, 1|3|4) uint8/uint16/float image -> (H, W, 3) uint8 RGB, as the 2D models expect."""
     image = np.asarray(image)

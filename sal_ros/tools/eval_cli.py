@@ -4,7 +4,7 @@ pseudo-labels (sal_ros.pseudolabel.evaluate), a linear probe (sal_ros.eval.probe
 It is a tool: it sits above every room it dispatches to, so none of them imports upwards.
 
     sal-ros eval model --checkpoint C (--bag B | --dataset D) --vocabulary V --out DIR
-    sal-ros eval online BAG --params P --out DIR [--rate R] [--set NAME=VALUE ...]
+    sal-ros eval online BAG --params P --out DIR [--rate R] [--set NAME=VALUE ...] [--domain ID|auto]
     sal-ros eval tracking --dataset SEQ (--oracle | --checkpoint C --vocabulary V) --out DIR
 """
 from __future__ import annotations

@@ -35,6 +35,7 @@ SEGMENTER = "/sal_segmenter"
 # The node's stamp_age (ROS now - cloud stamp) describes a live sensor; replaying an old bag without /clock it
 # reads the bag's age (57 years for KITTI's), so it is reported only below this.
 STAMP_AGE_MEANINGFUL_MS = 60_000.0
+MAX_DOMAIN_ID = 232  # the largest domain id Fast DDS and Cyclone DDS accept (ports stay below 65535)
 
 
 @dataclass
@@ -209,18 +210,17 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str, node: 
 
 def bag_topics(bag: str | Path) -> dict[str, int]:
     """Topic -> message count of a rosbag2."""
-    from rosbags.highlevel import AnyReader
+    from sal_ros.data.bag import open_bag
 
-    with AnyReader([Path(bag)]) as reader:
+    with open_bag(bag) as reader:
         return {c.topic: c.msgcount for c in reader.connections}
 
 
 def playable_topics(bag: str | Path) -> list[str]:
     """Topics of ``bag`` whose message types rclpy can import here."""
-    from rosbags.highlevel import AnyReader
+    from sal_ros.data.bag import open_bag
 
-
-    with AnyReader([Path(bag)]) as reader:
+    with open_bag(bag) as reader:
         return sorted({c.topic for c in reader.connections if message_class(c.msgtype) is not None})
 
 
@@ -289,10 +289,9 @@ def match_answers(result: OnlineResult, outputs: dict[int, tuple[float, Any]], r
 
 def bag_stamps(bag: str | Path, topic: str) -> set[int]:
     """header.stamp (ns) of every message on ``topic`` in the bag: the clouds this replay sends."""
-    from rosbags.highlevel import AnyReader
+    from sal_ros.data.bag import open_bag
 
-
-    with AnyReader([Path(bag)]) as reader:
+    with open_bag(bag) as reader:
         conns = [c for c in reader.connections if c.topic == topic]
         return {stamp_to_ns(reader.deserialize(raw, conn.msgtype).header.stamp)
                 for conn, _, raw in reader.messages(connections=conns)}
@@ -308,6 +307,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="passed to `sal-ros run`")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor")
     parser.add_argument("--out", type=Path, required=True, help="folder for online.json, online.md and node.log")
+    parser.add_argument("--domain", default=None, metavar="ID|auto",
+                        help="ROS domain of the node and the bag player (default: ROS_DOMAIN_ID, else 0, as every ROS "
+                             "tool); auto: a free domain claimed for the run, so no other node on this machine (a "
+                             "robot stack, another run, a node of the same name) meets them")
 
 
 def _ms(value) -> str:
@@ -352,6 +355,17 @@ def online_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def domain_of(choice: str | None, environ: dict[str, str] = os.environ) -> int | None:
+    """The ``--domain`` choice as a domain id; None for ``auto`` (replay claims a free one)."""
+    if choice == "auto":
+        return None
+    text = choice if choice is not None else environ.get("ROS_DOMAIN_ID", "").strip() or "0"
+    if not text.isdigit() or not 0 <= int(text) <= MAX_DOMAIN_ID:
+        where = "--domain" if choice is not None else "ROS_DOMAIN_ID"
+        raise ValueError(f"{where} must be auto or a domain id 0..{MAX_DOMAIN_ID}, got {text!r}")
+    return int(text)
+
+
 def main(args: argparse.Namespace) -> int:
     """``sal-ros eval online``: errors raise (the eval command prints them), a node that fails returns 1."""
     if not args.bag.exists():
@@ -360,18 +374,20 @@ def main(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--params {args.params} does not exist")
     if args.rate <= 0:
         raise ValueError(f"--rate must be > 0, got {args.rate}")
+    domain_id = domain_of(args.domain)
     values = parameter_values(P.SEGMENTER_NODE, args.params, parse_sets(args.set), {})
     cloud_topic = values.get("cloud_topic", "/points")
     run_args = ["--params", str(args.params)] + [f"--set={s}" for s in args.set]
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "node.log"
     try:
-        result = replay(args.bag, run_args, log, cloud_topic=cloud_topic, rate=args.rate)
+        result = replay(args.bag, run_args, log, cloud_topic=cloud_topic, rate=args.rate, domain_id=domain_id)
     except (TimeoutError, RuntimeError) as exc:  # the node did not start, died, or never answered
         print(f"sal-ros eval online: {exc}", file=sys.stderr)
         return 1
     summary = result.summary()
     summary["meta"] = {"bag": str(args.bag), "params": str(args.params), "sets": list(args.set),
+                       "domain": "auto" if domain_id is None else domain_id,
                        "rate": args.rate, "cloud_topic": cloud_topic, "node_log": str(log)}
     json_path = write_json(args.out / "online.json", summary)
     md_path = atomic_write(args.out / "online.md", online_markdown(summary))

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from sal_ros.data.bag import open_bag
 from sal_ros.tools.run import spin_until_shutdown
 
 CLOCK_PERIOD_S = 0.02  # /clock at 50 Hz while waiting between messages
@@ -59,14 +60,12 @@ class BagPlayer:
     def __init__(self, node: Any, bag: Path, rate: float = 1.0, topics: Iterable[str] | None = None,
                  clock: bool = True) -> None:
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
-        from rosbags.highlevel import AnyReader
 
         if rate <= 0:
             raise ValueError(f"--rate must be > 0, got {rate}")
         self.node, self.bag, self.rate = node, Path(bag), rate
         self._stop = threading.Event()
-        self._reader_cls = AnyReader
-        with AnyReader([self.bag]) as reader:
+        with open_bag(self.bag) as reader:
             if not reader.is2:
                 raise ValueError(f"{bag}: a ROS 1 bag; replay publishes rosbag2 CDR as is (convert it first)")
             wanted = set(topics) if topics else None
@@ -128,7 +127,7 @@ class BagPlayer:
         conns = [c for c in self.connections if c.topic in self.publishers]
         if not conns:
             return 0
-        with self._reader_cls([self.bag]) as reader:
+        with open_bag(self.bag) as reader:
             wall_start, bag_start = time.monotonic(), None
             for conn, bag_ns, raw in reader.messages(connections=[c for c in reader.connections
                                                                    if c.topic in self.publishers]):

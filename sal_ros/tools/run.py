@@ -2,6 +2,7 @@
 
     sal-ros run --params config/segment.yaml [--record DIR] [--set model.device=cpu ...] [--use-sim-time]
     sal-ros run --list-params
+    sal-ros run --params my_robot.yaml --rviz-config my_robot.rviz
 
 The params file is the same ROS 2 YAML the launch files take (sections ``/**``, ``sal_segmenter``,
 ``sal_recorder``); unknown parameter names are an error here (a typo would otherwise be ignored).
@@ -16,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sal_ros.core.yamlfile import load_yaml_text
+from sal_ros.core.yamlfile import load_yaml, load_yaml_text
 
 from sal_ros.env import apply_ros_env_defaults
 from sal_ros.nodes import params as P
@@ -38,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep DDS on this machine: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, the shipped Fast DDS "
                              "profile and rmw_fastrtps_cpp where not set (default: the environment as it is)")
     parser.add_argument("--list-params", action="store_true", help="print every parameter as Markdown tables (as in docs/parameters.md)")
+    parser.add_argument("--rviz-config", type=Path, metavar="OUT",
+                        help="write the shipped RViz config with one overlay display per camera of --params and exit")
 
 
 def parse_sets(sets: list[str]) -> dict[str, Any]:
@@ -252,10 +255,62 @@ def recorder_main(argv: list[str] | None = None) -> int:
     return ros_node_main(RecorderNode, P.RECORDER_NODE, argv)
 
 
+def segmenter_managed_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run sal_ros segmenter_managed``: the lifecycle segmenter, unconfigured at start."""
+    from sal_ros.nodes.base import managed
+    from sal_ros.nodes.segmenter import SegmenterNode
+
+    return ros_node_main(managed(SegmenterNode), P.SEGMENTER_NODE, argv)
+
+
+def recorder_managed_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run sal_ros recorder_managed``: the lifecycle recorder, unconfigured at start."""
+    from sal_ros.nodes.base import managed
+    from sal_ros.nodes.recorder import RecorderNode
+
+    return ros_node_main(managed(RecorderNode), P.RECORDER_NODE, argv)
+
+
+def overlay_display(camera: str) -> dict[str, Any]:
+    """An RViz Image display of the segmenter's ``~/overlay/<camera>``, with the outputs' QoS."""
+    return {"Class": "rviz_default_plugins/Image", "Enabled": True, "Max Value": 1, "Median window": 5,
+            "Min Value": 0, "Name": f"overlay {camera}", "Normalize Range": True, "Value": True,
+            "Topic": {"Depth": 1, "Durability Policy": "Volatile", "History Policy": "Keep Last",
+                      "Reliability Policy": "Reliable", "Value": f"/{P.SEGMENTER_NODE}/overlay/{camera}"}}
+
+
+def rviz_config(cameras: list[str]) -> str:
+    """config/sal_ros.rviz (cloud, label view, markers: the same for every robot) plus the overlay of each of
+    ``cameras``: the camera names are the robot's, so the shipped file cannot name them."""
+    from sal_ros.env import config_file
+
+    import yaml
+
+    config = load_yaml(config_file("sal_ros.rviz"), "RViz config")
+    config["Visualization Manager"]["Displays"] += [overlay_display(name) for name in cameras]
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def write_rviz_config(args: argparse.Namespace) -> int:
+    from sal_ros.core.files import atomic_write
+
+    try:
+        values = parameter_values(P.SEGMENTER_NODE, args.params, parse_sets(args.set), {})
+    except ValueError as exc:
+        print(f"sal-ros run: {exc}", file=sys.stderr)
+        return 1
+    cameras = [str(c) for c in values.get("cameras") or []]
+    atomic_write(args.rviz_config, rviz_config(cameras))
+    print(f"{args.rviz_config}: overlays of {cameras or 'no cameras'}; rviz2 -d {args.rviz_config}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     if args.list_params:
         print(parameter_tables(), end="")  # the tables of docs/parameters.md
         return 0
+    if args.rviz_config:
+        return write_rviz_config(args)
     try:
         overrides = node_overrides(args)
     except ValueError as exc:

@@ -202,18 +202,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_train_state(path: Path) -> dict:
+def load_train_state(path: Path, required: tuple[str, ...] = ("step", "model", "config")) -> dict:
     """The saved training state, read as data only (weights_only): a file planted in a run folder runs no code.
-    States written before the RNG state was stored as tensors hold numpy arrays, allowed as plain data too."""
+    States written before the RNG state was stored as tensors hold numpy arrays, allowed as plain data too.
+    Anything else (not a regular file, corrupt, not a mapping with ``required``) is a ResumeError naming it."""
+    from sal_ros.core.files import check_regular_file
+
     numpy_data = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np._core.multiarray._reconstruct]
     try:
+        check_regular_file(path, None, "training state")
         with torch.serialization.safe_globals(numpy_data):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1][:300]
         raise ResumeError(f"refusing to resume from {path}: the file is not plain data (tensors, numbers, "
                           f"strings) and loading it could run code; delete it or start a new run with --out "
                           f"({first})") from None
+    except (OSError, RuntimeError, ValueError, EOFError) as exc:  # torch: RuntimeError on a corrupt zip
+        raise ResumeError(f"cannot resume from {path}: not a readable training state ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from None
+    missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
+    if missing:
+        raise ResumeError(f"cannot resume from {path}: not a training state (no {', '.join(missing)})")
+    return state
+
+
+def state_file(out: Path, state: dict, state_path: Path, key: str = "model") -> Path:
+    """The file a training state names under ``key``: a plain file name in the run folder ``out``. A planted
+    ``../../weights.pt`` or an absolute path is refused, so a state never reads outside its run."""
+    name = state.get(key)
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise ResumeError(f"refusing to resume from {state_path}: its {key!r} entry {name!r} is not a file name in "
+                          f"the run folder {out}")
+    return out / name
 
 
 # ---------------------------------------------------------------------------------------------- model seam
@@ -325,7 +346,10 @@ class Trainer:
             return 0
         state = load_train_state(self.state_path)
         self.check_resumable(state)
-        load_model_weights(self.out / state["model"], self.module)
+        try:
+            load_model_weights(state_file(self.out, state, self.state_path), self.module)
+        except CheckpointError as exc:
+            raise ResumeError(f"cannot resume from {self.state_path}: {exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])

@@ -1,0 +1,136 @@
+"""The managed (lifecycle) segmenter and recorder (issue 26), through their lifecycle services with real rclpy and
+DDS and the real KITTI scan: unconfigured at start (parameters there, nothing loaded, nothing subscribed);
+configure loads the model and vocabulary (the recorder opens its store); activate subscribes; deactivate pauses
+with model, vocabulary, tracks and counters kept; activate resumes; cleanup frees the model (closes the store);
+shutdown finalizes. `ros2 lifecycle set/get` on a launched node: test_ros_ux.py."""
+import threading
+
+import pytest
+
+from conftest import Sensors, require_rclpy, wait_for
+
+rclpy = require_rclpy()
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
+
+from sal_ros.core.msgtypes import stamp_to_ns  # noqa: E402
+from sal_ros.model.vocabulary import TINY_TEXT_ENCODER  # noqa: E402
+
+PROMPTS = ["car", "road", "tree"]
+
+
+class Lifecycle:
+    """A client of one node's ~/change_state and ~/get_state services."""
+
+    def __init__(self, test_node, node_name):
+        from lifecycle_msgs.srv import ChangeState, GetState
+
+        self.change = test_node.create_client(ChangeState, f"/{node_name}/change_state")
+        self.get = test_node.create_client(GetState, f"/{node_name}/get_state")
+        wait_for(lambda: self.change.service_is_ready() and self.get.service_is_ready(), what="lifecycle services")
+
+    def state(self):
+        from lifecycle_msgs.srv import GetState
+
+        future = self.get.call_async(GetState.Request())
+        wait_for(future.done, what="get_state", timeout=300)
+        return future.result().current_state.label
+
+    def set(self, transition):
+        from lifecycle_msgs.msg import Transition
+        from lifecycle_msgs.srv import ChangeState
+
+        ids = {"configure": Transition.TRANSITION_CONFIGURE, "activate": Transition.TRANSITION_ACTIVATE,
+               "deactivate": Transition.TRANSITION_DEACTIVATE, "cleanup": Transition.TRANSITION_CLEANUP,
+               "shutdown": Transition.TRANSITION_UNCONFIGURED_SHUTDOWN}  # from unconfigured
+        future = self.change.call_async(ChangeState.Request(transition=Transition(id=ids[transition])))
+        wait_for(future.done, what=f"{transition} transition", timeout=300)
+        return future.result().success
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    from sensor_msgs.msg import PointCloud2
+
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.base import managed
+    from sal_ros.nodes.recorder import RecorderNode
+    from sal_ros.nodes.segmenter import SegmenterNode
+
+    root = tmp_path_factory.mktemp("lifecycle")
+    sensors = Sensors(root)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    inputs = {"cloud_topic": "/lidar", "stats_period": 0.2}
+    segmenter = managed(SegmenterNode)(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE, {
+        **inputs, "model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": PROMPTS,
+        "score_threshold": 0.0}))
+    recorder = managed(RecorderNode)(context=ctx, parameter_overrides=P.overrides(P.RECORDER_NODE, {
+        **inputs, "output_dir": str(root / "frames"), "pose_frame": ""}))
+    test = rclpy.create_node("lifecycle_test", context=ctx)
+    clouds = {}
+    test.create_subscription(PointCloud2, "/sal_segmenter/labeled_points",
+                             lambda m: clouds.__setitem__(stamp_to_ns(m.header.stamp), m), QoSProfile(depth=10))
+    pub = test.create_publisher(PointCloud2, "/lidar", qos_profile_sensor_data)
+    executor = MultiThreadedExecutor(num_threads=4, context=ctx)
+    for node in (segmenter, recorder, test):
+        executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    yield type("Rig", (), {"segmenter": segmenter, "recorder": recorder, "test": test, "pub": pub,
+                           "clouds": clouds, "sensors": sensors, "root": root,
+                           "life": {n: Lifecycle(test, n) for n in (P.SEGMENTER_NODE, P.RECORDER_NODE)}})()
+    executor.shutdown()
+    for node in (segmenter, recorder, test):
+        node.destroy_node()
+    rclpy.shutdown(context=ctx)
+
+
+def send(rig):
+    stamp = rig.segmenter.get_clock().now().nanoseconds
+    rig.pub.publish(rig.sensors.cloud(stamp))
+    return wait_for(lambda: rig.clouds.get(stamp), what=f"labeled cloud {stamp}")
+
+
+def subscribers(rig):
+    return rig.pub.get_subscription_count()
+
+
+def test_configure_activate_frames_deactivate_activate_cleanup_shutdown(rig):
+    seg, rec, life = rig.segmenter, rig.recorder, rig.life
+    assert [life[n].state() for n in life] == ["unconfigured", "unconfigured"]
+    assert not seg.configured and seg.get_parameter("prompts").value == PROMPTS  # parameters are there
+    assert subscribers(rig) == 0
+    for name in life:
+        assert life[name].set("configure")
+    assert [life[n].state() for n in life] == ["inactive", "inactive"]
+    assert seg.active.version == 1 and seg._segmenter is not None and rec.store is not None
+    assert subscribers(rig) == 0  # configured, not yet taking input
+    for name in life:
+        assert life[name].set("activate")
+    wait_for(lambda: subscribers(rig) == 2 and seg._pub_cloud.get_subscription_count() > 0, what="both subscribed")
+    for _ in range(3):
+        send(rig)
+    wait_for(lambda: rec.stats.get("recorded") >= 3, what="three recorded frames")
+    assert seg.stats.get("processed") == 3
+    model, tracks = seg._segmenter, [t.track_id for t in seg.tracker.tracks]
+
+    for name in life:
+        assert life[name].set("deactivate")
+    assert [life[n].state() for n in life] == ["inactive", "inactive"]
+    wait_for(lambda: subscribers(rig) == 0, what="the subscriptions gone")
+    assert seg._segmenter is model and [t.track_id for t in seg.tracker.tracks] == tracks and seg.active.version == 1  # state kept
+
+    for name in life:
+        assert life[name].set("activate")
+    wait_for(lambda: subscribers(rig) == 2, what="subscribed again")
+    send(rig)
+    wait_for(lambda: rec.stats.get("recorded") >= 4, what="the fourth recorded frame")
+    assert seg.stats.get("processed") == 4 and seg._segmenter is model
+
+    for name in life:
+        assert life[name].set("deactivate") and life[name].set("cleanup")
+    assert [life[n].state() for n in life] == ["unconfigured", "unconfigured"]
+    assert seg._segmenter is None and seg.active is None and not seg.configured and rec.store is None
+    for name in life:
+        assert life[name].set("shutdown")
+    assert [life[n].state() for n in life] == ["finalized", "finalized"]
