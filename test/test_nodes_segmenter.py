@@ -460,7 +460,8 @@ def test_a_second_node_of_the_same_name_refuses_to_start_unless_allowed(rig):
     from sal_ros.nodes.segmenter import DuplicateNodeError, SegmenterNode
 
     values = {"model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": ["car"],
-              "cloud_topic": "/duplicate_test/points"}
+              "cloud_topic": "/duplicate_test/points",
+              "duplicate_check_s": 120.0}  # ends when the namesake is found: discovery is slow at load 12
     for allow in (False, True):
         ctx = rclpy.Context()
         rclpy.init(context=ctx)

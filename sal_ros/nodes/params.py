@@ -94,6 +94,9 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "Start even when another node of this name is in the ROS graph (both would answer every cloud and "
               "share one set_parameters service). false: refuse to start, naming the other (sal-ros run "
               "--allow-duplicate sets it)."),
+    ParamSpec("duplicate_check_s", "double", 2.0,
+              "How long after its creation the node looks for a namesake in the ROS graph (discovery on localhost "
+              "takes well under a second; a namesake found ends the wait). 0: no check.", range=(0.0, 600.0)),
     ParamSpec("vocabulary.max_file_bytes", "int", 256 * 1024,
               "Largest vocabulary_file read (bytes); a bigger one is refused before it is read.", range=(1, 1 << 30)),
     ParamSpec("vocabulary.max_descriptions", "int", 1024,

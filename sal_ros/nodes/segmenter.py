@@ -50,7 +50,6 @@ from sal_ros.nodes.vocabulary import (ActiveVocabulary, VocabularyChanges, diagn
                                       limits_of, status_record)
 from sal_ros.nodes.worker import Worker
 
-DISCOVERY_S = 2.0  # how long after its creation a node has seen the others on localhost DDS
 OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary", "filtered")
 # Autoware's per-frame debug figures (ms), on ~/debug/<name>
 DEBUG_TIMES = ("processing_time_ms", "cyclic_time_ms", "pipeline_latency_ms")
@@ -130,15 +129,16 @@ class SegmenterNode(SensorNode):
 
     def _check_unique_name(self) -> None:
         """Refuse to start next to a namesake (both would answer every cloud, one set_parameters would change both,
-        and vocabulary v2 would mean other classes on each): the ROS graph is asked until ``DISCOVERY_S`` after the
-        node was created (the model load usually covers it), so a namesake already running has been discovered."""
-        name, namespace = self.get_name(), self.get_namespace()
-        while True:
+        and vocabulary v2 would mean other classes on each): the ROS graph is asked until ``duplicate_check_s``
+        after the node was created (the model load usually covers it), so a namesake already running has been
+        discovered."""
+        name, namespace, wait_s = self.get_name(), self.get_namespace(), float(self.values["duplicate_check_s"])
+        while wait_s > 0:
             namesakes = sum((n, ns) == (name, namespace) for n, ns in self.get_node_names_and_namespaces()) - 1
-            if namesakes > 0 or time.monotonic() - self._created > DISCOVERY_S:
+            if namesakes > 0 or time.monotonic() - self._created > wait_s:
                 break
             time.sleep(0.1)
-        if namesakes <= 0:
+        if wait_s <= 0 or namesakes <= 0:
             return
         what = (f"{namesakes} other node(s) named {self.get_fully_qualified_name()} in the ROS graph: each would "
                 "answer every cloud, and one set_parameters would change them all")
