@@ -2,11 +2,17 @@
 ``sal-ros convert`` never pays for torch and ``sal-ros bench codec`` never needs rclpy.
 
 A command module provides ``add_arguments(parser)`` and ``main(args) -> int``.
+
+Exit status: 0 done; 1 failed, the reason on one line of stderr; 2 a usage error; 3 done, but some items (frames,
+cameras) were left out, each named. Bad input a command does not catch itself (a refused file, an unreadable
+checkpoint, a full disk) still ends in one line naming it and status 1, not a traceback; ``SAL_ROS_TRACEBACK=1``
+shows the traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -18,11 +24,12 @@ COMMANDS = {
     "train": ("sal_ros.train.cli", "distill the SAL model on pseudo-labels"),
     "pretrain": ("sal_ros.pretrain.cli", "label-free backbone pretraining from a 2D teacher (ScaLR, Seal)"),
     "eval": ("sal_ros.tools.eval_cli", "evaluate a checkpoint or pseudo-labels"),
+    "doctor": ("sal_ros.tools.doctor", "check this machine and a params file for what loses clouds or stops the nodes"),
 }
 
 BENCHES = {
     "codec": ("sal_ros.bench.codec", "PointCloud2 decode/encode vs a per-point Python reference"),
-    "dds": ("sal_ros.bench.dds", "120k-point clouds across two processes with the shipped Fast DDS profile"),
+    "dds": ("sal_ros.bench.dds", "full-size clouds across two processes under the DDS configurations doctor advises"),
     "model": ("sal_ros.bench.model", "per-stage model timings and sparse vs dense conv"),
     "lift": ("sal_ros.bench.lift", "pseudo-label lifting and fusion on the 6-camera nuScenes frame"),
     "node": ("sal_ros.bench.node", "segmenter node overhead besides the model (sync, decode, publish)"),
@@ -74,7 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except (OSError, ValueError, *_refusals()) as exc:
+        if os.environ.get("SAL_ROS_TRACEBACK"):
+            raise
+        name = " ".join(w for w in (args.command, getattr(args, "bench", None)) if w)
+        print(f"sal-ros {name}: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+def _refusals() -> tuple[type, ...]:
+    """Errors that mean bad input besides OSError and ValueError: the model layer's (checkpoint, text encoder)."""
+    from sal_ros.model.errors import ModelError
+
+    return (ModelError,)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,20 @@ def test_a_sound_checkpoint_still_loads_exactly(tiny):
     path, payload = tiny
     model, _ = load_checkpoint(path)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in payload["model"].items())
+
+
+def test_a_refused_checkpoint_is_one_line_and_status_1_at_the_command_line(tiny, tmp_path, capsys):
+    """`sal-ros eval model` did not catch CheckpointError: NaN weights ended in a traceback."""
+    from pathlib import Path
+
+    from sal_ros.cli import main as cli_main
+
+    path, payload = tiny
+    state = {k: v.clone() for k, v in payload["model"].items()}
+    next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    torch.save({**payload, "model": state}, tmp_path / "nan.pt")
+    vocabulary = Path(__file__).resolve().parents[1] / "config" / "vocabulary_semantickitti.yaml"
+    rc = cli_main(["eval", "model", "--checkpoint", str(tmp_path / "nan.pt"), "--vocabulary", str(vocabulary),
+                   "--dataset", str(tmp_path), "--out", str(tmp_path / "eval"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "nan.pt" in err and "NaN or inf" in err and len(err.strip().splitlines()) == 1, err

@@ -8,9 +8,6 @@ import time
 
 import pytest
 
-from sal_ros.core.files import FileRefusedError, check_regular_file, read_regular_file
-from sal_ros.core.yamlfile import YamlBudgetError, load_yaml, load_yaml_text
-
 
 def anchors(levels: int, width: int, indent: str) -> str:
     """``width ** levels`` strings behind ``levels`` anchored lists ``l0`` .. ``l<levels-1>``."""
@@ -65,6 +62,8 @@ def fifo(tmp_path):
 
 
 def test_non_regular_files_are_refused_before_open(tmp_path, fifo):
+    from sal_ros.core.files import FileRefusedError, check_regular_file, read_regular_file
+
     error = refused_without_opening(lambda: read_regular_file(fifo), fifo)
     assert isinstance(error, FileRefusedError) and error.reason == "not_regular_file"
     assert str(fifo) in str(error) and "FIFO" in str(error)
@@ -97,6 +96,8 @@ def test_config_readers_refuse_a_fifo_without_blocking(tmp_path, fifo):
 
 
 def test_yaml_budget_counts_aliases_and_allows_ordinary_ones():
+    from sal_ros.core.yamlfile import YamlBudgetError, load_yaml_text
+
     assert load_yaml_text("a: &x [1, 2]\nb: *x\nc: {<<: {q: 1}, r: 2}") == {"a": [1, 2], "b": [1, 2],
                                                                            "c": {"q": 1, "r": 2}}
     with pytest.raises(YamlBudgetError, match="more than 100 nodes") as info:
@@ -110,6 +111,8 @@ def test_yaml_budget_counts_aliases_and_allows_ordinary_ones():
 
 
 def test_a_sub_kilobyte_alias_bomb_is_refused(tmp_path):
+    from sal_ros.core.yamlfile import YamlBudgetError, load_yaml
+
     bomb = alias_bomb()
     assert len(bomb) < 1000
     (tmp_path / "bomb.yaml").write_text(bomb)

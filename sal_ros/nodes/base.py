@@ -36,6 +36,7 @@ class SensorNode(Node):
         self.values, self.cameras = declare_inputs(self)
         self.values.update(P.declare(self, params))
         self.health = D.HealthMonitor([c.name for c in self.cameras])
+        self._clouds_status = D.CloudLoss(name)
         self._pub_stats = self.create_publisher(String, "~/stats", profile("reliable", 5))
         self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", profile("reliable", 10))
 
@@ -119,13 +120,15 @@ class SensorNode(Node):
         raise NotImplementedError
 
     def _publish_stats(self) -> None:
-        record = self.stats.to_json(**self.stats_extra(), sync=self.inputs.sync_stats())
+        record = self.stats.to_json(**self.stats_extra(), sync=self.inputs.sync_stats(),
+                                    clouds=self.inputs.cloud_ledger(self.worker.in_hand()))
         self._pub_stats.publish(String(data=record))
         if any(self.stats.get(k) for k in self.SUMMARY_WHEN):
             self.get_logger().info(self.stats.summary_line(self.SUMMARY))
 
     def _publish_diagnostics(self) -> None:
         statuses = self.diagnostic_statuses(self.health.window())
+        statuses.append(self._clouds_status.update(self.inputs.cloud_ledger(self.worker.in_hand())))
         self._pub_diagnostics.publish(D.diagnostic_array(statuses, self.get_clock().now().to_msg(),
                                                          self.get_fully_qualified_name()))
 
