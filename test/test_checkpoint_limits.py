@@ -85,10 +85,10 @@ def test_a_semantic_checkpoint_claiming_5m_classes_is_refused_before_reading_the
 def test_a_semantic_checkpoint_claiming_more_classes_than_its_head_is_refused_before_building(semantic, tmp_path):
     from sal_ros.model.semantic import load_semantic_checkpoint
 
-    torch.save(with_classes(semantic, 200_000), tmp_path / "classes.pt")
+    torch.save(with_classes(semantic, 1_000_000), tmp_path / "classes.pt")  # a 64 MB head if built
     grown_mb, text = load_in_child(tmp_path / "classes.pt", "semantic")
-    assert "head.weight (4, 16) vs (200000, 16)" in text, text
-    assert grown_mb < 100
+    assert "head.weight (4, 16) vs (1000000, 16)" in text, text
+    assert grown_mb < 40, f"memory grew by {grown_mb} MB: the claimed head was built"
 
 
 def test_a_fifo_checkpoint_is_refused_without_blocking(tmp_path):
