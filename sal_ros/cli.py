@@ -24,13 +24,15 @@ COMMANDS = {
     "train": ("sal_ros.train.cli", "distill the SAL model on pseudo-labels"),
     "pretrain": ("sal_ros.pretrain.cli", "label-free backbone pretraining from a 2D teacher (ScaLR, Seal)"),
     "eval": ("sal_ros.tools.eval_cli", "evaluate a checkpoint or pseudo-labels"),
+    "doctor": ("sal_ros.tools.doctor", "check this machine and a params file for what loses clouds or stops the nodes"),
 }
 
 BENCHES = {
     "codec": ("sal_ros.bench.codec", "PointCloud2 decode/encode vs a per-point Python reference"),
-    "dds": ("sal_ros.bench.dds", "120k-point clouds across two processes with the shipped Fast DDS profile"),
+    "dds": ("sal_ros.bench.dds", "full-size clouds across two processes under the DDS configurations doctor advises"),
     "model": ("sal_ros.bench.model", "per-stage model timings and sparse vs dense conv"),
     "lift": ("sal_ros.bench.lift", "pseudo-label lifting and fusion on the 6-camera nuScenes frame"),
+    "geometric": ("sal_ros.bench.geometric", "the geometric teacher (ground removal, clustering) per real scan"),
     "node": ("sal_ros.bench.node", "segmenter node overhead besides the model (sync, decode, publish)"),
     "gpu": ("sal_ros.bench.gpu", "GPU run: CUDA vs CPU parity, latency p50/p99, node at 10 Hz, one AMP step"),
 }

@@ -47,18 +47,24 @@ FREE_DOMAIN_RANGE = range(50, 102)
 DOMAIN_LOCK_DIR_ENV = "SAL_ROS_DOMAIN_LOCK_DIR"
 
 
-def ros_domain_in_use(domain_id: int, participants: int = 8) -> bool:
-    """Whether a DDS participant of this domain runs on this machine, from any program or RMW: one of the first
-    participant ids' unicast metatraffic ports (RTPS well-known port 7410 + 250 * domain + 2 * id) is bound.
-    Binding sends nothing."""
+def domain_participants(domain_id: int, participants: int = 8) -> int:
+    """How many DDS participants of this domain run on this machine, from any program or RMW, among the first
+    ``participants`` ids: those whose unicast metatraffic port (RTPS well-known port 7410 + 250 * domain + 2 * id)
+    is bound. Binding sends nothing."""
     base = 7410 + 250 * domain_id
+    bound = 0
     for participant in range(participants):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             try:
                 probe.bind(("127.0.0.1", base + 2 * participant))
             except OSError:
-                return True
-    return False
+                bound += 1
+    return bound
+
+
+def ros_domain_in_use(domain_id: int, participants: int = 8) -> bool:
+    """Whether a DDS participant of this domain runs on this machine (:func:`domain_participants`)."""
+    return domain_participants(domain_id, participants) > 0
 
 
 class DomainClaim:

@@ -179,7 +179,7 @@ def test_diagnostics_keep_coming_while_sim_time_stands_still(tmp_path):
                    "5 DiagnosticArrays, one with the input ERROR", progress=lambda: len(got), stall_s=60)
         assert node.get_clock().now().nanoseconds == 0  # the ROS clock never moved
         names = {s.name for s in got[-1].status}
-        assert names == {"sal_recorder: input", "sal_recorder: recording"}
+        assert names == {"sal_recorder: input", "sal_recorder: recording", "sal_recorder: clouds"}
     finally:
         executor.shutdown()
         node.destroy_node()

@@ -1,7 +1,10 @@
 """The skeleton both sensor nodes share: declared inputs, counters, one worker thread, ~/stats and /diagnostics.
 
-A subclass declares its own parameters, starts its worker with :meth:`SensorNode.start`, and says what its
-stats record and diagnostics hold. Callbacks only hand synced frames to the worker's latest-only slot.
+A subclass declares its own parameters, says what ``configure`` loads and starts (its worker, through
+:meth:`SensorNode.start_worker`) and ``activate`` subscribes (:meth:`SensorNode.start_inputs`), and what its stats
+record and diagnostics hold. A plain node does both at construction (:meth:`SensorNode.bring_up`); the managed
+variant (:func:`managed`) on its lifecycle transitions. Callbacks only hand synced frames to the worker's
+latest-only slot.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class SensorNode(Node):
         self.values, self.cameras = declare_inputs(self)
         self.values.update(P.declare(self, params))
         self.health = D.HealthMonitor([c.name for c in self.cameras])
+        self._clouds_status = D.CloudLoss(name)
         self._pub_stats = self.create_publisher(String, "~/stats", profile("reliable", 5))
         self._pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", profile("reliable", 10))
 
@@ -69,11 +73,6 @@ class SensorNode(Node):
     @property
     def taking_input(self) -> bool:
         return hasattr(self, "inputs")
-
-    def start(self, worker: Worker) -> None:
-        """Start ``worker`` (its setup first), then subscribe and start the ~/stats and /diagnostics timers."""
-        self.start_worker(worker)
-        self.start_inputs()
 
     def start_worker(self, worker: Worker) -> None:
         """Start ``worker`` and wait for its setup (e.g. the model loading on its thread)."""
@@ -119,13 +118,15 @@ class SensorNode(Node):
         raise NotImplementedError
 
     def _publish_stats(self) -> None:
-        record = self.stats.to_json(**self.stats_extra(), sync=self.inputs.sync_stats())
+        record = self.stats.to_json(**self.stats_extra(), sync=self.inputs.sync_stats(),
+                                    clouds=self.inputs.cloud_ledger(self.worker.in_hand()))
         self._pub_stats.publish(String(data=record))
         if any(self.stats.get(k) for k in self.SUMMARY_WHEN):
             self.get_logger().info(self.stats.summary_line(self.SUMMARY))
 
     def _publish_diagnostics(self) -> None:
         statuses = self.diagnostic_statuses(self.health.window())
+        statuses.append(self._clouds_status.update(self.inputs.cloud_ledger(self.worker.in_hand())))
         self._pub_diagnostics.publish(D.diagnostic_array(statuses, self.get_clock().now().to_msg(),
                                                          self.get_fully_qualified_name()))
 

@@ -226,3 +226,26 @@ def recording_status(node: str, w: dict[str, Any], output_dir: str, frames_in_st
         return Status(name, WARN, f"{100 * w['drop_rate']:.0f} % of frames dropped (writing slower than input)",
                       values)
     return Status(name, OK, f"{frames_in_store} frames in the store", values)
+
+
+class CloudLoss:
+    """The ``<node>: clouds`` status from the node's cloud ledger (stats.cloud_ledger): every cloud a publisher
+    sent, delivered, seen, processed or dropped by reason, as totals since start. WARN while clouds are being lost
+    before the node (gaps in a publisher's sequence numbers since the previous report): DDS settings or a busy
+    node; ``sal-ros doctor`` checks the settings."""
+
+    def __init__(self, node: str) -> None:
+        self.name = f"{node}: clouds"
+        self._lost = 0
+
+    def update(self, ledger: dict[str, Any]) -> Status:
+        values = [(key, str(ledger[key])) for key in ("lost", "dds_reported", "before_first", "delivered", "seen",
+                                                       "processed", "pending", "balanced")]
+        values += [(f"refused {k}", str(n)) for k, n in sorted(ledger["refused"].items())]
+        values += [(f"dropped {k}", str(n)) for k, n in sorted(ledger["dropped"].items())]
+        new, self._lost = ledger["lost"] - self._lost, ledger["lost"]
+        if new > 0:
+            return Status(self.name, WARN, f"{new} cloud(s) lost before reaching the node since the last report "
+                          f"({ledger['dds_reported']} reported by DDS in all); run `sal-ros doctor`", values)
+        return Status(self.name, OK, f"{ledger['delivered']} delivered, {ledger['processed']} processed, "
+                      f"{sum(ledger['dropped'].values())} dropped, {ledger['lost']} lost", values)

@@ -17,7 +17,7 @@ from sal_ros.core.msgtypes import NS_PER_S, stamp_to_ns
 from sal_ros.core.types import CameraView, Frame
 from sal_ros.nodes import params as P
 from sal_ros.nodes.qos import input_profile
-from sal_ros.nodes.stats import NodeStats, Throttle
+from sal_ros.nodes.stats import NodeStats, PublisherSequences, Throttle, cloud_ledger
 
 
 @dataclass
@@ -85,6 +85,7 @@ class SensorInputs:
         throttle: Throttle,
     ) -> None:
         from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+        from rclpy.event_handler import SubscriptionEventCallbacks
         from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 
         from sal_ros.core.sync import LidarAnchoredSynchronizer
@@ -119,10 +120,15 @@ class SensorInputs:
         self._builder = FrameBuilder(self.cameras, self._extrinsics, self._extrinsics_error, self._infos)
         self._tf_wait_s = values["sync.timeout"]
         self._tf: Any = None
+        self._sequences = PublisherSequences()
 
         group = ReentrantCallbackGroup()  # callbacks only store; they may run concurrently
+        # Fast DDS reports clouds it lost in transport (a fragment missing, a gap in a writer's samples) through the
+        # message-lost event; the writer's sequence numbers in each message's info show every gap, those lost in
+        # the reader's queue too.
         self.subscriptions = [node.create_subscription(
-            PointCloud2, values["cloud_topic"], self._on_cloud, input_profile(values, "cloud"), callback_group=group)]
+            PointCloud2, values["cloud_topic"], self._on_cloud, input_profile(values, "cloud"), callback_group=group,
+            event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_cloud_lost))]
         for cam in cameras:
             image_type = CompressedImage if cam.compressed else Image
             self.subscriptions.append(node.create_subscription(
@@ -176,8 +182,10 @@ class SensorInputs:
 
     # ---------------------------------------------------------------------------------- callbacks (store only)
 
-    def _on_cloud(self, msg: Any) -> None:
+    def _on_cloud(self, msg: Any, info: Any) -> None:  # two arguments: rclpy passes the MessageInfo
         self._last_seen["cloud"] = time.monotonic()
+        self._stats.count("clouds.delivered")
+        self._count_gap(info)
         stamp = stamp_to_ns(msg.header.stamp)
         if stamp <= 0:
             kind = "zero" if stamp == 0 else "negative"
@@ -187,14 +195,37 @@ class SensorInputs:
                        "matching and TF lookups need real stamps")
         with self._lock:
             self._remember_arrival(stamp)
-            late = self._sync.stats.dropped_late_cloud
+            before = self._sync.stats.clouds, self._sync.stats.dropped_cloud_overflow, self._sync.stats.dropped_time_jump
             ready = self._sync.add_cloud(stamp, msg, self._ros_now_ns())
-            late = self._sync.stats.dropped_late_cloud > late
+            accepted = self._sync.stats.clouds > before[0]
+            self._stats.count("clouds.dropped.sync_overflow", self._sync.stats.dropped_cloud_overflow - before[1])
+            self._stats.count("clouds.dropped.time_jump", self._sync.stats.dropped_time_jump - before[2])
+        late = not accepted and stamp > 0
+        self._stats.count("clouds.seen" if accepted else "clouds.refused." + ("late" if late else "stamp"))
         if late:
             self._stats.count("error.late_cloud")
             self._warn("late_cloud", f"cloud stamped {stamp} ns dropped: not newer than a cloud already "
                        "processed (a replay restarted without use_sim_time, or a driver repeating stamps?)")
         self._drain(ready)
+
+    def _count_gap(self, info: Any) -> None:
+        lost, before_first = self._sequences.gap(info)
+        if before_first:
+            self._stats.count("clouds.before_first", before_first)
+        if lost:
+            self._stats.count("clouds.lost.sequence_gap", lost)
+            self._warn("lost", f"{lost} cloud(s) on {self.topics['cloud']} sent by the publisher never reached the "
+                       "node (lost in transport or overwritten in the subscription queue); `sal-ros doctor` "
+                       "checks the DDS settings that lose large clouds")
+
+    def _on_cloud_lost(self, info: Any) -> None:
+        self._stats.count("clouds.lost.dds_event", info.total_count_change)
+
+    def cloud_ledger(self, in_worker: int = 0) -> dict[str, Any]:
+        """Every cloud accounted for (stats.cloud_ledger); ``in_worker``: clouds in the node's slot or worker."""
+        with self._lock:
+            pending = self._sync.pending
+        return cloud_ledger(self._stats.snapshot()["counts"], pending + in_worker)
 
     def _on_clock_jumps(self, node: Any) -> Any:
         """Reset the synchronizer when ROS time jumps backwards (a bag replayed again into a use_sim_time node):
@@ -206,6 +237,7 @@ class SensorInputs:
             if jump.delta.nanoseconds >= 0:
                 return
             with self._lock:
+                self._stats.count("clouds.dropped.time_jump", self._sync.pending)
                 self._sync.reset()
                 self._wall_received.clear()
             self._stats.count("time_jump_back")

@@ -121,7 +121,8 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "(Autoware's debug topics; stamped with the cloud's stamp).", dynamic=True),
     ParamSpec("filter.classes", "string_array", [],
               "Class names (of the active vocabulary) whose points ~/filtered leaves out, e.g. [road, vegetation]. "
-              "Empty: ~/filtered is the input cloud.", dynamic=True),
+              "Empty: ~/filtered is the input cloud (clear it at run time with \"['']\": `ros2 param set` takes [] for a "
+              "bool array).", dynamic=True),
     ParamSpec("markers.min_points", "int", 5, "Instances with fewer points get no marker.", range=(1, 100000),
               dynamic=True),
     ParamSpec("tracking.enable", "bool", True,

@@ -113,6 +113,7 @@ class RecorderNode(SensorNode):
         try:
             written = self.store.append(decoded.frame, pose)
         except RuntimeError as exc:  # another process holds the store
+            self.stats.count("error.store")
             self._full = True
             self._stopped = str(exc)
             self.get_logger().error(f"recording stops: {exc}")
@@ -126,6 +127,7 @@ class RecorderNode(SensorNode):
             self.stats.count("skipped_every_nth")
             return
         if written is False:  # a size or frame limit is reached
+            self.stats.count("skipped_store_full")
             self._full = True
             self._stopped = "limit"
             self.get_logger().warning(f"{self.values['output_dir']}: limit reached "

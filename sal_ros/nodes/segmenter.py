@@ -204,7 +204,7 @@ class SegmenterNode(SensorNode):
         """Why ``filter.classes`` cannot be ``names``: a name the active vocabulary does not have."""
         if self.active is None:
             return None  # not configured: checked at configure
-        unknown = [n for n in names if n not in self.active.class_names]
+        unknown = [n for n in names if n and n not in self.active.class_names]  # "": no class (clears the filter)
         if unknown:
             return (f"filter.classes: {unknown} not in the vocabulary (v{self.active.version}: "
                     f"{list(self.active.class_names)})")

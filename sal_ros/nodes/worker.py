@@ -49,6 +49,11 @@ class LatestSlot:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def waiting(self) -> bool:
+        """An item is in the slot, not yet taken."""
+        return self._full
+
 
 class Worker:
     """One daemon thread running ``handle(item)`` on items taken from a :class:`LatestSlot`.
@@ -81,6 +86,10 @@ class Worker:
         if self._setup_error is not None:
             raise self._setup_error
         return self
+
+    def in_hand(self) -> int:
+        """Items handed over and not finished: the one waiting in the slot and the one being handled."""
+        return int(self.slot.waiting) + int(self.busy.is_set())
 
     def submit(self, item: Any) -> bool:
         """Hand ``item`` over; True when it replaced a waiting one (a dropped frame)."""

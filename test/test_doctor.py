@@ -1,0 +1,207 @@
+"""`sal-ros doctor` (issue 26): each check's verdict on both sides, on a fake /proc and /dev root, real profiles,
+a real tiny checkpoint, a real bound DDS port, and live topics published over DDS on localhost."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, require_rclpy, save_tiny_checkpoint
+
+from sal_ros.tools import doctor as D  # noqa: E402
+
+SHIPPED = REPO / "config" / "fastdds.xml"
+
+
+def fake_root(tmp_path, rmem=4194304, wmem=4194304, high=134217728, ttl=3, shm=True):
+    root = tmp_path / "root"
+    for rel, value in (("proc/sys/net/core/rmem_max", rmem), ("proc/sys/net/core/wmem_max", wmem),
+                       ("proc/sys/net/ipv4/ipfrag_high_thresh", high), ("proc/sys/net/ipv4/ipfrag_time", ttl)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(f"{value}\n")
+    if shm:
+        (root / "dev" / "shm").mkdir(parents=True)
+    return root
+
+
+def verdicts(checks):
+    return {c.name: c.verdict for c in checks}
+
+
+def test_socket_buffers_below_the_profile_warn(tmp_path):
+    transports = D.read_profile(SHIPPED)
+    low = verdicts(D.check_socket_buffers(fake_root(tmp_path / "a", rmem=212992, wmem=212992), transports))
+    assert low == {"net.core.rmem_max": "warn", "net.core.wmem_max": "warn"}
+    good = verdicts(D.check_socket_buffers(fake_root(tmp_path / "b", rmem=8388608, wmem=4194304), transports))
+    assert good == {"net.core.rmem_max": "ok", "net.core.wmem_max": "ok"}
+    advice = D.check_socket_buffers(fake_root(tmp_path / "c", rmem=212992), transports)[0].advice
+    assert "sysctl -w net.core.rmem_max=4194304" in advice
+
+
+def test_ip_fragment_settings_matter_between_hosts_only(tmp_path):
+    remote = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET"}
+    stock = verdicts(D.check_ipfrag(fake_root(tmp_path / "a", high=4194304, ttl=30), remote, D.CLOUD_BYTES))
+    assert stock == {"net.ipv4.ipfrag_high_thresh": "warn", "net.ipv4.ipfrag_time": "warn"}
+    tuned = verdicts(D.check_ipfrag(fake_root(tmp_path / "b", high=134217728, ttl=3), remote, D.CLOUD_BYTES))
+    assert tuned == {"net.ipv4.ipfrag_high_thresh": "ok", "net.ipv4.ipfrag_time": "ok"}
+    local = D.check_ipfrag(fake_root(tmp_path / "c", high=4194304, ttl=30), {"ROS_AUTOMATIC_DISCOVERY_RANGE":
+                                                                             "LOCALHOST"}, D.CLOUD_BYTES)
+    assert [c.verdict for c in local] == ["info"] and "4194304" in local[0].detail
+
+
+def test_shared_memory_missing_small_or_enough(tmp_path):
+    assert D.check_shm(fake_root(tmp_path / "a", shm=False) / "dev" / "shm", None).verdict == "fail"
+    shm = fake_root(tmp_path / "b") / "dev" / "shm"
+    (shm / "fastdds_0123").write_bytes(b"")
+    ok = D.check_shm(shm, D.read_profile(SHIPPED))
+    assert ok.verdict == "ok" and "1 Fast DDS segment(s)" in ok.detail
+    # a segment larger than the filesystem holding it: the verdict turns
+    huge = {"shm": {"segment_size": os.statvfs(shm).f_blocks * os.statvfs(shm).f_frsize, "max_message_size": None}}
+    assert D.check_shm(shm, huge).verdict == "warn"
+
+
+def test_profile_checks(tmp_path):
+    env = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+
+    def check(path, extra=None):
+        e = {**env, **(extra or {})}
+        if path is not None:
+            e["FASTDDS_DEFAULT_PROFILES_FILE"] = str(path)
+        p = D.profile_file(e)
+        return D.check_profile(e, p, D.read_profile(p) if p and p.is_file() else None, D.CLOUD_BYTES)
+
+    assert check(None).verdict == "warn"  # stock Fast DDS
+    assert check(tmp_path / "missing.xml").verdict == "fail"
+    bad = tmp_path / "bad.xml"
+    bad.write_text("<dds><profiles>")
+    assert check(bad).verdict == "fail"
+    assert check(SHIPPED).verdict == "ok"
+    # the shipped profile keeps UDP on loopback: with discovery reaching other hosts, their clouds never arrive
+    assert check(SHIPPED, {"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET"}).verdict == "warn"
+    whole = tmp_path / "whole.xml"  # a segment without maxMessageSize: each cloud must fit it whole
+    whole.write_text(SHIPPED.read_text().replace("<maxMessageSize>1048576</maxMessageSize>", "")
+                     .replace("33554432", "4194304"))
+    assert check(whole).verdict == "warn"
+    transports = D.read_profile(SHIPPED)
+    assert transports["shm"] == {"segment_size": 33554432, "max_message_size": 1048576}
+    assert transports["udp"]["whitelist"] == ["127.0.0.1"] and transports["builtin"] is False
+
+
+def test_rmw_check():
+    assert D.check_rmw({}).verdict == "ok"
+    assert D.check_rmw({"RMW_IMPLEMENTATION": "rmw_fastrtps_cpp"}).verdict == "ok"
+    assert D.check_rmw({"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"}).verdict == "warn"
+
+
+def test_other_participants_on_the_domain_warn():
+    from sal_ros.env import claim_free_ros_domain
+
+    claim = claim_free_ros_domain()
+    try:
+        env = {"ROS_DOMAIN_ID": str(claim.domain_id), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
+        assert D.check_domain(env).verdict == "ok"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as participant:  # what a participant binds
+            participant.bind(("127.0.0.1", 7410 + 250 * claim.domain_id))
+            busy = D.check_domain(env)
+        assert busy.verdict == "warn" and "1 participant(s)" in busy.detail
+    finally:
+        claim.release()
+    assert D.check_domain({"ROS_DOMAIN_ID": "abc"}).verdict == "fail"
+
+
+def write_params(path, **values):
+    import yaml
+
+    path.write_text(yaml.safe_dump({"sal_segmenter": {"ros__parameters": values}}))
+    return path
+
+
+def test_params_file_checkpoint_vocabulary_and_calibration(tmp_path):
+    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
+    good = write_params(tmp_path / "good.yaml", **{"model.checkpoint": str(ckpt), "text_encoder.model": TINY_TEXT_ENCODER,
+                                                   "prompts": ["car", "road"]})
+    _, checks = D.params_checks(good)
+    assert verdicts(checks) == {"params file": "ok", "checkpoint": "ok", "vocabulary": "ok", "cameras": "ok"}
+    # the checkpoint was trained with another text encoder than the params give
+    other = write_params(tmp_path / "other.yaml", **{"model.checkpoint": str(ckpt)})
+    assert verdicts(D.params_checks(other)[1])["checkpoint"] == "warn"
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(ckpt.read_bytes()[:1000])
+    broken = write_params(tmp_path / "broken.yaml", **{"model.checkpoint": str(corrupt),
+                                                       "vocabulary_file": str(tmp_path / "none.yaml"),
+                                                       "cameras": ["cam0"], "calibration.source": "static",
+                                                       "calibration.file": str(tmp_path / "none.yaml")})
+    assert verdicts(D.params_checks(broken)[1]) == {"params file": "ok", "checkpoint": "fail", "vocabulary": "fail",
+                                                    "cameras": "fail"}
+    typo = write_params(tmp_path / "typo.yaml", **{"prompt": ["car"]})
+    assert verdicts(D.params_checks(typo)[1])["params file"] == "warn"
+
+
+def doctor(*args, env=None, timeout=300):
+    cmd = [sys.executable, "-m", "sal_ros.cli", "doctor", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_exit_codes_and_json(tmp_path):
+    env = dict(os.environ, FASTDDS_DEFAULT_PROFILES_FILE=str(SHIPPED), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
+               RMW_IMPLEMENTATION="rmw_fastrtps_cpp", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    tuned = doctor("--root", str(fake_root(tmp_path / "a")), "--json", env=env)
+    result = json.loads(tuned.stdout)
+    by_name = {c["name"]: c for c in result["checks"]}
+    assert by_name["net.core.rmem_max"]["verdict"] == "ok" and by_name["fastdds profile"]["verdict"] == "ok"
+    assert tuned.returncode == result["exit_code"] == max(D.EXIT[c["verdict"]] for c in result["checks"])
+    low = doctor("--root", str(fake_root(tmp_path / "b", rmem=212992)), env=env)
+    assert low.returncode >= 1 and "[WARN] net.core.rmem_max" in low.stdout and "sysctl -w" in low.stdout
+    no_shm = doctor("--root", str(fake_root(tmp_path / "c", shm=False)), env=env)
+    assert no_shm.returncode == 3 and "[FAIL] shared memory" in no_shm.stdout
+    missing = doctor("--params", str(tmp_path / "none.yaml"), env=env)
+    assert missing.returncode == 2 and "params file not found" in missing.stderr
+
+
+@pytest.mark.ros
+@pytest.mark.timeout(300)
+def test_live_checks_find_the_cloud_and_flag_a_qos_mismatch(tmp_path):
+    rclpy = require_rclpy()
+    from sal_ros.bench.dds import make_cloud
+    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.qos import profile
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("doctor_driver", context=context)
+    msg = make_cloud(type("A", (), {"points": 2000, "scan": None})(), rclpy_types())
+    msg.header.frame_id = "velodyne"
+    pub = node.create_publisher(type(msg), "/doctor/points", profile("best_effort", 5))
+    stop = threading.Event()
+
+    def drive():
+        while not stop.wait(0.1):
+            pub.publish(msg)
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    try:
+        ok = write_params(tmp_path / "ok.yaml", cloud_topic="/doctor/points")
+        done = doctor("--params", str(ok), "--live", "--wait", "60", "--json")
+        live = {c["name"]: c for c in json.loads(done.stdout)["checks"]}["live cloud /doctor/points"]
+        assert live["verdict"] == "ok" and "2000 points" in live["detail"] and "'velodyne'" in live["detail"], live
+        reliable = write_params(tmp_path / "rel.yaml", cloud_topic="/doctor/points", **{"qos.cloud.reliability":
+                                                                                        "reliable"})
+        done = doctor("--params", str(reliable), "--live", "--wait", "60", "--json")
+        live = {c["name"]: c for c in json.loads(done.stdout)["checks"]}["live cloud /doctor/points"]
+        assert live["verdict"] == "fail" and "never match" in live["detail"] and done.returncode == 3
+        nothing = write_params(tmp_path / "none.yaml", cloud_topic="/doctor/nobody")
+        done = doctor("--params", str(nothing), "--live", "--wait", "1", "--json")
+        live = {c["name"]: c for c in json.loads(done.stdout)["checks"]}["live cloud /doctor/nobody"]
+        assert live["verdict"] == "fail" and "no publisher within 1 s" in live["detail"]
+    finally:
+        stop.set()
+        thread.join(5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
