@@ -109,7 +109,12 @@ def _text(value) -> str | None:
 
 
 def _merged(base: dict, over: dict) -> dict:
+    """``over`` laid on ``base``, mappings merged key by key; a null removes the setting (e.g. a teacher)."""
     out = dict(base)
     for key, value in (over or {}).items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+                else value
     return out

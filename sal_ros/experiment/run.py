@@ -93,7 +93,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
             model["tests"][test.name] = stages.evaluate(cfg, Path(info["checkpoint"]), test, progress,
                                                         keep_view=test.name == cfg.bev_test)
             step(f"eval {name} on {test.name}")
-            write_reports(cfg, results, suffix="" if main else "_scaling")
+            write_reports(cfg, results, suffix="" if main else "_scaling", figures=False)
     if scaling:
         test = next(t for t in cfg.tests if t.name == scaling.test)
         for k in scaling.stages:
@@ -103,9 +103,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
                                                                                    select)), progress)
             step(f"train scaling {k}")
             score = stages.evaluate(cfg, Path(info["checkpoint"]), test, progress, keep_view=False)
-            results["scaling"].append({"sequences": k, "select": select, "train": info, "test": test.name, **score})
+            # the score's own "test" (path and selection) would hide the test set's name the report shows
+            results["scaling"].append({**score, "sequences": k, "select": select, "train": info, "test": test.name})
             step(f"eval scaling {k}")
-            write_reports(cfg, results, suffix="" if main else "_scaling")
+            write_reports(cfg, results, suffix="" if main else "_scaling", figures=False)
     bar.close()
     results["environment"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     results["environment"]["wall_s"] = round(time.perf_counter() - t0, 1)
