@@ -17,7 +17,7 @@ from sal_ros.core.msgtypes import NS_PER_S, stamp_to_ns
 from sal_ros.core.types import CameraView, Frame
 from sal_ros.nodes import params as P
 from sal_ros.nodes.qos import input_profile
-from sal_ros.nodes.stats import NodeStats, PublisherSequences, Throttle, cloud_ledger
+from sal_ros.nodes.stats import NodeStats, Throttle, cloud_ledger
 
 
 @dataclass
@@ -120,7 +120,6 @@ class SensorInputs:
         self._builder = FrameBuilder(self.cameras, self._extrinsics, self._extrinsics_error, self._infos)
         self._tf_wait_s = values["sync.timeout"]
         self._tf: Any = None
-        self._sequences = PublisherSequences()
 
         group = ReentrantCallbackGroup()  # callbacks only store; they may run concurrently
         # Fast DDS reports clouds it lost in transport (a fragment missing, a gap in a writer's samples) through the
@@ -159,6 +158,9 @@ class SensorInputs:
         for sub in self.subscriptions:
             node.destroy_subscription(sub)
         self.subscriptions = []
+        self._stats.publishers.resync()
+        with self._lock:  # clouds waiting for their cameras go with the synchronizer
+            self._stats.count("clouds.dropped.deactivated", self._sync.pending)
         for timer in (self._poll_timer, self._watch_timer):
             node.destroy_timer(timer)
         self._jump_handle.unregister()
@@ -209,7 +211,7 @@ class SensorInputs:
         self._drain(ready)
 
     def _count_gap(self, info: Any) -> None:
-        lost, before_first = self._sequences.gap(info)
+        lost, before_first = self._stats.publishers.gap(info)
         if before_first:
             self._stats.count("clouds.before_first", before_first)
         if lost:
