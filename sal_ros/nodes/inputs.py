@@ -124,9 +124,11 @@ class SensorInputs:
         group = ReentrantCallbackGroup()  # callbacks only store; they may run concurrently
         # Fast DDS reports clouds it lost in transport (a fragment missing, a gap in a writer's samples) through the
         # message-lost event; the writer's sequence numbers in each message's info show every gap, those lost in
-        # the reader's queue too.
+        # the reader's queue too. Clouds one at a time, in arrival order: in the reentrant group a newer cloud
+        # overtook an older one under load, and the older was then refused as late.
         self.subscriptions = [node.create_subscription(
-            PointCloud2, values["cloud_topic"], self._on_cloud, input_profile(values, "cloud"), callback_group=group,
+            PointCloud2, values["cloud_topic"], self._on_cloud, input_profile(values, "cloud"),
+            callback_group=MutuallyExclusiveCallbackGroup(),
             event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_cloud_lost))]
         for cam in cameras:
             image_type = CompressedImage if cam.compressed else Image
