@@ -32,8 +32,10 @@ BENCHES = {
     "dds": ("sal_ros.bench.dds", "full-size clouds across two processes under the DDS configurations doctor advises"),
     "model": ("sal_ros.bench.model", "per-stage model timings and sparse vs dense conv"),
     "lift": ("sal_ros.bench.lift", "pseudo-label lifting and fusion on the 6-camera nuScenes frame"),
+    "geometric": ("sal_ros.bench.geometric", "the geometric teacher (ground removal, clustering) per real scan"),
     "node": ("sal_ros.bench.node", "segmenter node overhead besides the model (sync, decode, publish)"),
     "gpu": ("sal_ros.bench.gpu", "GPU run: CUDA vs CPU parity, latency p50/p99, node at 10 Hz, one AMP step"),
+    "vocabulary": ("sal_ros.bench.vocabulary", "prompt changes: 4, 32, 256 prompts embedded cold and warm"),
 }
 
 

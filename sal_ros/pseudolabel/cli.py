@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--overwrite", action="store_true", help="redo finished frames")
     r.add_argument("--max-frames", type=int)
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--consolidate", type=int, default=0, metavar="K",
+                   help="--semantic: then consolidate over the K scans each side, registered by their poses "
+                        "(per-voxel votes of static classes; into OUT/consolidated, resumable; 0 = off)")
+    r.add_argument("--consolidate-voxel", type=float, default=0.2, help="metres, voting cell of --consolidate")
     from sal_ros.pseudolabel import semantic
 
     semantic.add_arguments(parser)
@@ -150,8 +154,20 @@ def main(args: argparse.Namespace) -> int:
         summary = run(args.dataset, config, args.out, workers=args.workers, backend=args.backend,
                       overwrite=args.overwrite, max_frames=args.max_frames, progress=not args.no_progress,
                       ray_address=args.ray_address, select=args.select)
+        consolidated = _consolidate(args, summary) if args.consolidate else None
     except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"sal-ros pseudolabel: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(vars(summary)))
+    print(json.dumps({**vars(summary), **({"consolidated": consolidated} if consolidated else {})}))
     return 0 if not summary.failed else 1
+
+
+def _consolidate(args: argparse.Namespace, summary) -> dict:
+    from sal_ros.pseudolabel.consolidate import ConsolidationConfig, consolidate_folder
+
+    if not args.semantic:
+        raise ValueError("--consolidate works on --semantic pseudo-labels")
+    config = ConsolidationConfig(enabled=True, window=args.consolidate, voxel=args.consolidate_voxel)
+    out = Path(summary.out_dir)
+    return {**consolidate_folder(args.dataset, out, out / "consolidated", config, args.overwrite,
+                                 progress=not args.no_progress), "out_dir": str(out / "consolidated")}
