@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import Sensors, Spinner, call_service, require_rclpy, wait_for
+from conftest import Sensors, Spinner, call_service, require_rclpy, wait_for, wait_until
 
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
@@ -453,26 +453,37 @@ def test_nan_logits_skip_the_frame_counted_and_the_node_goes_on(rig):
     assert read_fields(cloud_at(rig, good), ["label"])["label"].any()
 
 
-def test_a_second_node_of_the_same_name_refuses_to_start_unless_allowed(rig):
-    """Two segmenters of one name both answered every cloud and shared one set_parameters: the second one finds
-    the first in the ROS graph and stops with the reason; allow_duplicate starts it anyway, counted."""
+def test_a_namesake_is_reported_while_it_lasts_and_refused_when_asked(rig):
+    """Two segmenters of one name both answer every cloud and share one set_parameters: by default the second one
+    runs with an ERROR name status and a count, and the first one's status clears when the second leaves (the check
+    repeats, so a ghost of a crashed node clears too); allow_duplicate false refuses to start, naming the other."""
+    from sal_ros.nodes import diagnostics as D
     from sal_ros.nodes import params as P
-    from sal_ros.nodes.segmenter import DuplicateNodeError, SegmenterNode
+    from sal_ros.nodes.namesakes import DuplicateNodeError
+    from sal_ros.nodes.segmenter import SegmenterNode
 
     values = {"model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": ["car"],
               "cloud_topic": "/duplicate_test/points",
-              "duplicate_check_s": 120.0}  # ends when the namesake is found: discovery is slow at load 12
-    for allow in (False, True):
-        ctx = rclpy.Context()
-        rclpy.init(context=ctx)
-        try:
-            overrides = P.overrides(P.SEGMENTER_NODE, {**values, "allow_duplicate": allow})
-            if not allow:
-                with pytest.raises(DuplicateNodeError, match=r"1 other node\(s\) named /sal_segmenter.*allow_duplicate"):
-                    SegmenterNode(context=ctx, parameter_overrides=overrides)
-            else:
-                second = SegmenterNode(context=ctx, parameter_overrides=overrides)
-                assert second.stats.get("duplicate_name") == 1
-                second.destroy_node()
-        finally:
-            rclpy.shutdown(context=ctx)
+              "duplicate_check_s": 600.0}  # ends when the namesake is found: discovery is slow at load 12
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        with pytest.raises(DuplicateNodeError, match=r"1 other node\(s\) named /sal_segmenter.*__node:=NAME"):
+            SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE,
+                                                                       {**values, "allow_duplicate": False}))
+    finally:
+        rclpy.shutdown(context=ctx)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        second = SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE, values))
+        status = wait_until(lambda: (s := second.namesakes.status(second.stats)).level == D.ERROR and s,
+                            "the second node's name status")
+        assert "1 other node(s) named /sal_segmenter" in status.message and second.stats.get("duplicate_name") == 1
+        wait_until(lambda: rig.node.namesakes.status(rig.node.stats).level == D.ERROR, "the first node's status")
+        second.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+    status = wait_until(lambda: (s := rig.node.namesakes.status(rig.node.stats)).level == D.OK and s,
+                        "the first node's status after the second left")
+    assert status.values == [("namesakes", "0")]

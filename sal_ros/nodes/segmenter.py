@@ -44,6 +44,7 @@ from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import outputs
 from sal_ros.nodes import params as P
 from sal_ros.nodes.base import SensorNode
+from sal_ros.nodes.namesakes import Namesakes
 from sal_ros.nodes.qos import latched, profile
 from sal_ros.nodes.stats import Throttle, throttled
 from sal_ros.nodes.vocabulary import (ActiveVocabulary, VocabularyChanges, diagnostic_status, initial_vocabulary,
@@ -58,14 +59,10 @@ SEGMENTER_CONFIG_PARAMS = ("score_threshold", "min_instance_points", "max_points
                            "model.intensity_scale")
 
 
-class DuplicateNodeError(RuntimeError):
-    """Another node of this node's name is in the ROS graph."""
-
-
 class SegmenterNode(SensorNode):
     def __init__(self, **node_kwargs: Any) -> None:
         super().__init__(P.SEGMENTER_NODE, P.SEGMENTER_PARAMS, **node_kwargs)
-        self._created = time.monotonic()
+        self.namesakes = Namesakes(self)
         self._specs = {s.name: s for s in P.node_specs(P.SEGMENTER_NODE)}
         self._types = rclpy_types()
         self.startup_events: list[str] = []  # what start-up did, in order (warm-up comes before ready)
@@ -100,7 +97,8 @@ class SegmenterNode(SensorNode):
         problem = self._unknown_filter_classes(self.values["filter.classes"])
         if problem:
             raise ValueError(problem)
-        self._check_unique_name()
+        if not self.values["allow_duplicate"]:
+            self.namesakes.refuse(float(self.values["duplicate_check_s"]))
 
     def activate(self) -> None:
         self.start_inputs()
@@ -126,27 +124,6 @@ class SegmenterNode(SensorNode):
         self.get_logger().info("model freed")
 
     # ------------------------------------------------------------------------------------------------- model
-
-    def _check_unique_name(self) -> None:
-        """Refuse to start next to a namesake (both would answer every cloud, one set_parameters would change both,
-        and vocabulary v2 would mean other classes on each): the ROS graph is asked until ``duplicate_check_s``
-        after the node was created (the model load usually covers it), so a namesake already running has been
-        discovered."""
-        name, namespace, wait_s = self.get_name(), self.get_namespace(), float(self.values["duplicate_check_s"])
-        while wait_s > 0:
-            namesakes = sum((n, ns) == (name, namespace) for n, ns in self.get_node_names_and_namespaces()) - 1
-            if namesakes > 0 or time.monotonic() - self._created > wait_s:
-                break
-            time.sleep(0.1)
-        if wait_s <= 0 or namesakes <= 0:
-            return
-        what = (f"{namesakes} other node(s) named {self.get_fully_qualified_name()} in the ROS graph: each would "
-                "answer every cloud, and one set_parameters would change them all")
-        if not self.values["allow_duplicate"]:
-            raise DuplicateNodeError(f"{what}; start this one under another name (--ros-args -r __node:=NAME) or "
-                                     "allow it (parameter allow_duplicate, sal-ros run --allow-duplicate)")
-        self.stats.count("duplicate_name")
-        self.get_logger().warning(f"{what} (allow_duplicate is set)")
 
     def _choose_device(self, device: str) -> str:
         import torch
@@ -584,6 +561,7 @@ class SegmenterNode(SensorNode):
                            getattr(self, "_torch_threads", None),
                            len(self.tracker.tracks) if v["tracking.enable"] else None),
             diagnostic_status(name, self.vocabulary.status()),
+            self.namesakes.status(self.stats),
         ]
 
     def destroy_node(self) -> None:
