@@ -35,6 +35,7 @@ BENCHES = {
     "geometric": ("sal_ros.bench.geometric", "the geometric teacher (ground removal, clustering) per real scan"),
     "node": ("sal_ros.bench.node", "segmenter node overhead besides the model (sync, decode, publish)"),
     "gpu": ("sal_ros.bench.gpu", "GPU run: CUDA vs CPU parity, latency p50/p99, node at 10 Hz, one AMP step"),
+    "vocabulary": ("sal_ros.bench.vocabulary", "prompt changes: 4, 32, 256 prompts embedded cold and warm"),
 }
 
 

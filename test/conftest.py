@@ -1,6 +1,7 @@
 """Test environment: DDS stays on loopback in a private domain, and real data comes from ../shared/data."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ os.environ["FASTDDS_DEFAULT_PROFILES_FILE"] = str(REPO / "config" / "fastdds.xml
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # ray (pseudo-label backend) never reports usage
 # Tests never download weights: a pretrained tag asked for by mistake fails at once instead of fetching.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# text embedding caches of nodes and benches started by tests stay out of the user's ~/.cache
+os.environ["SAL_ROS_CACHE"] = tempfile.mkdtemp(prefix="sal_ros_test_cache_")
 
 DATA_DIR = Path(os.environ.get("SAL_DATA", REPO.parent / "shared" / "data"))
 
@@ -98,6 +101,66 @@ def wait_until(predicate, what: str, *, progress=None, stall_s: float = 120.0, c
         if now - since > stall_s:
             raise AssertionError(f"no progress for {stall_s:.0f} s waiting for {what} (last progress: {last!r})")
         time.sleep(poll_s)
+
+
+def call_service(client, request, wait, resend_s: float = 5.0, attempts: int = 6):
+    """A ROS service call that survives a lost response: ROS 2 drops a response sent before the server has matched
+    the client's response reader (and a loaded machine makes that likely), so a request still unanswered after
+    ``resend_s`` is sent again, the interval doubling, at most ``attempts`` times in all; the wait itself is
+    ``wait(predicate, what)``, the rig's progress-following wait. Only for requests that may be applied twice
+    (setting a parameter to a value, reading one)."""
+    import time
+
+    wait(client.service_is_ready, f"service {client.srv_name}")
+    futures, last = [], [0.0]
+
+    def answered():
+        done = next((f for f in futures if f.done()), None)
+        if done is None and len(futures) < attempts and time.monotonic() - last[0] > resend_s * 2 ** (len(futures) - 1):
+            futures.append(client.call_async(request))
+            last[0] = time.monotonic()
+        return done
+
+    future = wait(answered, f"{client.srv_name} response")
+    for other in futures:
+        if other is not future:
+            client.remove_pending_request(other)
+    return future.result()
+
+
+class Spinner:
+    """An executor spun on a thread until :meth:`stop`, which joins that thread before the executor and the nodes
+    are torn down: a node destroyed under a spinning executor raised InvalidHandle in the spin thread. An entity a
+    test destroys while the executor builds its wait set (``destroy_subscription``) raises the same there; that
+    round is dropped and the spinning goes on (``executor.spin`` died of it, and every later wait of the test
+    stalled with nothing received)."""
+
+    def __init__(self, executor) -> None:
+        import threading
+
+        self.executor = executor
+        self.dropped_rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, name="test_spinner", daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        from rclpy.impl.implementation_singleton import rclpy_implementation
+
+        while not self._stop.is_set() and self.executor.context.ok():
+            try:
+                self.executor.spin_once(timeout_sec=0.05)
+            except rclpy_implementation.InvalidHandle:
+                self.dropped_rounds += 1  # the destroyed entity is out of the next round's wait set
+
+    def stop(self, *nodes) -> None:
+        """Stop spinning, wait for the thread and the callbacks in flight, then destroy ``nodes``."""
+        self._stop.set()
+        self._thread.join(120.0)  # one spin_once: bounded by the callback in hand
+        assert not self._thread.is_alive(), "the spin thread did not end"
+        self.executor.shutdown()
+        for node in nodes:
+            node.destroy_node()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -67,3 +67,16 @@ def test_bench_lift_six_cameras():
         assert out[key]["total_ms"] > 0
     # The verdict is reported, not asserted: a test holds on any machine. (It restated the code before.)
     assert isinstance(out["meets_goal"], bool) and out["goal_lift_fuse_ms"] > 0
+
+
+def test_bench_vocabulary_times_cold_and_warm_embeddings():
+    out = _bench("vocabulary", "--model", "sal-tiny-text", "--sizes", "4,8", "--repeats", "1")
+    assert out["threads"] == 1 and out["environment"]["cpu_model"] and "load_average_end" in out["environment"]
+    small, large = out["results"]
+    assert (small["prompts"], small["texts"], large["prompts"]) == (4, 24, 8)
+    for result in (small, large):
+        for stage in ("parse", "cold", "warm_memory", "warm_disk", "open_with_disk_cache"):
+            assert result[stage]["wall_ms"] >= 0 and result[stage]["cpu_ms"] >= 0, (stage, result)
+    assert small["max_abs_difference_to_reference"] < 1e-5 and small["speedup_cold_vs_reference"] > 0
+    assert "reference_full_context" not in large  # only the smallest size unless --reference-all
+    assert set(out["goals"]) == {"cold_4_s"} and isinstance(out["goals"]["cold_4_s"]["met"], bool)

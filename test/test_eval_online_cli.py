@@ -26,6 +26,9 @@ def test_eval_online_writes_summary_and_prints_headline(eval_online_rig):
     headline = f"{summary['clouds_answered']}/2 clouds answered"
     assert headline in proc.stdout and f"median {latency['median']:.1f} ms" in proc.stdout
     assert f"p90 {latency['p90']:.1f} ms" in proc.stdout
+    first = summary["first_frame"]  # the first cloud beside the median, end to end and in the node
+    assert first["end_to_end_ms"] > 0 and first["end_to_end_vs_median"] > 0 and first["node_total_ms"] > 0
+    assert f"first frame {first['end_to_end_ms']:.1f} ms" in proc.stdout
     markdown = (out / "online.md").read_text()
     assert markdown.startswith("# Online evaluation") and headline in markdown and "| total |" in markdown
     assert (out / "node.log").is_file()

@@ -283,3 +283,38 @@ def test_threshold_and_min_points_count_the_published_points_of_a_subsampled_clo
     assert np.array_equal(dropped.label[~gone], kept.label[~gone])
     for out in (loose, thresholded, kept, dropped):
         assert_summaries_describe_the_labels(pts, out)
+
+
+def test_nan_model_outputs_are_refused_per_frame_and_named(scan, encoder):
+    """NaN weights (made here at run time, past any check at load) used to label every point 0 and pass as a
+    processed frame: the frame is refused with the outputs named, and the same Segmenter runs again once its
+    weights are finite."""
+    import torch
+
+    from sal_ros.model.errors import NonFiniteOutputError
+
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder, config=SegmenterConfig(score_threshold=0.0))
+    seg.set_embeddings(encoder.encode(["car", "road", "tree"]))
+    params = dict(seg.model.named_parameters())
+    name = next(n for n in params if "decoder" in n and n.endswith("weight"))
+    saved = params[name].detach().clone()
+    with torch.no_grad():
+        params[name].fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="non-finite model outputs") as err:
+        seg.segment(scan[:20000, :3], scan[:20000, 3])
+    assert err.value.outputs
+    with torch.no_grad():
+        params[name].copy_(saved)
+    assert (seg.segment(scan[:20000, :3], scan[:20000, 3]).label > 0).any()
+
+
+def test_warm_up_runs_the_model_on_a_scan_of_realistic_size(encoder):
+    from sal_ros.model.segmenter import warm_up
+
+    seg = Segmenter.from_checkpoint(None, "cpu", encoder, config=SegmenterConfig(score_threshold=0.0, max_points=50_000))
+    seg.set_embeddings(encoder.encode(["car", "road"]))
+    xyz, intensity, out = warm_up(seg)
+    assert len(xyz) == len(out.label) == 50_000  # capped by max_points, never rejected
+    extent = np.linalg.norm(xyz[:, :2], axis=1)
+    assert extent.max() > 30 and extent.min() < 10 and np.isfinite(xyz).all()  # rings from near to far
+    assert (out.label > 0).all()

@@ -112,7 +112,9 @@ def test_filtered_cloud_keeps_the_layout_and_drops_the_chosen_classes_set_at_run
     assert (~kept).sum() > 0 and filtered.width == kept.sum() and filtered.height == 1
     assert np.array_equal(rows(filtered), rows(cloud)[kept])  # the input's own bytes, in the input's order
     assert [(f.name, f.offset, f.datatype, f.count) for f in filtered.fields] == layout
-    assert set_filter(rig, []).successful
+    assert set_filter(rig, [""]).successful  # what `ros2 param set ... "['']"` sends to clear it
+    cloud, _, filtered = frame(rig)
+    assert bytes(filtered.data) == bytes(cloud.data)
 
 
 def test_filter_classes_outside_the_vocabulary_are_refused_with_the_reason(rig):

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, cpu_seconds, require_data, require_rclpy, save_tiny_checkpoint, wait_until
+from conftest import (REPO, Spinner, call_service, cpu_seconds, require_data, require_rclpy, save_tiny_checkpoint,
+                      wait_until)
 
 rclpy = require_rclpy()
 from rclpy.parameter import Parameter  # noqa: E402
@@ -128,8 +129,7 @@ class Probe:
         self.get_client = node.create_client(GetParameters, f"{NODE}/get_parameters")
         self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
         self.executor.add_node(node)
-        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
-        self._spinner.start()
+        self._spinner = Spinner(self.executor)
         _PROBE[:] = [self]
 
     def received(self) -> int:
@@ -170,10 +170,7 @@ class Probe:
         return sent
 
     def call(self, client, request):
-        wait_for(client.service_is_ready, f"service {client.srv_name}")
-        future = client.call_async(request)
-        wait_for(future.done, f"{client.srv_name} response")
-        return future.result()
+        return call_service(client, request, wait_for)
 
     def set_prompts(self, prompts):
         from rcl_interfaces.srv import SetParameters
@@ -194,8 +191,7 @@ class Probe:
         return self.stats[n + 1]
 
     def close(self):
-        self.executor.shutdown()
-        self.node.destroy_node()
+        self._spinner.stop(self.node)
         rclpy.try_shutdown(context=self.context)
 
 

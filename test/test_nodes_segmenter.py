@@ -4,12 +4,11 @@ SetParameters service; bad input never kills it; the latest-only slot drops and 
 node and pass in any order: stamps grow in run order, counts are read relative, prompts are put back."""
 import itertools
 import json
-import threading
 
 import numpy as np
 import pytest
 
-from conftest import Sensors, require_rclpy, wait_for
+from conftest import Sensors, Spinner, call_service, require_rclpy, wait_for, wait_until
 
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
@@ -91,13 +90,10 @@ def rig(tmp_path_factory):
     executor = MultiThreadedExecutor(num_threads=4, context=ctx)
     executor.add_node(node)
     executor.add_node(test)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = Spinner(executor)
     wait_for(lambda: rig.pub_cloud.get_subscription_count() > 0, what="segmenter subscription")
     yield rig
-    executor.shutdown()
-    node.destroy_node()
-    test.destroy_node()
+    spinner.stop(node, test)
     rclpy.shutdown(context=ctx)
 
 
@@ -120,11 +116,13 @@ def count(rig, name):
 def set_prompts(rig, value, type_=Parameter.Type.STRING_ARRAY):
     from rcl_interfaces.srv import SetParameters
 
-    wait_for(rig.set_params.service_is_ready, what="the set_parameters service")
     request = SetParameters.Request(parameters=[Parameter("prompts", type_, value).to_parameter_msg()])
-    future = rig.set_params.call_async(request)
-    wait_for(future.done, what="set_parameters response")
-    return future.result().results[0]
+    return set_parameters(rig, request)
+
+
+def set_parameters(rig, request):
+    """The first result of a SetParameters call, resent if its response is lost (conftest.call_service)."""
+    return call_service(rig.set_params, request, lambda predicate, what: wait_for(predicate, what=what)).results[0]
 
 
 def restore_prompts(rig):
@@ -278,9 +276,7 @@ def test_intensity_scale_maps_another_lidars_intensity_to_the_trained_scale(rig)
     def set_scale(value):
         request = SetParameters.Request(
             parameters=[Parameter("model.intensity_scale", Parameter.Type.DOUBLE, value).to_parameter_msg()])
-        future = rig.set_params.call_async(request)
-        wait_for(future.done, what="set_parameters response")
-        assert future.result().results[0].successful
+        assert set_parameters(rig, request).successful
 
     xyz, intensity = rig.sensors.xyz[:20000], rig.sensors.intensity[:20000]  # KITTI: 0..1, as trained
 
@@ -331,16 +327,22 @@ def test_vocabulary_file_set_at_run_time(rig, tmp_path):
     def set_file(path):
         request = SetParameters.Request(
             parameters=[Parameter("vocabulary_file", Parameter.Type.STRING, str(path)).to_parameter_msg()])
-        future = rig.set_params.call_async(request)
-        wait_for(future.done, what="set_parameters response")
-        return future.result().results[0]
+        return set_parameters(rig, request)
+
+    import os
 
     before = rig.node.active.version
     bad = tmp_path / "bad.yaml"
     bad.write_text("classes: [{name: car, thing: maybe}]\n")
-    for path in (tmp_path / "missing.yaml", bad):
+    fifo = tmp_path / "vocabulary.fifo"  # opening it would block the parameter callback until a writer came
+    os.mkfifo(fifo)
+    big = tmp_path / "big.yaml"
+    big.write_text("classes: [{name: car}]\n" + "#" * (256 * 1024))
+    for path, why in ((tmp_path / "missing.yaml", "not found"), (bad, "thing"), (fifo, "FIFO"), (tmp_path, "folder"),
+                      (big, "limit")):
         result = set_file(path)
-        assert not result.successful and result.reason, path
+        assert not result.successful and why in result.reason, (path, result.reason)
+    assert rig.node.get_parameter("vocabulary_file").value == ""
     try:
         result = set_file(REPO / "config" / "vocabulary_semantickitti.yaml")
         assert result.successful, result.reason
@@ -348,6 +350,9 @@ def test_vocabulary_file_set_at_run_time(rig, tmp_path):
                          what="vocabulary from the file")
         assert len(vocab["classes"]) == 19 and vocab["classes"][0] == "car"
         assert rig.node.active.version == before + 1
+        # the change was visible while it embedded: "re-embedding k/N" on ~/debug/vocabulary before v+1
+        states = [(v["version"], v["status"]["state"]) for v in rig.got["vocabulary"] if v["version"] >= before]
+        assert states.index((before, "re-embedding")) < states.index((before + 1, "active")), states
     finally:
         restore_prompts(rig)
 
@@ -356,9 +361,7 @@ def set_param(rig, name, type_, value):
     from rcl_interfaces.srv import SetParameters
 
     request = SetParameters.Request(parameters=[Parameter(name, type_, value).to_parameter_msg()])
-    future = rig.set_params.call_async(request)
-    wait_for(future.done, what="set_parameters response")
-    result = future.result().results[0]
+    result = set_parameters(rig, request)
     assert result.successful, result.reason
 
 
@@ -416,3 +419,71 @@ def check_min_instance_points(rig):
     small = ~np.isin(every.instance, [i.instance_id for i in every.instances if i.num_points >= limit])
     assert (kept.instance[small] == 0).all() and (kept.label[small] == 0).all()
     assert_summaries_describe_the_labels(rig.sensors.xyz, kept)
+
+
+def test_warm_up_is_paid_before_the_node_says_it_is_ready(rig):
+    """The model pass on a synthetic scan, the tracker and the output messages come before the subscriptions
+    and the ready line; the first real frame then pays none of it (its time is in ~/stats' first_frame_ms)."""
+    import sys
+
+    assert rig.node.startup_events == ["model loaded", "vocabulary", "warm-up", "ready"]
+    assert "scipy.optimize" in sys.modules  # the tracker's solver, imported with the node, not on a first frame
+
+
+def test_nan_logits_skip_the_frame_counted_and_the_node_goes_on(rig):
+    """A model that turns NaN at run time (a NaN weight here) costs the frame, named and counted, not the node."""
+    import torch
+
+    rig.subscribe()
+    params = dict(rig.node._segmenter.model.named_parameters())
+    name = next(n for n in params if "decoder" in n and n.endswith("weight"))
+    saved = params[name].detach().clone()
+    before, processed = count(rig, "error.nonfinite_logits"), count(rig, "processed")
+    with rig.node._model_lock, torch.no_grad():
+        params[name].fill_(float("nan"))
+    try:
+        publish_frame(rig, fresh_t0())
+        wait_for(lambda: count(rig, "error.nonfinite_logits") > before, what="the NaN frame counted")
+    finally:
+        with rig.node._model_lock, torch.no_grad():
+            params[name].copy_(saved)
+    assert count(rig, "processed") == processed  # skipped, not published as all-unlabeled
+    good = fresh_t0()
+    publish_frame(rig, good)
+    assert read_fields(cloud_at(rig, good), ["label"])["label"].any()
+
+
+def test_a_namesake_is_reported_while_it_lasts_and_refused_when_asked(rig):
+    """Two segmenters of one name both answer every cloud and share one set_parameters: by default the second one
+    runs with an ERROR name status and a count, and the first one's status clears when the second leaves (the check
+    repeats, so a ghost of a crashed node clears too); allow_duplicate false refuses to start, naming the other."""
+    from sal_ros.nodes import diagnostics as D
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.namesakes import DuplicateNodeError
+    from sal_ros.nodes.segmenter import SegmenterNode
+
+    values = {"model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": ["car"],
+              "cloud_topic": "/duplicate_test/points",
+              "duplicate_check_s": 600.0}  # ends when the namesake is found: discovery is slow at load 12
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        with pytest.raises(DuplicateNodeError, match=r"1 other node\(s\) named /sal_segmenter.*__node:=NAME"):
+            SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE,
+                                                                       {**values, "allow_duplicate": False}))
+    finally:
+        rclpy.shutdown(context=ctx)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        second = SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE, values))
+        status = wait_until(lambda: (s := second.namesakes.status(second.stats)).level == D.ERROR and s,
+                            "the second node's name status")
+        assert "1 other node(s) named /sal_segmenter" in status.message and second.stats.get("duplicate_name") == 1
+        wait_until(lambda: rig.node.namesakes.status(rig.node.stats).level == D.ERROR, "the first node's status")
+        second.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)
+    status = wait_until(lambda: (s := rig.node.namesakes.status(rig.node.stats)).level == D.OK and s,
+                        "the first node's status after the second left")
+    assert status.values == [("namesakes", "0")]

@@ -1,12 +1,11 @@
 """The segmenter's tracker with ego motion from TF (tracking.fixed_frame): a tf2 broadcaster in a test node
 moves the sensor 3 m per frame through odom; objects standing still in odom keep their track ids in the node,
 while the same boxes tracked in the sensor frame (tracking.fixed_frame empty) jump past the gate."""
-import threading
 
 import numpy as np
 import pytest
 
-from conftest import require_rclpy, wait_until
+from conftest import Spinner, require_rclpy, wait_until
 
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
@@ -49,7 +48,7 @@ def nodes():
     executor = MultiThreadedExecutor(num_threads=3, context=ctx)
     executor.add_node(fixed)
     executor.add_node(test)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = Spinner(executor)
 
     def send(k):
         t = TransformStamped()
@@ -60,9 +59,7 @@ def nodes():
         broadcaster.sendTransform(t)
 
     yield type("Nodes", (), {"fixed": fixed, "send": staticmethod(send)})()
-    executor.shutdown()
-    fixed.destroy_node()
-    test.destroy_node()
+    spinner.stop(fixed, test)
     rclpy.shutdown(context=ctx)
 
 

@@ -10,7 +10,7 @@ from conftest import REPO
 # Python module -> rosdep key, for modules whose key is not their own name.
 KEYS = {"tf2_ros": "tf2_ros_py", "numpy": "python3-numpy", "scipy": "python3-scipy", "yaml": "python3-yaml",
         "transforms3d": "python3-transforms3d", "tqdm": "python3-tqdm", "PIL": "python3-pil",
-        "matplotlib": "python3-matplotlib", "skimage": "python3-skimage", "rosbags": "python3-rosbags-pip",
+        "matplotlib": "python3-matplotlib", "skimage": "python3-skimage", "sklearn": "python3-sklearn", "rosbags": "python3-rosbags-pip",
         "torch": "python3-pytorch-pip"}
 # No rosdep key: pip only, from requirements.txt (module -> requirement name, None: optional, imported only when
 # asked for); torchsparse is an accelerator the code falls back from, spconv a bench reference.

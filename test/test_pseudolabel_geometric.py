@@ -161,6 +161,14 @@ def test_geometric_pseudolabels_beat_slic_on_real_scans(seq):
     assert lidar["pq_all"] > 15 and lidar["pq_all"] > rows[("slic", variants[0])]["pq_all"] + 10
 
 
+def test_eval_selects_scans_of_several_sequences():
+    root = require_data("semantickitti_mini")
+    res = evaluate_pseudolabels(root, masks=("geometric",), variants=("lidar only",), select="05,07:3",
+                                progress=False)
+    assert res["meta"]["frames"] == 2 and res["meta"]["select"] == "05,07:3"
+    assert res["rows"][0]["scans"] == 2 and res["rows"][0]["pq_all"] > 20
+
+
 def test_pseudolabel_command_and_eval_of_its_files(tmp_path):
     """`sal-ros pseudolabel --masks geometric` writes files that score as the same source evaluated on the fly."""
     seq = require_data("semantickitti", "sequences", "00")
@@ -198,3 +206,16 @@ def test_bench_geometric_on_a_real_scan():
     for stage in ("ground", "cluster", "teacher", "render", "reference_ransac_plane"):
         assert out["median_cpu_ms"][stage] > 0, stage
     assert out["teacher_vs_ransac_plane"] > 0 and out["cpu_model"] and out["load_average_end"]
+
+
+def test_clusters_cut_along_oracle_masks_score_higher():
+    """Ideal image masks split what clustering merged (two parked cars, road and sidewalk): the upper bound of
+    --geometric-intersect with a good 2D source."""
+    seq = require_data("semantickitti_mini", "sequences", "07")
+    variant = "occlusion + DBSCAN replace"
+    res = evaluate_pseudolabels(seq, masks=("geometric", "geometric_oracle"), variants=(variant, "lidar only"),
+                                max_frames=1, progress=False)
+    rows = {(r["masks"], r["lifting"]): r for r in res["rows"]}
+    assert ("geometric_oracle", "lidar only") not in rows
+    assert rows[("geometric_oracle", variant)]["pq_all"] > rows[("geometric", variant)]["pq_all"] + 5
+    assert res["meta"]["ground"]["tp"] > 0

@@ -62,7 +62,7 @@ def test_vocabulary_yaml_errors(tmp_path):
     bad.write_text("classes: [name: car\n")
     with pytest.raises(VocabularyError, match="YAML"):
         Vocabulary.from_yaml(bad)
-    with pytest.raises(OSError):
+    with pytest.raises(VocabularyError, match="missing.yaml: not found"):
         Vocabulary.from_yaml(tmp_path / "missing.yaml")
 
 
@@ -171,3 +171,88 @@ def test_tiny_text_encoder_leaves_no_folder_behind(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(2, " in proc.stdout
     assert list(tmp_path.glob("sal_ros_clip_*")) == []
+
+
+# ------------------------------------------------------------------------------------------- bounds, caches
+def test_vocabulary_file_bounds_are_checked_before_any_text_is_read(tmp_path):
+    """A file of 50k descriptions took 18-34 s in the node's parameter callback and 152 s to embed: the counts
+    are refused before a description is tokenized, the size before the file is read."""
+    import time
+
+    from sal_ros.model.vocabulary import VocabularyLimits
+
+    many = tmp_path / "many.yaml"
+    many.write_text("classes:\n  - name: car\n    descriptions: [" + ", ".join(f"car {i}" for i in range(50_000)) + "]\n")
+    t0 = time.thread_time()
+    with pytest.raises(VocabularyError, match="50000 descriptions, at most 1024"):
+        Vocabulary.from_yaml(many, VocabularyLimits(max_file_bytes=1 << 20))
+    assert time.thread_time() - t0 < 5.0  # CPU seconds (not wall): tokenizing 50k x 6 texts takes far more
+    with pytest.raises(VocabularyError, match="more than the limit of 1000"):
+        Vocabulary.from_yaml(many, VocabularyLimits(max_file_bytes=1000))
+    templates = tmp_path / "templates.yaml"
+    templates.write_text("templates: [" + ", ".join(f"'{{}} {i}'" for i in range(20)) + "]\nclasses: [{name: car}]\n")
+    with pytest.raises(VocabularyError, match="20 templates, at most 16"):
+        Vocabulary.from_yaml(templates)
+    assert len(Vocabulary.from_yaml(templates, VocabularyLimits(max_templates=20)).templates) == 20
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    with pytest.raises(VocabularyError, match="folder.yaml: is a folder"):
+        Vocabulary.from_yaml(folder)
+
+
+def test_an_error_quoting_a_value_stays_short():
+    """An aliased structure where a string belongs used to be quoted whole in the error (26 MB from 647 bytes)."""
+    nested = [["x" * 100] * 100] * 100
+    with pytest.raises(VocabularyError) as err:
+        Vocabulary.from_dict({"classes": [{"name": "car", "descriptions": [nested]}]})
+    assert len(str(err.value)) < 200
+
+
+def test_embedding_the_tokens_up_to_the_end_token_matches_open_clip(encoder):
+    """Cut to the longest text's end token, the causal text tower gives open_clip's full-context result."""
+    texts = ["a photo of a car.", "x", "a lidar scan of a construction vehicle parked beside a wet road."]
+    tokens = encoder.tokenizer(texts)
+    with torch.inference_mode():
+        full = encoder.model.encode_text(tokens)
+        cut = encoder._encode_tokens(tokens)
+    assert int((tokens != 0).sum(1).max()) < tokens.shape[1] // 3  # it did cut
+    np.testing.assert_allclose(cut.numpy(), full.numpy(), atol=1e-5)
+
+
+def test_text_rows_cached_in_memory_and_on_disk_per_encoder_weights(tmp_path):
+    """A new vocabulary embeds only the texts no earlier one had; a restarted encoder reads them from disk, and
+    only an encoder with the same weights does."""
+    import open_clip
+
+    calls = []
+
+    def counting(enc):
+        real = enc.embed_texts
+        enc.embed_texts = lambda texts, batch=256: calls.append(len(texts)) or real(texts, batch)
+        return enc
+
+    cold = counting(TextEncoder(TINY_TEXT_ENCODER, None, cache_dir=tmp_path))
+    first = cold.encode(Vocabulary.from_prompts(["car", "road"]))
+    assert calls == [12]  # 2 prompts x 6 templates
+    cold.encode(Vocabulary.from_prompts(["road", "car", "tree"]))
+    assert calls == [12, 6]  # only tree's texts
+    progress = []
+    warm = counting(TextEncoder(TINY_TEXT_ENCODER, None, cache_dir=tmp_path))
+    again = warm.encode(Vocabulary.from_prompts(["car", "road"]), progress=lambda d, t: progress.append((d, t)))
+    assert calls == [12, 6] and progress == [(2, 2)]
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+    shards = sorted((tmp_path).rglob("*.npz"))
+    assert len(shards) == 2 and all(s.parent.name.startswith(f"{TINY_TEXT_ENCODER}-") for s in shards)
+    shards[0].write_bytes(b"torn")  # a damaged shard is skipped, its rows embedded again
+    weights = tmp_path / "other.pt"
+    torch.save(open_clip.create_model(TINY_TEXT_ENCODER, pretrained=None).state_dict(), weights)  # unseeded
+    other = counting(TextEncoder(TINY_TEXT_ENCODER, str(weights), cache_dir=tmp_path))
+    assert other.fingerprint != cold.fingerprint
+    assert not np.allclose(other.encode(Vocabulary.from_prompts(["car", "road"])).embeddings, first.embeddings)
+    assert calls == [12, 6, 12]  # other weights: nothing read from the first encoder's rows
+    restarted = counting(TextEncoder(TINY_TEXT_ENCODER, None, cache_dir=tmp_path))
+    assert len(restarted.texts.skipped_shards) == 1
+    readable = len(restarted.texts)
+    assert readable in (6, 12)
+    restarted.encode(Vocabulary.from_prompts(["car", "road", "tree"]))
+    assert sum(calls[3:]) == 18 - readable  # the damaged shard's texts only

@@ -15,7 +15,8 @@ start at 1 and are never reused. The class of a track is smoothed: an exponentia
 instances' class votes (weight ``class_memory`` on the past), so one frame's wrong class does not flip it; the
 track's top classes with their shares are what ``~/detections`` reports.
 
-Layer: numpy + scipy (imported when the first frame is associated), no torch, no ROS, so the node and
+Layer: numpy + scipy (imported with this module, so a node pays it at start, not on its first tracked frame:
+484-969 ms there before), no torch, no ROS, so the node and
 ``sal-ros eval tracking`` run the same code. :func:`apply_tracks` rewrites a Segmentation with the track ids and
 smoothed classes, so the labeled cloud, the markers and the detections agree.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from sal_ros.core.types import InstanceSummary, OrientedBox, Segmentation
 
@@ -152,8 +154,6 @@ class Tracker:
         """(track index, instance index) pairs of the minimum-cost assignment within the gate."""
         if not self.tracks or not len(instances):
             return []
-        from scipy.optimize import linear_sum_assignment
-
         cfg = self.config
         predicted = np.stack([t.predicted(stamp_ns) for t in self.tracks])
         dist = np.linalg.norm(predicted[:, None, :] - centers[None, :, :], axis=2)

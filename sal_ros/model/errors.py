@@ -9,3 +9,12 @@ class ModelError(RuntimeError):
 
 class CheckpointError(ModelError):
     """A checkpoint file that cannot be loaded (missing, corrupt, other format, mismatching weights)."""
+
+
+class NonFiniteOutputError(ModelError):
+    """The model gave NaN for a frame (NaN weights, an overflow): the frame has no usable result; ``outputs`` names
+    which of its outputs."""
+
+    def __init__(self, outputs: list[str]):
+        super().__init__(f"non-finite model outputs: {', '.join(outputs)}")
+        self.outputs = outputs

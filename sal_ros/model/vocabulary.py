@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import reprlib
 import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -44,6 +45,7 @@ COMBINE = ("mean", "max")
 CONTEXT_LENGTH = 77  # CLIP text context, start and end tokens included
 MAX_CLASSES = 256
 MAX_CHARS = 200
+EMBED_STEP_DESCRIPTIONS = 16  # descriptions embedded per batch (x templates texts): the unit of progress
 
 # A width-64, one-layer random CLIP text tower with a 512-d output (ViT-B-16's embed_dim, so it pairs with the
 # default model config): encodes 20 prompts in milliseconds on CPU. For tests and plumbing demos only.
@@ -56,8 +58,26 @@ _TINY_CONFIG = {
 _RANDOM_SEED = 0
 
 
+def _short(value: Any) -> str:
+    """A repr for error messages, bounded whatever the value (an aliased YAML structure can stand for gigabytes)."""
+    short = reprlib.Repr()  # Python 3.11 takes no keyword arguments
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 40, 40
+    text = short.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class VocabularyError(ValueError):
     """A vocabulary (prompts, YAML file) that cannot be used; the text names the problem."""
+
+
+@dataclass(frozen=True)
+class VocabularyLimits:
+    """Bounds on a vocabulary file, checked before the work they bound (reading, tokenizing, embedding): a file
+    of 50k descriptions took 152 s and 3.7 GB to embed."""
+
+    max_file_bytes: int = 256 * 1024
+    max_descriptions: int = 1024  # all classes together; each is embedded once per template
+    max_templates: int = 16
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -68,15 +88,22 @@ def _bpe():
     return SimpleTokenizer()
 
 
+@lru_cache(maxsize=16384)
+def _token_count(text: str) -> int:
+    """BPE tokens of a prompt text (without start and end): a vocabulary's texts are checked where it is built and
+    again against the encoder that embeds it, so each is tokenized once."""
+    return len(_bpe().encode(text))
+
+
 def _check_text(text: Any, what: str, max_chars: int, templates: Sequence[str], context_length: int) -> str:
     if not isinstance(text, str):
-        raise VocabularyError(f"{what} must be a string, got {type(text).__name__} {text!r}")
+        raise VocabularyError(f"{what} must be a string, got {type(text).__name__} {_short(text)}")
     text = text.strip()
     if not text:
         raise VocabularyError(f"{what} is empty")
     if len(text) > max_chars:
         raise VocabularyError(f"{what} has {len(text)} characters (max {max_chars}): {text[:40]!r}...")
-    longest = max((len(_bpe().encode(t.format(text))) for t in templates), default=0)
+    longest = max((_token_count(t.format(text)) for t in templates), default=0)
     if longest + 2 > context_length:  # + start and end tokens
         raise VocabularyError(f"{what} {text[:40]!r} needs {longest + 2} tokens with its prompt template; "
                               f"the text encoder reads {context_length}")
@@ -142,26 +169,30 @@ class Vocabulary:
         return cls(tuple(VocabularyClass(n, (n,), True) for n in names), combine, tuple(templates), "prompts")
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "") -> "Vocabulary":
+    def from_dict(cls, d: dict, source: str = "", limits: VocabularyLimits = VocabularyLimits()) -> "Vocabulary":
         """``{classes: [{name, descriptions: [...], thing: bool}], combine: mean|max, templates: [...]}``.
 
-        ``descriptions`` defaults to ``[name]`` and ``thing`` to true.
+        ``descriptions`` defaults to ``[name]`` and ``thing`` to true. The counts are checked against ``limits``
+        before any text is looked at.
         """
+        what = source or "vocabulary"
         if not isinstance(d, dict):
-            raise VocabularyError(f"{source or 'vocabulary'}: expected a mapping with 'classes', got {type(d).__name__}")
+            raise VocabularyError(f"{what}: expected a mapping with 'classes', got {type(d).__name__}")
         unknown = set(d) - {"classes", "combine", "templates"}
         if unknown:
-            raise VocabularyError(f"{source or 'vocabulary'}: unknown keys {sorted(unknown)}")
+            raise VocabularyError(f"{what}: unknown keys {_short(sorted(map(str, unknown)))}")
         items = d.get("classes")
         if not isinstance(items, list) or not items:
-            raise VocabularyError(f"{source or 'vocabulary'}: 'classes' must be a non-empty list")
+            raise VocabularyError(f"{what}: 'classes' must be a non-empty list")
+        _check_counts(what, items, d.get("templates"), limits)
         classes = []
         for i, item in enumerate(items):
             if not isinstance(item, dict) or "name" not in item:
                 raise VocabularyError(f"{source or 'vocabulary'}: class {i} must be a mapping with a 'name'")
             extra = set(item) - {"name", "descriptions", "thing"}
             if extra:
-                raise VocabularyError(f"class {item['name']!r}: unknown keys {sorted(extra)}")
+                raise VocabularyError(f"class {_short(item['name'])}: unknown keys "
+                                      f"{_short(sorted(map(str, extra)))}")
             descriptions = item.get("descriptions", [item["name"]])
             if isinstance(descriptions, str) or not isinstance(descriptions, list):
                 raise VocabularyError(f"class {item['name']!r}: descriptions must be a list of strings")
@@ -173,14 +204,20 @@ class Vocabulary:
         return cls(tuple(classes), d.get("combine", "mean"), tuple(d.get("templates") or DEFAULT_TEMPLATES), source)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "Vocabulary":
+    def from_yaml(cls, path: str | Path, limits: VocabularyLimits = VocabularyLimits()) -> "Vocabulary":
+        """A vocabulary file: a regular file (a FIFO, device or folder is refused before it is opened) of at
+        most ``limits.max_file_bytes``, YAML within the alias budget, classes within the counts of ``limits``."""
         from sal_ros.core.yamlfile import load_yaml
 
         try:
-            data = load_yaml(path, "vocabulary file")
+            data = load_yaml(path, "vocabulary file", max_bytes=limits.max_file_bytes)
         except ValueError as exc:  # not a regular file, too large, not UTF-8, not YAML, an alias bomb
             raise VocabularyError(str(exc)) from None
-        return cls.from_dict(data, source=str(path))
+        except FileNotFoundError:
+            raise VocabularyError(f"vocabulary file {path}: not found") from None
+        except OSError as exc:
+            raise VocabularyError(f"vocabulary file {path}: {exc.strerror or exc}") from None
+        return cls.from_dict(data, source=str(path), limits=limits)
 
     def to_dict(self) -> dict:
         return {"combine": self.combine, "templates": list(self.templates),
@@ -205,6 +242,20 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.classes)
+
+
+def _check_counts(what: str, items: list, templates: Any, limits: VocabularyLimits) -> None:
+    """Classes, descriptions and templates within ``limits``, counted without reading a text."""
+    if len(items) > MAX_CLASSES:
+        raise VocabularyError(f"{what}: {len(items)} classes, at most {MAX_CLASSES} are supported")
+    described = [item.get("descriptions") if isinstance(item, dict) else None for item in items]
+    total = sum(len(x) if isinstance(x, list) else 1 for x in described)
+    if total > limits.max_descriptions:
+        raise VocabularyError(f"{what}: {total} descriptions, at most {limits.max_descriptions} "
+                              "(parameter vocabulary.max_descriptions)")
+    if isinstance(templates, list) and len(templates) > limits.max_templates:
+        raise VocabularyError(f"{what}: {len(templates)} templates, at most {limits.max_templates} "
+                              "(parameter vocabulary.max_templates)")
 
 
 # ------------------------------------------------------------------------------------------- embeddings
@@ -291,12 +342,16 @@ def load_open_clip(model_name: str, pretrained: str | None, text_only: bool = Fa
 
 
 class TextEncoder:
-    """open_clip text tower (the vision tower is dropped after loading) with an LRU cache of embeddings."""
+    """open_clip text tower (the vision tower is dropped after loading) with caches of embeddings: whole
+    vocabularies (LRU of ``cache_size``) and single prompt texts (in memory, and on disk under ``cache_dir``;
+    sal_ros.model.text_cache)."""
 
     def __init__(self, model_name: str = "ViT-B-16", pretrained: str | None = None, device: str = "cpu",
-                 cache_size: int = 16) -> None:
+                 cache_size: int = 16, cache_dir: str | os.PathLike | None = None) -> None:
         import open_clip
         import torch
+
+        from sal_ros.model.text_cache import TextEmbeddingCache, weights_fingerprint
 
         self.model_name, self.pretrained = model_name, pretrained or None
         self.device = torch.device(device)
@@ -308,8 +363,10 @@ class TextEncoder:
         self.context_length = int(getattr(self.tokenizer, "context_length", CONTEXT_LENGTH))
         self.embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
         self.identity = encoder_identity(model_name, self.pretrained)
+        self.fingerprint = weights_fingerprint(self.model)
         self._cache: OrderedDict[str, TextEmbeddings] = OrderedDict()
         self._cache_size = cache_size
+        self.texts = TextEmbeddingCache(f"{model_name}-{self.fingerprint[:16]}", cache_dir)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -320,8 +377,10 @@ class TextEncoder:
             raise ModelError(f"{what} predicts {token_dim}-d tokens but text encoder {self.identity} embeds "
                              f"{self.embed_dim}-d: use the text encoder the model was trained with")
 
-    def encode(self, vocabulary: Vocabulary | Sequence[str], version: int = 0) -> TextEmbeddings:
-        """Embeddings of a vocabulary (a list of prompts counts as ``Vocabulary.from_prompts``), cached."""
+    def encode(self, vocabulary: Vocabulary | Sequence[str], version: int = 0,
+               progress: Callable[[int, int], None] | None = None) -> TextEmbeddings:
+        """Embeddings of a vocabulary (a list of prompts counts as ``Vocabulary.from_prompts``), cached.
+        ``progress(done, total)`` is called with the descriptions embedded so far (it may raise to abandon)."""
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = Vocabulary.from_prompts(vocabulary)
         key = vocabulary.key
@@ -330,31 +389,76 @@ class TextEncoder:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return replace(hit, version=version)
-            out = self._encode(vocabulary, version)
+            out = self._encode(vocabulary, version, progress)
             self._cache[key] = out
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return out
 
     def embed_texts(self, texts: Sequence[str], batch: int = 256) -> np.ndarray:
-        """(len(texts), D) float32 unit rows."""
+        """(len(texts), D) float32 unit rows, computed (not cached)."""
         import torch
 
         rows = []
         with torch.inference_mode():
             for i in range(0, len(texts), batch):
                 tokens = self.tokenizer(list(texts[i:i + batch])).to(self.device)
-                rows.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
+                rows.append(torch.nn.functional.normalize(self._encode_tokens(tokens).float(), dim=-1).cpu())
         return torch.cat(rows).numpy()
 
-    def _encode(self, vocab: Vocabulary, version: int) -> TextEmbeddings:
+    def _encode_tokens(self, tokens):
+        """open_clip's ``encode_text``, on the tokens up to the longest text's end token: under the causal mask a
+        position never sees the padding after it, and the pooled end token is within, so the result is the same
+        (to float rounding) for a fraction of the work (a prompt is ~10 of the 77 positions)."""
+        import open_clip
+        import torch
+
+        model = self.model
+        if not (isinstance(model, open_clip.CLIP) and model.attn_mask is not None
+                and model.text_pool_type == "argmax" and getattr(model.transformer, "batch_first", True)):
+            return model.encode_text(tokens)
+        n = int((tokens != 0).any(0).nonzero().max()) + 1  # 0 pads every text after its end token
+        tokens = tokens[:, :n]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = x[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]
+        if model.text_projection is None:
+            return x
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
+
+    def _embed_cached(self, texts: list[str], per_step: int, progress: Callable[[int, int], None] | None,
+                      total: int) -> np.ndarray:
+        """Rows of ``texts``: from the text cache, the rest embedded ``per_step`` texts at a time (and cached);
+        ``progress`` after each step with the share of ``total`` (descriptions) done."""
+        rows = [self.texts.get(t) for t in texts]
+        # shortest first: a batch runs to its longest text, so texts of one length batch together
+        missing = sorted((i for i, r in enumerate(rows) if r is None), key=lambda i: _token_count(texts[i]))
+        done_before = len(texts) - len(missing)
+        if progress is not None:
+            progress(done_before * total // max(len(texts), 1), total)
+        for start in range(0, len(missing), per_step):
+            step = missing[start:start + per_step]
+            new = self.embed_texts([texts[i] for i in step], batch=per_step)
+            self.texts.put([texts[i] for i in step], new)
+            for i, row in zip(step, new):
+                rows[i] = row
+            if progress is not None:
+                progress((done_before + start + len(step)) * total // len(texts), total)
+        return np.stack(rows) if rows else np.zeros((0, self.embed_dim), np.float32)
+
+    def _encode(self, vocab: Vocabulary, version: int,
+                progress: Callable[[int, int], None] | None = None) -> TextEmbeddings:
         for c in vocab.classes:  # this tokenizer's context may be shorter than CLIP's 77
             for d in c.descriptions:
                 _check_text(d, f"class {c.name!r} description", MAX_CHARS, vocab.templates, self.context_length)
         descriptions = [d for c in vocab.classes for d in c.descriptions]
         owner = np.repeat(np.arange(len(vocab)), [len(c.descriptions) for c in vocab.classes])
         t = len(vocab.templates)
-        flat = self.embed_texts([tpl.format(d) for d in descriptions for tpl in vocab.templates])
+        texts = [tpl.format(d) for d in descriptions for tpl in vocab.templates]
+        flat = self._embed_cached(texts, EMBED_STEP_DESCRIPTIONS * t, progress, len(descriptions))
         per_description = _unit(flat.reshape(len(descriptions), t, -1).mean(1))
         if vocab.combine == "mean":
             sums = np.zeros((len(vocab), per_description.shape[1]), np.float64)
@@ -402,5 +506,5 @@ def tiny_text_encoder(device: str = "cpu") -> TextEncoder:
     return TextEncoder(TINY_TEXT_ENCODER, None, device)
 
 
-__all__ = ["Vocabulary", "VocabularyClass", "VocabularyError", "TextEncoder", "TextEmbeddings", "validate_prompts",
+__all__ = ["Vocabulary", "VocabularyClass", "VocabularyError", "VocabularyLimits", "TextEncoder", "TextEmbeddings", "validate_prompts",
            "tiny_text_encoder", "TINY_TEXT_ENCODER", "DEFAULT_TEMPLATES", "ModelError"]

@@ -1,7 +1,10 @@
 """The skeleton both sensor nodes share: declared inputs, counters, one worker thread, ~/stats and /diagnostics.
 
-A subclass declares its own parameters, starts its worker with :meth:`SensorNode.start`, and says what its
-stats record and diagnostics hold. Callbacks only hand synced frames to the worker's latest-only slot.
+A subclass declares its own parameters, says what ``configure`` loads and starts (its worker, through
+:meth:`SensorNode.start_worker`) and ``activate`` subscribes (:meth:`SensorNode.start_inputs`), and what its stats
+record and diagnostics hold. A plain node does both at construction (:meth:`SensorNode.bring_up`); the managed
+variant (:func:`managed`) on its lifecycle transitions. Callbacks only hand synced frames to the worker's
+latest-only slot.
 """
 from __future__ import annotations
 
@@ -70,11 +73,6 @@ class SensorNode(Node):
     @property
     def taking_input(self) -> bool:
         return hasattr(self, "inputs")
-
-    def start(self, worker: Worker) -> None:
-        """Start ``worker`` (its setup first), then subscribe and start the ~/stats and /diagnostics timers."""
-        self.start_worker(worker)
-        self.start_inputs()
 
     def start_worker(self, worker: Worker) -> None:
         """Start ``worker`` and wait for its setup (e.g. the model loading on its thread)."""

@@ -90,6 +90,25 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "ignored at start when vocabulary_file is set.", dynamic=True),
     ParamSpec("vocabulary_file", "string", "",
               "Vocabulary YAML (classes with descriptions and thing/stuff); overrides prompts at start.", dynamic=True),
+    ParamSpec("allow_duplicate", "bool", True,
+              "Another node of this name in the ROS graph (both answer every cloud and share one set_parameters "
+              "service): true: run, logged as an error, counted (duplicate_name) and an ERROR '<node>: name' "
+              "status in /diagnostics while it lasts (a crashed node's ghost stays ~20 s); false: refuse to start, "
+              "naming the other (sal-ros run --refuse-duplicate)."),
+    ParamSpec("duplicate_check_s", "double", 2.0,
+              "With allow_duplicate false: how long after its creation the node looks for a namesake before it "
+              "starts (a namesake found ends the wait). 0: no check.", range=(0.0, 600.0)),
+    ParamSpec("vocabulary.max_file_bytes", "int", 256 * 1024,
+              "Largest vocabulary_file read (bytes); a bigger one is refused before it is read.", range=(1, 1 << 30)),
+    ParamSpec("vocabulary.max_descriptions", "int", 1024,
+              "Most descriptions a vocabulary_file may hold, all classes together (each is embedded once per "
+              "template).", range=(1, 1_000_000)),
+    ParamSpec("vocabulary.max_templates", "int", 16, "Most prompt templates a vocabulary_file may list.",
+              range=(1, 1000)),
+    ParamSpec("text_encoder.cache_dir", "string", "",
+              "Folder of the text embedding cache (one row per prompt text, per encoder and weights; read at start, "
+              "so a restarted node embeds known prompts at once). Empty: $SAL_ROS_CACHE/text_embeddings, default "
+              "~/.cache/sal_ros/text_embeddings. 'none': memory only."),
     ParamSpec("score_threshold", "double", SCORE_THRESHOLD,
               "Points whose segment score is below this get label 0 and instance 0.", range=(0.0, 1.0), dynamic=True),
     ParamSpec("min_instance_points", "int", 1,
@@ -121,7 +140,8 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "(Autoware's debug topics; stamped with the cloud's stamp).", dynamic=True),
     ParamSpec("filter.classes", "string_array", [],
               "Class names (of the active vocabulary) whose points ~/filtered leaves out, e.g. [road, vegetation]. "
-              "Empty: ~/filtered is the input cloud.", dynamic=True),
+              "Empty: ~/filtered is the input cloud (clear it at run time with \"['']\": `ros2 param set` takes [] for a "
+              "bool array).", dynamic=True),
     ParamSpec("markers.min_points", "int", 5, "Instances with fewer points get no marker.", range=(1, 100000),
               dynamic=True),
     ParamSpec("tracking.enable", "bool", True,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,13 +39,16 @@ from sal_ros.core.msgtypes import rclpy_types
 from sal_ros.core.pointcloud2 import CloudEncoder
 from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
 from sal_ros.core.types import Frame, Segmentation
+from sal_ros.model.errors import NonFiniteOutputError
 from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import outputs
 from sal_ros.nodes import params as P
 from sal_ros.nodes.base import SensorNode
+from sal_ros.nodes.namesakes import Namesakes
 from sal_ros.nodes.qos import latched, profile
-from sal_ros.nodes.stats import throttled
-from sal_ros.nodes.vocabulary import ActiveVocabulary, VocabularyChanges, initial_vocabulary
+from sal_ros.nodes.stats import Throttle, throttled
+from sal_ros.nodes.vocabulary import (ActiveVocabulary, VocabularyChanges, diagnostic_status, initial_vocabulary,
+                                      limits_of, status_record)
 from sal_ros.nodes.worker import Worker
 
 OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary", "filtered")
@@ -58,18 +62,27 @@ SEGMENTER_CONFIG_PARAMS = ("score_threshold", "min_instance_points", "max_points
 class SegmenterNode(SensorNode):
     def __init__(self, **node_kwargs: Any) -> None:
         super().__init__(P.SEGMENTER_NODE, P.SEGMENTER_PARAMS, **node_kwargs)
+        self.namesakes = Namesakes(self)
         self._specs = {s.name: s for s in P.node_specs(P.SEGMENTER_NODE)}
         self._types = rclpy_types()
+        self.startup_events: list[str] = []  # what start-up did, in order (warm-up comes before ready)
+        self._first_frame_ms: dict[str, float] | None = None  # the first real frame's stage times
         self._model_lock = threading.Lock()  # one model call at a time; vocabulary swaps happen between frames
         self.vocabulary = VocabularyChanges(self._encode_vocabulary, self._install_vocabulary, self._model_lock,
-                                            self._announce_vocabulary, self._vocabulary_failed)
+                                            self._announce_vocabulary, self._vocabulary_failed,
+                                            self._vocabulary_status_changed)
+        self._status_throttle = Throttle()
         self.device = self._choose_device(self.values["model.device"])
         self.tracker = Tracker(self._tracker_config())
         self._poses, self._last_pose = self._pose_source(), None
         self._make_publishers(self.cameras)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
-        self.bring_up()
+        try:
+            self.bring_up()
+        except BaseException:
+            self.destroy_node()  # out of the ROS graph at once: a node refused at start is no namesake to others
+            raise
 
     # --------------------------------------------------------------------------------------------- lifecycle
 
@@ -84,9 +97,12 @@ class SegmenterNode(SensorNode):
         problem = self._unknown_filter_classes(self.values["filter.classes"])
         if problem:
             raise ValueError(problem)
+        if not self.values["allow_duplicate"]:
+            self.namesakes.refuse(float(self.values["duplicate_check_s"]))
 
     def activate(self) -> None:
         self.start_inputs()
+        self.startup_events.append("ready")
         self.get_logger().info(
             f"listening on {self.inputs.topics['cloud']} with cameras {[c.name for c in self.cameras]}; "
             f"model on {self.device}, torch threads: {self._torch_threads}; "
@@ -124,7 +140,31 @@ class SegmenterNode(SensorNode):
             _leave_a_core_for_callbacks()
         self._torch_threads = torch.get_num_threads()
         self._text_encoder, self._segmenter = self._load_model()
+        self.startup_events.append("model loaded")
         self.vocabulary.start(initial_vocabulary(self.values))
+        self.startup_events.append("vocabulary")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Pay what a first frame would before the node says it is ready: one model pass on a synthetic scan of
+        realistic size (kernel and allocator set-up, buffers), the tracker (its assignment solver) and every
+        output message built from that result (codec buffers, marker pool), published nowhere."""
+        from sal_ros.core.types import Frame
+        from sal_ros.model.segmenter import warm_up
+
+        t0 = time.perf_counter()
+        xyz, intensity, seg = warm_up(self._segmenter)
+        t1 = time.perf_counter()
+        tracker = Tracker(self._tracker_config())  # a throwaway: the node's tracker starts empty
+        tracker.update(seg.instances, 0, None, seg.vocabulary_version)
+        tracking = tracker.update(seg.instances, 1, None, seg.vocabulary_version)
+        frame = Frame(1, "warm_up", xyz, intensity)
+        wanted = {name: True for name in OUTPUTS if name != "overlays"} | {"overlays": set()}
+        self._publish(frame, seg, wanted, tracking, {}, send=lambda publisher, message: None)
+        self.startup_events.append("warm-up")
+        self.get_logger().info(f"warm-up: model on a synthetic scan of {len(seg.label)} points in "
+                               f"{(t1 - t0) * 1e3:.0f} ms, tracking and outputs in "
+                               f"{(time.perf_counter() - t1) * 1e3:.0f} ms")
 
     def _load_model(self) -> tuple[Any, Any]:
         from sal_ros.model.segmenter import Segmenter
@@ -135,7 +175,8 @@ class SegmenterNode(SensorNode):
             self.get_logger().warning(
                 f"text_encoder.pretrained is empty: {v['text_encoder.model']} has RANDOM weights, so class names "
                 "are meaningless; set an open_clip tag or a local weights file")
-        encoder = TextEncoder(v["text_encoder.model"], v["text_encoder.pretrained"] or None, self.device)
+        encoder = TextEncoder(v["text_encoder.model"], v["text_encoder.pretrained"] or None, self.device,
+                              cache_dir=_cache_dir(v["text_encoder.cache_dir"]))
         if not v["model.checkpoint"]:
             self.get_logger().warning(
                 "model.checkpoint is empty: running a TINY RANDOM-WEIGHT model to try the plumbing; "
@@ -151,8 +192,8 @@ class SegmenterNode(SensorNode):
         """The vocabulary the model runs with."""
         return self.vocabulary.active
 
-    def _encode_vocabulary(self, vocabulary: Any, version: int) -> Any:
-        return self._text_encoder.encode(vocabulary, version=version)
+    def _encode_vocabulary(self, vocabulary: Any, version: int, progress: Any = None) -> Any:
+        return self._text_encoder.encode(vocabulary, version=version, progress=progress)
 
     def _install_vocabulary(self, embeddings: Any) -> None:
         self._segmenter.set_embeddings(embeddings)
@@ -166,6 +207,18 @@ class SegmenterNode(SensorNode):
         self.stats.count("error.vocabulary")
         self.get_logger().error(f"vocabulary change from {source} failed, keeping v{self.active.version}: {exc}")
 
+    def _vocabulary_status_changed(self) -> None:
+        """Publish the change status on ~/debug/vocabulary: at once when a change starts or ends, at most twice
+        a second while it embeds."""
+        status = self.vocabulary.status()
+        if status["state"] == "re-embedding" and 0 < status["done"] < status["total"] \
+                and not self._status_throttle.ready("progress", 0.5):
+            return
+        if hasattr(self, "_pub_vocabulary_json") and self.active is not None:
+            from std_msgs.msg import String
+
+            self._pub_vocabulary_json.publish(String(data=status_record(self.active, status)))
+
     def _publish_vocabulary(self, active: ActiveVocabulary) -> None:
         from std_msgs.msg import String
 
@@ -173,7 +226,7 @@ class SegmenterNode(SensorNode):
         encoder = f"{v['text_encoder.model']} ({v['text_encoder.pretrained'] or 'random weights'})"
         self._pub_vocabulary.publish(outputs.vocabulary_message(
             active.version, active.vocabulary, active.palette, encoder, self.get_clock().now().to_msg()))
-        self._pub_vocabulary_json.publish(String(data=outputs.vocabulary_record(active.version, active.vocabulary)))
+        self._pub_vocabulary_json.publish(String(data=status_record(active, self.vocabulary.status())))
 
     # -------------------------------------------------------------------------------------------- parameters
 
@@ -190,7 +243,7 @@ class SegmenterNode(SensorNode):
             problem = P.check_value(spec, param.value)
             try:
                 if not problem and (param.name == "prompts" or (param.name == "vocabulary_file" and param.value)):
-                    self.vocabulary.check(param.name, param.value)
+                    self.vocabulary.check(param.name, param.value, limits_of(self.values))
                 elif not problem and param.name == "filter.classes":
                     problem = self._unknown_filter_classes(list(param.value))
             except (VocabularyError, OSError, ValueError) as exc:
@@ -204,7 +257,7 @@ class SegmenterNode(SensorNode):
         """Why ``filter.classes`` cannot be ``names``: a name the active vocabulary does not have."""
         if self.active is None:
             return None  # not configured: checked at configure
-        unknown = [n for n in names if n not in self.active.class_names]
+        unknown = [n for n in names if n and n not in self.active.class_names]  # "": no class (clears the filter)
         if unknown:
             return (f"filter.classes: {unknown} not in the vocabulary (v{self.active.version}: "
                     f"{list(self.active.class_names)})")
@@ -310,6 +363,9 @@ class SegmenterNode(SensorNode):
         self.stats.count("processed")
         for stage, ms in (*stages.items(), ("publish", t4 - t3), ("total", t4 - t0)):
             self.stats.time(stage, ms * 1e3)
+        if self._first_frame_ms is None:  # what a first frame costs after warm-up, beside the medians in ~/stats
+            self._first_frame_ms = {stage: round(s * 1e3, 2) for stage, s in
+                                    (*stages.items(), ("publish", t4 - t3), ("total", t4 - t0))}
         for stage, ms in seg.timings_ms.items():
             self.stats.time("model." + stage, ms)
         latency = None
@@ -353,6 +409,11 @@ class SegmenterNode(SensorNode):
         try:
             with self._model_lock:
                 return self._segmenter.run(cloud)
+        except NonFiniteOutputError as exc:  # NaN weights or an overflow: the frame is skipped, the node goes on
+            self.stats.count("error.nonfinite_logits")
+            self.health.error("nonfinite_logits")
+            self.get_logger().error(f"frame at {frame.stamp_ns} skipped: {exc}", **throttled())
+            return None
         except Exception as exc:  # noqa: BLE001 - OOM after the Segmenter's retry, bad model state: skip the frame
             self.stats.count("error.model")
             self.health.error("model")
@@ -448,42 +509,46 @@ class SegmenterNode(SensorNode):
         return result
 
     def _publish(self, frame: Frame, seg: Segmentation, wanted: dict[str, Any], tracking: TrackingResult | None = None,
-                 timings_ms: dict[str, float] | None = None) -> None:
+                 timings_ms: dict[str, float] | None = None, send: Any = None) -> None:
+        """Build the wanted outputs of a frame and ``send(publisher, message)`` each (default: publish it)."""
         from std_msgs.msg import String
+
+        send = send or (lambda publisher, message: publisher.publish(message))
 
         active = self.active  # class_colors depends on the class count only: reuse the active vocabulary's
         same = len(active.class_names) == len(seg.class_names)
         palette = active.palette if same else outputs.class_colors(len(seg.class_names))
         if wanted.get("detections"):
             classes = None if tracking is None else {t.track_id: t.classes for t in tracking.by_instance.values()}
-            self._pub_detections.publish(outputs.detections_message(
+            send(self._pub_detections, outputs.detections_message(
                 seg.instances, frame.frame_id, frame.stamp_ns, seg.class_names, self._types, classes))
         if wanted.get("frame_summary"):
             used_fixed = tracking is not None and self._last_pose is not None
-            self._pub_summary.publish(outputs.frame_summary_message(
+            send(self._pub_summary, outputs.frame_summary_message(
                 seg, frame.frame_id, frame.stamp_ns, frame.num_points, self._types, frame.missing_cameras,
                 timings_ms, tracking, self.values["tracking.fixed_frame"] if used_fixed else frame.frame_id))
         if wanted["labeled_points"]:
-            self._pub_cloud.publish(outputs.labeled_cloud(
+            send(self._pub_cloud, outputs.labeled_cloud(
                 frame.points, frame.intensity, seg, frame.frame_id, frame.stamp_ns, self._types, palette,
                 self._cloud_encoder))
         if wanted["info"]:
             record = outputs.frame_record(frame.stamp_ns, frame.frame_id, seg, frame.num_points, frame.missing_cameras)
-            self._pub_info.publish(String(data=record))
+            send(self._pub_info, String(data=record))
         if wanted["markers"]:
-            self._pub_markers.publish(outputs.instance_markers(
+            send(self._pub_markers, outputs.instance_markers(
                 seg.instances, frame.frame_id, frame.stamp_ns, palette, self._types, self.values["markers.min_points"],
                 vocabulary_version=seg.vocabulary_version, tracked=tracking is not None, pool=self._marker_pool))
         for name in wanted["overlays"]:
             view = frame.cameras.get(name)
             if view is not None:
-                self._pub_overlays[name].publish(outputs.overlay_message(
+                send(self._pub_overlays[name], outputs.overlay_message(
                     view, frame.points, seg.label, palette, self.values["overlay.point_radius"], self._types))
 
     # ------------------------------------------------------------------------------------------------- stats
 
     def stats_extra(self) -> dict[str, Any]:
-        return {"vocabulary_version": self.active.version,
+        return {"vocabulary_version": self.active.version, "vocabulary": self.vocabulary.status(),
+                "first_frame_ms": self._first_frame_ms,
                 "slot": {"accepted": self.worker.slot.accepted, "replaced": self.worker.slot.replaced}}
 
     def diagnostic_statuses(self, window: Any) -> list:
@@ -495,12 +560,23 @@ class SegmenterNode(SensorNode):
             D.model_status(name, v["model.device"], self.device, self.active.version, len(self.active.class_names),
                            getattr(self, "_torch_threads", None),
                            len(self.tracker.tracks) if v["tracking.enable"] else None),
+            diagnostic_status(name, self.vocabulary.status()),
+            self.namesakes.status(self.stats),
         ]
 
     def destroy_node(self) -> None:
         if hasattr(self, "vocabulary"):  # absent when __init__ failed early
             self.vocabulary.shutdown()
         super().destroy_node()
+
+
+def _cache_dir(value: str) -> Any:
+    """The text embedding cache folder a ``text_encoder.cache_dir`` value names (None: memory only)."""
+    from sal_ros.model.text_cache import default_cache_dir
+
+    if value == "none":
+        return None
+    return Path(value).expanduser() if value else default_cache_dir()
 
 
 def _leave_a_core_for_callbacks() -> None:

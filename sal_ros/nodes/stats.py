@@ -83,6 +83,7 @@ DROP_REASONS = {
     "error.malformed_cloud": "malformed",
     "error.too_many_points": "too_many_points",  # max_points_policy reject
     "error.model": "model",
+    "error.nonfinite_logits": "nonfinite_output",  # NaN / inf model outputs (e.g. a checkpoint with NaN weights)
     "error.unexpected": "unexpected",
     "error.store": "store",  # recorder: the store is held by another process
     "error.write_failed": "write_failed",  # recorder: full disk, read-only folder
@@ -91,7 +92,7 @@ DROP_REASONS = {
 }
 DONE = ("processed", "recorded")
 # Counters that say something about a cloud but not its fate (it goes on, or they count points, cameras, events).
-NOT_FATES = ("matched", "partial", "error.empty_cloud", "error.late_cloud", "error.zero_stamp", "error.negative_stamp",
+NOT_FATES = ("duplicate_name", "matched", "partial", "error.empty_cloud", "error.late_cloud", "error.zero_stamp", "error.negative_stamp",
              "error.tracking", "error.vocabulary", "nonfinite_points", "out_of_range_points", "pose_missing",
              "subsampled", "time_jump_back", "tracking_pose_missing", "warning.intensity_ignored")
 

@@ -1,13 +1,20 @@
 """The segmenter's vocabulary at run time: parameter values parsed once, embedded in the background, versioned.
 
 A change of ``prompts`` or ``vocabulary_file`` is parsed into a :class:`~sal_ros.model.vocabulary.Vocabulary`
-once, in the on-set callback (a value that does not parse is refused with the reason); the post-set callback
-hands that same value to one background thread, which embeds it and swaps it into the model between two frames
-under the next version number. A change queued behind a newer one is skipped, so the newest request wins. Frames
-keep flowing with the old vocabulary meanwhile.
+once, in the on-set callback, within bounded work: prompts are counted and tokenized (at most 256 of 200
+characters), a file is read only when it is a regular file within ``vocabulary.max_file_bytes`` (a FIFO, device
+or folder is refused before it is opened) and its classes, descriptions and templates within their limits. A
+value that does not parse is refused with the reason. The post-set callback hands that same Vocabulary to one
+background thread, which embeds it (text embeddings cached per prompt text, sal_ros.model.text_cache) and swaps
+it into the model between two frames under the next version number; frames keep flowing with the old vocabulary
+meanwhile. The newest request wins: a request for the vocabulary already pending or active changes nothing, and
+a newer request abandons an older one between two embedding batches, so what the parameter says is what the
+model gets. While a change is pending, :meth:`VocabularyChanges.status` says so ("re-embedding 48/256"); a change
+that failed is reported until a later one succeeds.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +23,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import outputs
+
 
 @dataclass(frozen=True)
 class ActiveVocabulary:
@@ -33,41 +42,66 @@ class ActiveVocabulary:
         return cls(version, vocabulary, names, outputs.class_colors(len(names)))
 
 
-def parse_vocabulary(name: str, value: Any) -> Any:
-    """The Vocabulary a ``prompts`` list or a ``vocabulary_file`` path names; raises VocabularyError, OSError or
-    ValueError with the reason."""
+def limits_of(values: dict) -> Any:
+    """The node's vocabulary file limits (parameters vocabulary.*)."""
+    from sal_ros.model.vocabulary import VocabularyLimits
+
+    return VocabularyLimits(int(values["vocabulary.max_file_bytes"]), int(values["vocabulary.max_descriptions"]),
+                            int(values["vocabulary.max_templates"]))
+
+
+def parse_vocabulary(name: str, value: Any, limits: Any) -> Any:
+    """The Vocabulary a ``prompts`` list or a ``vocabulary_file`` path names; raises VocabularyError (a
+    ValueError) with the reason."""
     from sal_ros.model.vocabulary import Vocabulary
 
     if name == "vocabulary_file":
-        return Vocabulary.from_yaml(value)
+        return Vocabulary.from_yaml(value, limits)
     return Vocabulary.from_prompts(list(value))
 
 
 def initial_vocabulary(values: dict) -> Any:
     """The vocabulary a node starts with: ``vocabulary_file`` when set, else ``prompts``."""
     if values["vocabulary_file"]:
-        return parse_vocabulary("vocabulary_file", values["vocabulary_file"])
-    return parse_vocabulary("prompts", values["prompts"])
+        return parse_vocabulary("vocabulary_file", values["vocabulary_file"], limits_of(values))
+    return parse_vocabulary("prompts", values["prompts"], limits_of(values))
+
+
+class Superseded(Exception):
+    """Raised into an embedding run that a newer request replaced."""
+
+
+@dataclass
+class _Pending:
+    request: int
+    source: str
+    vocabulary: Any
+    done: int = 0
+    total: int = 0
 
 
 class VocabularyChanges:
-    """Parsed vocabulary requests, handed to one background thread that embeds and activates them in order.
+    """Parsed vocabulary requests, handed to one background thread that embeds and activates the newest.
 
-    ``encode(vocabulary, version)`` gives the text embeddings, ``install(embeddings)`` puts them into the model;
-    both happen under ``swap_lock`` (the node's model lock) together with the change of ``active``, so a frame
-    sees one vocabulary. ``announce(active, ms)`` publishes a new active vocabulary; ``fail(source, exc)``
-    reports a change that failed (the old vocabulary stays active).
+    ``encode(vocabulary, version, progress)`` gives the text embeddings, ``install(embeddings)`` puts them into the
+    model; the install happens under ``swap_lock`` (the node's model lock) together with the change of ``active``,
+    so a frame sees one vocabulary. ``announce(active, ms)`` publishes a new active vocabulary; ``fail(source,
+    exc)`` reports a change that failed (the old vocabulary stays active); ``changed()`` is called when the status
+    changes (a batch embedded, a request queued, superseded, failed or activated).
     """
 
-    def __init__(self, encode: Callable[[Any, int], Any], install: Callable[[Any], None], swap_lock: Any,
-                 announce: Callable[[ActiveVocabulary, float], None],
-                 fail: Callable[[str, BaseException], None]) -> None:
+    def __init__(self, encode: Callable[..., Any], install: Callable[[Any], None], swap_lock: Any,
+                 announce: Callable[[ActiveVocabulary, float], None], fail: Callable[[str, BaseException], None],
+                 changed: Callable[[], None] = lambda: None) -> None:
         self._encode, self._install, self._swap_lock = encode, install, swap_lock
-        self._announce, self._fail = announce, fail
+        self._announce, self._fail, self._changed = announce, fail, changed
         self._lock = threading.Lock()
-        self._request = 0
+        self._request = 0  # requests numbered in arrival order
+        self._pending: _Pending | None = None  # the newest request not active yet
         self._parsed: dict[tuple[str, Any], Any] = {}  # on-set -> post-set hand-off, keyed by (name, value)
         self.active: ActiveVocabulary | None = None
+        self.failed: str | None = None  # why the newest change failed, until a later one becomes active
+        self.superseded = 0
         # one torch thread: PyTorch's OpenMP pool serves the thread that first used it (the worker)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sal_vocabulary",
                                           initializer=_one_torch_thread)
@@ -76,55 +110,109 @@ class VocabularyChanges:
         """Activate the first vocabulary (version 1) on the calling thread."""
         return self._activate(vocabulary, 1)
 
-    def _activate(self, vocabulary: Any, version: int) -> ActiveVocabulary:
+    def check(self, name: str, value: Any, limits: Any) -> Any:
+        """Parse a new parameter value (on-set callback); raises with the reason when it cannot be used."""
+        vocabulary = parse_vocabulary(name, value, limits)
+        with self._lock:
+            self._parsed[(name, _hashable(value))] = vocabulary
+            while len(self._parsed) > 8:  # checked values whose set failed on another parameter
+                self._parsed.pop(next(iter(self._parsed)))
+        return vocabulary
+
+    def request(self, name: str, value: Any) -> None:
+        """Queue the Vocabulary ``check`` parsed for this value (post-set callback); the newest request wins."""
+        with self._lock:
+            vocabulary = self._parsed.pop((name, _hashable(value)), None)
+            if vocabulary is None:  # cannot happen through rclpy, which runs the on-set check first
+                raise RuntimeError(f"{name}: request without a check")
+            if self._pending is not None and self._pending.vocabulary.key == vocabulary.key:
+                return  # already pending (e.g. a set_parameters sent twice): no new version
+            if self._pending is None and self.active is not None and self.active.vocabulary.key == vocabulary.key:
+                self.failed = None  # the parameter names the active vocabulary again
+                pending = None
+            else:
+                self.superseded += self._pending is not None
+                self._request += 1
+                pending = self._pending = _Pending(self._request, name, vocabulary, 0, _descriptions(vocabulary))
+        self._changed()
+        if pending is not None:
+            self._thread.submit(self._run, pending)
+
+    def status(self) -> dict:
+        """``{"state": "active" | "re-embedding" | "failed", "text": ..., "active_version", ...}``."""
+        with self._lock:
+            pending, failed, active = self._pending, self.failed, self.active
+        out: dict[str, Any] = {"active_version": active.version if active else 0, "superseded": self.superseded}
+        if pending is not None:
+            out.update(state="re-embedding", text=f"re-embedding {pending.done}/{pending.total}",
+                       source=pending.source, classes=len(pending.vocabulary), done=pending.done, total=pending.total)
+        elif failed is not None:
+            out.update(state="failed", text=f"failed, v{out['active_version']} stays active: {failed}")
+        else:
+            out.update(state="active", text=f"v{out['active_version']} active")
+        return out
+
+    def _activate(self, vocabulary: Any, version: int, progress: Callable[[int, int], None] | None = None
+                  ) -> ActiveVocabulary:
         """Embed ``vocabulary`` and swap it into the model between two frames."""
-        embeddings = self._encode(vocabulary, version)
+        embeddings = self._encode(vocabulary, version, progress)
         active = ActiveVocabulary.of(vocabulary, version)
         with self._swap_lock:
             self._install(embeddings)
             self.active = active
         return active
 
-    def check(self, name: str, value: Any) -> Any:
-        """Parse a new parameter value (on-set callback); raises with the reason when it cannot be used."""
-        vocabulary = parse_vocabulary(name, value)
-        with self._lock:
-            self._parsed[(name, _hashable(value))] = vocabulary
-        return vocabulary
+    def _run(self, pending: _Pending) -> None:
+        def progress(done: int, total: int) -> None:
+            with self._lock:
+                if pending is not self._pending:
+                    raise Superseded()
+                pending.done, pending.total = done, total
+            self._changed()
 
-    def request(self, name: str, value: Any) -> None:
-        """Queue the value ``check`` parsed (post-set callback); the newest request wins."""
-        with self._lock:
-            vocabulary = self._parsed.pop((name, _hashable(value)), None)
-            self._request += 1
-            request = self._request
-        if vocabulary is None:  # set without the on-set check (cannot happen through rclpy): parse on the thread
-            self._thread.submit(self._parse_and_run, request, name, value)
-        else:
-            self._thread.submit(self._run, request, name, vocabulary)
-
-    def _parse_and_run(self, request: int, name: str, value: Any) -> None:
-        try:
-            vocabulary = parse_vocabulary(name, value)
-        except Exception as exc:  # noqa: BLE001 - reported; the old vocabulary stays
-            self._fail(name, exc)
-            return
-        self._run(request, name, vocabulary)
-
-    def _run(self, request: int, source: str, vocabulary: Any) -> None:
-        with self._lock:
-            if request != self._request:
-                return  # a newer change is queued behind this one
         t0 = time.perf_counter()
         try:
-            active = self._activate(vocabulary, self.active.version + 1)
-        except Exception as exc:  # noqa: BLE001 - a failed change keeps the old vocabulary running
-            self._fail(source, exc)
+            progress(0, pending.total)
+            active = self._activate(pending.vocabulary, self.active.version + 1, progress)
+        except Superseded:
             return
+        except Exception as exc:  # noqa: BLE001 - a failed change keeps the old vocabulary running
+            with self._lock:
+                if pending is self._pending:
+                    self._pending, self.failed = None, f"{type(exc).__name__}: {exc}"
+            self._changed()
+            self._fail(pending.source, exc)
+            return
+        with self._lock:
+            if pending is self._pending:
+                self._pending, self.failed = None, None
         self._announce(active, (time.perf_counter() - t0) * 1e3)
+        self._changed()
 
     def shutdown(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def status_record(active: ActiveVocabulary, status: dict) -> str:
+    """JSON for ``~/debug/vocabulary``: the active vocabulary's record with the change status beside it."""
+    record = json.loads(outputs.vocabulary_record(active.version, active.vocabulary))
+    record["status"] = status
+    return json.dumps(record)
+
+
+def diagnostic_status(node: str, status: dict) -> Any:
+    """The ``<node>: vocabulary`` diagnostic: OK when the parameters' vocabulary is active, WARN while one is
+    being embedded or after one failed (the parameter then names a vocabulary the model does not run)."""
+    level = {"active": D.OK, "re-embedding": D.WARN, "failed": D.WARN}[status["state"]]
+    values = [("active version", str(status["active_version"])), ("state", status["state"]),
+              ("superseded changes", str(status["superseded"]))]
+    if status["state"] == "re-embedding":
+        values.append(("progress", f"{status['done']}/{status['total']} descriptions"))
+    return D.Status(f"{node}: vocabulary", level, status["text"], values)
+
+
+def _descriptions(vocabulary: Any) -> int:
+    return sum(len(c.descriptions) for c in vocabulary.classes)
 
 
 def _hashable(value: Any) -> Any:

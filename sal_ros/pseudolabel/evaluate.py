@@ -13,8 +13,11 @@ Two uses:
 
 - ``--pseudolabels DIR``: score the files a ``sal-ros pseudolabel`` run wrote (one row);
 - otherwise an ablation on the fly: mask sources (``slic``, ``oracle`` = ground-truth segments rendered into the
-  image with a z-buffer and splats, an upper bound for the masks; ``sam``/``sam2`` with ``--sam*-checkpoint``)
-  x lifting (naive, occlusion test) x DBSCAN replace (off/on). CLIP tokens play no part and are skipped.
+  image with a z-buffer and splats, an upper bound for the masks; ``sam``/``sam2`` with ``--sam*-checkpoint``;
+  ``geometric``, lidar ground removal + clusters, geometric.py; ``geometric_oracle``, its clusters cut along the
+  oracle masks) x lifting (naive, occlusion test) x DBSCAN replace (off/on), and for ``geometric`` the row
+  ``lidar only`` (its own point labels, no camera). CLIP tokens play no part and are skipped. ``--full-scan``
+  scores every labelled point; with ``geometric`` the ground's precision and recall are reported too.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ VARIANTS = {  # name: (occlusion test, DBSCAN replace)
     "occlusion + DBSCAN replace": (True, True),
 }
 LIDAR_ONLY = "lidar only"  # the geometric teacher's own point labels, no camera (a row only for such sources)
+GEOMETRIC_ORACLE = "geometric_oracle"  # geometric clusters cut along the oracle masks: what ideal image masks add
 
 
 @dataclass
@@ -115,10 +119,14 @@ def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat
 
 def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, min_depth: float,
                  splat: tuple[int, int]) -> dict[str, Masks]:
-    if kind == "oracle":
+    if kind in ("oracle", GEOMETRIC_ORACLE):
         cls, seg = label_set.split(frame.gt_labels)
         seg = np.where(cls > 0, seg + 1, 0)  # +1: raw label 0 of an unlabeled thing must not vanish
-        return {n: oracle_masks(frame, v, seg, min_depth, splat) for n, v in frame.cameras.items()}
+        oracle = {n: oracle_masks(frame, v, seg, min_depth, splat) for n, v in frame.cameras.items()}
+        if kind == "oracle":
+            return oracle
+        return {n: flatten_masks(geometric.split_by(source.generate_for_view(frame.points, v), oracle[n]),
+                                 flatten_overlap) for n, v in frame.cameras.items()}
     gen = getattr(source, "generate_for_view", None)  # sources that need the points (geometric)
     return {n: flatten_masks(gen(frame.points, v) if gen is not None else source.generate(v.image), flatten_overlap)
             for n, v in frame.cameras.items()}
@@ -130,14 +138,15 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                           refine: RefineConfig = RefineConfig(), fusion_iou: float = 0.3, flatten_overlap: float = 0.8,
                           engine_min_points: int = 5, min_points: int | None = None, label_config: str | None = None,
                           splat: tuple[int, int] = (2, 3), max_frames: int | None = None,
-                          progress: bool = True, full_scan: bool = False) -> dict:
+                          progress: bool = True, full_scan: bool = False, select: str | None = None) -> dict:
     """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}.
     ``full_scan``: score every labelled point, not only those the cameras see (camera pseudo-labels then miss
-    what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan)."""
+    what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan).
+    ``select``: sequences and scans of a SemanticKITTI root (``00,05:0-4``), as in ``sal-ros pseudolabel``."""
     from sal_ros.eval.labels import semantickitti
 
     label_set = semantickitti(label_config, **({"min_points": min_points} if min_points is not None else {}))
-    source = FrameSource(dataset)
+    source = FrameSource(dataset, select)
     keys = source.keys()[:max_frames] if max_frames else source.keys()
     if pseudolabels is not None:
         configs = [("files", str(pseudolabels))]
@@ -145,11 +154,12 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
         unknown = [v for v in variants if v not in VARIANTS and v != LIDAR_ONLY]
         if unknown:
             raise ValueError(f"unknown variants {unknown}; known: {', '.join([*VARIANTS, LIDAR_ONLY])}")
-    sources = {m: build_mask_source(m, **(mask_options or {}).get(m, {}))
+    built = {GEOMETRIC_ORACLE: "geometric"}  # a kind of its own here, the geometric source underneath
+    sources = {m: build_mask_source(built.get(m, m), **(mask_options or {}).get(built.get(m, m), {}))
                for m in masks if m != "oracle" and pseudolabels is None}
     if pseudolabels is None:  # "lidar only" exists for the sources that label points themselves
         configs = [(m, v) for m in masks for v in variants
-                   if v != LIDAR_ONLY or hasattr(sources.get(m), "label_points")]
+                   if v != LIDAR_ONLY or (hasattr(sources.get(m), "label_points") and m != GEOMETRIC_ORACLE)]
     scores = {c: PseudoLabelScore() for c in configs}
     ground = np.zeros(3, np.int64)  # geometric ground vs the ground classes: TP, FP, FN points
     seconds: dict[str, float] = {}
@@ -177,7 +187,7 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
             frame_masks = _frame_masks(frame, sources.get(kind), kind, label_set, flatten_overlap, lift.min_depth,
                                        splat)
             seconds[f"{kind} masks"] = seconds.get(f"{kind} masks", 0.0) + time.perf_counter() - t0
-            if hasattr(sources.get(kind), "ground_of"):
+            if hasattr(sources.get(kind), "ground_of") and kind != GEOMETRIC_ORACLE:
                 ground += ground_scores(sources[kind].ground_of(frame.points), frame.gt_labels, label_set)
             for variant in variants:
                 if variant == LIDAR_ONLY:
@@ -193,7 +203,8 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                 scores[(kind, variant)].add(pl.instance[keep], gt_cls, gt_seg, thing, label_set.min_points)
     rows = [{"masks": c[0], "lifting": c[1], **s.summary()} for c, s in scores.items()]
     scored = len(keys) - len(skipped)
-    meta = {"dataset": str(dataset), "frames": scored, "frames_skipped": skipped, "min_points": label_set.min_points,
+    meta = {"dataset": str(dataset), "select": select, "frames": scored, "frames_skipped": skipped,
+            "min_points": label_set.min_points,
             "lift": vars(lift), "refine": vars(refine), "splat": list(splat), "engine_min_points": engine_min_points,
             "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}, "full_scan": full_scan}
     if "geometric" in sources:
@@ -261,10 +272,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    "calib.txt) or a FrameStore with ground truth")
     parser.add_argument("--pseudolabels", type=Path, help="score these files instead of running the ablation")
     parser.add_argument("--masks", nargs="+", default=["slic", "oracle"],
-                        choices=["slic", "oracle", "sam", "sam2", "geometric"])
+                        choices=["slic", "oracle", "sam", "sam2", "geometric", GEOMETRIC_ORACLE],
+                        help=f"{GEOMETRIC_ORACLE}: the geometric clusters cut along the oracle masks")
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, LIDAR_ONLY], choices=[*VARIANTS, LIDAR_ONLY],
                         metavar="VARIANT", help=f"lifting variants: {', '.join(VARIANTS)}; '{LIDAR_ONLY}': the "
                                                 "geometric teacher's point labels without cameras")
+    parser.add_argument("--select", help="sequences and scans of a dataset with sequences, e.g. 00,05:0-4")
     parser.add_argument("--full-scan", action="store_true",
                         help="score every labelled point, not only those the cameras see")
     parser.add_argument("--slic-segments", type=int, default=150)
@@ -300,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
                                    mask_options=opts, min_points=args.min_points,
                                    label_config=str(args.label_config) if args.label_config else None,
                                    max_frames=args.max_frames, progress=not args.no_progress,
-                                   full_scan=args.full_scan)
+                                   full_scan=args.full_scan, select=args.select)
     result = json_safe(result)  # a score over no segments is 0/0: null in JSON, n/a in the table
     table = markdown_table(result)
     print(table)

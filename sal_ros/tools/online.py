@@ -63,7 +63,28 @@ class OnlineResult:
             "node_timings_ms": {k: {"median": v["median_ms"], "p90": v.get("p90_ms"), "max": v["max_ms"]}
                                 for k, v in timings.items()},
             "ignored_outputs": self.ignored_outputs,
+            "first_frame": self.first_frame(),
         }
+
+    def first_frame(self) -> dict[str, float | None]:
+        """The first cloud's latency beside the median (the goal: within 1.5x), end to end and in the node (its
+        ~/stats first_frame_ms against the median of ``total``); ratios None when there is nothing to compare."""
+        out: dict[str, float | None] = {"end_to_end_ms": None, "end_to_end_vs_median": None,
+                                        "node_total_ms": None, "node_total_vs_median": None}
+        if self.latency_ms:
+            first = self.latency_ms[min(self.latency_ms)]
+            out["end_to_end_ms"] = round(first, 1)
+            out["end_to_end_vs_median"] = _ratio(first, float(np.median(list(self.latency_ms.values()))))
+        node_first = (self.node_stats.get("first_frame_ms") or {}).get("total")
+        if node_first is not None:
+            out["node_total_ms"] = node_first
+            median = self.node_stats.get("timings", {}).get("total", {}).get("median_ms")
+            out["node_total_vs_median"] = _ratio(node_first, median)
+        return out
+
+
+def _ratio(value: float, reference: float | None) -> float | None:
+    return round(value / reference, 2) if reference else None
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float | None]:
@@ -301,7 +322,15 @@ def online_headline(summary: dict) -> str:
     drop = summary["drop_rate"]
     return (f"{summary['clouds_answered']}/{summary['clouds_sent']} clouds answered, drop rate "
             f"{'–' if drop is None else f'{100 * drop:.1f} %'}, end-to-end latency median {_ms(lat['median'])}, "
-            f"p90 {_ms(lat['p90'])}")
+            f"p90 {_ms(lat['p90'])}" + _first_frame_words(summary.get("first_frame") or {}))
+
+
+def _first_frame_words(first: dict) -> str:
+    if first.get("end_to_end_ms") is None:
+        return ""
+    node = "" if first.get("node_total_ms") is None else \
+        f"; in the node {_ms(first['node_total_ms'])} ({first['node_total_vs_median']}x its median)"
+    return f", first frame {_ms(first['end_to_end_ms'])} ({first['end_to_end_vs_median']}x the median{node})"
 
 
 def online_markdown(summary: dict) -> str:
