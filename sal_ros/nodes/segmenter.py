@@ -98,7 +98,7 @@ class SegmenterNode(SensorNode):
         if problem:
             raise ValueError(problem)
         if not self.values["allow_duplicate"]:
-            self.namesakes.refuse(float(self.values["duplicate_check_s"]))
+            self.namesakes.refuse(float(self.values["duplicate_check_s"]), float(self.values["duplicate_ghost_s"]))
 
     def activate(self) -> None:
         self.start_inputs()
