@@ -157,6 +157,36 @@ def test_configure_activate_frames_deactivate_activate_cleanup_shutdown(rig):
     assert [life[n].state() for n in life] == ["finalized", "finalized"]
 
 
+def test_a_failed_configure_names_the_reason_and_leaves_the_node_unconfigured(tmp_path):
+    """filter.classes set while unconfigured (checked at configure, against the vocabulary then loaded): configure
+    fails with the reason, the loaded model is let go, and once the value is fixed configure succeeds."""
+    from rclpy.parameter import Parameter
+
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.base import managed
+    from sal_ros.nodes.segmenter import SegmenterNode
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    node = managed(SegmenterNode)(context=ctx, cli_args=["--ros-args", "-r", "__node:=failed_configure"],
+                                  parameter_overrides=P.overrides(P.SEGMENTER_NODE, {
+        "cloud_topic": "/lidar_failed", "model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER,
+        "prompts": PROMPTS}))
+    errors = []
+    node.get_logger().error = errors.append  # what the transition logs, as text
+    try:
+        assert node.set_parameters([Parameter("filter.classes", Parameter.Type.STRING_ARRAY, ["unicorn"])])[0].successful
+        assert node.trigger_configure().name == "FAILURE" and node._state_machine.current_state[1] == "unconfigured"
+        assert any("configure failed" in e and "unicorn" in e and "not in the vocabulary" in e for e in errors), errors
+        assert not node.configured and node._segmenter is None  # the worker stopped, the model let go
+        assert node.set_parameters([Parameter("filter.classes", Parameter.Type.STRING_ARRAY, ["road"])])[0].successful
+        assert node.trigger_configure().name == "SUCCESS" and node.active.version == 1
+        assert node.trigger_cleanup().name == "SUCCESS"
+    finally:
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+
+
 def test_a_destroyed_managed_node_leaves_the_ros_graph(rig):
     """rclpy never frees a lifecycle node's state machine, which holds the node: a destroyed managed segmenter
     stayed in the graph until the process ended, a namesake that every later segmenter refused to start beside."""

@@ -76,8 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--max-frames", type=int)
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--consolidate", type=int, default=0, metavar="K",
-                   help="--semantic: then consolidate over the K scans each side, registered by their poses "
-                        "(per-voxel votes of static classes; into OUT/consolidated, resumable; 0 = off)")
+                   help="then consolidate over the K scans each side, registered by their poses (--semantic: "
+                        "per-voxel votes of static classes; instances: tracklets with one id and one token); "
+                        "into OUT/consolidated, resumable; 0 = off")
     r.add_argument("--consolidate-voxel", type=float, default=0.2, help="metres, voting cell of --consolidate")
     from sal_ros.pseudolabel import semantic
 
@@ -165,9 +166,8 @@ def main(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace, summary) -> dict:
     from sal_ros.pseudolabel.consolidate import ConsolidationConfig, consolidate_folder
 
-    if not args.semantic:
-        raise ValueError("--consolidate works on --semantic pseudo-labels")
     config = ConsolidationConfig(enabled=True, window=args.consolidate, voxel=args.consolidate_voxel)
     out = Path(summary.out_dir)
     return {**consolidate_folder(args.dataset, out, out / "consolidated", config, args.overwrite,
-                                 progress=not args.no_progress), "out_dir": str(out / "consolidated")}
+                                 progress=not args.no_progress, semantic=args.semantic),
+            "out_dir": str(out / "consolidated")}
