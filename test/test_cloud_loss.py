@@ -139,7 +139,7 @@ def settled(rig, before, sent):
 @pytest.mark.timeout(600)
 def test_full_size_best_effort_clouds_add_up(rig):
     from sal_ros.bench.dds import make_cloud, publish_trailer
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
 
     msg = make_cloud(SimpleNamespace(points=None, scan=None), rclpy_types())
     assert msg.width > 120_000

@@ -169,7 +169,7 @@ def test_cli_exit_codes_and_json(tmp_path):
 def test_live_checks_find_the_cloud_and_flag_a_qos_mismatch(tmp_path):
     rclpy = require_rclpy()
     from sal_ros.bench.dds import make_cloud
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
     from sal_ros.nodes.qos import profile
 
     context = rclpy.Context()

@@ -64,7 +64,7 @@ def declare_inputs(node: Any) -> tuple[dict[str, Any], list[CameraConfig]]:
 def make_extrinsics(node: Any, values: dict[str, Any]) -> Any:
     """The extrinsics source named by ``calibration.source``: a tf2 buffer (a transform published after the cloud
     is waited for up to ``sync.timeout`` past the cloud stamp, on the worker thread) or a static YAML file."""
-    from sal_ros.core.tf import make_extrinsics_source
+    from sal_ros.nodes.extrinsics import make_extrinsics_source
 
     if values["calibration.source"] == "static" and not values["calibration.file"]:
         raise CalibrationError("calibration.source is 'static' but calibration.file is empty")
@@ -172,11 +172,11 @@ class SensorInputs:
                 listener.unregister()
 
     def tf_buffer(self) -> Any:
-        """The node's one tf2 buffer (core.tf.Tf2Extrinsics: T_target_source at a stamp, waiting up to sync.timeout
+        """The node's one tf2 buffer (nodes.extrinsics.Tf2Extrinsics: T_target_source at a stamp, waiting up to sync.timeout
         past it; call lookups on the worker thread): the camera extrinsics' own when calibration.source is tf,
         else one made on the first call (make it in the node's constructor, before the node spins). Raises
         Tf2Unavailable without tf2_ros."""
-        from sal_ros.core.tf import Tf2Extrinsics, make_extrinsics_source
+        from sal_ros.nodes.extrinsics import Tf2Extrinsics, make_extrinsics_source
 
         if isinstance(self._extrinsics, Tf2Extrinsics):
             return self._extrinsics
