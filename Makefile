@@ -21,7 +21,7 @@ export ROS_DOMAIN_ID ?= 42
 export FASTDDS_DEFAULT_PROFILES_FILE := $(CURDIR)/config/fastdds.xml
 export RMW_IMPLEMENTATION := rmw_fastrtps_cpp
 
-.PHONY: setup ros2-tools sal-ros-msgs colcon-install test demo bench clean
+.PHONY: setup ros2-tools sal-ros-msgs colcon-install test soak demo bench clean
 
 setup: $(STAMP) ros2-tools sal-ros-msgs colcon-install
 
@@ -62,6 +62,10 @@ colcon-install: ros2-tools $(COLCON_VENV)/.done
 
 test: setup
 	$(PY) -m pytest -q test
+
+# The reliability figures of docs/ros.md: launch / Ctrl-C and the lifecycle cycle, ten times each
+soak: setup
+	$(PY) -m pytest -q -s test -m soak
 
 # Real weights or another dataset: make demo DEMO_ARGS="--masks sam2 --sam2-checkpoint ... --clip-pretrained openai"
 demo: setup

@@ -187,7 +187,7 @@ class Sensors:
         from PIL import Image
 
         from sal_ros.core.calibration import read_semantickitti_calib, write_static_extrinsics
-        from sal_ros.core.msgtypes import rclpy_types
+        from sal_ros.nodes.messages import rclpy_types
 
         seq = require_data("semantickitti", "sequences", "00")
         scan = np.fromfile(seq / "velodyne" / "000000.bin", np.float32).reshape(-1, 4)

@@ -1,12 +1,15 @@
-"""The import graph of sal_ros goes one way, in the layer order docs/architecture.md draws, and has no cycles.
+"""The import graph of sal_ros goes one way, in the layer order docs/architecture.md draws, and has no cycles; the
+"never" rules hold (rooms that never import a room or a third-party package) and no sal_ros module name is computed.
 
 Every import counts, at module level or inside a function (parsed with ast, nothing is imported): a lazy import
 keeps a module from loading early, it does not make a dependency on a higher layer right. The order is read from
-the table under "## Layer order" in docs/architecture.md, so the picture and this test cannot drift apart.
+the table under "## Layer order" in docs/architecture.md and the rules from the one under "## Never", so the
+picture and this test cannot drift apart.
 """
 from __future__ import annotations
 
 import ast
+import fnmatch
 import re
 from pathlib import Path
 
@@ -128,6 +131,75 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def never_rules(markdown: str) -> list[tuple[set[str], list[str]]]:
+    """(rooms, what they never import) from the table rows ``| room, room | name, `pattern*`, ... |`` under "## Never":
+    a name is a room of sal_ros, a third-party top-level package (fnmatch pattern), or ``computed imports``."""
+    section = markdown.split("## Never", 1)[1].split("\n## ", 1)[0]
+    rules = []
+    for rooms, never in re.findall(r"^\|([^|]+)\|([^|]+)\|", section, flags=re.MULTILINE):
+        if set(rooms.strip()) <= set("-: ") or rooms.strip() == "rooms":
+            continue  # the header and its rule
+        names = [n.strip(" `") for n in never.split(",")]
+        rules.append((set(re.findall(r"[a-z_]+", rooms)), names))
+    return rules
+
+
+COMPUTED = "computed imports"
+_IMPORT_CALLS = {"import_module", "__import__"}
+# A constant that begins a sal_ros module name and leaves its end to be filled in: "sal_ros." + x, f"sal_ros.{x}",
+# "sal_ros.%s" % x, "sal_ros.{}".format(x).
+_MODULE_PREFIX = re.compile(r"^sal_ros(\.\w+)*\.($|\{|%)")
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of the absolute imports in a file, anywhere in it (``import a.b`` and ``from a.b import c``
+    both give ``a``)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {PACKAGE}
+
+
+def computed_imports(path: Path) -> list[str]:
+    """What a reader of this file cannot resolve: ``import_module``/``__import__`` called with anything but a
+    string, and the start of a sal_ros module name whose end is computed."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if func in _IMPORT_CALLS and not isinstance(node.args[0], ast.Constant):
+                found.append(f"line {node.lineno}: {func}({ast.unparse(node.args[0])})")
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_PREFIX.match(node.value):
+            found.append(f"line {node.lineno}: a sal_ros module name completed at run time from {node.value!r}")
+    return found
+
+
+def broken_never_rules(root: Path, rules: list[tuple[set[str], list[str]]]) -> list[str]:
+    graph, known_rooms = import_graph(root), rooms_of(root)
+    bad = []
+    for module, path in sorted(module_files(root).items()):
+        src = room(module)
+        for rooms, never in rules:
+            if src not in rooms:
+                continue
+            rooms_never = {n for n in never if n != COMPUTED and "*" not in n and n in known_rooms}
+            packages = [n for n in never if n != COMPUTED and n not in rooms_never]
+            bad += [f"{module} -> {t}: {src} never imports {room(t)}" for t in sorted(graph[module])
+                    if room(t) in rooms_never]
+            bad += [f"{module} -> {name}: {src} never imports {pattern}" for name in sorted(third_party_imports(path))
+                    for pattern in packages if fnmatch.fnmatchcase(name, pattern)]
+            if COMPUTED in never:
+                bad += [f"{module}: {src} never computes an import: {c}" for c in computed_imports(path)]
+    return sorted(set(bad))
+
+
+def rooms_of(root: Path) -> set[str]:
+    return {room(m) for m in module_files(root)} - {None}
+
+
 def test_the_doc_orders_every_room():
     order = layer_order(ARCHITECTURE_MD.read_text())
     rooms = {room(m) for m in module_files(REPO)} - {None}
@@ -138,6 +210,19 @@ def test_the_doc_orders_every_room():
 def test_imports_go_down_the_layers():
     bad = upward_imports(import_graph(REPO), layer_order(ARCHITECTURE_MD.read_text()))
     assert not bad, "imports against docs/architecture.md's layer order:\n" + "\n".join(bad)
+
+
+def test_the_never_rules_hold():
+    rules = never_rules(ARCHITECTURE_MD.read_text())
+    assert len(rules) >= 4 and all(rooms <= rooms_of(REPO) for rooms, _ in rules), rules
+    bad = broken_never_rules(REPO, rules)
+    assert not bad, "imports against docs/architecture.md's never rules:\n" + "\n".join(bad)
+
+
+def test_no_sal_ros_module_name_is_computed():
+    bad = [f"{module}: {c}" for module, path in sorted(module_files(REPO).items()) for c in computed_imports(path)
+           if "sal_ros module name" in c]
+    assert not bad, "computed sal_ros imports (name the module as a whole string):\n" + "\n".join(bad)
 
 
 def test_no_import_cycles():
@@ -187,3 +272,46 @@ def test_a_cycle_fails_even_through_a_function(tmp_path):
                             "sal_ros/model/b.py": "def f():\n    from sal_ros.model.a import g\n",
                             "sal_ros/model/c.py": "from sal_ros.model import a\n"})
     assert cycles(import_graph(root)) == [["sal_ros.model.a", "sal_ros.model.b"]]
+
+
+NEVER = [({"core"}, ["torch", "rclpy", "tf2_ros", "*_msgs", COMPUTED]), ({"nodes"}, ["train", "pretrain"])]
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"sal_ros/nodes/base.py": "from sal_ros.pretrain import trainer\n"},
+     "sal_ros.nodes.base -> sal_ros.pretrain.trainer: nodes never imports pretrain"),
+    ({"sal_ros/core/low.py": "import torch\n"}, "sal_ros.core.low -> torch: core never imports torch"),
+    ({"sal_ros/core/low.py": "def f():\n    from rclpy.time import Time\n"},
+     "sal_ros.core.low -> rclpy: core never imports rclpy"),
+    ({"sal_ros/core/low.py": "def f():\n    from sensor_msgs.msg import Image\n"},
+     "sal_ros.core.low -> sensor_msgs: core never imports *_msgs"),
+    ({"sal_ros/core/low.py": "import importlib\ndef f(pkg):\n    return importlib.import_module(f'{pkg}.msg')\n"},
+     "sal_ros.core.low: core never computes an import: line 3: import_module(f'{pkg}.msg')"),
+])
+def test_a_broken_never_rule_fails(tmp_path, files, expected):
+    root = _tree(tmp_path, {"sal_ros/core/low.py": "", "sal_ros/nodes/base.py": "", "sal_ros/pretrain/trainer.py": "",
+                            "sal_ros/train/x.py": "", **files})
+    assert broken_never_rules(root, NEVER) == [expected]
+
+
+def test_a_downward_import_of_an_allowed_package_passes(tmp_path):
+    root = _tree(tmp_path, {"sal_ros/core/low.py": "import numpy\nimport rosbags\n",
+                            "sal_ros/nodes/base.py": "import rclpy\nimport torch\nfrom sal_ros.core import low\n",
+                            "sal_ros/train/x.py": ""})
+    assert broken_never_rules(root, NEVER) == []
+
+
+@pytest.mark.parametrize("source", [
+    "import importlib\nmod = importlib.import_module('sal_ros.' + name)\n",
+    "import importlib\nmod = importlib.import_module(f'sal_ros.pretrain.{name}')\n",
+    "PREFIX = 'sal_ros.'\n",
+    "mod = __import__('sal_ros.{}'.format(name))\n",
+])
+def test_a_computed_sal_ros_module_name_is_found(tmp_path, source):
+    root = _tree(tmp_path, {"sal_ros/tools/x.py": source})
+    assert any("sal_ros module name" in c for c in computed_imports(root / "sal_ros/tools/x.py"))
+
+
+def test_a_module_named_whole_is_no_computed_name(tmp_path):
+    root = _tree(tmp_path, {"sal_ros/cli.py": "MODES = {'run': 'sal_ros.tools.run'}\nDOC = 'see sal_ros.core.tf'\n"})
+    assert computed_imports(root / "sal_ros/cli.py") == []

@@ -6,7 +6,8 @@ import pytest
 
 from sal_ros.core.camera import CameraModel, Projection, project_points
 from sal_ros.core.errors import CalibrationError, MalformedMessageError, SensorDataError
-from sal_ros.core.msgtypes import rclpy_types, rosbags_types
+from sal_ros.core.msgtypes import rosbags_types
+from sal_ros.nodes.messages import rclpy_types
 
 K = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
 PLUMB_BOB = [-0.28, 0.07, 0.001, -0.0015, -0.008]

@@ -9,7 +9,7 @@ from conftest import require_rclpy, wait_until
 from sal_ros.core.pointcloud2 import CloudEncoder, encode_cloud, read_fields
 
 require_rclpy()
-from sal_ros.core.msgtypes import rclpy_types  # noqa: E402
+from sal_ros.nodes.messages import rclpy_types  # noqa: E402
 
 
 def _fields(n, seed, version=3):

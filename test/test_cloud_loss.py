@@ -139,7 +139,7 @@ def settled(rig, before, sent):
 @pytest.mark.timeout(600)
 def test_full_size_best_effort_clouds_add_up(rig):
     from sal_ros.bench.dds import make_cloud, publish_trailer
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
 
     msg = make_cloud(SimpleNamespace(points=None, scan=None), rclpy_types())
     assert msg.width > 120_000
@@ -211,6 +211,10 @@ def test_publisher_sequences_count_gaps_per_publisher():
     assert seqs.gap(info(b"a", 7)) == (2, 0)
     assert seqs.gap(info(b"b", 2)) == (0, 0)
     assert seqs.gap({"publication_sequence_number": None, "publisher_gid": None}) == (0, 0)  # RMW without them
+    seqs.resync()  # a managed node deactivated: what comes meanwhile is neither delivered nor lost
+    assert seqs.gap(info(b"a", 20)) == (0, 0)
+    assert seqs.gap(info(b"a", 22)) == (1, 0)
+    assert seqs.gap(info(b"c", 5)) == (0, 4)  # a publisher first seen after the pause
 
 
 def test_every_node_counter_is_a_fate_or_said_not_to_be():

@@ -108,7 +108,7 @@ def test_diagnostic_array_message():
 
 def test_detections_message_box_id_and_ranked_classes():
     require_rclpy()
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
     from sal_ros.nodes import outputs
 
     inst = InstanceSummary(7, 2, "truck", 0.8, 40, OrientedBox(np.array([1.0, 2.0, 0.5]), np.array([4.0, 2.0, 1.5]),
@@ -136,7 +136,7 @@ def test_track_colours_stay_and_differ():
 
 def test_tracked_markers_take_the_track_colour_and_id():
     require_rclpy()
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
     from sal_ros.nodes import outputs
 
     box = OrientedBox(np.zeros(3), np.array([4.0, 2.0, 1.5]), 0.0)

@@ -169,7 +169,7 @@ def test_cli_exit_codes_and_json(tmp_path):
 def test_live_checks_find_the_cloud_and_flag_a_qos_mismatch(tmp_path):
     rclpy = require_rclpy()
     from sal_ros.bench.dds import make_cloud
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
     from sal_ros.nodes.qos import profile
 
     context = rclpy.Context()
@@ -203,5 +203,70 @@ def test_live_checks_find_the_cloud_and_flag_a_qos_mismatch(tmp_path):
     finally:
         stop.set()
         thread.join(5)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+
+
+@pytest.mark.ros
+@pytest.mark.timeout(400)
+def test_live_camera_and_transform_checks(tmp_path):
+    """Real KITTI messages over DDS: cam0 with its image, CameraInfo and a static transform velodyne -> cam0 is OK;
+    cam1 publishes images but no transform reaches it: FAIL, after the bounded wait."""
+    rclpy = require_rclpy()
+    from geometry_msgs.msg import TransformStamped
+    from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+    from tf2_ros import StaticTransformBroadcaster
+
+    from conftest import Sensors
+    from sal_ros.nodes.qos import profile
+
+    sensors = Sensors(tmp_path)
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node("doctor_rig", context=context)
+    pubs = {"cloud": node.create_publisher(PointCloud2, "/rig/points", profile("best_effort", 2)),
+            "cam0": node.create_publisher(Image, "/cam0/image_raw", profile("best_effort", 2)),
+            "cam0_info": node.create_publisher(CameraInfo, "/cam0/camera_info", profile("best_effort", 2)),
+            "cam1": node.create_publisher(Image, "/cam1/image_raw", profile("best_effort", 2))}
+    cam1 = sensors.image_msg(1)
+    cam1.header.frame_id = "cam1"
+    tf = TransformStamped()
+    tf.header.frame_id, tf.child_frame_id = "velodyne", "cam0"
+    tf.transform.rotation.w = 1.0
+    static = StaticTransformBroadcaster(node)
+    static.sendTransform(tf)
+    stop = threading.Event()
+
+    def drive():
+        while not stop.wait(0.2):
+            pubs["cloud"].publish(sensors.cloud(1))
+            pubs["cam0"].publish(sensors.image_msg(1))
+            pubs["cam0_info"].publish(sensors.info(1))
+            pubs["cam1"].publish(cam1)
+
+    from rclpy.executors import SingleThreadedExecutor
+
+    executor = SingleThreadedExecutor(context=context)  # serves the transient-local /tf_static to late joiners
+    executor.add_node(node)
+    threads = [threading.Thread(target=drive, daemon=True), threading.Thread(target=executor.spin, daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        params = write_params(tmp_path / "cams.yaml", cloud_topic="/rig/points", cameras=["cam0", "cam1"])
+        done = doctor("--params", str(params), "--live", "--wait", "20", "--json")
+        checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+        assert checks["live cloud /rig/points"]["verdict"] == "ok", checks
+        assert checks["live camera cam0"]["verdict"] == "ok" and "CameraInfo 1241x376" in \
+            checks["live camera cam0"]["detail"], checks["live camera cam0"]
+        assert checks["live camera cam1"]["verdict"] == "warn"  # images, no CameraInfo
+        assert checks["live transform cam0"]["verdict"] == "ok", checks["live transform cam0"]
+        assert checks["live transform cam1"]["verdict"] == "fail" and "'velodyne' -> 'cam1'" in \
+            checks["live transform cam1"]["detail"]
+        assert done.returncode == 3
+    finally:
+        stop.set()
+        executor.shutdown()
+        for t in threads:
+            t.join(5)
         node.destroy_node()
         rclpy.try_shutdown(context=context)

@@ -9,7 +9,7 @@ import numpy as np
 
 from conftest import eval_online, require_rclpy, wait_until
 
-from sal_ros.core.msgtypes import rclpy_types
+from sal_ros.nodes.messages import rclpy_types
 from sal_ros.core.pointcloud2 import encode_cloud
 from sal_ros.tools.online import OnlineResult, match_answers
 

@@ -19,7 +19,8 @@ from sal_ros.core.image import (
     read_image,
     to_rgb,
 )
-from sal_ros.core.msgtypes import rclpy_types, rosbags_types, stamp_to_ns
+from sal_ros.core.msgtypes import rosbags_types, stamp_to_ns
+from sal_ros.nodes.messages import rclpy_types
 
 
 @pytest.fixture(params=["rclpy", "rosbags"])

@@ -8,7 +8,7 @@ import pytest
 from conftest import Sensors, require_data, require_rclpy, wait_until
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.msgtypes import rclpy_types
+from sal_ros.nodes.messages import rclpy_types
 
 T0 = 1_700_000_000_000_000_000
 

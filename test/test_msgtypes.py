@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from conftest import require_rclpy
 
-from sal_ros.core.msgtypes import make_header, make_stamp, rclpy_types, rosbags_types, stamp_to_ns, types_for
+from sal_ros.core.msgtypes import make_header, make_stamp, rosbags_types, stamp_to_ns
+from sal_ros.nodes.messages import rclpy_types, types_for
 
 NAMES = ["PointCloud2", "PointField", "Image", "CompressedImage", "CameraInfo", "RegionOfInterest", "Header", "Time",
          "TransformStamped", "Transform", "Vector3", "Quaternion"]

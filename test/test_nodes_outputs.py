@@ -10,7 +10,7 @@ from sal_ros.core.types import InstanceSummary, OrientedBox, Segmentation
 from sal_ros.nodes import outputs
 
 require_rclpy()
-from sal_ros.core.msgtypes import rclpy_types  # noqa: E402
+from sal_ros.nodes.messages import rclpy_types  # noqa: E402
 
 
 def _scan():

@@ -2,6 +2,7 @@
 labeled points (same points, same order), markers, overlay, info out; prompts changed through the
 SetParameters service; bad input never kills it; the latest-only slot drops and counts. The tests share one
 node and pass in any order: stamps grow in run order, counts are read relative, prompts are put back."""
+import contextlib
 import itertools
 import json
 
@@ -453,37 +454,73 @@ def test_nan_logits_skip_the_frame_counted_and_the_node_goes_on(rig):
     assert read_fields(cloud_at(rig, good), ["label"])["label"].any()
 
 
-def test_a_namesake_is_reported_while_it_lasts_and_refused_when_asked(rig):
-    """Two segmenters of one name both answer every cloud and share one set_parameters: by default the second one
-    runs with an ERROR name status and a count, and the first one's status clears when the second leaves (the check
-    repeats, so a ghost of a crashed node clears too); allow_duplicate false refuses to start, naming the other."""
+def test_a_second_node_of_the_same_name_refuses_to_start_unless_allowed(rig):
+    """Two segmenters of one name both answered every cloud and shared one set_parameters: the second one finds
+    the first in the ROS graph and stops with the reason; allow_duplicate starts it anyway, with an ERROR name
+    status and a count on both, and the first one's status clears when the second leaves."""
     from sal_ros.nodes import diagnostics as D
-    from sal_ros.nodes import params as P
     from sal_ros.nodes.namesakes import DuplicateNodeError
-    from sal_ros.nodes.segmenter import SegmenterNode
 
-    values = {"model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": ["car"],
-              "cloud_topic": "/duplicate_test/points",
-              "duplicate_check_s": 600.0}  # ends when the namesake is found: discovery is slow at load 12
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    try:
-        with pytest.raises(DuplicateNodeError, match=r"1 other node\(s\) named /sal_segmenter.*__node:=NAME"):
-            SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE,
-                                                                       {**values, "allow_duplicate": False}))
-    finally:
-        rclpy.shutdown(context=ctx)
-    ctx = rclpy.Context()
-    rclpy.init(context=ctx)
-    try:
-        second = SegmenterNode(context=ctx, parameter_overrides=P.overrides(P.SEGMENTER_NODE, values))
+    values = {"duplicate_check_s": 600.0,  # ends when the namesake is found: discovery is slow at load 12
+              "duplicate_ghost_s": 0.0}
+    with pytest.raises(DuplicateNodeError, match=r"1 other node\(s\) named /sal_segmenter.*allow_duplicate"):
+        with segmenter_in_own_context(values):
+            pass
+    with segmenter_in_own_context({**values, "allow_duplicate": True}) as second:
         status = wait_until(lambda: (s := second.namesakes.status(second.stats)).level == D.ERROR and s,
                             "the second node's name status")
         assert "1 other node(s) named /sal_segmenter" in status.message and second.stats.get("duplicate_name") == 1
         wait_until(lambda: rig.node.namesakes.status(rig.node.stats).level == D.ERROR, "the first node's status")
-        second.destroy_node()
-    finally:
-        rclpy.shutdown(context=ctx)
     status = wait_until(lambda: (s := rig.node.namesakes.status(rig.node.stats)).level == D.OK and s,
                         "the first node's status after the second left")
     assert status.values == [("namesakes", "0")]
+
+
+def test_a_namesake_that_leaves_is_waited_out(rig):
+    """A node restarted at once meets its own ghost (a crashed participant stays until its DDS lease ends): a
+    namesake found at start is given duplicate_ghost_s to leave, and the node starts when it has."""
+    import threading
+
+    from rcl_interfaces.msg import Log
+
+    logs = []
+    sub = rig.test.create_subscription(Log, "/rosout", lambda m: logs.append(m), QoSProfile(depth=100))
+    name = ["--ros-args", "-r", "__node:=ghost_test"]
+    with segmenter_in_own_context({"allow_duplicate": True}, name) as ghost:
+        started = {}
+
+        def restart():
+            try:
+                with segmenter_in_own_context({"duplicate_check_s": 600.0, "duplicate_ghost_s": 600.0}, name) as n:
+                    started["events"] = list(n.startup_events)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                started["error"] = exc
+
+        thread = threading.Thread(target=restart)
+        thread.start()
+        wait_until(lambda: any(m.name == "ghost_test" and "waiting up to 600 s" in m.msg for m in logs),
+                   "the restarted node waiting for its namesake to leave", progress=lambda: len(logs))
+    thread.join()
+    rig.test.destroy_subscription(sub)
+    assert "error" not in started, started.get("error")
+    assert started["events"][-1] == "ready"
+
+
+@contextlib.contextmanager
+def segmenter_in_own_context(values, cli_args=None):
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.segmenter import SegmenterNode
+
+    base = {"model.device": "cpu", "text_encoder.model": TINY_TEXT_ENCODER, "prompts": ["car"],
+            "cloud_topic": "/duplicate_test/points"}
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    try:
+        node = SegmenterNode(context=ctx, cli_args=cli_args,
+                             parameter_overrides=P.overrides(P.SEGMENTER_NODE, {**base, **values}))
+        try:
+            yield node
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=ctx)

@@ -9,7 +9,8 @@ import pytest
 from conftest import require_data, require_rclpy
 
 from sal_ros.core.errors import MalformedMessageError
-from sal_ros.core.msgtypes import rclpy_types, rosbags_types, stamp_to_ns
+from sal_ros.core.msgtypes import rosbags_types, stamp_to_ns
+from sal_ros.nodes.messages import rclpy_types
 from sal_ros.core.pointcloud2 import (
     encode_cloud,
     finite_mask,

@@ -259,7 +259,7 @@ def test_recorded_frames_feed_pseudolabel_and_ctrl_c_ends_everything_cleanly(run
     assert summary["done"] >= 2 and len(list(out.glob("*.npz"))) == summary["done"]
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(1800)  # ten launches of a CPU model on a shared machine; each wait follows progress
 def test_ctrl_c_ends_launch_and_every_node_cleanly_ten_times_with_a_frame_in_the_model(installed, kitti,
                                                                                        tmp_path):

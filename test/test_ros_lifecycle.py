@@ -176,7 +176,7 @@ def test_the_lifecycle_cycle_of_both_launched_nodes_is_clean(installed, params, 
     assert run_cycles(installed, params, tmp_path, 1) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_the_lifecycle_cycle_is_clean_ten_times(installed, params, tmp_path):
     clean = run_cycles(installed, params, tmp_path, CYCLES)

@@ -20,7 +20,8 @@ import tf_transformations  # noqa: E402
 from sensor_msgs.msg import Image, PointCloud2, PointField  # noqa: E402
 from sensor_msgs_py import point_cloud2 as smp  # noqa: E402
 
-from sal_ros.core.msgtypes import make_header, rclpy_types  # noqa: E402
+from sal_ros.core.msgtypes import make_header  # noqa: E402
+from sal_ros.nodes.messages import rclpy_types  # noqa: E402
 from sal_ros.core.pointcloud2 import encode_cloud, read_fields  # noqa: E402
 from sal_ros.core.sync import LidarAnchoredSynchronizer  # noqa: E402
 from sal_ros.core.transforms import make_transform, matrix_to_quaternion, quaternion_to_matrix  # noqa: E402

@@ -26,7 +26,8 @@ rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
-from sal_ros.core.msgtypes import make_header, rclpy_types  # noqa: E402
+from sal_ros.core.msgtypes import make_header  # noqa: E402
+from sal_ros.nodes.messages import rclpy_types  # noqa: E402
 from sal_ros.core.pointcloud2 import encode_cloud  # noqa: E402
 from sal_ros.core.transforms import invert_transform, make_transform, matrix_to_quaternion  # noqa: E402
 from sal_ros.core.transforms import quaternion_to_matrix  # noqa: E402

@@ -8,8 +8,9 @@ from conftest import require_data, require_rclpy
 
 from sal_ros.core.calibration import CameraCalibration, read_nuscenes_calib, write_static_extrinsics
 from sal_ros.core.errors import CalibrationError
-from sal_ros.core.tf import ExtrinsicsSource, StaticExtrinsics, Tf2Unavailable, make_extrinsics_source
+from sal_ros.core.tf import ExtrinsicsSource, StaticExtrinsics
 from sal_ros.core.transforms import make_transform, quaternion_to_matrix
+from sal_ros.nodes.extrinsics import Tf2Unavailable, make_extrinsics_source
 
 
 def _calib(name, frame, lidar, yaw):
@@ -77,8 +78,9 @@ def tf_node():
 def _stamped(parent, child, T, stamp_ns):
     from geometry_msgs.msg import TransformStamped
 
-    from sal_ros.core.msgtypes import make_stamp, rclpy_types
+    from sal_ros.core.msgtypes import make_stamp
     from sal_ros.core.transforms import matrix_to_transform_fields
+    from sal_ros.nodes.messages import rclpy_types
 
     (x, y, z), (qx, qy, qz, qw) = matrix_to_transform_fields(T)
     msg = TransformStamped()

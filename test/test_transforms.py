@@ -6,7 +6,8 @@ import pytest
 from transforms3d.quaternions import mat2quat, quat2mat
 
 from sal_ros.core.errors import MalformedMessageError
-from sal_ros.core.msgtypes import rclpy_types, rosbags_types
+from sal_ros.core.msgtypes import rosbags_types
+from sal_ros.nodes.messages import rclpy_types
 from sal_ros.core.transforms import (
     invert_transform,
     is_rigid,

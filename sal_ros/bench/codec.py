@@ -23,7 +23,8 @@ import numpy as np
 
 from sal_ros.bench.env import environment, finish
 from sal_ros.bench.timing import median_ms
-from sal_ros.core.msgtypes import MessageTypes, make_header, rclpy_types, rosbags_types
+from sal_ros.core.msgtypes import MessageTypes, make_header, rosbags_types
+from sal_ros.nodes.messages import rclpy_types
 from sal_ros.core.pointcloud2 import CloudEncoder, encode_cloud, pack_rgb, read_xyz_intensity
 
 GOAL_MS = 1.0

@@ -203,7 +203,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     """Publisher role: wait for the subscriber to match, then send ``count`` clouds at ``rate``."""
     import rclpy
 
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
 
     rclpy.init()
     node = rclpy.create_node("sal_bench_dds_publisher")
@@ -243,7 +243,7 @@ TRAILER_POINTS = 1000
 def publish_trailer(pub: Any, args: argparse.Namespace) -> None:
     """One small cloud (fits any shared-memory segment, one UDP datagram): a best-effort subscriber gets it, and
     the publisher's sequence number on it reveals each large cloud before it that never arrived."""
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
 
     time.sleep(1.0 / args.rate)
     trailer = make_cloud(args, rclpy_types(), limit=TRAILER_POINTS)
@@ -264,7 +264,7 @@ def subscribe(args: argparse.Namespace, publisher: subprocess.Popen) -> dict[str
     import rclpy
     from rclpy.event_handler import SubscriptionEventCallbacks
 
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
 
     expected = bytes(make_cloud(args, rclpy_types()).data)
     latencies: list[float] = []

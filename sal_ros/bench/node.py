@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     import rclpy
 
     from sal_ros.bench.codec import make_driver_cloud
-    from sal_ros.core.msgtypes import rclpy_types
+    from sal_ros.nodes.messages import rclpy_types
     from sal_ros.core.sync import LidarAnchoredSynchronizer
     from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
     from sal_ros.nodes import outputs

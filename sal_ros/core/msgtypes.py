@@ -1,6 +1,7 @@
 """Message classes for either rclpy or rosbags, so core code builds and reads messages without importing rclpy.
 
-``rclpy_types()`` wraps the generated ``sensor_msgs.msg`` etc. classes (imported lazily); ``rosbags_types(typestore)``
+``MessageTypes`` holds the classes of one backend: ``sal_ros.nodes.messages.rclpy_types()`` fills it with the
+generated ``sensor_msgs.msg`` etc. classes (core never imports a message package); ``rosbags_types(typestore)``
 wraps the dataclasses of a rosbags typestore (which need every field as a keyword) in factories that fill
 unspecified fields with ROS defaults. Either way ``types.PointCloud2(height=1, ...)`` works, class constants such
 as ``types.PointField.FLOAT32`` are reachable, and ``types.byte_buffer(n)`` gives a ``data`` container of the right
@@ -29,6 +30,7 @@ def image_topic(camera: str) -> str:
 def info_topic(camera: str) -> str:
     """A camera's default CameraInfo topic (camera.<name>.info_topic)."""
     return f"/{camera}/camera_info"
+
 
 # (attribute name, ROS type name); TFMessage is optional (tf2_msgs is not always installed for rclpy).
 _MESSAGES = (
@@ -85,23 +87,6 @@ class MessageTypes:
             buf.frombytes(raw)
             return buf
         return raw.copy() if not raw.flags.writeable else raw
-
-
-@functools.lru_cache(maxsize=1)
-def rclpy_types() -> MessageTypes:
-    """The rclpy generated message classes (imports sensor_msgs, std_msgs, geometry_msgs on first call)."""
-    import importlib
-
-    classes = {}
-    for attr, name in _MESSAGES:
-        pkg, _, cls = name.split("/")
-        try:
-            classes[attr] = getattr(importlib.import_module(f"{pkg}.msg"), cls)
-        except ImportError:
-            if attr != "TFMessage":
-                raise
-            classes[attr] = None
-    return MessageTypes(backend="rclpy", **classes)
 
 
 def rosbags_types(typestore: Any = None) -> MessageTypes:
@@ -198,11 +183,3 @@ def make_stamp(stamp_ns: int, types: MessageTypes) -> Any:
 
 def make_header(frame_id: str, stamp_ns: int, types: MessageTypes) -> Any:
     return types.Header(stamp=make_stamp(stamp_ns, types), frame_id=str(frame_id))
-
-
-def types_for(msg: Any) -> MessageTypes:
-    """The backend a received message came from: rosbags dataclasses carry ``__msgtype__``."""
-    if hasattr(type(msg), "__msgtype__"):
-        return rosbags_types()
-    return rclpy_types()
-

@@ -172,6 +172,12 @@ class Managed:
     def on_error(self, state: Any) -> Any:
         return self._transition("error recovery", self._take_down)
 
+    def destroy_node(self) -> None:
+        super().destroy_node()
+        machine = getattr(self, "_state_machine", None)
+        if machine is not None:  # rclpy never frees it, and it holds the node handle: the node stayed in the
+            machine.destroy_when_not_in_use()  # ROS graph until the process ended (a namesake to every later node)
+
     def _take_down(self) -> None:
         if self.taking_input:
             self.deactivate()

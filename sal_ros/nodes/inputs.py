@@ -17,7 +17,7 @@ from sal_ros.core.msgtypes import NS_PER_S, stamp_to_ns
 from sal_ros.core.types import CameraView, Frame
 from sal_ros.nodes import params as P
 from sal_ros.nodes.qos import input_profile
-from sal_ros.nodes.stats import NodeStats, PublisherSequences, Throttle, cloud_ledger
+from sal_ros.nodes.stats import NodeStats, Throttle, cloud_ledger
 
 
 @dataclass
@@ -64,7 +64,7 @@ def declare_inputs(node: Any) -> tuple[dict[str, Any], list[CameraConfig]]:
 def make_extrinsics(node: Any, values: dict[str, Any]) -> Any:
     """The extrinsics source named by ``calibration.source``: a tf2 buffer (a transform published after the cloud
     is waited for up to ``sync.timeout`` past the cloud stamp, on the worker thread) or a static YAML file."""
-    from sal_ros.core.tf import make_extrinsics_source
+    from sal_ros.nodes.extrinsics import make_extrinsics_source
 
     if values["calibration.source"] == "static" and not values["calibration.file"]:
         raise CalibrationError("calibration.source is 'static' but calibration.file is empty")
@@ -120,14 +120,15 @@ class SensorInputs:
         self._builder = FrameBuilder(self.cameras, self._extrinsics, self._extrinsics_error, self._infos)
         self._tf_wait_s = values["sync.timeout"]
         self._tf: Any = None
-        self._sequences = PublisherSequences()
 
         group = ReentrantCallbackGroup()  # callbacks only store; they may run concurrently
         # Fast DDS reports clouds it lost in transport (a fragment missing, a gap in a writer's samples) through the
         # message-lost event; the writer's sequence numbers in each message's info show every gap, those lost in
-        # the reader's queue too.
+        # the reader's queue too. Clouds one at a time, in arrival order: in the reentrant group a newer cloud
+        # overtook an older one under load, and the older was then refused as late.
         self.subscriptions = [node.create_subscription(
-            PointCloud2, values["cloud_topic"], self._on_cloud, input_profile(values, "cloud"), callback_group=group,
+            PointCloud2, values["cloud_topic"], self._on_cloud, input_profile(values, "cloud"),
+            callback_group=MutuallyExclusiveCallbackGroup(),
             event_callbacks=SubscriptionEventCallbacks(message_lost=self._on_cloud_lost))]
         for cam in cameras:
             image_type = CompressedImage if cam.compressed else Image
@@ -159,6 +160,9 @@ class SensorInputs:
         for sub in self.subscriptions:
             node.destroy_subscription(sub)
         self.subscriptions = []
+        self._stats.publishers.resync()
+        with self._lock:  # clouds waiting for their cameras go with the synchronizer
+            self._stats.count("clouds.dropped.deactivated", self._sync.pending)
         for timer in (self._poll_timer, self._watch_timer):
             node.destroy_timer(timer)
         self._jump_handle.unregister()
@@ -168,11 +172,11 @@ class SensorInputs:
                 listener.unregister()
 
     def tf_buffer(self) -> Any:
-        """The node's one tf2 buffer (core.tf.Tf2Extrinsics: T_target_source at a stamp, waiting up to sync.timeout
+        """The node's one tf2 buffer (nodes.extrinsics.Tf2Extrinsics: T_target_source at a stamp, waiting up to sync.timeout
         past it; call lookups on the worker thread): the camera extrinsics' own when calibration.source is tf,
         else one made on the first call (make it in the node's constructor, before the node spins). Raises
         Tf2Unavailable without tf2_ros."""
-        from sal_ros.core.tf import Tf2Extrinsics, make_extrinsics_source
+        from sal_ros.nodes.extrinsics import Tf2Extrinsics, make_extrinsics_source
 
         if isinstance(self._extrinsics, Tf2Extrinsics):
             return self._extrinsics
@@ -209,7 +213,7 @@ class SensorInputs:
         self._drain(ready)
 
     def _count_gap(self, info: Any) -> None:
-        lost, before_first = self._sequences.gap(info)
+        lost, before_first = self._stats.publishers.gap(info)
         if before_first:
             self._stats.count("clouds.before_first", before_first)
         if lost:

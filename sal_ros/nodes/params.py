@@ -90,14 +90,17 @@ SEGMENTER_PARAMS: list[ParamSpec] = [
               "ignored at start when vocabulary_file is set.", dynamic=True),
     ParamSpec("vocabulary_file", "string", "",
               "Vocabulary YAML (classes with descriptions and thing/stuff); overrides prompts at start.", dynamic=True),
-    ParamSpec("allow_duplicate", "bool", True,
-              "Another node of this name in the ROS graph (both answer every cloud and share one set_parameters "
-              "service): true: run, logged as an error, counted (duplicate_name) and an ERROR '<node>: name' "
-              "status in /diagnostics while it lasts (a crashed node's ghost stays ~20 s); false: refuse to start, "
-              "naming the other (sal-ros run --refuse-duplicate)."),
+    ParamSpec("allow_duplicate", "bool", False,
+              "Start even when another node of this name is in the ROS graph (both would answer every cloud and "
+              "share one set_parameters service). false: refuse to start, naming the other (sal-ros run "
+              "--allow-duplicate sets it). Either way a namesake is an ERROR '<node>: name' status in /diagnostics "
+              "while it lasts, counted as duplicate_name."),
     ParamSpec("duplicate_check_s", "double", 2.0,
-              "With allow_duplicate false: how long after its creation the node looks for a namesake before it "
-              "starts (a namesake found ends the wait). 0: no check.", range=(0.0, 600.0)),
+              "How long after its creation the node looks for a namesake in the ROS graph before it starts "
+              "(a namesake found ends the look). 0: no check.", range=(0.0, 600.0)),
+    ParamSpec("duplicate_ghost_s", "double", 30.0,
+              "How long a namesake found at start is given to leave the graph before the node refuses: a crashed "
+              "node stays until its DDS lease ends (20 s by Fast DDS's default).", range=(0.0, 600.0)),
     ParamSpec("vocabulary.max_file_bytes", "int", 256 * 1024,
               "Largest vocabulary_file read (bytes); a bigger one is refused before it is read.", range=(1, 1 << 30)),
     ParamSpec("vocabulary.max_descriptions", "int", 1024,

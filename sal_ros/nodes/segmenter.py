@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from sal_ros.core.cloud_input import MAX_COORDINATE, SegmenterConfig
 from sal_ros.core.errors import SensorDataError
-from sal_ros.core.msgtypes import rclpy_types
+from sal_ros.nodes.messages import rclpy_types
 from sal_ros.core.pointcloud2 import CloudEncoder
 from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
 from sal_ros.core.types import Frame, Segmentation
@@ -98,7 +98,7 @@ class SegmenterNode(SensorNode):
         if problem:
             raise ValueError(problem)
         if not self.values["allow_duplicate"]:
-            self.namesakes.refuse(float(self.values["duplicate_check_s"]))
+            self.namesakes.refuse(float(self.values["duplicate_check_s"]), float(self.values["duplicate_ghost_s"]))
 
     def activate(self) -> None:
         self.start_inputs()
@@ -467,7 +467,7 @@ class SegmenterNode(SensorNode):
         """A tf2 buffer for sensor -> ``tracking.fixed_frame`` lookups, or None (track in the sensor frame)."""
         if not self.values["tracking.fixed_frame"]:
             return None
-        from sal_ros.core.tf import make_extrinsics_source
+        from sal_ros.nodes.extrinsics import make_extrinsics_source
 
         try:
             return make_extrinsics_source("tf", node=self)

@@ -21,9 +21,11 @@ def throttled(period_s: float = 5.0) -> dict[str, Any]:
 
 
 class NodeStats:
-    """Thread-safe event counters and recent per-stage timings (ms), reported as one JSON record."""
+    """Thread-safe event counters and recent per-stage timings (ms), reported as one JSON record; and the cloud
+    publishers' last sequence numbers, which outlive a managed node's subscriptions as the counters do."""
 
     def __init__(self, window: int = 100) -> None:
+        self.publishers = PublisherSequences()
         self._lock = threading.Lock()
         self._counts: dict[str, int] = defaultdict(int)
         self._timings: dict[str, deque] = defaultdict(lambda: deque(maxlen=window))
@@ -78,6 +80,7 @@ DROP_REASONS = {
     "dropped": "overload",  # replaced in the latest-only slot while the worker was busy
     "clouds.dropped.sync_overflow": "sync_overflow",  # pushed out of the synchronizer's bounded queue
     "clouds.dropped.time_jump": "time_jump",  # pending when time jumped back (buffers cleared)
+    "clouds.dropped.deactivated": "deactivated",  # pending in the synchronizer when a managed node deactivated
     "dropped_partial": "partial",  # a camera missing with sync.allow_partial false
     "idle": "idle",  # nothing subscribed to the outputs
     "error.malformed_cloud": "malformed",
@@ -133,7 +136,15 @@ class PublisherSequences:
 
     def __init__(self, max_publishers: int = 64) -> None:
         self._last: dict[bytes, int] = {}
+        self._resync: set[bytes] = set()
         self._max = max_publishers
+        self._lock = threading.Lock()
+
+    def resync(self) -> None:
+        """The subscription stops (a managed node's deactivate): what the known publishers send meanwhile is
+        neither delivered nor lost, so their next cloud starts afresh."""
+        with self._lock:
+            self._resync = set(self._last)
 
     def gap(self, info: Any) -> tuple[int, int]:
         """``(lost, before_first)`` for a delivered message's rclpy MessageInfo (a dict)."""
@@ -142,11 +153,15 @@ class PublisherSequences:
         if not seq or gid is None:  # an RMW without sequence numbers
             return 0, 0
         gid = bytes(gid)
-        last = self._last.get(gid)
-        if last is None and len(self._last) >= self._max:
-            self._last.pop(next(iter(self._last)))
-        if last is None or seq > last:
-            self._last[gid] = seq
+        with self._lock:
+            last = self._last.get(gid)
+            if last is None and len(self._last) >= self._max:
+                self._last.pop(next(iter(self._last)))
+            if last is None or seq > last:
+                self._last[gid] = seq
+            if gid in self._resync:
+                self._resync.discard(gid)
+                return 0, 0
         if last is None:
             return 0, seq - 1
         return max(0, seq - last - 1), 0

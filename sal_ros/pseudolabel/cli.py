@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--stability-score-thresh", type=float, default=0.95)
     m.add_argument("--slic-segments", type=int, default=150)
     m.add_argument("--flatten-overlap", type=float, default=0.8, help="drop a mask this much inside a kept one")
+    from sal_ros.pseudolabel.augmentation import add_arguments as add_augment_arguments
+
+    add_augment_arguments(m)
     from sal_ros.pseudolabel import geometric
 
     geometric.add_arguments(m)
@@ -76,8 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--max-frames", type=int)
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--consolidate", type=int, default=0, metavar="K",
-                   help="--semantic: then consolidate over the K scans each side, registered by their poses "
-                        "(per-voxel votes of static classes; into OUT/consolidated, resumable; 0 = off)")
+                   help="then consolidate over the K scans each side, registered by their poses (--semantic: "
+                        "per-voxel votes of static classes; instances: tracklets with one id and one token); "
+                        "into OUT/consolidated, resumable; 0 = off")
     r.add_argument("--consolidate-voxel", type=float, default=0.2, help="metres, voting cell of --consolidate")
     from sal_ros.pseudolabel import semantic
 
@@ -85,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from sal_ros.pseudolabel.augmentation import options_from_args as augment_options
     from sal_ros.pseudolabel.engine import EngineConfig
     from sal_ros.pseudolabel.lifting import LiftConfig
     from sal_ros.pseudolabel.refine import RefineConfig
@@ -114,7 +119,8 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("--clip-pretrained is needed for meaningful tokens (or --no-tokens / --random-weights)")
     token_options = {"model_config": str(args.clip_model_config)} if args.clip_model_config else {}
     return EngineConfig(
-        masks=args.masks, mask_options=mask_options, flatten_overlap=args.flatten_overlap, tokens=not args.no_tokens,
+        masks=args.masks, mask_options=mask_options, flatten_overlap=args.flatten_overlap,
+        augment=augment_options(args), tokens=not args.no_tokens,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, token_method=args.token_method,
         token_options=token_options,
         lift=LiftConfig(min_depth=args.min_depth, occlusion=args.lifting == "occlusion",
@@ -165,9 +171,8 @@ def main(args: argparse.Namespace) -> int:
 def _consolidate(args: argparse.Namespace, summary) -> dict:
     from sal_ros.pseudolabel.consolidate import ConsolidationConfig, consolidate_folder
 
-    if not args.semantic:
-        raise ValueError("--consolidate works on --semantic pseudo-labels")
     config = ConsolidationConfig(enabled=True, window=args.consolidate, voxel=args.consolidate_voxel)
     out = Path(summary.out_dir)
     return {**consolidate_folder(args.dataset, out, out / "consolidated", config, args.overwrite,
-                                 progress=not args.no_progress), "out_dir": str(out / "consolidated")}
+                                 progress=not args.no_progress, semantic=args.semantic),
+            "out_dir": str(out / "consolidated")}

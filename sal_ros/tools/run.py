@@ -32,9 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="override one parameter (YAML value), for every node that has it; repeatable")
     parser.add_argument("--use-sim-time", action="store_true", help="follow /clock (e.g. with sal-ros replay)")
-    parser.add_argument("--refuse-duplicate", action="store_true",
-                        help="do not start the segmenter when a node of its name is in the ROS graph (parameter "
-                             "allow_duplicate: false; by default a namesake is reported as an error and both run)")
+    parser.add_argument("--allow-duplicate", action="store_true",
+                        help="start the segmenter even when a node of its name runs already (parameter allow_duplicate)")
     parser.add_argument("--threads", type=int, default=None, help="executor threads (default: CPU count)")
     parser.add_argument("--localhost", action="store_true",
                         help="keep DDS on this machine: ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST, the shipped Fast DDS "
@@ -79,8 +78,8 @@ def node_overrides(args: argparse.Namespace) -> dict[str, list]:
         extra: dict[str, Any] = {"use_sim_time": True} if args.use_sim_time else {}
         if node_name == P.RECORDER_NODE:
             extra["output_dir"] = str(args.record)
-        elif getattr(args, "refuse_duplicate", False):
-            extra["allow_duplicate"] = False
+        elif getattr(args, "allow_duplicate", False):
+            extra["allow_duplicate"] = True
         values = parameter_values(node_name, args.params, sets, extra)
         used |= set(values)
         out[node_name] = P.overrides(node_name, values)
