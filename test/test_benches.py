@@ -16,11 +16,16 @@ def _bench(*args) -> dict:
 
 def test_bench_model_stages_and_sparse_vs_dense_conv():
     scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
-    out = _bench("model", "--scan", str(scan), "--presets", "tiny", "--points", "20000", "--repeats", "1",
+    out = _bench("model", "--scan", str(scan), "--presets", "tiny,realtime", "--points", "20000", "--repeats", "1",
                  "--device", "cpu", "--threads", "1")
     row = out["models"]["cpu"]["tiny"]
     stages = row["median_ms"]
-    assert {"voxelize", "backbone", "decoder", "postprocess", "total"} <= set(stages)
+    assert {"voxelize", "backbone", "decoder", "postprocess", "total", "total_cpu"} <= set(stages)
+    # every preset over the reference presets timed in the same run, wall and thread CPU time
+    fast = out["models"]["cpu"]["realtime"]["median_ms"]
+    ratios = out["ratios"]["cpu"]["realtime"]
+    assert set(ratios) == {"total_vs_tiny", "total_cpu_vs_tiny"} and "tiny" not in out["ratios"]["cpu"]
+    assert abs(ratios["total_cpu_vs_tiny"] - fast["total_cpu"] / stages["total_cpu"]) < 0.002
     assert all(v > 0 for v in stages.values()) and out["points"] == 20000
     # the float32 reference path timed in the same run, the ratio, and how far the labels moved
     assert set(row["reference_fp32_median_ms"]) == set(stages)

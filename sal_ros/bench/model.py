@@ -5,7 +5,8 @@ boxes) as the node runs them (bfloat16 autocast where the CPU has native bf16 or
 intermediate masks pooled straight to the attention levels), and beside it, interleaved run by run on the same
 scan and weights, the float32 reference path (no autocast, full-resolution intermediate masks: the path before
 issue 17). ``speedup_vs_fp32`` is the ratio of their median totals; ``parity`` counts the points whose label or
-instance differ between the two. Weights are random (timings do not depend on them); the vocabulary is the 19
+instance differ between the two. Each total is also given in this thread's CPU time (``total_cpu``), and
+``ratios`` divides every preset's totals by those of ``tiny`` and ``minkunet34`` when they ran in the same call. Weights are random (timings do not depend on them); the vocabulary is the 19
 SemanticKITTI classes from the tiny text encoder.
 
 Backbone (``backbone``): MinkUNet alone, fused inference against the modules one by one, same dtype, interleaved;
@@ -94,10 +95,28 @@ def main(args: argparse.Namespace) -> int:
         if args.spconv_path is not None and device == "cpu":
             result["spconv"] = bench_spconv(scan, args.spconv_path, ModelConfig().voxel_size, args.conv_channels,
                                             max(args.repeats, 3))
+    result["ratios"] = preset_ratios(result["models"])
     finish(result["environment"])
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0
+
+
+REFERENCE_PRESETS = ("tiny", "minkunet34")
+
+
+def preset_ratios(models: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per device and preset, its median total (wall, and this thread's CPU time) over each reference preset's
+    timed in the same run, where that reference was among ``--presets``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for device, rows in models.items():
+        for name, row in rows.items():
+            for ref in REFERENCE_PRESETS:
+                if ref in rows and ref != name:
+                    ratios = out.setdefault(device, {}).setdefault(name, {})
+                    for key in ("total", "total_cpu"):
+                        ratios[f"{key}_vs_{ref}"] = round(row["median_ms"][key] / rows[ref]["median_ms"][key], 3)
+    return out
 
 
 def load_scan(path: Path, points: int = 0) -> np.ndarray:
@@ -159,9 +178,11 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
         segmenter, pooled = paths[path]
         model.decoder.pooled_masks = pooled
         model.backbone.fused_inference = pooled  # the reference runs the backbone module by module, searched maps
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time_ns()
         seg = segmenter.segment(points, intensity)
-        return seg, {**seg.timings_ms, "total": (time.perf_counter() - t0) * 1e3}
+        # this thread's CPU time beside the wall time: on a shared machine it is inflated far less by other jobs
+        return seg, {**seg.timings_ms, "total": (time.perf_counter() - t0) * 1e3,
+                     "total_cpu": (time.thread_time_ns() - c0) / 1e6}
 
     try:
         outputs = {path: run(path)[0] for path in paths}  # warm-up: allocator, kernels, lazy imports
