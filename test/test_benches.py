@@ -55,6 +55,20 @@ def test_instance_parity_compares_partitions_not_ids():
     assert abs(instance_partition_differs(reference, unassigned) - 0.1) < 1e-12
 
 
+def test_bench_model_times_candidates_given_as_preset_overrides():
+    import pytest
+
+    from sal_ros.bench.model import preset_config
+    from sal_ros.model.backbone import ModelConfig
+
+    config = preset_config("tiny:voxel_size=0.4:num_queries=16")
+    assert config == ModelConfig.preset("tiny", voxel_size=0.4, num_queries=16)
+    assert preset_config("realtime", voxel_size=0.5).voxel_size == 0.5  # --voxel-size still applies
+    for bad in ("tiny:voxel_size", "tiny:no_such_field=1", "no_such_preset"):
+        with pytest.raises((TypeError, ValueError)):
+            preset_config(bad)
+
+
 def test_bench_model_says_when_the_conv_crop_is_empty():
     scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
     out = _bench("model", "--scan", str(scan), "--presets", "tiny", "--points", "2000", "--repeats", "1",

@@ -45,7 +45,9 @@ UNTHRESHOLDED = SegmenterConfig(score_threshold=0.0)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan", type=Path, default=DEFAULT_SCAN, help="KITTI-format .bin scan (x y z reflectance)")
     parser.add_argument("--points", type=int, default=0, help="points taken from the scan (default 0: all)")
-    parser.add_argument("--presets", default="minkunet34,tiny", help="comma-separated model presets")
+    parser.add_argument("--presets", default="minkunet34,tiny",
+                        help="comma-separated model presets, each with optional field overrides after colons, "
+                             "e.g. tiny,tiny:voxel_size=0.4:num_queries=16 (a candidate timed beside the presets)")
     parser.add_argument("--voxel-size", type=float, default=None, help="override the presets' voxel size (m)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CPU, and CUDA too when available")
@@ -72,6 +74,12 @@ def main(args: argparse.Namespace) -> int:
     scan = load_scan(args.scan, args.points)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    try:
+        for spec in presets:
+            preset_config(spec)
+    except (TypeError, ValueError) as exc:
+        print(f"sal-ros bench model: {exc}", file=sys.stderr)
+        return 1
     result = {"bench": "model", "scan": str(args.scan), "points": len(scan), "threads": threads,
               "repeats": args.repeats, "environment": environment(), "models": {}, "backbone": {}, "conv": {},
               "strided_conv": {}, "submanifold_map": {}}
@@ -141,14 +149,30 @@ def preset_in_fresh_process(name: str, args: argparse.Namespace, device: str, th
 
 def _preset_rows(name: str, voxel_size: float | None, scan_path: Path, points: int, device: str, repeats: int,
                  reference: bool, threads: int) -> tuple[dict, dict | None]:
-    from sal_ros.model.backbone import ModelConfig
-
     apply_threads(threads)
     scan = load_scan(scan_path, points)
-    config = ModelConfig.preset(name, **({"voxel_size": voxel_size} if voxel_size else {}))
+    config = preset_config(name, voxel_size)
     row = bench_preset(config, scan, device, repeats, reference=reference)
     backbone = bench_backbone(config, scan, device, max(repeats, 3)) if config.backbone == "minkunet" else None
     return row, backbone
+
+
+def preset_config(spec: str, voxel_size: float | None = None):
+    """The ModelConfig of ``preset[:field=value...]`` (values read as YAML scalars), ``--voxel-size`` applied."""
+    import yaml
+
+    from sal_ros.model.backbone import ModelConfig
+
+    name, *fields = spec.split(":")
+    overrides = {}
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep:
+            raise ValueError(f"preset override {field!r} in {spec!r}: expected field=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if voxel_size:
+        overrides["voxel_size"] = voxel_size
+    return ModelConfig.preset(name, **overrides)
 
 
 def _stage_medians(stages: dict[str, list[float]]) -> dict[str, float]:
