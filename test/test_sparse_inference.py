@@ -4,9 +4,9 @@ fused MinkUNet (BatchNorm folded, epilogues in place) equals the module-by-modul
 import pytest
 import torch
 
-import sal_ros.model.sparse as sparse
 from sal_ros.model.backbone import MinkUNet, ModelConfig
 from sal_ros.model.sparse import Conv3d, SparseTensor, build_kernel_map, kernel_offsets, sparse_conv_inference
+from sal_ros.model.sparse import kernels, maps, voxelization
 
 TOL = 1e-9
 
@@ -30,7 +30,7 @@ def same_map(a, b):
 def test_walked_map_equals_searched(k, stride):
     x = random_voxels(7, 1, stride=stride, seed=k + stride)
     offsets = kernel_offsets(k) * stride
-    assert sparse._columns_walkable(x.coords.long(), offsets)
+    assert maps._columns_walkable(x.coords.long(), offsets)
     walked = build_kernel_map(x.coords, x.coords, offsets, submanifold=True)
     searched = build_kernel_map(x.coords, x.coords, offsets, submanifold=True, walk_columns=False)
     assert same_map(walked, searched) and walked.identity == searched.identity
@@ -40,7 +40,7 @@ def test_unaligned_z_is_searched():
     """Coordinates that do not share a residue modulo the z step (dilation 2 on stride-1 voxels) cannot be
     walked: a voxel may lie between two steps."""
     x = random_voxels(6, 1, seed=3)
-    assert not sparse._columns_walkable(x.coords.long(), kernel_offsets(3) * 2)
+    assert not maps._columns_walkable(x.coords.long(), kernel_offsets(3) * 2)
 
 
 def test_bucketed_row_counts_change_nothing(monkeypatch):
@@ -51,9 +51,9 @@ def test_bucketed_row_counts_change_nothing(monkeypatch):
     conv = Conv3d(16, 8, 3, backend="torch")
     kmap = conv._output_and_map(x)[2]
     weight, bias = conv.kernel.detach().bfloat16(), torch.randn(8, generator=g).bfloat16()
-    assert any(len(i) % sparse._bucket_step(len(i)) for i in kmap.in_idx)  # some counts do get padded
+    assert any(len(i) % maps._bucket_step(len(i)) for i in kmap.in_idx)  # some counts do get padded
     bucketed = sparse_conv_inference(x.feats, weight, kmap, bias, relu=True)
-    monkeypatch.setattr(sparse, "_bucket_step", lambda n: 1)
+    monkeypatch.setattr(maps, "_bucket_step", lambda n: 1)
     assert torch.equal(bucketed, sparse_conv_inference(x.feats, weight, kmap, bias, relu=True))
 
 
@@ -180,9 +180,9 @@ def test_csr_scatter_equals_index_add(monkeypatch, kind):
         assert kmap is conv._output_and_map(x)[2].transposed()  # one object: its scatter matrix is kept
         x = SparseTensor(torch.randn(kmap.n_in, 6, dtype=torch.float64), coords, 2, x.cache)
     weight, bias = conv.kernel.detach().double(), torch.randn(7, dtype=torch.float64)
-    assert sparse._sparse_scatter(x.feats.new_empty(1, 7))
+    assert kernels._sparse_scatter(x.feats.new_empty(1, 7))
     got = sparse_conv_inference(x.feats, weight, kmap, bias, relu=True)
-    monkeypatch.setattr(sparse, "_sparse_scatter", lambda out: False)
+    monkeypatch.setattr(kernels, "_sparse_scatter", lambda out: False)
     ref = sparse_conv_inference(x.feats, weight, kmap, bias, relu=True)
     assert got.shape == (kmap.n_out, 7) and (got - ref).abs().max() <= 1e-12
 
@@ -191,7 +191,7 @@ def test_csr_scatter_equals_index_add(monkeypatch, kind):
 def test_stable_order_is_a_stable_argsort(n):
     """The radix-sorted pair order (one 16-bit pass below 65,536 outputs, two above) is torch's stable argsort."""
     keys = torch.randint(0, n, (5 * n // 4,), generator=torch.Generator().manual_seed(n))
-    assert torch.equal(sparse._stable_order(keys, n), torch.argsort(keys, stable=True))
+    assert torch.equal(maps._stable_order(keys, n), torch.argsort(keys, stable=True))
 
 
 @pytest.mark.parametrize("batches", [None, 1, 3])
@@ -202,10 +202,10 @@ def test_cpu_voxelize_equals_generic(monkeypatch, batches, dtype):
     pts = (torch.randn(20000, 3, generator=g, dtype=torch.float64) * torch.tensor([20.0, 20.0, 2.0]) - 5).to(dtype)
     feats = torch.randn(20000, 5, generator=g, dtype=dtype)
     batch = None if batches is None else torch.randint(0, batches, (20000,), generator=g)
-    assert sparse._voxelize_cpu_applies(pts, batch, feats)
-    got, got_p2v = sparse.voxelize(pts, batch, 0.3, feats)
-    monkeypatch.setattr(sparse, "_voxelize_cpu_applies", lambda *args: False)
-    ref, ref_p2v = sparse.voxelize(pts, batch, 0.3, feats)
+    assert voxelization._voxelize_cpu_applies(pts, batch, feats)
+    got, got_p2v = voxelization.voxelize(pts, batch, 0.3, feats)
+    monkeypatch.setattr(voxelization, "_voxelize_cpu_applies", lambda *args: False)
+    ref, ref_p2v = voxelization.voxelize(pts, batch, 0.3, feats)
     assert torch.equal(got.coords, ref.coords) and got.coords.dtype == torch.int32
     assert torch.equal(got.feats, ref.feats) and torch.equal(got_p2v, ref_p2v)
     assert got.batch_size == ref.batch_size and len(got) < 20000
@@ -213,7 +213,7 @@ def test_cpu_voxelize_equals_generic(monkeypatch, batches, dtype):
 
 def test_cpu_voxelize_rejects_non_finite():
     with pytest.raises(ValueError, match="NaN or inf"):
-        sparse.voxelize(torch.tensor([[0.0, 1.0, float("inf")]]), None, 0.1, torch.zeros(1, 1))
+        voxelization.voxelize(torch.tensor([[0.0, 1.0, float("inf")]]), None, 0.1, torch.zeros(1, 1))
 
 
 @pytest.mark.parametrize("stride", [1, 4])
@@ -225,7 +225,7 @@ def test_numpy_walk_equals_torch_walk(monkeypatch, stride, shuffle):
     coords = x.coords[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))] if shuffle else x.coords
     offsets = kernel_offsets(3) * stride
     got = build_kernel_map(coords, coords, offsets, True)
-    monkeypatch.setattr(sparse, "_walk_on_numpy", False)
+    monkeypatch.setattr(maps, "_walk_on_numpy", False)
     assert same_map(got, build_kernel_map(coords, coords, offsets, True))
     searched = build_kernel_map(coords, coords, offsets, True, walk_columns=False)
     assert shuffle or same_map(got, searched)
@@ -238,24 +238,24 @@ def test_numpy_downsample_and_parent_map_equal_torch(monkeypatch, stride, step):
     """Parent cells, their order, each child's parent and the 2x2x2 parent map: numpy (CPU) equals torch."""
     x = random_voxels(12, 1, stride=stride, density=0.3, seed=11)  # column-major coords, as nonzero gives
     before = x.coords.clone()
-    got_coords, got_parents = sparse._downsample_with_parents(x.coords, step)
+    got_coords, got_parents = maps._downsample_with_parents(x.coords, step)
     assert torch.equal(x.coords, before)  # the input is left alone
-    got_map = sparse.build_parent_map(x.coords, got_coords, got_parents, stride) if step == 2 * stride else None
-    monkeypatch.setattr(sparse, "_downsample_on_numpy", False)
-    ref_coords, ref_parents = sparse._downsample_with_parents(x.coords, step)
+    got_map = maps.build_parent_map(x.coords, got_coords, got_parents, stride) if step == 2 * stride else None
+    monkeypatch.setattr(maps, "_downsample_on_numpy", False)
+    ref_coords, ref_parents = maps._downsample_with_parents(x.coords, step)
     assert torch.equal(got_coords, ref_coords) and got_coords.dtype == torch.int32
     assert torch.equal(got_parents, ref_parents)
     if got_map is not None:
-        assert same_map(got_map, sparse.build_parent_map(x.coords, ref_coords, ref_parents, stride))
+        assert same_map(got_map, maps.build_parent_map(x.coords, ref_coords, ref_parents, stride))
 
 
 def test_cpu_voxelize_under_autocast_keeps_float32():
     """Under bfloat16 autocast (the Segmenter's fast path) the CPU voxelize still averages in float32."""
     g = torch.Generator().manual_seed(3)
     pts, feats = torch.randn(5000, 3, generator=g) * 10, torch.randn(5000, 4, generator=g)
-    ref, _ = sparse.voxelize(pts, None, 0.5, feats)
+    ref, _ = voxelization.voxelize(pts, None, 0.5, feats)
     with torch.autocast("cpu", torch.bfloat16):
-        got, _ = sparse.voxelize(pts, None, 0.5, feats)
+        got, _ = voxelization.voxelize(pts, None, 0.5, feats)
     assert got.feats.dtype == torch.float32 and torch.equal(got.feats, ref.feats)
 
 

@@ -63,25 +63,25 @@ def test_fused_minkunet_same_bits_and_drops_workspace(monkeypatch):
 def test_widened_products_same_bits(monkeypatch, channels, use_ws):
     """bfloat16 products written as the high halves of float32 words (one matmul with a zero-interleaved weight)
     equal the matmul-and-cast path bit for bit, negative features and bucket-padded offsets included."""
-    import sal_ros.model.sparse as sparse
+    from sal_ros.model.sparse import kernels, maps
 
     c_in, c_out = channels
     x = voxels(c_in, torch.bfloat16, seed=4)
     g = torch.Generator().manual_seed(5)
     conv = Conv3d(c_in, c_out, 3, backend="torch")
     kmap = conv._output_and_map(x)[2]
-    assert any(len(i) % sparse._bucket_step(len(i)) for i in kmap.in_idx)  # padding spills somewhere
+    assert any(len(i) % maps._bucket_step(len(i)) for i in kmap.in_idx)  # padding spills somewhere
     weight = torch.randn(27, c_in, c_out, generator=g).bfloat16()
     bias = torch.randn(c_out, generator=g).bfloat16()
-    assert sparse._products_as_halves(x.feats, weight, torch.empty(0))
+    assert kernels._products_as_halves(x.feats, weight, torch.empty(0))
     ws = Workspace() if use_ws else None
     wide = sparse_conv_inference(x.feats, weight, kmap, bias, workspace=ws)
-    monkeypatch.setattr(sparse, "_products_as_halves", lambda *a: False)
+    monkeypatch.setattr(kernels, "_products_as_halves", lambda *a: False)
     assert torch.equal(wide, sparse_conv_inference(x.feats, weight, kmap, bias, workspace=ws))
 
 
 def test_widened_weight_halves():
-    from sal_ros.model.sparse import _widened
+    from sal_ros.model.sparse.kernels import _widened
 
     w = torch.randn(3, 4, 5).bfloat16()
     halves = _widened(w).view(3, 4, 5, 2)
@@ -92,10 +92,10 @@ def test_widened_weight_halves():
 def test_many_chunks_same_bits(monkeypatch):
     """Product buffers cut into many chunks (padding spills at every chunk's end): same bits with and without a
     workspace, and within 1 % of the range of the float64 conv."""
-    import sal_ros.model.sparse as sparse
+    from sal_ros.model.sparse import kernels
 
-    monkeypatch.setattr(sparse, "_SCATTER_CHUNK_BYTES", 4096)
-    monkeypatch.setattr(sparse, "_WORKSPACE_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(kernels, "_SCATTER_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(kernels, "_WORKSPACE_CHUNK_BYTES", 4096)
     x = voxels(16, torch.bfloat16, seed=6)
     conv = Conv3d(16, 24, 3, backend="torch")
     kmap = conv._output_and_map(x)[2]
