@@ -2,7 +2,8 @@
 
 Per frame (``PseudoLabeler.label_frame``):
 
-1. per camera: 2D masks (SAM 2 / SAM / SLIC), flattened (whole objects over parts);
+1. per camera: 2D masks (SAM 2 / SAM / SLIC), flattened (whole objects over parts); optionally voted over K
+   augmented copies of the image (``augment``, augmentation.py);
 2. per camera: one CLIP token per mask (MaskCLIP relative mask attention by default);
 3. per camera: lift masks onto the points that project into the image (occlusion test optional);
 4. fuse cameras (instances that agree where two cameras overlap become one; area-weighted tokens);
@@ -33,6 +34,7 @@ from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
 from sal_ros.data.sources import detect_source, keyed_frames
 from sal_ros.pseudolabel import ray_backend  # imports ray only when a Ray run connects
+from sal_ros.pseudolabel.augmentation import AugmentConfig, augmented
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
 from sal_ros.pseudolabel.mask_sources import build_mask_source, mask_source_identity
@@ -47,6 +49,7 @@ class EngineConfig:
     masks: str = "sam2"  # slic | sam | sam2 | sam2_lidar | geometric (mask_sources.py)
     mask_options: dict = field(default_factory=dict)  # passed to the mask source (checkpoint, config, ...)
     flatten_overlap: float = 0.8  # SAL flatten: drop a mask inside a kept one above this overlap
+    augment: dict = field(default_factory=dict)  # AugmentConfig (augmentation.py): masks voted over K augmentations
     tokens: bool = True
     clip_model: str = "ViT-B-16"
     clip_pretrained: str | None = None
@@ -79,6 +82,10 @@ class EngineConfig:
         """What decides the labels (not where they run): changes here make old files stale."""
         d = self.to_dict()
         d.pop("device")
+        if not AugmentConfig.from_dict(d["augment"]).enabled:  # off: the hash of the files made before it existed
+            d.pop("augment")
+        else:
+            d["augment"] = AugmentConfig.from_dict(d["augment"]).to_dict()
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -119,7 +126,8 @@ class PseudoLabeler:
 
     def __init__(self, config: EngineConfig, mask_source=None, token_encoder=None) -> None:
         self.config = config
-        self.mask_source = mask_source or build_mask_source(config.masks, **self._mask_kwargs())
+        self.mask_source = augmented(mask_source or build_mask_source(config.masks, **self._mask_kwargs()),
+                                     AugmentConfig.from_dict(config.augment), config.flatten_overlap)
         self.token_encoder = token_encoder
         if self.token_encoder is None and config.tokens:
             from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
