@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--stability-score-thresh", type=float, default=0.95)
     m.add_argument("--slic-segments", type=int, default=150)
     m.add_argument("--flatten-overlap", type=float, default=0.8, help="drop a mask this much inside a kept one")
+    from sal_ros.pseudolabel.augmentation import add_arguments as add_augment_arguments
+
+    add_augment_arguments(m)
     from sal_ros.pseudolabel import geometric
 
     geometric.add_arguments(m)
@@ -86,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
+    from sal_ros.pseudolabel.augmentation import options_from_args as augment_options
     from sal_ros.pseudolabel.engine import EngineConfig
     from sal_ros.pseudolabel.lifting import LiftConfig
     from sal_ros.pseudolabel.refine import RefineConfig
@@ -115,7 +119,8 @@ def config_from_args(args: argparse.Namespace):
         raise ValueError("--clip-pretrained is needed for meaningful tokens (or --no-tokens / --random-weights)")
     token_options = {"model_config": str(args.clip_model_config)} if args.clip_model_config else {}
     return EngineConfig(
-        masks=args.masks, mask_options=mask_options, flatten_overlap=args.flatten_overlap, tokens=not args.no_tokens,
+        masks=args.masks, mask_options=mask_options, flatten_overlap=args.flatten_overlap,
+        augment=augment_options(args), tokens=not args.no_tokens,
         clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, token_method=args.token_method,
         token_options=token_options,
         lift=LiftConfig(min_depth=args.min_depth, occlusion=args.lifting == "occlusion",

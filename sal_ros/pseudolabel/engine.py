@@ -2,7 +2,8 @@
 
 Per frame (``PseudoLabeler.label_frame``):
 
-1. per camera: 2D masks (SAM 2 / SAM / SLIC), flattened (whole objects over parts);
+1. per camera: 2D masks (SAM 2 / SAM / SLIC), flattened (whole objects over parts); optionally voted over K
+   augmented copies of the image (``augment``, augmentation.py);
 2. per camera: one CLIP token per mask (MaskCLIP relative mask attention by default);
 3. per camera: lift masks onto the points that project into the image (occlusion test optional);
 4. fuse cameras (instances that agree where two cameras overlap become one; area-weighted tokens);
@@ -32,6 +33,7 @@ from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
 from sal_ros.data.sources import FrameSource
 from sal_ros.pseudolabel import ray_backend  # imports ray only when a Ray run connects
+from sal_ros.pseudolabel.augmentation import AugmentConfig, augmented
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
 from sal_ros.pseudolabel.lifting import LiftConfig, in_image, lift_labels, point_pixels
 from sal_ros.pseudolabel.mask_sources import build_mask_source, mask_source_identity
@@ -46,6 +48,7 @@ class EngineConfig:
     masks: str = "sam2"  # slic | sam | sam2 | sam2_lidar | geometric (mask_sources.py)
     mask_options: dict = field(default_factory=dict)  # passed to the mask source (checkpoint, config, ...)
     flatten_overlap: float = 0.8  # SAL flatten: drop a mask inside a kept one above this overlap
+    augment: dict = field(default_factory=dict)  # AugmentConfig (augmentation.py): masks voted over K augmentations
     tokens: bool = True
     clip_model: str = "ViT-B-16"
     clip_pretrained: str | None = None
@@ -78,6 +81,10 @@ class EngineConfig:
         """What decides the labels (not where they run): changes here make old files stale."""
         d = self.to_dict()
         d.pop("device")
+        if not AugmentConfig.from_dict(d["augment"]).enabled:  # off: the hash of the files made before it existed
+            d.pop("augment")
+        else:
+            d["augment"] = AugmentConfig.from_dict(d["augment"]).to_dict()
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -118,7 +125,8 @@ class PseudoLabeler:
 
     def __init__(self, config: EngineConfig, mask_source=None, token_encoder=None) -> None:
         self.config = config
-        self.mask_source = mask_source or build_mask_source(config.masks, **self._mask_kwargs())
+        self.mask_source = augmented(mask_source or build_mask_source(config.masks, **self._mask_kwargs()),
+                                     AugmentConfig.from_dict(config.augment), config.flatten_overlap)
         self.token_encoder = token_encoder
         if self.token_encoder is None and config.tokens:
             from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
@@ -146,10 +154,15 @@ class PseudoLabeler:
     def masks_and_tokens(self, frame, timings: dict | None = None) -> tuple[dict, dict]:
         masks, tokens = {}, {}
         t_mask = t_tok = 0.0
+        t0 = time.perf_counter()
+        whole = getattr(self.mask_source, "generate_for_frame", None)  # all cameras at once (oracle.py)
+        per_frame = whole(frame) if whole is not None else None
+        t_mask += time.perf_counter() - t0
         for name, view in frame.cameras.items():
             t0 = time.perf_counter()
             gen = getattr(self.mask_source, "generate_for_view", None)  # sources prompted by the lidar (amml.py)
-            raw = gen(frame.points, view) if gen is not None else self.mask_source.generate(view.image)
+            raw = per_frame[name] if per_frame is not None else \
+                gen(frame.points, view) if gen is not None else self.mask_source.generate(view.image)
             m = flatten_masks(raw, self.config.flatten_overlap)
             t1 = time.perf_counter()
             masks[name] = m

@@ -35,12 +35,14 @@ from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import atomic_write, json_safe, write_json
 from sal_ros.data.sources import FrameSource
 from sal_ros.eval.panoptic import SegmentCounts, match_segments
-from sal_ros.pseudolabel import geometric
+from sal_ros.pseudolabel import augmentation, geometric
+from sal_ros.pseudolabel.augmentation import AugmentConfig, augmented
 from sal_ros.pseudolabel.engine import label_from_masks
-from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores, render_segments
+from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
 from sal_ros.pseudolabel.mask_sources import build_mask_source
 from sal_ros.pseudolabel.masks import Masks, flatten_masks
+from sal_ros.pseudolabel.oracle import OracleMasks, oracle_masks  # noqa: F401 - oracle_masks: this module's API
 from sal_ros.pseudolabel.refine import RefineConfig
 
 log = logging.getLogger(__name__)
@@ -113,17 +115,10 @@ def scored_points(frame, label_set, min_depth: float,
     return keep, cls[keep], seg[keep], label_set.thing_mask[cls[keep]]
 
 
-def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat: tuple[int, int] = (2, 3)) -> Masks:
-    """Ground-truth segments rendered into the image (z-buffer splats, ``render_segments``); segment 0 = none."""
-    return render_segments(frame.points, view, segment, min_depth, splat)
-
-
 def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, min_depth: float,
                  splat: tuple[int, int]) -> dict[str, Masks]:
     if kind in ("oracle", GEOMETRIC_ORACLE):
-        cls, seg = label_set.split(frame.gt_labels)
-        seg = np.where(cls > 0, seg + 1, 0)  # +1: raw label 0 of an unlabeled thing must not vanish
-        oracle = {n: oracle_masks(frame, v, seg, min_depth, splat) for n, v in frame.cameras.items()}
+        oracle = OracleMasks(splat, label_set.name, min_depth).frame_masks(frame, frame.gt_labels)
         if kind == "oracle":
             return oracle
         return {n: flatten_masks(geometric.split_by(source.generate_for_view(frame.points, v), oracle[n]),
@@ -139,11 +134,13 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                           refine: RefineConfig = RefineConfig(), fusion_iou: float = 0.3, flatten_overlap: float = 0.8,
                           engine_min_points: int = 5, min_points: int | None = None, label_config: str | None = None,
                           splat: tuple[int, int] = (2, 3), max_frames: int | None = None,
-                          progress: bool = True, full_scan: bool = False, select: str | None = None) -> dict:
+                          progress: bool = True, full_scan: bool = False, select: str | None = None,
+                          augment: dict | None = None) -> dict:
     """Score pseudo-labels on a dataset with ground truth; returns {"rows": [...], "meta": {...}}.
     ``full_scan``: score every labelled point, not only those the cameras see (camera pseudo-labels then miss
     what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan).
-    ``select``: sequences and scans of a SemanticKITTI root (``00,05:0-4``), as in ``sal-ros pseudolabel``."""
+    ``select``: sequences and scans of a SemanticKITTI root (``00,05:0-4``), as in ``sal-ros pseudolabel``.
+    ``augment``: an AugmentConfig dict: image sources voted over augmentations (a no-op for the others)."""
     from sal_ros.eval.labels import semantickitti
 
     label_set = semantickitti(label_config, **({"min_points": min_points} if min_points is not None else {}))
@@ -156,7 +153,8 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
         if unknown:
             raise ValueError(f"unknown variants {unknown}; known: {', '.join([*VARIANTS, LIDAR_ONLY])}")
     built = {GEOMETRIC_ORACLE: "geometric"}  # a kind of its own here, the geometric source underneath
-    sources = {m: build_mask_source(built.get(m, m), **(mask_options or {}).get(built.get(m, m), {}))
+    sources = {m: augmented(build_mask_source(built.get(m, m), **(mask_options or {}).get(built.get(m, m), {})),
+                            AugmentConfig.from_dict(augment), flatten_overlap)
                for m in masks if m != "oracle" and pseudolabels is None}
     if pseudolabels is None:  # "lidar only" exists for the sources that label points themselves
         configs = [(m, v) for m in masks for v in variants
@@ -207,7 +205,8 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
     meta = {"dataset": str(dataset), "select": select, "frames": scored, "frames_skipped": skipped,
             "min_points": label_set.min_points,
             "lift": vars(lift), "refine": vars(refine), "splat": list(splat), "engine_min_points": engine_min_points,
-            "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}, "full_scan": full_scan}
+            "seconds_per_frame": {k: v / max(scored, 1) for k, v in seconds.items()}, "full_scan": full_scan,
+            "augment": augment or {}}
     if "geometric" in sources:
         tp, fp, fn = (int(x) for x in ground)
         meta["ground"] = {"precision": 100 * tp / max(tp + fp, 1), "recall": 100 * tp / max(tp + fn, 1),
@@ -282,6 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-scan", action="store_true",
                         help="score every labelled point, not only those the cameras see")
     parser.add_argument("--slic-segments", type=int, default=150)
+    augmentation.add_arguments(parser)
     parser.add_argument("--sam-checkpoint")
     parser.add_argument("--sam-model-type", default="vit_b")
     parser.add_argument("--sam2-checkpoint")
@@ -314,7 +314,8 @@ def main(args: argparse.Namespace) -> int:
                                    mask_options=opts, min_points=args.min_points,
                                    label_config=str(args.label_config) if args.label_config else None,
                                    max_frames=args.max_frames, progress=not args.no_progress,
-                                   full_scan=args.full_scan, select=args.select)
+                                   full_scan=args.full_scan, select=args.select,
+                                   augment=augmentation.options_from_args(args))
     result = json_safe(result)  # a score over no segments is 0/0: null in JSON, n/a in the table
     table = markdown_table(result)
     print(table)

@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         elif cfg.objective != "sal":
             raise ValueError(f"unknown objective {cfg.objective!r}; known: sal, semantic")
         else:
-            scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder)
+            scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder, seed=cfg.seed)
     except (SensorDataError, FileNotFoundError, ValueError) as exc:
         print(f"sal-ros train: {exc}", file=sys.stderr)
         return 1
