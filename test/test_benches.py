@@ -16,11 +16,16 @@ def _bench(*args) -> dict:
 
 def test_bench_model_stages_and_sparse_vs_dense_conv():
     scan = require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin")
-    out = _bench("model", "--scan", str(scan), "--presets", "tiny", "--points", "20000", "--repeats", "1",
+    out = _bench("model", "--scan", str(scan), "--presets", "tiny,realtime", "--points", "20000", "--repeats", "1",
                  "--device", "cpu", "--threads", "1")
     row = out["models"]["cpu"]["tiny"]
     stages = row["median_ms"]
-    assert {"voxelize", "backbone", "decoder", "postprocess", "total"} <= set(stages)
+    assert {"voxelize", "backbone", "decoder", "postprocess", "total", "total_cpu"} <= set(stages)
+    # every preset over the reference presets timed in the same run, wall and thread CPU time
+    fast = out["models"]["cpu"]["realtime"]["median_ms"]
+    ratios = out["ratios"]["cpu"]["realtime"]
+    assert set(ratios) == {"total_vs_tiny", "total_cpu_vs_tiny"} and "tiny" not in out["ratios"]["cpu"]
+    assert abs(ratios["total_cpu_vs_tiny"] - fast["total_cpu"] / stages["total_cpu"]) < 0.002
     assert all(v > 0 for v in stages.values()) and out["points"] == 20000
     # the float32 reference path timed in the same run, the ratio, and how far the labels moved
     assert set(row["reference_fp32_median_ms"]) == set(stages)
@@ -48,6 +53,20 @@ def test_instance_parity_compares_partitions_not_ids():
     assert abs(instance_partition_differs(reference, merged) - 0.2) < 1e-12  # so instance 1's 2 points differ
     unassigned = np.array([5, 1, 1, 2, 2, 2, 3, 3, 0, 0])  # a stuff point became an instance of its own
     assert abs(instance_partition_differs(reference, unassigned) - 0.1) < 1e-12
+
+
+def test_bench_model_times_candidates_given_as_preset_overrides():
+    import pytest
+
+    from sal_ros.bench.model import preset_config
+    from sal_ros.model.backbone import ModelConfig
+
+    config = preset_config("tiny:voxel_size=0.4:num_queries=16")
+    assert config == ModelConfig.preset("tiny", voxel_size=0.4, num_queries=16)
+    assert preset_config("realtime", voxel_size=0.5).voxel_size == 0.5  # --voxel-size still applies
+    for bad in ("tiny:voxel_size", "tiny:no_such_field=1", "no_such_preset"):
+        with pytest.raises((TypeError, ValueError)):
+            preset_config(bad)
 
 
 def test_bench_model_says_when_the_conv_crop_is_empty():

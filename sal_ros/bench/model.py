@@ -5,7 +5,8 @@ boxes) as the node runs them (bfloat16 autocast where the CPU has native bf16 or
 intermediate masks pooled straight to the attention levels), and beside it, interleaved run by run on the same
 scan and weights, the float32 reference path (no autocast, full-resolution intermediate masks: the path before
 issue 17). ``speedup_vs_fp32`` is the ratio of their median totals; ``parity`` counts the points whose label or
-instance differ between the two. Weights are random (timings do not depend on them); the vocabulary is the 19
+instance differ between the two. Each total is also given in this thread's CPU time (``total_cpu``), and
+``ratios`` divides every preset's totals by those of ``tiny`` and ``minkunet34`` when they ran in the same call. Weights are random (timings do not depend on them); the vocabulary is the 19
 SemanticKITTI classes from the tiny text encoder.
 
 Backbone (``backbone``): MinkUNet alone, fused inference against the modules one by one, same dtype, interleaved;
@@ -44,7 +45,9 @@ UNTHRESHOLDED = SegmenterConfig(score_threshold=0.0)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scan", type=Path, default=DEFAULT_SCAN, help="KITTI-format .bin scan (x y z reflectance)")
     parser.add_argument("--points", type=int, default=0, help="points taken from the scan (default 0: all)")
-    parser.add_argument("--presets", default="minkunet34,tiny", help="comma-separated model presets")
+    parser.add_argument("--presets", default="minkunet34,tiny",
+                        help="comma-separated model presets, each with optional field overrides after colons, "
+                             "e.g. tiny,tiny:voxel_size=0.4:num_queries=16 (a candidate timed beside the presets)")
     parser.add_argument("--voxel-size", type=float, default=None, help="override the presets' voxel size (m)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CPU, and CUDA too when available")
@@ -71,6 +74,12 @@ def main(args: argparse.Namespace) -> int:
     scan = load_scan(args.scan, args.points)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    try:
+        for spec in presets:
+            preset_config(spec)
+    except (TypeError, ValueError) as exc:
+        print(f"sal-ros bench model: {exc}", file=sys.stderr)
+        return 1
     result = {"bench": "model", "scan": str(args.scan), "points": len(scan), "threads": threads,
               "repeats": args.repeats, "environment": environment(), "models": {}, "backbone": {}, "conv": {},
               "strided_conv": {}, "submanifold_map": {}}
@@ -94,10 +103,28 @@ def main(args: argparse.Namespace) -> int:
         if args.spconv_path is not None and device == "cpu":
             result["spconv"] = bench_spconv(scan, args.spconv_path, ModelConfig().voxel_size, args.conv_channels,
                                             max(args.repeats, 3))
+    result["ratios"] = preset_ratios(result["models"])
     finish(result["environment"])
     json.dump(result, sys.stdout, indent=2)
     print()
     return 0
+
+
+REFERENCE_PRESETS = ("tiny", "minkunet34")
+
+
+def preset_ratios(models: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Per device and preset, its median total (wall, and this thread's CPU time) over each reference preset's
+    timed in the same run, where that reference was among ``--presets``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for device, rows in models.items():
+        for name, row in rows.items():
+            for ref in REFERENCE_PRESETS:
+                if ref in rows and ref != name:
+                    ratios = out.setdefault(device, {}).setdefault(name, {})
+                    for key in ("total", "total_cpu"):
+                        ratios[f"{key}_vs_{ref}"] = round(row["median_ms"][key] / rows[ref]["median_ms"][key], 3)
+    return out
 
 
 def load_scan(path: Path, points: int = 0) -> np.ndarray:
@@ -122,14 +149,30 @@ def preset_in_fresh_process(name: str, args: argparse.Namespace, device: str, th
 
 def _preset_rows(name: str, voxel_size: float | None, scan_path: Path, points: int, device: str, repeats: int,
                  reference: bool, threads: int) -> tuple[dict, dict | None]:
-    from sal_ros.model.backbone import ModelConfig
-
     apply_threads(threads)
     scan = load_scan(scan_path, points)
-    config = ModelConfig.preset(name, **({"voxel_size": voxel_size} if voxel_size else {}))
+    config = preset_config(name, voxel_size)
     row = bench_preset(config, scan, device, repeats, reference=reference)
     backbone = bench_backbone(config, scan, device, max(repeats, 3)) if config.backbone == "minkunet" else None
     return row, backbone
+
+
+def preset_config(spec: str, voxel_size: float | None = None):
+    """The ModelConfig of ``preset[:field=value...]`` (values read as YAML scalars), ``--voxel-size`` applied."""
+    import yaml
+
+    from sal_ros.model.backbone import ModelConfig
+
+    name, *fields = spec.split(":")
+    overrides = {}
+    for field in fields:
+        key, sep, value = field.partition("=")
+        if not sep:
+            raise ValueError(f"preset override {field!r} in {spec!r}: expected field=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    if voxel_size:
+        overrides["voxel_size"] = voxel_size
+    return ModelConfig.preset(name, **overrides)
 
 
 def _stage_medians(stages: dict[str, list[float]]) -> dict[str, float]:
@@ -159,9 +202,11 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
         segmenter, pooled = paths[path]
         model.decoder.pooled_masks = pooled
         model.backbone.fused_inference = pooled  # the reference runs the backbone module by module, searched maps
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time_ns()
         seg = segmenter.segment(points, intensity)
-        return seg, {**seg.timings_ms, "total": (time.perf_counter() - t0) * 1e3}
+        # this thread's CPU time beside the wall time: on a shared machine it is inflated far less by other jobs
+        return seg, {**seg.timings_ms, "total": (time.perf_counter() - t0) * 1e3,
+                     "total_cpu": (time.thread_time_ns() - c0) / 1e6}
 
     try:
         outputs = {path: run(path)[0] for path in paths}  # warm-up: allocator, kernels, lazy imports
