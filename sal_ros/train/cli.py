@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
             from sal_ros.train.selftrain import SelfTrainConfig
 
             SelfTrainConfig.from_dict(cfg.self_training)  # a bad section fails now, not after the training
-            scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder)
+            scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder, seed=cfg.seed)
     except (SensorDataError, FileNotFoundError, ValueError) as exc:
         print(f"sal-ros train: {exc}", file=sys.stderr)
         return 1
