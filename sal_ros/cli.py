@@ -24,6 +24,8 @@ COMMANDS = {
     "train": ("sal_ros.train.cli", "distill the SAL model on pseudo-labels"),
     "pretrain": ("sal_ros.pretrain.cli", "label-free backbone pretraining from a 2D teacher (ScaLR, Seal)"),
     "eval": ("sal_ros.tools.eval_cli", "evaluate a checkpoint or pseudo-labels"),
+    "experiment": ("sal_ros.experiment.cli", "pseudo-label, distill, train supervised references, score held-out "
+                   "sequences: one YAML"),
     "doctor": ("sal_ros.tools.doctor", "check this machine and a params file for what loses clouds or stops the nodes"),
 }
 

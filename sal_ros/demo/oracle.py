@@ -18,20 +18,8 @@ from sal_ros.data.framestore import FrameStore
 from sal_ros.data.pseudolabels import pseudolabel_path, save_pseudolabels
 from sal_ros.eval.labels import get_label_set
 from sal_ros.pseudolabel.engine import EngineConfig, PseudoLabeler, label_from_masks, pending_keys
-from sal_ros.pseudolabel.evaluate import oracle_masks
 from sal_ros.pseudolabel.masks import Masks
-
-SPLAT = (2, 3)  # pixels each point paints around its projection (x, y), as `sal-ros eval pseudolabels` does
-
-
-class OracleMasks:
-    """Names the oracle in the pseudo-label files' metadata; its masks come from ground truth, not from images."""
-
-    name = "oracle"
-    identity = {"source": "oracle", "splat": list(SPLAT)}
-
-    def generate(self, image: np.ndarray) -> Masks:
-        raise NotImplementedError("oracle masks are rendered from ground truth: use frame_masks()")
+from sal_ros.pseudolabel.oracle import SPLAT, OracleMasks
 
 
 def oracle_config(masks_run: EngineConfig) -> EngineConfig:
@@ -47,9 +35,7 @@ def load_ground_truth(bag: Path) -> dict[int, np.ndarray]:
 
 def frame_masks(frame, gt_labels: np.ndarray, label_set, min_depth: float) -> dict[str, Masks]:
     """Per camera, one mask per ground-truth segment (ignore-class points paint nothing)."""
-    cls, seg = label_set.split(gt_labels)
-    seg = np.where(cls > 0, seg + 1, 0)  # +1: raw label 0 of an unlabeled thing must not vanish
-    return {name: oracle_masks(frame, view, seg, min_depth, SPLAT) for name, view in frame.cameras.items()}
+    return OracleMasks(SPLAT, label_set.name, min_depth).frame_masks(frame, gt_labels)
 
 
 def label_recorded_frames(frames: Path, gt: dict[int, np.ndarray], out: Path, config: EngineConfig,

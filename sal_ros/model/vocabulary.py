@@ -88,6 +88,14 @@ def _bpe():
     return SimpleTokenizer()
 
 
+@lru_cache(maxsize=8)
+def _tokenizer(model_name: str):
+    """open_clip's tokenizer of a model, built once per process (its BPE tables take ~0.4 s to read)."""
+    import open_clip
+
+    return open_clip.get_tokenizer(model_name)
+
+
 @lru_cache(maxsize=16384)
 def _token_count(text: str) -> int:
     """BPE tokens of a prompt text (without start and end): a vocabulary's texts are checked where it is built and
@@ -359,7 +367,7 @@ class TextEncoder:
         if hasattr(model, "visual"):
             model.visual = torch.nn.Identity()  # text only: frees the image tower's memory
         self.model = model.to(self.device).eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.tokenizer = _tokenizer(model_name)
         self.context_length = int(getattr(self.tokenizer, "context_length", CONTEXT_LENGTH))
         self.embed_dim = int(open_clip.get_model_config(model_name)["embed_dim"])
         self.identity = encoder_identity(model_name, self.pretrained)

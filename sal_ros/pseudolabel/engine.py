@@ -155,10 +155,15 @@ class PseudoLabeler:
     def masks_and_tokens(self, frame, timings: dict | None = None) -> tuple[dict, dict]:
         masks, tokens = {}, {}
         t_mask = t_tok = 0.0
+        t0 = time.perf_counter()
+        whole = getattr(self.mask_source, "generate_for_frame", None)  # all cameras at once (oracle.py)
+        per_frame = whole(frame) if whole is not None else None
+        t_mask += time.perf_counter() - t0
         for name, view in frame.cameras.items():
             t0 = time.perf_counter()
             gen = getattr(self.mask_source, "generate_for_view", None)  # sources prompted by the lidar (amml.py)
-            raw = gen(frame.points, view) if gen is not None else self.mask_source.generate(view.image)
+            raw = per_frame[name] if per_frame is not None else \
+                gen(frame.points, view) if gen is not None else self.mask_source.generate(view.image)
             m = flatten_masks(raw, self.config.flatten_overlap)
             t1 = time.perf_counter()
             masks[name] = m

@@ -37,10 +37,11 @@ from sal_ros.eval.panoptic import SegmentCounts, match_segments
 from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
 from sal_ros.pseudolabel import augmentation, geometric
 from sal_ros.pseudolabel.augmentation import AugmentConfig, augmented
-from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores, render_segments
+from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
 from sal_ros.pseudolabel.mask_sources import build_mask_source
 from sal_ros.pseudolabel.masks import Masks, flatten_masks
+from sal_ros.pseudolabel.oracle import OracleMasks, oracle_masks  # noqa: F401 - oracle_masks: this module's API
 from sal_ros.pseudolabel.refine import RefineConfig
 
 log = logging.getLogger(__name__)
@@ -113,17 +114,10 @@ def scored_points(frame, label_set, min_depth: float,
     return keep, cls[keep], seg[keep], label_set.thing_mask[cls[keep]]
 
 
-def oracle_masks(frame, view, segment: np.ndarray, min_depth: float = 1.0, splat: tuple[int, int] = (2, 3)) -> Masks:
-    """Ground-truth segments rendered into the image (z-buffer splats, ``render_segments``); segment 0 = none."""
-    return render_segments(frame.points, view, segment, min_depth, splat)
-
-
 def _frame_masks(frame, source, kind: str, label_set, flatten_overlap: float, min_depth: float,
                  splat: tuple[int, int]) -> dict[str, Masks]:
     if kind in ("oracle", GEOMETRIC_ORACLE):
-        cls, seg = label_set.split(frame.gt_labels)
-        seg = np.where(cls > 0, seg + 1, 0)  # +1: raw label 0 of an unlabeled thing must not vanish
-        oracle = {n: oracle_masks(frame, v, seg, min_depth, splat) for n, v in frame.cameras.items()}
+        oracle = OracleMasks(splat, label_set.name, min_depth).frame_masks(frame, frame.gt_labels)
         if kind == "oracle":
             return oracle
         return {n: flatten_masks(geometric.split_by(source.generate_for_view(frame.points, v), oracle[n]),

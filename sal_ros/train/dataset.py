@@ -14,7 +14,7 @@ number of workers or DDP ranks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from sal_ros.core.camera import in_camera_frustum
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.settings import known_settings
+from sal_ros.pseudolabel.oracle import class_text_tokens, oracle_tokens
 from sal_ros.train.augment import AugmentConfig, augment, azimuth_center, rotate_z
 
 
@@ -203,43 +204,54 @@ def ground_truth_scan(frame, label_set, class_tokens: np.ndarray, in_frustum: np
     return LabeledScan(frame.key, frame.points, np.asarray(intensity, np.float32), instance, tokens, inside)
 
 
-def load_scans(sources: list[dict], base: str | Path = ".", text_encoder: dict | None = None) -> list[LabeledScan]:
+def load_scans(sources: list[dict], base: str | Path = ".", text_encoder: dict | None = None,
+               seed: int = 0) -> list[LabeledScan]:
     """Training scans from config ``sources`` entries (paths relative to ``base``, the config's folder):
 
     - ``{frames: <dataset folder | FrameStore | rosbag2>, pseudolabels: <dir of <key>.npz>}``: engine output;
-    - ``{frames: ..., oracle: semantickitti}``: ground-truth oracle (``ground_truth_scan``) with tokens from the
-      text encoder ``text_encoder`` ({"model": open_clip name, "pretrained": tag}; the run's, recorded in its
-      checkpoints).
+      with ``oracle_tokens: semantickitti`` each pseudo-instance's token is instead the text embedding of the
+      class the ground truth says it mostly covers (``token_noise``: norm of added Gaussian noise; sal_ros.
+      pseudolabel.oracle), for zero-shot classification given ideal CLIP tokens;
+    - ``{frames: ..., oracle: semantickitti}``: ground truth as labels (``ground_truth_scan``), the supervised
+      reference: ``region: frustum`` (default) labels the camera-frustum points as pseudo-labels would,
+      ``region: full`` the whole scan; tokens from the text encoder ``text_encoder`` ({"model": open_clip name,
+      "pretrained": tag}; the run's, recorded in its checkpoints).
+
+    ``select`` (``00,05:0-4``) picks sequences and scans of a dataset with sequences.
     """
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
     from sal_ros.data.sources import iter_source_frames
+    from sal_ros.eval.labels import get_label_set
 
     scans: list[LabeledScan] = []
     for src in sources:
         frames_path = Path(base) / src["frames"]
         frames = list(iter_source_frames(frames_path, src.get("bag_config"), select=src.get("select")))
+        encoder = src.get("text_encoder") or text_encoder or {}
         if src.get("oracle"):
-            from sal_ros.eval.labels import get_label_set
-
             label_set = get_label_set(src["oracle"])
-            tokens = class_text_tokens(label_set.class_names, src.get("text_encoder") or text_encoder or {})
-            scans += [ground_truth_scan(f, label_set, tokens) for f in frames]
+            tokens = class_text_tokens(label_set.class_names, encoder)
+            region = src.get("region", "frustum")
+            if region not in ("frustum", "full"):
+                raise ValueError(f"source region {region!r}: frustum or full")
+            scans += [ground_truth_scan(f, label_set, tokens, np.ones(f.num_points, bool) if region == "full" else None)
+                      for f in frames]
             continue
         pl_dir = Path(base) / src["pseudolabels"]
+        oracle = get_label_set(src["oracle_tokens"]) if src.get("oracle_tokens") else None
+        class_tokens = class_text_tokens(oracle.class_names, encoder) if oracle is not None else None
         for frame in frames:
             path = pseudolabel_path(pl_dir, frame.key)
             if not path.exists():
                 continue  # frames without pseudo-labels (e.g. no camera match) are not trained on
-            scans.append(scan_from_pseudolabels(frame, load_pseudolabels(path, frame.num_points)))
+            scan = scan_from_pseudolabels(frame, load_pseudolabels(path, frame.num_points))
+            if oracle is not None:
+                if frame.gt_labels is None:
+                    raise SensorDataError(f"oracle_tokens: frame {frame.key} has no ground-truth labels")
+                instance, tokens = oracle_tokens(frame.key, scan.instance, frame.gt_labels, oracle, class_tokens,
+                                                 float(src.get("token_noise", 0.0)), seed)
+                scan = replace(scan, instance=instance, tokens=tokens)
+            scans.append(scan)
     if not scans:
         raise SensorDataError(f"no training scans found in {[s.get('frames') for s in sources]}")
     return scans
-
-
-def class_text_tokens(class_names, encoder_cfg: dict) -> np.ndarray:
-    """(C, D) L2-normalized text embeddings of the class names (the oracle's pseudo-label tokens)."""
-    from sal_ros.model.vocabulary import TextEncoder
-
-    encoder = TextEncoder(encoder_cfg.get("model", "ViT-B-16"), encoder_cfg.get("pretrained"))
-    emb = np.asarray(encoder.encode([n.replace("-", " ").replace("_", " ") for n in class_names]), np.float32)
-    return emb / np.linalg.norm(emb, axis=1, keepdims=True)

@@ -1,0 +1,55 @@
+"""``sal-ros experiment config/experiments/mini.yaml [--quick]``: per teacher, pseudo-label the training frames and
+distill a student; supervised references on the same frames; score every model on the held-out test sets; the
+data-scaling curve. Writes results.json, table.md and PNGs into the experiment's out_dir; a rerun resumes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sal_ros.core.errors import SensorDataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="experiment yaml (see config/experiments/mini.yaml)")
+    parser.add_argument("--quick", action="store_true", help="apply the file's quick: overrides (few steps, frames)")
+    parser.add_argument("--out", type=Path, help="override out_dir")
+    parser.add_argument("--steps", type=int, help="override the training steps of every model")
+    parser.add_argument("--backend", choices=["local", "ray"], help="pseudo-labeling backend (default: the file's)")
+    parser.add_argument("--workers", type=int, help="pseudo-labeling workers")
+    parser.add_argument("--ray-address", help="join a running Ray cluster (auto or HOST:PORT)")
+    parser.add_argument("--threads", type=int, help="torch threads (e.g. 1 on a shared CPU)")
+    parser.add_argument("--only", choices=["main", "scaling"],
+                        help="one part (two processes may run one each; scaling writes results_scaling.json)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from sal_ros.experiment.config import load_experiment
+    from sal_ros.experiment.run import run_experiment
+
+    try:
+        cfg = load_experiment(args.config, quick=args.quick)
+    except (ValueError, OSError) as exc:
+        print(f"sal-ros experiment: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        cfg.out_dir = args.out.resolve()
+    if args.steps:
+        cfg.steps = args.steps
+    for key in ("backend", "workers", "ray_address"):
+        if getattr(args, key):
+            cfg.pseudolabel[key] = getattr(args, key)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        results = run_experiment(cfg, progress=not args.no_progress, say=lambda s: print(s, flush=True),
+                                 parts=(args.only,) if args.only else ("main", "scaling"))
+    except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"sal-ros experiment: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {len(results['models'])} models, {len(results['scaling'])} scaling stages -> "
+          f"{cfg.out_dir / 'table.md'}, {cfg.out_dir / 'results.json'}")
+    return 0
