@@ -1,5 +1,8 @@
 """``sal-ros train --config config/train_tiny.yaml [--stop-at K] [--resume]``: distill the SAL model on pseudo-labels.
 
+With a ``self_training`` section (``rounds: N``, train/selftrain.py) the finished student is then fine-tuned N
+times on its own confident predictions, round r in ``out_dir/round_<r>`` (each resumable).
+
 Multi-GPU / multi-process: ``torchrun --nproc_per_node=N -m sal_ros.cli train --config ...`` (gloo on CPU,
 nccl on CUDA); ``optim.batch_size`` is per process.
 """
@@ -40,11 +43,16 @@ def main(args: argparse.Namespace) -> int:
         _check_stop_at(args.stop_at, cfg.optim.steps)
         if cfg.objective == "semantic":  # per-point classes (+ mask consistency): train/semantic.py
             from sal_ros.train.semantic import build_trainer
+            if cfg.self_training:
+                raise ValueError("self_training is for objective sal (instances and tokens)")
 
             trainer = build_trainer(cfg, args.config.parent, progress=not args.no_progress)
         elif cfg.objective != "sal":
             raise ValueError(f"unknown objective {cfg.objective!r}; known: sal, semantic")
         else:
+            from sal_ros.train.selftrain import SelfTrainConfig
+
+            SelfTrainConfig.from_dict(cfg.self_training)  # a bad section fails now, not after the training
             scans = load_scans(cfg.sources, base=args.config.parent, text_encoder=cfg.text_encoder, seed=cfg.seed)
     except (SensorDataError, FileNotFoundError, ValueError) as exc:
         print(f"sal-ros train: {exc}", file=sys.stderr)
@@ -67,6 +75,13 @@ def main(args: argparse.Namespace) -> int:
         left = f" of {cfg.optim.steps} (--resume continues)" if trainer.step < cfg.optim.steps else ""
         print(f"done: {trainer.step} steps{left} -> {out / 'model_last.pt'}, metrics {out / 'metrics.jsonl'}, "
               f"curves {out / 'curves.png'}")
+    if cfg.self_training and trainer.step == cfg.optim.steps:  # every process: the rounds train as this run did
+        from sal_ros.train.selftrain import self_train
+
+        for info in self_train(cfg, scans, out / "model_last.pt", progress=not args.no_progress):
+            if trainer.dist.main:
+                print(f"self-training round {info['round']}: {info['labels']['points']} new labels "
+                      f"({100 * info['labels']['share_of_open']:.1f} % of the open points) -> {info['checkpoint']}")
     return 0
 
 

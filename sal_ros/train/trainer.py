@@ -33,7 +33,7 @@ from sal_ros.train.losses import LossWeights, Target, sal_loss
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
 # Settings that do not change the trajectory, so a resume may change them.
-RESUME_FREE = ("out_dir", "checkpoint_every", "log_every", "device")
+RESUME_FREE = ("out_dir", "checkpoint_every", "log_every", "device", "self_training")
 
 
 class ResumeError(ValueError):
@@ -71,6 +71,8 @@ class TrainConfig:
     # "sal" (instances + CLIP tokens) or "semantic" (per-point classes, train/semantic.py; settings in ``semantic``)
     objective: str = "sal"
     semantic: dict = field(default_factory=dict)
+    # rounds of self-training after this run (train/selftrain.py SelfTrainConfig; empty = none)
+    self_training: dict = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -92,7 +94,10 @@ class TrainConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["self_training"]:  # absent as before it existed: saved runs stay resumable
+            d.pop("self_training")
+        return d
 
 
 # ---------------------------------------------------------------------------------------------- distributed
