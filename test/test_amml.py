@@ -53,7 +53,7 @@ def test_elimination_drops_border_and_boundary_prompts():
 
 
 def test_prompts_from_real_lidar_land_on_their_clusters(semantickitti_dir):
-    from sal_ros.pseudolabel.engine import FrameSource
+    from sal_ros.data.sources import FrameSource
 
     src = FrameSource(semantickitti_dir)
     frame = src.load(src.keys()[0])

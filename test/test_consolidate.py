@@ -6,8 +6,8 @@ import pytest
 
 from conftest import require_data
 from sal_ros.core.errors import SensorDataError
+from sal_ros.data.pseudolabels import SemanticLabels
 from sal_ros.pseudolabel.consolidate import ConsolidationConfig, consolidate_folder, consolidate_scan
-from sal_ros.pseudolabel.semantic import SemanticLabels
 
 NAMES = ["car", "road", "building"]
 CAR, ROAD, BUILDING = 1, 2, 3
@@ -93,8 +93,10 @@ def test_noisy_oracle_labels_of_a_real_sequence_get_better():
 def test_consolidated_files_are_cached_and_resumable(tmp_path):
     from sal_ros.data.datasets import load_semantickitti
     from sal_ros.data.pseudolabels import pseudolabel_path
-    from sal_ros.pseudolabel.engine import FrameSource
-    from sal_ros.pseudolabel.semantic import OracleScores, SemanticConfig, SemanticLabeler, load_semantic, save_semantic
+    from sal_ros.data.pseudolabels import load_semantic, save_semantic
+    from sal_ros.data.sources import FrameSource
+    from sal_ros.pseudolabel.score_sources import OracleScores
+    from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
 
     seq = require_data("semantickitti_mini", "sequences", "09")
     source = FrameSource(seq)
@@ -118,7 +120,7 @@ def test_pseudolabel_command_consolidates_when_asked(tmp_path, capsys):
 
     from sal_ros.cli import main
     from sal_ros.data.pseudolabels import pseudolabel_path
-    from sal_ros.pseudolabel.semantic import load_semantic
+    from sal_ros.data.pseudolabels import load_semantic
 
     seq = require_data("semantickitti_mini", "sequences", "10")
     args = ["pseudolabel", str(seq), "--semantic", "--scores", "oracle", "--max-frames", "3", "--no-progress",

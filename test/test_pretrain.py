@@ -202,9 +202,9 @@ def test_clip_teacher_is_the_dense_maskclip_path(frame):
 
 def test_cache_is_written_once_and_redone_on_other_settings(seq, tmp_path):
     from sal_ros.data.datasets import semantickitti_poses
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pretrain.cache import build_cache, load_entry
     from sal_ros.pretrain.teachers import RandomTeacher
-    from sal_ros.pseudolabel.engine import FrameSource
     from sal_ros.pseudolabel.masks import SlicMasks
 
     source = FrameSource(seq)
@@ -227,9 +227,9 @@ def test_cache_is_written_once_and_redone_on_other_settings(seq, tmp_path):
 def test_cache_covers_every_camera_of_a_nuscenes_frame(tmp_path):
     from conftest import require_data
 
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pretrain.cache import build_cache, load_entry
     from sal_ros.pretrain.teachers import RandomTeacher
-    from sal_ros.pseudolabel.engine import FrameSource
 
     source = FrameSource(require_data("nuscenes_mini"))
     (key,) = source.keys()

@@ -66,7 +66,7 @@ def bag(tmp_path_factory):
     seq = require_data("semantickitti", "sequences", "00")
     tmp = tmp_path_factory.mktemp("poses")
     convert(seq, tmp / "plain", pose_frame="", progress=False)  # no /tf of its own: the motion is added below
-    from sal_ros.pseudolabel.engine import FrameSource
+    from sal_ros.data.sources import FrameSource
 
     stamps = FrameSource(tmp / "plain").keys()
     by_scan = semantickitti_poses(seq)
@@ -159,8 +159,8 @@ def test_a_missing_pose_is_said_once_and_counted_per_step(bag, tmp_path, capsys,
 def test_a_framestore_recorded_without_poses_says_why(bag, tmp_path):
     from sal_ros.data.datasets import load_semantickitti
     from sal_ros.data.framestore import FrameStore
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pretrain.cache import frame_poses
-    from sal_ros.pseudolabel.engine import FrameSource
 
     seq, _, _ = bag
     store = FrameStore(tmp_path / "store")

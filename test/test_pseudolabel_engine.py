@@ -17,7 +17,8 @@ from conftest import REPO, kitti_sequence, ray_loopback, require_data
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import TMP_PREFIX, atomic_open
 from sal_ros.data.pseudolabels import load_pseudolabels
-from sal_ros.pseudolabel.engine import STALE_TEMP_S, EngineConfig, FrameSource, PseudoLabeler, label_from_masks, run
+from sal_ros.data.sources import FrameSource
+from sal_ros.pseudolabel.engine import STALE_TEMP_S, EngineConfig, PseudoLabeler, label_from_masks, run
 from sal_ros.pseudolabel.evaluate import oracle_masks
 from sal_ros.pseudolabel.lifting import LIDAR_SPACING_DEG, LiftConfig, project_view
 

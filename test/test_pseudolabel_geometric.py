@@ -105,7 +105,7 @@ def test_split_by_image_masks():
 
 
 def test_clusters_split_by_slic_on_a_real_frame():
-    from sal_ros.pseudolabel.engine import FrameSource
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pseudolabel.mask_sources import build_mask_source
 
     frame = FrameSource(require_data("semantickitti", "sequences", "00")).load("00_000000")

@@ -105,8 +105,8 @@ def test_recorder_stores_the_lidar_pose_from_tf_and_pretrain_reads_it(ros):
     from tf2_msgs.msg import TFMessage
 
     from sal_ros.core.transforms import transform_msg_to_matrix
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pretrain.cache import frame_poses
-    from sal_ros.pseudolabel.engine import FrameSource
 
     node, out = ros
     require_data("semantickitti", "sequences", "00")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.pseudolabel.semantic import (CAMERA_DISAGREE, FRAME_DISAGREE, CameraScores, FilterConfig,
-                                          SemanticLabels, apply_frame_agreement, fuse_scores, load_semantic,
-                                          render_point_values, top2)
+from sal_ros.data.pseudolabels import CAMERA_DISAGREE, FRAME_DISAGREE, SemanticLabels, load_semantic
+from sal_ros.pseudolabel.score_sources import render_point_values
+from sal_ros.pseudolabel.semantic import CameraScores, FilterConfig, apply_frame_agreement, fuse_scores, top2
 
 
 def sal_ros(*args, check=True):
@@ -115,8 +115,8 @@ def test_cli_run_resume_refusal_and_eval(tmp_path, semantickitti_dir):
 
 def _write_folder_maps(root, source_dir):
     """Noise-free class maps of the ground truth as (H, W) class ids: what a closed-set segmenter would save."""
+    from sal_ros.data.sources import FrameSource
     from sal_ros.eval.labels import get_label_set
-    from sal_ros.pseudolabel.engine import FrameSource
 
     ls = get_label_set("semantickitti")
     root.mkdir()
@@ -172,8 +172,9 @@ def test_torchscript_route(tmp_path, semantickitti_dir):
 
 
 def test_clip_dense_route_runs_with_random_weights(tmp_path, semantickitti_dir):
-    from sal_ros.pseudolabel.engine import FrameSource
-    from sal_ros.pseudolabel.semantic import ClipDenseScores, SemanticConfig, SemanticLabeler
+    from sal_ros.data.sources import FrameSource
+    from sal_ros.pseudolabel.score_sources import ClipDenseScores
+    from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
 
     scores = ClipDenseScores(["car", "road", "tree"], clip_model="sal-tiny-text")
     frame = FrameSource(semantickitti_dir).load("00_000000")
@@ -187,7 +188,7 @@ def test_clip_dense_route_runs_with_random_weights(tmp_path, semantickitti_dir):
 
 def test_camera_agreement_filter_on_the_six_nuscenes_cameras(nuscenes_dir):
     """Two cameras that overlap and disagree: with --camera-agreement their shared points are ignored."""
-    from sal_ros.pseudolabel.engine import FrameSource
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pseudolabel.semantic import label_from_scores
 
     frame = FrameSource(nuscenes_dir).load(FrameSource(nuscenes_dir).keys()[0])

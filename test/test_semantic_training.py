@@ -116,10 +116,10 @@ def test_eval_semantic_reports_real_training_and_unlabelled_splits(trained):
 
 def test_segmenter_runs_a_semantic_checkpoint_and_the_vocabulary_selects_classes(trained, semantickitti_dir):
     from sal_ros.core.cloud_input import SegmenterConfig
+    from sal_ros.data.sources import FrameSource
     from sal_ros.model.segmenter import Segmenter
     from sal_ros.model.semantic import SemanticSegmenter
     from sal_ros.model.vocabulary import TextEncoder
-    from sal_ros.pseudolabel.engine import FrameSource
 
     base, _ = trained
     frame = FrameSource(semantickitti_dir).load("00_000000")

@@ -11,8 +11,9 @@ from sal_ros.data.convert import convert
 from sal_ros.data.datasets import iter_kitti_object
 from sal_ros.data.framestore import FrameStore
 from sal_ros.data.sources import SOURCES, SourceKind, detect_source, get_source, iter_source_frames, register_source
+from sal_ros.data.sources import FrameSource
 from sal_ros.eval.model import iter_frames as eval_frames
-from sal_ros.pseudolabel.engine import EngineConfig, FrameSource, run
+from sal_ros.pseudolabel.engine import EngineConfig, run
 
 
 def _sample_per_kind(tmp_path: Path) -> dict[str, Path]:

@@ -34,7 +34,7 @@ def _sequences(path: Path) -> list[Path]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sal_ros.pseudolabel.engine import FrameSource
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pseudolabel.geometric import ClusterConfig, cluster_points, geometric_instances, ground_points
     from sal_ros.pseudolabel.geometric import render_segments
     from sal_ros.pseudolabel.refine import ground_mask

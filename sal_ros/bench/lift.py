@@ -62,7 +62,8 @@ def bench_lifting(frame, masks: dict, repeats: int, lift_occ) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
+    from sal_ros.data.sources import FrameSource
+    from sal_ros.pseudolabel.engine import label_from_masks
     from sal_ros.pseudolabel.lifting import LiftConfig, lidar_spacing_for
     from sal_ros.pseudolabel.masks import SlicMasks, flatten_masks
 

@@ -1,6 +1,7 @@
-"""The pseudo-label file: one ``.npz`` per lidar frame, written by ``sal-ros pseudolabel``, read by training.
+"""The pseudo-label files: one ``.npz`` per lidar frame, written by ``sal-ros pseudolabel``, read by training.
 
-Contents (all per frame, arrays indexed per point keep the frame's point order):
+Instance pseudo-labels (``PseudoLabels``: SAL's masks and CLIP tokens); all per frame, arrays indexed per point
+keep the frame's point order:
 
 - ``instance`` (N,) uint32: 0 = no pseudo-label, i >= 1 = pseudo-instance i;
 - ``tokens`` (K, D) float16: the CLIP token of instance i is row i - 1 (L2-normalized, CLIP joint space);
@@ -9,6 +10,10 @@ Contents (all per frame, arrays indexed per point keep the frame's point order):
 - ``in_frustum`` (N,) bool: the point projects into at least one camera image; training crops the rest
   (SAL's frustum crop, class-agnostic PQ 22.2 -> 59.3);
 - ``meta``: a JSON dict (mask source, CLIP model, engine settings, ``config_hash``, ``camera_names``).
+
+Semantic pseudo-labels (``SemanticLabels``, ``sal-ros pseudolabel --semantic``): per point ``label`` (after
+filtering), ``raw_label`` (before), ``confidence``, ``margin``, ``filtered`` (bits: why a seen point lost its
+label) and ``in_frustum``, with ``meta`` (``class_names``, ``config_hash``).
 
 Files are written atomically (``sal_ros.core.files``: temporary file in the same folder, then ``os.replace``), so a
 reader never sees a half-written file, and an interrupted run leaves either the old state or the whole new file.
@@ -145,3 +150,85 @@ def load_pseudolabels(path: str | Path, num_points: int | None = None) -> Pseudo
     if num_points is not None and pl.num_points != num_points:
         raise SensorDataError(f"{path}: {pl.num_points} points, the frame has {num_points}")
     return pl
+
+
+# --- semantic pseudo-labels -------------------------------------------------------------------------------------------
+
+SEMANTIC_FORMAT = "sal_ros.semantic_pseudolabels"
+SEMANTIC_FORMAT_VERSION = 1
+# bits of SemanticLabels.filtered: why a point that a camera saw lost its label
+LOW_SCORE, LOW_MARGIN, CAMERA_DISAGREE, FRAME_DISAGREE = 1, 2, 4, 8
+REASONS = {LOW_SCORE: "score", LOW_MARGIN: "margin", CAMERA_DISAGREE: "cameras", FRAME_DISAGREE: "frames"}
+
+
+@dataclass
+class SemanticLabels:
+    """Per point of one frame: ``label`` 0 = none or filtered, k >= 1 = ``class_names[k - 1]``."""
+
+    label: np.ndarray  # (N,) uint16, after filtering
+    raw_label: np.ndarray  # (N,) uint16, before filtering (0 = no camera saw the point)
+    confidence: np.ndarray  # (N,) float16, fused top-1 probability
+    margin: np.ndarray  # (N,) float16, top-1 minus top-2
+    filtered: np.ndarray  # (N,) uint8, REASONS bits
+    in_frustum: np.ndarray  # (N,) bool, projects into some image (occluded or not)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.label = np.asarray(self.label, np.uint16)
+        self.raw_label = np.asarray(self.raw_label, np.uint16)
+        self.confidence = np.asarray(self.confidence, np.float16)
+        self.margin = np.asarray(self.margin, np.float16)
+        self.filtered = np.asarray(self.filtered, np.uint8)
+        self.in_frustum = np.asarray(self.in_frustum, bool)
+        n = self.label.size
+        for name in ("raw_label", "confidence", "margin", "filtered", "in_frustum"):
+            if getattr(self, name).shape != (n,):
+                raise SensorDataError(f"semantic pseudo-labels: {name} has shape {getattr(self, name).shape}, "
+                                      f"label has {n} points")
+        top = int(self.raw_label.max(initial=0))
+        if top > len(self.class_names):
+            raise SensorDataError(f"semantic pseudo-labels: class {top} but {len(self.class_names)} class names")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta.get("class_names", []))
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.raw_label > 0
+
+    @property
+    def kept_share(self) -> float:
+        seen = int(self.seen.sum())
+        return float((self.label > 0).sum() / seen) if seen else 0.0
+
+
+_SEMANTIC_ARRAYS = ("label", "raw_label", "confidence", "margin", "filtered", "in_frustum")
+
+
+def save_semantic(path: str | Path, labels: SemanticLabels) -> Path:
+    meta = {**labels.meta, "format": SEMANTIC_FORMAT, "format_version": SEMANTIC_FORMAT_VERSION}
+    arrays = {a: getattr(labels, a) for a in _SEMANTIC_ARRAYS}
+    return atomic_write(Path(path), lambda f: np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays))
+
+
+def load_semantic(path: str | Path, num_points: int | None = None) -> SemanticLabels:
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [a for a in (*_SEMANTIC_ARRAYS, "meta") if a not in z.files]
+            if missing:
+                raise SensorDataError(f"{path}: not a semantic pseudo-label file (missing {', '.join(missing)})")
+            arrays = {a: z[a] for a in _SEMANTIC_ARRAYS}
+            meta = json.loads(str(z["meta"]))
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise SensorDataError(f"{path}: unreadable semantic pseudo-label file ({exc})") from exc
+    if meta.get("format") != SEMANTIC_FORMAT or meta.get("format_version") != SEMANTIC_FORMAT_VERSION:
+        raise SensorDataError(f"{path}: not a version {SEMANTIC_FORMAT_VERSION} {SEMANTIC_FORMAT} file")
+    try:
+        labels = SemanticLabels(meta=meta, **arrays)
+    except SensorDataError as exc:
+        raise SensorDataError(f"{path}: {exc}") from exc
+    if num_points is not None and labels.label.size != num_points:
+        raise SensorDataError(f"{path}: {labels.label.size} points, the frame has {num_points}")
+    return labels

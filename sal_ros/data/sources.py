@@ -1,9 +1,11 @@
 """The registry of frame sources: each kind (a recorder FrameStore, a rosbag2, a dataset layout) is registered once
 with how it is recognised and read, and every tool that takes frames (pseudo-labeling, training, pretraining,
-evaluation) opens them here. Adding a dataset = one ``register_source`` call."""
+evaluation) opens them here, through ``FrameSource`` (keys and frames of any registered kind). Adding a
+dataset = one ``register_source`` call."""
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -116,3 +118,64 @@ register_source(SourceKind("nuscenes", datasets.is_nuscenes, datasets.iter_nusce
                            "calib.json with cams, lidar_path"))
 register_source(SourceKind("kitti_frustum", datasets.is_kitti_frustum, datasets.iter_kitti_frustum,
                            "calib.json with lidar2img, P2"))
+
+
+class FrameSource:
+    """Keys and frames of any kind this registry knows.
+
+    Keyed kinds (a FrameStore, SemanticKITTI scans) are read one frame at a time by key (workers never load a
+    whole sequence); streamed kinds (a bag) in recording order (each process keeps its place, so in-order keys
+    read it once); the others (small sample layouts) are read once per process and cached.
+    """
+
+    def __init__(self, path: str | Path, select: str | None = None) -> None:
+        self.path = Path(path)
+        self.source = detect_source(self.path)  # FileNotFoundError / SensorDataError naming the kinds it knows
+        self.kind = self.source.name
+        self._index = keyed_frames(self.path, select)  # select: sequences and scans (``00,05:0-4``)
+        self._frames: dict | None = None
+        self._stream_keys: list[str] | None = None
+        self._stream_cursor = None  # (iterator over the source's frames, keys it has passed, its finalizer)
+
+    @property
+    def default_out(self) -> Path | None:
+        """Where pseudo-labels go without --out: inside a writable source; raw dataset folders stay untouched."""
+        return self.path / "pseudolabels" if self.source.writable else None
+
+    def keys(self) -> list[str]:
+        if self._index is not None:
+            return list(self._index.keys())
+        if self.source.streamed:
+            if self._stream_keys is None:
+                self._stream_keys = [frame.key for frame in self.source.frames(self.path)]
+            return list(self._stream_keys)
+        return list(self._cached())
+
+    def load(self, key: str):
+        if self._index is not None:
+            return self._index.load(key)
+        if self.source.streamed:
+            return self._load_streamed(key)
+        try:
+            return self._cached()[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no frame {key!r}") from None
+
+    def _cached(self) -> dict:
+        if self._frames is None:
+            self._frames = {f.key: f for f in self.source.frames(self.path)}
+        return self._frames
+
+    def _load_streamed(self, key: str):
+        if self._stream_cursor is None or key in self._stream_cursor[1]:  # first call, or a key behind us: rewind
+            if self._stream_cursor is not None:
+                self._stream_cursor[2]()
+            frames = self.source.frames(self.path)
+            # Closes the reader of an unfinished pass at the latest at exit, while imports still work.
+            self._stream_cursor = (frames, set(), weakref.finalize(self, frames.close))
+        frames, passed, _ = self._stream_cursor
+        for frame in frames:
+            passed.add(frame.key)
+            if frame.key == key:
+                return frame
+        raise KeyError(f"{self.path}: no frame {key!r}")

@@ -66,12 +66,15 @@ def environment() -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, parts=("main", "scaling")) -> dict:
-    """``parts``: main (teachers, references, test sets) and / or scaling; two processes may run one each (the
-    engine and the cached stages tolerate a second writer), each writing its own results file."""
+    """``parts``: main (teachers, references, test sets) and / or scaling, or students (main without the references
+    and the untrained floor: a recipe search); two processes may run one each (the engine and the cached stages
+    tolerate a second writer), each writing its own results file."""
     from tqdm import tqdm
 
     check_held_out(cfg)
-    main = "main" in parts
+    refs = "main" in parts
+    main = refs or "students" in parts
+    suffix = "" if refs else "_students" if main else "_scaling"
     results = {"experiment": {"dataset": str(cfg.dataset), "train": cfg.train, "steps": cfg.steps,
                               "tests": [{"name": t.name, "path": str(t.path), "select": t.select} for t in cfg.tests],
                               "token_noise": cfg.token_noise, "vocabulary": str(cfg.vocabulary),
@@ -80,7 +83,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
     scaling = cfg.scaling if "scaling" in parts else None
     n_scaling = len(scaling.stages) if scaling else 0
     rounds = self_training_rounds(cfg)
-    total = main * (2 * len(cfg.teachers) + (3 + len(cfg.teachers) * (1 + rounds)) * (1 + len(cfg.tests))) \
+    total = main * (2 * len(cfg.teachers) + (3 * refs + len(cfg.teachers) * (1 + rounds)) * (1 + len(cfg.tests))) \
         + (1 if scaling else 0) + 2 * n_scaling
     bar = tqdm(total=total, desc="experiment", unit="stage", disable=not progress, position=0)
     t0 = time.perf_counter()
@@ -103,10 +106,12 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
         stages.pseudolabel(cfg, teachers[scaling.teacher], scaling.selection(max(scaling.stages)), progress)
         step("pseudolabel scaling")
 
-    runs = {UNTRAINED: None,
-            SUP_FRUSTUM: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "frustum")),
-            # whole scans cannot be turned into frustum slots of a FrankenFrustum
-            SUP_FULL: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "full"), {"franken_frustum": 1}),
+    references = {UNTRAINED: None,
+                  SUP_FRUSTUM: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "frustum")),
+                  # whole scans cannot be turned into frustum slots of a FrankenFrustum
+                  SUP_FULL: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "full"),
+                                                {"franken_frustum": 1})}
+    runs = {**(references if refs else {}),
             **{student_name(t.name): stages.train_config(cfg, stages.student_sources(cfg, t, cfg.train))
                for t in cfg.teachers}}
     students = {student_name(t.name) for t in cfg.teachers}
@@ -119,10 +124,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
             model["tests"][test.name] = stages.evaluate(cfg, Path(info["checkpoint"]), test, progress,
                                                         keep_view=test.name == cfg.bev_test)
             step(f"eval {name} on {test.name}")
-            write_reports(cfg, results, suffix="" if main else "_scaling", figures=False)
+            write_reports(cfg, results, suffix=suffix, figures=False)
         if name in students:
             score_self_training(cfg, results, name, train_cfg, progress, step)
-            write_reports(cfg, results, suffix="" if main else "_scaling", figures=False)
+            write_reports(cfg, results, suffix=suffix, figures=False)
     if scaling:
         test = next(t for t in cfg.tests if t.name == scaling.test)
         for k in scaling.stages:
@@ -135,9 +140,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
             # the score's own "test" (path and selection) would hide the test set's name the report shows
             results["scaling"].append({**score, "sequences": k, "select": select, "train": info, "test": test.name})
             step(f"eval scaling {k}")
-            write_reports(cfg, results, suffix="" if main else "_scaling", figures=False)
+            write_reports(cfg, results, suffix=suffix, figures=False)
     bar.close()
     results["environment"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     results["environment"]["wall_s"] = round(time.perf_counter() - t0, 1)
-    write_reports(cfg, results, suffix="" if main else "_scaling")
+    write_reports(cfg, results, suffix=suffix)
     return results

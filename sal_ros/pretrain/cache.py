@@ -200,7 +200,7 @@ def _init_worker(source_path: str, spec: dict, out_dir: str, threads: int) -> No
         import torch
 
         torch.set_num_threads(threads)
-    from sal_ros.pseudolabel.engine import FrameSource
+    from sal_ros.data.sources import FrameSource
 
     if spec.get("device", "cpu").startswith("cuda"):  # the one GPU Ray made visible, whatever index was asked
         spec = {**spec, "teacher": {**spec["teacher"], "device": spec["device"]}}

@@ -60,9 +60,9 @@ def temporal_gap(cfg) -> int:
 def prepare(cfg, dist_rank: int = 0, dist_world: int = 1, progress: bool = True, backend: str = "local",
             workers: int = 1, ray_address: str | None = None):
     """Frame sources, teacher, cache (this rank's share), data; returns ``(PretrainData, teacher)``."""
+    from sal_ros.data.sources import FrameSource
     from sal_ros.pretrain.cache import build_cache, build_cache_ray, cache_tools, frame_poses
     from sal_ros.pretrain.data import PretrainData
-    from sal_ros.pseudolabel.engine import FrameSource
 
     if not cfg.sources:
         raise ValueError("the config names no sources (sources: [{frames: PATH}])")

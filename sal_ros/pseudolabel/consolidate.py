@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sal_ros.core.transforms import transform_points
+from sal_ros.data.pseudolabels import SemanticLabels
 from sal_ros.eval.tracking import sequence_of
-from sal_ros.pseudolabel.semantic import SemanticLabels, transform
 
 THINGS = ("car", "bicycle", "motorcycle", "truck", "other-vehicle", "person", "bicyclist", "motorcyclist")
 
@@ -90,7 +91,7 @@ def consolidate_scan(t: int, scans: list[tuple[np.ndarray, np.ndarray, SemanticL
     for j in window:
         pts, pose, lab = scans[j]
         votes = (lab.raw_label > 0) & ~moving[lab.raw_label]
-        keys.append(voxel_ids(transform(pts[votes], pose), config.voxel))
+        keys.append(voxel_ids(transform_points(pose, pts[votes]), config.voxel))
         cls.append(lab.raw_label[votes].astype(np.int64))
         weight.append(lab.confidence[votes].astype(np.float64))
         scan.append(np.full(int(votes.sum()), j, np.int64))
@@ -101,7 +102,7 @@ def consolidate_scan(t: int, scans: list[tuple[np.ndarray, np.ndarray, SemanticL
     pairs = np.unique(inverse * len(scans) + np.concatenate(scan))
     frames = np.bincount(pairs // len(scans), minlength=len(voxels))
     # scan t's points in the voting voxels
-    mine = voxel_ids(transform(points_t, pose_t), config.voxel)
+    mine = voxel_ids(transform_points(pose_t, points_t), config.voxel)
     at = np.minimum(np.searchsorted(voxels, mine), max(len(voxels) - 1, 0))
     found = (voxels[at] == mine) if len(voxels) else np.zeros(len(mine), bool)
     top = tally.argmax(1) if len(voxels) else np.zeros(0, np.int64)
@@ -156,9 +157,10 @@ def consolidate_folder(dataset, pseudolabels, out_dir, config: ConsolidationConf
     from tqdm import tqdm
 
     from sal_ros.data.datasets import semantickitti_poses
-    from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path, save_pseudolabels
-    from sal_ros.pseudolabel.engine import FrameSource, pending_keys
-    from sal_ros.pseudolabel.semantic import load_semantic, save_semantic
+    from sal_ros.data.pseudolabels import (load_pseudolabels, load_semantic, pseudolabel_path, save_pseudolabels,
+                                           save_semantic)
+    from sal_ros.data.sources import FrameSource
+    from sal_ros.pseudolabel.engine import pending_keys
 
     load, save = (load_semantic, save_semantic) if semantic else (load_pseudolabels, save_pseudolabels)
     if semantic:
@@ -192,8 +194,9 @@ def oracle_study(dataset, noise: float, config: ConsolidationConfig, seed: int =
     from tqdm import tqdm
 
     from sal_ros.data.datasets import semantickitti_poses
-    from sal_ros.pseudolabel.engine import FrameSource
-    from sal_ros.pseudolabel.semantic import OracleScores, SemanticConfig, SemanticLabeler
+    from sal_ros.data.sources import FrameSource
+    from sal_ros.pseudolabel.score_sources import OracleScores
+    from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
     from sal_ros.pseudolabel.semantic_eval import SemanticScore
 
     source = FrameSource(dataset)
@@ -236,7 +239,7 @@ def associate_instances(scans: list[tuple[np.ndarray, np.ndarray, "PseudoLabels"
     members, cells = [], []  # (scan, instance row) and the voxels each occupies
     for j, (pts, pose, pl) in enumerate(scans):
         has = pl.instance > 0
-        vox = voxel_ids(transform(pts[has], pose), config.instance_voxel)
+        vox = voxel_ids(transform_points(pose, pts[has]), config.instance_voxel)
         pairs = np.unique(np.stack([pl.instance[has].astype(np.int64), vox]), axis=1)
         for row in range(pl.num_instances):
             members.append((j, row))
@@ -302,9 +305,10 @@ def instance_study(dataset, config: ConsolidationConfig, progress: bool = False)
     from tqdm import tqdm
 
     from sal_ros.data.datasets import semantickitti_poses
+    from sal_ros.data.sources import FrameSource
     from sal_ros.eval.labels import semantickitti
     from sal_ros.eval.tracking import LSTQEvaluator
-    from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
+    from sal_ros.pseudolabel.engine import label_from_masks
     from sal_ros.pseudolabel.evaluate import PseudoLabelScore, _frame_masks, scored_points
 
     label_set = semantickitti()

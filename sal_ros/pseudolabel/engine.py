@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import TMP_PREFIX
 from sal_ros.data.pseudolabels import PseudoLabels, load_pseudolabels, pseudolabel_path, save_pseudolabels
-from sal_ros.data.sources import detect_source, keyed_frames
+from sal_ros.data.sources import FrameSource
 from sal_ros.pseudolabel import ray_backend  # imports ray only when a Ray run connects
 from sal_ros.pseudolabel.augmentation import AugmentConfig, augmented
 from sal_ros.pseudolabel.fusion import CameraLift, fuse_cameras
@@ -210,69 +209,6 @@ def usable_cameras(frame):
     if left_out:
         frame = replace(frame, cameras={n: v for n, v in frame.cameras.items() if n not in left_out})
     return frame, left_out
-
-
-# --- frame sources -----------------------------------------------------------------------------------------------
-
-class FrameSource:
-    """Keys and frames of any kind the sal_ros.data.sources registry knows.
-
-    Keyed kinds (a FrameStore, SemanticKITTI scans) are read one frame at a time by key (workers never load a
-    whole sequence); streamed kinds (a bag) in recording order (each process keeps its place, so in-order keys
-    read it once); the others (small sample layouts) are read once per process and cached.
-    """
-
-    def __init__(self, path: str | Path, select: str | None = None) -> None:
-        self.path = Path(path)
-        self.source = detect_source(self.path)  # FileNotFoundError / SensorDataError naming the kinds it knows
-        self.kind = self.source.name
-        self._index = keyed_frames(self.path, select)  # select: sequences and scans (``00,05:0-4``)
-        self._frames: dict | None = None
-        self._stream_keys: list[str] | None = None
-        self._stream_cursor = None  # (iterator over the source's frames, keys it has passed, its finalizer)
-
-    @property
-    def default_out(self) -> Path | None:
-        """Where pseudo-labels go without --out: inside a writable source; raw dataset folders stay untouched."""
-        return self.path / "pseudolabels" if self.source.writable else None
-
-    def keys(self) -> list[str]:
-        if self._index is not None:
-            return list(self._index.keys())
-        if self.source.streamed:
-            if self._stream_keys is None:
-                self._stream_keys = [frame.key for frame in self.source.frames(self.path)]
-            return list(self._stream_keys)
-        return list(self._cached())
-
-    def load(self, key: str):
-        if self._index is not None:
-            return self._index.load(key)
-        if self.source.streamed:
-            return self._load_streamed(key)
-        try:
-            return self._cached()[key]
-        except KeyError:
-            raise KeyError(f"{self.path}: no frame {key!r}") from None
-
-    def _cached(self) -> dict:
-        if self._frames is None:
-            self._frames = {f.key: f for f in self.source.frames(self.path)}
-        return self._frames
-
-    def _load_streamed(self, key: str):
-        if self._stream_cursor is None or key in self._stream_cursor[1]:  # first call, or a key behind us: rewind
-            if self._stream_cursor is not None:
-                self._stream_cursor[2]()
-            frames = self.source.frames(self.path)
-            # Closes the reader of an unfinished pass at the latest at exit, while imports still work.
-            self._stream_cursor = (frames, set(), weakref.finalize(self, frames.close))
-        frames, passed, _ = self._stream_cursor
-        for frame in frames:
-            passed.add(frame.key)
-            if frame.key == key:
-                return frame
-        raise KeyError(f"{self.path}: no frame {key!r}")
 
 
 # --- runs --------------------------------------------------------------------------------------------------------

@@ -33,10 +33,11 @@ import numpy as np
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.files import atomic_write, json_safe, write_json
+from sal_ros.data.sources import FrameSource
 from sal_ros.eval.panoptic import SegmentCounts, match_segments
-from sal_ros.pseudolabel.engine import FrameSource, label_from_masks
 from sal_ros.pseudolabel import augmentation, geometric
 from sal_ros.pseudolabel.augmentation import AugmentConfig, augmented
+from sal_ros.pseudolabel.engine import label_from_masks
 from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores
 from sal_ros.pseudolabel.lifting import LiftConfig, project_view
 from sal_ros.pseudolabel.mask_sources import build_mask_source

@@ -24,14 +24,15 @@ import numpy as np
 
 from sal_ros.core.files import atomic_write
 from sal_ros.data.pseudolabels import pseudolabel_path
+from sal_ros.data.pseudolabels import LOW_MARGIN, LOW_SCORE, SemanticLabels, load_semantic
+from sal_ros.data.sources import FrameSource
 from sal_ros.eval.labels import semantickitti, vocabulary_lut
 from sal_ros.eval.report import atomic_savefig
 from sal_ros.eval.semantic import ConfusionMatrix
-from sal_ros.pseudolabel.engine import FrameSource
 from sal_ros.pseudolabel.lifting import LiftConfig
-from sal_ros.pseudolabel.semantic import (LOW_MARGIN, LOW_SCORE, FilterConfig, OracleScores, SemanticConfig,
-                                          SemanticLabeler, SemanticLabels, apply_frame_agreement, label_from_scores,
-                                          load_semantic)
+from sal_ros.pseudolabel.score_sources import OracleScores
+from sal_ros.pseudolabel.semantic import (FilterConfig, SemanticConfig, SemanticLabeler, apply_frame_agreement,
+                                          label_from_scores)
 
 # Oracle study rows: name -> filter settings (frame agreement uses 1 neighbour each side)
 STUDY_FILTERS = {

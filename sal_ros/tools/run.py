@@ -114,7 +114,9 @@ def spin_until_shutdown(executor: Any) -> None:
 
     rclpy checks the context only between waits: a Ctrl-C (rclpy's handler shuts the context down) that lands
     after that check makes the next wait-set construction raise RCLError ("the given context is not valid")
-    instead of ExternalShutdownException. That is a shutdown, not an error."""
+    instead of ExternalShutdownException. Likewise a spin thread that has not yet seen ``executor.shutdown()``
+    when the teardown, which waits for it only briefly under load, destroys the nodes meets InvalidHandle
+    ("destruction was requested"). Both are a shutdown, not an error."""
     from rclpy.executors import ExternalShutdownException, ShutdownException
     from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 
@@ -122,8 +124,8 @@ def spin_until_shutdown(executor: Any) -> None:
         executor.spin()
     except (ExternalShutdownException, ShutdownException):
         pass
-    except _rclpy.RCLError:
-        if executor.context.ok():
+    except (_rclpy.RCLError, _rclpy.InvalidHandle):
+        if executor.context.ok() and not getattr(executor, "_is_shutdown", False):
             raise
 
 
