@@ -57,11 +57,12 @@ def main(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        results = run_experiment(cfg, progress=not args.no_progress, say=lambda s: print(s, flush=True),
-                                 parts=(args.only,) if args.only else ("main", "scaling"))
+        parts = (args.only,) if args.only else ("main", "scaling")
+        results = run_experiment(cfg, progress=not args.no_progress, say=lambda s: print(s, flush=True), parts=parts)
     except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"sal-ros experiment: {exc}", file=sys.stderr)
         return 1
+    suffix = "" if "main" in parts else f"_{parts[0]}"  # the files run_experiment wrote
     print(f"done: {len(results['models'])} models, {len(results['scaling'])} scaling stages -> "
-          f"{cfg.out_dir / 'table.md'}, {cfg.out_dir / 'results.json'}")
+          f"{cfg.out_dir / f'table{suffix}.md'}, {cfg.out_dir / f'results{suffix}.json'}")
     return 0
