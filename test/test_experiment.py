@@ -16,6 +16,7 @@ from sal_ros.experiment.config import load_experiment
 from sal_ros.experiment.run import SUP_FRUSTUM, SUP_FULL, UNTRAINED, check_held_out, run_experiment, student_name
 from sal_ros.train.trainer import METRICS_FILE, read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training and scoring
 MINI_YAML = REPO / "config" / "experiments" / "mini.yaml"
 
 
@@ -129,3 +130,22 @@ def test_the_ray_backend_labels_as_the_local_one(tmp_path, monkeypatch):
     assert [p.name for p in files["ray"]] == [p.name for p in files["local"]] == ["07_000003.npz", "07_000004.npz"]
     for local, ray in zip(files["local"], files["ray"]):
         np.testing.assert_array_equal(load_pseudolabels(local).instance, load_pseudolabels(ray).instance)
+
+
+def test_a_recipe_search_trains_only_the_students_of_the_overridden_recipe(tmp_path):
+    from sal_ros.experiment.config import override_recipe
+
+    mini = require_data("semantickitti_mini")
+    cfg = load_experiment(quick_config(tmp_path, renamed_copy(mini, tmp_path / "elsewhere", scans=(0,))), quick=True)
+    cfg.teachers = [t for t in cfg.teachers if t.name == "oracle"]
+    cfg.steps, cfg.scaling = 2, None
+    override_recipe(cfg, "{data: {franken_frustum: 2}, optim: {lr: 0.005}}")
+    results = run_experiment(cfg, progress=False, say=lambda s: None, parts=("students",))
+    assert list(results["models"]) == [student_name("oracle")]  # no references, no untrained floor
+    trained = yaml.safe_load(Path(results["models"][student_name("oracle")]["train"]["config"]).read_text())
+    assert trained["data"]["franken_frustum"] == 2 and trained["optim"]["lr"] == 0.005
+    assert trained["data"]["max_points"] == 1500  # the quick recipe_overrides stay under the command's
+    assert json.loads((cfg.out_dir / "results_students.json").read_text())["models"].keys() == results["models"].keys()
+    assert not (cfg.out_dir / "results.json").exists()
+    with pytest.raises(ValueError, match="expected a mapping"):
+        override_recipe(cfg, "[1, 2]")

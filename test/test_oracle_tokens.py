@@ -12,6 +12,7 @@ from sal_ros.pseudolabel.engine import EngineConfig, run
 from sal_ros.pseudolabel.oracle import class_text_tokens, majority_class
 from sal_ros.train.dataset import load_scans
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training and scoring
 ENCODER = {"model": "sal-tiny-text", "pretrained": None}  # a one-layer random tower: milliseconds, 512-d
 
 

@@ -69,3 +69,31 @@ def test_train_command_runs_rounds_on_real_scans_and_a_rerun_redoes_none(tmp_pat
     assert main(["train", "--config", str(path), "--resume", "--no-progress"]) == 0
     assert "self-training round 2:" in capsys.readouterr().out
     assert stamps == [(tmp_path / "run" / f"round_{r}" / "model_last.pt").stat().st_mtime_ns for r in (1, 2)]
+
+
+def test_the_experiment_scores_each_self_training_round_as_a_model(tmp_path):
+    from sal_ros.experiment import stages
+    from sal_ros.experiment.config import load_experiment
+    from sal_ros.experiment.run import round_name, score_self_training, self_training_rounds, student_name
+
+    require_data("semantickitti_mini")
+    cfg = load_experiment(REPO / "config" / "experiments" / "mini.yaml", quick=True)
+    cfg.out_dir, cfg.train = tmp_path, "00:0"
+    assert self_training_rounds(cfg) == 0  # the shipped recipe: none
+    cfg.recipe["self_training"] = {"rounds": 1, "steps": 2, "threshold": 0.01, "min_points": 1}
+    oracle = next(t for t in cfg.teachers if t.name == "oracle")
+    stages.pseudolabel(cfg, oracle, cfg.train, progress=False)
+    train_cfg = stages.train_config(cfg, stages.student_sources(cfg, oracle, cfg.train))
+    name = student_name("oracle")
+    results = {"models": {name: {"train": stages.train(cfg, train_cfg, progress=False), "tests": {}}}}
+    score_self_training(cfg, results, name, train_cfg, progress=False)
+    assert list(results["models"]) == [name, round_name(name, 1)]
+    first = results["models"][round_name(name, 1)]
+    assert first["train"]["from"] == results["models"][name]["train"]["checkpoint"]
+    assert first["train"]["labels"]["points"] > 0 and first["train"]["frames"] == 1
+    test = cfg.tests[0].name
+    assert first["tests"][test]["frames"] == 2
+    assert {"frustum", "full"} <= set(first["tests"][test])
+    again = {"models": {name: results["models"][name]}}
+    score_self_training(cfg, again, name, train_cfg, progress=False)  # cached: nothing trained again
+    assert again["models"][round_name(name, 1)] == first

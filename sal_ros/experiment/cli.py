@@ -19,8 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="pseudo-labeling workers")
     parser.add_argument("--ray-address", help="join a running Ray cluster (auto or HOST:PORT)")
     parser.add_argument("--threads", type=int, help="torch threads (e.g. 1 on a shared CPU)")
-    parser.add_argument("--only", choices=["main", "scaling"],
-                        help="one part (two processes may run one each; scaling writes results_scaling.json)")
+    parser.add_argument("--only", choices=["main", "scaling", "students"],
+                        help="one part (two processes may run one each; scaling writes results_scaling.json); "
+                             "students: the teachers' students without references (results_students.json)")
+    parser.add_argument("--recipe-override", metavar="YAML",
+                        help="a recipe change, e.g. '{data: {franken_frustum: 4}, optim: {lr: 0.01}}' (as the "
+                             "file's recipe_overrides; each recipe trains into its own folder)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -33,6 +37,14 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"sal-ros experiment: {exc}", file=sys.stderr)
         return 1
+    if args.recipe_override:
+        from sal_ros.experiment.config import override_recipe
+
+        try:
+            override_recipe(cfg, args.recipe_override)
+        except ValueError as exc:
+            print(f"sal-ros experiment: --recipe-override: {exc}", file=sys.stderr)
+            return 1
     if args.out:
         cfg.out_dir = args.out.resolve()
     if args.steps:

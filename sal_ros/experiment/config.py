@@ -103,6 +103,19 @@ def load_experiment(path: str | Path, quick: bool = False) -> ExperimentConfig:
         bev_test=str(raw.get("bev_test") or tests[0].name), device=str(raw.get("device", "cpu")))
 
 
+def override_recipe(cfg: ExperimentConfig, text: str) -> None:
+    """Lay a YAML mapping (text) on the experiment's recipe, as its file's ``recipe_overrides``."""
+    import yaml
+
+    try:
+        over = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not YAML: {exc}") from None
+    if not isinstance(over, dict):
+        raise ValueError(f"expected a mapping such as '{{optim: {{lr: 0.01}}}}', got {text!r}")
+    cfg.recipe = _merged(cfg.recipe, over)
+
+
 def _text(value) -> str | None:
     """YAML reads 00 as 0 and 05 as 5: sequence names and selections are kept as text (numbers compare as such)."""
     return None if value is None else str(value)

@@ -1,7 +1,8 @@
-"""One experiment end to end: per teacher, pseudo-label the training frames and distill a student; train the
-supervised references (ground truth of the same frames, camera frustum and whole scan) and keep the untrained
-model as the floor; score every model on every test set; the data-scaling curve. Results are rewritten after
-every scored model, so a stopped run leaves what it finished, and a rerun resumes at the first missing stage."""
+"""One experiment end to end: per teacher, pseudo-label the training frames and distill a student (and its
+self-training rounds, when the recipe has them); train the supervised references (ground truth of the same frames,
+camera frustum and whole scan) and keep the untrained model as the floor; score every model on every test set;
+the data-scaling curve. Results are rewritten after every scored model, so a stopped run leaves what it finished,
+and a rerun resumes at the first missing stage."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,29 @@ UNTRAINED, SUP_FRUSTUM, SUP_FULL = "untrained", "supervised (frustum)", "supervi
 
 def student_name(teacher: str) -> str:
     return f"student ({teacher})"
+
+
+def round_name(model: str, r: int) -> str:
+    return f"{model}, self-training round {r}"
+
+
+def self_training_rounds(cfg: ExperimentConfig) -> int:
+    from sal_ros.train.selftrain import SelfTrainConfig
+
+    return SelfTrainConfig.from_dict(cfg.recipe.get("self_training")).rounds
+
+
+def score_self_training(cfg: ExperimentConfig, results: dict, name: str, train_cfg: dict, progress: bool,
+                        step=lambda what: None) -> None:
+    """A student's self-training rounds (the recipe's ``self_training``), each scored on every test set as a
+    model of its own, ``<student>, self-training round <r>``."""
+    for info in stages.self_train(cfg, train_cfg, results["models"][name]["train"], progress):
+        model_name = round_name(name, info["round"])
+        step(f"train {model_name}")
+        model = results["models"][model_name] = {"train": info, "tests": {}}
+        for test in cfg.tests:
+            model["tests"][test.name] = stages.evaluate(cfg, Path(info["checkpoint"]), test, progress, keep_view=False)
+            step(f"eval {model_name} on {test.name}")
 
 
 def check_held_out(cfg: ExperimentConfig) -> None:
@@ -42,12 +66,15 @@ def environment() -> dict:
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, parts=("main", "scaling")) -> dict:
-    """``parts``: main (teachers, references, test sets) and / or scaling; two processes may run one each (the
-    engine and the cached stages tolerate a second writer), each writing its own results file."""
+    """``parts``: main (teachers, references, test sets) and / or scaling, or students (main without the references
+    and the untrained floor: a recipe search); two processes may run one each (the engine and the cached stages
+    tolerate a second writer), each writing its own results file."""
     from tqdm import tqdm
 
     check_held_out(cfg)
-    main = "main" in parts
+    refs = "main" in parts
+    main = refs or "students" in parts
+    suffix = "" if refs else "_students" if main else "_scaling"
     results = {"experiment": {"dataset": str(cfg.dataset), "train": cfg.train, "steps": cfg.steps,
                               "tests": [{"name": t.name, "path": str(t.path), "select": t.select} for t in cfg.tests],
                               "token_noise": cfg.token_noise, "vocabulary": str(cfg.vocabulary),
@@ -55,8 +82,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
                "environment": environment(), "pseudolabels": {}, "models": {}, "scaling": []}
     scaling = cfg.scaling if "scaling" in parts else None
     n_scaling = len(scaling.stages) if scaling else 0
-    total = main * (2 * len(cfg.teachers) + (3 + len(cfg.teachers)) * (1 + len(cfg.tests))) + (1 if scaling else 0) \
-        + 2 * n_scaling
+    rounds = self_training_rounds(cfg)
+    total = main * (2 * len(cfg.teachers) + (3 * refs + len(cfg.teachers) * (1 + rounds)) * (1 + len(cfg.tests))) \
+        + (1 if scaling else 0) + 2 * n_scaling
     bar = tqdm(total=total, desc="experiment", unit="stage", disable=not progress, position=0)
     t0 = time.perf_counter()
 
@@ -78,12 +106,15 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
         stages.pseudolabel(cfg, teachers[scaling.teacher], scaling.selection(max(scaling.stages)), progress)
         step("pseudolabel scaling")
 
-    runs = {UNTRAINED: None,
-            SUP_FRUSTUM: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "frustum")),
-            # whole scans cannot be turned into frustum slots of a FrankenFrustum
-            SUP_FULL: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "full"), {"franken_frustum": 1}),
+    references = {UNTRAINED: None,
+                  SUP_FRUSTUM: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "frustum")),
+                  # whole scans cannot be turned into frustum slots of a FrankenFrustum
+                  SUP_FULL: stages.train_config(cfg, stages.supervised_sources(cfg, cfg.train, "full"),
+                                                {"franken_frustum": 1})}
+    runs = {**(references if refs else {}),
             **{student_name(t.name): stages.train_config(cfg, stages.student_sources(cfg, t, cfg.train))
                for t in cfg.teachers}}
+    students = {student_name(t.name) for t in cfg.teachers}
     for name, train_cfg in runs.items() if main else []:
         say(f"model: {name}")
         info = stages.untrained(cfg) if train_cfg is None else stages.train(cfg, train_cfg, progress)
@@ -93,7 +124,10 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
             model["tests"][test.name] = stages.evaluate(cfg, Path(info["checkpoint"]), test, progress,
                                                         keep_view=test.name == cfg.bev_test)
             step(f"eval {name} on {test.name}")
-            write_reports(cfg, results, suffix="" if main else "_scaling", figures=False)
+            write_reports(cfg, results, suffix=suffix, figures=False)
+        if name in students:
+            score_self_training(cfg, results, name, train_cfg, progress, step)
+            write_reports(cfg, results, suffix=suffix, figures=False)
     if scaling:
         test = next(t for t in cfg.tests if t.name == scaling.test)
         for k in scaling.stages:
@@ -106,9 +140,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True, say=print, part
             # the score's own "test" (path and selection) would hide the test set's name the report shows
             results["scaling"].append({**score, "sequences": k, "select": select, "train": info, "test": test.name})
             step(f"eval scaling {k}")
-            write_reports(cfg, results, suffix="" if main else "_scaling", figures=False)
+            write_reports(cfg, results, suffix=suffix, figures=False)
     bar.close()
     results["environment"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     results["environment"]["wall_s"] = round(time.perf_counter() - t0, 1)
-    write_reports(cfg, results, suffix="" if main else "_scaling")
+    write_reports(cfg, results, suffix=suffix)
     return results

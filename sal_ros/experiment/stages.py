@@ -5,6 +5,8 @@
   scoring);
 - ``train``: one student or reference per distinct train config, in ``train/<config hash>/`` (a config.yaml that
   ``sal-ros train --config`` reproduces; the trainer's exact resume);
+- ``self_train``: a student's self-training rounds when the recipe has a ``self_training`` section, in
+  ``train/<config hash>/round_<r>/`` (train/selftrain.py; ``sal-ros train`` on that config.yaml runs them too);
 - ``evaluate``: a checkpoint through the node's Segmenter on a test set, scored on the camera frustum and on the
   whole scan (``eval model``'s conventions) in one pass, cached per (checkpoint, test set).
 """
@@ -135,6 +137,24 @@ def train(cfg: ExperimentConfig, train_cfg: dict, progress: bool) -> dict:
             "final_loss": records[-1]["loss"] if records else None}
     write_json(done, info)
     return info
+
+
+def self_train(cfg: ExperimentConfig, train_cfg: dict, info: dict, progress: bool) -> list[dict]:
+    """The recipe's ``self_training`` rounds after the run of ``train_cfg`` (train/selftrain.py): round r in
+    ``<its folder>/round_<r>``, each cached (``done.json``); [] when the recipe has none."""
+    from sal_ros.train.dataset import load_scans
+    from sal_ros.train.selftrain import SelfTrainConfig
+    from sal_ros.train.selftrain import self_train as rounds
+    from sal_ros.train.trainer import TrainConfig
+
+    if not SelfTrainConfig.from_dict(train_cfg.get("self_training")).rounds:
+        return []
+    out = train_dir(cfg, train_cfg)
+    tc = TrainConfig.from_dict(train_cfg)
+    tc.out_dir = str(out)
+    scans = load_scans(tc.sources, base=out, text_encoder=tc.text_encoder, seed=tc.seed)
+    return [{**r, "config": info["config"], "frames": len(scans)}
+            for r in rounds(tc, scans, Path(info["checkpoint"]), progress)]
 
 
 def untrained(cfg: ExperimentConfig) -> dict:

@@ -117,9 +117,11 @@ PRESETS["waffleiron24"] = ModelConfig(backbone="waffleiron", voxel_size=0.1, waf
 PRESETS["waffleiron_tiny"] = replace(PRESETS["tiny"], backbone="waffleiron", waffle_depth=6, waffle_width=32,
                                      waffle_cell=1.0)
 # Real time on one CPU core (issue 25; chosen by `sal-ros bench model` and the held-out oracle protocol, table in
-# docs/performance.md): tiny's layout on 0.4 m voxels (a 124.7k-point scan gives ~14.5k voxels instead of ~31.8k)
-# with a narrower encoder and decoder. Its per-point stages (voxelize, postprocess) are what is left.
-PRESETS["realtime"] = replace(PRESETS["tiny"], voxel_size=0.4, stem_width=8, widths=(16, 16, 24, 32),
+# docs/performance.md): tiny's layout on 0.5 m voxels (a 124.7k-point scan gives ~11.0k voxels instead of ~31.8k)
+# with a narrower encoder and decoder: 0.6-0.7x tiny's CPU time on one thread (its per-point stages, voxelize and
+# postprocess, are what is left). Held out, it kept 92 % of tiny's whole-scan PQ but 35-55 % of its PQ in the
+# camera frustum; at 0.4 m it was no faster and scored lower.
+PRESETS["realtime"] = replace(PRESETS["tiny"], voxel_size=0.5, stem_width=8, widths=(16, 16, 24, 32),
                               decoder_widths=(24, 16, 16, 16))
 
 
