@@ -1,3 +1,4 @@
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
@@ -12,7 +13,8 @@ setup(
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*.launch.py")),
-        ("share/" + package_name + "/config", glob("config/*")),
+        ("share/" + package_name + "/config", [f for f in glob("config/*") if os.path.isfile(f)]),
+        ("share/" + package_name + "/config/experiments", glob("config/experiments/*")),
     ],
     install_requires=["setuptools", "numpy", "scipy", "PyYAML", "transforms3d", "rosbags", "tqdm", "pillow"],
     zip_safe=True,

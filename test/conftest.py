@@ -278,8 +278,8 @@ def pseudolabel_dir(tmp_path_factory):
     import numpy as np
 
     from sal_ros.data.datasets import load_semantickitti
+    from sal_ros.data.labels import semantickitti
     from sal_ros.data.pseudolabels import PseudoLabels, pseudolabel_path, save_pseudolabels
-    from sal_ros.eval.labels import semantickitti
     from sal_ros.model.sal import ModelConfig
     from sal_ros.train.dataset import ground_truth_scan
 

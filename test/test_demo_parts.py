@@ -173,9 +173,9 @@ def test_oracle_pseudolabels_follow_ground_truth_segments():
     """Ground-truth segments rendered into the image, lifted with the engine's settings: the lifted instances
     match most ground-truth segments in the camera frustum (README: class-agnostic PQ ~90 on these scans)."""
     from sal_ros.data.datasets import iter_semantickitti
+    from sal_ros.data.labels import get_label_set
     from sal_ros.demo.oracle import frame_masks, oracle_config
     from sal_ros.demo.steps import engine_config
-    from sal_ros.eval.labels import get_label_set
     from sal_ros.pseudolabel.engine import label_from_masks
 
     seq = require_data("semantickitti", "sequences", "00")

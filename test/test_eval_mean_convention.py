@@ -38,7 +38,7 @@ def test_ground_truth_against_itself_on_the_real_scans(semantickitti_dir):
     """The issue's case: 19-class means of ground truth vs itself were 100 here, 63.2 in semantic-kitti-api.
     Reference here: the share of the 19 classes that occur in these 2 scans, counted independently."""
     from sal_ros.data.datasets import load_semantickitti
-    from sal_ros.eval.labels import semantickitti
+    from sal_ros.data.labels import semantickitti
 
     ls = semantickitti()
     ev = PanopticEvaluator.for_label_set(ls)

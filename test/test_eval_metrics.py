@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.eval.labels import nuscenes, semantickitti, vocabulary_lut
+from sal_ros.data.labels import nuscenes, semantickitti, vocabulary_lut
 from sal_ros.eval.panoptic import PanopticEvaluator, class_agnostic_pq
 from sal_ros.eval.semantic import ConfusionMatrix
 

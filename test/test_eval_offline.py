@@ -2,7 +2,7 @@
 import numpy as np
 
 from sal_ros.core.types import Segmentation
-from sal_ros.eval.labels import semantickitti
+from sal_ros.data.labels import semantickitti
 from sal_ros.eval.offline import evaluate_frames
 
 # vocabulary order differs from the dataset's; "sedan" and "street" are synonyms; "sky" has no dataset class

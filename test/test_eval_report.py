@@ -4,7 +4,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from sal_ros.eval.labels import semantickitti
+from sal_ros.data.labels import semantickitti
 from sal_ros.eval.panoptic import PanopticEvaluator
 from sal_ros.eval.report import write_report
 

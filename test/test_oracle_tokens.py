@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from conftest import require_data
 
+from sal_ros.data.labels import get_label_set
 from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 from sal_ros.data.sources import iter_source_frames
-from sal_ros.eval.labels import get_label_set
 from sal_ros.pseudolabel.engine import EngineConfig, run
 from sal_ros.pseudolabel.oracle import class_text_tokens, majority_class
 from sal_ros.train.dataset import load_scans

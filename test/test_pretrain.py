@@ -144,7 +144,7 @@ def test_waffleiron_checkpoint_records_the_family_and_the_segmenter_runs_it(tmp_
 
 # ------------------------------------------------------------------------------------------------ teachers, cache
 def test_oracle_teacher_renders_the_ground_truth_class(frame):
-    from sal_ros.eval.labels import semantickitti
+    from sal_ros.data.labels import semantickitti
     from sal_ros.pretrain.teachers import OracleTeacher
     from sal_ros.pseudolabel.lifting import point_pixels
 

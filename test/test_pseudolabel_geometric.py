@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import REPO, require_data
 
-from sal_ros.eval.labels import semantickitti
+from sal_ros.data.labels import semantickitti
 from sal_ros.pseudolabel.evaluate import evaluate_pseudolabels
 from sal_ros.pseudolabel.geometric import (
     ClusterConfig,

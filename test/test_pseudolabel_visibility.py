@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import require_data
 
+from sal_ros.data.labels import semantickitti
 from sal_ros.data.sources import FrameSource
-from sal_ros.eval.labels import semantickitti
 from sal_ros.pseudolabel.cli import add_arguments, config_from_args
 from sal_ros.pseudolabel.lifting import LIDAR_SPACING_DEG, LiftConfig, footprint_px, point_pixels, visible
 

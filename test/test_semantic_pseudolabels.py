@@ -115,8 +115,8 @@ def test_cli_run_resume_refusal_and_eval(tmp_path, semantickitti_dir):
 
 def _write_folder_maps(root, source_dir):
     """Noise-free class maps of the ground truth as (H, W) class ids: what a closed-set segmenter would save."""
+    from sal_ros.data.labels import get_label_set
     from sal_ros.data.sources import FrameSource
-    from sal_ros.eval.labels import get_label_set
 
     ls = get_label_set("semantickitti")
     root.mkdir()
@@ -143,7 +143,7 @@ def test_folder_scores_route_and_a_bad_map_fails_its_frame_only(tmp_path, semant
     assert "shape (3, 4, 5)" in summary["failed"]["00_000001"]
     pl = load_semantic(out / "00_000000.npz")
     frame = src.load("00_000000")
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
 
     gt, _ = get_label_set("semantickitti").split(frame.gt_labels)
     scored = pl.seen & (gt > 0)

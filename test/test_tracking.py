@@ -114,7 +114,7 @@ def test_highway_sequence_tracks_without_switches():
     """semantickitti_mini 01 (highway), ground truth as the segmentation, ten frames: a car moving 2.2-2.4 m per
     frame in the world frame kept one id (9 switches with the plain 2 m gate)."""
     from sal_ros.data.datasets import load_semantickitti, semantickitti_poses
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.eval.tracking import oracle_segmentation, track_and_evaluate
 
     seq = require_data("semantickitti_mini", "sequences", "01")
@@ -300,7 +300,7 @@ def test_lstq_equals_the_reference_on_real_sequences():
     classes replaced at random (class 0 among them) and 2 % of the thing points' ids too; pooled as the
     benchmark pools sequences. Equal to the definition to 1e-9."""
     from sal_ros.data.datasets import load_semantickitti
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.eval.tracking import oracle_segmentation
 
     label_set = get_label_set("semantickitti")
@@ -328,7 +328,7 @@ def test_oracle_keeps_objects_sharing_an_id_apart():
     """Sequence 07 scan 000000 has ids that a car and another class share: the oracle segmentation gives them
     instances of their own (one instance per (class, id) with points), so each gt tube is one predicted id."""
     from sal_ros.data.datasets import load_semantickitti
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.eval.tracking import oracle_segmentation, tube_keys
 
     label_set = get_label_set("semantickitti")
@@ -347,7 +347,7 @@ def test_real_scans_with_ground_truth_instances_track_without_switches():
     """SemanticKITTI 00 scans 000000 -> 000001 (instance ids consistent over the sequence), ground truth as the
     segmentation with ids numbered afresh per frame, tracked in the world frame of poses.txt."""
     from sal_ros.data.datasets import load_semantickitti, semantickitti_poses
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.eval.tracking import oracle_segmentation, track_and_evaluate
 
     seq = require_data("semantickitti", "sequences", "00")
@@ -374,7 +374,7 @@ def test_poses_are_matched_to_scans_by_scan_number():
     metres off). A sequence with poses but none for a scan is an error, not a silent sensor-frame scan."""
     from sal_ros.core.errors import SensorDataError
     from sal_ros.data.datasets import load_semantickitti, semantickitti_poses
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.eval.tracking import oracle_segmentation, track_and_evaluate
 
     seq = require_data("semantickitti_mini", "sequences", "01")

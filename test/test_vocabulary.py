@@ -34,7 +34,7 @@ def test_validate_prompts_accepts_and_strips():
 
 
 def test_semantickitti_vocabulary_file():
-    from sal_ros.eval.labels import SEMANTICKITTI_CLASSES, SEMANTICKITTI_THINGS
+    from sal_ros.data.labels import SEMANTICKITTI_CLASSES, SEMANTICKITTI_THINGS
 
     vocab = Vocabulary.from_yaml(REPO / "config" / "vocabulary_semantickitti.yaml")
     assert vocab.class_names == SEMANTICKITTI_CLASSES

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.registry import Registry
 from sal_ros.core.types import Frame
 from sal_ros.data import datasets
 from sal_ros.data.bag import iter_bag_frames
@@ -38,21 +39,15 @@ class SourceKind:
     options: tuple[str, ...] = ()  # keyword options ``frames`` takes (bag_config, select); ``keyed`` takes select
 
 
-SOURCES: dict[str, SourceKind] = {}  # in detection order
+SOURCES: Registry = Registry("frame source kind", SensorDataError)  # in detection order
 
 
 def register_source(kind: SourceKind) -> SourceKind:
-    if kind.name in SOURCES:
-        raise ValueError(f"frame source kind {kind.name!r} is registered already")
-    SOURCES[kind.name] = kind
-    return kind
+    return SOURCES.register(kind.name, kind)
 
 
 def get_source(name: str) -> SourceKind:
-    try:
-        return SOURCES[name]
-    except KeyError:
-        raise SensorDataError(f"unknown frame source kind {name!r}; known: {', '.join(SOURCES)}") from None
+    return SOURCES.lookup(name)
 
 
 def detect_source(path: str | os.PathLike) -> SourceKind:

@@ -37,8 +37,8 @@ def gather(frames: Path, gt: dict[int, np.ndarray], runs: dict[str, tuple[Path, 
     """Join, per cloud stamp, the recorded frame, the ground truth and per run (``name -> (pseudo-label folder,
     node outputs by stamp)``) its pseudo-labels and labeled cloud. Frames no run answered are left out."""
     from sal_ros.data.framestore import FrameStore
+    from sal_ros.data.labels import get_label_set
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
-    from sal_ros.eval.labels import get_label_set
 
     label_set = get_label_set("semantickitti")
     store = FrameStore(frames)

@@ -15,8 +15,8 @@ import numpy as np
 
 from sal_ros.data.convert import LABELS_FILE
 from sal_ros.data.framestore import FrameStore
+from sal_ros.data.labels import get_label_set
 from sal_ros.data.pseudolabels import pseudolabel_path, save_pseudolabels
-from sal_ros.eval.labels import get_label_set
 from sal_ros.pseudolabel.engine import EngineConfig, PseudoLabeler, label_from_masks, pending_keys
 from sal_ros.pseudolabel.masks import Masks
 from sal_ros.pseudolabel.oracle import SPLAT, OracleMasks

@@ -10,9 +10,9 @@ import yaml
 
 from sal_ros.core.files import atomic_write
 from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, image_topic, info_topic
+from sal_ros.data.labels import get_label_set
 from sal_ros.demo.settings import LABEL_MIN_POINTS, ORACLE, DemoConfig, say
 from sal_ros.env import config_file
-from sal_ros.eval.labels import get_label_set
 from sal_ros.tools.online import OnlineResult, bag_topics, replay
 
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"  # `sal-ros pseudolabel`'s default

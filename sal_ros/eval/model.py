@@ -74,7 +74,7 @@ def build_segmenter(checkpoint: Path, vocabulary: Path, device: str, config: Seg
 
 
 def main(args: argparse.Namespace) -> int:
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.eval.offline import evaluate_frames
     from sal_ros.eval.report import write_report
 

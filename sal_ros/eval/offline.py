@@ -9,7 +9,7 @@ import numpy as np
 from sal_ros.core.camera import in_camera_frustum
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.types import Frame, Segmentation
-from sal_ros.eval.labels import LabelSet, vocabulary_lut
+from sal_ros.data.labels import LabelSet, vocabulary_lut
 from sal_ros.eval.panoptic import PanopticEvaluator
 
 

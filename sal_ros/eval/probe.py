@@ -209,7 +209,7 @@ def main(args: argparse.Namespace) -> int:
 
     from sal_ros.core.files import atomic_write
     from sal_ros.data.datasets import load_semantickitti
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.model.backbone import build_backbone
 
     train_scans, eval_scans = _scans(args.train_scans), _scans(args.eval_scans)

@@ -184,8 +184,8 @@ def oracle_segmentation(frame, label_set):
     """The frame's ground truth as a Segmentation (dataset classes as the vocabulary, instances numbered 1..K
     in a per-frame order), for evaluating the tracker alone. Instances are (class, id) pairs, as ground-truth
     tubes are: a car and a person sharing an id are two instances."""
-    from sal_ros.core.types import Segmentation
     from sal_ros.core.panoptic import instance_summaries
+    from sal_ros.core.types import Segmentation
 
     sem, _ = label_set.split(frame.gt_labels)
     keys = tube_keys(sem, np.asarray(frame.gt_labels, np.int64) >> 16)
@@ -215,7 +215,7 @@ def track_and_evaluate(frames, segment, label_set, poses: dict | None = None, co
     from tqdm import tqdm
 
     from sal_ros.core.tracking import Tracker, apply_tracks
-    from sal_ros.eval.labels import vocabulary_lut
+    from sal_ros.data.labels import vocabulary_lut
     from sal_ros.eval.offline import to_dataset_classes
 
     poses = poses or {}
@@ -293,8 +293,8 @@ def main(args: argparse.Namespace) -> int:
     from sal_ros.core.files import atomic_write, write_json
     from sal_ros.core.tracking import TrackerConfig
     from sal_ros.data.datasets import iter_semantickitti, semantickitti_poses
+    from sal_ros.data.labels import get_label_set
     from sal_ros.eval.model import _load_class_map, build_segmenter
-    from sal_ros.eval.labels import get_label_set
 
     if args.checkpoint is not None and args.vocabulary is None:
         raise ValueError("--checkpoint needs --vocabulary")
@@ -359,8 +359,8 @@ def plot_tracks(trajectories: dict, path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sal_ros.eval.report import atomic_savefig
     from sal_ros.core.palette import track_color
+    from sal_ros.eval.report import atomic_savefig
 
     sequences = sorted({seq for seq, _ in trajectories}) or [""]
     cols = min(len(sequences), 4)

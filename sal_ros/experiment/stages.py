@@ -66,9 +66,9 @@ def pseudolabel_quality(cfg: ExperimentConfig, teacher: Teacher, select: str, pr
     labelled points; SAL's pseudo-label metric), cached."""
     from tqdm import tqdm
 
+    from sal_ros.data.labels import get_label_set
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
     from sal_ros.data.sources import iter_source_frames
-    from sal_ros.eval.labels import get_label_set
     from sal_ros.pseudolabel.evaluate import PseudoLabelScore, scored_points
 
     folder = pseudolabel_dir(cfg, teacher)
@@ -181,8 +181,8 @@ def evaluate(cfg: ExperimentConfig, checkpoint: Path, test: TestSet, progress: b
     from tqdm import tqdm
 
     from sal_ros.core.cloud_input import SegmenterConfig
+    from sal_ros.data.labels import get_label_set, vocabulary_lut
     from sal_ros.data.sources import iter_source_frames
-    from sal_ros.eval.labels import get_label_set, vocabulary_lut
     from sal_ros.eval.model import build_segmenter
     from sal_ros.eval.offline import add_frame, to_dataset_classes
     from sal_ros.eval.panoptic import PanopticEvaluator

@@ -176,7 +176,7 @@ def cache_tools(spec: dict, source_kind: str) -> CacheTools:
                                                                     lidar_spacing_for(source_kind)))})
     label_lut, num_classes = None, 0
     if (spec.get("teacher") or {}).get("kind") == "oracle":
-        from sal_ros.eval.labels import get_label_set
+        from sal_ros.data.labels import get_label_set
 
         labels = get_label_set(spec.get("label_set", "semantickitti"))
         label_lut, num_classes = labels.lut, labels.num_classes

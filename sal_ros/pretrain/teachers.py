@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
+from sal_ros.core.registry import Registry
 from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
 from sal_ros.pseudolabel.lifting import LiftConfig, point_pixels
 from sal_ros.pseudolabel.masks import as_rgb
 
 log = logging.getLogger(__name__)
-TEACHERS = ("dinov2", "clip", "random", "oracle")
-
-
 @dataclass
 class FeatureMap:
     """(h, w, D) float32 features of one image; cell (r, c) covers pixels [r*sy, (r+1)*sy) x [c*sx, (c+1)*sx)."""
@@ -186,21 +184,23 @@ def _load_weights(net, path: Path, convert=None) -> None:
         raise ValueError(f"{path}: weights do not fit the teacher (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def _oracle_teacher(label_lut: np.ndarray | None, num_classes: int, lift, **options) -> OracleTeacher:
+    if label_lut is None:
+        raise ValueError("the oracle teacher needs a label set (SemanticKITTI ground truth)")
+    return OracleTeacher(label_lut, num_classes, lift=lift, **options)
+
+
+TEACHERS: Registry = Registry("teacher")  # each takes (label_lut, num_classes, lift, **options)
+TEACHERS.register("dinov2", lambda label_lut, num_classes, lift, **options: DinoV2Teacher(**options))
+TEACHERS.register("clip", lambda label_lut, num_classes, lift, **options: ClipTeacher(**options))
+TEACHERS.register("random", lambda label_lut, num_classes, lift, **options: RandomTeacher(**options))
+TEACHERS.register("oracle", _oracle_teacher)
+
+
 def build_teacher(cfg: dict, label_lut: np.ndarray | None = None, num_classes: int = 0, lift=None):
     """A teacher from its config dict ``{"kind": ..., **options}``."""
     cfg = dict(cfg or {})
-    kind = cfg.pop("kind", "random")
-    if kind == "random":
-        return RandomTeacher(**cfg)
-    if kind == "oracle":
-        if label_lut is None:
-            raise ValueError("the oracle teacher needs a label set (SemanticKITTI ground truth)")
-        return OracleTeacher(label_lut, num_classes, lift=lift, **cfg)
-    if kind == "dinov2":
-        return DinoV2Teacher(**cfg)
-    if kind == "clip":
-        return ClipTeacher(**cfg)
-    raise ValueError(f"unknown teacher {kind!r}; known: {', '.join(TEACHERS)}")
+    return TEACHERS.lookup(cfg.pop("kind", "random"))(label_lut, num_classes, lift, **cfg)
 
 
 __all__ = ["FeatureMap", "RandomTeacher", "OracleTeacher", "DinoV2Teacher", "ClipTeacher", "build_teacher", "TEACHERS"]

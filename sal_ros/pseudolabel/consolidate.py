@@ -305,8 +305,8 @@ def instance_study(dataset, config: ConsolidationConfig, progress: bool = False)
     from tqdm import tqdm
 
     from sal_ros.data.datasets import semantickitti_poses
+    from sal_ros.data.labels import semantickitti
     from sal_ros.data.sources import FrameSource
-    from sal_ros.eval.labels import semantickitti
     from sal_ros.eval.tracking import LSTQEvaluator
     from sal_ros.pseudolabel.engine import label_from_masks
     from sal_ros.pseudolabel.evaluate import PseudoLabelScore, _frame_masks, scored_points

@@ -141,7 +141,7 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
     what lies outside the images; the geometric teacher's ``lidar only`` row labels the whole scan).
     ``select``: sequences and scans of a SemanticKITTI root (``00,05:0-4``), as in ``sal-ros pseudolabel``.
     ``augment``: an AugmentConfig dict: image sources voted over augmentations (a no-op for the others)."""
-    from sal_ros.eval.labels import semantickitti
+    from sal_ros.data.labels import semantickitti
 
     label_set = semantickitti(label_config, **({"min_points": min_points} if min_points is not None else {}))
     source = FrameSource(dataset, select)

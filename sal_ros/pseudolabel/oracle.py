@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.eval.labels import get_label_set
+from sal_ros.data.labels import get_label_set
 from sal_ros.pseudolabel.geometric import render_segments
 from sal_ros.pseudolabel.masks import Masks
 

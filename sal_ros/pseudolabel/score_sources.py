@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.errors import SensorDataError
-from sal_ros.eval.labels import get_label_set
+from sal_ros.core.registry import Registry
+from sal_ros.data.labels import get_label_set
 from sal_ros.model.vocabulary import TextEncoder, Vocabulary
 from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
 from sal_ros.pseudolabel.lifting import project_view
@@ -170,13 +171,12 @@ class ClipDenseScores:
         return softmax(self.logit_scale * per_class.T.reshape(len(self.class_names), *grid), axis=0)
 
 
+SCORE_SOURCES: Registry = Registry("score source")  # each takes (device, **options)
+SCORE_SOURCES.register("clip", ClipDenseScores)
+SCORE_SOURCES.register("folder", lambda device, **options: FolderScores(**options))
+SCORE_SOURCES.register("torchscript", TorchScriptScores)
+SCORE_SOURCES.register("oracle", lambda device, **options: OracleScores(**options))
+
+
 def build_score_source(kind: str, device: str = "cpu", **options):
-    if kind == "oracle":
-        return OracleScores(**options)
-    if kind == "folder":
-        return FolderScores(**options)
-    if kind == "torchscript":
-        return TorchScriptScores(device=device, **options)
-    if kind == "clip":
-        return ClipDenseScores(device=device, **options)
-    raise ValueError(f"unknown score source {kind!r}; known: clip, folder, torchscript, oracle")
+    return SCORE_SOURCES.lookup(kind)(device=device, **options)

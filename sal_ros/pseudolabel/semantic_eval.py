@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.core.files import atomic_write
+from sal_ros.data.labels import semantickitti, vocabulary_lut
 from sal_ros.data.pseudolabels import pseudolabel_path
 from sal_ros.data.pseudolabels import LOW_MARGIN, LOW_SCORE, SemanticLabels, load_semantic
 from sal_ros.data.sources import FrameSource
-from sal_ros.eval.labels import semantickitti, vocabulary_lut
 from sal_ros.eval.report import atomic_savefig
 from sal_ros.eval.semantic import ConfusionMatrix
 from sal_ros.pseudolabel.lifting import LiftConfig

@@ -219,9 +219,9 @@ def load_scans(sources: list[dict], base: str | Path = ".", text_encoder: dict |
 
     ``select`` (``00,05:0-4``) picks sequences and scans of a dataset with sequences.
     """
+    from sal_ros.data.labels import get_label_set
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
     from sal_ros.data.sources import iter_source_frames
-    from sal_ros.eval.labels import get_label_set
 
     scans: list[LabeledScan] = []
     for src in sources:

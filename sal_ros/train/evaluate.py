@@ -25,7 +25,7 @@ def evaluate_checkpoint(checkpoint: Path, config: Path, label_set: str = "semant
                         frustum_only: bool = True) -> dict:
     import torch
 
-    from sal_ros.eval.labels import get_label_set
+    from sal_ros.data.labels import get_label_set
     from sal_ros.model.semantic import load_semantic_checkpoint
     from sal_ros.train.semantic import evaluate, load_semantic_scans
     from sal_ros.train.trainer import TrainConfig

@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 from sal_ros.core.camera import in_camera_frustum
 from sal_ros.core.errors import SensorDataError
+from sal_ros.data.labels import get_label_set, vocabulary_lut
 from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 from sal_ros.data.pseudolabels import load_semantic
 from sal_ros.data.sources import iter_source_frames
-from sal_ros.eval.labels import get_label_set, vocabulary_lut
 from sal_ros.eval.semantic import ConfusionMatrix
 from sal_ros.model.backbone import ModelConfig
 from sal_ros.model.semantic import SemanticModel

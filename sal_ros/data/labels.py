@@ -1,4 +1,5 @@
-"""Dataset label sets for evaluation: class names, thing/stuff split, raw-label conversion, min segment size.
+"""Dataset label sets (read by evaluation, pseudo-labeling, training, the demo): class names, thing/stuff split,
+raw-label conversion, min segment size.
 
 Class ids follow the benchmarks' learning maps: 0 = ignore, 1..C = evaluated classes (``class_names[k-1]``).
 
