@@ -14,7 +14,7 @@ from conftest import Sensors, Spinner, call_service, require_rclpy, wait_for, wa
 rclpy = require_rclpy()
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
-from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
+from rclpy.qos import DurabilityPolicy, QoSProfile, qos_profile_sensor_data  # noqa: E402
 
 from sal_ros.core.msgtypes import make_header, stamp_to_ns  # noqa: E402
 from sal_ros.core.pointcloud2 import encode_cloud, read_fields  # noqa: E402
@@ -484,7 +484,9 @@ def test_a_namesake_that_leaves_is_waited_out(rig):
     from rcl_interfaces.msg import Log
 
     logs = []
-    sub = rig.test.create_subscription(Log, "/rosout", lambda m: logs.append(m), QoSProfile(depth=100))
+    # transient local, as /rosout is published: a warning logged before discovery finished still arrives
+    sub = rig.test.create_subscription(Log, "/rosout", lambda m: logs.append(m), QoSProfile(
+        depth=1000, durability=DurabilityPolicy.TRANSIENT_LOCAL))
     name = ["--ros-args", "-r", "__node:=ghost_test"]
     with segmenter_in_own_context({"allow_duplicate": True}, name) as ghost:
         started = {}
