@@ -70,7 +70,7 @@ def save_tiny_checkpoint(path: Path) -> Path:
     command-level tests run the node and `sal-ros eval` with."""
     import torch
 
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
     from sal_ros.model.checkpoint import save_checkpoint
     from sal_ros.model.sal import SALModel
     from sal_ros.model.vocabulary import tiny_text_encoder
@@ -286,7 +286,7 @@ def pseudolabel_dir(tmp_path_factory):
     seq = require_data("semantickitti", "sequences", "00")
     out = tmp_path_factory.mktemp("pl")
     rng = np.random.default_rng(0)
-    tokens = rng.normal(size=(19, ModelConfig.preset("tiny").token_dim)).astype(np.float32)
+    tokens = rng.normal(size=(19, ModelConfig.preset("tiny").decoder.token_dim)).astype(np.float32)
     tokens /= np.linalg.norm(tokens, axis=1, keepdims=True)
     for frame in load_semantickitti(seq):
         scan = ground_truth_scan(frame, semantickitti(), tokens)

@@ -59,11 +59,11 @@ def test_bench_model_times_candidates_given_as_preset_overrides():
     import pytest
 
     from sal_ros.bench.model import preset_config
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
 
     config = preset_config("tiny:voxel_size=0.4:num_queries=16")
     assert config == ModelConfig.preset("tiny", voxel_size=0.4, num_queries=16)
-    assert preset_config("realtime", voxel_size=0.5).voxel_size == 0.5  # --voxel-size still applies
+    assert preset_config("realtime", voxel_size=0.5).input.voxel_size == 0.5  # --voxel-size still applies
     for bad in ("tiny:voxel_size", "tiny:no_such_field=1", "no_such_preset"):
         with pytest.raises((TypeError, ValueError)):
             preset_config(bad)

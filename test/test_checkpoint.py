@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import require_data
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from sal_ros.model.sal import SALModel
 from sal_ros.model.segmenter import Segmenter
@@ -122,7 +122,7 @@ def test_weight_mismatches(tmp_path, trained, encoder):
     torch.save({**payload, "model": state}, tmp_path / "unexpected.pt")
     with pytest.raises(CheckpointError, match="unexpected \\(1\\): decoder.extra_head.weight"):
         load_checkpoint(tmp_path / "unexpected.pt")
-    wide = {**payload["model_config"], "hidden_dim": 64}  # config says one width, weights another
+    wide = ModelConfig.from_dict(payload["model_config"]).with_settings({"hidden_dim": 64}).to_dict()  # not the weights' width
     torch.save({**payload, "model_config": wide}, tmp_path / "shapes.pt")
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_checkpoint(tmp_path / "shapes.pt")

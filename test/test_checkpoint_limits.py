@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sal_ros.model.sal import SALModel
 
@@ -23,7 +23,8 @@ def tiny(tmp_path_factory):
 
 def planted(tmp_path, payload, name, **config):
     """``payload`` with its stored config changed; the weights stay the tiny model's."""
-    torch.save({**payload, "model_config": {**payload["model_config"], **config}}, tmp_path / name)
+    stored = ModelConfig.from_dict(payload["model_config"]).with_settings(config)
+    torch.save({**payload, "model_config": stored.to_dict()}, tmp_path / name)
     return tmp_path / name
 
 

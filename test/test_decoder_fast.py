@@ -8,7 +8,7 @@ import torch
 
 from sal_ros.core.panoptic import instance_summaries
 
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.decoder import (OBJECT, POOL_CHUNK_ROWS, POSITION_BLOCK_ROWS, FourierPositions, QueryDecoder,
                                    _add_linear, _allowed_pooled, _pool_planned, pool_plan)
 from sal_ros.model.sparse import SparseTensor
@@ -157,8 +157,8 @@ def test_inference_sums_are_the_bits_of_the_training_formulas():
                 got = _add_linear(base.clone(), x, w)
         assert got.dtype == expected.dtype and torch.equal(got, expected)
     config = ModelConfig.preset("tiny")
-    decoder = QueryDecoder(config, {s: 16 for s in (1, *config.attention_strides)}).eval()
-    stride = config.attention_strides[0]
+    decoder = QueryDecoder(config, {s: 16 for s in (1, *config.decoder.attention_strides)}).eval()
+    stride = config.decoder.attention_strides[0]
     fine = SparseTensor(torch.randn(500, 16, generator=gen), torch.cat(
         [torch.zeros(500, 1, dtype=torch.int32), torch.randint(0, 40, (500, 3), generator=gen, dtype=torch.int32)], 1))
     coarse_coords = torch.unique(torch.div(fine.coords, torch.tensor([1, stride, stride, stride]),

@@ -131,7 +131,7 @@ def test_segmenter_aligns_with_input_and_skips_nonfinite(scan, encoder):
 
 
 def test_segmenter_rejects_wrong_token_dim(encoder):
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
     from sal_ros.model.sal import SALModel
 
     seg = Segmenter(SALModel(ModelConfig.preset("tiny", token_dim=256)))

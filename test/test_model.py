@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import require_data
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.decoder import OBJECT, parent_rows
 from sal_ros.model.sal import SALModel
 
@@ -42,13 +42,13 @@ def test_outputs_per_layer_and_shapes(scan):
     with torch.no_grad():
         layers = model([a[0], b[0]], [a[1], b[1]])
     cfg = model.config
-    assert len(layers) == cfg.decoder_rounds * len(cfg.attention_strides) + 1
+    assert len(layers) == cfg.decoder.rounds * len(cfg.decoder.attention_strides) + 1
     for layer in layers:
-        assert [m.shape for m in layer["masks"]] == [(cfg.num_queries, 3000), (cfg.num_queries, 2000)]
-        assert [o.shape for o in layer["objectness"]] == [(cfg.num_queries, 2)] * 2
+        assert [m.shape for m in layer["masks"]] == [(cfg.decoder.num_queries, 3000), (cfg.decoder.num_queries, 2000)]
+        assert [o.shape for o in layer["objectness"]] == [(cfg.decoder.num_queries, 2)] * 2
         for tok in layer["tokens"]:
-            assert tok.shape == (cfg.num_queries, cfg.token_dim)
-            torch.testing.assert_close(tok.norm(dim=1), torch.ones(cfg.num_queries))
+            assert tok.shape == (cfg.decoder.num_queries, cfg.decoder.token_dim)
+            torch.testing.assert_close(tok.norm(dim=1), torch.ones(cfg.decoder.num_queries))
 
 
 def test_batch_elements_are_independent_and_eval_is_deterministic(scan):
@@ -96,9 +96,9 @@ def test_training_step_fits_two_clusters_and_reaches_every_parameter(scan):
     for p, _ in clouds:
         r = p[:, :2].norm(dim=1)
         masks = torch.stack([r < 8, r > 20]).float()
-        tokens = torch.nn.functional.normalize(torch.randn(2, model.config.token_dim, generator=gen), dim=1)
+        tokens = torch.nn.functional.normalize(torch.randn(2, model.config.decoder.token_dim, generator=gen), dim=1)
         targets.append((masks, tokens))
-    obj_target = torch.full((model.config.num_queries,), 1 - OBJECT)
+    obj_target = torch.full((model.config.decoder.num_queries,), 1 - OBJECT)
     obj_target[:2] = OBJECT
 
     def loss_fn():

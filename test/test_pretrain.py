@@ -62,7 +62,7 @@ def test_waffleiron_full_scan_forward_backward(frame):
     assert type(model.backbone).__name__ == "WaffleIron"
     layers = model(torch.from_numpy(frame.points), torch.from_numpy(frame.intensity))
     masks = layers[-1]["masks"][0]
-    assert masks.shape == (model.config.num_queries, frame.num_points)
+    assert masks.shape == (model.config.decoder.num_queries, frame.num_points)
     sum(layer["masks"][0].float().mean() + layer["tokens"][0].sum() for layer in layers).backward()
     grads = {n: p.grad for n, p in model.backbone.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
@@ -71,7 +71,8 @@ def test_waffleiron_full_scan_forward_backward(frame):
 
 def test_waffleiron_mixes_points_through_the_grid():
     """A point's feature depends on other points sharing its 2D cell (spatial mix), not only on itself."""
-    from sal_ros.model.backbone import ModelConfig, build_backbone
+    from sal_ros.model.backbone import build_backbone
+    from sal_ros.model.config import ModelConfig
     from sal_ros.model.sal import SALModel
 
     cfg = ModelConfig.preset("waffleiron_tiny", waffle_depth=3)
@@ -398,5 +399,5 @@ def test_probe_command_and_train_from_pretrained_backbone(seq, tmp_path):
     assert all(torch.equal(v, saved[k]) for k, v in model.backbone.state_dict().items())
     train_yaml.write_text(yaml.safe_dump({"model": {**model_cfg, "waffle_cell": 0.5,
                                                     "pretrained_backbone": "pre/backbone_last.pt"}}))
-    with pytest.raises(ValueError, match="waffle_cell: pretrained 1.0, model 0.5"):
+    with pytest.raises(ValueError, match="waffleiron.cell: pretrained 1.0, model 0.5"):
         TrainConfig.from_yaml(train_yaml)

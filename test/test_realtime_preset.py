@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import require_data
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.checkpoint import save_checkpoint
 from sal_ros.model.sal import SALModel
 from sal_ros.model.segmenter import Segmenter
@@ -29,7 +29,7 @@ def scan():
 def test_realtime_preset_trains_loads_and_segments_the_real_scan(tmp_path, scan):
     encoder = tiny_text_encoder()
     config = ModelConfig.preset("realtime", token_dim=encoder.embed_dim)
-    assert config.voxel_size > ModelConfig.preset("tiny").voxel_size  # coarser than tiny: fewer voxels
+    assert config.input.voxel_size > ModelConfig.preset("tiny").input.voxel_size  # coarser than tiny: fewer voxels
     torch.manual_seed(0)
     model = SALModel(config)
     sub = scan[::8]

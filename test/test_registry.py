@@ -37,3 +37,21 @@ def test_the_plug_in_families_are_registries():
     assert type(build_teacher({"kind": "random", "dim": 8})).__name__ == "RandomTeacher"
     with pytest.raises(SensorDataError, match="unknown frame source kind 'x'"):
         SOURCES.lookup("x")
+
+
+def test_backbones_are_a_registry(monkeypatch):
+    """A backbone family is one registration: configs naming it build it, unknown names list the known ones."""
+    from sal_ros.model.backbone import BACKBONES
+    from sal_ros.model.config import ModelConfig
+    from sal_ros.model.minkunet import MinkUNet
+    from sal_ros.model.sal import SALModel
+
+    assert isinstance(BACKBONES, Registry) and list(BACKBONES) == ["minkunet", "waffleiron"]
+    with pytest.raises(ValueError, match="unknown backbone 'pointnet'; known: minkunet, waffleiron"):
+        ModelConfig(backbone="pointnet")
+
+    class Wider(MinkUNet):
+        pass
+
+    monkeypatch.setitem(BACKBONES, "wider", Wider)
+    assert type(SALModel(ModelConfig.preset("tiny", backbone="wider")).backbone) is Wider

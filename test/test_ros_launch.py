@@ -268,7 +268,7 @@ def test_ctrl_c_ends_launch_and_every_node_cleanly_ten_times_with_a_frame_in_the
     any output. The launch arguments set DDS explicitly here (a copy of the shipped profile): the nodes get them."""
     import torch
 
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
     from sal_ros.model.checkpoint import save_checkpoint
     from sal_ros.model.sal import SALModel
     from sal_ros.model.vocabulary import tiny_text_encoder

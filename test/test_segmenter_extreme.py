@@ -9,7 +9,7 @@ from conftest import require_data
 
 @pytest.fixture(scope="module")
 def segmenter():
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
     from sal_ros.model.sal import SALModel
     from sal_ros.core.cloud_input import SegmenterConfig
     from sal_ros.model.segmenter import Segmenter

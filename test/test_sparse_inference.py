@@ -4,7 +4,8 @@ fused MinkUNet (BatchNorm folded, epilogues in place) equals the module-by-modul
 import pytest
 import torch
 
-from sal_ros.model.backbone import MinkUNet, ModelConfig
+from sal_ros.model.config import ModelConfig
+from sal_ros.model.minkunet import MinkUNet
 from sal_ros.model.sparse import Conv3d, SparseTensor, build_kernel_map, kernel_offsets, sparse_conv_inference
 from sal_ros.model.sparse import kernels, maps, voxelization
 

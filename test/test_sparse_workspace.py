@@ -3,7 +3,8 @@ fused MinkUNet drops it after the forward pass."""
 import pytest
 import torch
 
-from sal_ros.model.backbone import MinkUNet, ModelConfig
+from sal_ros.model.config import ModelConfig
+from sal_ros.model.minkunet import MinkUNet
 from sal_ros.model.sparse import Conv3d, SparseTensor, Workspace, sparse_conv_inference
 
 
@@ -38,12 +39,12 @@ def test_workspace_changes_no_bit(dtype, centre):
 
 
 def test_fused_minkunet_same_bits_and_drops_workspace(monkeypatch):
-    import sal_ros.model.backbone as backbone
+    from sal_ros.model.sparse import fused
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny")
     net = MinkUNet(cfg).eval()
-    x = voxels(cfg.in_channels, torch.float32, seed=3)
+    x = voxels(cfg.input.in_channels, torch.float32, seed=3)
 
     def run():
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
@@ -51,7 +52,7 @@ def test_fused_minkunet_same_bits_and_drops_workspace(monkeypatch):
 
     with_ws = run()
     assert next(iter(with_ws.values())).cache.workspace is None
-    monkeypatch.setattr(backbone, "Workspace", lambda: None)
+    monkeypatch.setattr(fused, "Workspace", lambda: None)
     without = run()
     assert all(with_ws[s].feats.dtype == torch.bfloat16 for s in with_ws)
     assert all(torch.equal(with_ws[s].feats, without[s].feats) for s in with_ws)

@@ -63,7 +63,7 @@ def test_pooled_decoder_masks_match_full_resolution_masks(scan):
         model.decoder.pooled_masks = True
         pooled = model.decode(feats, 1, all_layers=False)[-1]
         every = model.decode(feats, 1, all_layers=True)[-1]  # the training path ignores pooled_masks
-    assert pooled.masks[0].shape == full.masks[0].shape == (model.config.num_queries, vin.num_voxels[0])
+    assert pooled.masks[0].shape == full.masks[0].shape == (model.config.decoder.num_queries, vin.num_voxels[0])
     torch.testing.assert_close(pooled.masks[0], full.masks[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pooled.objectness, full.objectness, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(pooled.tokens, full.tokens, rtol=1e-4, atol=1e-4)

@@ -122,7 +122,7 @@ def _load_scan(path: Path, points: int) -> tuple[np.ndarray, np.ndarray | None]:
 def _model(preset: str, checkpoint: Path | None):
     import torch
 
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
     from sal_ros.model.checkpoint import load_checkpoint
     from sal_ros.model.sal import SALModel
 

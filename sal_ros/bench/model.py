@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
 
     if not args.scan.is_file():
         print(f"sal-ros bench model: scan not found: {args.scan}", file=sys.stderr)
@@ -94,14 +94,14 @@ def main(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             if backbone is not None:
                 result["backbone"][device][name] = backbone
-        result["submanifold_map"][device] = bench_submanifold_map(scan, device, ModelConfig().voxel_size,
+        result["submanifold_map"][device] = bench_submanifold_map(scan, device, ModelConfig().input.voxel_size,
                                                                   max(args.repeats, 3))
         result["conv"][device] = bench_conv(scan, device, tuple(args.conv_crop), args.conv_channels,
-                                            ModelConfig().voxel_size, max(args.repeats, 3))
-        result["strided_conv"][device] = bench_strided_conv(scan, device, ModelConfig().voxel_size,
+                                            ModelConfig().input.voxel_size, max(args.repeats, 3))
+        result["strided_conv"][device] = bench_strided_conv(scan, device, ModelConfig().input.voxel_size,
                                                             args.conv_channels, max(args.repeats, 3))
         if args.spconv_path is not None and device == "cpu":
-            result["spconv"] = bench_spconv(scan, args.spconv_path, ModelConfig().voxel_size, args.conv_channels,
+            result["spconv"] = bench_spconv(scan, args.spconv_path, ModelConfig().input.voxel_size, args.conv_channels,
                                             max(args.repeats, 3))
     result["ratios"] = preset_ratios(result["models"])
     finish(result["environment"])
@@ -161,7 +161,7 @@ def preset_config(spec: str, voxel_size: float | None = None):
     """The ModelConfig of ``preset[:field=value...]`` (values read as YAML scalars), ``--voxel-size`` applied."""
     import yaml
 
-    from sal_ros.model.backbone import ModelConfig
+    from sal_ros.model.config import ModelConfig
 
     name, *fields = spec.split(":")
     overrides = {}
@@ -221,7 +221,7 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
     with torch.inference_mode():
         voxels = model.prepare(torch.from_numpy(points).to(device)).num_voxels[0]
     params = model.num_parameters()
-    row = {"voxel_size": config.voxel_size, "voxels": voxels, "queries": config.num_queries,
+    row = {"voxel_size": config.input.voxel_size, "voxels": voxels, "queries": config.decoder.num_queries,
            "params_m": {k: round(v / 1e6, 2) for k, v in params.items()},
            "bf16": paths["fast"][0].amp, "median_ms": _stage_medians(stages["fast"])}
     if reference:

@@ -128,7 +128,7 @@ class ConfiguredSegmenter:
     """Settings and admission shared by the Segmenters (sal_ros.model): ``configure`` swaps the whole
     SegmenterConfig under ``_lock``; ``segment`` = ``run(admit(...))``, so the node (which reports on the admitted
     cloud before it runs) and evaluation feed the model the same input. A subclass sets ``_lock``, ``_config``
-    and ``model`` (whose ``config.intensity_scale`` is the checkpoint's) and implements ``run``."""
+    and ``model`` (whose ``config.input.intensity_scale`` is the checkpoint's) and implements ``run``."""
 
     _lock: threading.Lock
     _config: SegmenterConfig
@@ -146,7 +146,7 @@ class ConfiguredSegmenter:
     def admit(self, points: np.ndarray, intensity: np.ndarray | None = None) -> CloudInput:
         with self._lock:
             config = self._config
-        return admit_cloud(points, intensity, config, float(self.model.config.intensity_scale))
+        return admit_cloud(points, intensity, config, float(self.model.config.input.intensity_scale))
 
     def segment(self, points: np.ndarray, intensity: np.ndarray | None = None) -> Segmentation:
         """Panoptic segmentation of one cloud; arrays follow the input's points and order."""

@@ -62,7 +62,7 @@ def load_backbone(path: Path):
             payload = read_checkpoint(path)
         except CheckpointError:
             raise first from None
-        from sal_ros.model.sal import ModelConfig
+        from sal_ros.model.config import ModelConfig
 
         config = ModelConfig.from_dict(dict(payload["model_config"]))
         backbone = build_backbone(config)

@@ -2,12 +2,13 @@
 
 Layout (a plain dict, loadable with ``torch.load(weights_only=True)``, so no pickled code runs on load)::
 
-    {"format": "sal_ros.model", "format_version": 1,
-     "model_config": {...ModelConfig fields...}, "token_dim": int,
+    {"format": "sal_ros.model", "format_version": 2,
+     "model_config": {"backbone": str, "input": {...}, "minkunet": {...}, ...: ModelConfig.to_dict()}, "token_dim": int,
      "text_encoder": {"model": "ViT-B-16", "pretrained": str | None, "identity": str} | None,
      "model": state_dict, "extra": {...}, "torch_version": str}
 
-Writes are atomic (``sal_ros.core.files.atomic_write``): a reader never sees half a file.
+Version 1 stored the model config as one flat record (``sal_ros.model.config.FLAT_NAMES``); such files still load,
+into the same model: ``read_checkpoint`` migrates them. Writes are atomic (``sal_ros.core.files.atomic_write``): a reader never sees half a file.
 
 Loads check the file before any real module is built (``check_state``): the stored config could claim 20M queries
 in a 2 MB file, and building that model first costs gigabytes. The architecture is built on the meta device (no
@@ -25,7 +26,8 @@ from sal_ros.core.files import atomic_write
 from sal_ros.model.errors import CheckpointError, ModelError
 
 FORMAT = "sal_ros.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # 1: flat model config
 # The pickled part of a checkpoint (config, names, extra; tensors are stored beside it) is kilobytes; torch's
 # weights-only unpickler reads it in Python at ~1 s per 1.3 MB, so 5M class names would take 20 s just to read.
 MAX_PICKLE_BYTES = 16 << 20
@@ -41,12 +43,15 @@ def save_checkpoint(path: str | Path, model, config=None, text_encoder_identity:
     import torch
 
     path = Path(path)
+    from sal_ros.model.config import ModelConfig
+
     config = config if config is not None else model.config
+    config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model_config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-        "token_dim": int(config.token_dim if hasattr(config, "token_dim") else config["token_dim"]),
+        "model_config": config.to_dict(),
+        "token_dim": int(config.decoder.token_dim),
         "text_encoder": _encoder_record(text_encoder_identity),
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": _plain(dict(extra or {}), "extra"),
@@ -89,7 +94,8 @@ def _encoder_record(encoder: Any) -> dict | None:
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    """The checkpoint's dict, checked for format and version; CheckpointError otherwise."""
+    """The checkpoint's dict, checked for format and version, in the current version's layout; CheckpointError
+    otherwise."""
     import torch
 
     path = Path(path)
@@ -103,12 +109,23 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a sal_ros model checkpoint (no format '{FORMAT}')")
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS_VERSIONS:
         raise CheckpointError(f"{path}: checkpoint format version {version}, this sal_ros reads {FORMAT_VERSION}")
     for key in ("model_config", "model", "token_dim"):
         if key not in payload:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
-    return payload
+    return migrated(payload, path)
+
+
+def migrated(payload: dict, path) -> dict:
+    """A version-1 payload (or backbone file) in version 2's layout: the flat model config nested per section."""
+    from sal_ros.model.config import nested_settings
+
+    if payload.get("format_version") != 1:
+        return payload
+    if not isinstance(payload.get("model_config"), dict):
+        raise CheckpointError(f"{path}: the stored model config is not a mapping")
+    return {**payload, "format_version": 2, "model_config": nested_settings(payload["model_config"])}
 
 
 def _check_pickled_size(path: Path) -> None:
@@ -135,15 +152,17 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", model=None, tex
     """``(model, meta)``: a SALModel built from the stored config (or ``model``, filled in place), in eval mode
     when built here. ``meta`` holds the config, token_dim, text_encoder record and extra. With ``text_encoder``
     the token dimension is checked against its embeddings."""
-    from sal_ros.model.sal import ModelConfig, SALModel
+    from sal_ros.model.config import ModelConfig
+    from sal_ros.model.sal import SALModel
 
     payload = read_checkpoint(path, map_location)
     try:
-        config = ModelConfig.from_dict(dict(payload["model_config"]))
+        config = ModelConfig.from_dict(payload["model_config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: stored model config is not valid here: {exc}") from exc
-    if text_encoder is not None and config.token_dim != text_encoder.embed_dim:
-        raise CheckpointError(f"{path}: the model predicts {config.token_dim}-d tokens but text encoder "
+    token_dim = config.decoder.token_dim
+    if text_encoder is not None and token_dim != text_encoder.embed_dim:
+        raise CheckpointError(f"{path}: the model predicts {token_dim}-d tokens but text encoder "
                               f"{text_encoder.identity} embeds {text_encoder.embed_dim}-d; use the encoder it was "
                               f"trained with ({(payload.get('text_encoder') or {}).get('identity', 'not recorded')})")
     built = model is None
@@ -153,7 +172,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu", model=None, tex
     _load_state(model, payload["model"], path)
     if built:
         model.eval()
-    meta = {"model_config": config, "token_dim": config.token_dim, "text_encoder": payload.get("text_encoder"),
+    meta = {"model_config": config, "token_dim": token_dim, "text_encoder": payload.get("text_encoder"),
             "extra": payload.get("extra") or {}, "torch_version": payload.get("torch_version"), "path": str(path)}
     return model, meta
 

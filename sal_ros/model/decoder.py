@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.sparse import SparseTensor
 
 OBJECT = 0  # objectness logits are (object, no-object), as in Mask2Former's "last class is no-object"
@@ -173,23 +173,23 @@ class QueryDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig, feature_widths: dict[int, int]) -> None:
         super().__init__()
         self.cfg = cfg
-        d = cfg.hidden_dim
-        self.levels = cfg.attention_strides
-        self.query_feat = nn.Embedding(cfg.num_queries, d)
-        self.query_pos = nn.Embedding(cfg.num_queries, d)
+        d = cfg.decoder.hidden_dim
+        self.levels = cfg.decoder.attention_strides
+        self.query_feat = nn.Embedding(cfg.decoder.num_queries, d)
+        self.query_pos = nn.Embedding(cfg.decoder.num_queries, d)
         self.level_proj = nn.ModuleList(nn.Linear(feature_widths[s], d) for s in self.levels)
         self.level_embed = nn.Embedding(len(self.levels), d)
-        self.positions = FourierPositions(d, min_wavelength=2 * cfg.voxel_size)
-        self.mask_features = nn.Linear(feature_widths[1], cfg.mask_dim)
+        self.positions = FourierPositions(d, min_wavelength=2 * cfg.input.voxel_size)
+        self.mask_features = nn.Linear(feature_widths[1], cfg.decoder.mask_dim)
         # Position in the mask features: conv features are translation-equivariant, so two touching segments
         # that look alike (a road cut into pieces, parked cars in a row) need it to get different masks.
-        self.mask_positions = FourierPositions(cfg.mask_dim, min_wavelength=2 * cfg.voxel_size)
-        self.layers = nn.ModuleList(DecoderLayer(d, cfg.heads, cfg.ffn_dim, cfg.dropout)
-                                    for _ in range(cfg.decoder_rounds * len(self.levels)))
+        self.mask_positions = FourierPositions(cfg.decoder.mask_dim, min_wavelength=2 * cfg.input.voxel_size)
+        self.layers = nn.ModuleList(DecoderLayer(d, cfg.decoder.heads, cfg.decoder.ffn_dim, cfg.decoder.dropout)
+                                    for _ in range(cfg.decoder.rounds * len(self.levels)))
         self.out_norm = nn.LayerNorm(d)
-        self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
+        self.mask_embed = MLP(d, d, cfg.decoder.mask_dim, 3)
         self.objectness = nn.Linear(d, 2)
-        self.token_head = MLP(d, d, cfg.token_dim, 2)
+        self.token_head = MLP(d, d, cfg.decoder.token_dim, 2)
 
     def forward(self, feats: dict[int, SparseTensor], batch_size: int, all_layers: bool = True) -> list[LayerPrediction]:
         """Predictions before the first layer and after each layer (only the last one unless ``all_layers``)."""
@@ -197,7 +197,7 @@ class QueryDecoder(nn.Module):
         fine = feats[1]
         fine_split = batch_splits(fine, batch_size)
         # mask_features(fine.feats) + positions in one addmm, the linear's bias inside the positions' tables
-        positions = self.mask_positions.of_cells(fine.coords[:, 1:], 0.5, cfg.voxel_size, self.mask_features.bias,
+        positions = self.mask_positions.of_cells(fine.coords[:, 1:], 0.5, cfg.input.voxel_size, self.mask_features.bias,
                                                  _logit_dtype(fine.feats))
         mask_feats = _add_linear(positions, fine.feats, self.mask_features.weight).split(fine_split)
         levels = [self._level(i, feats[s], fine, batch_size) for i, s in enumerate(self.levels)]
@@ -213,8 +213,8 @@ class QueryDecoder(nn.Module):
             for b in range(batch_size):
                 allowed = self._allowed(pred.masks[b], parents[b], len(values[b]))
                 v, k = values[b], keys[b]
-                if self.training and cfg.max_keys and len(v) > cfg.max_keys:
-                    keep = torch.randperm(len(v), device=v.device)[: cfg.max_keys]
+                if self.training and cfg.training.max_keys and len(v) > cfg.training.max_keys:
+                    keep = torch.randperm(len(v), device=v.device)[: cfg.training.max_keys]
                     v, k, allowed = v[keep], k[keep], allowed[:, keep]
                     allowed = allowed | ~allowed.any(1, keepdim=True)
                 memory.append((v, k, allowed))
@@ -252,7 +252,7 @@ class QueryDecoder(nn.Module):
     def _level(self, index: int, x: SparseTensor, fine: SparseTensor, batch_size: int):
         """Per batch element: projected features, keys (features + position), parent row of each fine voxel."""
         values = self.level_proj[index](x.feats) + self.level_embed.weight[index]
-        positions = self.positions.of_cells(x.coords[:, 1:], x.stride / 2, self.cfg.voxel_size).to(values.dtype)
+        positions = self.positions.of_cells(x.coords[:, 1:], x.stride / 2, self.cfg.input.voxel_size).to(values.dtype)
         if torch.is_grad_enabled():
             keys = values + positions
         else:  # the attention casts both to autocast's dtype: sum straight into it (same bits, a pass less)

@@ -73,10 +73,7 @@ def cpu_bf16(config) -> bool:
     forced = _forced_bf16()
     if forced is not None:
         return forced
-    if getattr(config, "backbone", "minkunet") == "waffleiron":
-        width = int(getattr(config, "waffle_width", 0))
-    else:
-        width = max(config.widths)
+    width = config.waffleiron.width if config.backbone == "waffleiron" else max(config.minkunet.widths)
     return _detected_native_bf16() and width >= BF16_MIN_WIDTH
 
 

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from sal_ros.model.backbone import PRESETS, ModelConfig, build_backbone, count_parameters
+from sal_ros.model.backbone import build_backbone, count_parameters
+from sal_ros.model.config import PRESETS, ModelConfig
 from sal_ros.model.decoder import OBJECT, LayerPrediction, QueryDecoder
 from sal_ros.model.sparse import SparseTensor, voxelize
 
@@ -46,16 +47,16 @@ class SALModel(nn.Module):
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
         self.config = config or ModelConfig()
-        self.backbone = build_backbone(self.config)  # MinkUNet or WaffleIron (config.backbone)
+        self.backbone = build_backbone(self.config)  # the family config.backbone names
         self.decoder = QueryDecoder(self.config, self.backbone.out_widths)
 
     @property
     def token_dim(self) -> int:
-        return self.config.token_dim
+        return self.config.decoder.token_dim
 
     def point_features(self, points: Tensor, intensity: Tensor | None) -> Tensor:
         """(N, in_channels): xyz and range divided by ``coord_scale``, intensity by ``intensity_scale``."""
-        cfg = self.config
+        cfg = self.config.input
         if intensity is None:
             intensity = points.new_zeros(len(points))
         inten = torch.nan_to_num(intensity.to(points.dtype), nan=0.0, posinf=0.0, neginf=0.0) / cfg.intensity_scale
@@ -73,7 +74,7 @@ class SALModel(nn.Module):
         xyz = torch.cat([p.float() for p in points])
         feats = torch.cat([self.point_features(p.float(), i) for p, i in zip(points, intensity)])
         batch = torch.cat([torch.full((len(p),), b, dtype=torch.int64, device=xyz.device) for b, p in enumerate(points)])
-        voxels, p2v = voxelize(xyz, batch, self.config.voxel_size, feats)
+        voxels, p2v = voxelize(xyz, batch, self.config.input.voxel_size, feats)
         num_voxels = torch.bincount(voxels.coords[:, 0].long(), minlength=len(points)).tolist()
         offsets = [sum(num_voxels[:b]) for b in range(len(points))]
         per_cloud = [rows - off for rows, off in zip(p2v.split([len(p) for p in points]), offsets)]

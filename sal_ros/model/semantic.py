@@ -1,4 +1,4 @@
-"""Semantic student: a backbone (MinkUNet, or WaffleIron where ``ModelConfig.backbone`` names it) + a linear
+"""Semantic student: a backbone (the family ``ModelConfig.backbone`` names) + a linear
 per-voxel class head, trained by ``sal-ros train`` with ``objective: semantic`` on semantic pseudo-labels
 (the indoor ScaLR study) or labels (SAM2-AMML), and run by the node like the SAL model (``SemanticSegmenter``).
 
@@ -20,17 +20,12 @@ from torch import Tensor, nn
 
 from sal_ros.core.cloud_input import CloudInput, ConfiguredSegmenter, SegmenterConfig, spread_nearest
 from sal_ros.core.types import Segmentation
-from sal_ros.model import backbone as _backbone
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.backbone import build_backbone
 from sal_ros.model.checkpoint import CheckpointError, ModelError, _load_state, check_state, read_checkpoint
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.sal import SALModel
 
 log = logging.getLogger(__name__)
-
-
-def _build_backbone(config: ModelConfig) -> nn.Module:
-    build = getattr(_backbone, "build_backbone", None)  # MinkUNet or WaffleIron, where that family exists
-    return build(config) if build is not None else _backbone.MinkUNet(config)
 
 
 class SemanticModel(nn.Module):
@@ -46,12 +41,12 @@ class SemanticModel(nn.Module):
             raise ValueError("a semantic model needs class names")
         self.config = config
         self.class_names = tuple(str(c) for c in class_names)
-        self.backbone = _build_backbone(config)
+        self.backbone = build_backbone(config)
         self.head = nn.Linear(self.backbone.out_widths[1], len(self.class_names))
 
     @property
     def token_dim(self) -> int:
-        return self.config.token_dim
+        return self.config.decoder.token_dim
 
     def voxel_logits(self, vin) -> Tensor:
         return self.head(self.backbone(vin.voxels)[1].feats)

@@ -82,11 +82,11 @@ class NeighbourEmbedding(nn.Module):
 
     def __init__(self, cfg, hidden: int = 64) -> None:
         super().__init__()
-        cin = cfg.in_channels
-        self.scale = cfg.coord_scale / cfg.voxel_size  # input xyz (divided by coord_scale) -> voxel units
+        cin = cfg.input.in_channels
+        self.scale = cfg.input.coord_scale / cfg.input.voxel_size  # input xyz (divided by coord_scale) -> voxel units
         self.edge = nn.Sequential(nn.Linear(3 + cin, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True))
-        self.out = nn.Linear(hidden, cfg.waffle_width)
-        self.point = nn.Linear(cin, cfg.waffle_width)
+        self.out = nn.Linear(hidden, cfg.waffleiron.width)
+        self.point = nn.Linear(cin, cfg.waffleiron.width)
 
     def forward(self, x: SparseTensor) -> Tensor:
         i, j = neighbour_pairs(x.coords)
@@ -117,29 +117,31 @@ def neighbour_pairs(coords: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class WaffleIron(nn.Module):
-    """``forward(voxels) -> {1, 2, 4, 8, 16: SparseTensor}``; all levels have ``waffle_width`` channels."""
+    """``forward(voxels) -> {1, 2, 4, 8, 16: SparseTensor}``; all levels have ``waffleiron.width`` channels; its
+    settings are the config's ``waffleiron`` section."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
         self.cfg = cfg
-        width = cfg.waffle_width
+        net = cfg.waffleiron
+        width = net.width
         self.embed = NeighbourEmbedding(cfg)
-        self.spatial = nn.ModuleList(SpatialMix(width, cfg.waffle_layer_scale) for _ in range(cfg.waffle_depth))
-        self.channel = nn.ModuleList(ChannelMix(width, cfg.waffle_layer_scale) for _ in range(cfg.waffle_depth))
+        self.spatial = nn.ModuleList(SpatialMix(width, net.layer_scale) for _ in range(net.depth))
+        self.channel = nn.ModuleList(ChannelMix(width, net.layer_scale) for _ in range(net.depth))
         self.out_norm = nn.BatchNorm1d(width)
         self.out_widths = {s: width for s in (16, 8, 4, 2, 1)}
 
     def forward(self, x: SparseTensor) -> dict[int, SparseTensor]:
         cfg = self.cfg
         batch = x.coords[:, 0].long()
-        centres = (x.coords[:, 1:].float() + 0.5) * cfg.voxel_size
-        geo = GridGeometry(centres, batch, x.batch_size, cfg.waffle_cell, tuple(cfg.waffle_extent))
+        centres = (x.coords[:, 1:].float() + 0.5) * cfg.input.voxel_size
+        geo = GridGeometry(centres, batch, x.batch_size, cfg.waffleiron.cell, cfg.waffleiron.extent)
         feats = self.embed(x)
         for i, (spatial, channel) in enumerate(zip(self.spatial, self.channel)):
             feats = channel(spatial(feats, geo, AXES[i % 3]))
         fine = x.replace_feats(self.out_norm(feats))
         out = {1: fine}
-        for stride in sorted(set(cfg.attention_strides) - {1}):
+        for stride in sorted(set(cfg.decoder.attention_strides) - {1}):
             out[stride] = pool_to_stride(fine, stride)
         return out
 

@@ -27,7 +27,8 @@ from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError,
                                    apply_gradients, batch_indices, config_diff, distributed, fit_steps, init_distributed,
                                    load_train_state, optimizer_and_schedule, read_metrics, resolve_device, state_file)
 from sal_ros.eval.report import atomic_savefig
-from sal_ros.model.backbone import ModelConfig, build_backbone
+from sal_ros.model.backbone import build_backbone
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.checkpoint import CheckpointError
 from sal_ros.model.pretrained import read_backbone, save_backbone
 from sal_ros.model.sal import SALModel
@@ -96,7 +97,7 @@ class PretrainConfig:
     def model_config(self):
         cfg = dict(self.model or {})
         preset = cfg.pop("preset", None)
-        return ModelConfig.preset(preset, **cfg) if preset else ModelConfig(**cfg)
+        return ModelConfig.preset(preset, **cfg)
 
 
 # ---------------------------------------------------------------------------------------------- model

@@ -358,7 +358,7 @@ def check_checkpoint(values: dict[str, Any]) -> Check:
         return Check("checkpoint", FAIL, str(exc), "the node cannot start with it: point at a sal_ros checkpoint")
     trained = (meta.get("text_encoder") or {}).get("identity")
     wanted = encoder_identity(values["text_encoder.model"], values["text_encoder.pretrained"] or None)
-    detail = f"{path}: {meta['model_config'].num_queries} queries, {meta['token_dim']}-d tokens, trained with text " \
+    detail = f"{path}: {meta['model_config'].decoder.num_queries} queries, {meta['token_dim']}-d tokens, trained with text " \
              f"encoder {trained or 'not recorded'}"
     if trained and trained != wanted:
         return Check("checkpoint", WARN, detail + f"; the params give {wanted}",

@@ -35,7 +35,7 @@ from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 from sal_ros.data.pseudolabels import load_semantic
 from sal_ros.data.sources import iter_source_frames
 from sal_ros.eval.semantic import ConfusionMatrix
-from sal_ros.model.backbone import ModelConfig
+from sal_ros.model.config import ModelConfig
 from sal_ros.model.semantic import SemanticModel
 from sal_ros.train.augment import augment
 from sal_ros.train.trainer import Trainer, all_reduce_sum, apply_gradients, batch_indices
@@ -196,7 +196,7 @@ def build_trainer(cfg, base: Path, progress: bool = True) -> SemanticTrainer:
     cfg.semantic = {**s, "class_names": list(names)}
     model_cfg = dict(cfg.model or {})
     preset = model_cfg.pop("preset", None)
-    config = ModelConfig.preset(preset, **model_cfg) if preset else ModelConfig(**model_cfg)
+    config = ModelConfig.preset(preset, **model_cfg)
     torch.manual_seed(cfg.seed)
     return SemanticTrainer(cfg, SemanticDataset(scans, cfg.data, cfg.seed), progress=progress,
                            model=SemanticModel(config, names))

@@ -248,9 +248,9 @@ def build_model(model_cfg: dict, token_dim: int | None = None):
     cfg = dict(model_cfg or {})
     preset = cfg.pop("preset", None)
     pretrained = cfg.pop("pretrained_backbone", None)
-    config = ModelConfig.preset(preset, **cfg) if preset else ModelConfig(**cfg)
-    if token_dim is not None and config.token_dim != token_dim:
-        raise ValueError(f"model token_dim {config.token_dim} but pseudo-label tokens have {token_dim} dims; "
+    config = ModelConfig.preset(preset, **cfg)
+    if token_dim is not None and config.decoder.token_dim != token_dim:
+        raise ValueError(f"model token_dim {config.decoder.token_dim} but pseudo-label tokens have {token_dim} dims; "
                          f"set model.token_dim or use the text encoder the pseudo-labels were made with")
     model = SALModel(config)
     if pretrained:  # a `sal-ros pretrain` backbone (ScaLR / Seal); the decoder starts from scratch

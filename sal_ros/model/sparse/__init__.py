@@ -30,7 +30,9 @@ forward pass and transposed convs reuse the maps of their strided twins.
 
 The package, by concern: ``tensor`` (SparseTensor, SparseCache, Workspace), ``hashing`` (coordinate keys, radix
 sort, kernel offsets), ``maps`` (kernel maps, downsampling), ``kernels`` (gather-matmul-scatter, the fused
-inference conv), ``conv`` (Conv3d), ``torchsparse_backend``, ``voxelization`` (voxelize).
+inference conv), ``conv`` (Conv3d), ``layers`` (BatchNorm, ReLU, conv-norm-ReLU, residual blocks), ``fused`` (those
+layers at inference: norms folded into the convs, epilogues on the kernels' accumulators), ``torchsparse_backend``,
+``voxelization`` (voxelize).
 """
 import warnings
 
