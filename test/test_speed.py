@@ -217,7 +217,7 @@ def test_bench_spconv_reference_is_optional_and_says_why(scan, tmp_path):
     """spconv is a measurement reference only: without it in the given folder the bench says so and goes on."""
     import sys
 
-    from sal_ros.bench.model import bench_spconv
+    from sal_ros.bench.sparse_conv import bench_spconv
 
     before = list(sys.path)
     try:

@@ -3,24 +3,19 @@ family's settings are the config's section of the same name) and returns ``{stri
 ``out_widths``. Adding a family = a module, a config section and one ``register`` line here."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from sal_ros.core.registry import Registry
 from sal_ros.model.minkunet import MinkUNet
 from sal_ros.model.waffleiron import WaffleIron
 
-if TYPE_CHECKING:
-    from sal_ros.model.config import ModelConfig
-
 BACKBONES: Registry = Registry("backbone")  # each takes the ModelConfig
 BACKBONES.register("minkunet", MinkUNet)
 BACKBONES.register("waffleiron", WaffleIron)
 
 
-def build_backbone(cfg: "ModelConfig") -> nn.Module:
-    """The backbone family ``cfg.backbone`` names."""
+def build_backbone(cfg) -> nn.Module:
+    """The backbone family ``cfg.backbone`` (a ModelConfig) names."""
     return BACKBONES.lookup(cfg.backbone)(cfg)
 
 

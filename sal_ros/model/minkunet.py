@@ -7,16 +7,11 @@ decoder can cross-attend to several scales and predict masks on the stride-1 fea
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from sal_ros.model.sparse import SparseTensor, cat_feats, fused
 from sal_ros.model.sparse.layers import conv_bn_relu, residual_blocks
-
-if TYPE_CHECKING:
-    from sal_ros.model.config import ModelConfig
 
 
 class MinkUNet(nn.Module):
@@ -29,7 +24,7 @@ class MinkUNet(nn.Module):
     training). Off, the modules run one by one on searched maps (the reference path of ``sal-ros bench model``),
     as when training."""
 
-    def __init__(self, cfg: "ModelConfig") -> None:
+    def __init__(self, cfg) -> None:  # a ModelConfig (model/config.py imports the registry, so not this module)
         super().__init__()
         net = cfg.minkunet
         self.fused_inference = True
