@@ -144,3 +144,25 @@ def test_segmenter_on_the_real_scan_is_the_per_point_fusion_of_its_model():
     out = segmenter.segment(bad, intensity)
     assert (out.label[[3, 50_000]] == 0).all() and out.dropped_points["nonfinite"] == 2
     assert out.label[kept].dtype == np.uint16 and out.instance.dtype == np.uint32 and out.score.dtype == np.float32
+
+
+def test_one_cloud_is_prepared_as_the_first_of_a_batch():
+    """A single cloud (inference: no concatenation, no batch column) gets the voxels, features and point map it
+    gets as the first cloud of a batch, and its point features are the columns' definition."""
+    scan = np.fromfile(require_data("semantickitti", "sequences", "00", "velodyne", "000000.bin"),
+                       np.float32).reshape(-1, 4)[::4]
+    points, intensity = torch.from_numpy(scan[:, :3].copy()), torch.from_numpy(scan[:, 3].copy())
+    intensity[7] = float("nan")
+    for in_channels in (4, 5):
+        model = SALModel(ModelConfig.preset("realtime", in_channels=in_channels)).eval()
+        cfg = model.config
+        columns = [points / cfg.coord_scale, (torch.nan_to_num(intensity) / cfg.intensity_scale)[:, None]]
+        columns += [points.norm(dim=1, keepdim=True) / cfg.coord_scale] if in_channels == 5 else []
+        assert torch.equal(model.point_features(points, intensity), torch.cat(columns, 1))
+        one = model.prepare(points, intensity)
+        batch = model.prepare([points, points[:5000] + 100.0], [intensity, intensity[:5000]])
+        n = one.num_voxels[0]
+        assert one.num_voxels == batch.num_voxels[:1] and one.batch_size == 1
+        assert torch.equal(one.voxels.coords, batch.voxels.coords[:n])
+        assert torch.equal(one.voxels.feats, batch.voxels.feats[:n])
+        assert torch.equal(one.point_to_voxel[0], batch.point_to_voxel[0])
