@@ -57,6 +57,9 @@ def test_a_format_1_checkpoint_loads_into_the_same_model(tmp_path, model, scan):
     assert saved["format_version"] == 2 and set(saved["model_config"]) == {"backbone", *SECTIONS}
     assert saved["model_config"]["decoder"]["num_queries"] == 32 and "num_queries" not in saved["model_config"]
     assert load_checkpoint(tmp_path / "new.pt")[1]["model_config"] == PRESETS["tiny"]
+    torch.save({**old, "model_config": {**FLAT_TINY, "decoder": {"num_queries": 8}}}, tmp_path / "twice.pt")
+    with pytest.raises(CheckpointError, match="decoder.num_queries given twice"):
+        load_checkpoint(tmp_path / "twice.pt")
 
 
 def test_a_format_1_backbone_file_fits_the_models_it_fitted(tmp_path, model):

@@ -123,9 +123,11 @@ def migrated(payload: dict, path) -> dict:
 
     if payload.get("format_version") != 1:
         return payload
-    if not isinstance(payload.get("model_config"), dict):
-        raise CheckpointError(f"{path}: the stored model config is not a mapping")
-    return {**payload, "format_version": 2, "model_config": nested_settings(payload["model_config"])}
+    try:
+        config = nested_settings(payload.get("model_config"))
+    except ValueError as exc:  # not a mapping; a setting given twice
+        raise CheckpointError(f"{path}: stored model config is not valid here: {exc}") from exc
+    return {**payload, "format_version": 2, "model_config": config}
 
 
 def _check_pickled_size(path: Path) -> None:

@@ -151,11 +151,8 @@ class ModelConfig:
     def with_settings(self, settings: Mapping[str, Any]) -> "ModelConfig":
         """This config with ``settings`` applied: ``backbone``, sections as mappings of some of their fields (or
         section values), and flat names (``FLAT_NAMES``). ValueError names unknown settings or one given twice."""
-        if not isinstance(settings, Mapping):
-            raise ValueError(f"model settings must be a mapping, got {type(settings).__name__}")
-        known_settings(ModelConfig, {k: v for k, v in settings.items() if k not in FLAT_NAMES}, "model",
-                       tuple(FLAT_NAMES))
         changes = nested_settings(settings)
+        known_settings(ModelConfig, changes, "model", tuple(FLAT_NAMES))
         for name, cls in SECTIONS.items():
             if name in changes:
                 changes[name] = replace(getattr(self, name), **known_settings(cls, changes[name], f"model {name}"))
@@ -174,7 +171,9 @@ class ModelConfig:
 
 def nested_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` in the nested layout: flat names (``FLAT_NAMES``) moved into their sections, section values as
-    mappings. ValueError for a section that is not a mapping and for a setting given twice."""
+    mappings. ValueError for settings or a section that are not a mapping and for a setting given twice."""
+    if not isinstance(settings, Mapping):
+        raise ValueError(f"model settings must be a mapping, got {type(settings).__name__}")
     out: dict[str, Any] = {}
     given: dict[tuple[str, str], str] = {}  # (section, field) -> how the settings spell it
 
