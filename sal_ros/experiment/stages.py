@@ -160,7 +160,8 @@ def self_train(cfg: ExperimentConfig, train_cfg: dict, info: dict, progress: boo
 def untrained(cfg: ExperimentConfig) -> dict:
     """The recipe's model at initialisation (its seed), saved as a checkpoint: the floor every model must beat."""
     from sal_ros.model.vocabulary import TextEncoder
-    from sal_ros.train.trainer import TrainConfig, build_model, save_model, seed_everything
+    from sal_ros.train.loop import seed_everything
+    from sal_ros.train.trainer import TrainConfig, build_model, save_model
 
     d = train_config(cfg, [])
     out = cfg.out_dir / "train" / f"untrained-{config_hash([d['model'], d['seed'], d.get('text_encoder')])}"

@@ -38,7 +38,8 @@ from sal_ros.eval.semantic import ConfusionMatrix
 from sal_ros.model.backbone import ModelConfig
 from sal_ros.model.semantic import SemanticModel
 from sal_ros.train.augment import augment
-from sal_ros.train.trainer import Trainer, all_reduce_sum, apply_gradients, batch_indices
+from sal_ros.train.loop import all_reduce_sum, apply_gradients, batch_indices
+from sal_ros.train.trainer import Trainer
 
 SEMANTIC_DEFAULTS = {"class_names": None, "consistency": 0.0, "min_mask_points": 2}
 
