@@ -69,7 +69,7 @@ def pseudolabel_quality(cfg: ExperimentConfig, teacher: Teacher, select: str, pr
     from sal_ros.data.labels import get_label_set
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
     from sal_ros.data.sources import iter_source_frames
-    from sal_ros.pseudolabel.evaluate import PseudoLabelScore, scored_points
+    from sal_ros.eval.pseudolabels import PseudoLabelScore, scored_points
 
     folder = pseudolabel_dir(cfg, teacher)
     path = cfg.out_dir / "quality" / f"{folder.name}-{config_hash([select, cfg.label_set])}.json"
