@@ -3,15 +3,13 @@ the points that had no training label (``sal-ros eval semantic``, whose command 
 rebuilds the training scans): mIoU per split, the summary line, per_class.png and the report."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sal_ros.core.files import atomic_write
 from sal_ros.data.labels import vocabulary_lut
-from sal_ros.eval.report import atomic_savefig
+from sal_ros.eval.report import atomic_savefig, write_result
 from sal_ros.eval.semantic import ConfusionMatrix
 
 
@@ -80,8 +78,5 @@ def report(result: dict, out: Path | None) -> int:
     line = summary_line(result)
     print(line)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "metrics.json", json.dumps(result, indent=1, default=float))
-        atomic_write(out / "report.md", f"# Semantic evaluation\n\n{line}\n")
-        plot(result, out / "per_class.png")
+        write_result(out, result, "report.md", f"# Semantic evaluation\n\n{line}\n", "per_class.png", plot)
     return 0

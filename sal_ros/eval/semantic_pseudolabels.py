@@ -9,17 +9,15 @@ itself is sal_ros.pseudolabel.semantic_eval's.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from sal_ros.core.files import atomic_write
 from sal_ros.data.labels import vocabulary_lut
 from sal_ros.data.pseudolabels import load_semantic, pseudolabel_path
 from sal_ros.data.sources import FrameSource
-from sal_ros.eval.report import atomic_savefig
+from sal_ros.eval.report import atomic_savefig, write_result
 from sal_ros.eval.semantic import ConfusionMatrix
 
 
@@ -141,8 +139,5 @@ def report(result: dict, out: Path | None) -> int:
     table = markdown(result)
     print(table)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "metrics.json", json.dumps(result, indent=1, default=float))
-        atomic_write(out / "table.md", table + "\n")
-        plot(result, out / "semantic_pseudolabels.png")
+        write_result(out, result, "table.md", table + "\n", "semantic_pseudolabels.png", plot)
     return 0
