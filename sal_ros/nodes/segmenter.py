@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 from sal_ros.core.cloud_input import MAX_COORDINATE, SegmenterConfig
-from sal_ros.core.errors import SensorDataError
 from sal_ros.nodes.messages import rclpy_types
 from sal_ros.core.pointcloud2 import CloudEncoder
 from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
@@ -338,14 +337,9 @@ class SegmenterNode(SensorNode):
             self.get_logger().info("frames arrive but nothing subscribes to the outputs: the model runs once "
                                    "something does (RViz, ros2 topic echo ~/labeled_points)", **throttled(30.0))
             return
-        try:
-            decoded = self.inputs.decode(synced, with_cameras=bool(wanted["overlays"]))
-        except SensorDataError as exc:
-            self.stats.count("error.malformed_cloud")
-            self.health.error("malformed_cloud")
-            self.get_logger().warning(f"dropped a malformed cloud: {exc}", **throttled())
+        decoded = self.decode(synced, with_cameras=bool(wanted["overlays"]))
+        if decoded is None:
             return
-        self.health.left_out(list(decoded.problems))
         frame = decoded.frame
         t1 = time.perf_counter()
         seg = self.segment_frame(frame)
