@@ -12,7 +12,9 @@ import pytest
 
 from conftest import REPO, require_rclpy, save_tiny_checkpoint
 
-from sal_ros.tools import doctor as D  # noqa: E402
+from sal_ros.tools.doctor import machine  # noqa: E402
+from sal_ros.tools.doctor.params_file import params_checks  # noqa: E402
+from sal_ros.tools.doctor.report import EXIT  # noqa: E402
 
 SHIPPED = REPO / "config" / "fastdds.xml"
 
@@ -33,35 +35,35 @@ def verdicts(checks):
 
 
 def test_socket_buffers_below_the_profile_warn(tmp_path):
-    transports = D.read_profile(SHIPPED)
-    low = verdicts(D.check_socket_buffers(fake_root(tmp_path / "a", rmem=212992, wmem=212992), transports))
+    transports = machine.read_profile(SHIPPED)
+    low = verdicts(machine.check_socket_buffers(fake_root(tmp_path / "a", rmem=212992, wmem=212992), transports))
     assert low == {"net.core.rmem_max": "warn", "net.core.wmem_max": "warn"}
-    good = verdicts(D.check_socket_buffers(fake_root(tmp_path / "b", rmem=8388608, wmem=4194304), transports))
+    good = verdicts(machine.check_socket_buffers(fake_root(tmp_path / "b", rmem=8388608, wmem=4194304), transports))
     assert good == {"net.core.rmem_max": "ok", "net.core.wmem_max": "ok"}
-    advice = D.check_socket_buffers(fake_root(tmp_path / "c", rmem=212992), transports)[0].advice
+    advice = machine.check_socket_buffers(fake_root(tmp_path / "c", rmem=212992), transports)[0].advice
     assert "sysctl -w net.core.rmem_max=4194304" in advice
 
 
 def test_ip_fragment_settings_matter_between_hosts_only(tmp_path):
-    remote = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET"}
-    stock = verdicts(D.check_ipfrag(fake_root(tmp_path / "a", high=4194304, ttl=30), remote, D.CLOUD_BYTES))
+    remote, cloud = {"ROS_AUTOMATIC_DISCOVERY_RANGE": "SUBNET"}, machine.CLOUD_BYTES
+    stock = verdicts(machine.check_ipfrag(fake_root(tmp_path / "a", high=4194304, ttl=30), remote, cloud))
     assert stock == {"net.ipv4.ipfrag_high_thresh": "warn", "net.ipv4.ipfrag_time": "warn"}
-    tuned = verdicts(D.check_ipfrag(fake_root(tmp_path / "b", high=134217728, ttl=3), remote, D.CLOUD_BYTES))
+    tuned = verdicts(machine.check_ipfrag(fake_root(tmp_path / "b", high=134217728, ttl=3), remote, cloud))
     assert tuned == {"net.ipv4.ipfrag_high_thresh": "ok", "net.ipv4.ipfrag_time": "ok"}
-    local = D.check_ipfrag(fake_root(tmp_path / "c", high=4194304, ttl=30), {"ROS_AUTOMATIC_DISCOVERY_RANGE":
-                                                                             "LOCALHOST"}, D.CLOUD_BYTES)
+    local = machine.check_ipfrag(fake_root(tmp_path / "c", high=4194304, ttl=30),
+                                 {"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}, cloud)
     assert [c.verdict for c in local] == ["info"] and "4194304" in local[0].detail
 
 
 def test_shared_memory_missing_small_or_enough(tmp_path):
-    assert D.check_shm(fake_root(tmp_path / "a", shm=False) / "dev" / "shm", None).verdict == "fail"
+    assert machine.check_shm(fake_root(tmp_path / "a", shm=False) / "dev" / "shm", None).verdict == "fail"
     shm = fake_root(tmp_path / "b") / "dev" / "shm"
     (shm / "fastdds_0123").write_bytes(b"")
-    ok = D.check_shm(shm, D.read_profile(SHIPPED))
+    ok = machine.check_shm(shm, machine.read_profile(SHIPPED))
     assert ok.verdict == "ok" and "1 Fast DDS segment(s)" in ok.detail
     # a segment larger than the filesystem holding it: the verdict turns
     huge = {"shm": {"segment_size": os.statvfs(shm).f_blocks * os.statvfs(shm).f_frsize, "max_message_size": None}}
-    assert D.check_shm(shm, huge).verdict == "warn"
+    assert machine.check_shm(shm, huge).verdict == "warn"
 
 
 def test_profile_checks(tmp_path):
@@ -71,8 +73,8 @@ def test_profile_checks(tmp_path):
         e = {**env, **(extra or {})}
         if path is not None:
             e["FASTDDS_DEFAULT_PROFILES_FILE"] = str(path)
-        p = D.profile_file(e)
-        return D.check_profile(e, p, D.read_profile(p) if p and p.is_file() else None, D.CLOUD_BYTES)
+        p = machine.profile_file(e)
+        return machine.check_profile(e, p, machine.read_profile(p) if p and p.is_file() else None, machine.CLOUD_BYTES)
 
     assert check(None).verdict == "warn"  # stock Fast DDS
     assert check(tmp_path / "missing.xml").verdict == "fail"
@@ -86,15 +88,15 @@ def test_profile_checks(tmp_path):
     whole.write_text(SHIPPED.read_text().replace("<maxMessageSize>1048576</maxMessageSize>", "")
                      .replace("33554432", "4194304"))
     assert check(whole).verdict == "warn"
-    transports = D.read_profile(SHIPPED)
+    transports = machine.read_profile(SHIPPED)
     assert transports["shm"] == {"segment_size": 33554432, "max_message_size": 1048576}
     assert transports["udp"]["whitelist"] == ["127.0.0.1"] and transports["builtin"] is False
 
 
 def test_rmw_check():
-    assert D.check_rmw({}).verdict == "ok"
-    assert D.check_rmw({"RMW_IMPLEMENTATION": "rmw_fastrtps_cpp"}).verdict == "ok"
-    assert D.check_rmw({"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"}).verdict == "warn"
+    assert machine.check_rmw({}).verdict == "ok"
+    assert machine.check_rmw({"RMW_IMPLEMENTATION": "rmw_fastrtps_cpp"}).verdict == "ok"
+    assert machine.check_rmw({"RMW_IMPLEMENTATION": "rmw_cyclonedds_cpp"}).verdict == "warn"
 
 
 def test_other_participants_on_the_domain_warn():
@@ -103,14 +105,14 @@ def test_other_participants_on_the_domain_warn():
     claim = claim_free_ros_domain()
     try:
         env = {"ROS_DOMAIN_ID": str(claim.domain_id), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST"}
-        assert D.check_domain(env).verdict == "ok"
+        assert machine.check_domain(env).verdict == "ok"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as participant:  # what a participant binds
             participant.bind(("127.0.0.1", 7410 + 250 * claim.domain_id))
-            busy = D.check_domain(env)
+            busy = machine.check_domain(env)
         assert busy.verdict == "warn" and "1 participant(s)" in busy.detail
     finally:
         claim.release()
-    assert D.check_domain({"ROS_DOMAIN_ID": "abc"}).verdict == "fail"
+    assert machine.check_domain({"ROS_DOMAIN_ID": "abc"}).verdict == "fail"
 
 
 def write_params(path, **values):
@@ -126,21 +128,21 @@ def test_params_file_checkpoint_vocabulary_and_calibration(tmp_path):
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
     good = write_params(tmp_path / "good.yaml", **{"model.checkpoint": str(ckpt), "text_encoder.model": TINY_TEXT_ENCODER,
                                                    "prompts": ["car", "road"]})
-    _, checks = D.params_checks(good)
+    _, checks = params_checks(good)
     assert verdicts(checks) == {"params file": "ok", "checkpoint": "ok", "vocabulary": "ok", "cameras": "ok"}
     # the checkpoint was trained with another text encoder than the params give
     other = write_params(tmp_path / "other.yaml", **{"model.checkpoint": str(ckpt)})
-    assert verdicts(D.params_checks(other)[1])["checkpoint"] == "warn"
+    assert verdicts(params_checks(other)[1])["checkpoint"] == "warn"
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(ckpt.read_bytes()[:1000])
     broken = write_params(tmp_path / "broken.yaml", **{"model.checkpoint": str(corrupt),
                                                        "vocabulary_file": str(tmp_path / "none.yaml"),
                                                        "cameras": ["cam0"], "calibration.source": "static",
                                                        "calibration.file": str(tmp_path / "none.yaml")})
-    assert verdicts(D.params_checks(broken)[1]) == {"params file": "ok", "checkpoint": "fail", "vocabulary": "fail",
+    assert verdicts(params_checks(broken)[1]) == {"params file": "ok", "checkpoint": "fail", "vocabulary": "fail",
                                                     "cameras": "fail"}
     typo = write_params(tmp_path / "typo.yaml", **{"prompt": ["car"]})
-    assert verdicts(D.params_checks(typo)[1])["params file"] == "warn"
+    assert verdicts(params_checks(typo)[1])["params file"] == "warn"
 
 
 def doctor(*args, env=None, timeout=300):
@@ -155,7 +157,7 @@ def test_cli_exit_codes_and_json(tmp_path):
     result = json.loads(tuned.stdout)
     by_name = {c["name"]: c for c in result["checks"]}
     assert by_name["net.core.rmem_max"]["verdict"] == "ok" and by_name["fastdds profile"]["verdict"] == "ok"
-    assert tuned.returncode == result["exit_code"] == max(D.EXIT[c["verdict"]] for c in result["checks"])
+    assert tuned.returncode == result["exit_code"] == max(EXIT[c["verdict"]] for c in result["checks"])
     low = doctor("--root", str(fake_root(tmp_path / "b", rmem=212992)), env=env)
     assert low.returncode >= 1 and "[WARN] net.core.rmem_max" in low.stdout and "sysctl -w" in low.stdout
     no_shm = doctor("--root", str(fake_root(tmp_path / "c", shm=False)), env=env)

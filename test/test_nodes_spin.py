@@ -111,3 +111,54 @@ def test_spin_until_shutdown_raises_when_the_context_is_still_up():
     finally:
         executor.shutdown()
         rclpy.try_shutdown(context=context)
+
+
+HANGING_TEARDOWN = """
+import sys, time
+import rclpy
+from rclpy.node import Node
+from rclpy.signals import SignalHandlerOptions
+from sal_ros.tools.run import start_and_spin
+
+class HangsOnDestroy(Node):
+    def __init__(self):
+        super().__init__("sal_hangs_on_destroy")
+        self.create_timer(0.2, lambda: print("spinning", flush=True))
+
+    def destroy_node(self):
+        print("destroying", flush=True)
+        time.sleep(3600)  # a teardown step that never returns (the CI saw a recorder ignore SIGINT for 5 s)
+
+rclpy.init(signal_handler_options=SignalHandlerOptions.NO)
+start_and_spin(lambda: [HangsOnDestroy()], "sal_hang_test", teardown_deadline_s=float(sys.argv[1]))
+"""
+
+
+def test_a_teardown_step_that_hangs_cannot_keep_the_process_past_its_deadline(tmp_path):
+    """Ctrl-C ends the node process with 0 even when a teardown step never returns, and the log says where it
+    was stuck: without the deadline this process would wait for SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, wait_until
+
+    require_rclpy()
+    log = tmp_path / "log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", HANGING_TEARDOWN, "1.0"], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO)
+    try:
+        wait_until(lambda: "spinning" in log.read_text(), "the node spinning", progress=lambda: log.stat().st_size,
+                   check=lambda: proc.poll() is None or pytest.fail(log.read_text()))
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: proc.poll() is not None, "the process to end after SIGINT",
+                   progress=lambda: log.stat().st_size, stall_s=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "destroying" in text and "teardown not done 1 s after the shutdown signal, stuck in" in text, text
+    assert "destroy_node" in text.split("stuck in", 1)[1], text  # names the step it was stuck in

@@ -6,6 +6,7 @@ import pytest
 
 import open_clip
 import torch
+from PIL import Image
 
 from sal_ros.model.checkpoint import ModelError
 from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
@@ -32,6 +33,36 @@ def image():
     return rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
 
 
+def clip_pixels(image):
+    """The image as open_clip's own eval preprocessing gives it to the model (64 px in, 64 px out: no resize)."""
+    return open_clip.image_transform(64, is_train=False)(Image.fromarray(image))[None]
+
+
+def clip_image_embedding(model, image):
+    """CLIP's unit-norm image embedding by open_clip alone: the reference for a mask over the whole image."""
+    with torch.inference_mode():
+        ref = model.encode_image(clip_pixels(image))[0].numpy()
+    return ref / np.linalg.norm(ref)
+
+
+def maskclip_patch_features(model, image):
+    """MaskCLIP's dense features from the definition (Zhou et al., ECCV 2022): the input of the last ViT block as
+    open_clip's own forward computes it, then only that block's value path: ln_1, the value part of the packed
+    in-projection, the output projection, ln_post and proj. (P, D), [CLS] left out."""
+    blocks = model.visual.transformer.resblocks
+    seen = []
+    hook = blocks[-1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.inference_mode():
+            model.encode_image(clip_pixels(image))
+            attn, x = blocks[-1].attn, seen[0]
+            d = x.shape[-1]
+            v = torch.nn.functional.linear(blocks[-1].ln_1(x), attn.in_proj_weight[2 * d:], attn.in_proj_bias[2 * d:])
+            return (model.visual.ln_post(attn.out_proj(v)) @ model.visual.proj)[0, 1:].numpy()
+    finally:
+        hook.remove()
+
+
 def _masks(h, w):
     full = np.ones((h, w), bool)
     left = np.zeros((h, w), bool)
@@ -48,10 +79,7 @@ def test_mask_attention_full_mask_equals_clip_image_embedding(model, image):
     enc = ClipTokenEncoder(TINY, model=model, method="mask_attention")
     tokens = enc.encode(image, _masks(64, 64))
     assert tokens.shape == (5, 32) and tokens.dtype == np.float32
-    with torch.inference_mode():
-        ref = model.encode_image(enc._pixels(image, (64, 64)))[0].numpy()
-    ref /= np.linalg.norm(ref)
-    np.testing.assert_allclose(tokens[0], ref, atol=1e-5)
+    np.testing.assert_allclose(tokens[0], clip_image_embedding(model, image), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(tokens[:4], axis=1), 1, atol=1e-5)
     assert np.all(tokens[4] == 0)  # empty mask -> zero token
     assert np.abs(tokens[1] - tokens[0]).max() > 1e-3  # other masks see other patches
@@ -63,20 +91,16 @@ def test_mask_attention_full_mask_equals_clip_image_embedding(model, image):
 def test_mask_attention_last_layers_only(model, image):
     enc = ClipTokenEncoder(TINY, model=model, method="mask_attention", mask_layers=1)
     tokens = enc.encode(image, _masks(64, 64))
-    with torch.inference_mode():
-        ref = model.encode_image(enc._pixels(image, (64, 64)))[0].numpy()
-    np.testing.assert_allclose(tokens[0], ref / np.linalg.norm(ref), atol=1e-5)
+    np.testing.assert_allclose(tokens[0], clip_image_embedding(model, image), atol=1e-5)
 
 
 def test_dense_single_patch_mask_equals_patch_feature(model, image):
     enc = ClipTokenEncoder(TINY, model=model, method="dense")
     tokens = enc.encode(image, _masks(64, 64))
-    with torch.inference_mode():
-        x = enc._embeds(image, (4, 4))
-        for blk in list(model.visual.transformer.resblocks)[:-1]:
-            x = blk(x)
-        feats = enc._value_path(model.visual.transformer.resblocks[-1], x)[0, 1:].numpy()
+    feats = maskclip_patch_features(model, image)  # the corner mask is exactly the first patch
     np.testing.assert_allclose(tokens[2], feats[0] / np.linalg.norm(feats[0]), atol=1e-5)
+    left = feats.reshape(4, 4, -1)[:, :2].mean((0, 1))  # the left half: its 8 patches, each fully covered
+    np.testing.assert_allclose(tokens[1], left / np.linalg.norm(left), atol=1e-5)
 
 
 def test_wide_image_keeps_aspect_and_crops_work(model):

@@ -6,8 +6,16 @@
   it and shows ours right.
 - message_filters' ApproximateTimeSynchronizer beside our lidar-anchored synchronizer on one message sequence
   (per-camera offsets, a missing camera image, a stray image): the numbers of docs/ros.md.
-- tf_transformations for the quaternion and matrix helpers of sal_ros.core.transforms."""
+- tf_transformations for the quaternion and matrix helpers of sal_ros.core.transforms.
+
+These three come from the ROS 2 tooling bundle (apt on a robot; built from ../shared/ros2 by `make setup` here), so
+they are imported per test: without one, the tests that use it fail and the rest of the suite still runs (an import
+at module level stops the collection of every test file)."""
 from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +23,7 @@ import pytest
 from conftest import require_data, require_rclpy
 
 rclpy = require_rclpy()
-import message_filters  # noqa: E402
-import tf_transformations  # noqa: E402
 from sensor_msgs.msg import Image, PointCloud2, PointField  # noqa: E402
-from sensor_msgs_py import point_cloud2 as smp  # noqa: E402
 
 from sal_ros.core.msgtypes import make_header  # noqa: E402
 from sal_ros.nodes.messages import rclpy_types  # noqa: E402
@@ -28,6 +33,45 @@ from sal_ros.core.transforms import make_transform, matrix_to_quaternion, quater
 
 MS = 1_000_000
 T0 = 1_700_000_000_000_000_000
+# Python packages of the ROS 2 tooling bundle and the interfaces `make setup` builds: no test imports them at
+# module level.
+BUILT_BY_SETUP = ("message_filters", "tf_transformations", "sensor_msgs_py", "tf2_ros", "tf2_py", "tf2_msgs",
+                  "launch", "launch_ros", "ros2cli", "rosidl_runtime_py", "vision_msgs", "sal_ros_msgs")
+
+
+def bundle(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is not importable: the ROS 2 tooling bundle is missing or broken (`make setup` builds "
+                    f"it from ../shared/ros2; on a robot: apt): {exc}")
+
+
+@pytest.fixture
+def smp():
+    return bundle("sensor_msgs_py.point_cloud2")
+
+
+@pytest.fixture
+def tf_transformations():
+    return bundle("tf_transformations")
+
+
+@pytest.fixture
+def message_filters():
+    return bundle("message_filters")
+
+
+def test_no_test_module_imports_the_bundle_at_module_level():
+    """A missing bundle fails the tests that need it, never the collection of the whole suite."""
+    found = []
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        for node in ast.parse(path.read_text()).body:  # statements run at collection (not in functions)
+            for inner in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+                names = [a.name for a in inner.names] if isinstance(inner, ast.Import) else \
+                    [inner.module or ""] if isinstance(inner, ast.ImportFrom) else []
+                found += [f"{path.name}:{inner.lineno} {n}" for n in names if n.split(".")[0] in BUILT_BY_SETUP]
+    assert not found, found
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +83,7 @@ def scan():
 # ---------------------------------------------------------------------------------------- sensor_msgs_py
 
 
-def test_encode_is_byte_identical_to_sensor_msgs_py_create_cloud(scan):
+def test_encode_is_byte_identical_to_sensor_msgs_py_create_cloud(scan, smp):
     fields = {"xyz": scan[:, :3], "intensity": scan[:, 3]}
     ours = encode_cloud(fields, "velodyne", T0, rclpy_types())
     reference = smp.create_cloud(ours.header, ours.fields, scan)
@@ -50,7 +94,7 @@ def test_encode_is_byte_identical_to_sensor_msgs_py_create_cloud(scan):
     assert bytes(ours.data) == bytes(reference.data) and len(ours.data) == 124668 * 16
 
 
-def test_decode_matches_sensor_msgs_py_read_points_on_the_real_scan(scan):
+def test_decode_matches_sensor_msgs_py_read_points_on_the_real_scan(scan, smp):
     xyzi = ["x", "y", "z", "intensity"]
     cloud = smp.create_cloud(make_header("velodyne", T0, rclpy_types()),
                              [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1)
@@ -72,7 +116,7 @@ def _organized_with_row_padding(scan, width=64, pad=12):
                        is_bigendian=False, point_step=16, row_step=width * 16 + pad, data=data, is_dense=True), rows
 
 
-def test_row_padding_sensor_msgs_py_reads_the_padding_ours_skips_it(scan):
+def test_row_padding_sensor_msgs_py_reads_the_padding_ours_skips_it(scan, smp):
     cloud, rows = _organized_with_row_padding(scan)
     expected = rows.reshape(-1, 4)
     ours = read_fields(cloud, ["x", "intensity"])
@@ -83,7 +127,7 @@ def test_row_padding_sensor_msgs_py_reads_the_padding_ours_skips_it(scan):
     assert not np.array_equal(reference[64:], expected[64:])
 
 
-def test_big_endian_sensor_msgs_py_swaps_the_message_in_place_ours_reads_it_twice_the_same(scan):
+def test_big_endian_sensor_msgs_py_swaps_the_message_in_place_ours_reads_it_twice_the_same(scan, smp):
     points = scan[:1000]
     big = points.astype(">f4")
     fields = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1)
@@ -110,7 +154,7 @@ def test_big_endian_sensor_msgs_py_swaps_the_message_in_place_ours_reads_it_twic
 # ------------------------------------------------------------------------------------ tf_transformations
 
 
-def test_quaternion_and_matrix_helpers_agree_with_tf_transformations():
+def test_quaternion_and_matrix_helpers_agree_with_tf_transformations(tf_transformations):
     rng = np.random.default_rng(0)
     for _ in range(200):
         q = tf_transformations.random_quaternion(rng.random(3))  # (x, y, z, w), ROS order
@@ -177,7 +221,7 @@ def run_ours(match_threshold_ms=20, timeout_ms=50):
     return score([(s.cloud, {c: payload for c, (_, payload) in s.images.items()}) for s in out])
 
 
-def run_message_filters(slop_s):
+def run_message_filters(message_filters, slop_s):
     types = rclpy_types()
     inputs = {topic: message_filters.SimpleFilter() for topic in ("cloud", *OFFSETS)}
     sync = message_filters.ApproximateTimeSynchronizer(list(inputs.values()), queue_size=10, slop=slop_s)
@@ -191,10 +235,10 @@ def run_message_filters(slop_s):
                   for cloud, *imgs in got])
 
 
-def test_lidar_anchored_sync_beside_message_filters_approximate_time():
+def test_lidar_anchored_sync_beside_message_filters_approximate_time(message_filters):
     ours = run_ours()
-    mf_wide = run_message_filters(slop_s=0.05)  # wide enough for the -35 / +10 ms offsets
-    mf_tight = run_message_filters(slop_s=0.03)  # the match threshold without the offsets
+    mf_wide = run_message_filters(message_filters, slop_s=0.05)  # wide enough for the -35 / +10 ms offsets
+    mf_tight = run_message_filters(message_filters, slop_s=0.03)  # the match threshold without the offsets
     print("\n| synchronizer | clouds out | complete, right | partial | wrong images | clouds lost |")
     for name, r in (("ours (offsets, threshold 20 ms, timeout 50 ms)", ours),
                     ("ApproximateTimeSynchronizer, slop 50 ms", mf_wide),

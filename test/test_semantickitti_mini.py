@@ -9,7 +9,8 @@ from conftest import require_data
 
 from sal_ros.core.camera import project_points
 from sal_ros.core.errors import SensorDataError
-from sal_ros.data.datasets import SemanticKittiScans, Selection, iter_semantickitti, semantickitti_poses
+from sal_ros.data.datasets import SemanticKittiScans, iter_semantickitti, semantickitti_poses
+from sal_ros.data.layouts import Selection
 from sal_ros.data.sources import iter_source_frames, keyed_frames
 from sal_ros.data.sources import FrameSource
 

@@ -145,11 +145,31 @@ def test_model_built_in_inference_mode_runs_fused():
 
 
 def test_training_and_autograd_use_the_modules():
+    """Training takes the module path, and its gradient is the true one: the autograd gradient of every parameter
+    along a random direction equals a central finite difference of the loss (float64, train-mode BatchNorm)."""
     net, x = tiny_unet(), unet_input()
     net.train()
-    out = net(x())
-    out[1].feats.sum().backward()  # the fused path has no backward; training never reaches it
-    assert net.stem[0][0].kernel.grad is not None
+    feats = net(x())[1].feats
+    weights = torch.randn(feats.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (feats * weights).sum().backward()  # the fused path has no backward; training never reaches it
+    params = [p for p in net.parameters() if p.grad is not None]
+    assert net.stem[0][0].kernel.grad is not None and len(params) == len(list(net.parameters()))
+    g = torch.Generator().manual_seed(2)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    along = sum(float((p.grad * d).sum()) for p, d in zip(params, direction))
+
+    def loss_moved(step):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(d, alpha=step)
+            value = float((net(x())[1].feats * weights).sum())
+            for p, d in zip(params, direction):
+                p.sub_(d, alpha=step)
+        return value
+
+    eps = 1e-8  # small: with random weights many ReLU inputs sit near 0, and at 1e-6 steps cross them (1 % off)
+    numeric = (loss_moved(eps) - loss_moved(-eps)) / (2 * eps)
+    assert abs(along - numeric) <= 1e-6 * max(1.0, abs(numeric)), (along, numeric)
     net.eval()
     with torch.enable_grad():
         assert net(x())[1].feats.requires_grad

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Protocol
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.registry import Registry
 from sal_ros.core.types import Frame
-from sal_ros.data import datasets
+from sal_ros.data import datasets, layouts
 from sal_ros.data.bag import iter_bag_frames
 from sal_ros.data.framestore import INDEX_FILE, FrameStore
 
@@ -70,7 +70,7 @@ def iter_source_frames(path: str | os.PathLike, bag_config: str | os.PathLike | 
                        kind: str | None = None, select: str | None = None) -> Iterator[Frame]:
     """Frames of ``path`` in recording order (``kind``: skip detection); bags go through the node's synchronizer
     (``bag_config``: the node params YAML whose topics, cameras and sync settings to use); ``select`` picks
-    sequences and scans of a dataset with sequences (``00,05:0-4``, sal_ros.data.datasets.Selection)."""
+    sequences and scans of a dataset with sequences (``00,05:0-4``, sal_ros.data.layouts.Selection)."""
     source = get_source(kind) if kind else detect_source(path)
     options = _options(source, path, bag_config=bag_config, select=select)
     return source.frames(Path(path), **options)
@@ -104,14 +104,14 @@ register_source(SourceKind("framestore", lambda p: (p / INDEX_FILE).exists(), la
                            recording=True))
 register_source(SourceKind("bag", _is_bag, _bag_frames, "a rosbag2: metadata.yaml, .mcap, .db3", streamed=True,
                            recording=True, options=("bag_config",)))
-register_source(SourceKind("semantickitti", datasets.is_semantickitti, datasets.iter_semantickitti,
+register_source(SourceKind("semantickitti", layouts.is_semantickitti, datasets.iter_semantickitti,
                            "sequences/<seq>/velodyne, calib.txt", keyed=datasets.SemanticKittiScans,
                            options=("select",)))
-register_source(SourceKind("kitti_object", datasets.is_kitti_object, datasets.iter_kitti_object,
+register_source(SourceKind("kitti_object", layouts.is_kitti_object, datasets.iter_kitti_object,
                            "[training/]velodyne, calib"))
-register_source(SourceKind("nuscenes", datasets.is_nuscenes, datasets.iter_nuscenes,
+register_source(SourceKind("nuscenes", layouts.is_nuscenes, datasets.iter_nuscenes,
                            "calib.json with cams, lidar_path"))
-register_source(SourceKind("kitti_frustum", datasets.is_kitti_frustum, datasets.iter_kitti_frustum,
+register_source(SourceKind("kitti_frustum", layouts.is_kitti_frustum, datasets.iter_kitti_frustum,
                            "calib.json with lidar2img, P2"))
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sal_ros.core.files import write_json
-from sal_ros.data.datasets import is_semantickitti_sequence
+from sal_ros.data.layouts import is_semantickitti_sequence
 
 REPO_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LABEL_MIN_POINTS = 50  # SemanticKITTI's minimum segment size for PQ
