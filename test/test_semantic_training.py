@@ -86,7 +86,7 @@ def trained(tmp_path_factory):
 
 def test_train_semantic_objective_with_consistency_and_exact_resume(trained):
     from sal_ros.model.checkpoint import read_checkpoint
-    from sal_ros.train.trainer import read_metrics
+    from sal_ros.train.loop import read_metrics
 
     base, cfg = trained
     recs = read_metrics(base / "full" / "metrics.jsonl")

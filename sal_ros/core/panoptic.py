@@ -16,36 +16,45 @@ from sal_ros.core.types import InstanceSummary, OrientedBox, Segmentation
 def panoptic_from_queries(query: np.ndarray, score: np.ndarray, query_class: np.ndarray, thing: np.ndarray,
                           points: np.ndarray, class_names: tuple[str, ...] = (), score_threshold: float = 0.0,
                           min_points: int = 1, vocabulary_version: int = 0,
-                          query_rank: tuple[np.ndarray, np.ndarray] | None = None) -> Segmentation:
+                          query_rank: tuple[np.ndarray, np.ndarray] | None = None,
+                          point_to_cell: np.ndarray | None = None) -> Segmentation:
     """Per-point fusion result -> Segmentation.
 
     ``query (N,)`` best query per point, ``score (N,)`` its fused score, ``query_class (Q,)`` class index per
     query, ``thing (K,)`` thing flag per class, ``points (N, 3)`` for the instance boxes, ``query_rank``
-    (:func:`rank_classes` of the queries) the top classes each instance reports.
+    (:func:`rank_classes` of the queries) the top classes each instance reports. With ``point_to_cell (N,)``,
+    ``query`` and ``score`` are per cell (a voxel, whose points share its result) and point i takes cell
+    ``point_to_cell[i]``'s: the same Segmentation, fused once per cell instead of once per point.
     """
-    n, q_count = len(query), len(query_class)
+    q_count = len(query_class)
     query = np.asarray(query, np.int64)
     score = np.asarray(score, np.float32)
-    cls = np.asarray(query_class, np.int64)[query]
-    is_thing = np.asarray(thing, bool)[cls]
+    query_class = np.asarray(query_class, np.int64)
+    thing_query = np.asarray(thing, bool)[query_class]
     # segment key: a thing query is its own segment; all queries of one stuff class share one
-    segment = np.where(is_thing, query, q_count + cls)
+    segment = np.where(thing_query, np.arange(q_count), q_count + query_class)
     keep = score >= score_threshold
-    counts = np.bincount(segment[keep], minlength=q_count + len(thing))
-    keep &= counts[segment] >= max(int(min_points), 1)
-
-    label = np.zeros(n, np.uint16)
-    label[keep] = (cls[keep] + 1).astype(np.uint16)
-    instance = np.zeros(n, np.uint32)
-    thing_points = keep & is_thing
-    ids, inst_of_point = _dense_ids(query[thing_points], q_count)  # queries in ascending order
-    instance[thing_points] = (inst_of_point + 1).astype(np.uint32)
-    seg = Segmentation(label=label, instance=instance, score=np.where(keep, score, 0).astype(np.float32),
-                       class_names=tuple(class_names), vocabulary_version=vocabulary_version)
-    seg.instances = instance_summaries(points, instance, label, seg.score, class_names)
+    weight = None if point_to_cell is None else np.bincount(point_to_cell, minlength=len(query))[keep]
+    per_query = np.bincount(query[keep], weights=weight, minlength=q_count)  # kept points (exact in float64)
+    per_segment = np.bincount(segment, weights=per_query, minlength=q_count + len(thing))
+    whole = per_segment[segment] >= max(int(min_points), 1)
+    keep &= whole[query]
+    ids = np.flatnonzero(thing_query & whole & (per_query > 0))  # instance j + 1 is thing query ids[j]
+    instance_of_query = np.zeros(q_count, np.uint32)
+    instance_of_query[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    label = np.where(keep, (query_class + 1).astype(np.uint16)[query], np.uint16(0))
+    instance = np.where(keep, instance_of_query[query], np.uint32(0))
+    score = np.where(keep, score, np.float32(0))
+    if point_to_cell is not None:
+        label, instance, score = (np.take(a, point_to_cell) for a in (label, instance, score))
+    seg = Segmentation(label=label, instance=instance, score=score, class_names=tuple(class_names),
+                       vocabulary_version=vocabulary_version)
+    rows = np.flatnonzero(instance)
+    seg.instances = _summaries(points, rows, np.arange(1, len(ids) + 1), instance[rows].astype(np.int64) - 1, label,
+                               score, class_names) if rows.size else []
     if query_rank is not None:
         top, prob = query_rank
-        for inst, q in zip(seg.instances, ids):  # instance j + 1 is thing query ids[j], both ascending
+        for inst, q in zip(seg.instances, ids):
             inst.class_scores = tuple((int(c) + 1, float(p)) for c, p in zip(top[q], prob[q]))
     return seg
 
@@ -55,47 +64,66 @@ def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarr
     """One summary per instance id > 0: class, mean score, point count and a yaw-oriented box.
 
     Yaw is the principal axis of the points' xy covariance (length along it, width across), z spans the
-    points' range; all instances at once with bincount moments and per-instance min/max.
+    points' range.
     """
-    inside = instance > 0
-    if not inside.any():
+    rows = np.flatnonzero(np.asarray(instance) > 0)
+    if not rows.size:
         return []
-    ids, inv = _dense_ids(instance[inside])
+    ids, inv = _dense_ids(np.asarray(instance)[rows])
+    return _summaries(points, rows, ids, inv, label, score, class_names)
+
+
+def _summaries(points: np.ndarray, rows: np.ndarray, ids: np.ndarray, inv: np.ndarray, label: np.ndarray,
+               score: np.ndarray, class_names: tuple[str, ...]) -> list[InstanceSummary]:
+    """The summaries of instances ``ids`` (ascending), point ``rows[i]`` in instance ``ids[inv[i]]``.
+
+    All instances at once: the points grouped by instance (a stable radix sort of ``inv``, so each instance's
+    points stay in point order), moments by bincount (the same float64 sums, in the same order, as over the
+    ungrouped points) and min/max by ``reduceat`` over each group's contiguous run (6x cheaper than ufunc.at)."""
     k = len(ids)
-    p = np.asarray(points, np.float64)[inside]
-    count = np.bincount(inv, minlength=k).astype(np.float64)
+    counts = np.bincount(inv, minlength=k)
+    rows = rows[_group_order(inv, k)]
+    group = np.repeat(np.arange(k), counts)  # inv in grouped order
+    starts = np.cumsum(counts) - counts
+    count = counts.astype(np.float64)
+    xyz = np.take(np.asarray(points), rows, axis=0)  # 4x faster than points[rows] on (N, 3) rows
+    x, y, z = (xyz[:, axis].astype(np.float64) for axis in range(3))
 
     def mean(v: np.ndarray) -> np.ndarray:
-        return np.bincount(inv, weights=v, minlength=k) / count
+        return np.bincount(group, weights=v, minlength=k) / count
 
-    mx, my = mean(p[:, 0]), mean(p[:, 1])
-    dx, dy = p[:, 0] - mx[inv], p[:, 1] - my[inv]
+    mx, my = mean(x), mean(y)
+    dx, dy = x - np.repeat(mx, counts), y - np.repeat(my, counts)
     cxx, cyy, cxy = mean(dx * dx), mean(dy * dy), mean(dx * dy)
     yaw = 0.5 * np.arctan2(2 * cxy, cxx - cyy)  # direction of the larger eigenvector
-    c, s = np.cos(yaw)[inv], np.sin(yaw)[inv]
-    local = (c * dx + s * dy, -s * dx + c * dy, np.ascontiguousarray(p[:, 2]))  # along, across, up
-    lo, hi = np.full((3, k), np.inf), np.full((3, k), -np.inf)
-    for axis, column in enumerate(local):  # ufunc.at is 5x faster on 1-D contiguous operands than on (k, 3) rows
-        np.minimum.at(lo[axis], inv, column)
-        np.maximum.at(hi[axis], inv, column)
-    lo, hi = lo.T, hi.T
+    c, s = np.repeat(np.cos(yaw), counts), np.repeat(np.sin(yaw), counts)
+    local = (c * dx + s * dy, -s * dx + c * dy, z)  # along, across, up
+    lo = np.stack([np.minimum.reduceat(column, starts) for column in local], 1)
+    hi = np.stack([np.maximum.reduceat(column, starts) for column in local], 1)
     mid = (lo + hi) / 2
     cy, sy = np.cos(yaw), np.sin(yaw)
     centers = np.stack([mx + cy * mid[:, 0] - sy * mid[:, 1], my + sy * mid[:, 0] + cy * mid[:, 1], mid[:, 2]], 1)
     sizes = hi - lo
-    first_row = np.full(k, len(inv))
-    np.minimum.at(first_row, inv, np.arange(len(inv)))
-    first = np.flatnonzero(inside)[first_row]  # one point per instance (its first), for its label
+    first = rows[starts]  # each instance's first point, for its label
     labels = np.asarray(label)[first].astype(np.int64)
-    scores = mean(np.asarray(score, np.float64)[inside])
+    scores = mean(np.take(score, rows).astype(np.float64))
     out = []
     for j in range(k):
         lab = int(labels[j])
         name = class_names[lab - 1] if 0 < lab <= len(class_names) else ""
-        out.append(InstanceSummary(int(ids[j]), lab, name, float(scores[j]), int(count[j]),
+        out.append(InstanceSummary(int(ids[j]), lab, name, float(scores[j]), int(counts[j]),
                                    OrientedBox(centers[j].astype(np.float32), sizes[j].astype(np.float32),
                                                float(yaw[j]))))
     return out
+
+
+def _group_order(group: np.ndarray, k: int) -> np.ndarray:
+    """Stable argsort of group indices below ``k``: numpy's radix sort when they fit 16 bits (one byte pass per
+    byte of the type)."""
+    for dtype in (np.uint8, np.uint16):
+        if k <= np.iinfo(dtype).max + 1:
+            return np.argsort(group.astype(dtype), kind="stable")
+    return np.argsort(group, kind="stable")
 
 
 def _dense_ids(values: np.ndarray, bound: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -129,14 +129,21 @@ class Segmenter(ConfiguredSegmenter):
         out.dropped_points = cloud.dropped_points
         if valid.size == 0:
             return out
-        run, query, score, query_class, query_rank, timings = self._run_with_retries(
+        run, query, score, point_to_voxel, query_class, query_rank, timings = self._run_with_retries(
             points, cloud.intensity, cloud.run, active)
         t0 = time.perf_counter()
+        every = valid.size == len(points)  # valid is then every point, in order
         if run.size < valid.size:
-            query, score = spread_nearest(points, valid, run, query, score)
-        part = panoptic_from_queries(query, score, query_class, te.thing, points[valid], te.class_names,
-                                     config.score_threshold, config.min_points, te.version, query_rank)
-        out.label[valid], out.instance[valid], out.score[valid] = part.label, part.instance, part.score
+            query, score = spread_nearest(points, valid, run, query[point_to_voxel], score[point_to_voxel])
+            point_to_voxel = None
+        # fused per voxel and spread to the points through point_to_voxel (a voxel's points share its result)
+        part = panoptic_from_queries(query, score, query_class, te.thing, points if every else points[valid],
+                                     te.class_names, config.score_threshold, config.min_points, te.version,
+                                     query_rank, point_to_cell=point_to_voxel)
+        if every:
+            out.label, out.instance, out.score = part.label, part.instance, part.score
+        else:
+            out.label[valid], out.instance[valid], out.score[valid] = part.label, part.instance, part.score
         out.instances = part.instances
         timings["postprocess"] += (time.perf_counter() - t0) * 1e3
         out.timings_ms = timings
@@ -169,7 +176,7 @@ class Segmenter(ConfiguredSegmenter):
         return time.perf_counter()
 
     def _run(self, points: np.ndarray, intensity: np.ndarray | None, active):
-        """Per point its best query and fused score, the class of each query, its top classes
+        """Per voxel its best query and fused score, each point's voxel, the class of each query, its top classes
         (:func:`rank_classes`), and the stage timings."""
         te, emb, rows = active
         model = self.model
@@ -188,13 +195,12 @@ class Segmenter(ConfiguredSegmenter):
             _check_finite(score_v, per_class)
             query_class = per_class.argmax(1)
             query_rank = rank_classes(per_class)
-            p2v = vin.point_to_voxel[0]
-            query, score = query_v[p2v].cpu().numpy(), score_v[p2v].cpu().numpy()
-            query_class = query_class.cpu().numpy()
+            query, score = query_v.cpu().numpy(), score_v.cpu().numpy()
+            point_to_voxel, query_class = vin.point_to_voxel[0].cpu().numpy(), query_class.cpu().numpy()
         t4 = time.perf_counter()
         timings = {"voxelize": (t1 - t0) * 1e3, "backbone": (t2 - t1) * 1e3, "decoder": (t3 - t2) * 1e3,
                    "postprocess": (t4 - t3) * 1e3}
-        return query, score, query_class, query_rank, timings
+        return query, score, point_to_voxel, query_class, query_rank, timings
 
 
 def warm_up(segmenter: ConfiguredSegmenter, points: int = WARM_UP_POINTS

@@ -1,4 +1,5 @@
-"""SAM2-AMML masks from lidar: SAM 2 point prompts where the lidar says objects are (METHODS.md, seed 003).
+"""SAM2-AMML masks from lidar: SAM 2 point prompts where the lidar says objects are (SAM 2 masks through
+point-to-pixel correspondences as a semantic-consistency constraint; docs/training.md, section 4).
 
 Per camera (``Sam2LidarMasks.generate_for_view``):
 

@@ -1,7 +1,8 @@
 """Semantic pseudo-labels: per-pixel class scores of a 2D model -> per-point classes with confidence and filtering.
 
-The indoor ScaLR study (METHODS.md, seed 004) projects 2D semantic predictions onto lidar points and keeps only
-confident ones. Per frame (``SemanticLabeler.label_frame``):
+The indoor study of the ScaLR line (valeo.ai: 2D semantic predictions of OneFormer or DINOv2 on indoor lidar, a
+WaffleIron trained on them; docs/training.md, section 4) projects 2D semantic predictions onto lidar points and keeps
+only confident ones. Per frame (``SemanticLabeler.label_frame``):
 
 1. per camera: class probabilities (C, h, w) from a score source (any resolution; read at each point's pixel);
 2. per camera: the engine's projection and occlusion test (``lifting.point_pixels``): occluded points get nothing;
