@@ -13,7 +13,8 @@ from sal_ros.core.panoptic import instance_summaries, panoptic_from_queries
 from sal_ros.model.inference import class_similarity, fuse_queries, rank_classes
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.segmenter import Segmenter
-from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+from sal_ros.model.text_encoder import tiny_text_encoder
+from sal_ros.model.vocabulary import Vocabulary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -123,7 +123,7 @@ def test_waffleiron_checkpoint_records_the_family_and_the_segmenter_runs_it(tmp_
     from sal_ros.model.checkpoint import load_checkpoint, save_checkpoint
     from sal_ros.model.sal import ModelConfig, SALModel
     from sal_ros.model.segmenter import Segmenter
-    from sal_ros.model.vocabulary import tiny_text_encoder
+    from sal_ros.model.text_encoder import tiny_text_encoder
 
     torch.manual_seed(0)
     model = SALModel(ModelConfig.preset("waffleiron_tiny")).eval()

@@ -130,7 +130,7 @@ def test_segmenter_runs_a_semantic_checkpoint_and_the_vocabulary_selects_classes
     from sal_ros.data.sources import FrameSource
     from sal_ros.model.segmenter import Segmenter
     from sal_ros.model.semantic import SemanticSegmenter
-    from sal_ros.model.vocabulary import TextEncoder
+    from sal_ros.model.text_encoder import TextEncoder
 
     base, _ = trained
     frame = FrameSource(semantickitti_dir).load("00_000000")
@@ -171,7 +171,7 @@ def test_segmenter_node_publishes_a_semantic_checkpoints_labels(trained, tmp_pat
     from sal_ros.core.msgtypes import stamp_to_ns
     from sal_ros.core.pointcloud2 import read_fields
     from sal_ros.model.segmenter import Segmenter
-    from sal_ros.model.vocabulary import TextEncoder
+    from sal_ros.model.text_encoder import TextEncoder
     from sal_ros.nodes import params as P
     from sal_ros.nodes.segmenter import SegmenterNode
     from conftest import Sensors, wait_for
@@ -197,7 +197,7 @@ def test_segmenter_node_publishes_a_semantic_checkpoints_labels(trained, tmp_pat
     executor.add_node(test)
     threading.Thread(target=executor.spin, daemon=True).start()
     try:
-        wait_for(lambda: pubs[2].get_subscription_count() > 0 and node._pub_cloud.get_subscription_count() > 0,
+        wait_for(lambda: pubs[2].get_subscription_count() > 0 and node.outputs.cloud.get_subscription_count() > 0,
                  what="matched topics")
         stamp = 1_700_000_000_100_000_000
         pubs[0].publish(sensors.info(stamp))

@@ -159,7 +159,7 @@ def self_train(cfg: ExperimentConfig, train_cfg: dict, info: dict, progress: boo
 
 def untrained(cfg: ExperimentConfig) -> dict:
     """The recipe's model at initialisation (its seed), saved as a checkpoint: the floor every model must beat."""
-    from sal_ros.model.vocabulary import TextEncoder
+    from sal_ros.model.text_encoder import TextEncoder
     from sal_ros.train.loop import seed_everything
     from sal_ros.train.trainer import TrainConfig, build_model, save_model
 
