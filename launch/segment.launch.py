@@ -14,31 +14,20 @@ UDP on loopback only).
 import os
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
-from launch_ros.actions import Node
 
 from ament_index_python.packages import get_package_share_directory
-from sal_ros.tools.launch_args import executable, node_overrides, when_given
+from sal_ros.tools.launch_args import SHARED_ARGUMENTS, sensor_node, shared_arguments
 
 # Arguments handed to record.launch.py when record:=true.
-RECORDER_ARGS = ("params_file", "record_dir", "use_sim_time", "log_level", "managed", "discovery_range",
-                 "fastdds_profile")
+RECORDER_ARGS = ("params_file", "record_dir", *SHARED_ARGUMENTS)
 
 
 def segmenter(context):
-    return [Node(
-        package="sal_ros",
-        executable=executable(context, "segmenter"),  # or "segmenter_managed" (managed:=true)
-        name="sal_segmenter",
-        namespace="",  # the node's full name is known: its overrides are node-scoped (node_overrides)
-        parameters=[LaunchConfiguration("params_file"), node_overrides(context)],
-        ros_arguments=["--log-level", LaunchConfiguration("log_level")],
-        output="screen",
-        emulate_tty=True,
-    )]
+    return sensor_node(context, "sal_segmenter", "segmenter")  # or segmenter_managed (managed:=true)
 
 
 def generate_launch_description():
@@ -49,20 +38,7 @@ def generate_launch_description():
         DeclareLaunchArgument("record", default_value="false", description="also run the frame recorder"),
         DeclareLaunchArgument("record_dir", default_value="",
                               description="recorder FrameStore directory; empty: output_dir of the params file"),
-        DeclareLaunchArgument("use_sim_time", default_value="false", description="use /clock (bag replay)"),
-        DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
-        DeclareLaunchArgument("managed", default_value="false",
-                              description="lifecycle nodes, unconfigured at start: ros2 lifecycle set configure, activate"),
-        DeclareLaunchArgument("discovery_range", default_value="",
-                              description="ROS_AUTOMATIC_DISCOVERY_RANGE for the nodes (LOCALHOST, SUBNET, ...); "
-                                          "empty: as in the environment"),
-        DeclareLaunchArgument("fastdds_profile", default_value="",
-                              description="Fast DDS XML profile for the nodes, e.g. the installed "
-                                          "config/fastdds.xml (loopback only); empty: as in the environment"),
-        SetEnvironmentVariable("ROS_AUTOMATIC_DISCOVERY_RANGE", LaunchConfiguration("discovery_range"),
-                               condition=when_given("discovery_range")),
-        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("fastdds_profile"),
-                               condition=when_given("fastdds_profile")),
+        *shared_arguments("the nodes"),
         OpaqueFunction(function=segmenter),
         # The recorder is record.launch.py itself (one definition of its node), given this launch's arguments.
         IncludeLaunchDescription(

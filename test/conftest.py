@@ -73,7 +73,7 @@ def save_tiny_checkpoint(path: Path) -> Path:
     from sal_ros.model.config import ModelConfig
     from sal_ros.model.checkpoint import save_checkpoint
     from sal_ros.model.sal import SALModel
-    from sal_ros.model.vocabulary import tiny_text_encoder
+    from sal_ros.model.text_encoder import tiny_text_encoder
 
     torch.manual_seed(0)
     return save_checkpoint(path, SALModel(ModelConfig.preset("tiny")).eval(), text_encoder_identity=tiny_text_encoder())
@@ -330,7 +330,7 @@ def eval_online_rig(tmp_path_factory):
     seq = require_data("semantickitti", "sequences", "00")
     require_rclpy()
     from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert, image_topic, info_topic
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
 
     root = tmp_path_factory.mktemp("eval_online")
     bag = root / "bag"

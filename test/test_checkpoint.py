@@ -10,7 +10,7 @@ from sal_ros.model.config import ModelConfig
 from sal_ros.model.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from sal_ros.model.sal import SALModel
 from sal_ros.model.segmenter import Segmenter
-from sal_ros.model.vocabulary import tiny_text_encoder
+from sal_ros.model.text_encoder import tiny_text_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,7 +136,7 @@ def test_weight_mismatches(tmp_path, trained, encoder):
 def test_training_config_encoder_record_names_the_same_encoder(tmp_path):
     """A trainer records {"model", "pretrained": None}; the node's seeded random encoder must match it."""
     from sal_ros.model.checkpoint import _encoder_record
-    from sal_ros.model.vocabulary import encoder_identity
+    from sal_ros.model.open_clip_models import encoder_identity
 
     record = _encoder_record({"model": "ViT-B-16", "pretrained": None})
     assert record["identity"] == encoder_identity("ViT-B-16", None) == "ViT-B-16/random-seed0"

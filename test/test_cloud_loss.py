@@ -68,7 +68,7 @@ class Probe:
 
 
 def start_node(root):
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
 
     checkpoint = save_tiny_checkpoint(root / "tiny.pt")
     sets = {"model.device": "cpu", "model.checkpoint": checkpoint, "text_encoder.model": TINY_TEXT_ENCODER,

@@ -81,10 +81,13 @@ def test_check_mode_detects_a_stale_file(tmp_path):
 
 
 def published_topics() -> dict[str, str]:
-    """``{topic regex: message type}`` of the segmenter's publishers, read from the node's source."""
-    source = (REPO / "sal_ros" / "nodes" / "segmenter.py").read_text()
+    """``{topic regex: message type}`` of the segmenter's publishers, read from their source (a type imported
+    under another name, e.g. ``Vocabulary as VocabularyMsg``, by its message name)."""
+    tree = ast.parse((REPO / "sal_ros" / "nodes" / "publishers.py").read_text())
+    message_name = {alias.asname: alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    for alias in node.names if alias.asname}
     out = {}
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "create_publisher"):
             continue
         msg_type, topic = node.args[0], node.args[1]
@@ -93,7 +96,8 @@ def published_topics() -> dict[str, str]:
         parts = [topic] if isinstance(topic, ast.Constant) else list(topic.values)  # f-string: {...} = one name
         assert isinstance(parts[0], ast.Constant) and parts[0].value.startswith("~/"), "outputs are private topics"
         pattern = "".join(re.escape(v.value) if isinstance(v, ast.Constant) else r"[A-Za-z0-9_]+" for v in parts)
-        out[re.escape(f"/{P.SEGMENTER_NODE}/") + pattern[len(re.escape("~/")):]] = msg_type.id
+        out[re.escape(f"/{P.SEGMENTER_NODE}/") + pattern[len(re.escape("~/")):]] = message_name.get(msg_type.id,
+                                                                                                   msg_type.id)
     return out
 
 
@@ -239,12 +243,16 @@ def _require_nothing(parser):
 
 
 def test_documented_launch_arguments_exist():
+    from sal_ros.tools.launch_args import SHARED_ARGUMENTS
+
     commands = _commands("ros2 launch")
     assert commands
     for where, _, words in commands:
         assert words[2] == "sal_ros", f"{where}: {words}"
         source = (REPO / "launch" / words[3]).read_text()
         declared = set(re.findall(r'DeclareLaunchArgument\(\s*"(\w+)"', source))
+        if "*shared_arguments(" in source:  # the arguments every launch file takes (tools/launch_args)
+            declared |= set(SHARED_ARGUMENTS)
         for arg in words[4:]:
             name = arg.split(":=")[0]
             assert name in declared, f"{where}: {words[3]} has no launch argument {name!r} ({sorted(declared)})"

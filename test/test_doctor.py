@@ -123,7 +123,7 @@ def write_params(path, **values):
 
 
 def test_params_file_checkpoint_vocabulary_and_calibration(tmp_path):
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
 
     ckpt = save_tiny_checkpoint(tmp_path / "tiny.pt")
     good = write_params(tmp_path / "good.yaml", **{"model.checkpoint": str(ckpt), "text_encoder.model": TINY_TEXT_ENCODER,

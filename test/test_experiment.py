@@ -14,7 +14,7 @@ from conftest import REPO, cpu_seconds, require_data, wait_until
 
 from sal_ros.experiment.config import load_experiment
 from sal_ros.experiment.run import SUP_FRUSTUM, SUP_FULL, UNTRAINED, check_held_out, run_experiment, student_name
-from sal_ros.train.trainer import METRICS_FILE, read_metrics
+from sal_ros.train.loop import METRICS_FILE, read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training and scoring
 MINI_YAML = REPO / "config" / "experiments" / "mini.yaml"

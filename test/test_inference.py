@@ -13,7 +13,8 @@ from sal_ros.model.checkpoint import ModelError
 from sal_ros.model.decoder import OBJECT
 from sal_ros.model.inference import classify, fuse_queries
 from sal_ros.model.segmenter import Segmenter
-from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+from sal_ros.model.text_encoder import tiny_text_encoder
+from sal_ros.model.vocabulary import Vocabulary
 
 
 def test_fuse_queries_multiplies_mask_and_objectness():

@@ -1,6 +1,5 @@
 """Launch files: loadable, with the documented arguments, pointing at config files that exist and that hold
 only parameters the nodes declare (a typo in a params file would otherwise be ignored silently)."""
-import ast
 import importlib.util
 from pathlib import Path
 
@@ -19,65 +18,71 @@ EXPECTED_ARGS = {
 }
 
 
-def _declared_args(tree: ast.AST) -> dict[str, ast.AST]:
-    """DeclareLaunchArgument(name, default_value=...) calls in a launch file: name -> default expression."""
-    found = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "DeclareLaunchArgument":
-            name = node.args[0].value
-            found[name] = next(kw.value for kw in node.keywords if kw.arg == "default_value")
-    return found
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    from ros_install import colcon_install
+
+    return colcon_install(tmp_path_factory.mktemp("colcon"))
 
 
-def _executable(node: ast.Call) -> str:
-    """The executable a launch Node names: a constant, or executable(context, "<name>") (launch_args)."""
-    value = next(kw.value for kw in node.keywords if kw.arg == "executable")
-    return value.value if isinstance(value, ast.Constant) else value.args[1].value
+def _launched(launch_file: str) -> dict:
+    """What the installed ``launch_file`` declares and does with its defaults: arguments (name -> default), the
+    environment variables it may set, its nodes (as run) and the launch files it includes."""
+    from launch import LaunchContext
+    from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction, SetEnvironmentVariable
+    from launch.utilities import perform_substitutions
+
+    from ament_index_python.packages import get_package_share_directory
+
+    path = Path(get_package_share_directory("sal_ros")) / "launch" / launch_file
+    spec = importlib.util.spec_from_file_location(launch_file.replace(".", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    context, out = LaunchContext(), {"args": {}, "env": set(), "nodes": [], "included": []}
+    for entity in module.generate_launch_description().entities:  # arguments first: the nodes read them
+        if isinstance(entity, DeclareLaunchArgument):
+            entity.execute(context)
+            out["args"][entity.name] = perform_substitutions(context, entity.default_value)
+    for entity in module.generate_launch_description().entities:
+        if isinstance(entity, SetEnvironmentVariable):
+            out["env"].add(perform_substitutions(context, entity.name))
+        elif isinstance(entity, OpaqueFunction):
+            out["nodes"] += [{"package": n.node_package, "executable": n.node_executable,
+                              "name": n._Node__node_name} for n in entity.execute(context)]
+        elif isinstance(entity, IncludeLaunchDescription):
+            source = entity.launch_description_source
+            source.get_launch_description(context)  # loads it: the location is known from then on
+            out["included"].append(Path(source.location).name)
+    return out
 
 
 @pytest.mark.parametrize("launch_file", sorted(EXPECTED_ARGS))
-def test_launch_file_arguments_and_defaults(launch_file):
-    tree = ast.parse((REPO / "launch" / launch_file).read_text())
-    declared = _declared_args(tree)
-    assert set(declared) == set(EXPECTED_ARGS[launch_file])
+def test_launch_file_arguments_and_defaults(installed, monkeypatch, launch_file):
+    """The installed launch file run up to its nodes with the default arguments."""
+    monkeypatch.setenv("AMENT_PREFIX_PATH", installed["AMENT_PREFIX_PATH"])
+    launched = _launched(launch_file)
+    assert set(launched["args"]) == set(EXPECTED_ARGS[launch_file])
     for name, expected in EXPECTED_ARGS[launch_file].items():
-        default = declared[name]
-        if expected is None:
-            continue
-        if isinstance(default, ast.Constant):
-            assert default.value == expected, name
-        else:  # os.path.join(share, "config", "<file>")
-            assert expected in [c.value for c in ast.walk(default) if isinstance(c, ast.Constant)], name
-            assert (REPO / "config" / expected).is_file()
+        default = launched["args"][name]
+        if name == "params_file":  # <install>/share/sal_ros/config/<file>, the file of the sources
+            assert Path(default).name == expected and Path(default).is_file(), default
+            assert Path(default).read_text() == (REPO / "config" / expected).read_text()
+        else:
+            assert default == expected, name
     # The DDS environment is set for the nodes only when asked (conditions on the arguments), and the nodes are
     # the installed executables with their names.
-    env_vars = {n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
-                and getattr(n.func, "id", None) == "SetEnvironmentVariable"}
-    assert env_vars == {"ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE"}
-    nodes = [{kw.arg: kw.value.value for kw in n.keywords if isinstance(kw.value, ast.Constant)}
-             | {"executable": _executable(n)}
-             for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "Node"]
+    assert launched["env"] == {"ROS_AUTOMATIC_DISCOVERY_RANGE", "FASTDDS_DEFAULT_PROFILES_FILE"}
     setup = (REPO / "setup.py").read_text()
-    for node in nodes:
+    for node in launched["nodes"]:
         assert node["package"] == "sal_ros"
         # the plain node and its lifecycle variant (managed:=true) are installed executables
         for name in (node["executable"], node["executable"] + "_managed"):
             assert f'"{name} = sal_ros.tools.run:{name}_main"' in setup, name
         assert node["name"] in (params.SEGMENTER_NODE, params.RECORDER_NODE)
     # Each node is defined in one launch file: segment.launch.py runs the recorder by including record.launch.py.
-    assert sorted(node["executable"] for node in nodes) == (["segmenter"] if launch_file == "segment.launch.py"
-                                                           else ["recorder"])
-    included = [c.value for n in ast.walk(tree) if isinstance(n, ast.Call)
-                and getattr(n.func, "id", None) == "IncludeLaunchDescription"
-                for c in ast.walk(n) if isinstance(c, ast.Constant) and str(c.value).endswith(".launch.py")]
-    assert included == (["record.launch.py"] if launch_file == "segment.launch.py" else [])
-
-
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    from ros_install import colcon_install
-
-    return colcon_install(tmp_path_factory.mktemp("colcon"))
+    assert sorted(node["executable"] for node in launched["nodes"]) == (
+        ["segmenter"] if launch_file == "segment.launch.py" else ["recorder"])
+    assert launched["included"] == (["record.launch.py"] if launch_file == "segment.launch.py" else [])
 
 
 @pytest.mark.parametrize("launch_file", sorted(EXPECTED_ARGS))

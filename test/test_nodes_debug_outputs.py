@@ -16,7 +16,7 @@ from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
 
 from sal_ros.core.msgtypes import stamp_to_ns  # noqa: E402
 from sal_ros.core.pointcloud2 import encode_cloud, read_fields  # noqa: E402
-from sal_ros.model.vocabulary import TINY_TEXT_ENCODER  # noqa: E402
+from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER  # noqa: E402
 
 NODE = "/sal_segmenter"
 PROMPTS = ["car", "road", "tree", "building"]
@@ -54,8 +54,8 @@ def rig(tmp_path_factory):
     executor.add_node(node)
     executor.add_node(test)
     threading.Thread(target=executor.spin, daemon=True).start()
-    wait_for(lambda: pub.get_subscription_count() > 0 and node._pub_filtered.get_subscription_count() > 0
-             and all(p.get_subscription_count() > 0 for p in node._pub_debug.values()), what="discovery")
+    wait_for(lambda: pub.get_subscription_count() > 0 and node.outputs.filtered.get_subscription_count() > 0
+             and all(p.get_subscription_count() > 0 for p in node.outputs.debug.values()), what="discovery")
     yield type("Rig", (), {"node": node, "test": test, "pub": pub, "got": got, "sensors": sensors,
                            "set_params": set_params})()
     executor.shutdown()

@@ -14,7 +14,7 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
 
 from sal_ros.core.msgtypes import stamp_to_ns  # noqa: E402
-from sal_ros.model.vocabulary import TINY_TEXT_ENCODER  # noqa: E402
+from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER  # noqa: E402
 
 PROMPTS = ["car", "road", "tree"]
 
@@ -128,18 +128,19 @@ def test_configure_activate_frames_deactivate_activate_cleanup_shutdown(rig):
     assert subscribers(rig) == 0  # configured, not yet taking input
     for name in life:
         assert life[name].set("activate")
-    wait_for(lambda: subscribers(rig) == 2 and seg._pub_cloud.get_subscription_count() > 0, what="both subscribed")
+    wait_for(lambda: subscribers(rig) == 2 and seg.outputs.cloud.get_subscription_count() > 0, what="both subscribed")
     for _ in range(3):
         send(rig)
     wait_for(lambda: rec.stats.get("recorded") >= 3, what="three recorded frames")
     assert seg.stats.get("processed") == 3
-    model, tracks = seg._segmenter, [t.track_id for t in seg.tracker.tracks]
+    model, tracks = seg._segmenter, [t.track_id for t in seg.tracking.tracker.tracks]
 
     for name in life:
         assert life[name].set("deactivate")
     assert [life[n].state() for n in life] == ["inactive", "inactive"]
     wait_for(lambda: subscribers(rig) == 0, what="the subscriptions gone")
-    assert seg._segmenter is model and [t.track_id for t in seg.tracker.tracks] == tracks and seg.active.version == 1  # state kept
+    assert seg._segmenter is model and seg.active.version == 1  # state kept
+    assert [t.track_id for t in seg.tracking.tracker.tracks] == tracks
 
     for name in life:
         assert life[name].set("activate")

@@ -200,7 +200,7 @@ def rig(tmp_path_factory):
     """The converted 2-frame bag, a tiny checkpoint, the node process on them and the probe talking to it."""
     seq = require_data("semantickitti", "sequences", "00")
     from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
 
     root = tmp_path_factory.mktemp("multiprocess")
     bag = root / "bag"

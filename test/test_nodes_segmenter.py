@@ -30,7 +30,7 @@ _STARTS = itertools.count(1)
 def fresh_t0() -> int:
     """A base stamp later than any an earlier test used: the node drops a cloud older than the last it took."""
     return T0 + next(_STARTS) * 10_000_000_000
-# A text encoder small enough for CPU tests; must be a name sal_ros.model.vocabulary.TextEncoder accepts.
+# A text encoder small enough for CPU tests; must be a name sal_ros.model.text_encoder.TextEncoder accepts.
 TINY_TEXT_ENCODER = "sal-tiny-text"
 
 
@@ -75,13 +75,13 @@ def rig(tmp_path_factory):
                                          qos),
                 test.create_subscription(Image, f"{NODE}/overlay/cam0", got["overlay"].append, qos),
             ]
-        wait_for(lambda: node._pub_cloud.get_subscription_count() > 0, what="output subscription")
+        wait_for(lambda: node.outputs.cloud.get_subscription_count() > 0, what="output subscription")
 
     def unsubscribe():
         for sub in rig.outputs:
             test.destroy_subscription(sub)
         rig.outputs = []
-        wait_for(lambda: node._pub_cloud.get_subscription_count() == 0, what="no output subscription")
+        wait_for(lambda: node.outputs.cloud.get_subscription_count() == 0, what="no output subscription")
 
     rig.subscribe, rig.unsubscribe = subscribe, unsubscribe
     test.create_subscription(String, f"{NODE}/debug/vocabulary", lambda m: got["vocabulary"].append(json.loads(m.data)),

@@ -34,7 +34,7 @@ def nodes():
     import tf2_ros
     from geometry_msgs.msg import TransformStamped
 
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
     from sal_ros.nodes import params as P
     from sal_ros.nodes.segmenter import SegmenterNode
 
@@ -69,18 +69,18 @@ def test_fixed_frame_from_tf_keeps_ids_of_still_objects_under_ego_motion(nodes):
     frames = [Frame(stamp_ns=T0 + k * STEP_NS, frame_id="lidar", points=np.zeros((4, 3))) for k in range(5)]
     for k in range(5):
         nodes.send(k)
-    wait_until(lambda: nodes.fixed._poses.lookup("odom", "lidar", frames[-1].stamp_ns) is not None,
+    wait_until(lambda: nodes.fixed.tracking.poses.lookup("odom", "lidar", frames[-1].stamp_ns) is not None,
                "the transforms in the node's tf2 buffer (the listener has them all)", stall_s=30)
     # the control: the sensor frame with the 2 m gate alone (a new track's widened gate would catch this
     # constant 30 m/s ego motion after its first step)
     tracked_ids, sensor_ids, sensor_tracker = [], set(), Tracker(TrackerConfig(max_speed=0.0))
     for k, frame in enumerate(frames):
-        pose = nodes.fixed._tracking_pose(frame)
+        pose = nodes.fixed.tracking.pose(frame)
         assert pose[0, 3] == pytest.approx(3.0 * k)  # sensor -> odom at the cloud stamp
         seg = segmentation(k)
         sensor_ids |= {t.track_id for t in sensor_tracker.update(segmentation(k).instances, frame.stamp_ns)
                        .by_instance.values()}
-        nodes.fixed._track(frame, seg)
+        nodes.fixed.tracking.track(frame, seg)
         tracked_ids.append({tuple(np.round(i.box.center[:2] + [3.0 * k, 0])): i.instance_id for i in seg.instances})
         assert set(seg.instance.tolist()) == {i.instance_id for i in seg.instances}  # points carry the track ids
     assert all(ids == tracked_ids[0] for ids in tracked_ids), tracked_ids  # each still object keeps its id
@@ -110,7 +110,7 @@ def test_a_tracker_fault_is_counted_and_the_frame_goes_out_untracked(nodes):
     broken = seg.instances[0]
     broken.box = OrientedBox(np.array([np.nan, 0.0]), np.array([4.0, 1.8, 1.5]), 0.0)  # a 2-vector centre
     before = node.stats.get("error.tracking")
-    assert node._track(frame, seg) is None
+    assert node.tracking.track(frame, seg) is None
     assert node.stats.get("error.tracking") == before + 1
     assert node.health.window()["errors"].get("tracking") == 1
     assert [i.instance_id for i in seg.instances] == [1, 2]  # per-frame ids stay
@@ -123,6 +123,6 @@ def test_tracking_parameters_change_at_run_time(nodes):
     result = node.set_parameters([Parameter("tracking.max_misses", Parameter.Type.INTEGER, 7),
                                   Parameter("tracking.max_distance", Parameter.Type.DOUBLE, 3.5)])
     assert all(r.successful for r in result)
-    assert (node.tracker.config.max_misses, node.tracker.config.max_distance) == (7, 3.5)
+    assert (node.tracking.tracker.config.max_misses, node.tracking.tracker.config.max_distance) == (7, 3.5)
     refused = node.set_parameters([Parameter("tracking.max_distance", Parameter.Type.DOUBLE, -1.0)])[0]
-    assert not refused.successful and node.tracker.config.max_distance == 3.5
+    assert not refused.successful and node.tracking.tracker.config.max_distance == 3.5

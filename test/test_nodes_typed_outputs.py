@@ -43,7 +43,8 @@ class Probe:
         from diagnostic_msgs.msg import DiagnosticArray
         from rcl_interfaces.srv import SetParameters
         from rclpy.executors import MultiThreadedExecutor
-        from sal_ros_msgs.msg import FrameSummary, Vocabulary
+        from sal_ros_msgs.msg import FrameSummary
+        from sal_ros_msgs.msg import Vocabulary as VocabularyMsg
         from sensor_msgs.msg import PointCloud2
         from vision_msgs.msg import Detection3DArray
 
@@ -62,7 +63,7 @@ class Probe:
         node.create_subscription(PointCloud2, f"{NODE}/labeled_points", self._keyed(self.clouds), qos)
         node.create_subscription(Detection3DArray, f"{NODE}/detections", self._keyed(self.detections), qos)
         node.create_subscription(FrameSummary, f"{NODE}/frame_summary", self._keyed(self.summaries), qos)
-        node.create_subscription(Vocabulary, f"{NODE}/vocabulary", self.vocabulary.append, latched())
+        node.create_subscription(VocabularyMsg, f"{NODE}/vocabulary", self.vocabulary.append, latched())
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diagnostics, qos)
         self.set_client = node.create_client(SetParameters, f"{NODE}/set_parameters")
         self.executor = MultiThreadedExecutor(num_threads=3, context=self.context)
@@ -119,7 +120,7 @@ def rig(tmp_path_factory):
     seq = require_data("semantickitti", "sequences", "00")
     from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, convert
     from sal_ros.tools.online import NodeProcess, bag_topics
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
 
     root = tmp_path_factory.mktemp("typed")
     bag = root / "bag"
@@ -169,10 +170,10 @@ def test_diagnostics_report_silent_input_before_the_replay(rig):
 
 
 def test_replay_gives_typed_detections_summaries_and_vocabulary(rig):
-    from sal_ros_msgs.msg import Vocabulary
+    from sal_ros_msgs.msg import Vocabulary as VocabularyMsg
 
     vocab = rig.probe.vocabulary[0]
-    assert isinstance(vocab, Vocabulary) and vocab.version == 1
+    assert isinstance(vocab, VocabularyMsg) and vocab.version == 1
     assert [c.name for c in vocab.classes] == PROMPTS
     assert [list(c.descriptions) for c in vocab.classes] == [[p] for p in PROMPTS] and all(c.thing for c in vocab.classes)
     assert len({(c.color.r, c.color.g, c.color.b) for c in vocab.classes}) == len(PROMPTS)

@@ -1,16 +1,18 @@
-"""The segmenter's vocabulary changes (sal_ros.nodes.vocabulary) with the real tiny text encoder: the newest
+"""The segmenter's vocabulary changes (sal_ros.nodes.vocabulary_changes) with the real tiny text encoder: the newest
 request wins, a pending change is visible with its progress, a repeated request makes no new version, a failed
 one is reported until a later one succeeds. A gate in the encode step holds an embedding where the test needs it
 in flight; the embedding itself is the real one."""
 import threading
+from dataclasses import replace
 
 import pytest
 
 from conftest import require_rclpy, wait_for
 
 require_rclpy()
-from sal_ros.model.vocabulary import Vocabulary, VocabularyLimits, tiny_text_encoder  # noqa: E402
-from sal_ros.nodes.vocabulary import VocabularyChanges, diagnostic_status  # noqa: E402
+from sal_ros.model.text_encoder import tiny_text_encoder  # noqa: E402
+from sal_ros.model.vocabulary import Vocabulary, VocabularyLimits  # noqa: E402
+from sal_ros.nodes.vocabulary_changes import VocabularyChanges, diagnostic_status  # noqa: E402
 
 
 class Rig:
@@ -25,7 +27,7 @@ class Rig:
                                          lambda source, exc: self.failures.append((source, exc)),
                                          lambda: self.statuses.append(self.changes.status()))
 
-    def encode(self, vocabulary, version, progress=None):
+    def encode(self, vocabulary, progress=None):
         if vocabulary.class_names == ("boom",):
             raise RuntimeError("the encoder failed")
 
@@ -34,7 +36,7 @@ class Rig:
             if done:
                 self.in_encode.set()
                 self.gate.wait()
-        return self.encoder.encode(vocabulary, version, progress=gated if progress else None)
+        return self.encoder.encode(vocabulary, progress=gated if progress else None)
 
     def set(self, prompts):
         self.changes.check("prompts", prompts, VocabularyLimits())
@@ -87,3 +89,15 @@ def test_a_failed_change_is_reported_until_a_later_one_succeeds(rig):
     assert rig.changes.active.version == 1
     rig.set(["car", "road"])  # the parameter names the active vocabulary again
     assert rig.changes.status()["state"] == "active" and rig.changes.active.version == 1
+
+
+def test_the_vocabulary_parsed_at_the_check_is_the_one_the_model_runs_numbered(rig):
+    """One parse, one value: the Vocabulary the on-set check parsed becomes ``active`` with its version, and the
+    embeddings put into the model carry that version and its classes (what each Segmentation then names)."""
+    checked = rig.changes.check("prompts", ["person", " tree"], VocabularyLimits())
+    rig.changes.request("prompts", ["person", " tree"])
+    wait_for(lambda: rig.changes.active.version == 2, what="v2")
+    assert rig.changes.active == replace(checked, version=2) and checked.version == 0
+    installed = rig.installed[-1]
+    assert (installed.version, installed.class_names) == (2, ("person", "tree")) == (
+        rig.announced[-1].version, rig.announced[-1].class_names)

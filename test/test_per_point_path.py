@@ -13,7 +13,8 @@ from sal_ros.core.panoptic import instance_summaries, panoptic_from_queries
 from sal_ros.model.inference import class_similarity, fuse_queries, rank_classes
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.segmenter import Segmenter
-from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+from sal_ros.model.text_encoder import tiny_text_encoder
+from sal_ros.model.vocabulary import Vocabulary
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -155,7 +156,7 @@ def test_one_cloud_is_prepared_as_the_first_of_a_batch():
     intensity[7] = float("nan")
     for in_channels in (4, 5):
         model = SALModel(ModelConfig.preset("realtime", in_channels=in_channels)).eval()
-        cfg = model.config
+        cfg = model.config.input
         columns = [points / cfg.coord_scale, (torch.nan_to_num(intensity) / cfg.intensity_scale)[:, None]]
         columns += [points.norm(dim=1, keepdim=True) / cfg.coord_scale] if in_channels == 5 else []
         assert torch.equal(model.point_features(points, intensity), torch.cat(columns, 1))
@@ -166,3 +167,20 @@ def test_one_cloud_is_prepared_as_the_first_of_a_batch():
         assert torch.equal(one.voxels.coords, batch.voxels.coords[:n])
         assert torch.equal(one.voxels.feats, batch.voxels.feats[:n])
         assert torch.equal(one.point_to_voxel[0], batch.point_to_voxel[0])
+
+
+@pytest.mark.parametrize("spread_m", [50.0, 4000.0])
+def test_cpu_voxelize_sorts_narrow_and_wide_key_ranges_as_the_generic_path(monkeypatch, spread_m):
+    """Keys below 2**31 go through torch's stable int32 sort, wider ranges (4 km at 2 cm: ~2**46 cells) through
+    the int64 radix passes; both give the generic path's voxels, order, means and point map."""
+    from sal_ros.model.sparse import voxelization
+
+    g = torch.Generator().manual_seed(11)
+    pts = torch.rand(30000, 3, generator=g) * torch.tensor([spread_m, spread_m, 8.0]) - spread_m / 2
+    pts[1::3] = pts[::3]  # voxels of several points
+    feats = torch.randn(30000, 5, generator=g)
+    got, got_p2v = voxelization.voxelize(pts, None, 0.02, feats)
+    monkeypatch.setattr(voxelization, "_voxelize_cpu_applies", lambda *args: False)
+    ref, ref_p2v = voxelization.voxelize(pts, None, 0.02, feats)
+    assert torch.equal(got.coords, ref.coords) and torch.equal(got.feats, ref.feats) and torch.equal(got_p2v, ref_p2v)
+    assert len(got) < 30000

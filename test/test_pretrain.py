@@ -124,7 +124,7 @@ def test_waffleiron_checkpoint_records_the_family_and_the_segmenter_runs_it(tmp_
     from sal_ros.model.checkpoint import load_checkpoint, save_checkpoint
     from sal_ros.model.sal import ModelConfig, SALModel
     from sal_ros.model.segmenter import Segmenter
-    from sal_ros.model.vocabulary import tiny_text_encoder
+    from sal_ros.model.text_encoder import tiny_text_encoder
 
     torch.manual_seed(0)
     model = SALModel(ModelConfig.preset("waffleiron_tiny")).eval()
@@ -281,7 +281,7 @@ def test_rarity_weights_keep_rare_teacher_content_from_drowning():
 # ------------------------------------------------------------------------------------------------ pretrain CLI
 @pytest.mark.parametrize("objective", ["scalr", "seal"])
 def test_pretrain_stop_and_resume_equals_uninterrupted(seq, tmp_path, objective):
-    from sal_ros.train.trainer import read_metrics
+    from sal_ros.train.loop import read_metrics
 
     balance = {"pair_balance": 1.0} if objective == "scalr" else {}  # the weighted ScaLR path resumes exactly too
     full = _config(tmp_path, seq, "full", objective, **balance)
@@ -306,6 +306,42 @@ def test_pretrain_stop_and_resume_equals_uninterrupted(seq, tmp_path, objective)
         assert torch.equal(a[key], b[key]), key
     first = _weights(run / "backbone_step0000002.pt")
     assert not all(torch.equal(a[k], first[k]) for k in a)  # it did train on
+
+
+def test_pretrain_resume_restores_numpy_and_python_randomness(seq, tmp_path):
+    """A step that also draws from numpy's and python's global generators (as an augmentation or a plug-in may):
+    stopped at step 2 and resumed in a "new process" (global generators left elsewhere), the run still ends on
+    the uninterrupted run's weights, because the state holds every RNG. Restoring only torch's RNG (pretrain
+    before issue 23) fails here: steps 3-4 draw other numbers."""
+    import random
+
+    from sal_ros.pretrain.cli import prepare, resolve
+    from sal_ros.pretrain.trainer import PretrainConfig, PretrainTrainer
+
+    class GlobalDraws(PretrainTrainer):
+        def losses(self, samples, frames, feats, gen):
+            scale = 1.0 + np.random.random() + random.random()
+            return {k: v * scale for k, v in super().losses(samples, frames, feats, gen).items()}
+
+    def run(name: str, stop_at=None, resume=False) -> Path:
+        cfg = PretrainConfig.from_yaml(_config(tmp_path, seq, name))
+        resolve(cfg, tmp_path, None)
+        data, teacher = prepare(cfg, progress=False)
+        np.random.seed(12345)  # what a new process's global generators hold: not the run's
+        random.seed(12345)
+        trainer = GlobalDraws(cfg, data, teacher.dim, progress=False)
+        if resume:
+            assert trainer.resume() == 2
+        trainer.fit(stop_at)
+        return tmp_path / name / "backbone_last.pt"
+
+    full = _weights(run("full"))
+    run("part", stop_at=2)
+    resumed = _weights(run("part", resume=True))
+    assert full.keys() == resumed.keys() and len(full) > 10
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    state = torch.load(tmp_path / "part" / "pretrain_state.pt", weights_only=True)
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
 
 
 def test_pretrain_resume_with_another_config_is_refused(seq, tmp_path, capsys):

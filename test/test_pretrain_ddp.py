@@ -35,7 +35,7 @@ def _config(tmp_path, name: str, batch_size: int):
 @pytest.mark.slow
 def test_two_process_pretrain_matches_single_process(tmp_path):
     from sal_ros.model.pretrained import read_backbone
-    from sal_ros.train.trainer import read_metrics
+    from sal_ros.train.loop import read_metrics
 
     torch.set_num_threads(1)
     assert cli_main(["pretrain", "--config", str(_config(tmp_path, "single", 2)), "--no-progress"]) == 0

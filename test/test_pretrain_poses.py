@@ -143,7 +143,7 @@ def test_temporal_pairs_from_bag_tf_match_the_dataset_poses(bag, tmp_path):
 
 
 def test_a_missing_pose_is_said_once_and_counted_per_step(bag, tmp_path, capsys, caplog):
-    from sal_ros.train.trainer import read_metrics
+    from sal_ros.train.loop import read_metrics
 
     _, moving, _ = bag
     cfg = _seal_config(tmp_path, moving, "nopose", pose_frame="map")

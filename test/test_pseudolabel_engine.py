@@ -20,7 +20,8 @@ from sal_ros.data.pseudolabels import load_pseudolabels
 from sal_ros.data.sources import FrameSource
 from sal_ros.pseudolabel.engine import STALE_TEMP_S, EngineConfig, PseudoLabeler, label_from_masks, run
 from sal_ros.pseudolabel.evaluate import oracle_masks
-from sal_ros.pseudolabel.lifting import LIDAR_SPACING_DEG, LiftConfig, project_view
+from sal_ros.core.camera import project_view
+from sal_ros.pseudolabel.lifting import LIDAR_SPACING_DEG, LiftConfig
 
 FUSION_IOU = 0.3
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16,

@@ -4,7 +4,8 @@ import pytest
 from conftest import require_data
 
 from sal_ros.pseudolabel.engine import EngineConfig, run
-from sal_ros.pseudolabel.evaluate import PseudoLabelScore, evaluate_pseudolabels, markdown_table
+from sal_ros.eval.pseudolabels import PseudoLabelScore, markdown_table
+from sal_ros.pseudolabel.evaluate import evaluate_pseudolabels
 
 
 def test_score_by_hand():

@@ -12,7 +12,7 @@ from sal_ros.model.config import ModelConfig
 from sal_ros.model.checkpoint import save_checkpoint
 from sal_ros.model.sal import SALModel
 from sal_ros.model.segmenter import Segmenter
-from sal_ros.model.vocabulary import tiny_text_encoder
+from sal_ros.model.text_encoder import tiny_text_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 

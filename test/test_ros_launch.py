@@ -70,7 +70,7 @@ def write_params(path, bag, checkpoint, **segmenter):
     import yaml
 
     from sal_ros.data.convert import CLOUD_TOPIC, EXTRINSICS_FILE, image_topic, info_topic
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
 
     doc = {
         "/**": {"ros__parameters": {
@@ -271,7 +271,7 @@ def test_ctrl_c_ends_launch_and_every_node_cleanly_ten_times_with_a_frame_in_the
     from sal_ros.model.config import ModelConfig
     from sal_ros.model.checkpoint import save_checkpoint
     from sal_ros.model.sal import SALModel
-    from sal_ros.model.vocabulary import tiny_text_encoder
+    from sal_ros.model.text_encoder import tiny_text_encoder
 
     bag, frames = kitti
     torch.manual_seed(0)
@@ -314,7 +314,7 @@ def test_ros2_run_keeps_the_dds_environment_it_is_given(installed, tmp_path):
     env = {k: v for k, v in installed.items() if k not in ("RMW_IMPLEMENTATION", "FASTDDS_DEFAULT_PROFILES_FILE")}
     env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "OFF"
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt")
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
 
     proc = GroupProcess(["ros2", "run", "sal_ros", "segmenter", "--ros-args", "-p", f"model.checkpoint:={checkpoint}",
                          "-p", "model.device:=cpu", "-p", f"text_encoder.model:={TINY_TEXT_ENCODER}"],

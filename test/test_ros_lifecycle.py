@@ -19,7 +19,7 @@ rclpy = require_rclpy()
 from rclpy.qos import QoSProfile, qos_profile_sensor_data  # noqa: E402
 
 from sal_ros.core.msgtypes import stamp_to_ns  # noqa: E402
-from sal_ros.model.vocabulary import TINY_TEXT_ENCODER  # noqa: E402
+from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER  # noqa: E402
 
 from test_nodes_lifecycle import Lifecycle  # noqa: E402
 from test_ros_ux import installed  # noqa: E402,F401 - the module's colcon install (a fixture)

@@ -13,7 +13,8 @@ def segmenter():
     from sal_ros.model.sal import SALModel
     from sal_ros.core.cloud_input import SegmenterConfig
     from sal_ros.model.segmenter import Segmenter
-    from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+    from sal_ros.model.text_encoder import tiny_text_encoder
+    from sal_ros.model.vocabulary import Vocabulary
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -12,7 +12,8 @@ from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.segmenter import Segmenter
 from sal_ros.model.sparse import (_downsample_coords, _downsample_with_parents, build_kernel_map, build_parent_map,
                                   kernel_offsets, voxelize)
-from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+from sal_ros.model.text_encoder import tiny_text_encoder
+from sal_ros.model.vocabulary import Vocabulary
 from conftest import REPO
 
 # Labels of the bf16 path may differ from the float32 path on at most this share of the scan's points (measured

@@ -17,7 +17,8 @@ VOCABULARY = REPO / "config" / "vocabulary_semantickitti_names.yaml"
 
 def test_names_vocabulary_embeds_like_the_oracle_tokens():
     from sal_ros.data.labels import get_label_set
-    from sal_ros.model.vocabulary import TextEncoder, Vocabulary
+    from sal_ros.model.text_encoder import TextEncoder
+    from sal_ros.model.vocabulary import Vocabulary
     from sal_ros.train.dataset import class_text_tokens
     from sal_ros.train.trainer import TrainConfig
 

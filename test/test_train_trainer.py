@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from conftest import TRAIN_STEPS, TRAIN_WARMUP, train_config
 
 from sal_ros.cli import main as cli_main  # noqa: E402
-from sal_ros.train.trainer import read_metrics  # noqa: E402
+from sal_ros.train.loop import read_metrics  # noqa: E402
 
 STOP_AT = 4  # well past warm-up (TRAIN_WARMUP): the cosine decay's end must not move
 # BatchNorm statistics are per process under DDP (SyncBatchNorm needs CUDA), so the curves drift apart slowly

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from sal_ros.model.checkpoint import ModelError
-from sal_ros.model.vocabulary import (TINY_TEXT_ENCODER, TextEncoder, Vocabulary, VocabularyError, tiny_text_encoder,
-                                      validate_prompts)
+from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
+from sal_ros.model.text_encoder import TextEncoder, tiny_text_encoder
+from sal_ros.model.vocabulary import Vocabulary, VocabularyError, validate_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +32,19 @@ def test_validate_prompts_rejects_with_reason(prompts, reason):
 def test_validate_prompts_accepts_and_strips():
     assert validate_prompts([" car", "traffic sign ", "Person"]) == ["car", "traffic sign", "Person"]
     assert Vocabulary.from_prompts(["car", "road"]).class_names == ("car", "road")
+
+
+def test_a_prompt_list_is_tokenized_once_per_template_when_parsed():
+    """The parse checks each prompt against each template once (it was checked three times: as prompts, as class
+    names, as descriptions)."""
+    from sal_ros.model.vocabulary import DEFAULT_TEMPLATES, token_count
+
+    prompts = ["parsed once car", "parsed once road", "parsed once tree"]
+    token_count.cache_clear()
+    vocabulary = Vocabulary.from_prompts(prompts)
+    info = token_count.cache_info()
+    assert info.hits + info.misses == len(prompts) * len(DEFAULT_TEMPLATES)
+    assert vocabulary.class_names == tuple(prompts) and vocabulary.version == 0
 
 
 def test_semantickitti_vocabulary_file():
@@ -164,7 +178,8 @@ def test_tiny_text_encoder_leaves_no_folder_behind(tmp_path):
     import sys
 
     env = dict(os.environ, TMPDIR=str(tmp_path))
-    code = ("from sal_ros.model.vocabulary import tiny_text_encoder, Vocabulary\n"
+    code = ("from sal_ros.model.text_encoder import tiny_text_encoder\n"
+            "from sal_ros.model.vocabulary import Vocabulary\n"
             "enc = tiny_text_encoder()\n"
             "print(enc.encode(Vocabulary.from_prompts(['car', 'tree'])).embeddings.shape)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

@@ -133,7 +133,8 @@ def _model(preset: str, checkpoint: Path | None):
 
 
 def _embeddings(token_dim: int):
-    from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+    from sal_ros.model.text_encoder import tiny_text_encoder
+    from sal_ros.model.vocabulary import Vocabulary
 
     encoder = tiny_text_encoder()
     if encoder.embed_dim != token_dim:
@@ -267,7 +268,8 @@ def bench_node(args: argparse.Namespace, scan: np.ndarray) -> dict:
 
     from sal_ros.tools import online
     from sal_ros.model.checkpoint import save_checkpoint
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER, tiny_text_encoder
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
+    from sal_ros.model.text_encoder import tiny_text_encoder
 
     with tempfile.TemporaryDirectory(prefix="sal_bench_gpu_") as tmp:
         tmp = Path(tmp)

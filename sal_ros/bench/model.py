@@ -187,7 +187,8 @@ def bench_preset(config, scan: np.ndarray, device: str, repeats: int, reference:
 
     from sal_ros.model.sal import SALModel
     from sal_ros.model.segmenter import Segmenter
-    from sal_ros.model.vocabulary import Vocabulary, tiny_text_encoder
+    from sal_ros.model.text_encoder import tiny_text_encoder
+    from sal_ros.model.vocabulary import Vocabulary
 
     torch.manual_seed(0)
     encoder = tiny_text_encoder(device)

@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
     from sal_ros.bench.codec import make_driver_cloud
     from sal_ros.nodes.messages import rclpy_types
     from sal_ros.core.sync import LidarAnchoredSynchronizer
-    from sal_ros.model.vocabulary import TINY_TEXT_ENCODER
+    from sal_ros.model.open_clip_models import TINY_TEXT_ENCODER
     from sal_ros.nodes import outputs
     from sal_ros.nodes import params as P
     from sal_ros.nodes.segmenter import SegmenterNode
@@ -107,16 +107,16 @@ def main(args: argparse.Namespace) -> int:
         stages, stages_cpu = timed({
             "sync": sync_once,
             "decode": lambda: node.inputs.decode(synced, with_cameras=False),
-            "publish": lambda: node._publish(frame, seg, wanted),
+            "publish": lambda: node.outputs.frame(frame, seg, wanted),
         }, args.repeats)
         typed = typed_outputs(node, frame, seg, wanted, args) if args.typed_outputs != "off" else {}
         palette = outputs.class_colors(len(seg.class_names))
         parts, parts_cpu = timed({  # inside publish
             "encode_cloud": lambda: outputs.labeled_cloud(frame.points, frame.intensity, seg, "lidar", stamp, types,
-                                                          palette, node._cloud_encoder),  # the node's: reused buffer
+                                                          palette, node.outputs.cloud_encoder),  # reused buffer
             "markers": lambda: outputs.instance_markers(seg.instances, "lidar", stamp, palette, types, 5,
                                                         vocabulary_version=seg.vocabulary_version,
-                                                        pool=node._marker_pool),  # the node's: reused markers
+                                                        pool=node.outputs.marker_pool),  # the node's: reused markers
             "info_record": lambda: outputs.frame_record(stamp, "lidar", seg, frame.num_points, ()),
             # reference, same run: the same cloud into a fresh buffer each frame (what encode_cloud does)
             "encode_cloud_fresh_buffer": lambda: outputs.labeled_cloud(frame.points, frame.intensity, seg, "lidar",
@@ -175,10 +175,10 @@ def typed_outputs(node: Any, frame: Any, seg: Any, wanted: dict, args: argparse.
     plain, tracked = copy.deepcopy(seg), copy.deepcopy(seg)  # each side its own arrays, alike in memory
 
     def track_and_publish():
-        node._publish(frame, tracked, on, node._track(frame, tracked), tracked.timings_ms)
+        node.outputs.frame(frame, tracked, on, node.tracking.track(frame, tracked), tracked.timings_ms)
 
     off, on_ = [], []
-    sides = [(lambda: node._publish(frame, plain, wanted), off), (track_and_publish, on_)]
+    sides = [(lambda: node.outputs.frame(frame, plain, wanted), off), (track_and_publish, on_)]
     for k in range(args.repeats + WARMUP):  # interleaved, order alternating: load and cache hit both alike
         for fn, times in (sides if k % 2 else sides[::-1]):
             t0 = time.perf_counter()
@@ -186,10 +186,11 @@ def typed_outputs(node: Any, frame: Any, seg: Any, wanted: dict, args: argparse.
             if k >= WARMUP:  # the first rounds warm up allocations (they ran up to 2x slower)
                 times.append((time.perf_counter() - t0) * 1e3)
     off_ms, on_ms = float(np.median(off)), float(np.median(on_))
-    result = node.tracker.update(tracked.instances, frame.stamp_ns)
+    tracker = node.tracking.tracker
+    result = tracker.update(tracked.instances, frame.stamp_ns)
     classes = {t.track_id: t.classes for t in result.by_instance.values()}
     parts = {
-        "tracker": median_ms(lambda: apply_tracks(tracked, node.tracker.update(tracked.instances, frame.stamp_ns)),
+        "tracker": median_ms(lambda: apply_tracks(tracked, tracker.update(tracked.instances, frame.stamp_ns)),
                              args.repeats),
         "detections": median_ms(lambda: outputs.detections_message(tracked.instances, "lidar", frame.stamp_ns,
                                                                    tracked.class_names, node._types, classes),

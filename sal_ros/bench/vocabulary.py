@@ -65,9 +65,9 @@ def _median(runs: list[tuple[float, float]]) -> dict:
 
 def _uncached_parse(names: list[str]) -> Any:
     """The on-set check of prompts never seen (the token counts it caches are cleared first)."""
-    from sal_ros.model.vocabulary import Vocabulary, _token_count
+    from sal_ros.model.vocabulary import Vocabulary, token_count
 
-    _token_count.cache_clear()
+    token_count.cache_clear()
     return Vocabulary.from_prompts(names)
 
 
@@ -81,7 +81,8 @@ def _full_context(encoder: Any, vocabulary: Any) -> np.ndarray:
 
 
 def measure(model: str, pretrained: str | None, n: int, repeats: int, reference: bool) -> dict:
-    from sal_ros.model.vocabulary import TextEncoder, Vocabulary
+    from sal_ros.model.text_encoder import TextEncoder
+    from sal_ros.model.vocabulary import Vocabulary
 
     names = prompts(n)
     Vocabulary.from_prompts(["warm-up"])  # the tokenizer's tables load once per process (a node: at start)

@@ -292,3 +292,16 @@ def in_camera_frustum(frame, min_depth: float = 1.0) -> np.ndarray:
     for view in frame.cameras.values():
         inside |= project_points(frame.points, view.T_cam_lidar, view.camera, min_depth).valid
     return inside
+
+
+def project_view(points: np.ndarray, view, min_depth: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(index, uv (P, 2) float, depth (P,)) of the points in front of the camera and inside its image."""
+    T = np.asarray(view.T_cam_lidar, np.float64)
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        raise CalibrationError(f"camera {view.name}: T_cam_lidar must be a finite 4x4 matrix, got {T.shape}")
+    proj = project_points(points, T, view.camera, min_depth)
+    h, w = view.image.shape[:2]
+    uv = np.asarray(proj.uv, np.float64)
+    valid = np.asarray(proj.valid, bool) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
+    index = np.flatnonzero(valid)
+    return index, uv[index], np.asarray(proj.depth, np.float32)[index]

@@ -1,6 +1,8 @@
 """Evaluation report: metrics.json, report.md (tables), confusion.png and per_class.png, written atomically."""
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +104,12 @@ def write_report(out_dir: str | Path, result: PanopticResult, confusion: Confusi
     if confusion is not None:
         paths["confusion"] = plot_confusion(confusion, result.class_names, out / "confusion.png")
     return paths
+
+
+def write_result(out: Path, result: dict, text_name: str, text: str, figure_name: str,
+                 plot: Callable[[dict, Path], None]) -> None:
+    """metrics.json (``result``; numpy scalars as floats), a text file and a figure of ``result`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "metrics.json", json.dumps(result, indent=1, default=float))
+    atomic_write(out / text_name, text)
+    plot(result, out / figure_name)

@@ -54,6 +54,12 @@ class ConfusionMatrix:
             return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
         return float(np.nan_to_num(iou, nan=0.0).mean()) if iou.size else float("nan")
 
+    def iou_percent(self, class_names) -> dict[str, float | None]:
+        """IoU per class name (classes 1..C) in percent, rounded to 0.01; None for a class never seen nor
+        predicted (null in a report's JSON)."""
+        return {n: None if not np.isfinite(v) else round(100 * float(v), 2)
+                for n, v in zip(class_names, self.iou()[1:])}
+
     def accuracy(self) -> float:
         conf = self.conf.copy()
         conf[:, self.ignore] = 0

@@ -69,7 +69,7 @@ def pseudolabel_quality(cfg: ExperimentConfig, teacher: Teacher, select: str, pr
     from sal_ros.data.labels import get_label_set
     from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
     from sal_ros.data.sources import iter_source_frames
-    from sal_ros.pseudolabel.evaluate import PseudoLabelScore, scored_points
+    from sal_ros.eval.pseudolabels import PseudoLabelScore, scored_points
 
     folder = pseudolabel_dir(cfg, teacher)
     path = cfg.out_dir / "quality" / f"{folder.name}-{config_hash([select, cfg.label_set])}.json"
@@ -159,8 +159,9 @@ def self_train(cfg: ExperimentConfig, train_cfg: dict, info: dict, progress: boo
 
 def untrained(cfg: ExperimentConfig) -> dict:
     """The recipe's model at initialisation (its seed), saved as a checkpoint: the floor every model must beat."""
-    from sal_ros.model.vocabulary import TextEncoder
-    from sal_ros.train.trainer import TrainConfig, build_model, save_model, seed_everything
+    from sal_ros.model.text_encoder import TextEncoder
+    from sal_ros.train.loop import seed_everything
+    from sal_ros.train.trainer import TrainConfig, build_model, save_model
 
     d = train_config(cfg, [])
     out = cfg.out_dir / "train" / f"untrained-{config_hash([d['model'], d['seed'], d.get('text_encoder')])}"

@@ -85,7 +85,7 @@ def _encoder_record(encoder: Any) -> dict | None:
     if encoder is None:
         return None
     if isinstance(encoder, dict):
-        from sal_ros.model.vocabulary import encoder_identity
+        from sal_ros.model.open_clip_models import encoder_identity
 
         pretrained = encoder.get("pretrained") or None
         return {"model": str(encoder["model"]), "pretrained": pretrained,

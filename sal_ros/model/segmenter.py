@@ -30,7 +30,8 @@ from sal_ros.model.errors import NonFiniteOutputError
 from sal_ros.model.inference import class_similarity, fuse_queries, rank_classes
 from sal_ros.model.runtime import cpu_bf16
 from sal_ros.model.sal import ModelConfig, SALModel
-from sal_ros.model.vocabulary import TextEmbeddings, TextEncoder, Vocabulary
+from sal_ros.model.text_encoder import TextEmbeddings, TextEncoder
+from sal_ros.model.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 

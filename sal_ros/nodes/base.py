@@ -18,7 +18,8 @@ from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import params as P
 from sal_ros.nodes.inputs import SensorInputs, declare_inputs
 from sal_ros.nodes.qos import profile
-from sal_ros.nodes.stats import NodeStats, Throttle
+from sal_ros.core.errors import SensorDataError
+from sal_ros.nodes.stats import NodeStats, Throttle, throttled
 from sal_ros.nodes.worker import Worker
 
 
@@ -97,6 +98,19 @@ class SensorNode(Node):
         """Stop the worker (the frame in hand is waited for up to its timeout) and forget it."""
         self.worker.stop()
         del self.worker
+
+    def decode(self, synced: Any, with_cameras: bool) -> Any:
+        """The synced messages decoded (sal_ros.nodes.inputs), what was left out reported; None for a malformed
+        cloud, which is counted, reported in /diagnostics and warned about (throttled), and the node goes on."""
+        try:
+            decoded = self.inputs.decode(synced, with_cameras=with_cameras)
+        except SensorDataError as exc:
+            self.stats.count("error.malformed_cloud")
+            self.health.error("malformed_cloud")
+            self.get_logger().warning(f"dropped a malformed cloud: {exc}", **throttled())
+            return None
+        self.health.left_out(list(decoded.problems))
+        return decoded
 
     def _on_synced(self, synced: Any) -> None:
         self.health.frame_in(synced.missing)

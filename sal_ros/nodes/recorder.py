@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from sal_ros.core.errors import SensorDataError
 from sal_ros.core.types import Frame
 from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import params as P
@@ -101,14 +100,9 @@ class RecorderNode(SensorNode):
             self.stats.count("skipped_store_full")
             return
         t0 = time.perf_counter()
-        try:
-            decoded = self.inputs.decode(synced, with_cameras=True)
-        except SensorDataError as exc:
-            self.stats.count("error.malformed_cloud")
-            self.health.error("malformed_cloud")
-            self.get_logger().warning(f"dropped a malformed cloud: {exc}", **throttled())
+        decoded = self.decode(synced, with_cameras=True)
+        if decoded is None:
             return
-        self.health.left_out(list(decoded.problems))
         pose = self._pose(decoded.frame)
         try:
             written = self.store.append(decoded.frame, pose)

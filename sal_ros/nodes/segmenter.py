@@ -30,30 +30,28 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from sal_ros.core.cloud_input import MAX_COORDINATE, SegmenterConfig
-from sal_ros.core.errors import SensorDataError
-from sal_ros.nodes.messages import rclpy_types
-from sal_ros.core.pointcloud2 import CloudEncoder
-from sal_ros.core.tracking import Tracker, TrackerConfig, TrackingResult, apply_tracks
+from sal_ros.core.tracking import Tracker
 from sal_ros.core.types import Frame, Segmentation
 from sal_ros.model.errors import NonFiniteOutputError
 from sal_ros.nodes import diagnostics as D
-from sal_ros.nodes import outputs
 from sal_ros.nodes import params as P
 from sal_ros.nodes.base import SensorNode
+from sal_ros.nodes.messages import rclpy_types
 from sal_ros.nodes.namesakes import Namesakes
-from sal_ros.nodes.qos import latched, profile
+from sal_ros.nodes.publishers import SegmenterPublishers
 from sal_ros.nodes.stats import Throttle, throttled
-from sal_ros.nodes.vocabulary import (ActiveVocabulary, VocabularyChanges, diagnostic_status, initial_vocabulary,
-                                      limits_of, status_record)
+from sal_ros.nodes.tracking import NodeTracking, tracker_config
+from sal_ros.nodes.vocabulary_changes import (VocabularyChanges, diagnostic_status, initial_vocabulary, limits_of,
+                                      status_record)
 from sal_ros.nodes.worker import Worker
 
+if TYPE_CHECKING:
+    from sal_ros.model.vocabulary import Vocabulary
+
 OUTPUTS = ("labeled_points", "markers", "overlays", "info", "detections", "frame_summary", "filtered")
-# Autoware's per-frame debug figures (ms), on ~/debug/<name>
-DEBUG_TIMES = ("processing_time_ms", "cyclic_time_ms", "pipeline_latency_ms")
 # The parameters that make the Segmenter's configuration (_segmenter_config).
 SEGMENTER_CONFIG_PARAMS = ("score_threshold", "min_instance_points", "max_points", "max_points_policy",
                            "model.intensity_scale")
@@ -73,9 +71,8 @@ class SegmenterNode(SensorNode):
                                             self._vocabulary_status_changed)
         self._status_throttle = Throttle()
         self.device = self._choose_device(self.values["model.device"])
-        self.tracker = Tracker(self._tracker_config())
-        self._poses, self._last_pose = self._pose_source(), None
-        self._make_publishers(self.cameras)
+        self.tracking = NodeTracking(self)
+        self.outputs = SegmenterPublishers(self, self.cameras, self._types, self.values)
         self.add_on_set_parameters_callback(self._validate_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
         try:
@@ -149,18 +146,17 @@ class SegmenterNode(SensorNode):
         """Pay what a first frame would before the node says it is ready: one model pass on a synthetic scan of
         realistic size (kernel and allocator set-up, buffers), the tracker (its assignment solver) and every
         output message built from that result (codec buffers, marker pool), published nowhere."""
-        from sal_ros.core.types import Frame
         from sal_ros.model.segmenter import warm_up
 
         t0 = time.perf_counter()
         xyz, intensity, seg = warm_up(self._segmenter)
         t1 = time.perf_counter()
-        tracker = Tracker(self._tracker_config())  # a throwaway: the node's tracker starts empty
+        tracker = Tracker(tracker_config(self.values))  # a throwaway: the node's tracker starts empty
         tracker.update(seg.instances, 0, None, seg.vocabulary_version)
         tracking = tracker.update(seg.instances, 1, None, seg.vocabulary_version)
         frame = Frame(1, "warm_up", xyz, intensity)
         wanted = {name: True for name in OUTPUTS if name != "overlays"} | {"overlays": set()}
-        self._publish(frame, seg, wanted, tracking, {}, send=lambda publisher, message: None)
+        self.outputs.frame(frame, seg, wanted, tracking, {}, send=lambda publisher, message: None)
         self.startup_events.append("warm-up")
         self.get_logger().info(f"warm-up: model on a synthetic scan of {len(seg.label)} points in "
                                f"{(t1 - t0) * 1e3:.0f} ms, tracking and outputs in "
@@ -168,7 +164,7 @@ class SegmenterNode(SensorNode):
 
     def _load_model(self) -> tuple[Any, Any]:
         from sal_ros.model.segmenter import Segmenter
-        from sal_ros.model.vocabulary import TextEncoder
+        from sal_ros.model.text_encoder import TextEncoder
 
         v = self.values
         if not v["text_encoder.pretrained"]:
@@ -188,17 +184,17 @@ class SegmenterNode(SensorNode):
     # -------------------------------------------------------------------------------------------- vocabulary
 
     @property
-    def active(self) -> ActiveVocabulary:
-        """The vocabulary the model runs with."""
+    def active(self) -> Vocabulary | None:
+        """The vocabulary the model runs with (numbered); None while not configured."""
         return self.vocabulary.active
 
-    def _encode_vocabulary(self, vocabulary: Any, version: int, progress: Any = None) -> Any:
-        return self._text_encoder.encode(vocabulary, version=version, progress=progress)
+    def _encode_vocabulary(self, vocabulary: Vocabulary, progress: Any = None) -> Any:
+        return self._text_encoder.encode(vocabulary, progress=progress)
 
     def _install_vocabulary(self, embeddings: Any) -> None:
         self._segmenter.set_embeddings(embeddings)
 
-    def _announce_vocabulary(self, active: ActiveVocabulary, ms: float) -> None:
+    def _announce_vocabulary(self, active: Vocabulary, ms: float) -> None:
         self.stats.time("embed", ms)
         self._publish_vocabulary(active)
         self.get_logger().info(f"vocabulary v{active.version} active: {list(active.class_names)}")
@@ -214,19 +210,14 @@ class SegmenterNode(SensorNode):
         if status["state"] == "re-embedding" and 0 < status["done"] < status["total"] \
                 and not self._status_throttle.ready("progress", 0.5):
             return
-        if hasattr(self, "_pub_vocabulary_json") and self.active is not None:
-            from std_msgs.msg import String
+        if hasattr(self, "outputs") and self.active is not None:
+            self.outputs.vocabulary_status(status_record(self.active, status))
 
-            self._pub_vocabulary_json.publish(String(data=status_record(self.active, status)))
-
-    def _publish_vocabulary(self, active: ActiveVocabulary) -> None:
-        from std_msgs.msg import String
-
+    def _publish_vocabulary(self, active: Vocabulary) -> None:
         v = self.values
         encoder = f"{v['text_encoder.model']} ({v['text_encoder.pretrained'] or 'random weights'})"
-        self._pub_vocabulary.publish(outputs.vocabulary_message(
-            active.version, active.vocabulary, active.palette, encoder, self.get_clock().now().to_msg()))
-        self._pub_vocabulary_json.publish(String(data=status_record(active, self.vocabulary.status())))
+        self.outputs.vocabulary_active(active, encoder, self.get_clock().now().to_msg(),
+                                       status_record(active, self.vocabulary.status()))
 
     # -------------------------------------------------------------------------------------------- parameters
 
@@ -277,56 +268,11 @@ class SegmenterNode(SensorNode):
             elif param.name in SEGMENTER_CONFIG_PARAMS and loaded:
                 self._configure_segmenter()
             elif param.name.startswith("tracking."):
-                self.tracker.config = self._tracker_config()
-
-    # ------------------------------------------------------------------------------------------------ output
-
-    def _make_publishers(self, cameras: list) -> None:
-        from sensor_msgs.msg import Image, PointCloud2
-
-        try:
-            from sal_ros_msgs.msg import FrameSummary, Vocabulary
-        except ImportError as exc:
-            raise ImportError(f"{exc}: the sal_ros_msgs interfaces are not built. Build them with the package "
-                              "(colcon build --base-paths src/sal_ros src/sal_ros/sal_ros_msgs, then source "
-                              "install/setup.bash) or, without an apt ROS, `make setup` "
-                              "(sal_ros_msgs/build_venv.sh)") from exc
-        from std_msgs.msg import String
-        from vision_msgs.msg import Detection3DArray
-        from visualization_msgs.msg import MarkerArray
-
-        qos = profile(self.values["qos.outputs.reliability"], self.values["qos.outputs.depth"])
-        self._pub_cloud = self.create_publisher(PointCloud2, "~/labeled_points", qos)
-        # one buffer for every labeled cloud, one set of markers: only the worker thread publishes, each frame's
-        # messages before the next frame's are built
-        self._cloud_encoder = CloudEncoder(self._types)
-        self._pub_markers = self.create_publisher(MarkerArray, "~/markers", qos)
-        self._marker_pool = outputs.MarkerPool()
-        self._pub_info = self.create_publisher(String, "~/info", qos)
-        self._pub_overlays = {c.name: self.create_publisher(Image, f"~/overlay/{c.name}", qos) for c in cameras}
-        self._pub_detections = self.create_publisher(Detection3DArray, "~/detections", qos)
-        self._pub_summary = self.create_publisher(FrameSummary, "~/frame_summary", qos)
-        self._pub_filtered = self.create_publisher(PointCloud2, "~/filtered", qos)
-        from sensor_msgs.msg import Temperature  # the closest standard stamped float (outputs.stamped_ms)
-
-        self._pub_debug = {name: self.create_publisher(Temperature, f"~/debug/{name}", qos) for name in DEBUG_TIMES}
-        self._last_start: float | None = None  # when the previous processed frame started (cyclic time)
-        self._pub_vocabulary = self.create_publisher(Vocabulary, "~/vocabulary", latched())
-        self._pub_vocabulary_json = self.create_publisher(String, "~/debug/vocabulary", latched())
+                self.tracking.configure()
 
     def wanted_outputs(self) -> dict[str, Any]:
         """Which outputs are enabled and subscribed; overlays as the set of camera names."""
-        v = self.values
-        return {
-            "labeled_points": v["publish.labeled_points"] and self._pub_cloud.get_subscription_count() > 0,
-            "markers": v["publish.markers"] and self._pub_markers.get_subscription_count() > 0,
-            "info": v["publish.info"] and self._pub_info.get_subscription_count() > 0,
-            "detections": v["publish.detections"] and self._pub_detections.get_subscription_count() > 0,
-            "frame_summary": v["publish.frame_summary"] and self._pub_summary.get_subscription_count() > 0,
-            "filtered": v["publish.filtered"] and self._pub_filtered.get_subscription_count() > 0,
-            "overlays": {name for name, pub in self._pub_overlays.items()
-                         if v["publish.overlays"] and pub.get_subscription_count() > 0},
-        }
+        return self.outputs.wanted()
 
     # ------------------------------------------------------------------------------------------------ frames
 
@@ -338,27 +284,23 @@ class SegmenterNode(SensorNode):
             self.get_logger().info("frames arrive but nothing subscribes to the outputs: the model runs once "
                                    "something does (RViz, ros2 topic echo ~/labeled_points)", **throttled(30.0))
             return
-        try:
-            decoded = self.inputs.decode(synced, with_cameras=bool(wanted["overlays"]))
-        except SensorDataError as exc:
-            self.stats.count("error.malformed_cloud")
-            self.health.error("malformed_cloud")
-            self.get_logger().warning(f"dropped a malformed cloud: {exc}", **throttled())
+        decoded = self.decode(synced, with_cameras=bool(wanted["overlays"]))
+        if decoded is None:
             return
-        self.health.left_out(list(decoded.problems))
         frame = decoded.frame
         t1 = time.perf_counter()
         seg = self.segment_frame(frame)
         if seg is None:
             return
         t2 = time.perf_counter()
-        tracking = self._track(frame, seg)
+        tracking = self.tracking.track(frame, seg)
         t3 = time.perf_counter()
         stages = {"decode": t1 - t0, "segment": t2 - t1, "track": t3 - t2}
-        self._publish(frame, seg, wanted, tracking, {**{k: v * 1e3 for k, v in stages.items()},
-                                                     **{"model." + k: v for k, v in seg.timings_ms.items()}})
+        self.outputs.frame(frame, seg, wanted, tracking, {**{k: v * 1e3 for k, v in stages.items()},
+                                                          **{"model." + k: v for k, v in seg.timings_ms.items()}},
+                           self.tracking.frame_of(tracking, frame))
         if wanted["filtered"]:
-            self._publish_filtered(decoded.cloud_msg, seg)
+            self.outputs.filtered_cloud(decoded.cloud_msg, seg)
         t4 = time.perf_counter()
         self.stats.count("processed")
         for stage, ms in (*stages.items(), ("publish", t4 - t3), ("total", t4 - t0)):
@@ -376,28 +318,7 @@ class SegmenterNode(SensorNode):
         now_ns = self.get_clock().now().nanoseconds
         if frame.stamp_ns and now_ns > frame.stamp_ns:  # includes driver and transport; needs synced clocks
             self.stats.time("stamp_age", (now_ns - frame.stamp_ns) / 1e6)
-        self._publish_debug_times(frame, t0, t4, now_ns)
-
-    def _publish_debug_times(self, frame: Frame, start: float, end: float, now_ns: int) -> None:
-        """Autoware's debug figures of this frame: its work, the time since the previous frame's start, and the
-        time since the sensor stamp (ROS clock; driver and transport included)."""
-        cyclic = None if self._last_start is None else (start - self._last_start) * 1e3
-        self._last_start = start
-        if not self.values["publish.debug"]:
-            return
-        figures = {"processing_time_ms": (end - start) * 1e3, "cyclic_time_ms": cyclic,
-                   "pipeline_latency_ms": (now_ns - frame.stamp_ns) / 1e6}
-        for name, value in figures.items():
-            pub = self._pub_debug[name]
-            if value is not None and pub.get_subscription_count() > 0:
-                pub.publish(outputs.stamped_ms(value, frame.frame_id, frame.stamp_ns, self._types))
-
-    def _publish_filtered(self, cloud_msg: Any, seg: Segmentation) -> None:
-        """~/filtered: the input cloud without the points of ``filter.classes`` (by name, in the vocabulary the
-        frame was segmented with; a name that vocabulary lacks removes nothing)."""
-        removed = outputs.labels_to_remove(seg.class_names, self.values["filter.classes"])
-        keep = ~np.isin(np.asarray(seg.label), removed)
-        self._pub_filtered.publish(outputs.filtered_cloud(cloud_msg, keep, self._types))
+        self.outputs.debug_times(frame, t0, t4, now_ns)
 
     def segment_frame(self, frame: Frame) -> Segmentation | None:
         """The Segmenter on one frame, with what it left out counted and warned about. None when the frame is
@@ -456,94 +377,6 @@ class SegmenterNode(SensorNode):
         """Hand the node's parameters to the Segmenter as one value, swapped atomically (from the next frame)."""
         self._segmenter.configure(self._segmenter_config())
 
-    # ---------------------------------------------------------------------------------------------- tracking
-
-    def _tracker_config(self) -> TrackerConfig:
-        v = self.values
-        return TrackerConfig(max_distance=float(v["tracking.max_distance"]), max_misses=int(v["tracking.max_misses"]),
-                             class_memory=float(v["tracking.class_memory"]))
-
-    def _pose_source(self) -> Any:
-        """A tf2 buffer for sensor -> ``tracking.fixed_frame`` lookups, or None (track in the sensor frame)."""
-        if not self.values["tracking.fixed_frame"]:
-            return None
-        from sal_ros.nodes.extrinsics import make_extrinsics_source
-
-        try:
-            return make_extrinsics_source("tf", node=self)
-        except ImportError as exc:
-            self.get_logger().error(f"tracking.fixed_frame is set but TF is unavailable, tracking in the sensor "
-                                    f"frame: {exc}")
-            return None
-
-    def _tracking_pose(self, frame: Frame) -> np.ndarray | None:
-        """Sensor -> fixed frame at the cloud stamp; the last one found when TF cannot say yet (counted)."""
-        fixed = self.values["tracking.fixed_frame"]
-        if self._poses is None or fixed == frame.frame_id:
-            return None
-        pose = self._poses.lookup(fixed, frame.frame_id, frame.stamp_ns)
-        if pose is None:
-            self.stats.count("tracking_pose_missing")
-            why = getattr(self._poses, "last_error", {}).get((fixed, frame.frame_id), "no transform")
-            self.get_logger().warning(f"no transform {frame.frame_id} -> {fixed} at the cloud stamp ({why}); "
-                                      "tracking with the last known pose", **throttled())
-            return self._last_pose
-        self._last_pose = pose
-        return pose
-
-    def _track(self, frame: Frame, seg: Segmentation) -> TrackingResult | None:
-        """Track ids and smoothed classes into ``seg`` (in place); None when tracking is off."""
-        if not self.values["tracking.enable"]:
-            return None
-        try:
-            result = self.tracker.update(seg.instances, frame.stamp_ns, self._tracking_pose(frame),
-                                         seg.vocabulary_version)
-        except Exception as exc:  # noqa: BLE001 - a tracker fault must not cost the frame: publish it untracked
-            self.stats.count("error.tracking")
-            self.health.error("tracking")
-            self.tracker.reset()
-            self.get_logger().warning(f"tracking failed, frame published with per-frame ids, tracks reset: "
-                                      f"{type(exc).__name__}: {exc}", **throttled())
-            return None
-        apply_tracks(seg, result)
-        return result
-
-    def _publish(self, frame: Frame, seg: Segmentation, wanted: dict[str, Any], tracking: TrackingResult | None = None,
-                 timings_ms: dict[str, float] | None = None, send: Any = None) -> None:
-        """Build the wanted outputs of a frame and ``send(publisher, message)`` each (default: publish it)."""
-        from std_msgs.msg import String
-
-        send = send or (lambda publisher, message: publisher.publish(message))
-
-        active = self.active  # class_colors depends on the class count only: reuse the active vocabulary's
-        same = len(active.class_names) == len(seg.class_names)
-        palette = active.palette if same else outputs.class_colors(len(seg.class_names))
-        if wanted.get("detections"):
-            classes = None if tracking is None else {t.track_id: t.classes for t in tracking.by_instance.values()}
-            send(self._pub_detections, outputs.detections_message(
-                seg.instances, frame.frame_id, frame.stamp_ns, seg.class_names, self._types, classes))
-        if wanted.get("frame_summary"):
-            used_fixed = tracking is not None and self._last_pose is not None
-            send(self._pub_summary, outputs.frame_summary_message(
-                seg, frame.frame_id, frame.stamp_ns, frame.num_points, self._types, frame.missing_cameras,
-                timings_ms, tracking, self.values["tracking.fixed_frame"] if used_fixed else frame.frame_id))
-        if wanted["labeled_points"]:
-            send(self._pub_cloud, outputs.labeled_cloud(
-                frame.points, frame.intensity, seg, frame.frame_id, frame.stamp_ns, self._types, palette,
-                self._cloud_encoder))
-        if wanted["info"]:
-            record = outputs.frame_record(frame.stamp_ns, frame.frame_id, seg, frame.num_points, frame.missing_cameras)
-            send(self._pub_info, String(data=record))
-        if wanted["markers"]:
-            send(self._pub_markers, outputs.instance_markers(
-                seg.instances, frame.frame_id, frame.stamp_ns, palette, self._types, self.values["markers.min_points"],
-                vocabulary_version=seg.vocabulary_version, tracked=tracking is not None, pool=self._marker_pool))
-        for name in wanted["overlays"]:
-            view = frame.cameras.get(name)
-            if view is not None:
-                send(self._pub_overlays[name], outputs.overlay_message(
-                    view, frame.points, seg.label, palette, self.values["overlay.point_radius"], self._types))
-
     # ------------------------------------------------------------------------------------------------- stats
 
     def stats_extra(self) -> dict[str, Any]:
@@ -559,7 +392,7 @@ class SegmenterNode(SensorNode):
             D.processing_status(name, window, self.stats.snapshot()["timings"], subscribed),
             D.model_status(name, v["model.device"], self.device, self.active.version, len(self.active.class_names),
                            getattr(self, "_torch_threads", None),
-                           len(self.tracker.tracks) if v["tracking.enable"] else None),
+                           len(self.tracking.tracker.tracks) if v["tracking.enable"] else None),
             diagnostic_status(name, self.vocabulary.status()),
             self.namesakes.status(self.stats),
         ]

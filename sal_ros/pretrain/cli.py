@@ -104,7 +104,7 @@ def prepare(cfg, dist_rank: int = 0, dist_world: int = 1, progress: bool = True,
 
 def main(args: argparse.Namespace) -> int:
     from sal_ros.pretrain.trainer import PretrainConfig, PretrainTrainer
-    from sal_ros.train.trainer import ResumeError
+    from sal_ros.train.loop import ResumeError
 
     try:
         cfg = PretrainConfig.from_yaml(args.config)
@@ -152,7 +152,7 @@ def _prepare_distributed(cfg, progress: bool, cache_opts: dict):
     else:
         import torch.distributed as tdist
 
-        from sal_ros.train.trainer import init_distributed, resolve_device
+        from sal_ros.train.loop import init_distributed, resolve_device
 
         dist = init_distributed(resolve_device(cfg.device))
         data, teacher = prepare(cfg, dist.rank, dist.world, progress and dist.main, **cache_opts)

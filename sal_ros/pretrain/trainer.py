@@ -1,16 +1,15 @@
 """Label-free backbone pretraining by 2D-to-3D distillation: ``scalr`` or ``seal`` (see sal_ros.pretrain.losses).
 
-The loop is train's (sal_ros.train.trainer): AdamW, warm-up + cosine, gradient clipping, the step-indexed
-batches (``batch_indices``), torchrun DDP, metrics.jsonl + curves.png, the resume refusal on a changed config.
-Exact resume without pickle: every random draw of a step (augmentation, segment subsets) comes from a generator
-seeded by (seed, step), so the state file holds only tensors and plain data (step, optimizer, scheduler, torch
-RNG, config) and loads with ``torch.load(weights_only=True)``. Stopping at step k and resuming gives the
+The run is train's (sal_ros.train.loop ``TrainingRun``): AdamW, warm-up + cosine, gradient clipping, the
+step-indexed batches (``batch_indices``), torchrun DDP, metrics.jsonl + curves.png, the training state with every
+RNG (torch, CUDA, numpy, python) and the resume refusal on a changed config. Every random draw of a step
+(augmentation, segment subsets) comes from a generator seeded by (seed, step); the state file holds only tensors
+and plain data and loads with ``torch.load(weights_only=True)``. Stopping at step k and resuming gives the
 uninterrupted run's weights bit for bit.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,19 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sal_ros.core.files import atomic_write
 from sal_ros.core.settings import known_settings
 from sal_ros.pretrain.losses import (info_nce, point_to_segment, rarity_weights, scalr_loss, segment_mean,
                                      subsample)
-from sal_ros.train.trainer import (METRICS_FILE, Dist, OptimConfig, ResumeError, _truncate_metrics, all_reduce_sum,
-                                   apply_gradients, batch_indices, config_diff, distributed, fit_steps, init_distributed,
-                                   load_train_state, optimizer_and_schedule, read_metrics, resolve_device, state_file)
 from sal_ros.eval.report import atomic_savefig
 from sal_ros.model.backbone import build_backbone
 from sal_ros.model.config import ModelConfig
-from sal_ros.model.checkpoint import CheckpointError
 from sal_ros.model.pretrained import read_backbone, save_backbone
 from sal_ros.model.sal import SALModel
+from sal_ros.train.loop import (OptimConfig, TrainingRun, all_reduce_sum, apply_gradients, batch_indices, fit_steps,
+                                read_metrics)
 
 STATE_FILE = "pretrain_state.pt"
 OBJECTIVES = ("scalr", "seal")
@@ -126,69 +122,28 @@ class PretrainModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-class PretrainTrainer:
+class PretrainTrainer(TrainingRun):
+    STATE_FILE = STATE_FILE
+    LAST_FILE = "backbone_last.pt"
+
     def __init__(self, cfg: PretrainConfig, data, teacher_dim: int, progress: bool = True) -> None:
-        self.cfg, self.data, self.progress = cfg, data, progress
-        self.device = resolve_device(cfg.device)
-        self.dist: Dist = init_distributed(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.dist.local_rank)
-            self.device = torch.device("cuda", self.dist.local_rank)
-        self.out = Path(cfg.out_dir)
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
+        super().__init__(cfg, progress)
+        self.data = data
         self.model_config = cfg.model_config()
-        self.module = PretrainModel(self.model_config, teacher_dim).to(self.device)
-        self.model = distributed(self.module, self.dist, self.device)
-        self.optimizer, self.scheduler = optimizer_and_schedule(self.module, cfg.optim)
-        self.amp = cfg.optim.amp and self.device.type == "cuda"
-        self.step = 0
+        self.attach(PretrainModel(self.model_config, teacher_dim))
 
-    # -- files
-    @property
-    def state_path(self) -> Path:
-        return self.out / STATE_FILE
+    # -- files: backbone_stepNNNNNNN.pt (backbone and head), then the training state naming it
+    def checkpoint_path(self, step: int) -> Path:
+        return self.out / f"backbone_step{step:07d}.pt"
 
-    def save(self) -> None:
-        """Backbone file (rank 0), then the training state naming it; ``backbone_last.pt`` links to the newest."""
-        if not self.dist.main:
-            return
-        path = self.out / f"backbone_step{self.step:07d}.pt"
+    def write_weights(self, path: Path) -> None:
         save_backbone(path, self.module.backbone, self.model_config, self.module.head,
                       extra={"step": self.step, "pretrain_config": self.cfg.to_dict()})
-        state = {"step": self.step, "model": path.name, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "config": self.cfg.to_dict(), "world": self.dist.world}
-        atomic_write(self.state_path, lambda f: torch.save(state, f))
-        tmp = self.out / ".backbone_last.pt.tmp"
-        tmp.unlink(missing_ok=True)
-        os.link(path, tmp)
-        os.replace(tmp, self.out / "backbone_last.pt")
 
-    def resume(self) -> int:
-        if not self.state_path.exists():
-            return 0
-        state = load_train_state(self.state_path)
-        diffs = config_diff(state["config"], self.cfg.to_dict())
-        if int(state.get("world", 1)) != self.dist.world:
-            diffs.append(f"processes: saved {state.get('world')}, now {self.dist.world}")
-        if diffs:
-            raise ResumeError(f"cannot resume {self.state_path} (step {state['step']}): the config differs from the "
-                              f"saved run ({'; '.join(diffs)}); use --stop-at K to stop early and keep the schedule")
-        try:
-            payload = read_backbone(state_file(self.out, state, self.state_path))
-        except CheckpointError as exc:
-            raise ResumeError(f"cannot resume from {self.state_path}: {exc}") from None
+    def read_weights(self, path: Path) -> None:
+        payload = read_backbone(path)
         self.module.backbone.load_state_dict(payload["backbone"])
         self.module.head.load_state_dict(payload["head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        self.step = int(state["step"])
-        if self.dist.main:
-            _truncate_metrics(self.out / METRICS_FILE, self.step)
-        return self.step
 
     # -- one step
     def train_step(self) -> dict:

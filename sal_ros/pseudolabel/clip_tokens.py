@@ -42,7 +42,7 @@ class ClipTokenEncoder:
         if method not in METHODS:
             raise ValueError(f"unknown token method {method!r}; known: {', '.join(METHODS)}")
         if model is None:
-            from sal_ros.model.vocabulary import load_open_clip
+            from sal_ros.model.open_clip_models import load_open_clip
 
             model = load_open_clip(model_name, pretrained or None).to(device)
         self.model = model.eval()

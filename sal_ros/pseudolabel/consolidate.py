@@ -197,7 +197,7 @@ def oracle_study(dataset, noise: float, config: ConsolidationConfig, seed: int =
     from sal_ros.data.sources import FrameSource
     from sal_ros.pseudolabel.score_sources import OracleScores
     from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
-    from sal_ros.pseudolabel.semantic_eval import SemanticScore
+    from sal_ros.eval.semantic_pseudolabels import SemanticScore
 
     source = FrameSource(dataset)
     oracle = OracleScores("semantickitti", noise=noise, seed=seed)
@@ -309,7 +309,8 @@ def instance_study(dataset, config: ConsolidationConfig, progress: bool = False)
     from sal_ros.data.sources import FrameSource
     from sal_ros.eval.tracking import LSTQEvaluator
     from sal_ros.pseudolabel.engine import label_from_masks
-    from sal_ros.pseudolabel.evaluate import PseudoLabelScore, _frame_masks, scored_points
+    from sal_ros.eval.pseudolabels import PseudoLabelScore, scored_points
+    from sal_ros.pseudolabel.evaluate import _frame_masks
 
     label_set = semantickitti()
     source = FrameSource(dataset)

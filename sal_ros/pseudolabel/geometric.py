@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from sal_ros.pseudolabel.lifting import project_view
+from sal_ros.core.camera import project_view
 from sal_ros.pseudolabel.masks import Masks, as_rgb, label_image, mask_source_identity
 from sal_ros.pseudolabel.refine import dbscan
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sal_ros.core.camera import project_points
-from sal_ros.core.errors import CalibrationError
+from sal_ros.core.camera import project_view
 
 
 # Datasheet sample spacing (azimuth, elevation) in degrees of the lidar of each dataset kind sal_ros reads.
@@ -58,19 +57,6 @@ class PointPixels:
     v: np.ndarray  # (P,) int64 pixel row
     depth: np.ndarray  # (P,) float32 metres along the optical axis
     visible: np.ndarray  # (P,) bool, passed the occlusion test (all True for naive lifting)
-
-
-def project_view(points: np.ndarray, view, min_depth: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(index, uv (P, 2) float, depth (P,)) of the points in front of the camera and inside its image."""
-    T = np.asarray(view.T_cam_lidar, np.float64)
-    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
-        raise CalibrationError(f"camera {view.name}: T_cam_lidar must be a finite 4x4 matrix, got {T.shape}")
-    proj = project_points(points, T, view.camera, min_depth)
-    h, w = view.image.shape[:2]
-    uv = np.asarray(proj.uv, np.float64)
-    valid = np.asarray(proj.valid, bool) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
-    index = np.flatnonzero(valid)
-    return index, uv[index], np.asarray(proj.depth, np.float32)[index]
 
 
 def footprint_px(camera, config: LiftConfig = LiftConfig()) -> tuple[float, float]:

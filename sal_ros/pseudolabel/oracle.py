@@ -55,7 +55,7 @@ class OracleMasks:
 
 def class_text_tokens(class_names, encoder_cfg: dict) -> np.ndarray:
     """(C, D) L2-normalized text embeddings of the class names (the oracle's pseudo-label tokens)."""
-    from sal_ros.model.vocabulary import TextEncoder
+    from sal_ros.model.text_encoder import TextEncoder
 
     encoder = TextEncoder(encoder_cfg.get("model", "ViT-B-16"), encoder_cfg.get("pretrained"))
     emb = np.asarray(encoder.encode([n.replace("-", " ").replace("_", " ") for n in class_names]), np.float32)

@@ -15,9 +15,10 @@ import numpy as np
 from sal_ros.core.errors import SensorDataError
 from sal_ros.core.registry import Registry
 from sal_ros.data.labels import get_label_set
-from sal_ros.model.vocabulary import TextEncoder, Vocabulary
+from sal_ros.model.text_encoder import TextEncoder
+from sal_ros.model.vocabulary import Vocabulary
 from sal_ros.pseudolabel.clip_tokens import ClipTokenEncoder
-from sal_ros.pseudolabel.lifting import project_view
+from sal_ros.core.camera import project_view
 from sal_ros.pseudolabel.masks import as_rgb
 
 

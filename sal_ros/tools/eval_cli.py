@@ -1,6 +1,7 @@
-"""``sal-ros eval``: one command over the evaluations that live in their own rooms: a checkpoint (sal_ros.eval.model),
-pseudo-labels (sal_ros.pseudolabel.evaluate), a linear probe (sal_ros.eval.probe), a semantic student
-(sal_ros.train.evaluate), a running segmenter node (sal_ros.tools.online) and tracking (sal_ros.eval.tracking).
+"""``sal-ros eval``: one command over the evaluations: a checkpoint (sal_ros.eval.model), pseudo-labels
+(sal_ros.pseudolabel.evaluate: it labels, sal_ros.eval.pseudolabels scores), a linear probe (sal_ros.eval.probe), a
+semantic student (sal_ros.train.evaluate: it rebuilds the training scans, sal_ros.eval.semantic_model scores), a
+running segmenter node (sal_ros.tools.online) and tracking (sal_ros.eval.tracking).
 It is a tool: it sits above every room it dispatches to, so none of them imports upwards.
 
     sal-ros eval model --checkpoint C (--bag B | --dataset D) --vocabulary V --out DIR

@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from sal_ros.train.dataset import DistillDataset, load_scans
-    from sal_ros.train.trainer import ResumeError, TrainConfig, Trainer
+    from sal_ros.train.loop import ResumeError
+    from sal_ros.train.trainer import TrainConfig, Trainer
 
     try:
         cfg = TrainConfig.from_yaml(args.config)

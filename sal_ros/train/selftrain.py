@@ -27,7 +27,8 @@ from sal_ros.core.files import atomic_write
 from sal_ros.core.settings import known_settings
 from sal_ros.model.inference import fuse_queries
 from sal_ros.train.dataset import DistillDataset, LabeledScan
-from sal_ros.train.trainer import TrainConfig, Trainer, build_model, load_model_weights, resolve_device
+from sal_ros.train.loop import resolve_device
+from sal_ros.train.trainer import TrainConfig, Trainer, build_model, load_model_weights
 
 DONE_FILE = "done.json"
 

@@ -34,11 +34,11 @@ from sal_ros.data.labels import get_label_set, vocabulary_lut
 from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 from sal_ros.data.pseudolabels import load_semantic
 from sal_ros.data.sources import iter_source_frames
-from sal_ros.eval.semantic import ConfusionMatrix
 from sal_ros.model.config import ModelConfig
 from sal_ros.model.semantic import SemanticModel
 from sal_ros.train.augment import augment
-from sal_ros.train.trainer import Trainer, all_reduce_sum, apply_gradients, batch_indices
+from sal_ros.train.loop import all_reduce_sum, apply_gradients, batch_indices
+from sal_ros.train.trainer import Trainer
 
 SEMANTIC_DEFAULTS = {"class_names": None, "consistency": 0.0, "min_mask_points": 2}
 
@@ -200,36 +200,3 @@ def build_trainer(cfg, base: Path, progress: bool = True) -> SemanticTrainer:
     torch.manual_seed(cfg.seed)
     return SemanticTrainer(cfg, SemanticDataset(scans, cfg.data, cfg.seed), progress=progress,
                            model=SemanticModel(config, names))
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-def evaluate(model, scans: list[SemanticScan], label_set, frustum_only: bool = True) -> dict:
-    """mIoU of a semantic model against the real labels and against its training labels (pseudo-labels, or the
-    labelled fraction), and on the points that had no training label (SAM2-AMML's split)."""
-    lut = vocabulary_lut(model.class_names, label_set)
-    c = label_set.num_classes
-    real, pseudo, unlabelled = ConfusionMatrix(c), ConfusionMatrix(c), ConfusionMatrix(c)
-    model.eval()
-    with torch.inference_mode():
-        for s in scans:
-            keep = s.in_frustum if frustum_only else np.ones(len(s.points), bool)
-            pred = model(torch.from_numpy(s.points[keep]), torch.from_numpy(s.intensity[keep]))[0].argmax(-1).numpy()
-            pred = lut[pred + 1]
-            if s.gt is not None:
-                real.add(pred, s.gt[keep])
-                none = s.label[keep] == 0
-                unlabelled.add(pred[none], s.gt[keep][none])
-            pseudo.add(pred, lut[s.label[keep]])
-    names = label_set.class_names
-
-    def per_class(cm):
-        return {n: (None if not np.isfinite(v) else round(100 * float(v), 2)) for n, v in zip(names, cm.iou()[1:])}
-
-    # semantic-kitti-api's mean (a class absent from ground truth and predictions scores 0); *_present: the mean
-    # over the classes present, the readable one on a few scans
-    return {"miou_real": 100 * real.miou(), "miou_pseudo": 100 * pseudo.miou(),
-            "miou_unlabelled": 100 * unlabelled.miou(), "acc_real": 100 * real.accuracy(),
-            "miou_real_present": 100 * real.miou(present_only=True),
-            "miou_pseudo_present": 100 * pseudo.miou(present_only=True),
-            "miou_unlabelled_present": 100 * unlabelled.miou(present_only=True),
-            "iou_real": per_class(real), "iou_pseudo": per_class(pseudo)}

@@ -67,10 +67,10 @@ def _voxelize_cpu_applies(points: Tensor, batch: Optional[Tensor], feats: Tensor
 def _voxelize_cpu(points: Tensor, batch: Optional[Tensor], voxel_size: float,
                   feats: Tensor) -> Optional[tuple[SparseTensor, Tensor]]:
     """:func:`voxelize` of CPU clouds, same bits, 1.5x faster: cells per axis as contiguous float64 rows (the
-    same ``floor(p / voxel_size)``), exact float64 linear keys, numpy's 16-bit radix sort (stable) instead of
-    ``torch.unique``, each voxel's coordinates from its first point instead of decoding keys, and the sums by one
-    CSR matmul over the sorted points (in point order within a voxel, as ``index_add_`` adds them). None when the
-    key range passes 2**53 (the generic path then runs)."""
+    same ``floor(p / voxel_size)``), exact linear keys in a stable sort (torch's of int32 keys, or numpy's 16-bit
+    radix passes over int64 ones) instead of ``torch.unique``, each voxel's coordinates from its first point
+    instead of decoding keys, and the sums by ``index_add_`` in point order, as the generic path adds them. None
+    when the key range passes 2**53 (the generic path then runs)."""
     cells = np.empty((3, len(points)))  # rows x, y, z: contiguous for the key arithmetic below
     np.divide(points.numpy().T, voxel_size, out=cells, dtype=np.float64)
     np.floor(cells, out=cells)
@@ -89,16 +89,20 @@ def _voxelize_cpu(points: Tensor, batch: Optional[Tensor], voxel_size: float,
         key -= lo[axis]
     if batch_size > 1:
         key += b * math.prod(ext[1:])
-    keys = key.astype(np.int64)
-    order = _radix_order(keys, int(math.prod(ext) - 1).bit_length())
-    ordered = keys[order]
-    new = np.empty(len(keys), bool)
+    n, total = len(key), math.prod(ext)
+    if total <= 2**31:  # in the Segmenter 1.1 ms (0.5 m voxels) to 2.1 ms (0.2 m) faster than radix passes + CSR sums
+        ordered, order = (t.numpy() for t in torch.sort(torch.from_numpy(key.astype(np.int32)), stable=True))
+    else:
+        keys = key.astype(np.int64)
+        order = _radix_order(keys, int(total - 1).bit_length())
+        ordered = keys[order]
+    new = np.empty(n, bool)
     new[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
     starts = np.flatnonzero(new)
     voxel = np.cumsum(new)
     voxel -= 1
-    point_to_voxel = np.empty(len(keys), np.int64)
+    point_to_voxel = np.empty(n, np.int64)
     point_to_voxel[order] = voxel
     coords = np.zeros((len(starts), 4), np.int32)
     first = order[starts]
@@ -106,10 +110,7 @@ def _voxelize_cpu(points: Tensor, batch: Optional[Tensor], voxel_size: float,
         coords[:, axis + 1] = np.take(cells[axis], first)
     if batch_size > 1:
         coords[:, 0] = b[first]
-    bounds = torch.from_numpy(np.append(starts, len(keys)))
-    csr = torch.sparse_csr_tensor(bounds, torch.from_numpy(order), feats.new_ones(len(keys)), (len(starts), len(keys)),
-                                  check_invariants=False)
-    with torch.autocast("cpu", enabled=False):  # the means stay in the features' dtype, as index_add_ keeps them
-        sums = csr @ feats
-    means = sums.div_(bounds.diff().to(feats.dtype)[:, None])
-    return SparseTensor(means, torch.from_numpy(coords), 1, SparseCache(batch_size)), torch.from_numpy(point_to_voxel)
+    p2v = torch.from_numpy(point_to_voxel)
+    sums = feats.new_zeros(len(starts), feats.shape[1]).index_add_(0, p2v, feats)
+    means = sums.div_(torch.from_numpy(np.diff(starts, append=n)).to(feats.dtype)[:, None])
+    return SparseTensor(means, torch.from_numpy(coords), 1, SparseCache(batch_size)), p2v

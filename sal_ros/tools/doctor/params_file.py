@@ -28,7 +28,7 @@ def params_checks(path: Path) -> tuple[dict[str, Any] | None, list[Check]]:
 
 def check_checkpoint(values: dict[str, Any]) -> Check:
     from sal_ros.model.checkpoint import CheckpointError, load_checkpoint
-    from sal_ros.model.vocabulary import encoder_identity
+    from sal_ros.model.open_clip_models import encoder_identity
 
     path = values.get("model.checkpoint") or ""
     if not path:

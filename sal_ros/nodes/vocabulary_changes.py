@@ -18,31 +18,17 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable
-
-import numpy as np
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
 
 from sal_ros.nodes import diagnostics as D
 from sal_ros.nodes import outputs
 
-
-@dataclass(frozen=True)
-class ActiveVocabulary:
-    """The vocabulary the model runs with: its version, classes and legend colours."""
-
-    version: int
-    vocabulary: Any
-    class_names: tuple[str, ...]
-    palette: np.ndarray
-
-    @classmethod
-    def of(cls, vocabulary: Any, version: int) -> "ActiveVocabulary":
-        names = tuple(outputs.class_names_of(vocabulary))
-        return cls(version, vocabulary, names, outputs.class_colors(len(names)))
+if TYPE_CHECKING:
+    from sal_ros.model.vocabulary import Vocabulary, VocabularyLimits
 
 
-def limits_of(values: dict) -> Any:
+def limits_of(values: dict) -> VocabularyLimits:
     """The node's vocabulary file limits (parameters vocabulary.*)."""
     from sal_ros.model.vocabulary import VocabularyLimits
 
@@ -50,7 +36,7 @@ def limits_of(values: dict) -> Any:
                             int(values["vocabulary.max_templates"]))
 
 
-def parse_vocabulary(name: str, value: Any, limits: Any) -> Any:
+def parse_vocabulary(name: str, value: Any, limits: VocabularyLimits) -> Vocabulary:
     """The Vocabulary a ``prompts`` list or a ``vocabulary_file`` path names; raises VocabularyError (a
     ValueError) with the reason."""
     from sal_ros.model.vocabulary import Vocabulary
@@ -60,7 +46,7 @@ def parse_vocabulary(name: str, value: Any, limits: Any) -> Any:
     return Vocabulary.from_prompts(list(value))
 
 
-def initial_vocabulary(values: dict) -> Any:
+def initial_vocabulary(values: dict) -> Vocabulary:
     """The vocabulary a node starts with: ``vocabulary_file`` when set, else ``prompts``."""
     if values["vocabulary_file"]:
         return parse_vocabulary("vocabulary_file", values["vocabulary_file"], limits_of(values))
@@ -75,7 +61,7 @@ class Superseded(Exception):
 class _Pending:
     request: int
     source: str
-    vocabulary: Any
+    vocabulary: Vocabulary
     done: int = 0
     total: int = 0
 
@@ -83,34 +69,35 @@ class _Pending:
 class VocabularyChanges:
     """Parsed vocabulary requests, handed to one background thread that embeds and activates the newest.
 
-    ``encode(vocabulary, version, progress)`` gives the text embeddings, ``install(embeddings)`` puts them into the
-    model; the install happens under ``swap_lock`` (the node's model lock) together with the change of ``active``,
-    so a frame sees one vocabulary. ``announce(active, ms)`` publishes a new active vocabulary; ``fail(source,
+    ``encode(vocabulary, progress)`` gives the text embeddings of a vocabulary under its version, ``install
+    (embeddings)`` puts them into the model; the install happens under ``swap_lock`` (the node's model lock)
+    together with the change of ``active`` (the Vocabulary the model runs with, numbered), so a frame sees one
+    vocabulary. ``announce(active, ms)`` publishes a new active vocabulary; ``fail(source,
     exc)`` reports a change that failed (the old vocabulary stays active); ``changed()`` is called when the status
     changes (a batch embedded, a request queued, superseded, failed or activated).
     """
 
     def __init__(self, encode: Callable[..., Any], install: Callable[[Any], None], swap_lock: Any,
-                 announce: Callable[[ActiveVocabulary, float], None], fail: Callable[[str, BaseException], None],
+                 announce: Callable[[Vocabulary, float], None], fail: Callable[[str, BaseException], None],
                  changed: Callable[[], None] = lambda: None) -> None:
         self._encode, self._install, self._swap_lock = encode, install, swap_lock
         self._announce, self._fail, self._changed = announce, fail, changed
         self._lock = threading.Lock()
         self._request = 0  # requests numbered in arrival order
         self._pending: _Pending | None = None  # the newest request not active yet
-        self._parsed: dict[tuple[str, Any], Any] = {}  # on-set -> post-set hand-off, keyed by (name, value)
-        self.active: ActiveVocabulary | None = None
+        self._parsed: dict[tuple[str, Any], Vocabulary] = {}  # on-set -> post-set hand-off, keyed by (name, value)
+        self.active: Vocabulary | None = None
         self.failed: str | None = None  # why the newest change failed, until a later one becomes active
         self.superseded = 0
         # one torch thread: PyTorch's OpenMP pool serves the thread that first used it (the worker)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sal_vocabulary",
                                           initializer=_one_torch_thread)
 
-    def start(self, vocabulary: Any) -> ActiveVocabulary:
+    def start(self, vocabulary: Vocabulary) -> Vocabulary:
         """Activate the first vocabulary (version 1) on the calling thread."""
         return self._activate(vocabulary, 1)
 
-    def check(self, name: str, value: Any, limits: Any) -> Any:
+    def check(self, name: str, value: Any, limits: VocabularyLimits) -> Vocabulary:
         """Parse a new parameter value (on-set callback); raises with the reason when it cannot be used."""
         vocabulary = parse_vocabulary(name, value, limits)
         with self._lock:
@@ -127,7 +114,7 @@ class VocabularyChanges:
                 raise RuntimeError(f"{name}: request without a check")
             if self._pending is not None and self._pending.vocabulary.key == vocabulary.key:
                 return  # already pending (e.g. a set_parameters sent twice): no new version
-            if self._pending is None and self.active is not None and self.active.vocabulary.key == vocabulary.key:
+            if self._pending is None and self.active is not None and self.active.key == vocabulary.key:
                 self.failed = None  # the parameter names the active vocabulary again
                 pending = None
             else:
@@ -152,11 +139,11 @@ class VocabularyChanges:
             out.update(state="active", text=f"v{out['active_version']} active")
         return out
 
-    def _activate(self, vocabulary: Any, version: int, progress: Callable[[int, int], None] | None = None
-                  ) -> ActiveVocabulary:
-        """Embed ``vocabulary`` and swap it into the model between two frames."""
-        embeddings = self._encode(vocabulary, version, progress)
-        active = ActiveVocabulary.of(vocabulary, version)
+    def _activate(self, vocabulary: Vocabulary, version: int, progress: Callable[[int, int], None] | None = None
+                  ) -> Vocabulary:
+        """Embed ``vocabulary`` as ``version`` and swap it into the model between two frames."""
+        active = replace(vocabulary, version=version)
+        embeddings = self._encode(active, progress)
         with self._swap_lock:
             self._install(embeddings)
             self.active = active
@@ -193,9 +180,9 @@ class VocabularyChanges:
         self._thread.shutdown(wait=False, cancel_futures=True)
 
 
-def status_record(active: ActiveVocabulary, status: dict) -> str:
+def status_record(active: Vocabulary, status: dict) -> str:
     """JSON for ``~/debug/vocabulary``: the active vocabulary's record with the change status beside it."""
-    record = json.loads(outputs.vocabulary_record(active.version, active.vocabulary))
+    record = json.loads(outputs.vocabulary_record(active))
     record["status"] = status
     return json.dumps(record)
 
@@ -211,7 +198,7 @@ def diagnostic_status(node: str, status: dict) -> Any:
     return D.Status(f"{node}: vocabulary", level, status["text"], values)
 
 
-def _descriptions(vocabulary: Any) -> int:
+def _descriptions(vocabulary: Vocabulary) -> int:
     return sum(len(c.descriptions) for c in vocabulary.classes)
 
 
