@@ -148,7 +148,8 @@ def plot_scaling(path: Path, scaling: list[dict]) -> None:
     for region, label in (("frustum", "camera frustum"), ("full", "whole scan")):
         ax.plot(k, [s[region]["agnostic_pq"] for s in scaling], "o-", label=f"class-agnostic PQ, {label}")
     ax.plot(k, [s["frustum"]["miou"] for s in scaling], "s--", label="mIoU, camera frustum")
-    ax.set(xlabel="training sequences (10 scans each)", ylabel="%", xticks=k, ylim=(0, 100),
+    frames = ", ".join(str(s["train"]["frames"]) for s in scaling)
+    ax.set(xlabel=f"training sequences ({frames} frames)", ylabel="%", xticks=k, ylim=(0, 100),
            title=f"data scaling, test set {scaling[0]['test']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
