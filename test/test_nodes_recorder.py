@@ -126,3 +126,39 @@ def test_recorder_kill9_keeps_completed_frames_and_resumes(tmp_path, publisher):
                 proc.kill()
     after = _store_keys(out)
     assert set(keys) <= set(after) and len(after) >= len(keys) + 2
+
+
+def test_a_malformed_cloud_is_counted_and_the_next_one_recorded(tmp_path):
+    """The recorder's malformed-cloud handling (SensorNode.decode, the segmenter's too): the cloud is counted and
+    reported, the node goes on and records the next one."""
+    from sensor_msgs.msg import PointCloud2
+
+    from sal_ros.nodes import params as P
+    from sal_ros.nodes.recorder import RecorderNode
+
+    sensors = Sensors(tmp_path)
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx)
+    recorder = RecorderNode(context=ctx, parameter_overrides=P.overrides(P.RECORDER_NODE, {
+        "cloud_topic": "/malformed/points", "output_dir": str(tmp_path / "frames"), "pose_frame": ""}))
+    source = rclpy.create_node("malformed_source", context=ctx)
+    pub = source.create_publisher(PointCloud2, "/malformed/points", qos_profile_sensor_data)
+    executor = SingleThreadedExecutor(context=ctx)
+    for node in (recorder, source):
+        executor.add_node(node)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        wait_for(lambda: pub.get_subscription_count() > 0, what="the recorder subscribed")
+        malformed = sensors.cloud(T0)
+        malformed.width += 10  # claims more points than the data holds
+        pub.publish(malformed)
+        wait_for(lambda: recorder.stats.get("error.malformed_cloud") == 1, what="the malformed cloud counted")
+        assert recorder.health.window()["errors"] == {"malformed_cloud": 1} and recorder.stats.get("recorded") == 0
+        pub.publish(sensors.cloud(T0 + 100_000_000))
+        wait_for(lambda: recorder.stats.get("recorded") == 1, what="the next cloud recorded")
+        assert len(_store_keys(tmp_path / "frames")) == 1
+    finally:
+        executor.shutdown()
+        recorder.destroy_node()
+        source.destroy_node()
+        rclpy.shutdown(context=ctx)

@@ -99,5 +99,5 @@ def test_the_vocabulary_parsed_at_the_check_is_the_one_the_model_runs_numbered(r
     wait_for(lambda: rig.changes.active.version == 2, what="v2")
     assert rig.changes.active == replace(checked, version=2) and checked.version == 0
     installed = rig.installed[-1]
-    assert (installed.version, installed.class_names) == (2, ("person", "tree")) == (
-        rig.announced[-1].version, rig.announced[-1].class_names)
+    assert installed.vocabulary == rig.changes.active == rig.announced[-1]
+    assert (installed.version, installed.class_names) == (2, ("person", "tree"))

@@ -9,14 +9,15 @@ import pytest
 from conftest import REPO, require_data
 
 from sal_ros.data.labels import semantickitti
+from sal_ros.eval.pseudolabels import ground_scores
 from sal_ros.pseudolabel.evaluate import evaluate_pseudolabels
 from sal_ros.pseudolabel.geometric import (
+    GROUND_CLASSES,
     ClusterConfig,
     GeometricMasks,
     GroundConfig,
     geometric_instances,
     ground_points,
-    ground_scores,
     split_by,
 )
 from sal_ros.pseudolabel.masks import Masks
@@ -132,8 +133,8 @@ def test_ground_precision_recall_on_real_semantickitti():
     for scan in _real_scans(5):
         points = np.fromfile(scan, np.float32).reshape(-1, 4)[:, :3]
         raw = np.fromfile(scan.parent.parent / "labels" / f"{scan.stem}.label", np.uint32)
-        ours += ground_scores(ground_points(points), raw, label_set)
-        plane += ground_scores(ground_mask(points), raw, label_set)
+        ours += ground_scores(ground_points(points), raw, label_set, GROUND_CLASSES)
+        plane += ground_scores(ground_mask(points), raw, label_set, GROUND_CLASSES)
     precision, recall = (ours[0] / (ours[0] + ours[1]), ours[0] / (ours[0] + ours[2]))
     assert precision > 0.90 and recall > 0.96, (precision, recall)
     plane_recall = plane[0] / (plane[0] + plane[2])

@@ -1,5 +1,6 @@
 """Panoptic fusion of per-point query results into a Segmentation, and the instances' summaries (numpy only:
-evaluation, tracking and benches use them without importing torch).
+evaluation, tracking and benches use them without importing torch). The Segmenter fuses once per voxel (its points
+share the voxel's query and score) and spreads the result to the points: the same Segmentation.
 
 Per point: it joins its best query when that query's fused score reaches ``score_threshold``. Thing queries are
 instances; all points of one stuff class merge into one segment with instance 0. Segments with fewer than
@@ -26,25 +27,8 @@ def panoptic_from_queries(query: np.ndarray, score: np.ndarray, query_class: np.
     ``query`` and ``score`` are per cell (a voxel, whose points share its result) and point i takes cell
     ``point_to_cell[i]``'s: the same Segmentation, fused once per cell instead of once per point.
     """
-    q_count = len(query_class)
-    query = np.asarray(query, np.int64)
-    score = np.asarray(score, np.float32)
-    query_class = np.asarray(query_class, np.int64)
-    thing_query = np.asarray(thing, bool)[query_class]
-    # segment key: a thing query is its own segment; all queries of one stuff class share one
-    segment = np.where(thing_query, np.arange(q_count), q_count + query_class)
-    keep = score >= score_threshold
-    weight = None if point_to_cell is None else np.bincount(point_to_cell, minlength=len(query))[keep]
-    per_query = np.bincount(query[keep], weights=weight, minlength=q_count)  # kept points (exact in float64)
-    per_segment = np.bincount(segment, weights=per_query, minlength=q_count + len(thing))
-    whole = per_segment[segment] >= max(int(min_points), 1)
-    keep &= whole[query]
-    ids = np.flatnonzero(thing_query & whole & (per_query > 0))  # instance j + 1 is thing query ids[j]
-    instance_of_query = np.zeros(q_count, np.uint32)
-    instance_of_query[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
-    label = np.where(keep, (query_class + 1).astype(np.uint16)[query], np.uint16(0))
-    instance = np.where(keep, instance_of_query[query], np.uint32(0))
-    score = np.where(keep, score, np.float32(0))
+    weight = None if point_to_cell is None else np.bincount(point_to_cell, minlength=len(query))
+    label, instance, score, ids = _fuse(query, score, query_class, thing, score_threshold, min_points, weight)
     if point_to_cell is not None:
         label, instance, score = (np.take(a, point_to_cell) for a in (label, instance, score))
     seg = Segmentation(label=label, instance=instance, score=score, class_names=tuple(class_names),
@@ -57,6 +41,32 @@ def panoptic_from_queries(query: np.ndarray, score: np.ndarray, query_class: np.
         for inst, q in zip(seg.instances, ids):
             inst.class_scores = tuple((int(c) + 1, float(p)) for c, p in zip(top[q], prob[q]))
     return seg
+
+
+def _fuse(query: np.ndarray, score: np.ndarray, query_class: np.ndarray, thing: np.ndarray, score_threshold: float,
+          min_points: int, weight: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Label, instance and score of each entry (a point, or a cell of ``weight`` points), and the thing queries
+    that became instances (instance j + 1 is query ``ids[j]``, ascending). Segment sizes are counted per query
+    and summed per segment, so the per-entry work is a few gathers."""
+    q_count = len(query_class)
+    query = np.asarray(query, np.int64)
+    score = np.asarray(score, np.float32)
+    query_class = np.asarray(query_class, np.int64)
+    thing_query = np.asarray(thing, bool)[query_class]
+    # segment key: a thing query is its own segment; all queries of one stuff class share one
+    segment = np.where(thing_query, np.arange(q_count), q_count + query_class)
+    keep = score >= score_threshold
+    per_query = np.bincount(query[keep], weights=None if weight is None else weight[keep],
+                            minlength=q_count)  # kept points (exact in float64)
+    per_segment = np.bincount(segment, weights=per_query, minlength=q_count + len(thing))
+    whole = per_segment[segment] >= max(int(min_points), 1)
+    keep &= whole[query]
+    ids = np.flatnonzero(thing_query & whole & (per_query > 0))
+    instance_of_query = np.zeros(q_count, np.uint32)
+    instance_of_query[ids] = np.arange(1, len(ids) + 1, dtype=np.uint32)
+    label = np.where(keep, (query_class + 1).astype(np.uint16)[query], np.uint16(0))
+    instance = np.where(keep, instance_of_query[query], np.uint32(0))
+    return label, instance, np.where(keep, score, np.float32(0)), ids
 
 
 def instance_summaries(points: np.ndarray, instance: np.ndarray, label: np.ndarray, score: np.ndarray,

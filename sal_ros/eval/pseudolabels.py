@@ -90,6 +90,16 @@ def scored_points(frame, label_set, min_depth: float,
     return keep, cls[keep], seg[keep], label_set.thing_mask[cls[keep]]
 
 
+def ground_scores(predicted: np.ndarray, raw_labels: np.ndarray, label_set, classes) -> np.ndarray:
+    """(3,) int64 true positive, false positive, false negative ground points against SemanticKITTI-style raw
+    labels (ignore-class points left out); ground = the label set's ``classes`` (the geometric teacher's
+    ``GROUND_CLASSES``)."""
+    cls, _ = label_set.split(raw_labels)
+    gt = np.isin(cls, [label_set.class_id(c) for c in classes])
+    valid, pred = cls > 0, np.asarray(predicted, bool)
+    return np.array([(pred & gt).sum(), (pred & ~gt & valid).sum(), (~pred & gt).sum()], np.int64)
+
+
 def load_complete(source, key: str):
     """(frame, "") or (None, why): a frame that cannot be read, or lacks a camera image (missing or unreadable
     file), is not scored, since its score would measure the broken file, not the pseudo-labels."""

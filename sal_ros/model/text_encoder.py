@@ -18,7 +18,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,15 +41,31 @@ def _tokenizer(model_name: str):
 
 @dataclass(frozen=True)
 class TextEmbeddings:
-    """Rows of L2-normalized text embeddings and the class of each row (``mean``: one row per class)."""
+    """A vocabulary's rows of L2-normalized text embeddings and the class of each row (``mean``: one row per
+    class). Classes, thing flags, combination and version are the vocabulary's: a Segmentation made with these
+    embeddings names the classes and version of the Vocabulary they were made from."""
 
-    class_names: tuple[str, ...]
-    thing: np.ndarray  # (K,) bool
+    vocabulary: Vocabulary
     embeddings: np.ndarray  # (R, D) float32, unit rows
     row_class: np.ndarray  # (R,) int64 in [0, K)
-    combine: str = "mean"
-    version: int = 0
     encoder: str = ""  # TextEncoder.identity
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.vocabulary.class_names
+
+    @cached_property
+    def thing(self) -> np.ndarray:
+        """(K,) bool."""
+        return np.array(self.vocabulary.things, bool)
+
+    @property
+    def combine(self) -> str:
+        return self.vocabulary.combine
+
+    @property
+    def version(self) -> int:
+        return self.vocabulary.version
 
     @property
     def dim(self) -> int:
@@ -109,14 +125,15 @@ class TextEncoder:
         so far (it may raise to abandon)."""
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = Vocabulary.from_prompts(vocabulary)
-        version = vocabulary.version if version is None else version
+        if version is not None and version != vocabulary.version:
+            vocabulary = replace(vocabulary, version=version)
         key = vocabulary.key
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:
                 self._cache.move_to_end(key)
-                return replace(hit, version=version)
-            out = self._encode(vocabulary, version, progress)
+                return replace(hit, vocabulary=vocabulary)
+            out = self._encode(vocabulary, progress)
             self._cache[key] = out
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
@@ -176,8 +193,7 @@ class TextEncoder:
                 progress((done_before + start + len(step)) * total // len(texts), total)
         return np.stack(rows) if rows else np.zeros((0, self.embed_dim), np.float32)
 
-    def _encode(self, vocab: Vocabulary, version: int,
-                progress: Callable[[int, int], None] | None = None) -> TextEmbeddings:
+    def _encode(self, vocab: Vocabulary, progress: Callable[[int, int], None] | None = None) -> TextEmbeddings:
         if self.context_length < CONTEXT_LENGTH:  # the parse checked CLIP's 77; this tokenizer reads fewer
             for c in vocab.classes:
                 for d in c.descriptions:
@@ -194,8 +210,7 @@ class TextEncoder:
             rows, row_class = _unit(sums), np.arange(len(vocab))
         else:
             rows, row_class = per_description, owner
-        return TextEmbeddings(vocab.class_names, np.array(vocab.things, bool), rows.astype(np.float32),
-                              row_class.astype(np.int64), vocab.combine, version, self.identity)
+        return TextEmbeddings(vocab, rows.astype(np.float32), row_class.astype(np.int64), self.identity)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from sal_ros.data.sources import FrameSource
-from sal_ros.eval.pseudolabels import report, score_frames
+from sal_ros.eval.pseudolabels import ground_scores, report, score_frames
 from sal_ros.pseudolabel import augmentation, geometric
 from sal_ros.pseudolabel.augmentation import AugmentConfig, augmented
 from sal_ros.pseudolabel.engine import label_from_masks
-from sal_ros.pseudolabel.geometric import GROUND_CLASSES, ground_scores
+from sal_ros.pseudolabel.geometric import GROUND_CLASSES
 from sal_ros.pseudolabel.lifting import LiftConfig
 from sal_ros.pseudolabel.mask_sources import build_mask_source
 from sal_ros.pseudolabel.masks import Masks, flatten_masks
@@ -102,7 +102,8 @@ def evaluate_pseudolabels(dataset: str | Path, masks: tuple[str, ...] = ("slic",
                                        splat)
             seconds[f"{kind} masks"] = seconds.get(f"{kind} masks", 0.0) + time.perf_counter() - t0
             if hasattr(sources.get(kind), "ground_of") and kind != GEOMETRIC_ORACLE:
-                ground[:] += ground_scores(sources[kind].ground_of(frame.points), frame.gt_labels, label_set)
+                ground[:] += ground_scores(sources[kind].ground_of(frame.points), frame.gt_labels, label_set,
+                                           GROUND_CLASSES)
             for variant in variants:
                 if variant == LIDAR_ONLY:
                     if (kind, variant) in configs:

@@ -185,15 +185,6 @@ def geometric_instances(points: np.ndarray, ground: GroundConfig = GroundConfig(
     return out, is_ground
 
 
-def ground_scores(predicted: np.ndarray, raw_labels: np.ndarray, label_set) -> np.ndarray:
-    """(3,) int64 true positive, false positive, false negative ground points against SemanticKITTI-style raw
-    labels (ignore-class points left out); ground = ``GROUND_CLASSES``."""
-    cls, _ = label_set.split(raw_labels)
-    gt = np.isin(cls, [label_set.class_id(c) for c in GROUND_CLASSES])
-    valid, pred = cls > 0, np.asarray(predicted, bool)
-    return np.array([(pred & gt).sum(), (pred & ~gt & valid).sum(), (~pred & gt).sum()], np.int64)
-
-
 # --- as a mask source --------------------------------------------------------------------------------------------
 
 def render_segments(points: np.ndarray, view, segment: np.ndarray, min_depth: float = 1.0,
