@@ -33,7 +33,7 @@ def planted(tmp_path, payload, name, **config):
 CHILD = """
 import sys
 from sal_ros.model.checkpoint import CheckpointError, load_checkpoint
-from sal_ros.model.semantic import load_semantic_checkpoint
+from sal_ros.model.semantic_model import load_semantic_checkpoint
 import sal_ros.model.sal  # imported before the measurement: its import is not the load
 def peak_kb():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
@@ -66,7 +66,7 @@ def test_a_checkpoint_claiming_20m_queries_is_refused_before_building(tiny, tmp_
 
 @pytest.fixture
 def semantic(tmp_path):
-    from sal_ros.model.semantic import SemanticModel
+    from sal_ros.model.semantic_model import SemanticModel
 
     names = [f"class{i}" for i in range(4)]
     model = SemanticModel(ModelConfig.preset("tiny"), names)
@@ -80,7 +80,7 @@ def with_classes(payload, n):
 
 def test_a_semantic_checkpoint_claiming_5m_classes_is_refused_before_reading_them(semantic, tmp_path):
     """The issue's file: 5M class names make a 25 MB pickle that the weights-only unpickler reads for ~20 s."""
-    from sal_ros.model.semantic import load_semantic_checkpoint
+    from sal_ros.model.semantic_model import load_semantic_checkpoint
 
     torch.save(with_classes(semantic, 5_000_000), tmp_path / "classes.pt")
     with pytest.raises(CheckpointError, match=r"classes\.pt: its pickled part .* is \d+ bytes, more than the limit"):
@@ -88,7 +88,7 @@ def test_a_semantic_checkpoint_claiming_5m_classes_is_refused_before_reading_the
 
 
 def test_a_semantic_checkpoint_claiming_more_classes_than_its_head_is_refused_before_building(semantic, tmp_path):
-    from sal_ros.model.semantic import load_semantic_checkpoint
+    from sal_ros.model.semantic_model import load_semantic_checkpoint
 
     torch.save(with_classes(semantic, 1_000_000), tmp_path / "classes.pt")  # a 64 MB head if built
     grown_mb, text = load_in_child(tmp_path / "classes.pt", "semantic")

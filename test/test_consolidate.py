@@ -96,7 +96,7 @@ def test_consolidated_files_are_cached_and_resumable(tmp_path):
     from sal_ros.data.pseudolabels import load_semantic, save_semantic
     from sal_ros.data.sources import FrameSource
     from sal_ros.pseudolabel.score_sources import OracleScores
-    from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
+    from sal_ros.pseudolabel.semantic_labeler import SemanticConfig, SemanticLabeler
 
     seq = require_data("semantickitti_mini", "sequences", "09")
     source = FrameSource(seq)

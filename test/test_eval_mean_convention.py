@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sal_ros.eval.panoptic import PanopticEvaluator
-from sal_ros.eval.semantic import ConfusionMatrix
+from sal_ros.eval.confusion import ConfusionMatrix
 
 
 def test_an_absent_class_scores_zero_in_the_means_by_hand():

@@ -5,7 +5,7 @@ import pytest
 from sal_ros.core.errors import SensorDataError
 from sal_ros.data.labels import nuscenes, semantickitti, vocabulary_lut
 from sal_ros.eval.panoptic import PanopticEvaluator, class_agnostic_pq
-from sal_ros.eval.semantic import ConfusionMatrix
+from sal_ros.eval.confusion import ConfusionMatrix
 
 CAR, ROAD = 1, 2
 

@@ -12,7 +12,7 @@ import pytest
 from sal_ros.core.errors import SensorDataError
 from sal_ros.data.pseudolabels import CAMERA_DISAGREE, FRAME_DISAGREE, SemanticLabels, load_semantic
 from sal_ros.pseudolabel.score_sources import render_point_values
-from sal_ros.pseudolabel.semantic import CameraScores, FilterConfig, apply_frame_agreement, fuse_scores, top2
+from sal_ros.pseudolabel.semantic_labeler import CameraScores, FilterConfig, apply_frame_agreement, fuse_scores, top2
 
 
 def sal_ros(*args, check=True):
@@ -174,7 +174,7 @@ def test_torchscript_route(tmp_path, semantickitti_dir):
 def test_clip_dense_route_runs_with_random_weights(tmp_path, semantickitti_dir):
     from sal_ros.data.sources import FrameSource
     from sal_ros.pseudolabel.score_sources import ClipDenseScores
-    from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
+    from sal_ros.pseudolabel.semantic_labeler import SemanticConfig, SemanticLabeler
 
     scores = ClipDenseScores(["car", "road", "tree"], clip_model="sal-tiny-text")
     frame = FrameSource(semantickitti_dir).load("00_000000")
@@ -189,7 +189,7 @@ def test_clip_dense_route_runs_with_random_weights(tmp_path, semantickitti_dir):
 def test_camera_agreement_filter_on_the_six_nuscenes_cameras(nuscenes_dir):
     """Two cameras that overlap and disagree: with --camera-agreement their shared points are ignored."""
     from sal_ros.data.sources import FrameSource
-    from sal_ros.pseudolabel.semantic import label_from_scores
+    from sal_ros.pseudolabel.semantic_labeler import label_from_scores
 
     frame = FrameSource(nuscenes_dir).load(FrameSource(nuscenes_dir).keys()[0])
     maps = {name: np.stack([np.full((4, 4), 0.9 if i % 2 else 0.1), np.full((4, 4), 0.1 if i % 2 else 0.9)])
@@ -212,7 +212,7 @@ def test_bad_files_are_named_errors(tmp_path):
 def test_ray_backend_writes_the_local_backends_labels(tmp_path, semantickitti_dir):
     """Ray workers (a private loopback instance) run the semantic labeler like local workers: same files."""
     from sal_ros.pseudolabel.engine import run
-    from sal_ros.pseudolabel.semantic import SemanticConfig
+    from sal_ros.pseudolabel.semantic_labeler import SemanticConfig
 
     cfg = SemanticConfig(scores="oracle", score_options={"noise": 1.0}, filter=FilterConfig(min_margin=0.1,
                                                                                             frame_agreement=1))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sal_ros.train.semantic import consistency_loss, semantic_loss
+from sal_ros.train.semantic_objective import consistency_loss, semantic_loss
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -129,7 +129,7 @@ def test_segmenter_runs_a_semantic_checkpoint_and_the_vocabulary_selects_classes
     from sal_ros.core.cloud_input import SegmenterConfig
     from sal_ros.data.sources import FrameSource
     from sal_ros.model.segmenter import Segmenter
-    from sal_ros.model.semantic import SemanticSegmenter
+    from sal_ros.model.semantic_model import SemanticSegmenter
     from sal_ros.model.text_encoder import TextEncoder
 
     base, _ = trained
@@ -220,7 +220,7 @@ def test_segmenter_node_publishes_a_semantic_checkpoints_labels(trained, tmp_pat
 def test_semantic_head_on_waffleiron(tmp_path):
     """model.preset waffleiron_tiny: the same objective trains a WaffleIron backbone, and its checkpoint runs."""
     from conftest import require_data
-    from sal_ros.model.semantic import load_semantic_checkpoint
+    from sal_ros.model.semantic_model import load_semantic_checkpoint
     from sal_ros.model.waffleiron import WaffleIron
 
     frames = require_data("semantickitti", "sequences", "00")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sal_ros.eval.semantic import ConfusionMatrix, check_same_length
+from sal_ros.eval.confusion import ConfusionMatrix, check_same_length
 
 _SHIFT = np.int64(1) << np.int64(32)
 

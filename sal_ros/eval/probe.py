@@ -5,7 +5,7 @@ in eval mode, over labelled scans; a linear layer on its per-point features (sta
 points' mean and spread, as a BatchNorm without affine) is fitted on the ``--train-scans`` (cross-entropy + L2,
 solved to convergence by L-BFGS; the L2 strength picked per backbone on held-out training points) and scored on
 the ``--eval-scans``: per-class IoU and mIoU over the classes present (semantic-kitti-api convention,
-ignore class left out; sal_ros.eval.semantic). By default only camera-visible points count (where a 2D teacher
+ignore class left out; sal_ros.eval.confusion). By default only camera-visible points count (where a 2D teacher
 could teach anything). The random baseline is a backbone of the same config, seeded, never trained.
 
 Writes probe.json, probe.md and per_class.png into ``--out``.
@@ -138,7 +138,7 @@ def select_l2(x: np.ndarray, y: np.ndarray, num_classes: int, max_iter: int, see
     """The L2 strength of ``L2_GRID`` with the best mIoU (classes present) on a random ``holdout`` share of the
     training points, fitted on the rest (CLIP's linear-probe protocol: chosen per backbone, never on the eval
     scans); ties go to the stronger one. Returns (l2, {l2: held-out mIoU})."""
-    from sal_ros.eval.semantic import ConfusionMatrix
+    from sal_ros.eval.confusion import ConfusionMatrix
 
     held = np.random.default_rng(seed).random(len(y)) < holdout
     scores = {}
@@ -174,7 +174,7 @@ def probe(features, frames_train, frames_eval, label_set, steps: int, seed: int,
 def score_probe(train, evals, label_set, steps: int, seed: int, l2: float | None = None) -> dict:
     """Train the linear probe on ``train`` [(x, y)] (L2 strength ``l2``, or ``select_l2``'s) and score it on
     ``evals``."""
-    from sal_ros.eval.semantic import ConfusionMatrix
+    from sal_ros.eval.confusion import ConfusionMatrix
 
     x, y = np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])
     held_out = None

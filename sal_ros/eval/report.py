@@ -9,7 +9,7 @@ import numpy as np
 
 from sal_ros.core.files import atomic_write, write_json
 from sal_ros.eval.panoptic import PanopticResult
-from sal_ros.eval.semantic import ConfusionMatrix
+from sal_ros.eval.confusion import ConfusionMatrix
 
 
 def atomic_savefig(fig, path: str | Path, dpi: int = 120) -> Path:

@@ -10,14 +10,14 @@ import torch
 
 from sal_ros.data.labels import vocabulary_lut
 from sal_ros.eval.report import atomic_savefig, write_result
-from sal_ros.eval.semantic import ConfusionMatrix
+from sal_ros.eval.confusion import ConfusionMatrix
 
 
 def evaluate_semantic_model(model, scans, label_set, frustum_only: bool = True) -> dict:
     """mIoU of a semantic model against the real labels and against its training labels (pseudo-labels, or the
     labelled fraction), and on the points that had no training label (SAM2-AMML's split). A scan has ``points``,
     ``intensity``, ``in_frustum``, ``label`` (training label, 0 = none, k = the model's class k - 1) and ``gt``
-    (dataset class ids, or None), as the training scans of sal_ros.train.semantic do."""
+    (dataset class ids, or None), as the training scans of sal_ros.train.semantic_objective do."""
     lut = vocabulary_lut(model.class_names, label_set)
     c = label_set.num_classes
     real, pseudo, unlabelled = ConfusionMatrix(c), ConfusionMatrix(c), ConfusionMatrix(c)

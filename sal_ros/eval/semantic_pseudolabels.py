@@ -18,7 +18,7 @@ from sal_ros.data.labels import vocabulary_lut
 from sal_ros.data.pseudolabels import load_semantic, pseudolabel_path
 from sal_ros.data.sources import FrameSource
 from sal_ros.eval.report import atomic_savefig, write_result
-from sal_ros.eval.semantic import ConfusionMatrix
+from sal_ros.eval.confusion import ConfusionMatrix
 
 
 @dataclass

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sal_ros.eval.semantic import ConfusionMatrix, check_same_length
+from sal_ros.eval.confusion import ConfusionMatrix, check_same_length
 
 _SHIFT = np.int64(1) << np.int64(32)
 MIN_POINTS = 50  # evaluate_4dpanoptic.py --min_inst_points default

@@ -63,8 +63,8 @@ class Segmenter(ConfiguredSegmenter):
     @classmethod
     def from_checkpoint(cls, path: str | Path | None, device: str, text_encoder: TextEncoder, **kwargs: Any) -> "Segmenter":
         """Model of a checkpoint; ``None``: the tiny preset with fixed random weights (plumbing only). A semantic
-        checkpoint (``objective: semantic``) gives a model.semantic.SemanticSegmenter, which runs the same way."""
-        from sal_ros.model.semantic import SemanticSegmenter, is_semantic_checkpoint
+        checkpoint (``objective: semantic``) gives a model.semantic_model.SemanticSegmenter, which runs the same way."""
+        from sal_ros.model.semantic_model import SemanticSegmenter, is_semantic_checkpoint
 
         if path is not None and is_semantic_checkpoint(path):
             return SemanticSegmenter.from_checkpoint(path, device, **kwargs)

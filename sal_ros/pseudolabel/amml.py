@@ -15,7 +15,7 @@ Per camera (``Sam2LidarMasks.generate_for_view``):
    (a car split into two clusters): merged as their union with the higher score, transitively.
 
 The masks then go through the engine like any mask source (flatten, lift, fuse cameras, DBSCAN replace), and, lifted,
-serve the mask-consistency loss (train/semantic.py).
+serve the mask-consistency loss (train/semantic_objective.py).
 """
 from __future__ import annotations
 

@@ -83,9 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "per-voxel votes of static classes; instances: tracklets with one id and one token); "
                         "into OUT/consolidated, resumable; 0 = off")
     r.add_argument("--consolidate-voxel", type=float, default=0.2, help="metres, voting cell of --consolidate")
-    from sal_ros.pseudolabel import semantic
+    from sal_ros.pseudolabel import semantic_labeler
 
-    semantic.add_arguments(parser)
+    semantic_labeler.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -130,12 +130,12 @@ def config_from_args(args: argparse.Namespace):
 
 
 def semantic_config(args: argparse.Namespace):
-    from sal_ros.pseudolabel import semantic
+    from sal_ros.pseudolabel import semantic_labeler
     from sal_ros.pseudolabel.lifting import LiftConfig
 
     lift = LiftConfig(min_depth=args.min_depth, occlusion=args.lifting == "occlusion",
                       lidar_spacing_deg=_lidar_spacing(args))
-    return semantic.config_from_args(args, lift)
+    return semantic_labeler.config_from_args(args, lift)
 
 
 def _lidar_spacing(args: argparse.Namespace) -> tuple[float, float]:

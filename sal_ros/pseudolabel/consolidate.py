@@ -196,7 +196,7 @@ def oracle_study(dataset, noise: float, config: ConsolidationConfig, seed: int =
     from sal_ros.data.datasets import semantickitti_poses
     from sal_ros.data.sources import FrameSource
     from sal_ros.pseudolabel.score_sources import OracleScores
-    from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
+    from sal_ros.pseudolabel.semantic_labeler import SemanticConfig, SemanticLabeler
     from sal_ros.eval.semantic_pseudolabels import SemanticScore
 
     source = FrameSource(dataset)

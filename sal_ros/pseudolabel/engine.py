@@ -276,8 +276,8 @@ def _init_worker(source_path: str, config: dict, out_dir: str, threads: int) -> 
 
         torch.set_num_threads(threads)
     source = FrameSource(source_path)
-    if config.get("kind") == "semantic":  # sal-ros pseudolabel --semantic (pseudolabel/semantic.py)
-        from sal_ros.pseudolabel.semantic import SemanticConfig, SemanticLabeler
+    if config.get("kind") == "semantic":  # sal-ros pseudolabel --semantic (pseudolabel/semantic_labeler.py)
+        from sal_ros.pseudolabel.semantic_labeler import SemanticConfig, SemanticLabeler
 
         labeler = SemanticLabeler(SemanticConfig.from_dict(config), source)
     else:

@@ -25,7 +25,7 @@ from sal_ros.eval.semantic_pseudolabels import (SemanticScore, count_occlusion, 
                                                 scored_classes)
 from sal_ros.pseudolabel.lifting import LiftConfig
 from sal_ros.pseudolabel.score_sources import OracleScores
-from sal_ros.pseudolabel.semantic import FilterConfig, SemanticConfig, SemanticLabeler, label_from_scores
+from sal_ros.pseudolabel.semantic_labeler import FilterConfig, SemanticConfig, SemanticLabeler, label_from_scores
 
 # Oracle study rows: name -> filter settings (frame agreement uses 1 neighbour each side)
 STUDY_FILTERS = {

@@ -42,8 +42,8 @@ def main(args: argparse.Namespace) -> int:
         if args.device:
             cfg.device = args.device
         _check_stop_at(args.stop_at, cfg.optim.steps)
-        if cfg.objective == "semantic":  # per-point classes (+ mask consistency): train/semantic.py
-            from sal_ros.train.semantic import build_trainer
+        if cfg.objective == "semantic":  # per-point classes (+ mask consistency): train/semantic_objective.py
+            from sal_ros.train.semantic_objective import build_trainer
             if cfg.self_training:
                 raise ValueError("self_training is for objective sal (instances and tokens)")
 

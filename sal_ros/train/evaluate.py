@@ -27,8 +27,8 @@ def evaluate_checkpoint(checkpoint: Path, config: Path, label_set: str = "semant
 
     from sal_ros.data.labels import get_label_set
     from sal_ros.eval.semantic_model import evaluate_semantic_model
-    from sal_ros.model.semantic import load_semantic_checkpoint
-    from sal_ros.train.semantic import load_semantic_scans
+    from sal_ros.model.semantic_model import load_semantic_checkpoint
+    from sal_ros.train.semantic_objective import load_semantic_scans
     from sal_ros.train.trainer import TrainConfig
 
     torch.manual_seed(0)

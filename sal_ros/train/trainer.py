@@ -36,7 +36,7 @@ class TrainConfig:
     # CLIP text encoder whose space the tokens live in; recorded in checkpoints so evaluation and the node
     # embed prompts with the same encoder ({"model": open_clip name, "pretrained": tag or weights file}).
     text_encoder: dict = field(default_factory=lambda: {"model": "ViT-B-16", "pretrained": None})
-    # "sal" (instances + CLIP tokens) or "semantic" (per-point classes, train/semantic.py; settings in ``semantic``)
+    # "sal" (instances + CLIP tokens) or "semantic" (per-point classes, train/semantic_objective.py; settings in ``semantic``)
     objective: str = "sal"
     semantic: dict = field(default_factory=dict)
     # rounds of self-training after this run (train/selftrain.py SelfTrainConfig; empty = none)

@@ -1,4 +1,4 @@
-"""``objective: semantic``: train a semantic student (``model.semantic.SemanticModel``) on per-point classes, with
+"""``objective: semantic``: train a semantic student (``model.semantic_model.SemanticModel``) on per-point classes, with
 SAM2-AMML's mask-consistency loss as an option.
 
 Loss = cross-entropy on labelled points (label 0 = ignore: unlabelled, or filtered pseudo-labels)
@@ -35,7 +35,7 @@ from sal_ros.data.pseudolabels import load_pseudolabels, pseudolabel_path
 from sal_ros.data.pseudolabels import load_semantic
 from sal_ros.data.sources import iter_source_frames
 from sal_ros.model.config import ModelConfig
-from sal_ros.model.semantic import SemanticModel
+from sal_ros.model.semantic_model import SemanticModel
 from sal_ros.train.augment import augment
 from sal_ros.train.loop import all_reduce_sum, apply_gradients, batch_indices
 from sal_ros.train.trainer import Trainer
