@@ -14,12 +14,13 @@ from sal_ros.model.sparse.tensor import SparseTensor, Workspace
 
 
 @contextlib.contextmanager
-def fused_pass(x: SparseTensor) -> Iterator[SparseTensor]:
+def fused_pass(x: SparseTensor, workspace: Optional[Workspace] = None) -> Iterator[SparseTensor]:
     """``x`` in the compute dtype (autocast's, else its own), autocast off, with scratch shared by the convs of
-    the pass (CPU) on its cache, dropped after it (the outputs keep the cache)."""
+    the pass (CPU: ``workspace``, else a new one) on its cache, taken off it after the pass (the outputs keep the
+    cache)."""
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.feats.dtype
-    x.cache.workspace = Workspace() if device == "cpu" else None
+    x.cache.workspace = (workspace or Workspace()) if device == "cpu" else None
     try:
         with torch.autocast(device, enabled=False):
             yield x.replace_feats(x.feats.to(dtype))

@@ -132,21 +132,15 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
     most ``_SCATTER_CHUNK_BYTES`` (more offsets per buffer at fewer channels), each buffer summed into its outputs
     by one sparse matmul (:meth:`KernelMap.scatter_matrix`). Larger buffers are fresh pages from the OS on every
     call (glibc maps allocations over 32 MB itself): one 52 MB buffer made a 64-channel conv 1.4x slower."""
-    sizes = [len(i) for i in kmap.in_idx]
+    sizes = kmap.sizes
     budget = _SCATTER_CHUNK_BYTES if ws is None else _WORKSPACE_CHUNK_BYTES
-    limit = max(1, budget // (out.shape[1] * out.element_size()))
-    chunks, first, rows = [], 0, 0
-    for k, n in enumerate(sizes):
-        if rows and rows + n > limit:
-            chunks.append((first, k, rows))
-            first, rows = k, 0
-        rows += n
-    chunks.append((first, len(sizes), rows))
+    chunks = _chunks(kmap, max(1, budget // (out.shape[1] * out.element_size())))
     wide = _widened(weight) if _products_as_halves(feats, weight, out) else None
     # Widened products keep their bucket padding: it spills into the next offset's rows (written next) or the tail.
     spill = max((-n % maps._bucket_step(n) for n in sizes if n), default=0) if wide is not None and bucket else 0
     rows = max(c[2] for c in chunks) + spill
     buffer = out.new_empty(rows, out.shape[1]) if ws is None else ws.get("products", rows, out.shape[1], out.dtype)
+    weights = weight.unbind(0)
     for first, stop, rows in chunks:
         if not rows:
             continue
@@ -155,18 +149,35 @@ def _scatter_products(feats: Tensor, weight: Tensor, kmap: KernelMap, out: Tenso
             n = sizes[k]
             if n and wide is not None:
                 gathered = _gather_rows(feats, kmap.padded_in_idx(k) if bucket else kmap.in_idx[k], bucket, ws)
-                torch.mm(gathered, wide[k], out=buffer[start:start + len(gathered)].view(feats.dtype))
+                torch.mm(gathered, wide[k], out=buffer[start:start + gathered.shape[0]].view(feats.dtype))
                 start += n
             elif n:
                 dst = buffer[start:start + n]
                 if feats.dtype == out.dtype and not bucket:
-                    torch.mm(feats.index_select(0, kmap.in_idx[k]), weight[k], out=dst)
+                    torch.mm(feats.index_select(0, kmap.in_idx[k]), weights[k], out=dst)
                 else:
                     rows_k = kmap.padded_in_idx(k) if bucket else kmap.in_idx[k]
-                    dst.copy_(_rows_matmul(feats, rows_k, weight[k], None, bucket, ws)[:n])
+                    dst.copy_(_rows_matmul(feats, rows_k, weights[k], None, bucket, ws)[:n])
                 start += n
         with torch.autocast("cpu", enabled=False):  # MKL's sparse matmul is float32 / float64 only
             out.addmm_(kmap.scatter_matrix(out.dtype, first, stop), buffer[:rows])
+
+
+def _chunks(kmap: KernelMap, limit: int) -> list[tuple[int, int, int]]:
+    """``(first, stop, rows)``: consecutive offsets whose pairs fill a buffer of at most ``limit`` rows (one offset
+    alone may pass it), kept with the map per limit."""
+    key = ("chunks", limit)
+    chunks = kmap._scatter.get(key)
+    if chunks is None:
+        chunks, first, rows = [], 0, 0
+        for k, n in enumerate(kmap.sizes):
+            if rows and rows + n > limit:
+                chunks.append((first, k, rows))
+                first, rows = k, 0
+            rows += n
+        chunks.append((first, len(kmap.sizes), rows))
+        kmap._scatter[key] = chunks
+    return chunks
 
 
 def _products_as_halves(feats: Tensor, weight: Tensor, out: Tensor) -> bool:

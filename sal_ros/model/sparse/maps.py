@@ -125,6 +125,14 @@ class KernelMap:
             self._transposed = KernelMap(self.out_idx, self.in_idx, self.n_out, self.n_in, self.identity)
         return self._transposed
 
+    @property
+    def sizes(self) -> list[int]:
+        """Pairs per offset, kept: read by every conv on this map (``len`` of a tensor costs a Python call)."""
+        sizes = self._scatter.get("sizes")
+        if sizes is None:
+            sizes = self._scatter["sizes"] = [i.shape[0] for i in self.in_idx]
+        return sizes
+
     def padded_in_idx(self, k: int) -> Tensor:
         """``in_idx[k]`` padded to a bucketed length (:func:`_gather_rows`), kept: every conv on this map pads it."""
         key = ("padded", k, _bucket_step(len(self.in_idx[k])))
