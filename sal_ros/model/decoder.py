@@ -233,8 +233,8 @@ class QueryDecoder(nn.Module):
     pooled_masks = True
     # One scan with logits of at most CELL_POOL_BYTES whose levels are the stride-1 cells halved again and again
     # (MinkUNet's): the logits are computed once for all stride-1 voxels and pooled cell by cell (``CellPool``: at
-    # most 8 children per step, a few whole-tensor ops instead of a chunk loop; realtime's decoder 0.74x, tiny's
-    # 0.89x); the same keys allowed (tested). False: PoolPlans for every case.
+    # most 8 children per step, a few whole-tensor ops instead of a chunk loop; realtime's and tiny's decoder 0.72x and
+    # 0.73x in the Segmenter); the same keys allowed (tested). False: PoolPlans for every case.
     cell_pooling = True
 
     def _pooled_levels(self, feats: dict[int, SparseTensor], batch_size: int):
@@ -438,11 +438,14 @@ CELL_POOL_BYTES = 8 << 20
 
 @dataclass
 class CellPool:
-    """How stride-1 logits reach a level of cells that halve again and again (``cell_stages``): per step, the
-    (8, n) rank-major rows of the step's n parent cells (row r of column j: the r-th child of parent j, its last
-    child repeated past its count, as in a PoolPlan)."""
+    """How stride-1 logits reach a level of cells that halve again and again (``cell_stages``). Per step the
+    parent cells are kept in order of falling child count, so the parents with an r-th child are a prefix: the
+    step's ``rows`` (rows of the step before, or stride-1 voxels) list every parent's first child, then the second
+    child of those that have one, and so on (``sizes``: how many parents have each rank; no padding).
+    ``level_rows``: the last step's row of each level row."""
 
-    steps: list[tuple[Tensor, int]]
+    steps: list[tuple[Tensor, list[int]]]
+    level_rows: Tensor
 
 
 def cell_stages(fine: Tensor, levels: dict[int, Tensor]) -> dict[int, CellPool] | None:
@@ -453,35 +456,49 @@ def cell_stages(fine: Tensor, levels: dict[int, Tensor]) -> dict[int, CellPool] 
     if any(s & (s - 1) for s in levels) or not len(fine):
         return None
     steps, pools, coords, stride = [], {}, fine, 1
+    position = None  # row of each cell of the step before in that step's output (None: stride-1 voxels)
     while stride < top:
         coords, parents = _downsample_with_parents(coords, 2 * stride)
-        counts = torch.bincount(parents, minlength=len(coords))
+        n = len(coords)
+        counts = torch.bincount(parents, minlength=n)
         # children grouped by parent
-        order = _stable_order(parents, len(coords)) if fine.device.type == "cpu" else torch.argsort(parents, stable=True)
+        order = _stable_order(parents, n) if fine.device.type == "cpu" else torch.argsort(parents, stable=True)
+        if position is not None:
+            order = position[order]
         first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(8, device=fine.device)[:, None]
-        steps.append((order[first + torch.minimum(rank, counts - 1)].reshape(-1), len(coords)))
+        by_count = torch.argsort(counts, descending=True, stable=True)
+        ranked = counts[by_count]
+        sizes = [int(k) for k in (ranked[None] > torch.arange(8, device=fine.device)[:, None]).sum(1) if k]
+        rows = torch.cat([order[first[by_count[:k]] + r] for r, k in enumerate(sizes)])
+        steps.append((rows, sizes))
+        position = torch.empty_like(by_count)
+        position[by_count] = torch.arange(n, device=fine.device)
         stride *= 2
         if stride in levels:
             if not torch.equal(coords, levels[stride]):
                 return None
-            pools[stride] = CellPool(list(steps))
+            pools[stride] = CellPool(list(steps), position)
     return pools
 
 
 def _pool_cells(emb: Tensor, mask_feats: Tensor, pool: CellPool, out: Tensor | None = None) -> Tensor:
     """``_pool_planned`` through a CellPool, in level order: the (V, Q) logits of all stride-1 voxels in one
-    matmul, then per step the children's rows gathered rank-major and folded by their maxima (on the bits read
-    as integers, as there). Maxima of maxima are the maxima over every stride-1 child of a level cell: the keys a
-    PoolPlan allows (its masked-out values may differ in the last bit: its matmuls multiply gathered rows)."""
+    matmul, then per step the children's rows gathered rank by rank and folded into the prefix of parents that
+    have that rank by elementwise maxima (on the bits read as integers, as there). Maxima of maxima are the
+    maxima over every stride-1 child of a level cell: the keys a PoolPlan allows (its masked-out values may differ
+    in the last bit: its matmuls multiply gathered rows)."""
     q = emb.shape[0]
     int_type = _SAME_WIDTH_INT[mask_feats.element_size()]
     bits = torch.mm(mask_feats, (emb * MASK_SCALE).to(mask_feats.dtype).T).view(int_type)
-    for rows, n in pool.steps:
-        bits = _max_over_ranks(bits.index_select(0, rows).view(8, n, q))
-    n_level = len(bits)
+    for rows, sizes in pool.steps:
+        children = bits.index_select(0, rows)
+        bits, start = children[:sizes[0]], sizes[0]
+        for n in sizes[1:]:
+            torch.maximum(bits[:n], children[start:start + n], out=bits[:n])
+            start += n
+    n_level = len(pool.level_rows)
     pooled = (mask_feats.new_empty(q * n_level) if out is None else out[: q * n_level]).view(q, n_level)
-    pooled.view(int_type).copy_(bits.T)
+    pooled.view(int_type).copy_(bits.index_select(0, pool.level_rows).T)
     return _additive(pooled)
 
 
