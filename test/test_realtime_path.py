@@ -81,6 +81,13 @@ def test_realtime_decoder_on_the_real_scan_as_with_pool_plans(realtime_scan, mon
             out[cells] = model.decode(feats, 1, all_layers=False)[-1]
     model.decoder.cell_pooling = True
     assert len(calls) == len(model.decoder.layers) and vin.num_voxels[0] > 10_000
+    # the steps taken from the backbone's downsampling maps are the steps of a downsampling of their own
+    levels = {s: feats[s].coords for s in model.decoder.levels}
+    cached, own = cell_stages(feats[1].coords, levels, feats[1].cache), cell_stages(feats[1].coords, levels)
+    assert set(cached) == set(own) == set(levels)
+    for s in levels:
+        assert torch.equal(cached[s].level_rows, own[s].level_rows)
+        assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(cached[s].steps, own[s].steps))
     old, new = out[False], out[True]
     for a, b in [(old.masks[0], new.masks[0]), (old.objectness, new.objectness), (old.tokens, new.tokens)]:
         assert float((a - b).abs().max()) <= MAX_ABS_DIFF
