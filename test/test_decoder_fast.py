@@ -9,8 +9,8 @@ import torch
 from sal_ros.core.panoptic import instance_summaries
 
 from sal_ros.model.config import ModelConfig
-from sal_ros.model.decoder import (OBJECT, POOL_CHUNK_ROWS, POSITION_BLOCK_ROWS, FourierPositions, QueryDecoder,
-                                   _add_linear, _allowed_pooled, _pool_planned, pool_plan)
+from sal_ros.model.decoder import OBJECT, POSITION_BLOCK_ROWS, FourierPositions, QueryDecoder, _add_linear
+from sal_ros.model.mask_pooling import POOL_CHUNK_ROWS, allowed_pooled, pool_plan, pool_planned
 from sal_ros.model.sparse import SparseTensor
 from sal_ros.model.inference import FUSE_BLOCK_VOXELS, fuse_queries
 
@@ -29,7 +29,7 @@ def test_pooled_attention_mask_allows_what_the_full_resolution_mask_allows():
     logits = emb @ feats.T
     assert 0 < (logits[5] > 0).float().mean() < 1
     expected = QueryDecoder._allowed(logits, parents, 700)
-    additive = _allowed_pooled(emb, feats, parents, 700)
+    additive = allowed_pooled(emb, feats, parents, 700)
     assert additive.shape == (40, 700) and additive.is_contiguous()
     assert torch.equal(additive == 0, expected)
     assert bool(expected[3].all()) and additive.max() <= 0
@@ -78,12 +78,12 @@ def test_planned_pooling_allows_what_the_full_resolution_mask_allows():
         e, f = emb.to(dtype), feats.to(dtype)
         expected = QueryDecoder._allowed(e @ f.T, parents, 400)
         plan = pool_plan(parents, 400, chunk_rows=700)
-        additive = _pool_planned(e, f, plan)
+        additive = pool_planned(e, f, plan)
         assert additive.dtype == dtype and additive.shape == (24, 400)
         assert torch.equal(additive == 0, expected[:, plan.order])
         assert bool(expected[2].all()) and not bool(expected[9].all()) and bool(expected[9].any())
         assert float(additive[~expected[:, plan.order]].max()) < -1e20
-        assert torch.equal(_allowed_pooled(e, f, parents, 400) == 0, expected)  # level order
+        assert torch.equal(allowed_pooled(e, f, parents, 400) == 0, expected)  # level order
 
 
 def _fused_whole(mask_logits: torch.Tensor, obj_logits: torch.Tensor):

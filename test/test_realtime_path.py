@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sal_ros.model.config import ModelConfig
-from sal_ros.model.decoder import _allowed_pooled, _pool_cells, cell_stages, parent_rows
+from sal_ros.model.decoder import parent_rows
+from sal_ros.model.mask_pooling import allowed_pooled, cell_stages, pool_cells
 from sal_ros.model.sal import SALModel
 from sal_ros.model.segmenter import Segmenter, SegmenterConfig
 from sal_ros.model.sparse import _downsample_coords
@@ -42,8 +43,8 @@ def test_cell_pooling_gives_the_plan_masks_bit_for_bit(dtype):
     emb[3] = 0.0  # an empty mask: attends everywhere
     emb[5] = -feats.float().mean(0) * 1e-3  # positive on some voxels only
     for stride, coords in levels.items():
-        planned = _allowed_pooled(emb, feats, parent_rows(fine, coords, stride), len(coords))
-        cells = _pool_cells(emb, feats, pools[stride])
+        planned = allowed_pooled(emb, feats, parent_rows(fine, coords, stride), len(coords))
+        cells = pool_cells(emb, feats, pools[stride])
         assert cells.shape == (24, len(coords)) and 0 < int((cells == 0).sum()) < cells.numel()
         # the same keys allowed; where not allowed, the same most negative logit up to the matmul's rounding (the
         # plan multiplies gathered rows): softmax weight exactly 0 either way
@@ -70,8 +71,8 @@ def realtime_scan():
 def test_realtime_decoder_on_the_real_scan_as_with_pool_plans(realtime_scan, monkeypatch):
     model, scan = realtime_scan
     calls = []
-    monkeypatch.setattr("sal_ros.model.decoder._pool_cells",
-                        lambda *a, _f=_pool_cells: calls.append(1) or _f(*a))
+    monkeypatch.setattr("sal_ros.model.decoder.pool_cells",
+                        lambda *a, _f=pool_cells: calls.append(1) or _f(*a))
     with torch.inference_mode():
         vin = model.prepare(torch.from_numpy(scan[:, :3].copy()), torch.from_numpy(scan[:, 3].copy()))
         feats = model.backbone(vin.voxels)

@@ -231,13 +231,13 @@ def test_bench_spconv_reference_is_optional_and_says_why(scan, tmp_path):
 def test_pooled_masks_under_autocast_with_float32_mask_features():
     """A backbone that hands float32 features to the decoder under autocast (WaffleIron does): the block logits are
     bf16, the pooling follows them, and the attention mask matches float32 except at near-zero logits."""
-    from sal_ros.model.decoder import _allowed_pooled
+    from sal_ros.model.mask_pooling import allowed_pooled
 
     gen = torch.Generator().manual_seed(0)
     mask_feats, emb = torch.randn(10_000, 16, generator=gen), torch.randn(8, 16, generator=gen)
     parents = torch.randint(0, 500, (10_000,), generator=gen)
-    exact = _allowed_pooled(emb, mask_feats, parents, 500)
+    exact = allowed_pooled(emb, mask_feats, parents, 500)
     with torch.autocast("cpu", torch.bfloat16):
-        mixed = _allowed_pooled(emb, mask_feats, parents, 500)
+        mixed = allowed_pooled(emb, mask_feats, parents, 500)
     assert mixed.shape == exact.shape == (8, 500) and mixed.dtype == torch.bfloat16
     assert ((mixed == 0) != (exact == 0)).float().mean() < 0.01
