@@ -65,6 +65,16 @@ def require_rclpy():
     return pytest.importorskip("rclpy", reason="rclpy not importable")
 
 
+def semantickitti_embeddings():
+    """The seeded tiny text encoder's embeddings of the SemanticKITTI class names (config/vocabulary_semantickitti.yaml):
+    a real vocabulary for Segmenter tests that compare two paths on the real scan."""
+    from sal_ros.model.text_encoder import tiny_text_encoder
+    from sal_ros.model.vocabulary import Vocabulary
+
+    names = Vocabulary.from_yaml(REPO / "config" / "vocabulary_semantickitti.yaml").class_names
+    return tiny_text_encoder().encode(Vocabulary.from_prompts(names))
+
+
 def save_tiny_checkpoint(path: Path) -> Path:
     """The tiny preset with seeded random weights, saved as a checkpoint naming the tiny text encoder: what the
     command-level tests run the node and `sal-ros eval` with."""

@@ -11,9 +11,7 @@ from sal_ros.model.mask_pooling import allowed_pooled, cell_stages, pool_cells
 from sal_ros.model.sal import SALModel
 from sal_ros.model.segmenter import Segmenter, SegmenterConfig
 from sal_ros.model.sparse import _downsample_coords
-from sal_ros.model.text_encoder import tiny_text_encoder
-from sal_ros.model.vocabulary import Vocabulary
-from conftest import REPO, require_data
+from conftest import require_data, semantickitti_embeddings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,9 +94,7 @@ def test_realtime_decoder_on_the_real_scan_as_with_pool_plans(realtime_scan, mon
 
 def test_realtime_segments_on_the_real_scan_as_with_pool_plans(realtime_scan):
     model, scan = realtime_scan
-    names = Vocabulary.from_yaml(REPO / "config" / "vocabulary_semantickitti.yaml").class_names
-    segmenter = Segmenter(model, "cpu", tiny_text_encoder().encode(Vocabulary.from_prompts(names)),
-                          SegmenterConfig(score_threshold=0.0))
+    segmenter = Segmenter(model, "cpu", semantickitti_embeddings(), SegmenterConfig(score_threshold=0.0))
     pts, inten = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
     model.decoder.cell_pooling = False
     try:

@@ -5,15 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import require_data
+from conftest import require_data, semantickitti_embeddings
 from sal_ros.core.cloud_input import SegmenterConfig
 from sal_ros.model import runtime
 from sal_ros.model.sal import ModelConfig, SALModel
 from sal_ros.model.segmenter import Segmenter
 from sal_ros.model.sparse import (_downsample_coords, _downsample_with_parents, build_kernel_map, build_parent_map,
                                   kernel_offsets, voxelize)
-from sal_ros.model.text_encoder import tiny_text_encoder
-from sal_ros.model.vocabulary import Vocabulary
 from conftest import REPO
 
 # Labels of the bf16 path may differ from the float32 path on at most this share of the scan's points (measured
@@ -102,8 +100,7 @@ def test_bf16_labels_match_float32_on_the_real_scan_except_boundary_points(scan,
     monkeypatch.setenv(runtime.ENV_BF16, "1")
     model = _tiny_model()
     # thing classes only: every query that wins points is an instance, so instances show which query won
-    names = Vocabulary.from_yaml(REPO / "config" / "vocabulary_semantickitti.yaml").class_names
-    embeddings = tiny_text_encoder().encode(Vocabulary.from_prompts(names))
+    embeddings = semantickitti_embeddings()
     whole = SegmenterConfig(score_threshold=0.0)  # every point keeps its best query: compare all of them
     fast = Segmenter(model, "cpu", embeddings, whole)
     reference = Segmenter(model, "cpu", embeddings, whole, amp=False)
