@@ -92,15 +92,13 @@ def test_realtime_decoder_on_the_real_scan_as_with_pool_plans(realtime_scan, mon
         assert float((a - b).abs().max()) <= MAX_ABS_DIFF
 
 
-def test_realtime_segments_on_the_real_scan_as_with_pool_plans(realtime_scan):
+def test_realtime_segments_on_the_real_scan_as_with_pool_plans(realtime_scan, monkeypatch):
     model, scan = realtime_scan
     segmenter = Segmenter(model, "cpu", semantickitti_embeddings(), SegmenterConfig(score_threshold=0.0))
     pts, inten = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
-    model.decoder.cell_pooling = False
-    try:
+    with monkeypatch.context() as plans:
+        plans.setattr(model.decoder, "cell_pooling", False)
         old = segmenter.segment(pts, inten)
-    finally:
-        model.decoder.cell_pooling = True
     new = segmenter.segment(pts, inten)
     assert len(np.unique(old.instance)) >= 2
     assert np.array_equal(old.label, new.label) and np.array_equal(old.instance, new.instance)

@@ -106,11 +106,9 @@ def test_bf16_labels_match_float32_on_the_real_scan_except_boundary_points(scan,
     reference = Segmenter(model, "cpu", embeddings, whole, amp=False)
     assert fast.amp and not reference.amp
     pts, inten = np.ascontiguousarray(scan[:, :3]), np.ascontiguousarray(scan[:, 3])
-    model.decoder.pooled_masks = False
-    try:
+    with monkeypatch.context() as full_masks:
+        full_masks.setattr(model.decoder, "pooled_masks", False)
         ref = reference.segment(pts, inten)
-    finally:
-        model.decoder.pooled_masks = True
     out = fast.segment(pts, inten)
     assert len(pts) == 124_668 and (ref.label > 0).mean() > 0.9  # a labelled scan, not an empty comparison
     segments = np.unique(np.stack([ref.label, ref.instance]), axis=1).shape[1]
