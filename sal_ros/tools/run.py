@@ -175,38 +175,38 @@ def _teardown(executor: Any, spinner: threading.Thread | None, nodes: list, stop
     return stopped
 
 
-class TeardownDeadline:
+def _stuck_in(thread_id: int | None) -> str:
+    """The innermost three calls of a thread, innermost first."""
+    import traceback
+
+    frame = sys._current_frames().get(thread_id)
+    if frame is None:
+        return "unknown"
+    return " <- ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})"
+                       for f in reversed(traceback.extract_stack(frame)[-3:]))
+
+
+def arm_teardown_deadline(log: Any, deadline_s: float, rc: int) -> None:
     """The teardown after a shutdown signal ends within ``deadline_s``, whatever step hangs: launch escalates to
     SIGTERM 5 s after SIGINT and logs an error, and a user's Ctrl-C must not hang. Past the deadline a timer thread
-    logs where the main thread is stuck and ends the process with its exit code; writers are atomic, so nothing
+    logs where the main thread is stuck and ends the process with ``rc``; writers are atomic, so nothing
     half-written is left. A step that holds the GIL is met by faulthandler half a second later (exit 1, stacks on
     stderr)."""
+    import faulthandler
 
-    def __init__(self, log: Any, deadline_s: float, rc: int) -> None:
-        import faulthandler
+    main = threading.main_thread().ident
 
-        self._log, self._deadline_s, self._rc = log, deadline_s, rc
-        self._main = threading.main_thread().ident
-        self._timer = threading.Timer(deadline_s, self._abandon)
-        self._timer.daemon = True
-        self._timer.start()
-        faulthandler.dump_traceback_later(deadline_s + 0.5, exit=True)
-
-    def where(self) -> str:
-        import traceback
-
-        frame = sys._current_frames().get(self._main)
-        if frame is None:
-            return "unknown"
-        stack = traceback.extract_stack(frame)[-3:]
-        return " <- ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})" for f in reversed(stack))
-
-    def _abandon(self) -> None:
-        self._log.warning(f"teardown not done {self._deadline_s:g} s after the shutdown signal, stuck in "
-                          f"{self.where()}; ending the process without it")
+    def abandon() -> None:
+        log.warning(f"teardown not done {deadline_s:g} s after the shutdown signal, stuck in {_stuck_in(main)}; "
+                    "ending the process without it")
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(self._rc)
+        os._exit(rc)
+
+    timer = threading.Timer(deadline_s, abandon)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(deadline_s + 0.5, exit=True)
 
 
 def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None,
@@ -216,7 +216,8 @@ def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = N
 
     A node that cannot start ends the process with 1 and the reason; Ctrl-C at any moment, model loading and a
     frame in the model included, ends it quietly with 0 within about ``stop_timeout_s`` (launch escalates to
-    SIGTERM 5 s after SIGINT), and within ``teardown_deadline_s`` whatever hangs (:class:`TeardownDeadline`). The signals raise KeyboardInterrupt in the main thread, which only waits: rclpy's
+    SIGTERM 5 s after SIGINT), and within ``teardown_deadline_s`` whatever hangs (:func:`arm_teardown_deadline`).
+    The signals raise KeyboardInterrupt in the main thread, which only waits: rclpy's
     own handler would shut the context down under running callbacks and raise KeyboardInterrupt wherever the main
     thread happened to be (in destroy_node, say). A worker still inside the model when the rest is torn down is
     not joined. The process always ends here with os._exit(exit code) after the ordered teardown, so that
@@ -248,7 +249,7 @@ def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = N
         pass
     finally:
         _ignore_shutdown_signals()
-        TeardownDeadline(log, teardown_deadline_s, rc)
+        arm_teardown_deadline(log, teardown_deadline_s, rc)
         stopped = True
         if executor is not None:
             stopped = _teardown(executor, spinner, nodes, stop_timeout_s)
