@@ -149,3 +149,59 @@ def test_a_recipe_search_trains_only_the_students_of_the_overridden_recipe(tmp_p
     assert not (cfg.out_dir / "results.json").exists()
     with pytest.raises(ValueError, match="expected a mapping"):
         override_recipe(cfg, "[1, 2]")
+
+
+def test_presets_are_compared_by_their_students_and_cpu_time(tmp_path, capsys):
+    import argparse
+
+    from sal_ros.experiment import cli
+
+    mini = require_data("semantickitti_mini")
+    config = quick_config(tmp_path, renamed_copy(mini, tmp_path / "elsewhere", scans=(0,)))
+    raw = yaml.safe_load(config.read_text())
+    raw["quick"]["teachers"]["slic"] = None  # one teacher: the oracle's students
+    config.write_text(yaml.safe_dump(raw))
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+
+    def run(*extra):
+        return cli.main(parser.parse_args([str(config), "--quick", "--no-progress", "--steps", "2", *extra]))
+
+    out = tmp_path / "out"
+    for bad, says in ((["--presets", "tiny,tiny:voxel_size"], "expected field=value"),
+                      (["--presets", "tiny,no_such_preset"], "no_such_preset"),
+                      (["--presets", "tiny", "--latency", "tiny"], "expected preset=ms"),
+                      (["--presets", "tiny", "--only", "main"], "students only")):
+        assert run(*bad) == 1
+        assert says in capsys.readouterr().err
+    assert not (out / "train").exists()  # refused before anything trained
+    assert run("--presets", "tiny,tiny:voxel_size=0.4", "--latency", "tiny=100,tiny:voxel_size=0.4=80") == 0
+    result = json.loads((out / "presets.json").read_text())
+    rows = {r["preset"]: r for r in result["rows"]}
+    assert list(rows) == ["tiny", "tiny:voxel_size=0.4"]
+    assert all(r["model"] == student_name("oracle") and r["tests"]["mine"]["frames"] == 1 for r in rows.values())
+    assert {k: r["cpu_ms"] for k, r in rows.items()} == {"tiny": 100.0, "tiny:voxel_size=0.4": 80.0}
+    coarse = rows["tiny:voxel_size=0.4"]["train"]
+    assert yaml.safe_load(Path(coarse["config"]).read_text())["model"] == {"preset": "tiny", "voxel_size": 0.4}
+    assert coarse["config"] != rows["tiny"]["train"]["config"]
+    table = (out / "presets.md").read_text()
+    assert "| tiny:voxel_size=0.4 | student (oracle) | 80.0 |" in table and "| – / – |" in table  # no minkunet34
+    assert (out / "presets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a preset's student is the run --recipe-override trains: found done, not trained again
+    assert run("--only", "students", "--recipe-override", "{model: {preset: tiny, voxel_size: 0.4}}") == 0
+    again = json.loads((out / "results_students.json").read_text())["models"][student_name("oracle")]["train"]
+    assert again == coarse
+
+
+def test_a_preset_scores_as_a_share_of_minkunet34_of_the_same_teacher():
+    from sal_ros.experiment.presets import of_reference, parse_latency
+
+    def row(preset, model, pq):
+        return {"preset": preset, "model": model, "tests": {"02": {"frustum": {"agnostic_pq": pq}}}}
+
+    out = {"rows": [row("tiny", "student (oracle)", 18.0), row("minkunet34", "student (slic)", 10.0),
+                    row("minkunet34", "student (oracle)", 20.0)]}
+    assert of_reference(out, out["rows"][0], "02", "frustum") == 90.0
+    assert of_reference(out, row("tiny", "student (geometric)", 5.0), "02", "frustum") is None  # no reference
+    assert parse_latency("tiny=154.8, realtime:voxel_size=0.4=104.1") == {"tiny": 154.8,
+                                                                          "realtime:voxel_size=0.4": 104.1}

@@ -159,18 +159,12 @@ def _preset_rows(name: str, voxel_size: float | None, scan_path: Path, points: i
 
 
 def preset_config(spec: str, voxel_size: float | None = None):
-    """The ModelConfig of ``preset[:field=value...]`` (values read as YAML scalars), ``--voxel-size`` applied."""
-    import yaml
+    """The ModelConfig of ``preset[:field=value...]`` (``sal_ros.model.config.preset_settings``), ``--voxel-size``
+    applied."""
+    from sal_ros.model.config import ModelConfig, preset_settings
 
-    from sal_ros.model.config import ModelConfig
-
-    name, *fields = spec.split(":")
-    overrides = {}
-    for field in fields:
-        key, sep, value = field.partition("=")
-        if not sep:
-            raise ValueError(f"preset override {field!r} in {spec!r}: expected field=value")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = preset_settings(spec)
+    name = overrides.pop("preset")
     if voxel_size:
         overrides["voxel_size"] = voxel_size
     return ModelConfig.preset(name, **overrides)

@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe-override", metavar="YAML",
                         help="a recipe change, e.g. '{data: {franken_frustum: 4}, optim: {lr: 0.01}}' (as the "
                              "file's recipe_overrides; each recipe trains into its own folder)")
+    parser.add_argument("--presets", metavar="SPECS",
+                        help="compare model presets: the students once per preset (comma-separated "
+                             "preset[:field=value...], as bench model's), scored; presets.md, presets.json and "
+                             "presets.png (CPU ms against held-out PQ, with --latency) in out_dir")
+    parser.add_argument("--latency", metavar="MS",
+                        help="with --presets: CPU ms per scan of each, 'tiny=154.8,realtime=108.4' (the last = "
+                             "separates) or a `sal-ros bench model` JSON file (median total_cpu)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -56,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.presets:
+        return compare(cfg, args)
     try:
         parts = (args.only,) if args.only else ("main", "scaling")
         results = run_experiment(cfg, progress=not args.no_progress, say=lambda s: print(s, flush=True), parts=parts)
@@ -65,4 +74,23 @@ def main(args: argparse.Namespace) -> int:
     suffix = "" if "main" in parts else f"_{parts[0]}"  # the files run_experiment wrote
     print(f"done: {len(results['models'])} models, {len(results['scaling'])} scaling stages -> "
           f"{cfg.out_dir / f'table{suffix}.md'}, {cfg.out_dir / f'results{suffix}.json'}")
+    return 0
+
+
+def compare(cfg, args: argparse.Namespace) -> int:
+    """``--presets``: the students of every preset (train only students: no references, no scaling)."""
+    from sal_ros.experiment.presets import compare_presets, parse_latency
+
+    if args.only not in (None, "students"):
+        print(f"sal-ros experiment: --presets trains the students only, not --only {args.only}", file=sys.stderr)
+        return 1
+    try:
+        specs = [s.strip() for s in args.presets.split(",") if s.strip()]
+        out = compare_presets(cfg, specs, parse_latency(args.latency), progress=not args.no_progress,
+                              say=lambda s: print(s, flush=True))
+    except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"sal-ros experiment: {exc}", file=sys.stderr)
+        return 1
+    print(f"done: {len(out['rows'])} students of {len(specs)} presets -> {cfg.out_dir / 'presets.md'}, "
+          f"{cfg.out_dir / 'presets.png'}")
     return 0

@@ -7,6 +7,7 @@ the overrides ``--quick`` applies (few steps, few frames).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,11 @@ def override_recipe(cfg: ExperimentConfig, text: str) -> None:
     if not isinstance(over, dict):
         raise ValueError(f"expected a mapping such as '{{optim: {{lr: 0.01}}}}', got {text!r}")
     cfg.recipe = _merged(cfg.recipe, over)
+
+
+def with_recipe_override(cfg: ExperimentConfig, over: dict) -> ExperimentConfig:
+    """A copy of ``cfg`` whose recipe has ``over`` laid on it (as the file's ``recipe_overrides``)."""
+    return dataclasses.replace(cfg, recipe=_merged(cfg.recipe, over))
 
 
 def _text(value) -> str | None:

@@ -18,6 +18,7 @@ METRICS = {  # key in results: (region, metric, title)
     "pq_full": ("full", "pq", "semantic PQ (19 classes), whole scan"),
     "miou_full": ("full", "miou", "mIoU (19 classes), whole scan"),
 }
+REGION_TITLES = {"frustum": "camera frustum", "full": "whole scan"}
 SUPERVISED = {"frustum": "supervised (frustum)", "full": "supervised (full scan)"}
 
 
@@ -145,7 +146,7 @@ def plot_scaling(path: Path, scaling: list[dict]) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     k = [s["sequences"] for s in scaling]
-    for region, label in (("frustum", "camera frustum"), ("full", "whole scan")):
+    for region, label in REGION_TITLES.items():
         ax.plot(k, [s[region]["agnostic_pq"] for s in scaling], "o-", label=f"class-agnostic PQ, {label}")
     ax.plot(k, [s["frustum"]["miou"] for s in scaling], "s--", label="mIoU, camera frustum")
     frames = ", ".join(str(s["train"]["frames"]) for s in scaling)

@@ -169,6 +169,22 @@ class ModelConfig:
                                               for name in SECTIONS}}
 
 
+def preset_settings(spec: str) -> dict[str, Any]:
+    """``preset[:field=value...]`` (``tiny:voxel_size=0.4``; values read as YAML scalars) as the settings a train
+    config's ``model:`` holds (``{"preset": "tiny", "voxel_size": 0.4}``); ValueError for a field without a value.
+    The preset and field names are checked by ``ModelConfig.preset``."""
+    import yaml
+
+    name, *fields_ = spec.split(":")
+    settings: dict[str, Any] = {"preset": name.strip()}
+    for item in fields_:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"preset override {item!r} in {spec!r}: expected field=value")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
+
+
 def nested_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` in the nested layout: flat names (``FLAT_NAMES``) moved into their sections, section values as
     mappings. ValueError for settings or a section that are not a mapping and for a setting given twice."""
@@ -222,4 +238,5 @@ PRESETS["realtime"] = ModelConfig.preset("tiny", input={"voxel_size": 0.5},
                                          minkunet={"stem_width": 8, "widths": (16, 16, 24, 32), "decoder_widths": (24, 16, 16, 16)})
 
 __all__ = ["ModelConfig", "InputConfig", "MinkUNetConfig", "WaffleIronConfig", "DecoderConfig", "TrainingConfig",
-           "PRESETS", "SECTIONS", "FLAT_NAMES", "nested_settings"]
+           "PRESETS", "SECTIONS", "FLAT_NAMES", "nested_settings",
+           "preset_settings"]
