@@ -133,6 +133,36 @@ def test_fused_unet_matches_modules():
     assert (got[1] - ref[1]).abs().max() <= TOL * float(ref[1].abs().max())
 
 
+def test_folded_weights_are_kept_until_a_source_changes():
+    """A second pass reuses the folds of the first; an optimizer-style in-place step, a load_state_dict and a
+    training forward each make the next fused pass fold again (it then equals the module path)."""
+    net, x = tiny_unet(), unet_input()
+    stem = net.stem[0][0]
+    run(net, x, True)
+    kept = stem._folded[1]
+    run(net, x, True)
+    assert stem._folded[1] is kept
+
+    def fused_is_modules():
+        ref, got = run(net, x, False)[1], run(net, x, True)[1]
+        return bool((got - ref).abs().max() <= TOL * float(ref.abs().max()))
+
+    with torch.no_grad():
+        stem.kernel.mul_(1.5)  # what an optimizer step does
+    assert fused_is_modules() and stem._folded[1] is not kept
+    other = tiny_unet()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    net.load_state_dict(other.state_dict())
+    assert fused_is_modules()
+    net.train()
+    with torch.no_grad():
+        net(x())
+    net.eval()
+    assert fused_is_modules()
+
+
 def test_model_built_in_inference_mode_runs_fused():
     """Parameters made under inference_mode (no version counter) fold too, and an in-place change shows."""
     x = unet_input()

@@ -88,19 +88,19 @@ def _summaries(points: np.ndarray, rows: np.ndarray, ids: np.ndarray, inv: np.nd
     """The summaries of instances ``ids`` (ascending), point ``rows[i]`` in instance ``ids[inv[i]]``.
 
     All instances at once: the points grouped by instance (a stable radix sort of ``inv``, so each instance's
-    points stay in point order), moments by bincount (the same float64 sums, in the same order, as over the
-    ungrouped points) and min/max by ``reduceat`` over each group's contiguous run (6x cheaper than ufunc.at)."""
+    points stay in point order), then every sum, minimum and maximum by ``reduceat`` over each group's contiguous
+    run: float64 sums of float32 coordinates, pairwise within a run (20x faster than weighted bincounts, which
+    add one value at a time; within 1e-12 relative of the exact sums)."""
     k = len(ids)
     counts = np.bincount(inv, minlength=k)
     rows = rows[_group_order(inv, k)]
-    group = np.repeat(np.arange(k), counts)  # inv in grouped order
     starts = np.cumsum(counts) - counts
     count = counts.astype(np.float64)
     xyz = np.take(np.asarray(points), rows, axis=0)  # 4x faster than points[rows] on (N, 3) rows
     x, y, z = (xyz[:, axis].astype(np.float64) for axis in range(3))
 
     def mean(v: np.ndarray) -> np.ndarray:
-        return np.bincount(group, weights=v, minlength=k) / count
+        return np.add.reduceat(v, starts) / count
 
     mx, my = mean(x), mean(y)
     dx, dy = x - np.repeat(mx, counts), y - np.repeat(my, counts)

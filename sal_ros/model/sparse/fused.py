@@ -1,6 +1,7 @@
 """Fused inference of the sparse layers (``layers``): in eval mode without autograd, every BatchNorm is folded
-into the conv before it (in each forward pass), bias, residual sum and ReLU run on the accumulator of
-``sparse_conv_inference`` (``kernels``), and features stay in one compute dtype from layer to layer."""
+into the conv before it (kept until a weight or statistic changes), bias, residual sum and ReLU run on the
+accumulator of ``sparse_conv_inference`` (``kernels``), and features stay in one compute dtype from layer to
+layer."""
 from __future__ import annotations
 
 import contextlib
@@ -45,15 +46,33 @@ def residual_blocks(blocks: nn.Sequential, x: SparseTensor) -> SparseTensor:
 
 
 def folded_weights(conv: Conv3d, bn: nn.BatchNorm1d, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The conv's weight and bias with the eval-mode norm folded in, in ``dtype``. Folded again in every forward
-    pass (about 2 % of minkunet34's backbone): a kept copy would go stale unseen, since running statistics updated
-    by a training forward and writes through ``.data`` leave version counters alone."""
+    """The conv's weight and bias with the eval-mode norm folded in, in ``dtype``; kept on the conv until one of
+    the tensors it is folded from changes (:func:`_fold_key`), which spares 33 folds per scan (realtime: ~1.5 ms)."""
+    key = _fold_key(conv, bn, dtype)
+    kept = getattr(conv, "_folded", None)
+    if key is not None and kept is not None and kept[0] == key:
+        return kept[1], kept[2]
     exact = torch.promote_types(conv.kernel.dtype, torch.float32)  # fold in float32 at least
     scale = bn.weight.to(exact) * torch.rsqrt(bn.running_var.to(exact) + bn.eps)
     shift = bn.bias.to(exact) - bn.running_mean.to(exact) * scale
     if conv.bias is not None:
         shift = shift + conv.bias.to(exact) * scale
-    return (conv.kernel.to(exact) * scale).to(dtype), shift.to(dtype)
+    weight, bias = (conv.kernel.to(exact) * scale).to(dtype), shift.to(dtype)
+    conv._folded = (key, weight, bias)
+    return weight, bias
+
+
+def _fold_key(conv: Conv3d, bn: nn.BatchNorm1d, dtype: torch.dtype) -> Optional[tuple]:
+    """What the folded weights depend on: each source tensor's storage and version counter. Optimizer steps,
+    ``load_state_dict`` and in-place writes under ``no_grad`` bump the counter; a training forward updates the
+    running statistics without bumping theirs but always bumps ``num_batches_tracked``'s. Writes through
+    ``.data`` bump nothing: code that edits weights that way must ``del conv._folded`` (nothing here does). None
+    (fold every time) for tensors made under ``inference_mode``, which have no version counter."""
+    sources = [t for t in (conv.kernel, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                           bn.num_batches_tracked) if t is not None]
+    if any(t.is_inference() for t in sources):
+        return None
+    return (dtype, bn.eps, *((t.data_ptr(), t._version) for t in sources))
 
 
 __all__ = ["fused_pass", "conv_bn", "residual_blocks", "folded_weights"]
