@@ -102,14 +102,13 @@ def presets_markdown(out: dict) -> str:
              ""]
     for test in exp["tests"]:
         lines += [f"## Test set {test}", "",
-                  "| preset | model | CPU ms per scan | frustum PQ | whole-scan PQ | % of minkunet34 | train wall s | "
-                  "load at start / end |", "|---|---|---|---|---|---|---|---|"]
+                  "| preset | model | CPU ms per scan | frustum PQ | whole-scan PQ | % of minkunet34 | train wall s |",
+                  "|---|---|---|---|---|---|---|"]
         for row in out["rows"]:
-            t, env = row["tests"][test], row["environment"]
+            t = row["tests"][test]
             pct = f"{_f(of_reference(out, row, test, 'frustum'))} / {_f(of_reference(out, row, test, 'full'))}"
             lines.append(f"| {row['preset']} | {row['model']} | {_f(row['cpu_ms'])} | {_cell(t['frustum'])} | "
-                         f"{_cell(t['full'])} | {pct} | {_f(row['train'].get('train_wall_s'))} | "
-                         f"{env['load_average_start'][0]} / {env.get('load_average_end', ['–'])[0]} |")
+                         f"{_cell(t['full'])} | {pct} | {_f(row['train'].get('train_wall_s'))} |")
         lines.append("")
     lines += ["Each row alone: `sal-ros train --config` on its config.yaml:", ""]
     lines += [f"- {row['preset']}, {row['model']}: {row['train'].get('config')}" for row in out["rows"]]
@@ -118,7 +117,7 @@ def presets_markdown(out: dict) -> str:
 
 def plot_presets(path: Path, out: dict) -> None:
     """CPU ms per scan (log) against held-out class-agnostic PQ, a panel per region: a marker per test set, a colour
-    per preset, the mean over test sets labelled; 90 % of minkunet34's mean and the 50 ms goal as lines."""
+    per preset (its mean over the test sets in the legend); 90 % of minkunet34's mean and the 50 ms goal as lines."""
     from sal_ros.eval.report import atomic_savefig
 
     plt = _plt()
@@ -131,10 +130,10 @@ def plot_presets(path: Path, out: dict) -> None:
         for i, row in enumerate(timed):
             color = f"C{i % 10}"
             pqs = [row["tests"][t][region]["agnostic_pq"] for t in tests]
+            who = row["preset"] if len({r["model"] for r in rows}) == 1 else f"{row['preset']}, {row['model']}"
             for j, pq in enumerate(pqs):
-                ax.plot(row["cpu_ms"], pq, shapes[j], color=color, ms=8, mfc="none" if j else color)
-            ax.annotate(f"{row['preset']}\n{row['cpu_ms']:.0f} ms, PQ {np.mean(pqs):.1f}", (row["cpu_ms"], np.mean(pqs)),
-                        xytext=(6, -16 if i % 2 else 4), textcoords="offset points", fontsize=7, color=color)
+                ax.plot(row["cpu_ms"], pq, shapes[j], color=color, ms=8, mfc="none" if j else color,
+                        label=None if j else f"{who}: {row['cpu_ms']:.0f} ms, mean PQ {np.mean(pqs):.1f}")
             if row["preset"] == REFERENCE:
                 ax.axhline(0.9 * np.mean(pqs), color=color, ls=":", lw=1)
                 ax.text(0.01, 0.9 * np.mean(pqs), "90 % of minkunet34 (mean)", fontsize=7, color=color, va="bottom",
@@ -146,6 +145,7 @@ def plot_presets(path: Path, out: dict) -> None:
         ax.set(xlabel="Segmenter CPU ms per scan (1 thread)", ylabel=f"held-out class-agnostic PQ, {title}",
                ylim=(0, max([5.0] + [1.15 * r["tests"][t][region]["agnostic_pq"] for r in rows for t in tests])))
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center right")
         ax.set_title(f"{title}: " + ", ".join(f"{markers[m]} test {t}" for m, t in zip(shapes, tests))
                      + " (first filled)", fontsize=8)
     untimed = sorted({r["preset"] for r in rows if not r["cpu_ms"]})
