@@ -283,8 +283,8 @@ def _table_map_cpu(coords: Tensor, offsets: Tensor, centre: int) -> Optional[Ker
     if cells > TABLE_MAX_CELLS:
         return None
     table = getattr(_tables, "table", None)
-    if table is None or len(table) < cells:
-        table = _tables.table = np.full(cells, -1, np.int32)
+    if table is None or len(table) < cells:  # at its full size at once: a first real scan's box, larger than
+        table = _tables.table = np.full(max(cells, TABLE_MAX_CELLS), -1, np.int32)  # the warm-up's, pays nothing
     keys = rel[:, 0].astype(np.int64)
     for axis in (1, 2, 3):  # row-major [b, x, y, z], in steps, the reach as margin (integer matmuls are slow)
         keys *= int(ext[axis])
