@@ -164,3 +164,24 @@ def test_bench_node_reports_every_stage_on_the_real_scan(semantickitti_dir):
     assert set(stages) == {"sync", "decode", "publish"} and all(v > 0 for v in stages.values())
     assert result["overhead_ms"] == pytest.approx(sum(stages.values()), abs=0.01)
     assert all(v > 0 for v in result["publish_parts_median_ms"].values())
+
+
+def test_bench_node_times_the_whole_frame_callback_with_a_model(semantickitti_dir):
+    """`sal-ros bench node --model realtime`: a real node loads the seeded preset from a checkpoint and its frame
+    callback processes every timed frame of the real scan (warm-up frames first), each stage reported."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "sal_ros.cli", "bench", "node", "--model", "realtime", "--repeats",
+                           "2", "--threads", "1", "--data", str(semantickitti_dir / "sequences" / "00")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert (result["bench"], result["preset"], result["points"], result["frames"]) == ("node_whole_path", "realtime",
+                                                                                       124_668, 2)
+    assert result["processed"] == 2 + 3  # the warm-up frames went through the same callback
+    stages = result["node_stage_medians_ms"]
+    assert {"decode", "segment", "track", "publish", "model.backbone"} <= set(stages)
+    assert 0 < stages["model.backbone"] < stages["segment"] < stages["total"]
+    assert result["median_cpu_ms"] > 0 and result["meets_goal_cpu"] == (result["median_cpu_ms"] <= 50.0)
+

@@ -160,8 +160,11 @@ def test_one_cloud_is_prepared_as_the_first_of_a_batch():
         model = SALModel(ModelConfig.preset("realtime", in_channels=in_channels)).eval()
         cfg = model.config.input
         columns = [points / cfg.coord_scale, (torch.nan_to_num(intensity) / cfg.intensity_scale)[:, None]]
-        columns += [points.norm(dim=1, keepdim=True) / cfg.coord_scale] if in_channels == 5 else []
-        assert torch.equal(model.point_features(points, intensity), torch.cat(columns, 1))
+        features = model.point_features(points, intensity)
+        assert torch.equal(features[:, :4], torch.cat(columns, 1))
+        if in_channels == 5:  # the range, within float32 rounding of the exact one
+            exact = (points.double().norm(dim=1) / cfg.coord_scale).float()
+            torch.testing.assert_close(features[:, 4], exact, rtol=3e-7, atol=0)
         one = model.prepare(points, intensity)
         batch = model.prepare([points, points[:5000] + 100.0], [intensity, intensity[:5000]])
         n = one.num_voxels[0]

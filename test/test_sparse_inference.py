@@ -284,6 +284,29 @@ def test_numpy_walk_equals_torch_walk(monkeypatch, stride, shuffle):
                for i, o, j, p in zip(got.in_idx, got.out_idx, searched.in_idx, searched.out_idx))
 
 
+@pytest.mark.parametrize("k,stride,shuffle", [(3, 1, False), (3, 4, True), (5, 2, False), (3, 2, True)])
+def test_table_map_equals_the_walk(monkeypatch, k, stride, shuffle):
+    """The lookup-table map gives the numpy walk's pairs in the same order (two batch entries, negative
+    coordinates, sorted and shuffled voxels); over TABLE_MAX_CELLS, or off the step grid, the walk runs."""
+    x = random_voxels(12, 1, stride=stride, density=0.25, seed=k + stride)
+    coords = x.coords[torch.randperm(len(x), generator=torch.Generator().manual_seed(2))] if shuffle else x.coords
+    offsets = kernel_offsets(k) * stride
+    calls = []
+    table_map = maps._table_map_cpu
+    monkeypatch.setattr(maps, "_table_map_cpu", lambda *a: calls.append(table_map(*a)) or calls[-1])
+    got = build_kernel_map(coords, coords, offsets, True)
+    assert calls[-1] is got  # built by the table
+    monkeypatch.setattr(maps, "TABLE_MAX_CELLS", 0)
+    walked = build_kernel_map(coords, coords, offsets, True)
+    assert calls[-1] is None and same_map(got, walked) and got.identity == walked.identity
+    monkeypatch.setattr(maps, "TABLE_MAX_CELLS", 1 << 22)
+    off_grid = coords.clone()
+    off_grid[0, 1] += 1  # one x off the stride grid
+    if stride > 1:
+        assert table_map(off_grid, offsets, len(offsets) // 2) is None
+    assert same_map(build_kernel_map(coords, coords, offsets, True), got)  # the table was left clean
+
+
 @pytest.mark.parametrize("stride,step", [(1, 2), (2, 4), (1, 3)])
 def test_numpy_downsample_and_parent_map_equal_torch(monkeypatch, stride, step):
     """Parent cells, their order, each child's parent and the 2x2x2 parent map: numpy (CPU) equals torch."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--typed-outputs", choices=("on", "off"), default="on",
                         help="on: also time the tracker + ~/detections + ~/frame_summary beside the JSON-era "
                              "outputs, side by side in the same run")
+    parser.add_argument("--model", metavar="PRESET", default=None,
+                        help="instead: the whole per-scan path (decode, model, track, publish) of a node running a "
+                             "seeded PRESET model (e.g. realtime) on the real scan; goal <= 50 ms of CPU")
     add_thread_argument(parser)
 
 
@@ -82,6 +86,17 @@ def main(args: argparse.Namespace) -> int:
     from sal_ros.nodes import params as P
     from sal_ros.nodes.segmenter import SegmenterNode
 
+    if args.model:
+        from sal_ros.bench.whole_path import whole_path
+
+        scan = next(iter(sorted((args.data / "velodyne").glob("*.bin"))), None) if args.data.is_dir() else None
+        if scan is None:
+            print(f"sal-ros bench node: no SemanticKITTI scan under {args.data}/velodyne", file=sys.stderr)
+            return 1
+        result = {"bench": "node_whole_path", **whole_path(args.model, scan, args.repeats, args.domain_id),
+                  "scan": str(scan), "repeats": args.repeats, "threads": threads, "environment": finish(env)}
+        print(json.dumps(result, indent=1))
+        return 0
     types = rclpy_types()
     xyz, intensity, seg, source = scan_and_segmentation(args.data, args.points)
     stamp = 1_700_000_000_000_000_000

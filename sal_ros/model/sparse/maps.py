@@ -3,6 +3,7 @@ walked along z columns for submanifold convs, or given by the parent cells of a 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -189,7 +190,9 @@ def build_kernel_map(in_coords: Tensor, out_coords: Tensor, offsets: Tensor, sub
     # the map is the first half with inputs and outputs swapped: search only offsets before the centre.
     mirror = centre is not None and (in_coords is out_coords or torch.equal(in_coords, out_coords))
     if mirror and walk_columns and in_coords.device.type == "cpu" and _walk_on_numpy:
-        kmap = _walk_columns_cpu(in_coords, offsets, centre)
+        kmap = _table_map_cpu(in_coords, offsets, centre)
+        if kmap is None:
+            kmap = _walk_columns_cpu(in_coords, offsets, centre)
         if kmap is not None:
             return kmap
     cin, cout = in_coords.long(), out_coords.long()
@@ -255,6 +258,60 @@ def _walk_columns(sorted_keys: Tensor, order: Tensor, out_keys: Tensor, offsets:
 
 
 _walk_on_numpy = True  # False: the torch walk below (tests compare the two)
+TABLE_MAX_CELLS = 1 << 22  # the lookup table's limit: 16 MB of int32 per thread (0: always walk)
+_tables = threading.local()
+
+
+def _table_map_cpu(coords: Tensor, offsets: Tensor, centre: int) -> Optional[KernelMap]:
+    """:func:`_walk_columns_cpu`'s map (same pairs, same order) by a dense lookup table over the voxels' bounding
+    box, in units of the kernel's step: each voxel's row written at its cell, then one gather per offset the walk
+    looks up (realtime's stride-1 map 2.1 -> 1.1 ms, its five maps ~4.5 -> ~3.2 ms). The table is kept per thread and
+    cleared cell by cell after use. None when the box passes ``TABLE_MAX_CELLS`` or a coordinate is off the step
+    grid (the walk then runs)."""
+    k = round(len(offsets) ** (1 / 3))
+    if k < 2 or k**3 != len(offsets) or TABLE_MAX_CELLS <= 0:
+        return None
+    step = int(offsets[k * k, 2] - offsets[0, 2])
+    c = coords.numpy()
+    lo = c.min(0).astype(np.int64)
+    rel = c - lo.astype(c.dtype)
+    if step < 1 or (step > 1 and (rel[:, 1:] % step).any()):
+        return None
+    half = k // 2  # the offsets' reach in steps
+    ext = ((c.max(0).astype(np.int64) - lo) // [1, step, step, step] + [1, 2 * half + 1, 2 * half + 1, 2 * half + 1])
+    cells = int(np.prod(ext))
+    if cells > TABLE_MAX_CELLS:
+        return None
+    table = getattr(_tables, "table", None)
+    if table is None or len(table) < cells:  # at its full size at once: a first real scan's box, larger than
+        table = _tables.table = np.full(max(cells, TABLE_MAX_CELLS), -1, np.int32)  # the warm-up's, pays nothing
+    keys = rel[:, 0].astype(np.int64)
+    for axis in (1, 2, 3):  # row-major [b, x, y, z], in steps, the reach as margin (integer matmuls are slow)
+        keys *= int(ext[axis])
+        keys += (rel[:, axis] if step == 1 else rel[:, axis] // step) + half
+    mult = np.array([ext[2] * ext[3], ext[3], 1])
+    n = len(keys)
+    table[keys] = np.arange(n, dtype=np.int32)
+    # the offsets the walk looks up (the first half of the (dx, dy) columns, and the centre column below the
+    # centre), so that every offset's pairs come in the walk's order; the others are their point mirrors
+    square = k * k
+    looked_up = [i for i in range(len(offsets))
+                 if i % square < square // 2 or (i % square == square // 2 and i < centre)]
+    ins: list[Optional[Tensor]] = [None] * len(offsets)
+    outs: list[Optional[Tensor]] = [None] * len(offsets)
+    try:
+        delta = ((offsets[looked_up].numpy() // step).astype(np.int64) @ mult).tolist()
+        for i, d in zip(looked_up, delta):
+            found = np.take(table, keys + d)
+            rows = np.flatnonzero(found >= 0)
+            ins[i], outs[i] = torch.from_numpy(found[rows].astype(np.int64)), torch.from_numpy(rows)
+    finally:
+        table[keys] = -1
+    ins[centre] = outs[centre] = torch.zeros(0, dtype=torch.int64)
+    for i in range(len(offsets)):
+        if ins[i] is None:
+            ins[i], outs[i] = outs[len(offsets) - 1 - i], ins[len(offsets) - 1 - i]
+    return KernelMap(ins, outs, n, n, centre)
 
 
 def _walk_columns_cpu(coords: Tensor, offsets: Tensor, centre: int) -> Optional[KernelMap]:
