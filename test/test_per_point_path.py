@@ -197,11 +197,11 @@ def test_intensity_is_copied_only_when_it_must_be():
     from sal_ros.core.cloud_input import model_intensity
 
     clean = np.linspace(0, 1, 50, dtype=np.float32)
-    assert model_intensity(clean, 50, 0.0, 1.0) is clean
+    assert np.shares_memory(model_intensity(clean, 50, 0.0, 1.0), clean)
     dirty = clean.copy()
     dirty[[3, 7, 9]] = (np.nan, np.inf, -np.inf)
     fixed = model_intensity(dirty, 50, 0.0, 1.0)
-    assert fixed is not dirty and np.isnan(dirty[3]) and fixed[[3, 7, 9]].tolist() == [0.0, 0.0, 0.0]
+    assert not np.shares_memory(fixed, dirty) and np.isnan(dirty[3]) and fixed[[3, 7, 9]].tolist() == [0.0, 0.0, 0.0]
     frozen = clean.copy()
     frozen.flags.writeable = False
     shared = model_intensity(frozen, 50, 0.0, 1.0)
