@@ -189,3 +189,20 @@ def test_cpu_voxelize_sorts_narrow_and_wide_key_ranges_as_the_generic_path(monke
     ref, ref_p2v = voxelization.voxelize(pts, None, 0.02, feats)
     assert torch.equal(got.coords, ref.coords) and torch.equal(got.feats, ref.feats) and torch.equal(got_p2v, ref_p2v)
     assert len(got) < 30000
+
+
+def test_intensity_is_copied_only_when_it_must_be():
+    """Finite, writable intensities reach the model as they are (no per-frame copy); non-finite values become 0
+    in a copy (the caller's array untouched), and read-only buffers are copied (torch refuses to share them)."""
+    from sal_ros.core.cloud_input import model_intensity
+
+    clean = np.linspace(0, 1, 50, dtype=np.float32)
+    assert np.shares_memory(model_intensity(clean, 50, 0.0, 1.0), clean)
+    dirty = clean.copy()
+    dirty[[3, 7, 9]] = (np.nan, np.inf, -np.inf)
+    fixed = model_intensity(dirty, 50, 0.0, 1.0)
+    assert not np.shares_memory(fixed, dirty) and np.isnan(dirty[3]) and fixed[[3, 7, 9]].tolist() == [0.0, 0.0, 0.0]
+    frozen = clean.copy()
+    frozen.flags.writeable = False
+    shared = model_intensity(frozen, 50, 0.0, 1.0)
+    assert shared.flags.writeable and np.array_equal(shared, clean)

@@ -8,6 +8,7 @@ to the checkpoint's.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -103,10 +104,19 @@ def _finite_and_valid(points: np.ndarray) -> tuple[np.ndarray | None, np.ndarray
     for the per-point test, which only other clouds pay)."""
     lo, hi = (float(points.min()), float(points.max())) if points.size else (0.0, 0.0)
     if -MAX_COORDINATE <= lo and hi <= MAX_COORDINATE:  # NaN compares False: such clouds take the per-point test
-        return None, np.arange(len(points))
+        return None, every_index(len(points))
     finite = np.isfinite(points).all(1)
     with np.errstate(invalid="ignore"):
         return finite, np.flatnonzero(finite & (np.abs(points) <= MAX_COORDINATE).all(1))
+
+
+@functools.lru_cache(maxsize=2)
+def every_index(n: int) -> np.ndarray:
+    """``np.arange(n)``, read-only and kept: a clean cloud's valid points, the same size frame after frame (a fresh
+    1 MB array cost ~0.35 ms of page faults per 124k-point scan)."""
+    index = np.arange(n)
+    index.flags.writeable = False
+    return index
 
 
 def model_intensity(intensity: np.ndarray | None, n: int, sensor_scale: float,
@@ -118,7 +128,10 @@ def model_intensity(intensity: np.ndarray | None, n: int, sensor_scale: float,
     intensity = np.asarray(intensity, np.float32).reshape(-1)
     if len(intensity) != n:
         raise ValueError(f"{n} points but {len(intensity)} intensities")
-    intensity = np.nan_to_num(intensity, nan=0.0, posinf=0.0, neginf=0.0)
+    # a copy only where one is needed: non-finite values, or a read-only buffer (torch warns on those)
+    if not intensity.flags.writeable or (intensity.size and not (np.isfinite(intensity.min())
+                                                                 and np.isfinite(intensity.max()))):
+        intensity = np.nan_to_num(intensity, nan=0.0, posinf=0.0, neginf=0.0)
     if sensor_scale and sensor_scale != trained_scale:
         intensity = intensity * np.float32(trained_scale / sensor_scale)
     return intensity

@@ -218,56 +218,66 @@ def _boxes_in(instances: Sequence[InstanceSummary], pose: np.ndarray | None) -> 
 
 def box_corners_bev(center: np.ndarray, size: np.ndarray, yaw: float) -> np.ndarray:
     """(4, 2) counter-clockwise corners of a box's footprint."""
+    return np.array(_corners(float(center[0]), float(center[1]), float(size[0]), float(size[1]), yaw))
+
+
+# The footprint geometry below works on Python floats: with 4-8 vertices per polygon, numpy's per-call cost was
+# most of the tracker's time (box IoU 60 -> 15 us, ~0.6 ms per frame of 14 tracked objects).
+Point = tuple[float, float]
+
+
+def _corners(x: float, y: float, length: float, width: float, yaw: float) -> list[Point]:
     c, s = math.cos(yaw), math.sin(yaw)
-    hl, hw = float(size[0]) / 2, float(size[1]) / 2
-    local = np.array([[hl, hw], [-hl, hw], [-hl, -hw], [hl, -hw]])
-    return local @ np.array([[c, s], [-s, c]]) + np.asarray(center, np.float64)[:2]
+    hl, hw = length / 2, width / 2
+    return [(x + u * c - v * s, y + u * s + v * c) for u, v in ((hl, hw), (-hl, hw), (-hl, -hw), (hl, -hw))]
 
 
-def _polygon_area(poly: np.ndarray) -> float:
+def _polygon_area(poly: list[Point]) -> float:
     if len(poly) < 3:
         return 0.0
-    x, y = poly[:, 0], poly[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    twice = sum(p[0] * q[1] - p[1] * q[0] for p, q in zip(poly, poly[1:] + poly[:1]))
+    return 0.5 * abs(twice)
 
 
-def _clip(subject: np.ndarray, clipper: np.ndarray) -> np.ndarray:
+def _clip(subject: list[Point], clipper: list[Point]) -> list[Point]:
     """Sutherland-Hodgman: the part of convex polygon ``subject`` inside convex, counter-clockwise ``clipper``."""
-    out = list(subject)
-    for i in range(len(clipper)):
-        a, b = clipper[i], clipper[(i + 1) % len(clipper)]
-        edge = b - a
-        inside = lambda p: edge[0] * (p[1] - a[1]) - edge[1] * (p[0] - a[0]) >= -1e-12  # noqa: E731
+    out = subject
+    for a, b in zip(clipper, clipper[1:] + clipper[:1]):
+        ex, ey = b[0] - a[0], b[1] - a[1]
         points, out = out, []
-        for j in range(len(points)):
-            p, q = points[j], points[(j + 1) % len(points)]
-            if inside(q):
-                if not inside(p):
-                    out.append(_intersection(p, q, a, b))
-                out.append(q)
-            elif inside(p):
-                out.append(_intersection(p, q, a, b))
-        if not out:
+        if not points:
             break
-    return np.array(out).reshape(-1, 2)
+        side = [ex * (p[1] - a[1]) - ey * (p[0] - a[0]) >= -1e-12 for p in points]
+        for j, q in enumerate(points):
+            p, p_in, q_in = points[j - 1], side[j - 1], side[j]
+            if q_in:
+                if not p_in:
+                    out.append(_intersection(p, q, a, ex, ey))
+                out.append(q)
+            elif p_in:
+                out.append(_intersection(p, q, a, ex, ey))
+    return out
 
 
-def _intersection(p: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    d1, d2 = q - p, b - a
-    denom = d1[0] * d2[1] - d1[1] * d2[0]
+def _intersection(p: Point, q: Point, a: Point, ex: float, ey: float) -> Point:
+    dx, dy = q[0] - p[0], q[1] - p[1]
+    denom = dx * ey - dy * ex
     if abs(denom) < 1e-12:
         return q
-    t = ((a[0] - p[0]) * d2[1] - (a[1] - p[1]) * d2[0]) / denom
-    return p + t * d1
+    t = ((a[0] - p[0]) * ey - (a[1] - p[1]) * ex) / denom
+    return p[0] + t * dx, p[1] + t * dy
 
 
 def box_iou_3d(c1: np.ndarray, s1: np.ndarray, yaw1: float, c2: np.ndarray, s2: np.ndarray, yaw2: float) -> float:
     """IoU of two yaw-oriented boxes: footprint intersection (convex clipping) times the z overlap."""
-    s1, s2 = np.maximum(np.asarray(s1, np.float64), 1e-3), np.maximum(np.asarray(s2, np.float64), 1e-3)
-    inter_bev = _polygon_area(_clip(box_corners_bev(c1, s1, yaw1), box_corners_bev(c2, s2, yaw2)))
-    z_overlap = max(0.0, min(c1[2] + s1[2] / 2, c2[2] + s2[2] / 2) - max(c1[2] - s1[2] / 2, c2[2] - s2[2] / 2))
+    l1, w1, h1 = (max(float(v), 1e-3) for v in s1[:3])
+    l2, w2, h2 = (max(float(v), 1e-3) for v in s2[:3])
+    x1, y1, z1 = (float(v) for v in c1[:3])
+    x2, y2, z2 = (float(v) for v in c2[:3])
+    inter_bev = _polygon_area(_clip(_corners(x1, y1, l1, w1, yaw1), _corners(x2, y2, l2, w2, yaw2)))
+    z_overlap = max(0.0, min(z1 + h1 / 2, z2 + h2 / 2) - max(z1 - h1 / 2, z2 - h2 / 2))
     inter = inter_bev * z_overlap
-    union = float(np.prod(s1) + np.prod(s2)) - inter
+    union = l1 * w1 * h1 + l2 * w2 * h2 - inter
     return inter / union if union > 0 else 0.0
 
 

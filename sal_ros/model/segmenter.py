@@ -125,9 +125,9 @@ class Segmenter(ConfiguredSegmenter):
         if active is None:
             raise ModelError("no vocabulary: call set_embeddings(text_encoder.encode(vocabulary)) first")
         te, points, valid, config = active[0], cloud.points, cloud.valid, cloud.config
-        out = Segmentation.empty(len(points), te.class_names, te.version)
-        out.dropped_points = cloud.dropped_points
         if valid.size == 0:
+            out = Segmentation.empty(len(points), te.class_names, te.version)
+            out.dropped_points = cloud.dropped_points
             return out
         run, query, score, point_to_voxel, query_class, query_rank, timings = self._run_with_retries(
             points, cloud.intensity, cloud.run, active)
@@ -140,11 +140,13 @@ class Segmenter(ConfiguredSegmenter):
         part = panoptic_from_queries(query, score, query_class, te.thing, points if every else points[valid],
                                      te.class_names, config.score_threshold, config.min_points, te.version,
                                      query_rank, point_to_cell=point_to_voxel)
-        if every:
-            out.label, out.instance, out.score = part.label, part.instance, part.score
+        if every:  # the fusion's arrays are the output's (no zeros allocated per frame to be replaced)
+            out = part
         else:
+            out = Segmentation.empty(len(points), te.class_names, te.version)
             out.label[valid], out.instance[valid], out.score[valid] = part.label, part.instance, part.score
-        out.instances = part.instances
+            out.instances = part.instances
+        out.dropped_points = cloud.dropped_points
         timings["postprocess"] += (time.perf_counter() - t0) * 1e3
         out.timings_ms = timings
         return out
