@@ -251,10 +251,16 @@ def _walk_columns(sorted_keys: Tensor, order: Tensor, out_keys: Tensor, offsets:
             ins[idx], outs[idx] = order[pos[hit]], rows[hit]
     empty = sorted_keys.new_zeros(0)
     ins[centre], outs[centre] = empty, empty
-    for idx in range(len(offsets)):
-        if ins[idx] is None:
-            ins[idx], outs[idx] = outs[len(offsets) - 1 - idx], ins[len(offsets) - 1 - idx]
+    _fill_mirrors(ins, outs)
     return KernelMap(ins, outs, n_in, n_out, centre)
+
+
+def _fill_mirrors(ins: list, outs: list) -> None:
+    """Offsets not looked up take the pairs of their point mirror (offset K-1-k = -offset k) swapped."""
+    last = len(ins) - 1
+    for i in range(len(ins)):
+        if ins[i] is None:
+            ins[i], outs[i] = outs[last - i], ins[last - i]
 
 
 _walk_on_numpy = True  # False: the torch walk below (tests compare the two)
@@ -308,9 +314,7 @@ def _table_map_cpu(coords: Tensor, offsets: Tensor, centre: int) -> Optional[Ker
     finally:
         table[keys] = -1
     ins[centre] = outs[centre] = torch.zeros(0, dtype=torch.int64)
-    for i in range(len(offsets)):
-        if ins[i] is None:
-            ins[i], outs[i] = outs[len(offsets) - 1 - i], ins[len(offsets) - 1 - i]
+    _fill_mirrors(ins, outs)
     return KernelMap(ins, outs, n, n, centre)
 
 
@@ -354,7 +358,5 @@ def _walk_columns_cpu(coords: Tensor, offsets: Tensor, centre: int) -> Optional[
             ins[idx], outs[idx] = torch.from_numpy(found), torch.from_numpy(rows)
     empty = torch.zeros(0, dtype=torch.int64)
     ins[centre], outs[centre] = empty, empty
-    for idx in range(len(offsets)):
-        if ins[idx] is None:
-            ins[idx], outs[idx] = outs[len(offsets) - 1 - idx], ins[len(offsets) - 1 - idx]
+    _fill_mirrors(ins, outs)
     return KernelMap(ins, outs, n, n, centre)
