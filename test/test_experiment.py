@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, cpu_seconds, require_data, wait_until
@@ -171,21 +172,34 @@ def test_presets_are_compared_by_their_students_and_cpu_time(tmp_path, capsys):
     for bad, says in ((["--presets", "tiny,tiny:voxel_size"], "expected field=value"),
                       (["--presets", "tiny,no_such_preset"], "no_such_preset"),
                       (["--presets", "tiny", "--latency", "tiny"], "expected preset=ms"),
-                      (["--presets", "tiny", "--only", "main"], "students only")):
+                      (["--presets", "tiny", "--only", "main"], "students only"),
+                      (["--presets", "tiny", "--seeds", "0,x"], "comma-separated integers"),
+                      (["--presets", "tiny", "--seeds", "1,1"], "distinct"),
+                      (["--presets", "tiny", "--reference", "realtime"], "not one of --presets")):
         assert run(*bad) == 1
         assert says in capsys.readouterr().err
     assert not (out / "train").exists()  # refused before anything trained
-    assert run("--presets", "tiny,tiny:voxel_size=0.4", "--latency", "tiny=100,tiny:voxel_size=0.4=80") == 0
+    assert run("--presets", "tiny,tiny:voxel_size=0.4", "--latency", "tiny=100,tiny:voxel_size=0.4=80",
+               "--seeds", "0,1", "--reference", "tiny") == 0
     result = json.loads((out / "presets.json").read_text())
-    rows = {r["preset"]: r for r in result["rows"]}
-    assert list(rows) == ["tiny", "tiny:voxel_size=0.4"]
+    assert [(r["preset"], r["seed"]) for r in result["rows"]] == [("tiny", 0), ("tiny", 1), ("tiny:voxel_size=0.4", 0),
+                                                                   ("tiny:voxel_size=0.4", 1)]
+    rows = {(r["preset"], r["seed"]): r for r in result["rows"]}
     assert all(r["model"] == student_name("oracle") and r["tests"]["mine"]["frames"] == 1 for r in rows.values())
-    assert {k: r["cpu_ms"] for k, r in rows.items()} == {"tiny": 100.0, "tiny:voxel_size=0.4": 80.0}
-    coarse = rows["tiny:voxel_size=0.4"]["train"]
+    assert {k: r["cpu_ms"] for k, r in rows.items() if k[1] == 0} == {("tiny", 0): 100.0,
+                                                                      ("tiny:voxel_size=0.4", 0): 80.0}
+    coarse = rows[("tiny:voxel_size=0.4", 0)]["train"]
     assert yaml.safe_load(Path(coarse["config"]).read_text())["model"] == {"preset": "tiny", "voxel_size": 0.4}
-    assert coarse["config"] != rows["tiny"]["train"]["config"]
+    assert coarse["config"] != rows[("tiny", 0)]["train"]["config"]
+    reseeded = yaml.safe_load(Path(rows[("tiny:voxel_size=0.4", 1)]["train"]["config"]).read_text())
+    assert reseeded["seed"] == 1 and reseeded["model"] == {"preset": "tiny", "voxel_size": 0.4}
+    for entry in result["presets"]:  # the summary is the seeds' own scores
+        pqs = [rows[(entry["preset"], s)]["tests"]["mine"]["frustum"]["agnostic_pq"] for s in (0, 1)]
+        assert entry["tests"]["mine"]["frustum"]["pqs"] == pqs
+        assert entry["tests"]["mine"]["frustum"]["mean"] == pytest.approx(np.mean(pqs))
     table = (out / "presets.md").read_text()
-    assert "| tiny:voxel_size=0.4 | student (oracle) | 80.0 |" in table and "| – / – |" in table  # no minkunet34
+    assert "seeds 0, 1" in table and "| % of tiny |" in table
+    assert "| tiny:voxel_size=0.4 | student (oracle) | 80.0 |" in table
     assert (out / "presets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a preset's student is the run --recipe-override trains: found done, not trained again
     assert run("--only", "students", "--recipe-override", "{model: {preset: tiny, voxel_size: 0.4}}") == 0
@@ -193,15 +207,21 @@ def test_presets_are_compared_by_their_students_and_cpu_time(tmp_path, capsys):
     assert again == coarse
 
 
-def test_a_preset_scores_as_a_share_of_minkunet34_of_the_same_teacher():
-    from sal_ros.experiment.presets import of_reference, parse_latency
+def test_a_preset_scores_as_a_share_of_the_reference_of_the_same_teacher():
+    from sal_ros.experiment.presets import of_reference, parse_latency, summarize
 
-    def row(preset, model, pq):
-        return {"preset": preset, "model": model, "tests": {"02": {"frustum": {"agnostic_pq": pq}}}}
+    def row(preset, model, pq, seed=0):
+        return {"preset": preset, "model": model, "seed": seed, "cpu_ms": None, "train": {},
+                "tests": {"02": {"frustum": {"agnostic_pq": pq}, "full": {"agnostic_pq": 0.0}}}}
 
-    out = {"rows": [row("tiny", "student (oracle)", 18.0), row("minkunet34", "student (slic)", 10.0),
-                    row("minkunet34", "student (oracle)", 20.0)]}
-    assert of_reference(out, out["rows"][0], "02", "frustum") == 90.0
-    assert of_reference(out, row("tiny", "student (geometric)", 5.0), "02", "frustum") is None  # no reference
+    rows = [row("tiny", "student (oracle)", 16.0), row("tiny", "student (oracle)", 20.0, seed=1),
+            row("minkunet34", "student (slic)", 10.0), row("minkunet34", "student (oracle)", 20.0)]
+    out = {"presets": summarize(rows, ["02"])}
+    tiny = out["presets"][0]
+    assert tiny["seeds"] == [0, 1] and tiny["tests"]["02"]["frustum"]["sd"] == pytest.approx(np.std([16, 20], ddof=1))
+    assert of_reference(out, tiny, "02", "frustum") == 90.0  # the mean over seeds against minkunet34's
+    assert of_reference(out, tiny, "02", "full") is None  # the reference scores 0: no share
+    assert of_reference(dict(out, reference="tiny"), out["presets"][2], "02", "frustum") == 100 * 20 / 18
+    assert of_reference(out, summarize([row("tiny", "student (geometric)", 5.0)], ["02"])[0], "02", "frustum") is None
     assert parse_latency("tiny=154.8, realtime:voxel_size=0.4=104.1") == {"tiny": 154.8,
                                                                           "realtime:voxel_size=0.4": 104.1}

@@ -32,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency", metavar="MS",
                         help="with --presets: CPU ms per scan of each, 'tiny=154.8,realtime=108.4' (the last = "
                              "separates) or a `sal-ros bench model` JSON file (median total_cpu)")
+    parser.add_argument("--seeds", metavar="LIST",
+                        help="with --presets: train every preset once per seed, e.g. 0,1,2 (the tables give the "
+                             "mean ± sd over the seeds; default: the recipe's seed, one run)")
+    parser.add_argument("--reference", metavar="SPEC", default="minkunet34",
+                        help="with --presets: the preset every PQ is given as a share of (default minkunet34; "
+                             "one of --presets)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -79,18 +85,22 @@ def main(args: argparse.Namespace) -> int:
 
 def compare(cfg, args: argparse.Namespace) -> int:
     """``--presets``: the students of every preset (train only students: no references, no scaling)."""
-    from sal_ros.experiment.presets import compare_presets, parse_latency
+    from sal_ros.experiment.presets import compare_presets, parse_latency, parse_seeds
 
     if args.only not in (None, "students"):
         print(f"sal-ros experiment: --presets trains the students only, not --only {args.only}", file=sys.stderr)
         return 1
     try:
         specs = [s.strip() for s in args.presets.split(",") if s.strip()]
+        if args.reference != "minkunet34" and args.reference not in specs:
+            raise ValueError(f"--reference {args.reference!r} is not one of --presets {args.presets!r}")
         out = compare_presets(cfg, specs, parse_latency(args.latency), progress=not args.no_progress,
-                              say=lambda s: print(s, flush=True))
+                              say=lambda s: print(s, flush=True), seeds=parse_seeds(args.seeds),
+                              reference=args.reference)
     except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"sal-ros experiment: {exc}", file=sys.stderr)
         return 1
-    print(f"done: {len(out['rows'])} students of {len(specs)} presets -> {cfg.out_dir / 'presets.md'}, "
+    print(f"done: {len(out['rows'])} students of {len(specs)} presets, {len(out['seeds'])} seeds -> "
+          f"{cfg.out_dir / 'presets.md'}, "
           f"{cfg.out_dir / 'presets.png'}")
     return 0
