@@ -59,7 +59,7 @@ def test_bench_model_times_candidates_given_as_preset_overrides():
     import pytest
 
     from sal_ros.bench.model import preset_config
-    from sal_ros.model.config import ModelConfig
+    from sal_ros.model.config import ModelConfig, split_specs
 
     config = preset_config("tiny:voxel_size=0.4:num_queries=16")
     assert config == ModelConfig.preset("tiny", voxel_size=0.4, num_queries=16)
@@ -67,6 +67,13 @@ def test_bench_model_times_candidates_given_as_preset_overrides():
     for bad in ("tiny:voxel_size", "tiny:no_such_field=1", "no_such_preset"):
         with pytest.raises((TypeError, ValueError)):
             preset_config(bad)
+    # a list of specs: commas inside brackets belong to a spec's value
+    specs = split_specs("tiny, realtime:widths=[16,24,32,48]:voxel_size=0.6,minkunet34,")
+    assert specs == ["tiny", "realtime:widths=[16,24,32,48]:voxel_size=0.6", "minkunet34"]
+    assert preset_config(specs[1]).minkunet.widths == (16, 24, 32, 48)
+    for bad in ("tiny,realtime:widths=[16,24", "tiny]", "realtime:widths=(16,24))"):
+        with pytest.raises(ValueError, match="unbalanced"):
+            split_specs(bad)
 
 
 def test_bench_model_says_when_the_conv_crop_is_empty():

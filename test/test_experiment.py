@@ -175,7 +175,8 @@ def test_presets_are_compared_by_their_students_and_cpu_time(tmp_path, capsys):
                       (["--presets", "tiny", "--only", "main"], "students only"),
                       (["--presets", "tiny", "--seeds", "0,x"], "comma-separated integers"),
                       (["--presets", "tiny", "--seeds", "1,1"], "distinct"),
-                      (["--presets", "tiny", "--reference", "realtime"], "not one of --presets")):
+                      (["--presets", "tiny", "--reference", "realtime"], "not one of --presets"),
+                      (["--presets", "tiny,realtime:widths=[16,24"], "unbalanced brackets")):
         assert run(*bad) == 1
         assert says in capsys.readouterr().err
     assert not (out / "train").exists()  # refused before anything trained

@@ -30,6 +30,7 @@ import numpy as np
 
 from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
 from sal_ros.bench.model import DEFAULT_SCAN, REPO, UNTHRESHOLDED, parity
+from sal_ros.model.config import split_specs
 
 SECTIONS = ("parity", "latency", "node", "train_step")
 CUDA_GRAPHS_NOTE = ("not used: kernel maps and voxel counts change with every scan (data-dependent shapes), "
@@ -80,8 +81,7 @@ def main(args: argparse.Namespace) -> int:
     scan, labels = _load_scan(args.scan, args.points)
     sections: dict[str, Callable[[], dict]] = {
         "parity": lambda: bench_parity(args, scan),
-        "latency": lambda: {p.strip(): bench_latency(p.strip(), scan, args) for p in args.presets.split(",")
-                            if p.strip()},
+        "latency": lambda: {p: bench_latency(p, scan, args) for p in split_specs(args.presets)},
         "node": lambda: bench_node(args, scan),
         "train_step": lambda: bench_train_step(args.train_preset, scan, labels, args.device),
     }

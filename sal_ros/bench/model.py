@@ -33,6 +33,7 @@ import numpy as np
 from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
 from sal_ros.bench.sparse_conv import bench_conv, bench_spconv, bench_strided_conv, bench_submanifold_map
 from sal_ros.bench.timing import median_ms
+from sal_ros.model.config import split_specs
 from sal_ros.core.cloud_input import SegmenterConfig
 
 DEFAULT_SCAN = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "semantickitti" / "sequences" / "00"
@@ -74,8 +75,8 @@ def main(args: argparse.Namespace) -> int:
     threads = apply_threads(args.threads)
     scan = load_scan(args.scan, args.points)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     try:
+        presets = split_specs(args.presets)
         for spec in presets:
             preset_config(spec)
     except (TypeError, ValueError) as exc:

@@ -86,12 +86,13 @@ def main(args: argparse.Namespace) -> int:
 def compare(cfg, args: argparse.Namespace) -> int:
     """``--presets``: the students of every preset (train only students: no references, no scaling)."""
     from sal_ros.experiment.presets import compare_presets, parse_latency, parse_seeds
+    from sal_ros.model.config import split_specs
 
     if args.only not in (None, "students"):
         print(f"sal-ros experiment: --presets trains the students only, not --only {args.only}", file=sys.stderr)
         return 1
     try:
-        specs = [s.strip() for s in args.presets.split(",") if s.strip()]
+        specs = split_specs(args.presets)
         if args.reference != "minkunet34" and args.reference not in specs:
             raise ValueError(f"--reference {args.reference!r} is not one of --presets {args.presets!r}")
         out = compare_presets(cfg, specs, parse_latency(args.latency), progress=not args.no_progress,

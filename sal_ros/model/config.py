@@ -185,6 +185,20 @@ def preset_settings(spec: str) -> dict[str, Any]:
     return settings
 
 
+def split_specs(text: str) -> list[str]:
+    """A comma-separated list of preset specs, commas inside brackets kept (``tiny,realtime:widths=[16,24,32,48]``
+    is two specs); ValueError for unbalanced brackets."""
+    specs, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(ch, 0)
+        if depth < 0 or (i == len(text) and depth):
+            raise ValueError(f"presets {text!r}: unbalanced brackets")
+        if ch == "," and not depth:
+            specs.append(text[start:i].strip())
+            start = i + 1
+    return [s for s in specs if s]
+
+
 def nested_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` in the nested layout: flat names (``FLAT_NAMES``) moved into their sections, section values as
     mappings. ValueError for settings or a section that are not a mapping and for a setting given twice."""
@@ -239,4 +253,4 @@ PRESETS["realtime"] = ModelConfig.preset("tiny", input={"voxel_size": 0.5},
 
 __all__ = ["ModelConfig", "InputConfig", "MinkUNetConfig", "WaffleIronConfig", "DecoderConfig", "TrainingConfig",
            "PRESETS", "SECTIONS", "FLAT_NAMES", "nested_settings",
-           "preset_settings"]
+           "preset_settings", "split_specs"]
