@@ -224,5 +224,5 @@ def test_a_preset_scores_as_a_share_of_the_reference_of_the_same_teacher():
     assert of_reference(out, tiny, "02", "full") is None  # the reference scores 0: no share
     assert of_reference(dict(out, reference="tiny"), out["presets"][2], "02", "frustum") == 100 * 20 / 18
     assert of_reference(out, summarize([row("tiny", "student (geometric)", 5.0)], ["02"])[0], "02", "frustum") is None
-    assert parse_latency("tiny=154.8, realtime:voxel_size=0.4=104.1") == {"tiny": 154.8,
-                                                                          "realtime:voxel_size=0.4": 104.1}
+    assert parse_latency("tiny=154.8, realtime:voxel_size=0.4=104.1,realtime:widths=[16,24,32,48]=44.7") == {
+        "tiny": 154.8, "realtime:voxel_size=0.4": 104.1, "realtime:widths=[16,24,32,48]": 44.7}

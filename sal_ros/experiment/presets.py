@@ -48,8 +48,10 @@ def parse_latency(text: str | None) -> dict[str, float]:
             return {spec: float(row["median_ms"]["total_cpu"]) for spec, row in bench["models"]["cpu"].items()}
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a `sal-ros bench model` result (missing {exc})") from None
+    from sal_ros.model.config import split_specs
+
     out = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    for item in split_specs(text):
         spec, sep, ms = item.rpartition("=")
         try:
             out[spec] = float(ms)
@@ -177,12 +179,15 @@ def plot_presets(path: Path, out: dict) -> None:
     from sal_ros.eval.report import atomic_savefig
 
     plt = _plt()
+    from matplotlib.ticker import FuncFormatter
+
     tests, entries = out["experiment"]["tests"], out["presets"]
     ref = out.get("reference", REFERENCE)
     timed = [e for e in entries if e["cpu_ms"]]
     markers = {"o": "circle", "s": "square", "^": "triangle", "D": "diamond", "v": "down triangle"}
     shapes = [list(markers)[j % len(markers)] for j in range(len(tests))]
-    fig, axes = plt.subplots(1, len(REGION_TITLES), figsize=(6.5 * len(REGION_TITLES), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(REGION_TITLES), figsize=(6.5 * len(REGION_TITLES), 5.2 + 0.2 * len(timed)),
+                             squeeze=False)
     for ax, (region, title) in zip(axes[0], REGION_TITLES.items()):
         for i, e in enumerate(timed):
             color = f"C{i % 10}"
@@ -201,12 +206,12 @@ def plot_presets(path: Path, out: dict) -> None:
         ax.text(GOAL_MS, 0.5, " 50 ms goal", rotation=90, fontsize=7, color="green", va="bottom",
                 transform=ax.get_xaxis_transform())
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 40, 100: not 4x10^1
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "2345" else ""))
         top = [1.15 * (s["mean"] + (s["sd"] or 0)) for e in entries for s in (e["tests"][t][region] for t in tests)]
         ax.set(xlabel="Segmenter CPU ms per scan (1 thread)", ylabel=f"held-out class-agnostic PQ, {title}",
                ylim=(0, max([5.0] + top)))
         ax.grid(alpha=0.3)
-        if timed:
-            ax.legend(fontsize=7, loc="center right")
         ax.set_title(f"{title}: " + ", ".join(f"{markers[m]} test {t}" for m, t in zip(shapes, tests))
                      + " (first filled)", fontsize=8)
     untimed = sorted({e["preset"] for e in entries if not e["cpu_ms"]})
@@ -214,7 +219,11 @@ def plot_presets(path: Path, out: dict) -> None:
     seeds = "one seed" if n_seeds == 1 else f"mean ± sd of {n_seeds} seeds"
     fig.suptitle(f"presets: train {out['experiment']['train']}, {out['experiment']['steps']} steps, {seeds}"
                  + (f"; not timed, not drawn: {', '.join(untimed)}" if untimed else ""), fontsize=9)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend_rows = -(-len(labels) // 2)
+    fig.tight_layout(rect=(0, 0.035 * legend_rows + 0.02, 1, 1))  # the legend below both panels, off the data
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
     try:
         atomic_savefig(fig, path, dpi=90)
     finally:
