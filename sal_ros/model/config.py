@@ -245,9 +245,9 @@ PRESETS["waffleiron_tiny"] = ModelConfig.preset("tiny", backbone="waffleiron",
                                                waffleiron={"depth": 6, "width": 32, "cell": 1.0})
 # Real time on one CPU core (issue 25; chosen by `sal-ros bench model` and the held-out oracle protocol, table in
 # docs/performance.md): tiny's layout on 0.5 m voxels (a 124.7k-point scan gives ~11.0k voxels instead of ~31.8k)
-# with a narrower encoder and decoder: 0.6-0.7x tiny's CPU time on one thread (its per-point stages, voxelize and
-# postprocess, are what is left). Held out, it kept 92 % of tiny's whole-scan PQ but 35-55 % of its PQ in the
-# camera frustum; at 0.4 m it was no faster and scored lower.
+# with a narrower encoder and decoder: 0.4-0.5x tiny's CPU time on one thread since the per-point and kernel-map
+# work was rewritten. Held out (five seeds each) it keeps ~80 % of tiny's class-agnostic PQ, in the camera frustum
+# and on the whole scan; of the candidates at or under 50 ms (0.4 / 0.6 m, tiny's widths) none kept more in both.
 PRESETS["realtime"] = ModelConfig.preset("tiny", input={"voxel_size": 0.5},
                                          minkunet={"stem_width": 8, "widths": (16, 16, 24, 32), "decoder_widths": (24, 16, 16, 16)})
 
