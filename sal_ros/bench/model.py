@@ -33,8 +33,8 @@ import numpy as np
 from sal_ros.bench.env import add_thread_argument, apply_threads, environment, finish
 from sal_ros.bench.sparse_conv import bench_conv, bench_spconv, bench_strided_conv, bench_submanifold_map
 from sal_ros.bench.timing import median_ms
-from sal_ros.model.config import split_specs
 from sal_ros.core.cloud_input import SegmenterConfig
+from sal_ros.model.config import split_specs
 
 DEFAULT_SCAN = (Path(__file__).resolve().parents[2].parent / "shared" / "data" / "semantickitti" / "sequences" / "00"
                 / "velodyne" / "000000.bin")

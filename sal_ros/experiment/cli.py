@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", metavar="LIST",
                         help="with --presets: train every preset once per seed, e.g. 0,1,2 (the tables give the "
                              "mean ± sd over the seeds; default: the recipe's seed, one run)")
-    parser.add_argument("--reference", metavar="SPEC", default="minkunet34",
-                        help="with --presets: the preset every PQ is given as a share of (default minkunet34; "
-                             "one of --presets)")
+    parser.add_argument("--reference", metavar="SPEC",
+                        help="with --presets: the preset every PQ is given as a share of (one of --presets; "
+                             "default minkunet34, issue 25's reference)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
 
 def compare(cfg, args: argparse.Namespace) -> int:
     """``--presets``: the students of every preset (train only students: no references, no scaling)."""
-    from sal_ros.experiment.presets import compare_presets, parse_latency, parse_seeds
+    from sal_ros.experiment.presets import REFERENCE, compare_presets, parse_latency, parse_seeds
     from sal_ros.model.config import split_specs
 
     if args.only not in (None, "students"):
@@ -93,11 +93,11 @@ def compare(cfg, args: argparse.Namespace) -> int:
         return 1
     try:
         specs = split_specs(args.presets)
-        if args.reference != "minkunet34" and args.reference not in specs:
+        if args.reference and args.reference not in specs:
             raise ValueError(f"--reference {args.reference!r} is not one of --presets {args.presets!r}")
         out = compare_presets(cfg, specs, parse_latency(args.latency), progress=not args.no_progress,
                               say=lambda s: print(s, flush=True), seeds=parse_seeds(args.seeds),
-                              reference=args.reference)
+                              reference=args.reference or REFERENCE)
     except (SensorDataError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"sal-ros experiment: {exc}", file=sys.stderr)
         return 1
