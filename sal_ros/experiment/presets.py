@@ -95,7 +95,7 @@ def compare_presets(cfg: ExperimentConfig, specs: list[str], latency: dict[str, 
                              "environment": results["environment"]})
     tests = [t.name for t in cfg.tests]
     out = {"experiment": {"train": cfg.train, "steps": cfg.steps, "tests": tests, "recipe": cfg.recipe},
-           "reference": reference, "seeds": sorted({r["seed"] for r in rows}, key=str), "latency_source": latency,
+           "reference": reference, "seeds": list(dict.fromkeys(r["seed"] for r in rows)), "latency_source": latency,
            "presets": summarize(rows, tests), "rows": rows}
     atomic_write(cfg.out_dir / "presets.json", json.dumps(out, indent=1, default=str))
     atomic_write(cfg.out_dir / "presets.md", presets_markdown(out))
