@@ -186,12 +186,47 @@ def _stuck_in(thread_id: int | None) -> str:
                        for f in reversed(traceback.extract_stack(frame)[-3:]))
 
 
+def _exit_later_without_gil(delay_s: float, rc: int) -> bool:
+    """Ends the process with ``rc`` after ``delay_s`` even while the main thread holds the GIL inside C++ (a
+    DDS entity destroy under load has held it for seconds; a Python timer thread cannot run then). A POSIX timer
+    (SIGEV_THREAD) calls libc's ``_exit(rc)`` on a thread of its own: no Python runs there, so no GIL is needed.
+    ``union sigval`` is passed like an int on x86-64 and aarch64, so the timer's value is the exit status.
+    Returns False where the C library has no such timer; faulthandler's exit (status 1) is then the last resort."""
+    import ctypes
+    import ctypes.util
+
+    class SigEvent(ctypes.Structure):  # struct sigevent on 64-bit Linux: 64 bytes
+        _fields_ = [("value", ctypes.c_long), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
+                    ("function", ctypes.c_void_p), ("attribute", ctypes.c_void_p), ("pad", ctypes.c_int * 8)]
+
+    class TimeSpec(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+
+    if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8 or sys.byteorder != "little":
+        return False
+    sigev_thread, clock_monotonic = 2, 1
+    for name in (None, ctypes.util.find_library("rt")):  # glibc >= 2.34 has timer_create in libc itself
+        lib = ctypes.CDLL(name, use_errno=True)
+        if hasattr(lib, "timer_create") and hasattr(lib, "_exit"):
+            break
+    else:
+        return False
+    event = SigEvent(value=rc, notify=sigev_thread, function=ctypes.cast(lib._exit, ctypes.c_void_p).value)
+    timer = ctypes.c_void_p()
+    if lib.timer_create(clock_monotonic, ctypes.byref(event), ctypes.byref(timer)) != 0:
+        return False
+    seconds = int(delay_s)
+    when = (TimeSpec(0, 0), TimeSpec(seconds, int((delay_s - seconds) * 1e9)))  # it_interval, it_value
+    return lib.timer_settime(timer, 0, ctypes.byref((TimeSpec * 2)(*when)), None) == 0
+
+
 def arm_teardown_deadline(log: Any, deadline_s: float, rc: int) -> None:
     """The teardown after a shutdown signal ends within ``deadline_s``, whatever step hangs: launch escalates to
     SIGTERM 5 s after SIGINT and logs an error, and a user's Ctrl-C must not hang. Past the deadline a timer thread
     logs where the main thread is stuck and ends the process with ``rc``; writers are atomic, so nothing
-    half-written is left. A step that holds the GIL is met by faulthandler half a second later (exit 1, stacks on
-    stderr)."""
+    half-written is left. A step that holds the GIL (rclpy's destroy_node inside Fast DDS) blocks that thread:
+    faulthandler prints every thread's stack 0.4 s later, and a POSIX timer ends the process with ``rc``
+    a moment after (:func:`_exit_later_without_gil`)."""
     import faulthandler
 
     main = threading.main_thread().ident
@@ -206,7 +241,8 @@ def arm_teardown_deadline(log: Any, deadline_s: float, rc: int) -> None:
     timer = threading.Timer(deadline_s, abandon)
     timer.daemon = True
     timer.start()
-    faulthandler.dump_traceback_later(deadline_s + 0.5, exit=True)
+    exits_later = _exit_later_without_gil(deadline_s + 0.7, rc)
+    faulthandler.dump_traceback_later(deadline_s + 0.4, exit=not exits_later)
 
 
 def start_and_spin(make_nodes_now, logger_name: str, num_threads: int | None = None,
