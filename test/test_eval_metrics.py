@@ -4,7 +4,7 @@ import pytest
 
 from sal_ros.core.errors import SensorDataError
 from sal_ros.data.labels import nuscenes, semantickitti, vocabulary_lut
-from sal_ros.eval.panoptic import PanopticEvaluator, class_agnostic_pq
+from sal_ros.eval.panoptic import PanopticEvaluator, class_agnostic_pq, found_by_class
 from sal_ros.eval.confusion import ConfusionMatrix
 
 CAR, ROAD = 1, 2
@@ -175,6 +175,48 @@ def test_class_agnostic_ignores_classes():
     assert class_agnostic_pq(pred, ref, min_points=10)["pq"] == 1.0
     merged = class_agnostic_pq(np.r_[np.full(200, 1), np.zeros(50, int)], ref, min_points=10)
     assert merged["tp"] == 0 and merged["fn"] == 2 and merged["fp"] == 1
+
+
+def test_class_agnostic_counts_per_ground_truth_class():
+    """By hand: the car is found, the road is missed (its best prediction has IoU exactly 0.5) and the spurious
+    prediction lying on it is counted under road, the tree is found by a segment classified as road. The per-class
+    counts add up to the class-agnostic totals."""
+    gs = np.array([1, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    gi = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    ps = np.array([1, 1, 1, 2, 2, 1, 1, 2, 2, 2])
+    pi = np.array([5, 5, 5, 0, 0, 7, 7, 0, 0, 0])
+    ev = PanopticEvaluator(3, things=(1,), min_points=1, class_names=("car", "road", "tree"))
+    ev.add(ps, pi, gs, gi)
+    r = ev.compute()
+    rows = {row["class"]: row for row in r.agnostic_per_class()}
+    assert {c: (x["found"], x["missed"], x["spurious"]) for c, x in rows.items()} == {
+        "car": (1, 0, 0), "road": (0, 1, 1), "tree": (1, 0, 0)}
+    assert rows["tree"]["sq"] == pytest.approx(3 / 5) and rows["road"]["sq"] is None
+    assert (r.agnostic["tp"], r.agnostic["fp"], r.agnostic["fn"]) == (2, 1, 1)
+    assert r.agnostic["sq"] == pytest.approx((1 + 3 / 5) / 2)
+    assert found_by_class(r.agnostic_per_class()) == "car 1/1, road 0/1 (+1 spurious), tree 1/1"
+
+
+def test_class_agnostic_per_class_sums_to_the_totals_on_random_scans():
+    rng = np.random.default_rng(5)
+    ev = PanopticEvaluator(4, things=(1, 2), min_points=30)
+    for _ in range(4):
+        n = 3000
+        gt_sem = rng.integers(0, 5, n)
+        gt_inst = np.where(gt_sem <= 2, rng.integers(0, 6, n), 0)
+        pred_sem, pred_inst = gt_sem.copy(), gt_inst.copy()
+        for _ in range(8):
+            lo = rng.integers(0, n - 400)
+            sl = slice(lo, lo + rng.integers(50, 400))
+            pred_sem[sl], pred_inst[sl] = rng.integers(0, 5), rng.integers(0, 4)
+        ev.add(pred_sem, pred_inst, gt_sem, gt_inst)
+    r = ev.compute()
+    rows = r.agnostic_per_class()
+    assert sum(x["found"] for x in rows) == r.agnostic["tp"] > 0
+    assert sum(x["missed"] for x in rows) == r.agnostic["fn"] > 0
+    assert sum(x["spurious"] for x in rows) == r.agnostic["fp"] > 0
+    assert r.agnostic["sq"] == pytest.approx(
+        sum(x["sq"] * x["found"] for x in rows if x["found"]) / r.agnostic["tp"])
 
 
 def test_confusion_matrix_and_bad_input():

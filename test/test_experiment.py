@@ -86,6 +86,12 @@ def test_the_quick_experiment_measures_what_the_protocol_claims(tmp_path):
     assert results["scaling"][1]["train"]["checkpoint"] == models[student_name("oracle")]["train"]["checkpoint"]
     table = (out / "table.md").read_text()
     assert "| student (oracle) |" in table and "## Data scaling (test set mine)" in table and "select 42" in table
+    # where the PQ is lost: the class-agnostic match per ground-truth class adds up to each model's totals
+    for s in scores.values():
+        for region in ("frustum", "full"):
+            per = s[region]["agnostic_by_class"]
+            assert per and sum(c["found"] + c["missed"] for c in per) == s[region]["agnostic_tp"] + s[region]["agnostic_fn"]
+    assert "Ground-truth segments found / present in the camera frustum, by class" in table
     assert {p.name for p in out.glob("*.png")} == {"bev.png", "scaling.png", "bars.png"}
     # every stage is cached: a rerun (here in this process) trains, labels and scores nothing again
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".pt", ".npz") or "eval" in p.parts}

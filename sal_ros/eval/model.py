@@ -76,6 +76,7 @@ def build_segmenter(checkpoint: Path, vocabulary: Path, device: str, config: Seg
 def main(args: argparse.Namespace) -> int:
     from sal_ros.data.labels import get_label_set
     from sal_ros.eval.offline import evaluate_frames
+    from sal_ros.eval.panoptic import found_by_class
     from sal_ros.eval.report import write_report
 
     kwargs = {"config_yaml": args.label_config} if args.label_set == "semantickitti" and args.label_config else {}
@@ -106,4 +107,5 @@ def main(args: argparse.Namespace) -> int:
           f"class-agnostic PQ {100 * s['agnostic_pq']:.1f}  ({stats['frames']} frames; absent classes score 0; "
           f"over the {int(s['classes_present'])} classes present: PQ {100 * s['pq_present']:.1f}, "
           f"mIoU {100 * s['miou_present']:.1f}) -> {paths['markdown']}")
+    print(f"class-agnostic segments found by ground-truth class: {found_by_class(result.agnostic_per_class())}")
     return 0

@@ -56,6 +56,10 @@ class SegmentCounts:
         self.iou_sum += other.iou_sum
         return self
 
+    def total(self) -> "SegmentCounts":
+        """All classes 1..C as the one class 1 (class 0 never scores)."""
+        return SegmentCounts(*(np.array([0, a[1:].sum()], a.dtype) for a in (self.tp, self.fp, self.fn, self.iou_sum)))
+
     def quality(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(PQ, SQ, RQ) per class; NaN where the class had no TP, FP or FN."""
         tp = self.tp.astype(np.float64)
@@ -75,13 +79,17 @@ def _segments(cls: np.ndarray, inst: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 
 def match_segments(pred_cls: np.ndarray, pred_inst: np.ndarray, gt_cls: np.ndarray, gt_inst: np.ndarray,
-                   num_classes: int, min_points: int, pred_valid: np.ndarray | None = None) -> SegmentCounts:
+                   num_classes: int, min_points: int, pred_valid: np.ndarray | None = None,
+                   by: np.ndarray | None = None, by_classes: int = 0) -> SegmentCounts:
     """Match the segments of one scan; all inputs are per point with ignore points already removed.
 
     ``pred_cls`` / ``gt_cls`` are class ids 0..C (0 never scores), ``pred_inst`` / ``gt_inst`` any integer ids.
     ``pred_valid`` (bool per point) marks points that belong to a predicted segment at all.
+    ``by`` (class ids 0..``by_classes`` per point, e.g. the ground-truth classes) counts under another key than
+    the matching classes: TP and FN under the ground-truth segment's ``by`` class, an FP under the ``by`` class
+    most of its points have. The class-agnostic match then says which classes' segments are found or missed.
     """
-    counts = SegmentCounts.zeros(num_classes)
+    counts = SegmentCounts.zeros(num_classes if by is None else by_classes)
     if gt_cls.size == 0:
         return counts
     valid = np.ones(gt_cls.size, bool) if pred_valid is None else pred_valid
@@ -93,18 +101,37 @@ def match_segments(pred_cls: np.ndarray, pred_inst: np.ndarray, gt_cls: np.ndarr
     iou = inter / (p_size[pp] + g_size[gg] - inter)
     hit = (iou > 0.5) & (p_cls[pp] == g_cls[gg]) & (g_cls[gg] > 0)
     mp, mg = pp[hit], gg[hit]
-    bins = num_classes + 1
-    counts.tp += np.bincount(g_cls[mg], minlength=bins)
-    counts.iou_sum += np.bincount(g_cls[mg], weights=iou[hit], minlength=bins)
+    p_key, g_key = p_cls, g_cls
+    if by is not None:
+        g_key = _majority(g_idx, by, g_size.size)  # one value per ground-truth segment when by = its class
+        p_key = _majority(p_idx, by[valid], p_size.size)
+    bins = counts.tp.size
+    counts.tp += np.bincount(g_key[mg], minlength=bins)
+    counts.iou_sum += np.bincount(g_key[mg], weights=iou[hit], minlength=bins)
     p_matched = np.zeros(p_size.size, bool)
     p_matched[mp] = True
     g_matched = np.zeros(g_size.size, bool)
     g_matched[mg] = True
     fp = ~p_matched & (p_size >= min_points) & (p_cls > 0)
     fn = ~g_matched & (g_size >= min_points) & (g_cls > 0)
-    counts.fp += np.bincount(p_cls[fp], minlength=bins)
-    counts.fn += np.bincount(g_cls[fn], minlength=bins)
+    counts.fp += np.bincount(p_key[fp], minlength=bins)
+    counts.fn += np.bincount(g_key[fn], minlength=bins)
     return counts
+
+
+def _majority(segment: np.ndarray, value: np.ndarray, num_segments: int) -> np.ndarray:
+    """Per segment the value most of its points have (ties: the smallest)."""
+    out = np.zeros(num_segments, np.int64)
+    if value.size == 0:
+        return out
+    base = int(value.max()) + 1
+    pair, n = np.unique(segment.astype(np.int64) * base + value, return_counts=True)
+    seg, val = pair // base, pair % base
+    order = np.lexsort((val, -n, seg))  # per segment: most points first, then the smallest value
+    seg, val = seg[order], val[order]
+    first = np.r_[True, seg[1:] != seg[:-1]]
+    out[seg[first]] = val[first]
+    return out
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -139,6 +166,7 @@ class PanopticResult:
     num_scans: int
     num_points: int
     summary: dict[str, float] = field(default_factory=dict)
+    agnostic_by_class: SegmentCounts | None = None  # the class-agnostic match counted per ground-truth class
 
     def __post_init__(self) -> None:
         things = np.asarray(self.things, bool)
@@ -162,10 +190,22 @@ class PanopticResult:
             for i, (name, t) in enumerate(zip(self.class_names, self.things))
         ]
 
+    def agnostic_per_class(self) -> list[dict]:
+        """Per ground-truth class that occurs: its segments found (TP) and missed (FN) by the class-agnostic match,
+        the mean IoU of those found, and the unmatched predictions lying mostly on it (FP)."""
+        c = self.agnostic_by_class
+        if c is None:
+            return []
+        return [{"class": name, "thing": bool(t), "found": int(c.tp[k]), "missed": int(c.fn[k]),
+                 "sq": _f(c.iou_sum[k] / c.tp[k]) if c.tp[k] else None, "spurious": int(c.fp[k])}
+                for k, (name, t) in enumerate(zip(self.class_names, self.things), start=1)
+                if c.tp[k] + c.fn[k] + c.fp[k] > 0]
+
     def to_dict(self) -> dict:
         return {"summary": {k: _f(v) for k, v in self.summary.items()}, "mean_convention": MEAN_CONVENTION,
                 "per_class": self.per_class(),
                 "agnostic": {k: _f(v) for k, v in self.agnostic.items()},
+                "agnostic_per_class": self.agnostic_per_class(),
                 "num_scans": self.num_scans, "num_points": self.num_points}
 
 
@@ -197,6 +237,7 @@ class PanopticEvaluator:
         self.confusion = ConfusionMatrix(num_classes)
         self.counts = SegmentCounts.zeros(num_classes)
         self.agnostic = SegmentCounts.zeros(1)
+        self.agnostic_by_class = SegmentCounts.zeros(num_classes)  # the same match, counted per ground-truth class
         self.num_scans = 0
         self.num_points = 0
 
@@ -231,8 +272,10 @@ class PanopticEvaluator:
         # A segment is (class, instance) on both sides; then every segment gets the single class 1.
         pred_key = pred_sem * _SHIFT + pred_inst
         gt_key = gt_sem * _SHIFT + gt_inst
-        self.agnostic += match_segments(one, pred_key, one, gt_key, 1, self.min_points,
-                                        pred_valid=(pred_sem != 0) | (pred_inst != 0))
+        by_class = match_segments(one, pred_key, one, gt_key, 1, self.min_points,
+                                  pred_valid=(pred_sem != 0) | (pred_inst != 0), by=gt_sem, by_classes=self.num_classes)
+        self.agnostic_by_class += by_class
+        self.agnostic += by_class.total()
 
     def compute(self) -> PanopticResult:
         pq, sq, rq = self.counts.quality()
@@ -242,7 +285,15 @@ class PanopticEvaluator:
         return PanopticResult(
             class_names=self.class_names, things=tuple(self.thing_mask[1:]), pq=pq[1:], sq=sq[1:], rq=rq[1:],
             iou=self.confusion.iou()[1:], tp=self.counts.tp[1:], fp=self.counts.fp[1:], fn=self.counts.fn[1:],
-            agnostic=agnostic, num_scans=self.num_scans, num_points=self.num_points)
+            agnostic=agnostic, num_scans=self.num_scans, num_points=self.num_points,
+            agnostic_by_class=self.agnostic_by_class)
+
+
+def found_by_class(rows: list[dict]) -> str:
+    """``agnostic_per_class`` rows as one line, most segments first: "road 5/5, sidewalk 0/5 (+3 spurious)"."""
+    rows = sorted(rows, key=lambda r: (-(r["found"] + r["missed"]), r["class"]))
+    return ", ".join(f"{r['class']} {r['found']}/{r['found'] + r['missed']}"
+                     + (f" (+{r['spurious']} spurious)" if r["spurious"] else "") for r in rows)
 
 
 def class_agnostic_pq(pred_inst: np.ndarray, ref_inst: np.ndarray, min_points: int = 50,

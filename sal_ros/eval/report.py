@@ -41,6 +41,14 @@ def markdown_tables(result: PanopticResult, title: str = "Evaluation", meta: dic
                      f"{_pct(row['rq'])} | {_pct(row['iou'])} | {row['tp']} | {row['fp']} | {row['fn']} |")
     lines += ["", "Values in %. '–': class absent from ground truth and predictions (0 in the means above, left "
                   "out of the present-classes means)."]
+    if result.agnostic_per_class():
+        lines += ["", "Class-agnostic segments by ground-truth class: found / missed by the class-agnostic match "
+                      "(IoU > 0.5, any predicted class), SQ of those found, and the unmatched predictions lying "
+                      "mostly on the class. A stuff class is one segment per scan.", "",
+                  "| ground-truth class | thing | found | missed | SQ | spurious |", "|---|---|---|---|---|---|"]
+        for row in result.agnostic_per_class():
+            lines.append(f"| {row['class']} | {'yes' if row['thing'] else ''} | {row['found']} | {row['missed']} | "
+                         f"{_pct(row['sq'])} | {row['spurious']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -67,6 +67,7 @@ def markdown(cfg, results: dict) -> str:
                          f"{_f(fu['agnostic_pq'])} | {_f(fu['agnostic_sq'])} | {_f(fu['agnostic_rq'])} | "
                          f"{_f(fr['pq'])} | {_f(fr['miou'])} | {_f(fu['pq'])} | {_f(fu['miou'])} | {pct} | "
                          f"{r['train'].get('frames', 0)} |")
+        lines += found_table(results, name)
     if results["scaling"]:
         lines += ["", f"## Data scaling (test set {results['scaling'][0]['test']})", "",
                   "| training sequences | selection | frames | frustum PQ | full PQ | mIoU frustum |",
@@ -84,6 +85,25 @@ def markdown(cfg, results: dict) -> str:
     for s in results["scaling"]:
         lines.append(f"- scaling, {s['sequences']} sequences: {s['train']['config']}")
     return "\n".join(lines) + "\n"
+
+
+def found_table(results: dict, test: str, region: str = "frustum") -> list[str]:
+    """Which ground-truth segments each model finds on a test set (class-agnostic match, per ground-truth class):
+    where the PQ is lost, e.g. cars found and every stuff region missed."""
+    rows = {m: {c["class"]: c for c in r["tests"][test][region].get("agnostic_by_class", [])}
+            for m, r in results["models"].items() if test in r["tests"]}
+    classes = sorted({c for per in rows.values() for c in per},
+                     key=lambda c: (-max(per[c]["found"] + per[c]["missed"] for per in rows.values() if c in per), c))
+    if not classes:
+        return []
+    cell = lambda c: f"{c['found']}/{c['found'] + c['missed']}" + (f" +{c['spurious']}" if c["spurious"] else "")  # noqa: E731
+    lines = ["", f"Ground-truth segments found / present in the {REGION_TITLES[region]}, by class (class-agnostic "
+                 "match, IoU > 0.5; a stuff class is one segment per scan; a segment under min_points counts only "
+                 "when found; +N: unmatched predictions lying mostly on the class):", "",
+             "| model | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for model, per in rows.items():
+        lines.append(f"| {model} | " + " | ".join(cell(per[c]) if c in per else "–" for c in classes) + " |")
+    return lines
 
 
 def write_reports(cfg, results: dict, suffix: str = "", figures: bool = True) -> None:

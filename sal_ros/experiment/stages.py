@@ -192,7 +192,9 @@ def evaluate(cfg: ExperimentConfig, checkpoint: Path, test: TestSet, progress: b
     path = checkpoint.parent / "eval" / f"{test.name}-{key}.json"
     view_path = path.with_suffix(".npz")
     if path.exists() and (view_path.exists() or not keep_view):
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if all("agnostic_by_class" in cached[r] for r in REGIONS):  # a score of older code lacks it: scored again
+            return cached
     label_set = get_label_set(cfg.label_set)
     segmenter = build_segmenter(checkpoint, cfg.vocabulary, cfg.device, SegmenterConfig())
     evaluators = {r: PanopticEvaluator.for_label_set(label_set) for r in REGIONS}
@@ -223,5 +225,6 @@ def evaluate(cfg: ExperimentConfig, checkpoint: Path, test: TestSet, progress: b
         result[region] = {k: 100 * float(s[k]) for k in ("agnostic_pq", "agnostic_sq", "agnostic_rq", "pq", "sq",
                                                          "rq", "miou", "pq_things", "pq_stuff")}
         result[region].update({f"agnostic_{k}": int(res.agnostic[k]) for k in ("tp", "fp", "fn")})
+        result[region]["agnostic_by_class"] = res.agnostic_per_class()
     write_json(path, result)
     return result
