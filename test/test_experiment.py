@@ -207,6 +207,11 @@ def test_presets_are_compared_by_their_students_and_cpu_time(tmp_path, capsys):
     table = (out / "presets.md").read_text()
     assert "seeds 0, 1" in table and "| % of tiny |" in table
     assert "| tiny:voxel_size=0.4 | student (oracle) | 80.0 |" in table
+    # per ground-truth class, the segments found are the two seeds' counts added up
+    found_row = next(line for line in table.splitlines() if line.startswith("| tiny:voxel_size=0.4, student (oracle) |"))
+    seeds_found = sum(rows[("tiny:voxel_size=0.4", s)]["tests"]["mine"]["frustum"]["agnostic_tp"] for s in (0, 1))
+    assert sum(int(cell.split("/")[0]) for cell in found_row.split("|")[2:-1] if "/" in cell) == seeds_found
+    assert "summed over the seeds" in table
     assert (out / "presets.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a preset's student is the run --recipe-override trains: found done, not trained again
     assert run("--only", "students", "--recipe-override", "{model: {preset: tiny, voxel_size: 0.4}}") == 0

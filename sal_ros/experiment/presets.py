@@ -13,7 +13,7 @@ import numpy as np
 
 from sal_ros.core.files import atomic_write
 from sal_ros.experiment.config import ExperimentConfig, with_recipe_override
-from sal_ros.experiment.report import REGION_TITLES, _f, _plt
+from sal_ros.experiment.report import REGION_TITLES, _f, _plt, found_table, summed_by_class
 
 REFERENCE = "minkunet34"
 GOAL_MS = 50.0  # issue 25: the whole per-scan path on one core
@@ -162,7 +162,10 @@ def presets_markdown(out: dict) -> str:
             pct = f"{_f(of_reference(out, e, test, 'frustum'))} / {_f(of_reference(out, e, test, 'full'))}"
             lines.append(f"| {e['preset']} | {e['model']} | {_f(e['cpu_ms'])} | {_spread(t['frustum'])} | "
                          f"{_spread(t['full'])} | {pct} | {_f(e['train_wall_s'])} |")
-        lines.append("")
+        found = {f"{e['preset']}, {e['model']}": summed_by_class(
+            [r["tests"][test]["frustum"].get("agnostic_by_class", []) for r in out["rows"]
+             if (r["preset"], r["model"]) == (e["preset"], e["model"])]) for e in out["presets"]}
+        lines += [*found_table(found, note=", summed over the seeds" if len(out.get("seeds", [])) > 1 else ""), ""]
     lines += ["Each run (PQ (SQ / RQ; TP / FP / FN), frustum then whole scan, per test set) and its "
               "`sal-ros train --config` file:", ""]
     for row in out["rows"]:

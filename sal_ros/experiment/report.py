@@ -67,7 +67,8 @@ def markdown(cfg, results: dict) -> str:
                          f"{_f(fu['agnostic_pq'])} | {_f(fu['agnostic_sq'])} | {_f(fu['agnostic_rq'])} | "
                          f"{_f(fr['pq'])} | {_f(fr['miou'])} | {_f(fu['pq'])} | {_f(fu['miou'])} | {pct} | "
                          f"{r['train'].get('frames', 0)} |")
-        lines += found_table(results, name)
+        lines += found_table({m: r["tests"][name]["frustum"].get("agnostic_by_class", [])
+                              for m, r in results["models"].items() if name in r["tests"]})
     if results["scaling"]:
         lines += ["", f"## Data scaling (test set {results['scaling'][0]['test']})", "",
                   "| training sequences | selection | frames | frustum PQ | full PQ | mIoU frustum |",
@@ -87,11 +88,10 @@ def markdown(cfg, results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def found_table(results: dict, test: str, region: str = "frustum") -> list[str]:
-    """Which ground-truth segments each model finds on a test set (class-agnostic match, per ground-truth class):
-    where the PQ is lost, e.g. cars found and every stuff region missed."""
-    rows = {m: {c["class"]: c for c in r["tests"][test][region].get("agnostic_by_class", [])}
-            for m, r in results["models"].items() if test in r["tests"]}
+def found_table(per_model: dict[str, list[dict]], region: str = "frustum", note: str = "") -> list[str]:
+    """Which ground-truth segments each model finds (its ``agnostic_by_class`` rows: the class-agnostic match per
+    ground-truth class): where the PQ is lost, e.g. cars found and every stuff region missed."""
+    rows = {m: {c["class"]: c for c in per} for m, per in per_model.items()}
     classes = sorted({c for per in rows.values() for c in per},
                      key=lambda c: (-max(per[c]["found"] + per[c]["missed"] for per in rows.values() if c in per), c))
     if not classes:
@@ -99,11 +99,22 @@ def found_table(results: dict, test: str, region: str = "frustum") -> list[str]:
     cell = lambda c: f"{c['found']}/{c['found'] + c['missed']}" + (f" +{c['spurious']}" if c["spurious"] else "")  # noqa: E731
     lines = ["", f"Ground-truth segments found / present in the {REGION_TITLES[region]}, by class (class-agnostic "
                  "match, IoU > 0.5; a stuff class is one segment per scan; a segment under min_points counts only "
-                 "when found; +N: unmatched predictions lying mostly on the class):", "",
+                 f"when found; +N: unmatched predictions lying mostly on the class){note}:", "",
              "| model | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
     for model, per in rows.items():
         lines.append(f"| {model} | " + " | ".join(cell(per[c]) if c in per else "–" for c in classes) + " |")
     return lines
+
+
+def summed_by_class(lists: list[list[dict]]) -> list[dict]:
+    """``agnostic_by_class`` rows of several runs (e.g. seeds) added up per class."""
+    total: dict[str, dict] = {}
+    for per in lists:
+        for c in per:
+            t = total.setdefault(c["class"], {"class": c["class"], "found": 0, "missed": 0, "spurious": 0})
+            for k in ("found", "missed", "spurious"):
+                t[k] += c[k]
+    return list(total.values())
 
 
 def write_reports(cfg, results: dict, suffix: str = "", figures: bool = True) -> None:
