@@ -96,7 +96,10 @@ def found_table(per_model: dict[str, list[dict]], region: str = "frustum", note:
                      key=lambda c: (-max(per[c]["found"] + per[c]["missed"] for per in rows.values() if c in per), c))
     if not classes:
         return []
-    cell = lambda c: f"{c['found']}/{c['found'] + c['missed']}" + (f" +{c['spurious']}" if c["spurious"] else "")  # noqa: E731
+
+    def cell(c: dict) -> str:
+        return f"{c['found']}/{c['found'] + c['missed']}" + (f" +{c['spurious']}" if c["spurious"] else "")
+
     lines = ["", f"Ground-truth segments found / present in the {REGION_TITLES[region]}, by class (class-agnostic "
                  "match, IoU > 0.5; a stuff class is one segment per scan; a segment under min_points counts only "
                  f"when found; +N: unmatched predictions lying mostly on the class){note}:", "",
