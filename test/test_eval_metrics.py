@@ -197,6 +197,16 @@ def test_class_agnostic_counts_per_ground_truth_class():
     assert found_by_class(r.agnostic_per_class()) == "car 1/1, road 0/1 (+1 spurious), tree 1/1"
 
 
+def test_a_one_class_evaluator_takes_dataset_classes_for_class_agnostic_scores():
+    """The demo scores class-agnostic PQ with a one-class evaluator and the dataset's class ids (up to 19)."""
+    gs, gi = _scene()
+    ev = PanopticEvaluator(1, min_points=10)
+    ev.add_agnostic(gs, gi, gs * 9, gi)  # class ids 9 and 18
+    r = ev.compute()
+    assert (r.agnostic["tp"], r.agnostic["fp"], r.agnostic["fn"]) == (3, 0, 0)
+    assert [(x["class"], x["found"]) for x in r.agnostic_per_class()] == [("1", 3)]
+
+
 def test_class_agnostic_per_class_sums_to_the_totals_on_random_scans():
     rng = np.random.default_rng(5)
     ev = PanopticEvaluator(4, things=(1, 2), min_points=30)

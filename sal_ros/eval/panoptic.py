@@ -272,8 +272,11 @@ class PanopticEvaluator:
         # A segment is (class, instance) on both sides; then every segment gets the single class 1.
         pred_key = pred_sem * _SHIFT + pred_inst
         gt_key = gt_sem * _SHIFT + gt_inst
+        # Per ground-truth class when the classes are this evaluator's; a one-class evaluator fed dataset classes
+        # (the demo's class-agnostic scores) keeps everything under its class 1.
+        by = gt_sem if gt_sem.size == 0 or gt_sem.max() <= self.num_classes else one
         by_class = match_segments(one, pred_key, one, gt_key, 1, self.min_points,
-                                  pred_valid=(pred_sem != 0) | (pred_inst != 0), by=gt_sem, by_classes=self.num_classes)
+                                  pred_valid=(pred_sem != 0) | (pred_inst != 0), by=by, by_classes=self.num_classes)
         self.agnostic_by_class += by_class
         self.agnostic += by_class.total()
 
