@@ -85,9 +85,9 @@ def match_segments(pred_cls: np.ndarray, pred_inst: np.ndarray, gt_cls: np.ndarr
 
     ``pred_cls`` / ``gt_cls`` are class ids 0..C (0 never scores), ``pred_inst`` / ``gt_inst`` any integer ids.
     ``pred_valid`` (bool per point) marks points that belong to a predicted segment at all.
-    ``by`` (class ids 0..``by_classes`` per point, e.g. the ground-truth classes) counts under another key than
-    the matching classes: TP and FN under the ground-truth segment's ``by`` class, an FP under the ``by`` class
-    most of its points have. The class-agnostic match then says which classes' segments are found or missed.
+    ``by`` (class ids 0..``by_classes`` per point, constant within a ground-truth segment: e.g. the ground-truth
+    classes) counts under another key than the matching classes: TP and FN under the ground-truth segment's ``by``
+    class, an FP under the ``by`` class most of its points have. The class-agnostic match then says which classes' segments are found or missed.
     """
     counts = SegmentCounts.zeros(num_classes if by is None else by_classes)
     if gt_cls.size == 0:
@@ -103,7 +103,8 @@ def match_segments(pred_cls: np.ndarray, pred_inst: np.ndarray, gt_cls: np.ndarr
     mp, mg = pp[hit], gg[hit]
     p_key, g_key = p_cls, g_cls
     if by is not None:
-        g_key = _majority(g_idx, by, g_size.size)  # one value per ground-truth segment when by = its class
+        g_key = np.zeros(g_size.size, np.int64)
+        g_key[g_idx] = by  # constant within a ground-truth segment (its class): no count needed
         p_key = _majority(p_idx, by[valid], p_size.size)
     bins = counts.tp.size
     counts.tp += np.bincount(g_key[mg], minlength=bins)
